@@ -1,0 +1,194 @@
+//! From a recipe to a run: everything the `train` and `eval` commands do, reusable from Rust.
+//! All inputs are read and checked before anything is written, so bad input leaves no partial
+//! output behind.
+
+use std::path::Path;
+
+use candle_core::Device;
+
+use crate::collator::CompletionOnlyCollator;
+use crate::data::{load_jsonl, Dataset, LoadOptions};
+use crate::error::{Error, Result};
+use crate::model::{LlamaConfig, LlamaModel, Model};
+use crate::optim::AdamWConfig;
+use crate::recipe::Recipe;
+use crate::tokenizer::TextTokenizer;
+use crate::trainer::{TrainSummary, Trainer, TrainerConfig};
+
+/// The inputs of a run, loaded and validated.
+pub struct Prepared {
+    pub model: LlamaModel,
+    pub tokenizer: TextTokenizer,
+    pub train: Dataset,
+    pub eval: Option<Dataset>,
+    pub collator: CompletionOnlyCollator,
+}
+
+/// Config keys a recipe's inline `model.config` may use (typos are rejected, not ignored).
+const INLINE_CONFIG_KEYS: &[&str] = &[
+    "model_type",
+    "architectures",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "hidden_act",
+    "attention_bias",
+    "mlp_bias",
+    "initializer_range",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+];
+
+fn inline_config(v: &serde_json::Value, tok: &TextTokenizer, recipe_path: &Path) -> Result<LlamaConfig> {
+    let err = |msg: String| Error::Recipe {
+        path: recipe_path.to_path_buf(),
+        line: None,
+        column: None,
+        msg: format!("model.config: {msg}"),
+    };
+    let map = v.as_object().ok_or_else(|| err("must be a mapping of config.json fields".into()))?;
+    if let Some(k) = map.keys().find(|k| !INLINE_CONFIG_KEYS.contains(&k.as_str())) {
+        return Err(err(format!("unknown field `{k}` (known: {})", INLINE_CONFIG_KEYS.join(", "))));
+    }
+    match map.get("model_type").and_then(|m| m.as_str()) {
+        None | Some("llama") => {}
+        Some(other) => return Err(err(format!("model_type {other:?} is not supported (supported: llama)"))),
+    }
+    let mut map = map.clone();
+    map.remove("model_type");
+    map.remove("architectures");
+    // Vocabulary and special tokens default to the tokenizer's.
+    map.entry("vocab_size").or_insert(tok.vocab_size().into());
+    for (key, id) in [("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id), ("pad_token_id", tok.pad_id)] {
+        if let Some(id) = id {
+            map.entry(key).or_insert(id.into());
+        }
+    }
+    let cfg: LlamaConfig = serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| err(e.to_string()))?;
+    cfg.validate().map_err(|e| err(e.to_string()))?;
+    Ok(cfg)
+}
+
+pub fn prepare(recipe: &Recipe, recipe_path: &Path, device: &Device) -> Result<Prepared> {
+    let tok_path = recipe
+        .model
+        .tokenizer
+        .clone()
+        .or_else(|| recipe.model.path.clone())
+        .expect("recipe validation requires a tokenizer source");
+    let tokenizer = TextTokenizer::load(&tok_path)?;
+    let model = match (&recipe.model.path, &recipe.model.config) {
+        (Some(dir), _) => LlamaModel::from_pretrained(dir, device)?,
+        (None, Some(cfg)) => {
+            LlamaModel::new_random(inline_config(cfg, &tokenizer, recipe_path)?, recipe.train.seed, device)?
+        }
+        (None, None) => unreachable!("recipe validation requires a model source"),
+    };
+    if tokenizer.vocab_size() > model.config.vocab_size {
+        return Err(Error::Config(format!(
+            "tokenizer {} has {} tokens but the model's vocab_size is {}",
+            tokenizer.path.display(),
+            tokenizer.vocab_size(),
+            model.config.vocab_size
+        )));
+    }
+    let opts = LoadOptions {
+        max_length: recipe.data.max_length.min(model.config.max_position_embeddings),
+        truncation: recipe.data.truncation,
+        vocab_size: model.config.vocab_size,
+    };
+    let train = load_jsonl(&recipe.data.train, Some(&tokenizer), &opts)?;
+    let eval = match &recipe.data.eval {
+        Some(p) => Some(load_jsonl(p, Some(&tokenizer), &opts)?),
+        None => None,
+    };
+    for ds in std::iter::once(&train).chain(eval.iter()) {
+        let r = &ds.report;
+        tracing::info!(
+            path = %ds.path.display(),
+            rows = r.rows,
+            examples = r.examples,
+            truncated = r.truncated,
+            dropped_too_long = r.dropped_too_long,
+            dropped_no_target = r.dropped_no_target,
+            supervised_ratio = format!("{:.3}", r.target_tokens as f64 / r.tokens.max(1) as f64),
+            "dataset"
+        );
+    }
+    let mut collator = CompletionOnlyCollator::new(recipe.collator.padding_free, tokenizer.pad_or_eos());
+    collator.pad_to_multiple_of = recipe.collator.pad_to_multiple_of;
+    Ok(Prepared {
+        model,
+        tokenizer,
+        train,
+        eval,
+        collator,
+    })
+}
+
+pub fn trainer_config(recipe: &Recipe) -> TrainerConfig {
+    let t = &recipe.train;
+    TrainerConfig {
+        batch_size: t.batch_size,
+        grad_accum: t.grad_accum,
+        max_steps: t.max_steps,
+        epochs: t.epochs,
+        adamw: AdamWConfig {
+            lr: t.lr,
+            beta1: t.adam_beta1,
+            beta2: t.adam_beta2,
+            eps: t.adam_epsilon,
+            weight_decay: t.weight_decay,
+        },
+        schedule: t.lr_scheduler,
+        warmup_steps: t.warmup_steps,
+        max_grad_norm: t.max_grad_norm,
+        seed: t.seed,
+        shuffle: t.shuffle,
+        logging_steps: t.logging_steps,
+        eval_steps: t.eval_steps,
+        output_dir: Some(recipe.output_dir.clone()),
+        progress: true,
+    }
+}
+
+/// Trains as the recipe says and writes the model, tokenizer, recipe and metrics to
+/// `output_dir` in Hugging Face layout.
+pub fn train(recipe: &Recipe, recipe_path: &Path, device: &Device) -> Result<TrainSummary> {
+    let p = prepare(recipe, recipe_path, device)?;
+    let mut trainer = Trainer::new(p.model, p.collator, trainer_config(recipe), device.clone())?;
+    let eval = p.eval.as_ref().map(|d| d.examples.as_slice());
+    let summary = trainer.train(&p.train.examples, eval)?;
+    let out = &recipe.output_dir;
+    trainer.model.save(out)?;
+    p.tokenizer.save(out)?;
+    crate::io::write_atomic(&out.join("recipe.yaml"), recipe.to_yaml().as_bytes())?;
+    tracing::info!(output_dir = %out.display(), "saved");
+    Ok(summary)
+}
+
+/// Mean loss per target token of the recipe's model on `data.eval`.
+pub fn eval(recipe: &Recipe, recipe_path: &Path, device: &Device) -> Result<(f64, usize)> {
+    if recipe.data.eval.is_none() {
+        return Err(Error::Recipe {
+            path: recipe_path.to_path_buf(),
+            line: None,
+            column: None,
+            msg: "data.eval is not set: nothing to evaluate".into(),
+        });
+    }
+    let p = prepare(recipe, recipe_path, device)?;
+    let eval = p.eval.expect("data.eval was set");
+    let trainer = Trainer::new(p.model, p.collator, trainer_config(recipe), device.clone())?;
+    trainer.evaluate(&eval.examples)
+}

@@ -1,0 +1,128 @@
+//! Attention over sequences that never see each other.
+//!
+//! The eager backend computes, per block of sequences of equal (padded) length, causal
+//! attention with differentiable ops. Padding-free batches are attended one sequence at a time
+//! (cost: the sum of squared lengths, not the square of the total); padded batches in one
+//! block with a key-padding mask. It is the reference every faster backend is tested against.
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+
+use crate::collator::SeqLayout;
+use crate::error::Result;
+use crate::ops::softmax_last;
+
+/// Where each sequence of a batch lives among the flattened tokens, with its masks built once
+/// per forward pass and shared by every layer.
+pub struct AttnPlan {
+    blocks: Vec<Block>,
+}
+
+struct Block {
+    /// First flattened token of the block, and the number of rows of `len` tokens it spans.
+    start: usize,
+    rows: usize,
+    len: usize,
+    /// Additive mask (rows, 1, 1, len, len): 0 where attention is allowed, -inf elsewhere.
+    mask: Tensor,
+}
+
+fn causal_mask(lengths: &[usize], len: usize, device: &Device) -> Result<Tensor> {
+    let mut m = vec![0f32; lengths.len() * len * len];
+    for (b, &valid) in lengths.iter().enumerate() {
+        for t in 0..len {
+            for s in 0..len {
+                if s > t || s >= valid {
+                    m[(b * len + t) * len + s] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (lengths.len(), 1, 1, len, len), device)?)
+}
+
+impl AttnPlan {
+    pub fn new(layout: &SeqLayout, row_len: usize, device: &Device) -> Result<Self> {
+        let blocks = match layout {
+            SeqLayout::Packed { cu_seqlens, .. } => {
+                let mut cache: HashMap<usize, Tensor> = HashMap::new();
+                let mut blocks = Vec::with_capacity(cu_seqlens.len().saturating_sub(1));
+                for w in cu_seqlens.windows(2) {
+                    let len = w[1] - w[0];
+                    let mask = match cache.get(&len) {
+                        Some(m) => m.clone(),
+                        None => {
+                            let m = causal_mask(&[len], len, device)?;
+                            cache.insert(len, m.clone());
+                            m
+                        }
+                    };
+                    blocks.push(Block {
+                        start: w[0],
+                        rows: 1,
+                        len,
+                        mask,
+                    });
+                }
+                blocks
+            }
+            SeqLayout::Padded { lengths } => vec![Block {
+                start: 0,
+                rows: lengths.len(),
+                len: row_len,
+                mask: causal_mask(lengths, row_len, device)?,
+            }],
+        };
+        Ok(Self { blocks })
+    }
+}
+
+/// Causal attention for flattened tokens: q (N, heads, hd), k and v (N, kv_heads, hd) →
+/// (N, heads * hd). Query head `h` reads key/value head `h / (heads / kv_heads)`, as
+/// transformers' `repeat_kv` lays them out; keys are never copied per query head.
+pub fn eager_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    plan: &AttnPlan,
+    scale: f64,
+) -> Result<Tensor> {
+    let (_, nh, hd) = q.dims3()?;
+    let nkv = k.dim(1)?;
+    let g = nh / nkv;
+    let q = (q * scale)?;
+    let mut outs = Vec::with_capacity(plan.blocks.len());
+    for blk in &plan.blocks {
+        let (r, l) = (blk.rows, blk.len);
+        let n = r * l;
+        let qb = q
+            .narrow(0, blk.start, n)?
+            .reshape((r, l, nkv, g, hd))?
+            .permute((0, 2, 3, 1, 4))? // (r, nkv, g, l, hd)
+            .contiguous()?
+            .reshape((r, nkv, g * l, hd))?;
+        let kb = k.narrow(0, blk.start, n)?.reshape((r, l, nkv, hd))?.transpose(1, 2)?; // (r, nkv, l, hd)
+        let vb = v
+            .narrow(0, blk.start, n)?
+            .reshape((r, l, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let kt = kb.transpose(2, 3)?.contiguous()?; // (r, nkv, hd, l)
+        let scores = qb.matmul(&kt)?.reshape((r, nkv, g, l, l))?;
+        let mask = blk.mask.to_dtype(scores.dtype())?;
+        let probs = softmax_last(&scores.broadcast_add(&mask)?)?.reshape((r, nkv, g * l, l))?;
+        let ob = probs
+            .matmul(&vb)? // (r, nkv, g*l, hd)
+            .reshape((r, nkv, g, l, hd))?
+            .permute((0, 3, 1, 2, 4))? // (r, l, nkv, g, hd)
+            .contiguous()?
+            .reshape((n, nh * hd))?;
+        outs.push(ob);
+    }
+    Ok(if outs.len() == 1 {
+        outs.pop().unwrap()
+    } else {
+        Tensor::cat(&outs, 0)?
+    })
+}

@@ -1,0 +1,174 @@
+//! `packsft bench`: training throughput of padded vs padding-free batches on pre-tokenized
+//! data, reported in the fields `shared/bench/hf_peer.py` prints so the two compare directly.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::Device;
+use serde::Serialize;
+
+use crate::collator::CompletionOnlyCollator;
+use crate::data::{load_jsonl, LoadOptions, Truncation};
+use crate::error::{Error, Result};
+use crate::model::{LlamaConfig, LlamaModel, Model};
+use crate::optim::{AdamWConfig, LrSchedule, Schedule};
+use crate::trainer::{Trainer, TrainerConfig};
+
+/// Model shapes for benchmarks (random init).
+pub fn shape(name: &str) -> Result<LlamaConfig> {
+    let (v, h, i, l, nh, nkv) = match name {
+        // TinyLlama-1.1B, as hf_peer.py.
+        "llama-1.1b" => (32000, 2048, 5632, 22, 32, 4),
+        "llama-160m" => (32000, 768, 2048, 12, 12, 12),
+        // A Llama small enough to train on a 2-core CPU in seconds per step.
+        "llama-cpu-tiny" => (32000, 256, 704, 4, 4, 2),
+        other => {
+            return Err(Error::Config(format!(
+                "unknown shape {other:?} (known: llama-1.1b, llama-160m, llama-cpu-tiny)"
+            )))
+        }
+    };
+    Ok(LlamaConfig {
+        vocab_size: v,
+        hidden_size: h,
+        intermediate_size: i,
+        num_hidden_layers: l,
+        num_attention_heads: nh,
+        num_key_value_heads: Some(nkv),
+        head_dim: None,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        max_position_embeddings: 4096,
+        tie_word_embeddings: false,
+        hidden_act: "silu".into(),
+        attention_bias: false,
+        mlp_bias: false,
+        initializer_range: 0.02,
+        bos_token_id: None,
+        eos_token_id: None,
+        pad_token_id: None,
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchArgs {
+    pub data: PathBuf,
+    pub shape: String,
+    pub bs: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub padding_free: bool,
+    pub device: Device,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub peer: &'static str,
+    pub shape: String,
+    pub attn: &'static str,
+    pub mode: &'static str,
+    pub device: String,
+    pub bs: usize,
+    pub steps: usize,
+    /// Real (non-pad) tokens per second.
+    pub tokens_per_s: f64,
+    pub step_s: f64,
+    pub pad_frac: f64,
+    /// Peak resident memory of the process (CPU) in GiB.
+    pub peak_gib: f64,
+    /// Model FLOPs utilisation against 790 TFLOP/s (the peer's H100 bf16 figure); None on CPU.
+    pub mfu: Option<f64>,
+    pub final_loss: f64,
+}
+
+/// Peak resident set size of this process (VmHWM), in bytes; 0 where /proc is unavailable.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+pub fn run(args: &BenchArgs) -> Result<BenchResult> {
+    let cfg = shape(&args.shape)?;
+    let opts = LoadOptions {
+        max_length: cfg.max_position_embeddings,
+        truncation: Truncation::Error,
+        vocab_size: cfg.vocab_size,
+    };
+    let data = load_jsonl(&args.data, None, &opts)?;
+    let need = (args.steps + args.warmup) * args.bs;
+    if data.examples.len() < need {
+        return Err(Error::Dataset {
+            path: args.data.clone(),
+            msg: format!(
+                "{} examples, the benchmark needs {need} ((steps + warmup) x bs)",
+                data.examples.len()
+            ),
+        });
+    }
+    let model = LlamaModel::new_random(cfg, 0, &args.device)?;
+    let n_params: usize = model.params().iter().map(|p| p.var.elem_count()).sum();
+    let collator = CompletionOnlyCollator::new(args.padding_free, 0);
+    let tc = TrainerConfig {
+        batch_size: args.bs,
+        adamw: AdamWConfig {
+            lr: 1e-5,
+            ..Default::default()
+        },
+        max_grad_norm: 1.0,
+        progress: false,
+        ..Default::default()
+    };
+    let schedule = LrSchedule {
+        kind: Schedule::Constant,
+        peak: 1e-5,
+        warmup_steps: 0,
+        total_steps: args.steps + args.warmup,
+    };
+    let mut trainer = Trainer::new(model, collator, tc, args.device.clone())?;
+    let (mut real, mut slots) = (0usize, 0usize);
+    let mut t0 = Instant::now();
+    let mut last_loss = f64::NAN;
+    for (i, chunk) in data.examples.chunks(args.bs).take(args.steps + args.warmup).enumerate() {
+        if i == args.warmup {
+            args.device.synchronize()?;
+            t0 = Instant::now();
+            real = 0;
+            slots = 0;
+        }
+        let m = trainer.train_step(i, chunk, &schedule)?;
+        last_loss = m.loss;
+        if i >= args.warmup {
+            real += m.tokens;
+            slots += m.positions;
+        }
+    }
+    args.device.synchronize()?;
+    let dt = t0.elapsed().as_secs_f64();
+    let tps = real as f64 / dt;
+    Ok(BenchResult {
+        peer: "packsft",
+        shape: args.shape.clone(),
+        attn: "eager-varlen",
+        mode: if args.padding_free { "packed" } else { "padded" },
+        device: format!("{:?}", args.device.location()),
+        bs: args.bs,
+        steps: args.steps,
+        tokens_per_s: tps,
+        step_s: dt / args.steps as f64,
+        pad_frac: 1.0 - real as f64 / slots as f64,
+        peak_gib: peak_rss_bytes() as f64 / (1u64 << 30) as f64,
+        mfu: args
+            .device
+            .is_cuda()
+            .then(|| 6.0 * n_params as f64 * tps / 790e12),
+        final_loss: last_loss,
+    })
+}

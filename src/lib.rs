@@ -1,0 +1,32 @@
+//! # packsft
+//!
+//! Supervised fine-tuning of causal language models on candle, with padding-free packing:
+//! the examples of a mini-batch are concatenated into one row, `position_ids` restart at 0 for
+//! every example, the first token of each example is never a target, and attention runs per
+//! sequence (`cu_seqlens`) so no example sees another.
+//!
+//! The plug points are the [`Collator`] and [`Model`] traits and the [`Trainer`] generic over
+//! both; see `docs/ARCHITECTURE.md` for the data flow from a dataset row to a gradient step.
+
+pub mod app;
+pub mod attention;
+pub mod bench;
+pub mod collator;
+pub mod data;
+pub mod error;
+pub mod generate;
+pub mod io;
+pub mod model;
+pub mod ops;
+pub mod optim;
+pub mod recipe;
+pub mod tokenizer;
+pub mod trainer;
+
+pub use collator::{Batch, Collator, CompletionOnlyCollator, HostBatch, SeqLayout, TrainBatch};
+pub use data::{Dataset, Example, Truncation};
+pub use error::{Error, Result};
+pub use model::{LlamaConfig, LlamaModel, LossSum, Model, Param};
+pub use recipe::Recipe;
+pub use tokenizer::TextTokenizer;
+pub use trainer::{Trainer, TrainerConfig};

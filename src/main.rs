@@ -1,0 +1,178 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use packsft::{app, bench, generate, recipe::Recipe, LlamaModel, TextTokenizer};
+
+#[derive(Parser)]
+#[command(name = "packsft", version, about = "Supervised fine-tuning with padding-free packing")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train as a recipe says: packsft train recipes/quickstart.yaml [train.lr=1e-3 ...]
+    Train {
+        recipe: PathBuf,
+        /// Dotted overrides of recipe keys, e.g. train.max_steps=100
+        overrides: Vec<String>,
+    },
+    /// Loss on the recipe's data.eval; the last stdout line is {"eval_loss": .., "eval_tokens": ..}
+    Eval { recipe: PathBuf, overrides: Vec<String> },
+    /// Greedy continuation of one or more prompts with a saved model directory
+    Generate {
+        model_dir: PathBuf,
+        #[arg(long = "prompt", required = true)]
+        prompts: Vec<String>,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+    },
+    /// Training throughput on pre-tokenized data (shared/bench/make_bench_data.py)
+    Bench {
+        data: PathBuf,
+        #[arg(long, default_value = "llama-cpu-tiny")]
+        shape: String,
+        #[arg(long, default_value_t = 8)]
+        bs: usize,
+        #[arg(long, default_value_t = 15)]
+        steps: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Padded batches (default: padding-free)
+        #[arg(long, conflicts_with_all = ["padding_free", "compare"])]
+        padded: bool,
+        #[arg(long, conflicts_with = "compare")]
+        padding_free: bool,
+        /// Run padded and padding-free in two fresh processes and print the ratios
+        #[arg(long)]
+        compare: bool,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+fn device(name: &str) -> packsft::Result<candle_core::Device> {
+    match name {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        "cuda" => Ok(candle_core::Device::new_cuda(0)?),
+        other => Err(packsft::Error::Config(format!("unknown device {other:?} (cpu or cuda)"))),
+    }
+}
+
+fn run(cli: Cli) -> packsft::Result<()> {
+    match cli.cmd {
+        Cmd::Train { recipe, overrides } => {
+            let r = Recipe::load(&recipe, &overrides)?;
+            let summary = app::train(&r, &recipe, &candle_core::Device::Cpu)?;
+            if let (Some(first), Some(last)) = (summary.steps.first(), summary.steps.last()) {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "steps": last.step,
+                        "first_loss": first.loss,
+                        "final_loss": last.loss,
+                        "eval_loss": summary.evals.last().map(|e| e.eval_loss),
+                        "output_dir": r.output_dir,
+                    })
+                );
+            }
+        }
+        Cmd::Eval { recipe, overrides } => {
+            let r = Recipe::load(&recipe, &overrides)?;
+            let (loss, n) = app::eval(&r, &recipe, &candle_core::Device::Cpu)?;
+            println!("{}", serde_json::json!({"eval_loss": loss, "eval_tokens": n}));
+        }
+        Cmd::Generate {
+            model_dir,
+            prompts,
+            max_new_tokens,
+        } => {
+            let dev = candle_core::Device::Cpu;
+            let model = LlamaModel::from_pretrained(&model_dir, &dev)?;
+            let tok = TextTokenizer::load(&model_dir)?;
+            for p in prompts {
+                let out = generate::greedy(&model, &tok, &p, max_new_tokens)?;
+                println!("{p}{out}");
+            }
+        }
+        Cmd::Bench {
+            data,
+            shape,
+            bs,
+            steps,
+            warmup,
+            padded,
+            padding_free: _,
+            compare,
+            device: dev,
+        } => {
+            if compare {
+                let exe = std::env::current_exe().map_err(|e| packsft::Error::io("current executable", e))?;
+                let mut rows = Vec::new();
+                for mode in ["--padded", "--padding-free"] {
+                    let out = std::process::Command::new(&exe)
+                        .args(["bench", &data.to_string_lossy(), "--shape", &shape, "--device", &dev])
+                        .args(["--bs", &bs.to_string(), "--steps", &steps.to_string()])
+                        .args(["--warmup", &warmup.to_string(), mode])
+                        .stderr(std::process::Stdio::inherit())
+                        .output()
+                        .map_err(|e| packsft::Error::io(&exe, e))?;
+                    let text = String::from_utf8_lossy(&out.stdout);
+                    let line = text.lines().last().unwrap_or_default().to_string();
+                    if !out.status.success() {
+                        return Err(packsft::Error::Training(format!("bench {mode} failed: {text}")));
+                    }
+                    println!("{line}");
+                    rows.push(serde_json::from_str::<serde_json::Value>(&line).map_err(|e| {
+                        packsft::Error::Training(format!("bench {mode} printed {line:?}: {e}"))
+                    })?);
+                }
+                let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "compare": "packed/padded",
+                        "speedup": f(&rows[1], "tokens_per_s") / f(&rows[0], "tokens_per_s"),
+                        "peak_ratio": f(&rows[1], "peak_gib") / f(&rows[0], "peak_gib"),
+                        "loss_padded": f(&rows[0], "final_loss"),
+                        "loss_packed": f(&rows[1], "final_loss"),
+                    })
+                );
+            } else {
+                let args = bench::BenchArgs {
+                    data,
+                    shape,
+                    bs,
+                    steps,
+                    warmup,
+                    padding_free: !padded,
+                    device: device(&dev)?,
+                };
+                let r = bench::run(&args)?;
+                println!("{}", serde_json::to_string(&r).expect("result serialises"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

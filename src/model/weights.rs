@@ -1,0 +1,122 @@
+//! Reading and writing Hugging Face safetensors checkpoints.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// The tensors of a checkpoint directory: `model.safetensors`, or the shards listed in
+/// `model.safetensors.index.json`.
+pub struct CheckpointWeights {
+    dir: PathBuf,
+    st: MmapedSafetensors,
+    used: HashSet<String>,
+    names: Vec<String>,
+}
+
+impl CheckpointWeights {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join(WEIGHTS_FILE);
+        let index = dir.join(WEIGHTS_INDEX_FILE);
+        let files: Vec<PathBuf> = if single.exists() {
+            vec![single]
+        } else if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::model(&index, format!("invalid JSON at line {}: {e}", e.line())))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::model(&index, "missing object `weight_map`"))?;
+            let mut shards: Vec<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(str::to_owned))
+                .collect();
+            shards.sort();
+            shards.dedup();
+            let files: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+            if let Some(missing) = files.iter().find(|f| !f.exists()) {
+                return Err(Error::model(
+                    &index,
+                    format!("lists shard {} which does not exist", missing.display()),
+                ));
+            }
+            files
+        } else {
+            let hint = if dir.join("pytorch_model.bin").exists() {
+                " (pytorch_model.bin is not read: convert the checkpoint to safetensors)"
+            } else {
+                ""
+            };
+            return Err(Error::model(
+                dir,
+                format!("no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in the model directory{hint}"),
+            ));
+        };
+        // SAFETY: the files are memory-mapped read-only; a checkpoint modified while training
+        // reads it is outside what any loader can guard against.
+        let st = unsafe { MmapedSafetensors::multi(&files) }
+            .map_err(|e| Error::model(dir, format!("cannot read safetensors: {e}")))?;
+        let names = st.tensors().into_iter().map(|(n, _)| n).collect();
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            st,
+            used: HashSet::new(),
+            names,
+        })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.iter().any(|n| n == name)
+    }
+
+    /// Loads `name`, checks its shape, converts to `dtype`.
+    pub fn get(&mut self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        if !self.contains(name) {
+            return Err(Error::model(&self.dir, format!("weight `{name}` is missing from the checkpoint")));
+        }
+        let t = self.st.load(name, device)?;
+        if t.dims() != shape {
+            return Err(Error::model(
+                &self.dir,
+                format!("weight `{name}` has shape {:?}, config.json implies {shape:?}", t.dims()),
+            ));
+        }
+        self.used.insert(name.to_string());
+        Ok(t.to_dtype(dtype)?)
+    }
+
+    /// Names present in the checkpoint that the model did not read.
+    pub fn unused(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .names
+            .iter()
+            .filter(|n| !self.used.contains(*n))
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// Writes `tensors` as one safetensors file, atomically, with the `format: pt` metadata that
+/// transformers checks for.
+pub fn save_safetensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
+    let contiguous: BTreeMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let tmp = crate::io::tmp_sibling(path);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    safetensors::serialize_to_file(contiguous.iter().map(|(k, t)| (k.as_str(), t)), Some(meta), &tmp)
+        .map_err(|e| Error::model(path, format!("cannot write safetensors: {e}")))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}

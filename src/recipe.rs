@@ -1,0 +1,251 @@
+//! Recipes: YAML files that say what to train on what, typed with serde, unknown keys
+//! rejected, errors located by line and column; `key.path=value` overrides on the command line.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::Truncation;
+use crate::error::{Error, Result};
+use crate::optim::Schedule;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub collator: CollatorSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    /// Where the trained model, tokenizer and metrics are written.
+    pub output_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A Hugging Face checkpoint directory (config.json + safetensors).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// An inline config.json (Llama fields) for a freshly initialised model.
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
+    /// tokenizer.json or a directory holding it; defaults to `path`.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+fn default_max_length() -> usize {
+    2048
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    pub train: PathBuf,
+    #[serde(default)]
+    pub eval: Option<PathBuf>,
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+    #[serde(default)]
+    pub truncation: Truncation,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CollatorSection {
+    #[serde(default = "yes")]
+    pub padding_free: bool,
+    #[serde(default)]
+    pub pad_to_multiple_of: Option<usize>,
+}
+
+impl Default for CollatorSection {
+    fn default() -> Self {
+        Self {
+            padding_free: true,
+            pad_to_multiple_of: None,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Optimizer steps; 0 means `epochs` passes over the data.
+    pub max_steps: usize,
+    pub epochs: usize,
+    pub lr: f64,
+    pub lr_scheduler: Schedule,
+    pub warmup_steps: usize,
+    /// Global gradient-norm clip; 0 disables clipping.
+    pub max_grad_norm: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub seed: u64,
+    pub shuffle: bool,
+    /// Log a line every this many steps when no progress bar is shown.
+    pub logging_steps: usize,
+    /// Evaluate on `data.eval` every this many steps (0: only at the end).
+    pub eval_steps: usize,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            batch_size: 8,
+            grad_accum: 1,
+            max_steps: 0,
+            epochs: 1,
+            lr: 2e-5,
+            lr_scheduler: Schedule::Linear,
+            warmup_steps: 0,
+            max_grad_norm: 1.0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            seed: 42,
+            shuffle: true,
+            logging_steps: 10,
+            eval_steps: 0,
+        }
+    }
+}
+
+fn recipe_err(path: &Path, e: &serde_yaml::Error, prefix: &str) -> Error {
+    let loc = e.location();
+    Error::Recipe {
+        path: path.to_path_buf(),
+        line: loc.as_ref().map(|l| l.line()),
+        column: loc.as_ref().map(|l| l.column()),
+        msg: format!("{prefix}{e}"),
+    }
+}
+
+/// Applies one `a.b.c=value` override to a YAML tree; the value is parsed as YAML, so numbers
+/// and booleans keep their type.
+fn apply_override(root: &mut serde_yaml::Value, spec: &str) -> std::result::Result<(), String> {
+    let (key, value) = spec
+        .split_once('=')
+        .ok_or_else(|| format!("override {spec:?} is not of the form key.path=value"))?;
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(value).map_err(|e| format!("override {spec:?}: bad value: {e}"))?;
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(format!("override {spec:?}: empty key segment"));
+    }
+    let mut node = root;
+    for (i, part) in parts.iter().enumerate() {
+        if node.is_null() {
+            *node = serde_yaml::Value::Mapping(Default::default());
+        }
+        let map = node.as_mapping_mut().ok_or_else(|| {
+            format!(
+                "override {spec:?}: `{}` is not a mapping",
+                parts[..i].join(".")
+            )
+        })?;
+        let k = serde_yaml::Value::String((*part).to_string());
+        if i + 1 == parts.len() {
+            map.insert(k, value);
+            return Ok(());
+        }
+        node = map.entry(k).or_insert(serde_yaml::Value::Null);
+    }
+    unreachable!("the loop returns at the last segment")
+}
+
+impl Recipe {
+    /// Reads a recipe file and applies `overrides` (`key.path=value`).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text, path, overrides)
+    }
+
+    pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Self> {
+        // The file alone first, so its errors carry line and column.
+        let recipe: Recipe = serde_yaml::from_str(text).map_err(|e| recipe_err(path, &e, ""))?;
+        let recipe = if overrides.is_empty() {
+            recipe
+        } else {
+            let mut tree: serde_yaml::Value =
+                serde_yaml::from_str(text).map_err(|e| recipe_err(path, &e, ""))?;
+            for o in overrides {
+                apply_override(&mut tree, o).map_err(|msg| Error::Recipe {
+                    path: path.to_path_buf(),
+                    line: None,
+                    column: None,
+                    msg,
+                })?;
+            }
+            serde_yaml::from_value(tree).map_err(|e| {
+                recipe_err(path, &e, &format!("after overrides {}: ", overrides.join(" ")))
+            })?
+        };
+        recipe.validate(path)?;
+        Ok(recipe)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |msg: String| {
+            Err(Error::Recipe {
+                path: path.to_path_buf(),
+                line: None,
+                column: None,
+                msg,
+            })
+        };
+        let t = &self.train;
+        match (&self.model.path, &self.model.config) {
+            (Some(_), Some(_)) => return bad("set one of model.path and model.config, not both".into()),
+            (None, None) => {
+                return bad("set model.path (a checkpoint directory) or model.config (fresh init)".into())
+            }
+            (None, Some(_)) if self.model.tokenizer.is_none() => {
+                return bad("model.config needs model.tokenizer (a tokenizer.json or its directory)".into())
+            }
+            _ => {}
+        }
+        if t.batch_size == 0 {
+            return bad("train.batch_size must be at least 1".into());
+        }
+        if t.grad_accum == 0 {
+            return bad("train.grad_accum must be at least 1".into());
+        }
+        if t.max_steps == 0 && t.epochs == 0 {
+            return bad("train.max_steps and train.epochs are both 0: nothing to train".into());
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return bad(format!("train.lr = {} must be a positive number", t.lr));
+        }
+        if t.max_grad_norm < 0.0 || t.weight_decay < 0.0 {
+            return bad("train.max_grad_norm and train.weight_decay must not be negative".into());
+        }
+        if !(0.0..1.0).contains(&t.adam_beta1) || !(0.0..1.0).contains(&t.adam_beta2) {
+            return bad("train.adam_beta1 and train.adam_beta2 must be in [0, 1)".into());
+        }
+        if self.data.max_length < 2 {
+            return bad(format!("data.max_length = {} must be at least 2", self.data.max_length));
+        }
+        if self.collator.pad_to_multiple_of == Some(0) {
+            return bad("collator.pad_to_multiple_of must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("recipe serialises")
+    }
+}
