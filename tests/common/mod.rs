@@ -1,0 +1,50 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use candle_core::{Device, Tensor};
+use packsft::{Example, LlamaConfig, LlamaModel};
+
+/// ||a - b|| / ||b|| over all elements (float32).
+pub fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = a.to_dtype(candle_core::DType::F64).unwrap();
+    let b = b.to_dtype(candle_core::DType::F64).unwrap();
+    let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+    num / den.max(1e-30)
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(candle_core::DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}
+
+pub fn tiny_config(vocab: usize) -> LlamaConfig {
+    serde_json::from_value(serde_json::json!({
+        "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+    }))
+    .unwrap()
+}
+
+pub fn tiny_model(seed: u64) -> LlamaModel {
+    LlamaModel::new_random(tiny_config(64), seed, &Device::Cpu).unwrap()
+}
+
+/// Deterministic pseudo-random examples with lengths `lens`; the first `lens[i] / 3` tokens of
+/// each are prompt (no loss).
+pub fn examples(lens: &[usize], vocab: u32, seed: u64) -> Vec<Example> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    lens.iter()
+        .map(|&n| {
+            let ids = (0..n)
+                .map(|_| {
+                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    3 + ((s >> 33) as u32) % (vocab - 3)
+                })
+                .collect();
+            let mask = (0..n).map(|i| i >= n / 3).collect();
+            Example::new(ids, mask)
+        })
+        .collect()
+}
