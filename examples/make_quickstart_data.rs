@@ -96,7 +96,8 @@ fn main() {
     tok.train_from_files(&mut trainer, vec![corpus.to_string_lossy().into_owned()])
         .expect("train tokenizer");
     std::fs::remove_file(&corpus).unwrap();
-    tok.save(out.join("tokenizer.json"), false).expect("save tokenizer");
+    tok.save(out.join("tokenizer.json"), false)
+        .expect("save tokenizer");
     let cfg = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<s>",

@@ -49,32 +49,53 @@ const INLINE_CONFIG_KEYS: &[&str] = &[
     "pad_token_id",
 ];
 
-fn inline_config(v: &serde_json::Value, tok: &TextTokenizer, recipe_path: &Path) -> Result<LlamaConfig> {
+fn inline_config(
+    v: &serde_json::Value,
+    tok: &TextTokenizer,
+    recipe_path: &Path,
+) -> Result<LlamaConfig> {
     let err = |msg: String| Error::Recipe {
         path: recipe_path.to_path_buf(),
         line: None,
         column: None,
         msg: format!("model.config: {msg}"),
     };
-    let map = v.as_object().ok_or_else(|| err("must be a mapping of config.json fields".into()))?;
-    if let Some(k) = map.keys().find(|k| !INLINE_CONFIG_KEYS.contains(&k.as_str())) {
-        return Err(err(format!("unknown field `{k}` (known: {})", INLINE_CONFIG_KEYS.join(", "))));
+    let map = v
+        .as_object()
+        .ok_or_else(|| err("must be a mapping of config.json fields".into()))?;
+    if let Some(k) = map
+        .keys()
+        .find(|k| !INLINE_CONFIG_KEYS.contains(&k.as_str()))
+    {
+        return Err(err(format!(
+            "unknown field `{k}` (known: {})",
+            INLINE_CONFIG_KEYS.join(", ")
+        )));
     }
     match map.get("model_type").and_then(|m| m.as_str()) {
         None | Some("llama") => {}
-        Some(other) => return Err(err(format!("model_type {other:?} is not supported (supported: llama)"))),
+        Some(other) => {
+            return Err(err(format!(
+                "model_type {other:?} is not supported (supported: llama)"
+            )))
+        }
     }
     let mut map = map.clone();
     map.remove("model_type");
     map.remove("architectures");
     // Vocabulary and special tokens default to the tokenizer's.
     map.entry("vocab_size").or_insert(tok.vocab_size().into());
-    for (key, id) in [("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id), ("pad_token_id", tok.pad_id)] {
+    for (key, id) in [
+        ("bos_token_id", tok.bos_id),
+        ("eos_token_id", tok.eos_id),
+        ("pad_token_id", tok.pad_id),
+    ] {
         if let Some(id) = id {
             map.entry(key).or_insert(id.into());
         }
     }
-    let cfg: LlamaConfig = serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| err(e.to_string()))?;
+    let cfg: LlamaConfig =
+        serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| err(e.to_string()))?;
     cfg.validate().map_err(|e| err(e.to_string()))?;
     Ok(cfg)
 }
@@ -89,9 +110,11 @@ pub fn prepare(recipe: &Recipe, recipe_path: &Path, device: &Device) -> Result<P
     let tokenizer = TextTokenizer::load(&tok_path)?;
     let model = match (&recipe.model.path, &recipe.model.config) {
         (Some(dir), _) => LlamaModel::from_pretrained(dir, device)?,
-        (None, Some(cfg)) => {
-            LlamaModel::new_random(inline_config(cfg, &tokenizer, recipe_path)?, recipe.train.seed, device)?
-        }
+        (None, Some(cfg)) => LlamaModel::new_random(
+            inline_config(cfg, &tokenizer, recipe_path)?,
+            recipe.train.seed,
+            device,
+        )?,
         (None, None) => unreachable!("recipe validation requires a model source"),
     };
     if tokenizer.vocab_size() > model.config.vocab_size {
@@ -103,7 +126,10 @@ pub fn prepare(recipe: &Recipe, recipe_path: &Path, device: &Device) -> Result<P
         )));
     }
     let opts = LoadOptions {
-        max_length: recipe.data.max_length.min(model.config.max_position_embeddings),
+        max_length: recipe
+            .data
+            .max_length
+            .min(model.config.max_position_embeddings),
         truncation: recipe.data.truncation,
         vocab_size: model.config.vocab_size,
     };
@@ -125,7 +151,8 @@ pub fn prepare(recipe: &Recipe, recipe_path: &Path, device: &Device) -> Result<P
             "dataset"
         );
     }
-    let mut collator = CompletionOnlyCollator::new(recipe.collator.padding_free, tokenizer.pad_or_eos());
+    let mut collator =
+        CompletionOnlyCollator::new(recipe.collator.padding_free, tokenizer.pad_or_eos());
     collator.pad_to_multiple_of = recipe.collator.pad_to_multiple_of;
     Ok(Prepared {
         model,

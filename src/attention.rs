@@ -39,7 +39,11 @@ fn causal_mask(lengths: &[usize], len: usize, device: &Device) -> Result<Tensor>
             }
         }
     }
-    Ok(Tensor::from_vec(m, (lengths.len(), 1, 1, len, len), device)?)
+    Ok(Tensor::from_vec(
+        m,
+        (lengths.len(), 1, 1, len, len),
+        device,
+    )?)
 }
 
 impl AttnPlan {
@@ -102,7 +106,10 @@ pub fn eager_attention(
             .permute((0, 2, 3, 1, 4))? // (r, nkv, g, l, hd)
             .contiguous()?
             .reshape((r, nkv, g * l, hd))?;
-        let kb = k.narrow(0, blk.start, n)?.reshape((r, l, nkv, hd))?.transpose(1, 2)?; // (r, nkv, l, hd)
+        let kb = k
+            .narrow(0, blk.start, n)?
+            .reshape((r, l, nkv, hd))?
+            .transpose(1, 2)?; // (r, nkv, l, hd)
         let vb = v
             .narrow(0, blk.start, n)?
             .reshape((r, l, nkv, hd))?

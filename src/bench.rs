@@ -136,7 +136,12 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
     let (mut real, mut slots) = (0usize, 0usize);
     let mut t0 = Instant::now();
     let mut last_loss = f64::NAN;
-    for (i, chunk) in data.examples.chunks(args.bs).take(args.steps + args.warmup).enumerate() {
+    for (i, chunk) in data
+        .examples
+        .chunks(args.bs)
+        .take(args.steps + args.warmup)
+        .enumerate()
+    {
         if i == args.warmup {
             args.device.synchronize()?;
             t0 = Instant::now();
@@ -157,7 +162,11 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
         peer: "packsft",
         shape: args.shape.clone(),
         attn: "eager-varlen",
-        mode: if args.padding_free { "packed" } else { "padded" },
+        mode: if args.padding_free {
+            "packed"
+        } else {
+            "padded"
+        },
         device: format!("{:?}", args.device.location()),
         bs: args.bs,
         steps: args.steps,

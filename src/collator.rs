@@ -137,10 +137,14 @@ impl Collator for CompletionOnlyCollator {
 
     fn collate(&self, examples: &[Example], device: &Device) -> Result<Batch> {
         if examples.is_empty() {
-            return Err(Error::Config("cannot collate an empty list of examples".into()));
+            return Err(Error::Config(
+                "cannot collate an empty list of examples".into(),
+            ));
         }
         if let Some(i) = examples.iter().position(|e| e.is_empty()) {
-            return Err(Error::Config(format!("example {i} of the batch has no tokens")));
+            return Err(Error::Config(format!(
+                "example {i} of the batch has no tokens"
+            )));
         }
         let n_tokens: usize = examples.iter().map(Example::len).sum();
         let mut target_rows = Vec::new();

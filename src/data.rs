@@ -132,7 +132,10 @@ fn int_list(
         data_err(
             path,
             line,
-            format!("field `{key}` must be an array of integers, got {}", json_kind(v)),
+            format!(
+                "field `{key}` must be an array of integers, got {}",
+                json_kind(v)
+            ),
         )
     })?;
     arr.iter()
@@ -265,7 +268,11 @@ pub fn load_jsonl(path: &Path, tok: Option<&TextTokenizer>, opts: &LoadOptions) 
         }
         report.rows += 1;
         let value: serde_json::Value = serde_json::from_str(raw).map_err(|e| {
-            data_err(path, line, format!("invalid JSON at column {}: {e}", e.column()))
+            data_err(
+                path,
+                line,
+                format!("invalid JSON at column {}: {e}", e.column()),
+            )
         })?;
         let row = value.as_object().ok_or_else(|| {
             data_err(

@@ -11,7 +11,12 @@ use crate::tokenizer::TextTokenizer;
 /// Continues `prompt` greedily for up to `max_new_tokens`, stopping at EOS; returns the new
 /// text only. The whole sequence is recomputed each token (no KV cache): this serves small
 /// models and spot checks, not serving.
-pub fn greedy(model: &LlamaModel, tok: &TextTokenizer, prompt: &str, max_new_tokens: usize) -> Result<String> {
+pub fn greedy(
+    model: &LlamaModel,
+    tok: &TextTokenizer,
+    prompt: &str,
+    max_new_tokens: usize,
+) -> Result<String> {
     let mut ids = Vec::new();
     if tok.add_bos {
         ids.extend(tok.bos_id);
@@ -28,7 +33,11 @@ pub fn greedy(model: &LlamaModel, tok: &TextTokenizer, prompt: &str, max_new_tok
         let batch = collator.collate(&[ex], model.device())?;
         let h = model.hidden_states(&batch)?;
         let last = h.narrow(0, ids.len() - 1, 1)?;
-        let next = model.logits(&last)?.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?[0];
+        let next = model
+            .logits(&last)?
+            .argmax(D::Minus1)?
+            .flatten_all()?
+            .to_vec1::<u32>()?[0];
         if Some(next) == tok.eos_id {
             break;
         }

@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use packsft::{app, bench, generate, recipe::Recipe, LlamaModel, TextTokenizer};
 
 #[derive(Parser)]
-#[command(name = "packsft", version, about = "Supervised fine-tuning with padding-free packing")]
+#[command(
+    name = "packsft",
+    version,
+    about = "Supervised fine-tuning with padding-free packing"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -21,7 +25,10 @@ enum Cmd {
         overrides: Vec<String>,
     },
     /// Loss on the recipe's data.eval; the last stdout line is {"eval_loss": .., "eval_tokens": ..}
-    Eval { recipe: PathBuf, overrides: Vec<String> },
+    Eval {
+        recipe: PathBuf,
+        overrides: Vec<String>,
+    },
     /// Greedy continuation of one or more prompts with a saved model directory
     Generate {
         model_dir: PathBuf,
@@ -58,7 +65,9 @@ fn device(name: &str) -> packsft::Result<candle_core::Device> {
     match name {
         "cpu" => Ok(candle_core::Device::Cpu),
         "cuda" => Ok(candle_core::Device::new_cuda(0)?),
-        other => Err(packsft::Error::Config(format!("unknown device {other:?} (cpu or cuda)"))),
+        other => Err(packsft::Error::Config(format!(
+            "unknown device {other:?} (cpu or cuda)"
+        ))),
     }
 }
 
@@ -83,7 +92,10 @@ fn run(cli: Cli) -> packsft::Result<()> {
         Cmd::Eval { recipe, overrides } => {
             let r = Recipe::load(&recipe, &overrides)?;
             let (loss, n) = app::eval(&r, &recipe, &candle_core::Device::Cpu)?;
-            println!("{}", serde_json::json!({"eval_loss": loss, "eval_tokens": n}));
+            println!(
+                "{}",
+                serde_json::json!({"eval_loss": loss, "eval_tokens": n})
+            );
         }
         Cmd::Generate {
             model_dir,
@@ -110,11 +122,19 @@ fn run(cli: Cli) -> packsft::Result<()> {
             device: dev,
         } => {
             if compare {
-                let exe = std::env::current_exe().map_err(|e| packsft::Error::io("current executable", e))?;
+                let exe = std::env::current_exe()
+                    .map_err(|e| packsft::Error::io("current executable", e))?;
                 let mut rows = Vec::new();
                 for mode in ["--padded", "--padding-free"] {
                     let out = std::process::Command::new(&exe)
-                        .args(["bench", &data.to_string_lossy(), "--shape", &shape, "--device", &dev])
+                        .args([
+                            "bench",
+                            &data.to_string_lossy(),
+                            "--shape",
+                            &shape,
+                            "--device",
+                            &dev,
+                        ])
                         .args(["--bs", &bs.to_string(), "--steps", &steps.to_string()])
                         .args(["--warmup", &warmup.to_string(), mode])
                         .stderr(std::process::Stdio::inherit())
@@ -123,12 +143,16 @@ fn run(cli: Cli) -> packsft::Result<()> {
                     let text = String::from_utf8_lossy(&out.stdout);
                     let line = text.lines().last().unwrap_or_default().to_string();
                     if !out.status.success() {
-                        return Err(packsft::Error::Training(format!("bench {mode} failed: {text}")));
+                        return Err(packsft::Error::Training(format!(
+                            "bench {mode} failed: {text}"
+                        )));
                     }
                     println!("{line}");
-                    rows.push(serde_json::from_str::<serde_json::Value>(&line).map_err(|e| {
-                        packsft::Error::Training(format!("bench {mode} printed {line:?}: {e}"))
-                    })?);
+                    rows.push(
+                        serde_json::from_str::<serde_json::Value>(&line).map_err(|e| {
+                            packsft::Error::Training(format!("bench {mode} printed {line:?}: {e}"))
+                        })?,
+                    );
                 }
                 let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
                 println!(

@@ -29,7 +29,9 @@ pub fn logsumexp_last(x: &Tensor) -> Result<Tensor> {
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
-    let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
     let normed = xf.broadcast_mul(&inv)?.to_dtype(dtype)?;
     Ok(normed.broadcast_mul(weight)?)
 }
@@ -83,8 +85,14 @@ impl RopeTable {
     /// over heads.
     pub fn gather(&self, position_ids: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
         let n = position_ids.dim(0)?;
-        let cos = self.cos.index_select(position_ids, 0)?.reshape((n, 1, self.rotary_dim))?;
-        let sin = self.sin.index_select(position_ids, 0)?.reshape((n, 1, self.rotary_dim))?;
+        let cos = self
+            .cos
+            .index_select(position_ids, 0)?
+            .reshape((n, 1, self.rotary_dim))?;
+        let sin = self
+            .sin
+            .index_select(position_ids, 0)?
+            .reshape((n, 1, self.rotary_dim))?;
         Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?))
     }
 }

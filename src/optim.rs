@@ -1,10 +1,10 @@
 //! AdamW with float32 moments, global-norm gradient clipping and learning-rate schedules,
 //! following PyTorch's `AdamW` and transformers' schedules step for step.
 
-use candle_core::{backprop::GradStore, DType, Tensor, Var};
+use candle_core::{backprop::GradStore, DType, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::Param;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -150,7 +150,11 @@ pub struct LrSchedule {
 impl LrSchedule {
     /// The lr of optimizer step `step` (0-based), as transformers' LambdaLR applies it.
     pub fn lr(&self, step: usize) -> f64 {
-        let (s, w, t) = (step as f64, self.warmup_steps as f64, self.total_steps as f64);
+        let (s, w, t) = (
+            step as f64,
+            self.warmup_steps as f64,
+            self.total_steps as f64,
+        );
         if step < self.warmup_steps {
             return self.peak * s / w.max(1.0);
         }
@@ -185,23 +189,136 @@ pub fn accumulate(acc: &mut Option<GradStore>, src: GradStore, params: &[Param])
     Ok(())
 }
 
-/// The gradient of each parameter in a store, by name (for tests and checks).
-pub fn named_grads(grads: &GradStore, params: &[Param]) -> Result<Vec<(String, Option<Tensor>)>> {
-    Ok(params
-        .iter()
-        .map(|p| (p.name.clone(), grads.get(p.var.as_tensor()).cloned()))
-        .collect())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
 
-/// Fails with the parameter's name if any gradient holds a NaN or infinity.
-pub fn check_finite(grads: &GradStore, params: &[Param]) -> Result<()> {
-    for p in params {
-        if let Some(g) = grads.get(p.var.as_tensor()) {
-            let s = g.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar::<f32>()?;
-            if !s.is_finite() {
-                return Err(Error::Training(format!("gradient of {} is not finite", p.name)));
+    fn param(values: &[f32], decay: bool) -> Param {
+        Param {
+            name: "p".into(),
+            var: Var::new(values, &Device::Cpu).unwrap(),
+            decay,
+        }
+    }
+
+    fn grads_for(p: &Param, g: &[f32]) -> GradStore {
+        // A store holding exactly `g` for `p`: the gradient of sum(p * g).
+        let c = Tensor::new(g, &Device::Cpu).unwrap();
+        (p.var.as_tensor() * c)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    }
+
+    #[test]
+    fn adamw_matches_torch() {
+        // torch 2.5.1: AdamW([p], lr=0.1, weight_decay=0.1), two steps.
+        let p = param(&[1.0, -2.0, 3.0], true);
+        let cfg = AdamWConfig {
+            lr: 0.1,
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(std::slice::from_ref(&p), cfg).unwrap();
+        let want = [
+            [0.889999986f64, -2.079999924, 3.069999933],
+            [0.794995368, -2.085833788, 3.106305838],
+        ];
+        for (g, w) in [[0.1f32, 0.2, -0.3], [0.5, -0.1, 0.0]].iter().zip(want) {
+            opt.step(&grads_for(&p, g), 0.1).unwrap();
+            let got = p.var.as_tensor().to_vec1::<f32>().unwrap();
+            for (a, b) in got.iter().zip(w) {
+                assert!((*a as f64 - b).abs() < 1e-6, "{got:?} vs {w:?}");
             }
         }
     }
-    Ok(())
+
+    #[test]
+    fn no_decay_for_excluded_params() {
+        let p = param(&[1.0], false);
+        let cfg = AdamWConfig {
+            lr: 0.1,
+            weight_decay: 0.5,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(std::slice::from_ref(&p), cfg).unwrap();
+        opt.step(&grads_for(&p, &[0.0]), 0.1).unwrap();
+        assert_eq!(p.var.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0]);
+    }
+
+    #[test]
+    fn schedules_match_transformers() {
+        // transformers 4.46.3 get_{linear,cosine}_schedule_with_warmup(warmup=3, total=10).
+        let lin = [
+            0.0,
+            0.333333333,
+            0.666666667,
+            1.0,
+            0.857142857,
+            0.714285714,
+            0.571428571,
+            0.428571429,
+            0.285714286,
+            0.142857143,
+            0.0,
+        ];
+        let cos = [
+            0.0,
+            0.333333333,
+            0.666666667,
+            1.0,
+            0.950484434,
+            0.811744901,
+            0.611260467,
+            0.388739533,
+            0.188255099,
+            0.049515566,
+            0.0,
+        ];
+        for (kind, want) in [(Schedule::Linear, lin), (Schedule::Cosine, cos)] {
+            let s = LrSchedule {
+                kind,
+                peak: 1.0,
+                warmup_steps: 3,
+                total_steps: 10,
+            };
+            for (i, w) in want.iter().enumerate() {
+                assert!(
+                    (s.lr(i) - w).abs() < 1e-8,
+                    "{kind:?} step {i}: {} vs {w}",
+                    s.lr(i)
+                );
+            }
+        }
+        let c = LrSchedule {
+            kind: Schedule::Constant,
+            peak: 2.0,
+            warmup_steps: 2,
+            total_steps: 5,
+        };
+        assert_eq!((c.lr(0), c.lr(1), c.lr(2), c.lr(4)), (0.0, 1.0, 2.0, 2.0));
+    }
+
+    #[test]
+    fn clipping_scales_to_the_max_norm_and_reports_the_norm_before() {
+        let p = param(&[0.0, 0.0], true);
+        let mut g = grads_for(&p, &[3.0, 4.0]);
+        let norm = clip_grad_norm(&mut g, std::slice::from_ref(&p), 1.0).unwrap();
+        assert!((norm - 5.0).abs() < 1e-6);
+        let clipped = g.get(p.var.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        assert!(
+            (clipped[0] - 0.6).abs() < 1e-6 && (clipped[1] - 0.8).abs() < 1e-6,
+            "{clipped:?}"
+        );
+        // Below the threshold nothing changes.
+        let mut g = grads_for(&p, &[0.3, 0.4]);
+        clip_grad_norm(&mut g, std::slice::from_ref(&p), 1.0).unwrap();
+        assert_eq!(
+            g.get(p.var.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
+            vec![0.3, 0.4]
+        );
+    }
 }

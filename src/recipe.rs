@@ -191,7 +191,11 @@ impl Recipe {
                 })?;
             }
             serde_yaml::from_value(tree).map_err(|e| {
-                recipe_err(path, &e, &format!("after overrides {}: ", overrides.join(" ")))
+                recipe_err(
+                    path,
+                    &e,
+                    &format!("after overrides {}: ", overrides.join(" ")),
+                )
             })?
         };
         recipe.validate(path)?;
@@ -209,12 +213,18 @@ impl Recipe {
         };
         let t = &self.train;
         match (&self.model.path, &self.model.config) {
-            (Some(_), Some(_)) => return bad("set one of model.path and model.config, not both".into()),
+            (Some(_), Some(_)) => {
+                return bad("set one of model.path and model.config, not both".into())
+            }
             (None, None) => {
-                return bad("set model.path (a checkpoint directory) or model.config (fresh init)".into())
+                return bad(
+                    "set model.path (a checkpoint directory) or model.config (fresh init)".into(),
+                )
             }
             (None, Some(_)) if self.model.tokenizer.is_none() => {
-                return bad("model.config needs model.tokenizer (a tokenizer.json or its directory)".into())
+                return bad(
+                    "model.config needs model.tokenizer (a tokenizer.json or its directory)".into(),
+                )
             }
             _ => {}
         }
@@ -237,7 +247,10 @@ impl Recipe {
             return bad("train.adam_beta1 and train.adam_beta2 must be in [0, 1)".into());
         }
         if self.data.max_length < 2 {
-            return bad(format!("data.max_length = {} must be at least 2", self.data.max_length));
+            return bad(format!(
+                "data.max_length = {} must be at least 2",
+                self.data.max_length
+            ));
         }
         if self.collator.pad_to_multiple_of == Some(0) {
             return bad("collator.pad_to_multiple_of must be at least 1".into());

@@ -56,11 +56,9 @@ impl TextTokenizer {
         let config_json = if cfg_path.exists() {
             let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
             Some(
-                serde_json::from_str::<serde_json::Value>(&text).map_err(|e| {
-                    Error::Tokenizer {
-                        path: cfg_path.clone(),
-                        msg: format!("line {}: {e}", e.line()),
-                    }
+                serde_json::from_str::<serde_json::Value>(&text).map_err(|e| Error::Tokenizer {
+                    path: cfg_path.clone(),
+                    msg: format!("line {}: {e}", e.line()),
                 })?,
             )
         } else {
@@ -140,13 +138,10 @@ impl TextTokenizer {
 
     /// Writes tokenizer.json and tokenizer_config.json into `dir` (atomically, file by file).
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let json = self
-            .inner
-            .to_string(false)
-            .map_err(|e| Error::Tokenizer {
-                path: self.path.clone(),
-                msg: format!("cannot serialise: {e}"),
-            })?;
+        let json = self.inner.to_string(false).map_err(|e| Error::Tokenizer {
+            path: self.path.clone(),
+            msg: format!("cannot serialise: {e}"),
+        })?;
         crate::io::write_atomic(&dir.join(TOKENIZER_FILE), json.as_bytes())?;
         let cfg = match &self.config_json {
             Some(c) => c.clone(),

@@ -179,16 +179,31 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
     }
 
     /// One optimizer step (0-based `step`) over `examples`.
-    pub fn train_step(&mut self, step: usize, examples: &[Example], schedule: &LrSchedule) -> Result<StepMetrics> {
+    pub fn train_step(
+        &mut self,
+        step: usize,
+        examples: &[Example],
+        schedule: &LrSchedule,
+    ) -> Result<StepMetrics> {
         let t0 = Instant::now();
         let mut sg = self.step_grads(examples)?;
         let loss = sg.loss_sum / sg.target_tokens as f64;
         if !loss.is_finite() {
-            return Err(Error::Training(format!("step {}: loss is {loss}", step + 1)));
+            return Err(Error::Training(format!(
+                "step {}: loss is {loss}",
+                step + 1
+            )));
         }
-        let grad_norm = clip_grad_norm(&mut sg.grads, self.model.params(), self.config.max_grad_norm)?;
+        let grad_norm = clip_grad_norm(
+            &mut sg.grads,
+            self.model.params(),
+            self.config.max_grad_norm,
+        )?;
         if !grad_norm.is_finite() {
-            return Err(Error::Training(format!("step {}: gradient norm is {grad_norm}", step + 1)));
+            return Err(Error::Training(format!(
+                "step {}: gradient norm is {grad_norm}",
+                step + 1
+            )));
         }
         let lr = schedule.lr(step);
         self.optimizer.step(&sg.grads, lr)?;
@@ -248,7 +263,9 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         };
         let mut write_row = |row: &serde_json::Value| -> Result<()> {
             if let Some((f, p)) = metrics_file.as_mut() {
-                writeln!(f, "{row}").and_then(|_| f.flush()).map_err(|e| Error::io(p.clone(), e))?;
+                writeln!(f, "{row}")
+                    .and_then(|_| f.flush())
+                    .map_err(|e| Error::io(p.clone(), e))?;
             }
             Ok(())
         };
@@ -281,7 +298,10 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                 cursor = 0;
             }
             let end = (cursor + per_step).min(order.len());
-            let examples: Vec<Example> = order[cursor..end].iter().map(|&i| train[i].clone()).collect();
+            let examples: Vec<Example> = order[cursor..end]
+                .iter()
+                .map(|&i| train[i].clone())
+                .collect();
             cursor = end;
             let mut m = self.train_step(step, &examples, &schedule)?;
             m.epoch = epoch as f64 + cursor as f64 / train.len() as f64;

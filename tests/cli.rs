@@ -10,11 +10,16 @@ fn packsft(args: &[&str]) -> (bool, String, String) {
         .args(args)
         .output()
         .unwrap();
-    (o.status.success(), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
 }
 
 fn last_json(stdout: &str) -> serde_json::Value {
-    serde_json::from_str(stdout.lines().last().expect("some stdout")).expect("last stdout line is JSON")
+    serde_json::from_str(stdout.lines().last().expect("some stdout"))
+        .expect("last stdout line is JSON")
 }
 
 #[test]
@@ -24,7 +29,11 @@ fn train_eval_generate_on_the_quickstart() {
     let out_s = out.to_string_lossy().to_string();
     let before = {
         // The untrained model's eval loss: a fresh init of the recipe's model, evaluated.
-        let (ok, stdout, stderr) = packsft(&["eval", "recipes/quickstart.yaml", "data.eval=recipes/quickstart/eval.jsonl"]);
+        let (ok, stdout, stderr) = packsft(&[
+            "eval",
+            "recipes/quickstart.yaml",
+            "data.eval=recipes/quickstart/eval.jsonl",
+        ]);
         assert!(ok, "{stderr}");
         last_json(&stdout)
     };
@@ -40,15 +49,29 @@ fn train_eval_generate_on_the_quickstart() {
     let summary = last_json(&stdout);
     assert_eq!(summary["steps"], 60);
 
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "metrics.jsonl", "recipe.yaml"] {
-        assert!(out.join(f).exists(), "{f} missing from the output directory");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "metrics.jsonl",
+        "recipe.yaml",
+    ] {
+        assert!(
+            out.join(f).exists(),
+            "{f} missing from the output directory"
+        );
     }
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["model_type"], "llama");
     assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
 
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    let rows: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let steps: Vec<&serde_json::Value> = rows.iter().filter(|r| r.get("loss").is_some()).collect();
     assert_eq!(steps.len(), 60);
     for (i, r) in steps.iter().enumerate() {
@@ -57,20 +80,42 @@ fn train_eval_generate_on_the_quickstart() {
             assert!(r[k].is_number(), "metrics row {i} lacks {k}");
         }
     }
-    assert_eq!(rows.iter().filter(|r| r.get("eval_loss").is_some()).count(), 2);
+    assert_eq!(
+        rows.iter().filter(|r| r.get("eval_loss").is_some()).count(),
+        2
+    );
 
     // eval of the trained directory: a lower loss than the untrained model's, same token count.
-    let (ok, stdout, stderr) = packsft(&["eval", "recipes/quickstart.yaml", &format!("model.path={out_s}"), "model.config=null", "model.tokenizer=null"]);
+    let (ok, stdout, stderr) = packsft(&[
+        "eval",
+        "recipes/quickstart.yaml",
+        &format!("model.path={out_s}"),
+        "model.config=null",
+        "model.tokenizer=null",
+    ]);
     assert!(ok, "{stderr}");
     let after = last_json(&stdout);
     assert_eq!(after["eval_tokens"], before["eval_tokens"]);
-    let (b, a) = (before["eval_loss"].as_f64().unwrap(), after["eval_loss"].as_f64().unwrap());
+    let (b, a) = (
+        before["eval_loss"].as_f64().unwrap(),
+        after["eval_loss"].as_f64().unwrap(),
+    );
     assert!(a < 0.75 * b, "eval loss {b} -> {a}");
     // The eval loss the trainer logged at the end equals the one `eval` computes.
     assert!((summary["eval_loss"].as_f64().unwrap() - a).abs() < 1e-6);
 
-    let (ok, stdout, stderr) = packsft(&["generate", &out_s, "--prompt", "Task: copy\nInput: a b c\nOutput:", "--max-new-tokens", "8"]);
+    let (ok, stdout, stderr) = packsft(&[
+        "generate",
+        &out_s,
+        "--prompt",
+        "Task: copy\nInput: a b c\nOutput:",
+        "--max-new-tokens",
+        "8",
+    ]);
     assert!(ok, "{stderr}");
-    assert!(stdout.starts_with("Task: copy\nInput: a b c\nOutput:"), "{stdout}");
+    assert!(
+        stdout.starts_with("Task: copy\nInput: a b c\nOutput:"),
+        "{stdout}"
+    );
     assert!(Path::new(&out_s).join("model.safetensors").exists());
 }

@@ -14,7 +14,11 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 fn opts(max_length: usize, truncation: Truncation) -> LoadOptions {
-    LoadOptions { max_length, truncation, vocab_size: 100 }
+    LoadOptions {
+        max_length,
+        truncation,
+        vocab_size: 100,
+    }
 }
 
 fn err_text(r: packsft::Result<impl Sized>) -> String {
@@ -27,7 +31,11 @@ fn err_text(r: packsft::Result<impl Sized>) -> String {
 #[test]
 fn malformed_json_names_file_and_line() {
     let d = tempfile::tempdir().unwrap();
-    let p = write(d.path(), "bad.jsonl", "{\"input_ids\": [1, 2, 3]}\n\n{\"input_ids\": [1, 2,\n");
+    let p = write(
+        d.path(),
+        "bad.jsonl",
+        "{\"input_ids\": [1, 2, 3]}\n\n{\"input_ids\": [1, 2,\n",
+    );
     let e = err_text(load_jsonl(&p, None, &opts(16, Truncation::Error)));
     assert!(e.contains("bad.jsonl:3:"), "{e}");
     assert!(e.contains("invalid JSON"), "{e}");
@@ -38,27 +46,53 @@ fn missing_and_mistyped_fields_are_named() {
     let d = tempfile::tempdir().unwrap();
     let p = write(d.path(), "a.jsonl", "{\"prompt\": \"hi\"}\n");
     let e = err_text(load_jsonl(&p, None, &opts(16, Truncation::Error)));
-    assert!(e.contains("a.jsonl:1:") && e.contains("missing field `completion`"), "{e}");
+    assert!(
+        e.contains("a.jsonl:1:") && e.contains("missing field `completion`"),
+        "{e}"
+    );
 
-    let p = write(d.path(), "b.jsonl", "{\"input_ids\": [1, 2]}\n{\"input_ids\": [1, \"x\"]}\n");
+    let p = write(
+        d.path(),
+        "b.jsonl",
+        "{\"input_ids\": [1, 2]}\n{\"input_ids\": [1, \"x\"]}\n",
+    );
     let e = err_text(load_jsonl(&p, None, &opts(16, Truncation::Error)));
-    assert!(e.contains("b.jsonl:2:") && e.contains("`input_ids`[1]"), "{e}");
+    assert!(
+        e.contains("b.jsonl:2:") && e.contains("`input_ids`[1]"),
+        "{e}"
+    );
 
     let p = write(d.path(), "c.jsonl", "{\"text\": \"no such format\"}\n");
     let e = err_text(load_jsonl(&p, None, &opts(16, Truncation::Error)));
-    assert!(e.contains("c.jsonl:1:") && e.contains("its fields: text"), "{e}");
+    assert!(
+        e.contains("c.jsonl:1:") && e.contains("its fields: text"),
+        "{e}"
+    );
 
-    let p = write(d.path(), "d.jsonl", "{\"input_ids\": [1, 2, 3], \"completion_mask\": [0, 1]}\n");
+    let p = write(
+        d.path(),
+        "d.jsonl",
+        "{\"input_ids\": [1, 2, 3], \"completion_mask\": [0, 1]}\n",
+    );
     let e = err_text(load_jsonl(&p, None, &opts(16, Truncation::Error)));
-    assert!(e.contains("d.jsonl:1:") && e.contains("`completion_mask` has 2 entries"), "{e}");
+    assert!(
+        e.contains("d.jsonl:1:") && e.contains("`completion_mask` has 2 entries"),
+        "{e}"
+    );
 
     let p = write(d.path(), "e.jsonl", "{\"input_ids\": [1, 200]}\n");
     let e = err_text(load_jsonl(&p, None, &opts(16, Truncation::Error)));
-    assert!(e.contains("e.jsonl:1:") && e.contains("input_ids[1] = 200"), "{e}");
+    assert!(
+        e.contains("e.jsonl:1:") && e.contains("input_ids[1] = 200"),
+        "{e}"
+    );
 
     let p = write(d.path(), "f.jsonl", "[1, 2]\n");
     let e = err_text(load_jsonl(&p, None, &opts(16, Truncation::Error)));
-    assert!(e.contains("f.jsonl:1:") && e.contains("expected a JSON object"), "{e}");
+    assert!(
+        e.contains("f.jsonl:1:") && e.contains("expected a JSON object"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -68,9 +102,16 @@ fn empty_dataset_is_an_error() {
     let e = err_text(load_jsonl(&p, None, &opts(16, Truncation::Error)));
     assert!(e.contains("empty.jsonl") && e.contains("empty"), "{e}");
     // Rows exist but none has a target token.
-    let p = write(d.path(), "nolabel.jsonl", "{\"input_ids\": [1, 2], \"completion_mask\": [0, 0]}\n");
+    let p = write(
+        d.path(),
+        "nolabel.jsonl",
+        "{\"input_ids\": [1, 2], \"completion_mask\": [0, 0]}\n",
+    );
     let e = err_text(load_jsonl(&p, None, &opts(16, Truncation::Error)));
-    assert!(e.contains("no usable example") && e.contains("1 without any target token"), "{e}");
+    assert!(
+        e.contains("no usable example") && e.contains("1 without any target token"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -82,7 +123,10 @@ fn long_examples_follow_the_truncation_policy() {
         "{\"input_ids\": [1, 2, 3], \"completion_mask\": [0, 1, 1]}\n{\"input_ids\": [1, 2, 3, 4, 5, 6], \"completion_mask\": [0, 0, 0, 1, 1, 1]}\n",
     );
     let e = err_text(load_jsonl(&p, None, &opts(4, Truncation::Error)));
-    assert!(e.contains("long.jsonl:2:") && e.contains("6 tokens") && e.contains("max_length = 4"), "{e}");
+    assert!(
+        e.contains("long.jsonl:2:") && e.contains("6 tokens") && e.contains("max_length = 4"),
+        "{e}"
+    );
 
     let ds = load_jsonl(&p, None, &opts(4, Truncation::Drop)).unwrap();
     assert_eq!((ds.examples.len(), ds.report.dropped_too_long), (1, 1));
@@ -109,22 +153,39 @@ fn recipe_errors_carry_line_and_column() {
     let e = Recipe::parse(text, p, &[]).unwrap_err();
     let s = e.to_string();
     assert!(matches!(e, Error::Recipe { line: Some(5), .. }), "{s}");
-    assert!(s.starts_with("r.yaml:5:") && s.contains("unknown field `shuffle_seed`"), "{s}");
+    assert!(
+        s.starts_with("r.yaml:5:") && s.contains("unknown field `shuffle_seed`"),
+        "{s}"
+    );
 
     let text = "model:\n  path: m\ndata:\n  train: t.jsonl\ntrain:\n  batch_size: eight\noutput_dir: out\n";
     let s = Recipe::parse(text, p, &[]).unwrap_err().to_string();
-    assert!(s.starts_with("r.yaml:6:") && s.contains("batch_size"), "{s}");
+    assert!(
+        s.starts_with("r.yaml:6:") && s.contains("batch_size"),
+        "{s}"
+    );
 
     let s = Recipe::parse("model: [\n", p, &[]).unwrap_err().to_string();
     assert!(s.starts_with("r.yaml:"), "{s}");
 
-    let s = Recipe::parse(GOOD, p, &["train.lrr=1".into()]).unwrap_err().to_string();
-    assert!(s.contains("unknown field `lrr`") && s.contains("train.lrr=1"), "{s}");
-    let s = Recipe::parse(GOOD, p, &["train.lr".into()]).unwrap_err().to_string();
+    let s = Recipe::parse(GOOD, p, &["train.lrr=1".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        s.contains("unknown field `lrr`") && s.contains("train.lrr=1"),
+        "{s}"
+    );
+    let s = Recipe::parse(GOOD, p, &["train.lr".into()])
+        .unwrap_err()
+        .to_string();
     assert!(s.contains("key.path=value"), "{s}");
-    let s = Recipe::parse(GOOD, p, &["train.batch_size=0".into()]).unwrap_err().to_string();
+    let s = Recipe::parse(GOOD, p, &["train.batch_size=0".into()])
+        .unwrap_err()
+        .to_string();
     assert!(s.contains("train.batch_size must be at least 1"), "{s}");
-    let s = Recipe::parse("data:\n  train: t\noutput_dir: o\nmodel: {}\n", p, &[]).unwrap_err().to_string();
+    let s = Recipe::parse("data:\n  train: t\noutput_dir: o\nmodel: {}\n", p, &[])
+        .unwrap_err()
+        .to_string();
     assert!(s.contains("set model.path"), "{s}");
 }
 
@@ -133,7 +194,11 @@ fn overrides_set_typed_values() {
     let r = Recipe::parse(
         GOOD,
         Path::new("r.yaml"),
-        &["train.lr=3e-4".into(), "collator.padding_free=false".into(), "data.eval=e.jsonl".into()],
+        &[
+            "train.lr=3e-4".into(),
+            "collator.padding_free=false".into(),
+            "data.eval=e.jsonl".into(),
+        ],
     )
     .unwrap();
     assert_eq!(r.train.lr, 3e-4);
@@ -144,24 +209,44 @@ fn overrides_set_typed_values() {
 #[test]
 fn model_directories_without_config_or_weights_are_rejected() {
     let d = tempfile::tempdir().unwrap();
-    let e = LlamaModel::from_pretrained(d.path(), &candle_core::Device::Cpu).err().unwrap().to_string();
+    let e = LlamaModel::from_pretrained(d.path(), &candle_core::Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("no config.json"), "{e}");
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_tiny/config.json");
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_tiny/config.json");
     std::fs::copy(fixture, d.path().join("config.json")).unwrap();
-    let e = LlamaModel::from_pretrained(d.path(), &candle_core::Device::Cpu).err().unwrap().to_string();
+    let e = LlamaModel::from_pretrained(d.path(), &candle_core::Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("no model.safetensors"), "{e}");
-    let e = LlamaModel::from_pretrained(&d.path().join("nope"), &candle_core::Device::Cpu).err().unwrap().to_string();
+    let e = LlamaModel::from_pretrained(&d.path().join("nope"), &candle_core::Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("does not exist"), "{e}");
     std::fs::write(d.path().join("config.json"), "{\"model_type\": \"gpt2\"}").unwrap();
-    let e = LlamaModel::from_pretrained(d.path(), &candle_core::Device::Cpu).err().unwrap().to_string();
-    assert!(e.contains("\"gpt2\" is not supported") && e.contains("llama"), "{e}");
+    let e = LlamaModel::from_pretrained(d.path(), &candle_core::Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("\"gpt2\" is not supported") && e.contains("llama"),
+        "{e}"
+    );
 }
 
 #[test]
 fn a_failed_run_leaves_no_output_directory() {
     let d = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let data = write(d.path(), "train.jsonl", "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": 3}\n");
+    let data = write(
+        d.path(),
+        "train.jsonl",
+        "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": 3}\n",
+    );
     let out = d.path().join("out");
     let recipe = write(
         d.path(),
@@ -173,19 +258,38 @@ fn a_failed_run_leaves_no_output_directory() {
             out.display()
         ),
     );
-    let o = Command::new(env!("CARGO_BIN_EXE_packsft")).arg("train").arg(&recipe).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_packsft"))
+        .arg("train")
+        .arg(&recipe)
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(stderr.contains("train.jsonl:2:") && stderr.contains("`prompt` must be a string"), "{stderr}");
-    assert!(!out.exists(), "output_dir was created by a run that failed on its input");
+    assert!(
+        stderr.contains("train.jsonl:2:") && stderr.contains("`prompt` must be a string"),
+        "{stderr}"
+    );
+    assert!(
+        !out.exists(),
+        "output_dir was created by a run that failed on its input"
+    );
 
     // A typo in the inline model config is named, not ignored.
     let recipe2 = write(
         d.path(),
         "r2.yaml",
-        &std::fs::read_to_string(&recipe).unwrap().replace("hidden_size", "hiden_size"),
+        &std::fs::read_to_string(&recipe)
+            .unwrap()
+            .replace("hidden_size", "hiden_size"),
     );
-    let o = Command::new(env!("CARGO_BIN_EXE_packsft")).arg("train").arg(&recipe2).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_packsft"))
+        .arg("train")
+        .arg(&recipe2)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(stderr.contains("model.config: unknown field `hiden_size`"), "{stderr}");
+    assert!(
+        stderr.contains("model.config: unknown field `hiden_size`"),
+        "{stderr}"
+    );
 }

@@ -12,7 +12,9 @@ use common::{max_abs_diff, rel_diff};
 use packsft::{Collator, CompletionOnlyCollator, Example, LlamaModel, Model};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 struct Reference {
@@ -23,14 +25,26 @@ struct Reference {
 }
 
 fn reference(dir: &Path) -> Reference {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
     let examples = v["examples"]
         .as_array()
         .unwrap()
         .iter()
         .map(|e| {
-            let ids = e["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-            let m = e["completion_mask"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() == 1).collect();
+            let ids = e["input_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect();
+            let m = e["completion_mask"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() == 1)
+                .collect();
             Example::new(ids, m)
         })
         .collect();
@@ -38,7 +52,8 @@ fn reference(dir: &Path) -> Reference {
         examples,
         loss: v["loss"].as_f64().unwrap(),
         n_targets: v["n_targets"].as_u64().unwrap() as usize,
-        tensors: candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap(),
+        tensors: candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+            .unwrap(),
     }
 }
 
@@ -60,27 +75,43 @@ fn check(name: &str) {
             };
             let ours = logits.narrow(0, start, ex.len()).unwrap();
             let d = max_abs_diff(&ours, &r.tensors[&format!("logits.{i}")]);
-            assert!(d <= 1e-4, "{name} padding_free={padding_free} example {i}: logits max |diff| {d:e}");
+            assert!(
+                d <= 1e-4,
+                "{name} padding_free={padding_free} example {i}: logits max |diff| {d:e}"
+            );
         }
 
         let l = model.loss(&batch).unwrap();
         assert_eq!(l.n_tokens, r.n_targets);
         let loss = l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_tokens as f64;
         let rel = (loss - r.loss).abs() / r.loss.abs();
-        assert!(rel <= 1e-5, "{name} padding_free={padding_free}: loss {loss} vs transformers {} (rel {rel:e})", r.loss);
+        assert!(
+            rel <= 1e-5,
+            "{name} padding_free={padding_free}: loss {loss} vs transformers {} (rel {rel:e})",
+            r.loss
+        );
 
         let grads = (l.sum / l.n_tokens as f64).unwrap().backward().unwrap();
         let mut checked = 0;
         for p in model.params() {
             let want = &r.tensors[&format!("grad.{}", p.name)];
-            let got = grads.get(p.var.as_tensor()).unwrap_or_else(|| panic!("{}: no gradient", p.name));
+            let got = grads
+                .get(p.var.as_tensor())
+                .unwrap_or_else(|| panic!("{}: no gradient", p.name));
             let d = rel_diff(got, want);
-            assert!(d <= 1e-4, "{name} padding_free={padding_free} {}: gradient rel diff {d:e}", p.name);
+            assert!(
+                d <= 1e-4,
+                "{name} padding_free={padding_free} {}: gradient rel diff {d:e}",
+                p.name
+            );
             checked += 1;
         }
         // transformers' parameter list (tied lm_head counted once) is exactly ours.
         let n_ref = r.tensors.keys().filter(|k| k.starts_with("grad.")).count();
-        assert_eq!(checked, n_ref, "{name}: parameter count differs from transformers");
+        assert_eq!(
+            checked, n_ref,
+            "{name}: parameter count differs from transformers"
+        );
     }
 }
 
@@ -101,11 +132,16 @@ fn save_writes_what_was_loaded() {
         let out = tempfile::tempdir().unwrap();
         model.save(out.path()).unwrap();
         let cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+                .unwrap();
         assert_eq!(cfg["model_type"], "llama");
         assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
-        let original = candle_core::safetensors::load(fixture(name).join("model.safetensors"), &Device::Cpu).unwrap();
-        let saved = candle_core::safetensors::load(out.path().join("model.safetensors"), &Device::Cpu).unwrap();
+        let original =
+            candle_core::safetensors::load(fixture(name).join("model.safetensors"), &Device::Cpu)
+                .unwrap();
+        let saved =
+            candle_core::safetensors::load(out.path().join("model.safetensors"), &Device::Cpu)
+                .unwrap();
         let mut a: Vec<_> = original.keys().collect();
         let mut b: Vec<_> = saved.keys().collect();
         a.sort();

@@ -13,11 +13,21 @@ fn every_shipped_recipe_parses() {
         }
         let r = packsft::Recipe::load(&p, &[]).unwrap_or_else(|e| panic!("{e}"));
         // Paths in recipes are relative to the repository root (where the README runs them).
-        for f in [Some(&r.data.train), r.data.eval.as_ref(), r.model.tokenizer.as_ref(), r.model.path.as_ref()]
-            .into_iter()
-            .flatten()
+        for f in [
+            Some(&r.data.train),
+            r.data.eval.as_ref(),
+            r.model.tokenizer.as_ref(),
+            r.model.path.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
         {
-            assert!(root.join(f).exists(), "{}: {} does not exist", p.display(), f.display());
+            assert!(
+                root.join(f).exists(),
+                "{}: {} does not exist",
+                p.display(),
+                f.display()
+            );
         }
         n += 1;
     }

@@ -102,7 +102,10 @@ impl LlamaConfig {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return bad(format!("head_dim = {} must be even for rotary embeddings", self.head_dim()));
+            return bad(format!(
+                "head_dim = {} must be even for rotary embeddings",
+                self.head_dim()
+            ));
         }
         if let Some(kind) = self.rope_scaling_kind()? {
             if !matches!(kind.as_str(), "default" | "linear" | "llama3") {
@@ -134,7 +137,9 @@ impl LlamaConfig {
             .as_ref()
             .and_then(|r| r.get(key))
             .and_then(|v| v.as_f64())
-            .ok_or_else(|| Error::Config(format!("config.json: rope_scaling needs a number `{key}`")))
+            .ok_or_else(|| {
+                Error::Config(format!("config.json: rope_scaling needs a number `{key}`"))
+            })
     }
 
     /// Inverse frequencies of the rotary embedding, with Llama-3 / linear scaling applied
@@ -225,7 +230,10 @@ pub struct LlamaModel {
 /// (name, shape, is_matrix) of every parameter in transformers' order.
 fn param_specs(c: &LlamaConfig) -> Vec<(String, Vec<usize>, bool)> {
     let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-    let (qd, kvd) = (c.num_attention_heads * c.head_dim(), c.kv_heads() * c.head_dim());
+    let (qd, kvd) = (
+        c.num_attention_heads * c.head_dim(),
+        c.kv_heads() * c.head_dim(),
+    );
     let mut specs = vec![("model.embed_tokens.weight".to_string(), vec![v, h], true)];
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
@@ -243,7 +251,11 @@ fn param_specs(c: &LlamaConfig) -> Vec<(String, Vec<usize>, bool)> {
         lin(&mut specs, "mlp.up_proj", i, h, c.mlp_bias);
         lin(&mut specs, "mlp.down_proj", h, i, c.mlp_bias);
         specs.push((format!("{p}.input_layernorm.weight"), vec![h], false));
-        specs.push((format!("{p}.post_attention_layernorm.weight"), vec![h], false));
+        specs.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            false,
+        ));
     }
     specs.push(("model.norm.weight".to_string(), vec![h], false));
     if !c.tie_word_embeddings {
@@ -279,7 +291,11 @@ impl LlamaModel {
         for (name, shape, is_matrix) in param_specs(&config) {
             let n: usize = shape.iter().product();
             let t = if is_matrix {
-                Tensor::from_vec(normal_vec(&mut rng, n, config.initializer_range), shape, device)?
+                Tensor::from_vec(
+                    normal_vec(&mut rng, n, config.initializer_range),
+                    shape,
+                    device,
+                )?
             } else if name.ends_with(".bias") {
                 Tensor::zeros(shape, DType::F32, device)?
             } else {
@@ -304,7 +320,14 @@ impl LlamaModel {
         }
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let raw: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-            Error::model(&cfg_path, format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()))
+            Error::model(
+                &cfg_path,
+                format!(
+                    "invalid JSON at line {} column {}: {e}",
+                    e.line(),
+                    e.column()
+                ),
+            )
         })?;
         let model_type = raw.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
         if model_type != "llama" {
@@ -315,7 +338,9 @@ impl LlamaModel {
         }
         let config: LlamaConfig = serde_json::from_value(raw.clone())
             .map_err(|e| Error::model(&cfg_path, e.to_string()))?;
-        config.validate().map_err(|e| Error::model(&cfg_path, e.to_string()))?;
+        config
+            .validate()
+            .map_err(|e| Error::model(&cfg_path, e.to_string()))?;
         let mut w = CheckpointWeights::open(dir)?;
         let mut tensors = BTreeMap::new();
         for (name, shape, _) in param_specs(&config) {
@@ -331,7 +356,10 @@ impl LlamaModel {
         if !unused.is_empty() {
             return Err(Error::model(
                 dir,
-                format!("checkpoint has weights the llama config does not use: {}", unused.join(", ")),
+                format!(
+                    "checkpoint has weights the llama config does not use: {}",
+                    unused.join(", ")
+                ),
             ));
         }
         Self::assemble(config, raw, tensors, device)
@@ -489,7 +517,9 @@ impl Model for LlamaModel {
         raw["torch_dtype"] = "float32".into();
         crate::io::write_atomic(
             &dir.join(CONFIG_FILE),
-            serde_json::to_string_pretty(&raw).expect("JSON serialises").as_bytes(),
+            serde_json::to_string_pretty(&raw)
+                .expect("JSON serialises")
+                .as_bytes(),
         )?;
         save_safetensors(&self.tensors(), &dir.join(WEIGHTS_FILE))
     }

@@ -27,8 +27,9 @@ impl CheckpointWeights {
             vec![single]
         } else if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::model(&index, format!("invalid JSON at line {}: {e}", e.line())))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                Error::model(&index, format!("invalid JSON at line {}: {e}", e.line()))
+            })?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
@@ -76,15 +77,27 @@ impl CheckpointWeights {
     }
 
     /// Loads `name`, checks its shape, converts to `dtype`.
-    pub fn get(&mut self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn get(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         if !self.contains(name) {
-            return Err(Error::model(&self.dir, format!("weight `{name}` is missing from the checkpoint")));
+            return Err(Error::model(
+                &self.dir,
+                format!("weight `{name}` is missing from the checkpoint"),
+            ));
         }
         let t = self.st.load(name, device)?;
         if t.dims() != shape {
             return Err(Error::model(
                 &self.dir,
-                format!("weight `{name}` has shape {:?}, config.json implies {shape:?}", t.dims()),
+                format!(
+                    "weight `{name}` has shape {:?}, config.json implies {shape:?}",
+                    t.dims()
+                ),
             ));
         }
         self.used.insert(name.to_string());
@@ -116,7 +129,11 @@ pub fn save_safetensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Resu
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    safetensors::serialize_to_file(contiguous.iter().map(|(k, t)| (k.as_str(), t)), Some(meta), &tmp)
-        .map_err(|e| Error::model(path, format!("cannot write safetensors: {e}")))?;
+    safetensors::serialize_to_file(
+        contiguous.iter().map(|(k, t)| (k.as_str(), t)),
+        Some(meta),
+        &tmp,
+    )
+    .map_err(|e| Error::model(path, format!("cannot write safetensors: {e}")))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
