@@ -54,12 +54,15 @@ fn main() -> packsft::Result<()> {
         ..Default::default()
     };
     let mut trainer = Trainer::new(model, collator, cfg, device)?;
-    let (before, _) = trainer.evaluate(&train)?;
+    let before = trainer.evaluate(&train)?.loss;
     let summary = trainer.train(&train, None)?;
-    let (after, n) = trainer.evaluate(&train)?;
+    let after = trainer.evaluate(&train)?;
     println!(
-        "{} steps: loss {before:.3} -> {after:.3} over {n} target tokens (last step loss {:.3})",
+        "{} steps: loss {before:.3} -> {:.3}, token accuracy {:.2}, over {} target tokens (last step loss {:.3})",
         summary.steps.len(),
+        after.loss,
+        after.accuracy.unwrap_or(f64::NAN),
+        after.tokens,
         summary.steps.last().unwrap().loss
     );
     let out = std::env::temp_dir().join("packsft-embed-example");

@@ -3,13 +3,16 @@
 //! output behind.
 
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use candle_core::Device;
 
 use crate::collator::CompletionOnlyCollator;
 use crate::data::{load_jsonl, Dataset, LoadOptions};
 use crate::error::{Error, Result};
-use crate::model::{LlamaConfig, LlamaModel, Model};
+use crate::callback::{Callback, EarlyStopping};
+use crate::model::{ComputeOptions, LlamaConfig, LlamaModel, Model};
 use crate::optim::AdamWConfig;
 use crate::recipe::Recipe;
 use crate::tokenizer::TextTokenizer;
@@ -154,6 +157,12 @@ pub fn prepare(recipe: &Recipe, recipe_path: &Path, device: &Device) -> Result<P
     let mut collator =
         CompletionOnlyCollator::new(recipe.collator.padding_free, tokenizer.pad_or_eos());
     collator.pad_to_multiple_of = recipe.collator.pad_to_multiple_of;
+    collator.normalization = recipe.train.loss_normalization;
+    let mut model = model;
+    model.compute = ComputeOptions {
+        dtype: recipe.train.dtype.dtype(),
+        gradient_checkpointing: recipe.train.gradient_checkpointing,
+    };
     Ok(Prepared {
         model,
         tokenizer,
@@ -179,23 +188,106 @@ pub fn trainer_config(recipe: &Recipe) -> TrainerConfig {
         },
         schedule: t.lr_scheduler,
         warmup_steps: t.warmup_steps,
+        warmup_ratio: t.warmup_ratio,
+        min_lr_ratio: t.min_lr_ratio,
+        decay_ratio: t.decay_ratio,
+        max_tokens_per_batch: t.max_tokens_per_batch,
+        group_by_length: t.group_by_length,
         max_grad_norm: t.max_grad_norm,
         seed: t.seed,
         shuffle: t.shuffle,
         logging_steps: t.logging_steps,
         eval_steps: t.eval_steps,
+        save_steps: t.save_steps,
+        save_total_limit: t.save_total_limit,
         output_dir: Some(recipe.output_dir.clone()),
         progress: true,
     }
 }
 
-/// Trains as the recipe says and writes the model, tokenizer, recipe and metrics to
-/// `output_dir` in Hugging Face layout.
-pub fn train(recipe: &Recipe, recipe_path: &Path, device: &Device) -> Result<TrainSummary> {
+/// Writes the tokenizer and the recipe into every checkpoint, so each is a complete model
+/// directory that `packsft eval`, `generate` and transformers can read.
+struct CheckpointExtras {
+    tokenizer: TextTokenizer,
+    recipe_yaml: String,
+}
+
+impl Callback for CheckpointExtras {
+    fn on_save(&mut self, dir: &Path, _step: usize) -> Result<()> {
+        self.tokenizer.save(dir)?;
+        crate::io::write_atomic(&dir.join("recipe.yaml"), self.recipe_yaml.as_bytes())
+    }
+}
+
+/// Where `resume_from` points, checked before training starts.
+fn resume_dir(recipe: &Recipe, recipe_path: &Path) -> Result<Option<std::path::PathBuf>> {
+    match recipe.resume_from.as_deref() {
+        None => Ok(None),
+        Some("latest") => Ok(crate::checkpoint::latest(&recipe.output_dir)),
+        Some(p) => {
+            let dir = std::path::PathBuf::from(p);
+            if !dir.join(crate::checkpoint::STATE_FILE).exists() {
+                return Err(Error::Recipe {
+                    path: recipe_path.to_path_buf(),
+                    line: None,
+                    column: None,
+                    msg: format!("resume_from: {p} is not a packsft checkpoint (no {})", crate::checkpoint::STATE_FILE),
+                });
+            }
+            Ok(Some(dir))
+        }
+    }
+}
+
+/// Builds the trainer a recipe describes, resumed if the recipe says so.
+pub fn build_trainer(
+    recipe: &Recipe,
+    recipe_path: &Path,
+    device: &Device,
+) -> Result<(Trainer<LlamaModel, CompletionOnlyCollator>, RunData)> {
+    let resume = resume_dir(recipe, recipe_path)?;
     let p = prepare(recipe, recipe_path, device)?;
     let mut trainer = Trainer::new(p.model, p.collator, trainer_config(recipe), device.clone())?;
+    trainer.add_callback(Box::new(CheckpointExtras {
+        tokenizer: p.tokenizer.clone(),
+        recipe_yaml: recipe.to_yaml(),
+    }));
+    if recipe.train.early_stopping_patience > 0 {
+        trainer.add_callback(Box::new(EarlyStopping::new(recipe.train.early_stopping_patience, 0.0)));
+    }
+    if let Some(dir) = resume {
+        trainer.resume_from(&dir)?;
+    }
+    Ok((
+        trainer,
+        RunData {
+            tokenizer: p.tokenizer,
+            train: p.train,
+            eval: p.eval,
+        },
+    ))
+}
+
+/// The data and tokenizer of a prepared run, once the model and collator went to the trainer.
+pub struct RunData {
+    pub tokenizer: TextTokenizer,
+    pub train: Dataset,
+    pub eval: Option<Dataset>,
+}
+
+/// Trains as the recipe says and writes the model, tokenizer, recipe and metrics to
+/// `output_dir` in Hugging Face layout. A stop request (signal) ends with a checkpoint and
+/// without the final model files.
+pub fn train(recipe: &Recipe, recipe_path: &Path, device: &Device, stop: Option<Arc<AtomicBool>>) -> Result<TrainSummary> {
+    let (mut trainer, p) = build_trainer(recipe, recipe_path, device)?;
+    if let Some(stop) = stop {
+        trainer.set_stop_flag(stop);
+    }
     let eval = p.eval.as_ref().map(|d| d.examples.as_slice());
     let summary = trainer.train(&p.train.examples, eval)?;
+    if summary.interrupted {
+        return Ok(summary);
+    }
     let out = &recipe.output_dir;
     trainer.model.save(out)?;
     p.tokenizer.save(out)?;
@@ -217,5 +309,6 @@ pub fn eval(recipe: &Recipe, recipe_path: &Path, device: &Device) -> Result<(f64
     let p = prepare(recipe, recipe_path, device)?;
     let eval = p.eval.expect("data.eval was set");
     let trainer = Trainer::new(p.model, p.collator, trainer_config(recipe), device.clone())?;
-    trainer.evaluate(&eval.examples)
+    let r = trainer.evaluate(&eval.examples)?;
+    Ok((r.loss, r.tokens))
 }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::collator::SeqLayout;
 use crate::error::Result;
@@ -117,8 +117,9 @@ pub fn eager_attention(
             .contiguous()?;
         let kt = kb.transpose(2, 3)?.contiguous()?; // (r, nkv, hd, l)
         let scores = qb.matmul(&kt)?.reshape((r, nkv, g, l, l))?;
-        let mask = blk.mask.to_dtype(scores.dtype())?;
-        let probs = softmax_last(&scores.broadcast_add(&mask)?)?.reshape((r, nkv, g * l, l))?;
+        // Softmax in float32 whatever the compute dtype, as transformers' eager attention.
+        let scores = scores.to_dtype(DType::F32)?.broadcast_add(&blk.mask)?;
+        let probs = softmax_last(&scores)?.to_dtype(vb.dtype())?.reshape((r, nkv, g * l, l))?;
         let ob = probs
             .matmul(&vb)? // (r, nkv, g*l, hd)
             .reshape((r, nkv, g, l, hd))?

@@ -126,12 +126,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
         progress: false,
         ..Default::default()
     };
-    let schedule = LrSchedule {
-        kind: Schedule::Constant,
-        peak: 1e-5,
-        warmup_steps: 0,
-        total_steps: args.steps + args.warmup,
-    };
+    let schedule = LrSchedule::new(Schedule::Constant, 1e-5, 0, args.steps + args.warmup);
     let mut trainer = Trainer::new(model, collator, tc, args.device.clone())?;
     let (mut real, mut slots) = (0usize, 0usize);
     let mut t0 = Instant::now();

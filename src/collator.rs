@@ -29,8 +29,22 @@ pub enum SeqLayout {
     Padded { lengths: Vec<usize> },
 }
 
+/// What the loss of an optimizer step is the mean of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossNormalization {
+    /// Mean over all target tokens of the step (transformers' and TRL's default).
+    #[default]
+    Tokens,
+    /// Mean over the sequences of the step of each sequence's mean over its target tokens.
+    Sequences,
+}
+
 /// What the trainer needs to know of any batch, whatever the model.
 pub trait TrainBatch {
+    /// What the summed loss is divided by, summed over a step: target tokens, or sequences with
+    /// at least one target, as the collator's `LossNormalization` says.
+    fn loss_units(&self) -> f64;
     /// Tokens that carry loss.
     fn n_targets(&self) -> usize;
     /// Real (non-pad) tokens.
@@ -53,6 +67,9 @@ pub struct Batch {
     pub target_rows: Tensor,
     /// (n_targets,) u32: the token each of those positions must predict
     pub target_ids: Tensor,
+    /// (n_targets,) f32 weight of each target in the summed loss; None means all 1.
+    pub target_weights: Option<Tensor>,
+    pub loss_units: f64,
     pub n_targets: usize,
     pub n_tokens: usize,
     pub rows: usize,
@@ -74,6 +91,9 @@ pub struct HostBatch {
 }
 
 impl TrainBatch for Batch {
+    fn loss_units(&self) -> f64 {
+        self.loss_units
+    }
     fn n_targets(&self) -> usize {
         self.n_targets
     }
@@ -100,6 +120,7 @@ pub struct CompletionOnlyCollator {
     pub pad_token_id: u32,
     /// Padded mode: round the row length up to a multiple of this.
     pub pad_to_multiple_of: Option<usize>,
+    pub normalization: LossNormalization,
 }
 
 impl CompletionOnlyCollator {
@@ -108,6 +129,7 @@ impl CompletionOnlyCollator {
             padding_free,
             pad_token_id,
             pad_to_multiple_of: None,
+            normalization: LossNormalization::Tokens,
         }
     }
 }
@@ -221,6 +243,21 @@ impl Collator for CompletionOnlyCollator {
             SeqLayout::Padded { .. } => None,
         };
         let n_targets = target_rows.len();
+        let (target_weights, loss_units) = match self.normalization {
+            LossNormalization::Tokens => (None, n_targets as f64),
+            LossNormalization::Sequences => {
+                let mut w = Vec::with_capacity(n_targets);
+                let mut units = 0.0;
+                for ex in examples {
+                    let n = ex.n_targets();
+                    if n > 0 {
+                        w.extend(std::iter::repeat_n(1.0f32 / n as f32, n));
+                        units += 1.0;
+                    }
+                }
+                (Some(Tensor::from_vec(w, n_targets, device)?), units)
+            }
+        };
         Ok(Batch {
             input_ids,
             position_ids,
@@ -228,6 +265,8 @@ impl Collator for CompletionOnlyCollator {
             cu_seqlens,
             target_rows: Tensor::from_vec(target_rows, n_targets, device)?,
             target_ids: Tensor::from_vec(target_ids, n_targets, device)?,
+            target_weights,
+            loss_units,
             n_targets,
             n_tokens,
             rows,

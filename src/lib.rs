@@ -11,6 +11,8 @@
 pub mod app;
 pub mod attention;
 pub mod bench;
+pub mod callback;
+pub mod checkpoint;
 pub mod collator;
 pub mod data;
 pub mod error;
@@ -19,11 +21,14 @@ pub mod io;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod plot;
 pub mod recipe;
 pub mod tokenizer;
 pub mod trainer;
 
-pub use collator::{Batch, Collator, CompletionOnlyCollator, HostBatch, SeqLayout, TrainBatch};
+pub use collator::{
+    Batch, Collator, CompletionOnlyCollator, HostBatch, LossNormalization, SeqLayout, TrainBatch,
+};
 pub use data::{Dataset, Example, Truncation};
 pub use error::{Error, Result};
 pub use model::{LlamaConfig, LlamaModel, LossSum, Model, Param};

@@ -1,4 +1,6 @@
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -75,7 +77,20 @@ fn run(cli: Cli) -> packsft::Result<()> {
     match cli.cmd {
         Cmd::Train { recipe, overrides } => {
             let r = Recipe::load(&recipe, &overrides)?;
-            let summary = app::train(&r, &recipe, &candle_core::Device::Cpu)?;
+            // First SIGINT/SIGTERM: checkpoint after the current step and exit; a second one
+            // exits at once.
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())
+                    .and_then(|_| signal_hook::flag::register(sig, stop.clone()))
+                    .map_err(|e| packsft::Error::io("signal handler", e))?;
+            }
+            let summary = app::train(&r, &recipe, &candle_core::Device::Cpu, Some(stop))?;
+            if summary.interrupted {
+                let at = summary.last_checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+                eprintln!("interrupted: saved {at}; resume with resume_from=latest");
+                return Err(packsft::Error::Training("interrupted".into()));
+            }
             if let (Some(first), Some(last)) = (summary.steps.first(), summary.steps.last()) {
                 println!(
                     "{}",

@@ -117,11 +117,20 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// Summed negative log-likelihood of `targets` (n,) u32 under `logits` (n, vocab), in float32.
+/// Negative log-likelihood (n,) of `targets` (n,) u32 under `logits` (n, vocab), in float32.
 /// Only rows that carry loss are passed in, so no ignore index is needed.
-pub fn nll_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+pub fn nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logits = logits.to_dtype(DType::F32)?;
     let lse = logsumexp_last(&logits)?.squeeze(1)?;
     let picked = logits.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
-    Ok((lse - picked)?.sum_all()?)
+    Ok((lse - picked)?)
+}
+
+/// Summed (optionally weighted) negative log-likelihood.
+pub fn nll_sum(logits: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
+    let per_token = nll(logits, targets)?;
+    Ok(match weights {
+        Some(w) => (per_token * w)?.sum_all()?,
+        None => per_token.sum_all()?,
+    })
 }

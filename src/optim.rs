@@ -1,7 +1,7 @@
 //! AdamW with float32 moments, global-norm gradient clipping and learning-rate schedules,
 //! following PyTorch's `AdamW` and transformers' schedules step for step.
 
-use candle_core::{backprop::GradStore, DType, Var};
+use candle_core::{backprop::GradStore, DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -29,6 +29,7 @@ impl Default for AdamWConfig {
 }
 
 struct Slot {
+    name: String,
     var: Var,
     decay: bool,
     m: Var,
@@ -48,6 +49,7 @@ impl AdamW {
             .map(|p| {
                 let t = p.var.as_tensor();
                 Ok(Slot {
+                    name: p.name.clone(),
                     var: p.var.clone(),
                     decay: p.decay,
                     m: Var::zeros(t.shape(), DType::F32, t.device())?,
@@ -64,6 +66,43 @@ impl AdamW {
 
     pub fn steps_taken(&self) -> usize {
         self.step
+    }
+
+    /// The moments as `exp_avg.<param>` / `exp_avg_sq.<param>` (PyTorch's names), for checkpoints.
+    pub fn state_tensors(&self) -> std::collections::BTreeMap<String, Tensor> {
+        let mut m = std::collections::BTreeMap::new();
+        for s in &self.slots {
+            m.insert(format!("exp_avg.{}", s.name), s.m.as_tensor().clone());
+            m.insert(format!("exp_avg_sq.{}", s.name), s.v.as_tensor().clone());
+        }
+        m
+    }
+
+    /// Restores moments and the step count written by `state_tensors`; every moment must be
+    /// present with its parameter's shape, or nothing changes.
+    pub fn load_state(&mut self, path: &std::path::Path, step: usize) -> Result<()> {
+        let t = candle_core::safetensors::load(path, self.slots.first().map(|s| s.var.device()).unwrap_or(&candle_core::Device::Cpu))
+            .map_err(|e| crate::error::Error::model(path, format!("cannot read optimizer state: {e}")))?;
+        let mut new = Vec::with_capacity(self.slots.len());
+        for s in &self.slots {
+            let get = |k: String| -> Result<Tensor> {
+                let x = t.get(&k).ok_or_else(|| crate::error::Error::model(path, format!("missing `{k}`")))?;
+                if x.dims() != s.var.dims() {
+                    return Err(crate::error::Error::model(
+                        path,
+                        format!("`{k}` has shape {:?}, the parameter {:?}", x.dims(), s.var.dims()),
+                    ));
+                }
+                Ok(x.to_dtype(DType::F32)?)
+            };
+            new.push((get(format!("exp_avg.{}", s.name))?, get(format!("exp_avg_sq.{}", s.name))?));
+        }
+        for (s, (m, v)) in self.slots.iter().zip(new) {
+            s.m.set(&m)?;
+            s.v.set(&v)?;
+        }
+        self.step = step;
+        Ok(())
     }
 
     /// One update with learning rate `lr` from the accumulated `grads` (already normalised and
@@ -129,7 +168,8 @@ pub fn clip_grad_norm(grads: &mut GradStore, params: &[Param], max_norm: f64) ->
     Ok(norm)
 }
 
-/// Learning-rate schedules of transformers (`get_scheduler`), as a multiplier of the peak lr.
+/// Learning-rate schedules of transformers (`get_scheduler`), as a multiplier of the peak lr,
+/// each after a linear warmup from 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Schedule {
@@ -137,33 +177,61 @@ pub enum Schedule {
     #[default]
     Linear,
     Cosine,
+    /// Cosine down to `min_lr_ratio` x peak (`cosine_with_min_lr`).
+    CosineWithMinLr,
+    /// Warmup, constant, then a cosine decay over the last `decay_steps` to `min_lr_ratio`
+    /// (`warmup_stable_decay`).
+    WarmupStableDecay,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LrSchedule {
     pub kind: Schedule,
     pub peak: f64,
     pub warmup_steps: usize,
     pub total_steps: usize,
+    pub min_lr_ratio: f64,
+    /// Warmup-stable-decay only.
+    pub decay_steps: usize,
 }
 
 impl LrSchedule {
+    pub fn new(kind: Schedule, peak: f64, warmup_steps: usize, total_steps: usize) -> Self {
+        Self {
+            kind,
+            peak,
+            warmup_steps,
+            total_steps,
+            min_lr_ratio: 0.0,
+            decay_steps: 0,
+        }
+    }
+
     /// The lr of optimizer step `step` (0-based), as transformers' LambdaLR applies it.
     pub fn lr(&self, step: usize) -> f64 {
-        let (s, w, t) = (
-            step as f64,
-            self.warmup_steps as f64,
-            self.total_steps as f64,
-        );
+        let (s, w, t) = (step as f64, self.warmup_steps as f64, self.total_steps as f64);
         if step < self.warmup_steps {
             return self.peak * s / w.max(1.0);
         }
+        let cosine = |progress: f64| 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        let floor = self.min_lr_ratio;
         let f = match self.kind {
             Schedule::Constant => 1.0,
             Schedule::Linear => ((t - s) / (t - w).max(1.0)).max(0.0),
-            Schedule::Cosine => {
-                let progress = (s - w) / (t - w).max(1.0);
-                (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+            Schedule::Cosine => cosine((s - w) / (t - w).max(1.0)).max(0.0),
+            Schedule::CosineWithMinLr => {
+                (cosine((s - w) / (t - w).max(1.0)) * (1.0 - floor) + floor).max(0.0)
+            }
+            Schedule::WarmupStableDecay => {
+                let stable_end = self.total_steps.saturating_sub(self.decay_steps).max(self.warmup_steps);
+                if step < stable_end {
+                    1.0
+                } else if step < stable_end + self.decay_steps {
+                    let progress = (step - stable_end) as f64 / self.decay_steps as f64;
+                    (1.0 - floor) * cosine(progress).max(0.0) + floor
+                } else {
+                    floor
+                }
             }
         };
         self.peak * f
@@ -192,7 +260,7 @@ pub fn accumulate(acc: &mut Option<GradStore>, src: GradStore, params: &[Param])
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Tensor};
+    use candle_core::Device;
 
     fn param(values: &[f32], decay: bool) -> Param {
         Param {
@@ -279,12 +347,7 @@ mod tests {
             0.0,
         ];
         for (kind, want) in [(Schedule::Linear, lin), (Schedule::Cosine, cos)] {
-            let s = LrSchedule {
-                kind,
-                peak: 1.0,
-                warmup_steps: 3,
-                total_steps: 10,
-            };
+            let s = LrSchedule::new(kind, 1.0, 3, 10);
             for (i, w) in want.iter().enumerate() {
                 assert!(
                     (s.lr(i) - w).abs() < 1e-8,
@@ -293,13 +356,22 @@ mod tests {
                 );
             }
         }
-        let c = LrSchedule {
-            kind: Schedule::Constant,
-            peak: 2.0,
-            warmup_steps: 2,
-            total_steps: 5,
-        };
+        let c = LrSchedule::new(Schedule::Constant, 2.0, 2, 5);
         assert_eq!((c.lr(0), c.lr(1), c.lr(2), c.lr(4)), (0.0, 1.0, 2.0, 2.0));
+        // transformers 4.46.3 get_cosine_with_min_lr_schedule_with_warmup(3, 10, min_lr_rate=0.1)
+        // and get_wsd_schedule(2, num_stable_steps=5, num_decay_steps=3, min_lr_ratio=0.1).
+        let min_lr = [0.0, 0.333333333, 0.666666667, 1.0, 0.955435991, 0.830570411, 0.65013442, 0.44986558, 0.269429589, 0.144564009, 0.1];
+        let wsd = [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.775, 0.325, 0.1];
+        let mut a = LrSchedule::new(Schedule::CosineWithMinLr, 1.0, 3, 10);
+        a.min_lr_ratio = 0.1;
+        let mut b = LrSchedule::new(Schedule::WarmupStableDecay, 1.0, 2, 10);
+        b.min_lr_ratio = 0.1;
+        b.decay_steps = 3;
+        for (s, want) in [(a, min_lr), (b, wsd)] {
+            for (i, w) in want.iter().enumerate() {
+                assert!((s.lr(i) - w).abs() < 1e-8, "{:?} step {i}: {} vs {w}", s.kind, s.lr(i));
+            }
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::collator::LossNormalization;
 use crate::data::Truncation;
 use crate::error::{Error, Result};
 use crate::optim::Schedule;
@@ -18,8 +19,12 @@ pub struct Recipe {
     pub collator: CollatorSection,
     #[serde(default)]
     pub train: TrainSection,
-    /// Where the trained model, tokenizer and metrics are written.
+    /// Where the trained model, tokenizer, metrics and checkpoints are written.
     pub output_dir: PathBuf,
+    /// `latest` (the newest checkpoint in output_dir, or a fresh start if there is none) or
+    /// the path of a checkpoint directory.
+    #[serde(default)]
+    pub resume_from: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -87,6 +92,17 @@ pub struct TrainSection {
     pub lr: f64,
     pub lr_scheduler: Schedule,
     pub warmup_steps: usize,
+    /// Warmup as a fraction of total steps (when warmup_steps is 0).
+    pub warmup_ratio: f64,
+    /// Floor of `cosine_with_min_lr` and `warmup_stable_decay`, as a fraction of `lr`.
+    pub min_lr_ratio: f64,
+    /// `warmup_stable_decay`: fraction of the steps spent decaying.
+    pub decay_ratio: f64,
+    /// `tokens` (mean over the step's target tokens) or `sequences` (mean of per-sequence means).
+    pub loss_normalization: LossNormalization,
+    /// Token budget per micro-batch instead of `batch_size` examples.
+    pub max_tokens_per_batch: Option<usize>,
+    pub group_by_length: bool,
     /// Global gradient-norm clip; 0 disables clipping.
     pub max_grad_norm: f64,
     pub weight_decay: f64,
@@ -99,6 +115,35 @@ pub struct TrainSection {
     pub logging_steps: usize,
     /// Evaluate on `data.eval` every this many steps (0: only at the end).
     pub eval_steps: usize,
+    /// Save a checkpoint every this many steps (0: only when stopped by a signal or callback).
+    pub save_steps: usize,
+    /// Keep only the newest N checkpoints.
+    pub save_total_limit: Option<usize>,
+    /// Stop when the eval loss has not improved for this many evaluations (0: off).
+    pub early_stopping_patience: usize,
+    /// Recompute each layer in the backward pass instead of keeping its activations.
+    pub gradient_checkpointing: bool,
+    /// Compute dtype: `f32`, or `bf16` / `f16` with float32 master weights.
+    pub dtype: ComputeDtype,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ComputeDtype {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl ComputeDtype {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            ComputeDtype::F32 => candle_core::DType::F32,
+            ComputeDtype::Bf16 => candle_core::DType::BF16,
+            ComputeDtype::F16 => candle_core::DType::F16,
+        }
+    }
 }
 
 impl Default for TrainSection {
@@ -111,6 +156,12 @@ impl Default for TrainSection {
             lr: 2e-5,
             lr_scheduler: Schedule::Linear,
             warmup_steps: 0,
+            warmup_ratio: 0.0,
+            min_lr_ratio: 0.0,
+            decay_ratio: 0.1,
+            loss_normalization: LossNormalization::Tokens,
+            max_tokens_per_batch: None,
+            group_by_length: false,
             max_grad_norm: 1.0,
             weight_decay: 0.0,
             adam_beta1: 0.9,
@@ -120,6 +171,11 @@ impl Default for TrainSection {
             shuffle: true,
             logging_steps: 10,
             eval_steps: 0,
+            save_steps: 0,
+            save_total_limit: None,
+            early_stopping_patience: 0,
+            gradient_checkpointing: false,
+            dtype: ComputeDtype::F32,
         }
     }
 }
@@ -245,6 +301,27 @@ impl Recipe {
         }
         if !(0.0..1.0).contains(&t.adam_beta1) || !(0.0..1.0).contains(&t.adam_beta2) {
             return bad("train.adam_beta1 and train.adam_beta2 must be in [0, 1)".into());
+        }
+        if !(0.0..1.0).contains(&t.warmup_ratio) {
+            return bad(format!("train.warmup_ratio = {} must be in [0, 1)", t.warmup_ratio));
+        }
+        if t.warmup_ratio > 0.0 && t.warmup_steps > 0 {
+            return bad("set train.warmup_steps or train.warmup_ratio, not both".into());
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) || !(0.0..=1.0).contains(&t.decay_ratio) {
+            return bad("train.min_lr_ratio and train.decay_ratio must be in [0, 1]".into());
+        }
+        if t.max_tokens_per_batch == Some(0) {
+            return bad("train.max_tokens_per_batch must be at least 1".into());
+        }
+        if t.save_total_limit == Some(0) {
+            return bad("train.save_total_limit must be at least 1 (or unset)".into());
+        }
+        if t.early_stopping_patience > 0 && self.data.eval.is_none() {
+            return bad("train.early_stopping_patience needs data.eval".into());
+        }
+        if t.eval_steps > 0 && self.data.eval.is_none() {
+            return bad(format!("train.eval_steps = {} but data.eval is not set", t.eval_steps));
         }
         if self.data.max_length < 2 {
             return bad(format!(

@@ -1,8 +1,11 @@
 //! The training loop: sample the examples of each optimizer step, collate micro-batches, sum
-//! losses, normalise by the target tokens of the whole step, backward, clip, AdamW, schedule.
+//! losses, normalise by the loss units (target tokens or sequences) of the whole step,
+//! backward, clip, AdamW, schedule; evaluate, checkpoint, resume, and let callbacks decide.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{backprop::GradStore, Device};
@@ -10,6 +13,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
 
+use crate::callback::{Callback, Control};
+use crate::checkpoint::{self, TrainerState};
 use crate::collator::{Collator, TrainBatch};
 use crate::data::Example;
 use crate::error::{Error, Result};
@@ -18,20 +23,36 @@ use crate::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig, LrSchedule, S
 
 #[derive(Debug, Clone)]
 pub struct TrainerConfig {
+    /// Examples per micro-batch (ignored when `max_tokens_per_batch` is set).
     pub batch_size: usize,
+    /// Micro-batches per optimizer step.
     pub grad_accum: usize,
+    /// Token budget per micro-batch: examples are added in order while the batch's computed
+    /// positions (pads included) stay within it; at least one example per micro-batch.
+    pub max_tokens_per_batch: Option<usize>,
     /// Optimizer steps; 0 means `epochs` passes.
     pub max_steps: usize,
     pub epochs: usize,
     pub adamw: AdamWConfig,
     pub schedule: Schedule,
     pub warmup_steps: usize,
+    /// Warmup as a fraction of the total steps (rounded up), used when `warmup_steps` is 0.
+    pub warmup_ratio: f64,
+    pub min_lr_ratio: f64,
+    /// Warmup-stable-decay: fraction of the total steps spent decaying.
+    pub decay_ratio: f64,
     pub max_grad_norm: f64,
     pub seed: u64,
     pub shuffle: bool,
+    /// Shuffle, then sort each window of 50 steps' examples by length (transformers'
+    /// `group_by_length`): less padding in padded mode, similar lengths per micro-batch.
+    pub group_by_length: bool,
     pub logging_steps: usize,
     pub eval_steps: usize,
-    /// Where metrics.jsonl goes; None keeps metrics in memory only.
+    /// Save a checkpoint every this many steps (0: never, except on stop requests).
+    pub save_steps: usize,
+    pub save_total_limit: Option<usize>,
+    /// Where metrics.jsonl, checkpoints and loss.png go; None keeps everything in memory.
     pub output_dir: Option<PathBuf>,
     /// Show a progress bar (only when stderr is a terminal).
     pub progress: bool,
@@ -42,16 +63,23 @@ impl Default for TrainerConfig {
         Self {
             batch_size: 8,
             grad_accum: 1,
+            max_tokens_per_batch: None,
             max_steps: 0,
             epochs: 1,
             adamw: AdamWConfig::default(),
             schedule: Schedule::Linear,
             warmup_steps: 0,
+            warmup_ratio: 0.0,
+            min_lr_ratio: 0.0,
+            decay_ratio: 0.1,
             max_grad_norm: 1.0,
             seed: 42,
             shuffle: true,
+            group_by_length: false,
             logging_steps: 10,
             eval_steps: 0,
+            save_steps: 0,
+            save_total_limit: None,
             output_dir: None,
             progress: true,
         }
@@ -63,15 +91,17 @@ impl Default for TrainerConfig {
 pub struct StepMetrics {
     pub step: usize,
     pub epoch: f64,
-    /// Mean loss per target token over the whole optimizer step.
+    /// Mean loss over the step's loss units (target tokens by default).
     pub loss: f64,
     pub lr: f64,
+    /// Global gradient norm before clipping.
     pub grad_norm: f64,
     /// Real (non-pad) tokens of the step.
     pub tokens: usize,
     pub target_tokens: usize,
     /// Positions computed, pads included.
     pub positions: usize,
+    pub examples: usize,
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
 }
@@ -80,20 +110,36 @@ pub struct StepMetrics {
 pub struct EvalMetrics {
     pub step: usize,
     pub eval_loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_accuracy: Option<f64>,
     pub eval_tokens: usize,
+}
+
+/// Mean loss per target token, token accuracy (arg-max), target tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub accuracy: Option<f64>,
+    pub tokens: usize,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct TrainSummary {
     pub steps: Vec<StepMetrics>,
     pub evals: Vec<EvalMetrics>,
+    /// A stop was requested (signal or callback); the last checkpoint holds the state.
+    pub stopped: bool,
+    /// Set when a SIGINT/SIGTERM stopped the run.
+    pub interrupted: bool,
+    pub last_checkpoint: Option<PathBuf>,
 }
 
 /// The result of one forward/backward over the examples of an optimizer step.
 pub struct StepGrads {
     pub grads: GradStore,
-    /// Summed loss over all target tokens of the step.
+    /// Summed loss over the step, in loss units.
     pub loss_sum: f64,
+    pub loss_units: f64,
     pub target_tokens: usize,
     pub tokens: usize,
     pub positions: usize,
@@ -106,15 +152,24 @@ pub struct Trainer<M: Model, C: Collator<Batch = M::Batch>> {
     pub config: TrainerConfig,
     pub device: Device,
     optimizer: AdamW,
+    callbacks: Vec<Box<dyn Callback>>,
+    stop: Arc<AtomicBool>,
+    resume: Option<(PathBuf, TrainerState)>,
 }
 
-/// The order in which examples are visited: a seeded shuffle per epoch (seed + epoch), so a
-/// run is reproducible and each epoch differs.
-pub fn epoch_order(n: usize, epoch: usize, seed: u64, shuffle: bool) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..n).collect();
-    if shuffle {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch as u64));
+/// The order in which examples are visited in `epoch`: a seeded shuffle (seed + epoch), so a
+/// run is reproducible, each epoch differs, and a resumed run rebuilds the same order.
+pub fn epoch_order(lengths: &[usize], epoch: usize, cfg: &TrainerConfig) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..lengths.len()).collect();
+    if cfg.shuffle || cfg.group_by_length {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(epoch as u64));
         idx.shuffle(&mut rng);
+    }
+    if cfg.group_by_length {
+        let window = 50 * cfg.batch_size * cfg.grad_accum;
+        for chunk in idx.chunks_mut(window.max(1)) {
+            chunk.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+        }
     }
     idx
 }
@@ -128,30 +183,112 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             config,
             device,
             optimizer,
+            callbacks: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            resume: None,
         })
     }
 
-    /// Optimizer steps a run over `n` examples takes.
-    pub fn total_steps(&self, n: usize) -> usize {
+    pub fn add_callback(&mut self, cb: Box<dyn Callback>) {
+        self.callbacks.push(cb);
+    }
+
+    /// Setting this flag (e.g. from a signal handler) makes the trainer save a checkpoint
+    /// after the current step and return.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Use `flag` (e.g. one a signal handler sets) as the stop request.
+    pub fn set_stop_flag(&mut self, flag: Arc<AtomicBool>) {
+        self.stop = flag;
+    }
+
+    /// The positions a micro-batch of `examples` computes (pads included).
+    fn cost(&self, lens: &[usize]) -> usize {
+        if lens.is_empty() {
+            return 0;
+        }
+        // A padded collator computes rows x longest; a padding-free one the sum. The budget
+        // uses the larger, so it holds whichever layout the collator picks.
+        lens.len() * lens.iter().max().copied().unwrap_or(0)
+    }
+
+    /// How many examples of `lens` (the remaining order of an epoch) each micro-batch of the
+    /// next step takes.
+    fn next_step_sizes(&self, lens: &[usize]) -> Vec<usize> {
+        let mut sizes = Vec::new();
+        let mut pos = 0;
+        for _ in 0..self.config.grad_accum {
+            if pos >= lens.len() {
+                break;
+            }
+            let take = match self.config.max_tokens_per_batch {
+                None => self.config.batch_size.min(lens.len() - pos),
+                Some(budget) => {
+                    let mut k = 1;
+                    while pos + k < lens.len() && self.cost(&lens[pos..pos + k + 1]) <= budget {
+                        k += 1;
+                    }
+                    k
+                }
+            };
+            sizes.push(take);
+            pos += take;
+        }
+        sizes
+    }
+
+    fn steps_per_epoch(&self, lengths: &[usize], epoch: usize) -> usize {
+        let order = epoch_order(lengths, epoch, &self.config);
+        let lens: Vec<usize> = order.iter().map(|&i| lengths[i]).collect();
+        let mut pos = 0;
+        let mut steps = 0;
+        while pos < lens.len() {
+            pos += self.next_step_sizes(&lens[pos..]).iter().sum::<usize>();
+            steps += 1;
+        }
+        steps
+    }
+
+    /// Optimizer steps a run over `examples` takes.
+    pub fn total_steps(&self, examples: &[Example]) -> usize {
         if self.config.max_steps > 0 {
-            self.config.max_steps
-        } else {
-            self.config.epochs * n.div_ceil(self.examples_per_step())
+            return self.config.max_steps;
+        }
+        let lengths: Vec<usize> = examples.iter().map(Example::len).collect();
+        match self.config.max_tokens_per_batch {
+            None => self.config.epochs * examples.len().div_ceil(self.config.batch_size * self.config.grad_accum),
+            Some(_) => (0..self.config.epochs).map(|e| self.steps_per_epoch(&lengths, e)).sum(),
         }
     }
 
-    pub fn examples_per_step(&self) -> usize {
-        self.config.batch_size * self.config.grad_accum
+    pub fn schedule(&self, total: usize) -> LrSchedule {
+        let c = &self.config;
+        let warmup = if c.warmup_steps > 0 {
+            c.warmup_steps
+        } else {
+            (c.warmup_ratio * total as f64).ceil() as usize
+        };
+        LrSchedule {
+            kind: c.schedule,
+            peak: c.adamw.lr,
+            warmup_steps: warmup,
+            total_steps: total,
+            min_lr_ratio: c.min_lr_ratio,
+            decay_steps: (c.decay_ratio * total as f64).round() as usize,
+        }
     }
 
-    /// Gradients of the mean loss over the target tokens of *all* `examples` (one optimizer
-    /// step), computed micro-batch by micro-batch: each micro-batch's summed loss is divided by
-    /// the step's total, so any split of the same examples gives the same gradients.
-    pub fn step_grads(&self, examples: &[Example]) -> Result<StepGrads> {
-        let batches = examples
-            .chunks(self.config.batch_size)
+    /// Gradients of the mean loss over all `micro_batches` of one optimizer step: each
+    /// micro-batch's summed loss is divided by the step's total loss units, so any split of the
+    /// same examples, padded or not, gives the same gradients.
+    pub fn step_grads_split(&self, micro_batches: &[&[Example]]) -> Result<StepGrads> {
+        let batches = micro_batches
+            .iter()
             .map(|mb| self.collator.collate(mb, &self.device))
             .collect::<Result<Vec<_>>>()?;
+        let loss_units: f64 = batches.iter().map(|b| b.loss_units()).sum();
         let target_tokens: usize = batches.iter().map(|b| b.n_targets()).sum();
         let tokens = batches.iter().map(|b| b.n_tokens()).sum();
         let positions = batches.iter().map(|b| b.n_positions()).sum();
@@ -161,9 +298,8 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             if b.n_targets() == 0 {
                 continue;
             }
-            let l = self.model.loss(b)?;
-            loss_sum += l.sum.to_scalar::<f32>()? as f64;
-            let grads = (l.sum / target_tokens as f64)?.backward()?;
+            let (l, grads) = self.model.forward_backward(b, 1.0 / loss_units)?;
+            loss_sum += l.sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             accumulate(&mut acc, grads, self.model.params())?;
         }
         let grads = acc.ok_or_else(|| {
@@ -172,36 +308,39 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         Ok(StepGrads {
             grads,
             loss_sum,
+            loss_units,
             target_tokens,
             tokens,
             positions,
         })
     }
 
-    /// One optimizer step (0-based `step`) over `examples`.
-    pub fn train_step(
+    /// `step_grads_split` with micro-batches of `batch_size` examples.
+    pub fn step_grads(&self, examples: &[Example]) -> Result<StepGrads> {
+        let mbs: Vec<&[Example]> = examples.chunks(self.config.batch_size).collect();
+        self.step_grads_split(&mbs)
+    }
+
+    /// One optimizer step (0-based `step`) over the given micro-batches.
+    pub fn train_step_split(
         &mut self,
         step: usize,
-        examples: &[Example],
+        micro_batches: &[&[Example]],
         schedule: &LrSchedule,
     ) -> Result<StepMetrics> {
         let t0 = Instant::now();
-        let mut sg = self.step_grads(examples)?;
-        let loss = sg.loss_sum / sg.target_tokens as f64;
+        let mut sg = self.step_grads_split(micro_batches)?;
+        let loss = sg.loss_sum / sg.loss_units;
         if !loss.is_finite() {
             return Err(Error::Training(format!(
-                "step {}: loss is {loss}",
+                "step {}: loss is {loss}; the last good checkpoint is kept",
                 step + 1
             )));
         }
-        let grad_norm = clip_grad_norm(
-            &mut sg.grads,
-            self.model.params(),
-            self.config.max_grad_norm,
-        )?;
+        let grad_norm = clip_grad_norm(&mut sg.grads, self.model.params(), self.config.max_grad_norm)?;
         if !grad_norm.is_finite() {
             return Err(Error::Training(format!(
-                "step {}: gradient norm is {grad_norm}",
+                "step {}: gradient norm is {grad_norm}; the last good checkpoint is kept",
                 step + 1
             )));
         }
@@ -217,58 +356,144 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             tokens: sg.tokens,
             target_tokens: sg.target_tokens,
             positions: sg.positions,
+            examples: micro_batches.iter().map(|m| m.len()).sum(),
             tokens_per_s: sg.tokens as f64 / dt.max(1e-9),
             elapsed_s: 0.0,
         })
     }
 
-    /// Mean loss per target token over `examples`, without gradient updates.
-    pub fn evaluate(&self, examples: &[Example]) -> Result<(f64, usize)> {
-        let mut sum = 0f64;
-        let mut n = 0usize;
+    /// One optimizer step over `examples` in micro-batches of `batch_size`.
+    pub fn train_step(&mut self, step: usize, examples: &[Example], schedule: &LrSchedule) -> Result<StepMetrics> {
+        let mbs: Vec<&[Example]> = examples.chunks(self.config.batch_size).collect();
+        self.train_step_split(step, &mbs, schedule)
+    }
+
+    /// Mean loss per target token (and token accuracy, where the model reports it) over
+    /// `examples`, without gradient updates.
+    pub fn evaluate(&self, examples: &[Example]) -> Result<EvalResult> {
+        let (mut sum, mut n, mut correct) = (0f64, 0usize, Some(0usize));
         for chunk in examples.chunks(self.config.batch_size) {
             let b = self.collator.collate(chunk, &self.device)?;
             if b.n_targets() == 0 {
                 continue;
             }
-            let l = self.model.loss(&b)?;
-            sum += l.sum.to_scalar::<f32>()? as f64;
-            n += l.n_tokens;
+            let e = self.model.eval_sums(&b)?;
+            sum += e.loss_sum;
+            n += e.n_tokens;
+            correct = match (correct, e.n_correct) {
+                (Some(a), Some(b)) => Some(a + b),
+                _ => None,
+            };
         }
         if n == 0 {
             return Err(Error::Training("the eval set has no target token".into()));
         }
-        Ok((sum / n as f64, n))
+        Ok(EvalResult {
+            loss: sum / n as f64,
+            accuracy: correct.map(|c| c as f64 / n as f64),
+            tokens: n,
+        })
     }
 
-    /// Trains over `train` (evaluating on `eval` every `eval_steps` and at the end).
+    /// Resume from `dir` (a checkpoint this trainer wrote) at the next `train` call. Checks
+    /// that the checkpoint is one and that it belongs to this model, before changing anything.
+    pub fn resume_from(&mut self, dir: &Path) -> Result<()> {
+        let state = TrainerState::load(dir)?;
+        let ours = self.param_shapes();
+        if state.param_shapes != ours {
+            let diff = ours
+                .iter()
+                .zip(&state.param_shapes)
+                .find(|(a, b)| a != b)
+                .map(|(a, b)| format!("model has {} {:?}, checkpoint has {} {:?}", a.0, a.1, b.0, b.1))
+                .unwrap_or_else(|| format!("model has {} parameters, checkpoint {}", ours.len(), state.param_shapes.len()));
+            return Err(Error::model(dir, format!("checkpoint is of a different model: {diff}")));
+        }
+        self.model.load_params(dir)?;
+        self.optimizer.load_state(&dir.join(checkpoint::OPTIMIZER_FILE), state.global_step)?;
+        self.resume = Some((dir.to_path_buf(), state));
+        Ok(())
+    }
+
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.model
+            .params()
+            .iter()
+            .map(|p| (p.name.clone(), p.var.dims().to_vec()))
+            .collect()
+    }
+
+    fn save_checkpoint(&mut self, state: &TrainerState) -> Result<Option<PathBuf>> {
+        let Some(out) = self.config.output_dir.clone() else {
+            return Ok(None);
+        };
+        let model = &self.model;
+        let opt = &self.optimizer;
+        let callbacks = &mut self.callbacks;
+        let dir = checkpoint::save(&out, state.global_step, self.config.save_total_limit, |tmp| {
+            model.save(tmp)?;
+            crate::model::weights::save_safetensors(&opt.state_tensors(), &tmp.join(checkpoint::OPTIMIZER_FILE))?;
+            crate::io::write_atomic(
+                &tmp.join(checkpoint::STATE_FILE),
+                serde_json::to_string_pretty(state).expect("state serialises").as_bytes(),
+            )?;
+            for cb in callbacks.iter_mut() {
+                cb.on_save(tmp, state.global_step)?;
+            }
+            Ok(())
+        })?;
+        tracing::info!(checkpoint = %dir.display(), "saved checkpoint");
+        Ok(Some(dir))
+    }
+
+    /// Trains over `train` (evaluating on `eval` every `eval_steps` and at the end), resuming
+    /// where `resume_from` says if it was called.
     pub fn train(&mut self, train: &[Example], eval: Option<&[Example]>) -> Result<TrainSummary> {
         if train.is_empty() {
             return Err(Error::Training("no training examples".into()));
         }
-        let total = self.total_steps(train.len());
-        let schedule = LrSchedule {
-            kind: self.config.schedule,
-            peak: self.config.adamw.lr,
-            warmup_steps: self.config.warmup_steps,
+        if self.config.eval_steps > 0 && eval.is_none() {
+            return Err(Error::Training("eval_steps is set but there is no eval set".into()));
+        }
+        let lengths: Vec<usize> = train.iter().map(Example::len).collect();
+        let total = self.total_steps(train);
+        let schedule = self.schedule(total);
+        let per_step = self.config.batch_size * self.config.grad_accum;
+        let mut state = TrainerState {
+            format_version: checkpoint::FORMAT_VERSION,
+            global_step: 0,
             total_steps: total,
+            epoch: 0,
+            cursor: 0,
+            seed: self.config.seed,
+            shuffle: self.config.shuffle,
+            n_train_examples: train.len(),
+            examples_per_step: per_step,
+            param_shapes: self.param_shapes(),
+            best_eval_loss: None,
         };
-        let mut metrics_file = match &self.config.output_dir {
-            Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-                let p = dir.join("metrics.jsonl");
-                Some((std::fs::File::create(&p).map_err(|e| Error::io(&p, e))?, p))
-            }
-            None => None,
-        };
-        let mut write_row = |row: &serde_json::Value| -> Result<()> {
-            if let Some((f, p)) = metrics_file.as_mut() {
-                writeln!(f, "{row}")
-                    .and_then(|_| f.flush())
-                    .map_err(|e| Error::io(p.clone(), e))?;
-            }
-            Ok(())
-        };
+        if let Some((dir, saved)) = self.resume.take() {
+            let same = |what: &str, a: String, b: String| -> Result<()> {
+                if a != b {
+                    return Err(Error::model(
+                        &dir,
+                        format!("cannot resume exactly: checkpoint has {what} = {b}, this run {a}"),
+                    ));
+                }
+                Ok(())
+            };
+            same("train.seed", state.seed.to_string(), saved.seed.to_string())?;
+            same("train.shuffle", state.shuffle.to_string(), saved.shuffle.to_string())?;
+            same("the number of training examples", train.len().to_string(), saved.n_train_examples.to_string())?;
+            same("examples per step", per_step.to_string(), saved.examples_per_step.to_string())?;
+            tracing::info!(checkpoint = %dir.display(), step = saved.global_step, "resuming");
+            state.global_step = saved.global_step;
+            state.epoch = saved.epoch;
+            state.cursor = saved.cursor;
+            state.best_eval_loss = saved.best_eval_loss;
+        }
+
+        let mut metrics = MetricsFile::open(self.config.output_dir.as_deref(), state.global_step)?;
         let bar = (self.config.progress && std::io::stderr().is_terminal()).then(|| {
             let b = indicatif::ProgressBar::new(total as u64);
             b.set_style(
@@ -277,74 +502,153 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                 )
                 .expect("valid template"),
             );
+            b.set_position(state.global_step as u64);
             b
         });
-        let per_step = self.examples_per_step();
         let mut summary = TrainSummary::default();
         let start = Instant::now();
-        let mut epoch = 0;
-        let mut order = epoch_order(train.len(), epoch, self.config.seed, self.config.shuffle);
-        let mut cursor = 0;
-        tracing::info!(
-            examples = train.len(),
-            steps = total,
-            examples_per_step = per_step,
-            "training"
-        );
-        for step in 0..total {
-            if cursor >= order.len() {
-                epoch += 1;
-                order = epoch_order(train.len(), epoch, self.config.seed, self.config.shuffle);
-                cursor = 0;
+        let mut order = epoch_order(&lengths, state.epoch, &self.config);
+        tracing::info!(examples = train.len(), steps = total, start_step = state.global_step, "training");
+        while state.global_step < total {
+            if state.cursor >= order.len() {
+                state.epoch += 1;
+                state.cursor = 0;
+                order = epoch_order(&lengths, state.epoch, &self.config);
             }
-            let end = (cursor + per_step).min(order.len());
-            let examples: Vec<Example> = order[cursor..end]
+            let rest: Vec<usize> = order[state.cursor..].iter().map(|&i| lengths[i]).collect();
+            let sizes = self.next_step_sizes(&rest);
+            let consumed: usize = sizes.iter().sum();
+            let examples: Vec<Example> = order[state.cursor..state.cursor + consumed]
                 .iter()
                 .map(|&i| train[i].clone())
                 .collect();
-            cursor = end;
-            let mut m = self.train_step(step, &examples, &schedule)?;
-            m.epoch = epoch as f64 + cursor as f64 / train.len() as f64;
+            let mut mbs: Vec<&[Example]> = Vec::with_capacity(sizes.len());
+            let mut at = 0;
+            for s in &sizes {
+                mbs.push(&examples[at..at + s]);
+                at += s;
+            }
+            let mut m = self.train_step_split(state.global_step, &mbs, &schedule)?;
+            state.global_step += 1;
+            state.cursor += consumed;
+            m.epoch = state.epoch as f64 + state.cursor as f64 / train.len() as f64;
             m.elapsed_s = start.elapsed().as_secs_f64();
-            write_row(&serde_json::to_value(&m).expect("metrics serialise"))?;
+            metrics.write(&serde_json::to_value(&m).expect("metrics serialise"))?;
             match &bar {
                 Some(b) => {
                     b.set_message(format!("loss {:.4} | {:.0} tok/s", m.loss, m.tokens_per_s));
                     b.inc(1);
                 }
-                None => {
-                    if m.step % self.config.logging_steps.max(1) == 0 || m.step == total {
-                        tracing::info!(
-                            step = m.step,
-                            loss = format!("{:.4}", m.loss),
-                            lr = format!("{:.3e}", m.lr),
-                            grad_norm = format!("{:.3}", m.grad_norm),
-                            tokens_per_s = format!("{:.0}", m.tokens_per_s),
-                            "step"
-                        );
-                    }
+                None if m.step % self.config.logging_steps.max(1) == 0 || m.step == total => {
+                    tracing::info!(
+                        step = m.step,
+                        loss = format!("{:.4}", m.loss),
+                        lr = format!("{:.3e}", m.lr),
+                        grad_norm = format!("{:.3}", m.grad_norm),
+                        tokens_per_s = format!("{:.0}", m.tokens_per_s),
+                        "step"
+                    );
                 }
+                None => {}
             }
-            let is_last = step + 1 == total;
-            let due = self.config.eval_steps > 0 && m.step % self.config.eval_steps == 0;
+            let mut control = Control::Continue;
+            for cb in self.callbacks.iter_mut() {
+                control = control.max(cb.on_step_end(&m)?);
+            }
+            let is_last = state.global_step == total;
             summary.steps.push(m);
+            let eval_due = self.config.eval_steps > 0 && state.global_step % self.config.eval_steps == 0;
             if let Some(ev) = eval {
-                if due || is_last {
-                    let (loss, n) = self.evaluate(ev)?;
+                if eval_due || is_last {
+                    let EvalResult { loss, accuracy: acc, tokens: n } = self.evaluate(ev)?;
                     let e = EvalMetrics {
-                        step: step + 1,
+                        step: state.global_step,
                         eval_loss: loss,
+                        eval_accuracy: acc,
                         eval_tokens: n,
                     };
-                    tracing::info!(step = e.step, eval_loss = format!("{loss:.4}"), "eval");
-                    write_row(&serde_json::to_value(&e).expect("metrics serialise"))?;
+                    tracing::info!(step = e.step, eval_loss = format!("{loss:.4}"), eval_accuracy = ?acc, "eval");
+                    metrics.write(&serde_json::to_value(&e).expect("metrics serialise"))?;
+                    state.best_eval_loss = Some(state.best_eval_loss.map_or(loss, |b: f64| b.min(loss)));
+                    for cb in self.callbacks.iter_mut() {
+                        control = control.max(cb.on_eval_end(&e)?);
+                    }
                     summary.evals.push(e);
                 }
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                summary.interrupted = true;
+                control = Control::Stop;
+            }
+            let save_due = self.config.save_steps > 0 && (state.global_step % self.config.save_steps == 0 || is_last);
+            if save_due || control != Control::Continue {
+                summary.last_checkpoint = self.save_checkpoint(&state)?.or(summary.last_checkpoint);
+            }
+            if control == Control::Stop {
+                summary.stopped = true;
+                tracing::warn!(step = state.global_step, "training stopped on request");
+                break;
             }
         }
         if let Some(b) = bar {
             b.finish();
         }
+        if let Some(dir) = &self.config.output_dir {
+            let train_pts: Vec<(usize, f64)> = metrics.rows_of("loss");
+            let eval_pts: Vec<(usize, f64)> = metrics.rows_of("eval_loss");
+            crate::plot::loss_curve(&dir.join("loss.png"), &train_pts, &eval_pts)?;
+        }
         Ok(summary)
+    }
+}
+
+/// metrics.jsonl: created fresh, or on resume cut back to the rows up to the resumed step
+/// (rows a crashed run wrote after its last checkpoint are replayed, not duplicated).
+struct MetricsFile {
+    file: Option<(std::fs::File, PathBuf)>,
+    rows: Vec<serde_json::Value>,
+}
+
+impl MetricsFile {
+    fn open(dir: Option<&Path>, keep_up_to: usize) -> Result<Self> {
+        let Some(dir) = dir else {
+            return Ok(Self { file: None, rows: Vec::new() });
+        };
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let p = dir.join("metrics.jsonl");
+        let mut rows = Vec::new();
+        if keep_up_to > 0 && p.exists() {
+            let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+            rows = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|r| r["step"].as_u64().is_some_and(|s| s as usize <= keep_up_to))
+                .collect();
+            let kept: String = rows.iter().map(|r| format!("{r}\n")).collect();
+            crate::io::write_atomic(&p, kept.as_bytes())?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(keep_up_to > 0)
+            .write(true)
+            .truncate(keep_up_to == 0)
+            .open(&p)
+            .map_err(|e| Error::io(&p, e))?;
+        Ok(Self { file: Some((file, p)), rows })
+    }
+
+    fn write(&mut self, row: &serde_json::Value) -> Result<()> {
+        if let Some((f, p)) = self.file.as_mut() {
+            writeln!(f, "{row}").and_then(|_| f.flush()).map_err(|e| Error::io(p.clone(), e))?;
+        }
+        self.rows.push(row.clone());
+        Ok(())
+    }
+
+    fn rows_of(&self, key: &str) -> Vec<(usize, f64)> {
+        self.rows
+            .iter()
+            .filter_map(|r| Some((r["step"].as_u64()? as usize, r.get(key)?.as_f64()?)))
+            .collect()
     }
 }

@@ -5,16 +5,16 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::weights::{save_safetensors, CheckpointWeights, WEIGHTS_FILE};
-use super::{LossSum, Model, Param};
+use super::{EvalSums, LossSum, Model, Param};
 use crate::attention::{eager_attention, AttnPlan};
 use crate::collator::{Batch, SeqLayout};
 use crate::error::{Error, Result};
-use crate::ops::{apply_rope, nll_sum, rms_norm, silu, RopeTable};
+use crate::ops::{apply_rope, nll, nll_sum, rms_norm, silu, RopeTable};
 
 pub const CONFIG_FILE: &str = "config.json";
 
@@ -191,14 +191,43 @@ struct Linear {
 }
 
 impl Linear {
-    /// x (N, in) → (N, out)
+    /// x (N, in) → (N, out), computed in x's dtype (the f32 master weight is cast, and the
+    /// cast is differentiable, so gradients reach the master weight in f32).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.w.t()?)?;
+        let y = x.matmul(&self.w.to_dtype(x.dtype())?.t()?)?;
         Ok(match &self.b {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
             None => y,
         })
     }
+}
+
+/// How the forward and backward passes are computed; parameters stay float32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ComputeOptions {
+    /// F32, or BF16 / F16 compute with float32 master weights, norms, softmax and loss.
+    pub dtype: DType,
+    /// Keep only each layer's input in the forward pass and recompute the layer in the
+    /// backward pass: activation memory of one layer instead of all.
+    pub gradient_checkpointing: bool,
+}
+
+impl Default for ComputeOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            gradient_checkpointing: false,
+        }
+    }
+}
+
+/// What every layer of one forward pass shares.
+struct FwdCtx {
+    ids: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    plan: AttnPlan,
+    n: usize,
 }
 
 struct Layer {
@@ -224,7 +253,7 @@ pub struct LlamaModel {
     lm_head: Tensor,
     rope: RopeTable,
     device: Device,
-    dtype: DType,
+    pub compute: ComputeOptions,
 }
 
 /// (name, shape, is_matrix) of every parameter in transformers' order.
@@ -422,7 +451,7 @@ impl LlamaModel {
             lm_head,
             rope,
             device: device.clone(),
-            dtype: DType::F32,
+            compute: ComputeOptions::default(),
         })
     }
 
@@ -430,9 +459,7 @@ impl LlamaModel {
         &self.device
     }
 
-    /// Final hidden states (rows * row_len, hidden) after the last norm.
-    pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
-        let c = &self.config;
+    fn ctx(&self, batch: &Batch) -> Result<FwdCtx> {
         let longest = match &batch.layout {
             SeqLayout::Packed { max_seqlen, .. } => *max_seqlen,
             SeqLayout::Padded { .. } => batch.row_len,
@@ -444,31 +471,111 @@ impl LlamaModel {
                 self.rope.max_positions()
             )));
         }
-        let n = batch.rows * batch.row_len;
-        let (nh, nkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let ids = batch.input_ids.flatten_all()?;
         let pos = batch.position_ids.flatten_all()?;
-        let (cos, sin) = self.rope.gather(&pos, self.dtype)?;
-        let plan = AttnPlan::new(&batch.layout, batch.row_len, &self.device)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut x = self.embed.index_select(&ids, 0)?; // (N, H)
+        let (cos, sin) = self.rope.gather(&pos, self.compute.dtype)?;
+        Ok(FwdCtx {
+            ids: batch.input_ids.flatten_all()?,
+            cos,
+            sin,
+            plan: AttnPlan::new(&batch.layout, batch.row_len, &self.device)?,
+            n: batch.rows * batch.row_len,
+        })
+    }
+
+    fn embed_fwd(&self, ctx: &FwdCtx) -> Result<Tensor> {
+        Ok(self.embed.index_select(&ctx.ids, 0)?.to_dtype(self.compute.dtype)?)
+    }
+
+    /// One decoder layer: x (N, H) → (N, H).
+    fn layer_fwd(&self, layer: &Layer, x: &Tensor, ctx: &FwdCtx) -> Result<Tensor> {
+        let c = &self.config;
+        let (n, nh, nkv, hd) = (ctx.n, c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let h = rms_norm(x, &layer.ln1, c.rms_norm_eps)?;
+        let q = apply_rope(&layer.q.forward(&h)?.reshape((n, nh, hd))?, &ctx.cos, &ctx.sin)?;
+        let k = apply_rope(&layer.k.forward(&h)?.reshape((n, nkv, hd))?, &ctx.cos, &ctx.sin)?;
+        let v = layer.v.forward(&h)?.reshape((n, nkv, hd))?;
+        let a = eager_attention(&q, &k, &v, &ctx.plan, 1.0 / (hd as f64).sqrt())?;
+        let x = (x + layer.o.forward(&a)?)?;
+        let h = rms_norm(&x, &layer.ln2, c.rms_norm_eps)?;
+        let m = (silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+        Ok((x + layer.down.forward(&m)?)?)
+    }
+
+    /// Final norm, then the vocabulary projection of the rows that carry loss: (n_targets, V).
+    fn target_logits(&self, h: &Tensor, batch: &Batch) -> Result<Tensor> {
+        let h = rms_norm(h, &self.norm, self.config.rms_norm_eps)?;
+        self.logits(&h.index_select(&batch.target_rows, 0)?)
+    }
+
+    /// Final hidden states (rows * row_len, hidden) after the last norm.
+    pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
+        let ctx = self.ctx(batch)?;
+        let mut x = self.embed_fwd(&ctx)?;
         for layer in &self.layers {
-            let h = rms_norm(&x, &layer.ln1, c.rms_norm_eps)?;
-            let q = apply_rope(&layer.q.forward(&h)?.reshape((n, nh, hd))?, &cos, &sin)?;
-            let k = apply_rope(&layer.k.forward(&h)?.reshape((n, nkv, hd))?, &cos, &sin)?;
-            let v = layer.v.forward(&h)?.reshape((n, nkv, hd))?;
-            let a = eager_attention(&q, &k, &v, &plan, scale)?;
-            x = (x + layer.o.forward(&a)?)?;
-            let h = rms_norm(&x, &layer.ln2, c.rms_norm_eps)?;
-            let m = (silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
-            x = (x + layer.down.forward(&m)?)?;
+            x = self.layer_fwd(layer, &x, &ctx)?;
         }
-        rms_norm(&x, &self.norm, c.rms_norm_eps)
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// The pre-norm hidden states of every layer boundary, computed without keeping any graph.
+    fn checkpoints(&self, ctx: &FwdCtx) -> Result<Vec<Tensor>> {
+        let mut xs = vec![self.embed_fwd(ctx)?.detach()];
+        for layer in &self.layers {
+            let x = self.layer_fwd(layer, xs.last().unwrap(), ctx)?.detach();
+            xs.push(x);
+        }
+        Ok(xs)
+    }
+
+    /// Gradient checkpointing: forward keeping only layer inputs, then the head's backward,
+    /// then each layer recomputed from its input and back-propagated with the gradient that
+    /// reached its output, last layer first, then the embedding.
+    fn forward_backward_checkpointed(&self, batch: &Batch, scale: f64) -> Result<(LossSum, GradStore)> {
+        let ctx = self.ctx(batch)?;
+        let xs = self.checkpoints(&ctx)?;
+        let top = Var::from_tensor(xs.last().unwrap())?;
+        let logits = self.target_logits(top.as_tensor(), batch)?;
+        let sum = nll_sum(&logits, &batch.target_ids, batch.target_weights.as_ref())?;
+        let mut grads = (&sum * scale)?.backward()?;
+        let mut g_out = grads
+            .remove(top.as_tensor())
+            .ok_or_else(|| Error::Training("no gradient reached the last hidden state".into()))?;
+        let merge = |grads: &mut GradStore, part: GradStore| -> Result<()> {
+            for p in &self.params {
+                if let Some(g) = part.get(p.var.as_tensor()) {
+                    let sum = match grads.remove(p.var.as_tensor()) {
+                        Some(prev) => (prev + g)?,
+                        None => g.clone(),
+                    };
+                    grads.insert(p.var.as_tensor(), sum);
+                }
+            }
+            Ok(())
+        };
+        for (l, layer) in self.layers.iter().enumerate().rev() {
+            let x_in = Var::from_tensor(&xs[l])?;
+            let out = self.layer_fwd(layer, x_in.as_tensor(), &ctx)?;
+            let mut part = (out * &g_out)?.sum_all()?.backward()?;
+            g_out = part
+                .remove(x_in.as_tensor())
+                .ok_or_else(|| Error::Training(format!("no gradient reached the input of layer {l}")))?;
+            merge(&mut grads, part)?;
+        }
+        let e = self.embed_fwd(&ctx)?;
+        let part = (e * &g_out)?.sum_all()?.backward()?;
+        merge(&mut grads, part)?;
+        Ok((
+            LossSum {
+                sum,
+                n_tokens: batch.n_targets,
+            },
+            grads,
+        ))
     }
 
     /// Logits (rows, vocab) of the given hidden-state rows.
     pub fn logits(&self, hidden_rows: &Tensor) -> Result<Tensor> {
-        Ok(hidden_rows.matmul(&self.lm_head.t()?)?)
+        Ok(hidden_rows.matmul(&self.lm_head.to_dtype(hidden_rows.dtype())?.t()?)?)
     }
 
     /// Logits of every position: (rows * row_len, vocab).
@@ -498,14 +605,42 @@ impl Model for LlamaModel {
                 n_tokens: 0,
             });
         }
-        let h = self.hidden_states(batch)?;
+        let ctx = self.ctx(batch)?;
+        let mut x = self.embed_fwd(&ctx)?;
+        for layer in &self.layers {
+            x = self.layer_fwd(layer, &x, &ctx)?;
+        }
         // Only positions that carry loss go through the vocabulary projection.
-        let rows = h.index_select(&batch.target_rows, 0)?;
-        let logits = self.logits(&rows)?;
+        let logits = self.target_logits(&x, batch)?;
         Ok(LossSum {
-            sum: nll_sum(&logits, &batch.target_ids)?,
+            sum: nll_sum(&logits, &batch.target_ids, batch.target_weights.as_ref())?,
             n_tokens: batch.n_targets,
         })
+    }
+
+    fn forward_backward(&self, batch: &Batch, scale: f64) -> Result<(LossSum, GradStore)> {
+        if self.compute.gradient_checkpointing && batch.n_targets > 0 {
+            return self.forward_backward_checkpointed(batch, scale);
+        }
+        let l = self.loss(batch)?;
+        let grads = (&l.sum * scale)?.backward()?;
+        Ok((l, grads))
+    }
+
+    fn eval_sums(&self, batch: &Batch) -> Result<EvalSums> {
+        if batch.n_targets == 0 {
+            return Ok(EvalSums { loss_sum: 0.0, n_tokens: 0, n_correct: Some(0) });
+        }
+        let ctx = self.ctx(batch)?;
+        let mut x = self.embed_fwd(&ctx)?.detach();
+        for layer in &self.layers {
+            x = self.layer_fwd(layer, &x, &ctx)?.detach();
+        }
+        let logits = self.target_logits(&x, batch)?.detach();
+        let loss_sum = nll(&logits, &batch.target_ids)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let pred = logits.argmax(candle_core::D::Minus1)?;
+        let n_correct = pred.eq(&batch.target_ids)?.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as usize;
+        Ok(EvalSums { loss_sum, n_tokens: batch.n_targets, n_correct: Some(n_correct) })
     }
 
     fn params(&self) -> &[Param] {

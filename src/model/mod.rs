@@ -5,12 +5,12 @@ pub mod weights;
 
 use std::path::Path;
 
-use candle_core::{Tensor, Var};
+use candle_core::{backprop::GradStore, DType, Tensor, Var};
 
 use crate::collator::TrainBatch;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
-pub use llama::{LlamaConfig, LlamaModel};
+pub use llama::{ComputeOptions, LlamaConfig, LlamaModel};
 
 /// A trainable parameter under its Hugging Face name.
 #[derive(Debug, Clone)]
@@ -30,6 +30,15 @@ pub struct LossSum {
     pub n_tokens: usize,
 }
 
+/// Summed evaluation statistics of a batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EvalSums {
+    pub loss_sum: f64,
+    pub n_tokens: usize,
+    /// Targets whose arg-max prediction is right; `None` when the model does not report it.
+    pub n_correct: Option<usize>,
+}
+
 /// What the trainer needs of a model. `Batch` is the collated type the model reads: a collator
 /// producing another type does not fit this model, and `Trainer` rejects the pair at compile time.
 pub trait Model {
@@ -40,4 +49,41 @@ pub trait Model {
     fn params(&self) -> &[Param];
     /// Writes the model in Hugging Face layout (config.json + safetensors) into `dir`.
     fn save(&self, dir: &Path) -> Result<()>;
+
+    /// The loss and the gradients of `loss.sum * scale`. Models that recompute activations in
+    /// the backward pass (gradient checkpointing) override this; the default back-propagates
+    /// through the graph `loss` built.
+    fn forward_backward(&self, batch: &Self::Batch, scale: f64) -> Result<(LossSum, GradStore)> {
+        let l = self.loss(batch)?;
+        let grads = (&l.sum * scale)?.backward()?;
+        Ok((l, grads))
+    }
+
+    /// Loss (and, where the model reports it, token accuracy) without gradient updates.
+    fn eval_sums(&self, batch: &Self::Batch) -> Result<EvalSums> {
+        let l = self.loss(batch)?;
+        Ok(EvalSums {
+            loss_sum: l.sum.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            n_tokens: l.n_tokens,
+            n_correct: None,
+        })
+    }
+
+    /// Replaces every parameter with the tensor of the same name in `dir` (a directory this
+    /// model's `save` wrote), checking names and shapes first so a mismatch changes nothing.
+    fn load_params(&self, dir: &Path) -> Result<()> {
+        let mut w = weights::CheckpointWeights::open(dir)?;
+        let mut loaded = Vec::with_capacity(self.params().len());
+        for p in self.params() {
+            let t = p.var.as_tensor();
+            loaded.push(w.get(&p.name, t.dims(), t.dtype(), t.device())?);
+        }
+        if let Some(extra) = w.unused().first() {
+            return Err(Error::model(dir, format!("checkpoint has a weight the model does not: {extra}")));
+        }
+        for (p, t) in self.params().iter().zip(loaded) {
+            p.var.set(&t)?;
+        }
+        Ok(())
+    }
 }
