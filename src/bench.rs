@@ -60,6 +60,7 @@ pub struct BenchArgs {
     pub warmup: usize,
     pub padding_free: bool,
     pub device: Device,
+    pub compute: crate::model::ComputeOptions,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -80,6 +81,8 @@ pub struct BenchResult {
     /// Model FLOPs utilisation against 790 TFLOP/s (the peer's H100 bf16 figure); None on CPU.
     pub mfu: Option<f64>,
     pub final_loss: f64,
+    pub dtype: String,
+    pub gradient_checkpointing: bool,
 }
 
 /// Peak resident set size of this process (VmHWM), in bytes; 0 where /proc is unavailable.
@@ -113,7 +116,8 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
             ),
         });
     }
-    let model = LlamaModel::new_random(cfg, 0, &args.device)?;
+    let mut model = LlamaModel::new_random(cfg, 0, &args.device)?;
+    model.compute = args.compute;
     let n_params: usize = model.params().iter().map(|p| p.var.elem_count()).sum();
     let collator = CompletionOnlyCollator::new(args.padding_free, 0);
     let tc = TrainerConfig {
@@ -174,5 +178,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
             .is_cuda()
             .then(|| 6.0 * n_params as f64 * tps / 790e12),
         final_loss: last_loss,
+        dtype: format!("{:?}", args.compute.dtype).to_lowercase(),
+        gradient_checkpointing: args.compute.gradient_checkpointing,
     })
 }

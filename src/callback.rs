@@ -66,7 +66,8 @@ impl EarlyStopping {
 impl Callback for EarlyStopping {
     fn on_eval_end(&mut self, m: &EvalMetrics) -> Result<Control> {
         match self.best {
-            Some(b) if m.eval_loss > b - self.min_delta => {
+            // An improvement must beat the best by more than min_delta (as transformers).
+            Some(b) if m.eval_loss >= b - self.min_delta => {
                 self.bad += 1;
                 if self.bad >= self.patience {
                     tracing::info!(step = m.step, best = b, "early stopping: eval loss stopped improving");

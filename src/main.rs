@@ -60,6 +60,12 @@ enum Cmd {
         compare: bool,
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Compute dtype: f32, bf16 or f16 (float32 master weights)
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Recompute each layer in the backward pass
+        #[arg(long)]
+        gradient_checkpointing: bool,
     },
 }
 
@@ -135,7 +141,18 @@ fn run(cli: Cli) -> packsft::Result<()> {
             padding_free: _,
             compare,
             device: dev,
+            dtype,
+            gradient_checkpointing,
         } => {
+            let compute = packsft::model::ComputeOptions {
+                dtype: match dtype.as_str() {
+                    "f32" => candle_core::DType::F32,
+                    "bf16" => candle_core::DType::BF16,
+                    "f16" => candle_core::DType::F16,
+                    other => return Err(packsft::Error::Config(format!("unknown dtype {other:?} (f32, bf16, f16)"))),
+                },
+                gradient_checkpointing,
+            };
             if compare {
                 let exe = std::env::current_exe()
                     .map_err(|e| packsft::Error::io("current executable", e))?;
@@ -151,7 +168,8 @@ fn run(cli: Cli) -> packsft::Result<()> {
                             &dev,
                         ])
                         .args(["--bs", &bs.to_string(), "--steps", &steps.to_string()])
-                        .args(["--warmup", &warmup.to_string(), mode])
+                        .args(["--warmup", &warmup.to_string(), mode, "--dtype", &dtype])
+                        .args(gradient_checkpointing.then_some("--gradient-checkpointing"))
                         .stderr(std::process::Stdio::inherit())
                         .output()
                         .map_err(|e| packsft::Error::io(&exe, e))?;
@@ -189,6 +207,7 @@ fn run(cli: Cli) -> packsft::Result<()> {
                     warmup,
                     padding_free: !padded,
                     device: device(&dev)?,
+                    compute,
                 };
                 let r = bench::run(&args)?;
                 println!("{}", serde_json::to_string(&r).expect("result serialises"));

@@ -33,7 +33,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         .sqrt()?
         .recip()?;
     let normed = xf.broadcast_mul(&inv)?.to_dtype(dtype)?;
-    Ok(normed.broadcast_mul(weight)?)
+    Ok(normed.broadcast_mul(&weight.to_dtype(dtype)?)?)
 }
 
 /// Gated MLP activation pieces that candle differentiates natively (`silu` has a backward).

@@ -1,0 +1,327 @@
+//! The trainer: exact normalisation, trajectory parity with PyTorch, checkpoints, bit-exact
+//! resume, stop requests, NaN handling, callbacks, memory levers.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use candle_core::{DType, Device, Tensor};
+use common::{examples, rel_diff, tiny_model};
+use packsft::callback::{Callback, Control, EarlyStopping};
+use packsft::optim::{AdamWConfig, Schedule};
+use packsft::trainer::{EvalMetrics, StepMetrics, Trainer, TrainerConfig};
+use packsft::{CompletionOnlyCollator, Example, LlamaModel, LossNormalization, Model};
+
+fn cfg(out: Option<&Path>) -> TrainerConfig {
+    TrainerConfig {
+        batch_size: 2,
+        grad_accum: 2,
+        max_steps: 8,
+        adamw: AdamWConfig { lr: 3e-3, weight_decay: 0.01, ..Default::default() },
+        schedule: Schedule::Cosine,
+        warmup_steps: 2,
+        save_steps: 3,
+        output_dir: out.map(Path::to_path_buf),
+        progress: false,
+        ..Default::default()
+    }
+}
+
+fn data() -> Vec<Example> {
+    examples(&[5, 9, 14, 3, 22, 7, 11, 6, 2, 17, 8, 4, 13], 64, 21)
+}
+
+fn grads(t: &Trainer<LlamaModel, CompletionOnlyCollator>, exs: &[Example]) -> Vec<Tensor> {
+    let sg = t.step_grads(exs).unwrap();
+    t.model.params().iter().map(|p| sg.grads.get(p.var.as_tensor()).unwrap().clone()).collect()
+}
+
+#[test]
+fn sixteen_examples_any_split_same_gradients_both_normalisations() {
+    let exs = examples(&[5, 9, 14, 3, 22, 7, 11, 6, 2, 17, 8, 4, 13, 10, 19, 5], 64, 8);
+    for norm in [LossNormalization::Tokens, LossNormalization::Sequences] {
+        let mut reference: Option<Vec<Tensor>> = None;
+        for padding_free in [true, false] {
+            for (bs, ga) in [(8, 1), (4, 2), (2, 4)] {
+                let mut c = CompletionOnlyCollator::new(padding_free, 0);
+                c.normalization = norm;
+                let tc = TrainerConfig { batch_size: bs, grad_accum: ga, progress: false, ..Default::default() };
+                let t = Trainer::new(tiny_model(9), c, tc, Device::Cpu).unwrap();
+                let g = grads(&t, &exs);
+                match &reference {
+                    None => reference = Some(g),
+                    Some(r) => {
+                        for ((a, b), p) in g.iter().zip(r).zip(t.model.params()) {
+                            let d = rel_diff(a, b);
+                            assert!(d <= 1e-5, "{norm:?} padding_free={padding_free} ({bs},{ga}) {}: {d:e}", p.name);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sequence_normalisation_is_the_mean_of_per_sequence_means() {
+    let exs = examples(&[6, 12, 9], 64, 3);
+    let model = tiny_model(2);
+    let mut seq = CompletionOnlyCollator::new(true, 0);
+    seq.normalization = LossNormalization::Sequences;
+    let tc = TrainerConfig { batch_size: 3, progress: false, ..Default::default() };
+    let t = Trainer::new(model, seq, tc.clone(), Device::Cpu).unwrap();
+    let sg = t.step_grads(&exs).unwrap();
+    let got = sg.loss_sum / sg.loss_units;
+    // Per-sequence mean losses computed one example at a time.
+    let tok = CompletionOnlyCollator::new(true, 0);
+    let mut want = 0.0;
+    for ex in &exs {
+        let b = packsft::Collator::collate(&tok, std::slice::from_ref(ex), &Device::Cpu).unwrap();
+        let l = t.model.loss(&b).unwrap();
+        want += l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_tokens as f64;
+    }
+    want /= exs.len() as f64;
+    assert!((got - want).abs() / want < 1e-6, "{got} vs {want}");
+}
+
+#[test]
+fn five_adamw_steps_track_pytorch() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("tests/fixtures/trajectory.json")).unwrap()).unwrap();
+    let exs: Vec<Example> = fx["examples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            Example::new(
+                e["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect(),
+                e["completion_mask"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() == 1).collect(),
+            )
+        })
+        .collect();
+    let model = LlamaModel::from_pretrained(&root.join("tests/fixtures/llama_tiny"), &Device::Cpu).unwrap();
+    let tc = TrainerConfig {
+        batch_size: 2,
+        max_steps: 5,
+        adamw: AdamWConfig { lr: 2e-3, weight_decay: 0.1, ..Default::default() },
+        schedule: Schedule::Linear,
+        warmup_steps: 2,
+        max_grad_norm: 1.0,
+        progress: false,
+        ..Default::default()
+    };
+    let mut t = Trainer::new(model, CompletionOnlyCollator::new(true, 0), tc, Device::Cpu).unwrap();
+    let schedule = t.schedule(5);
+    for (s, want) in fx["steps"].as_array().unwrap().iter().enumerate() {
+        let m = t.train_step(s, &exs[2 * s..2 * s + 2], &schedule).unwrap();
+        let (wl, wlr, wn) = (want["loss"].as_f64().unwrap(), want["lr"].as_f64().unwrap(), want["grad_norm"].as_f64().unwrap());
+        assert!((m.loss - wl).abs() / wl <= 1e-4, "step {}: loss {} vs torch {wl}", s + 1, m.loss);
+        assert!((m.lr - wlr).abs() <= 1e-12, "step {}: lr {} vs {wlr}", s + 1, m.lr);
+        assert!((m.grad_norm - wn).abs() / wn <= 1e-4, "step {}: grad norm {} vs {wn}", s + 1, m.grad_norm);
+    }
+}
+
+/// Stops the run after `at` steps, as a signal handler would.
+struct StopAt(usize);
+impl Callback for StopAt {
+    fn on_step_end(&mut self, m: &StepMetrics) -> packsft::Result<Control> {
+        Ok(if m.step == self.at() { Control::Stop } else { Control::Continue })
+    }
+}
+impl StopAt {
+    fn at(&self) -> usize {
+        self.0
+    }
+}
+
+fn trainer(out: Option<&Path>, padding_free: bool) -> Trainer<LlamaModel, CompletionOnlyCollator> {
+    Trainer::new(tiny_model(11), CompletionOnlyCollator::new(padding_free, 0), cfg(out), Device::Cpu).unwrap()
+}
+
+#[test]
+fn resumed_runs_match_an_uninterrupted_run_bit_for_bit() {
+    let exs = data();
+    let eval = examples(&[7, 9], 64, 99);
+    for padding_free in [true, false] {
+        let full_dir = tempfile::tempdir().unwrap();
+        let mut full_t = trainer(Some(full_dir.path()), padding_free);
+        let full = full_t.train(&exs, Some(&eval)).unwrap();
+        assert_eq!(full.steps.len(), 8);
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = trainer(Some(dir.path()), padding_free);
+        first.add_callback(Box::new(StopAt(5)));
+        let part = first.train(&exs, Some(&eval)).unwrap();
+        assert!(part.stopped && part.steps.len() == 5);
+        assert_eq!(part.last_checkpoint.as_deref(), Some(dir.path().join("checkpoint-5").as_path()));
+
+        let mut second = trainer(Some(dir.path()), padding_free);
+        second.resume_from(&dir.path().join("checkpoint-5")).unwrap();
+        let rest = second.train(&exs, Some(&eval)).unwrap();
+        let resumed: Vec<f64> = part.steps.iter().chain(&rest.steps).map(|m| m.loss).collect();
+        let straight: Vec<f64> = full.steps.iter().map(|m| m.loss).collect();
+        assert_eq!(resumed, straight, "padding_free={padding_free}");
+        assert_eq!(rest.steps[0].step, 6);
+        assert_eq!(rest.evals.last().unwrap().eval_loss, full.evals.last().unwrap().eval_loss);
+        // Final weights identical to the bit.
+        for (a, b) in second.model.params().iter().zip(full_t.model.params()) {
+            let (x, y) = (a.var.flatten_all().unwrap(), b.var.flatten_all().unwrap());
+            assert_eq!(x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap(), "{}", a.name);
+        }
+        // metrics.jsonl of the resumed run has each step once, in order.
+        let text = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+        let steps: Vec<u64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r.get("loss").is_some())
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn checkpoints_are_complete_and_pruned() {
+    let exs = data();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(Some(dir.path()));
+    c.save_steps = 2;
+    c.save_total_limit = Some(2);
+    let mut t = Trainer::new(tiny_model(1), CompletionOnlyCollator::new(true, 0), c, Device::Cpu).unwrap();
+    t.train(&exs, None).unwrap();
+    let names: Vec<String> = packsft::checkpoint::list(dir.path())
+        .into_iter()
+        .map(|(_, p)| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["checkpoint-6", "checkpoint-8"]);
+    for f in ["config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
+        assert!(dir.path().join("checkpoint-8").join(f).exists(), "{f}");
+    }
+    // No temporary directory is left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // loss.png is a PNG.
+    let png = std::fs::read(dir.path().join("loss.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+}
+
+#[test]
+fn a_stop_flag_saves_a_checkpoint_and_returns() {
+    let exs = data();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(Some(dir.path()));
+    c.save_steps = 0;
+    let mut t = Trainer::new(tiny_model(1), CompletionOnlyCollator::new(true, 0), c, Device::Cpu).unwrap();
+    t.stop_flag().store(true, Ordering::SeqCst);
+    let s = t.train(&exs, None).unwrap();
+    assert!(s.interrupted && s.stopped);
+    assert_eq!(s.steps.len(), 1);
+    assert!(dir.path().join("checkpoint-1/trainer_state.json").exists());
+}
+
+#[test]
+fn a_diverging_run_stops_naming_the_step_and_keeps_the_last_checkpoint() {
+    let exs = data();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(Some(dir.path()));
+    c.adamw.lr = 1e30;
+    c.warmup_steps = 0;
+    c.schedule = Schedule::Constant;
+    c.max_grad_norm = 0.0;
+    c.save_steps = 1;
+    let mut t = Trainer::new(tiny_model(1), CompletionOnlyCollator::new(true, 0), c, Device::Cpu).unwrap();
+    let e = t.train(&exs, None).unwrap_err().to_string();
+    assert!(e.contains("step 2:") && (e.contains("NaN") || e.contains("inf")), "{e}");
+    assert!(dir.path().join("checkpoint-1/model.safetensors").exists());
+    assert!(!dir.path().join("checkpoint-2").exists());
+}
+
+#[test]
+fn resume_rejects_non_checkpoints_and_other_models() {
+    let d = tempfile::tempdir().unwrap();
+    let mut t = trainer(None, true);
+    let e = t.resume_from(d.path()).unwrap_err().to_string();
+    assert!(e.contains("not a packsft checkpoint"), "{e}");
+
+    let exs = data();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(Some(dir.path()));
+    c.max_steps = 3;
+    trainer_with(tiny_model(1), c).train(&exs, None).unwrap();
+    let other: packsft::LlamaConfig = serde_json::from_value(serde_json::json!({
+        "vocab_size": 64, "hidden_size": 48, "intermediate_size": 48, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+    }))
+    .unwrap();
+    let mut t = trainer_with(LlamaModel::new_random(other, 0, &Device::Cpu).unwrap(), cfg(None));
+    let e = t.resume_from(&dir.path().join("checkpoint-3")).unwrap_err().to_string();
+    assert!(e.contains("different model") && e.contains("model.embed_tokens.weight"), "{e}");
+}
+
+fn trainer_with(model: LlamaModel, c: TrainerConfig) -> Trainer<LlamaModel, CompletionOnlyCollator> {
+    Trainer::new(model, CompletionOnlyCollator::new(true, 0), c, Device::Cpu).unwrap()
+}
+
+#[test]
+fn early_stopping_stops_after_patience_evals_without_improvement() {
+    let mut es = EarlyStopping::new(2, 0.0);
+    let ev = |step, eval_loss| EvalMetrics { step, eval_loss, eval_accuracy: None, eval_tokens: 1 };
+    assert_eq!(es.on_eval_end(&ev(1, 2.0)).unwrap(), Control::Continue);
+    assert_eq!(es.on_eval_end(&ev(2, 1.5)).unwrap(), Control::Continue);
+    assert_eq!(es.on_eval_end(&ev(3, 1.6)).unwrap(), Control::Continue);
+    assert_eq!(es.on_eval_end(&ev(4, 1.5)).unwrap(), Control::Stop);
+}
+
+#[test]
+fn token_budget_batches_respect_the_budget_and_cover_the_data() {
+    let exs = data();
+    let mut c = cfg(None);
+    c.max_tokens_per_batch = Some(40);
+    c.max_steps = 0;
+    c.epochs = 1;
+    c.grad_accum = 1;
+    let mut t = trainer_with(tiny_model(1), c);
+    let s = t.train(&exs, None).unwrap();
+    assert_eq!(s.steps.iter().map(|m| m.examples).sum::<usize>(), exs.len());
+    assert_eq!(s.steps.len(), t.total_steps(&exs));
+    // Padding-free positions = real tokens; each micro-batch's rows x longest <= 40 unless a
+    // single example is longer.
+    for m in &s.steps {
+        assert!(m.tokens <= 40 || m.examples == 1, "{m:?}");
+    }
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    let exs = examples(&[9, 14, 5, 21], 64, 4);
+    let plain = trainer(None, true);
+    let mut ck = trainer(None, true);
+    ck.model.compute.gradient_checkpointing = true;
+    for ((a, b), p) in grads(&ck, &exs).iter().zip(grads(&plain, &exs)).zip(plain.model.params()) {
+        let d = rel_diff(a, &b);
+        assert!(d <= 1e-6, "{}: {d:e}", p.name);
+    }
+}
+
+#[test]
+fn bf16_compute_keeps_f32_master_weights_and_tracks_the_f32_loss() {
+    let exs = data();
+    let mut f32_run = trainer(None, true);
+    let mut bf16_run = trainer(None, true);
+    bf16_run.model.compute.dtype = DType::BF16;
+    let a = f32_run.train(&exs, None).unwrap();
+    let b = bf16_run.train(&exs, None).unwrap();
+    for p in bf16_run.model.params() {
+        assert_eq!(p.var.dtype(), DType::F32, "{}", p.name);
+    }
+    for (x, y) in a.steps.iter().zip(&b.steps) {
+        assert!((x.loss - y.loss).abs() / x.loss < 0.02, "step {}: f32 {} bf16 {}", x.step, x.loss, y.loss);
+    }
+    assert!(b.steps.last().unwrap().loss < b.steps[0].loss);
+}
