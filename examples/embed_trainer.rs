@@ -5,7 +5,7 @@
 
 use candle_core::Device;
 use packsft::trainer::{Trainer, TrainerConfig};
-use packsft::{CompletionOnlyCollator, Example, LlamaConfig, LlamaModel, Model, TextTokenizer};
+use packsft::{CompletionOnlyCollator, DecoderModel, Example, Model, TextTokenizer};
 
 fn main() -> packsft::Result<()> {
     let device = Device::Cpu;
@@ -32,13 +32,12 @@ fn main() -> packsft::Result<()> {
         )?);
     }
 
-    let config: LlamaConfig = serde_json::from_value(serde_json::json!({
+    let config = serde_json::json!({
         "vocab_size": tok.vocab_size(), "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": 128,
-    }))
-    .expect("valid config");
-    let model = LlamaModel::new_random(config, 0, &device)?;
+    });
+    let model = DecoderModel::new_random(config, 0, &device)?;
     // padding_free = true: one row per micro-batch, position_ids restarting per example.
     let collator = CompletionOnlyCollator::new(true, tok.pad_or_eos());
     let cfg = TrainerConfig {

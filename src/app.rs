@@ -12,7 +12,7 @@ use crate::collator::CompletionOnlyCollator;
 use crate::data::{load_jsonl, Dataset, LoadOptions};
 use crate::error::{Error, Result};
 use crate::callback::{Callback, EarlyStopping};
-use crate::model::{ComputeOptions, LlamaConfig, LlamaModel, Model};
+use crate::model::{ComputeOptions, DecoderModel, Model};
 use crate::optim::AdamWConfig;
 use crate::recipe::Recipe;
 use crate::tokenizer::TextTokenizer;
@@ -20,86 +20,38 @@ use crate::trainer::{TrainSummary, Trainer, TrainerConfig};
 
 /// The inputs of a run, loaded and validated.
 pub struct Prepared {
-    pub model: LlamaModel,
+    pub model: DecoderModel,
     pub tokenizer: TextTokenizer,
     pub train: Dataset,
     pub eval: Option<Dataset>,
     pub collator: CompletionOnlyCollator,
 }
 
-/// Config keys a recipe's inline `model.config` may use (typos are rejected, not ignored).
-const INLINE_CONFIG_KEYS: &[&str] = &[
-    "model_type",
-    "architectures",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "rms_norm_eps",
-    "rope_theta",
-    "rope_scaling",
-    "max_position_embeddings",
-    "tie_word_embeddings",
-    "hidden_act",
-    "attention_bias",
-    "mlp_bias",
-    "initializer_range",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-];
-
-fn inline_config(
-    v: &serde_json::Value,
-    tok: &TextTokenizer,
-    recipe_path: &Path,
-) -> Result<LlamaConfig> {
+/// A recipe's inline `model.config`: a config.json written by hand. The family defaults to
+/// llama; vocabulary and special tokens default to the tokenizer's; a key the family does not
+/// read is a typo and an error, not silently ignored.
+fn inline_config(v: &serde_json::Value, tok: &TextTokenizer, recipe_path: &Path) -> Result<serde_json::Value> {
     let err = |msg: String| Error::Recipe {
         path: recipe_path.to_path_buf(),
         line: None,
         column: None,
         msg: format!("model.config: {msg}"),
     };
-    let map = v
-        .as_object()
-        .ok_or_else(|| err("must be a mapping of config.json fields".into()))?;
-    if let Some(k) = map
-        .keys()
-        .find(|k| !INLINE_CONFIG_KEYS.contains(&k.as_str()))
-    {
-        return Err(err(format!(
-            "unknown field `{k}` (known: {})",
-            INLINE_CONFIG_KEYS.join(", ")
-        )));
-    }
-    match map.get("model_type").and_then(|m| m.as_str()) {
-        None | Some("llama") => {}
-        Some(other) => {
-            return Err(err(format!(
-                "model_type {other:?} is not supported (supported: llama)"
-            )))
-        }
-    }
-    let mut map = map.clone();
-    map.remove("model_type");
-    map.remove("architectures");
-    // Vocabulary and special tokens default to the tokenizer's.
+    let mut map = v.as_object().ok_or_else(|| err("must be a mapping of config.json fields".into()))?.clone();
+    map.entry("model_type").or_insert("llama".into());
     map.entry("vocab_size").or_insert(tok.vocab_size().into());
-    for (key, id) in [
-        ("bos_token_id", tok.bos_id),
-        ("eos_token_id", tok.eos_id),
-        ("pad_token_id", tok.pad_id),
-    ] {
+    for (key, id) in [("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id), ("pad_token_id", tok.pad_id)] {
         if let Some(id) = id {
             map.entry(key).or_insert(id.into());
         }
     }
-    let cfg: LlamaConfig =
-        serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| err(e.to_string()))?;
-    cfg.validate().map_err(|e| err(e.to_string()))?;
+    let cfg = serde_json::Value::Object(map);
+    let (_, _, read) = crate::model::families::from_config_tracked(&cfg).map_err(|e| err(e.to_string()))?;
+    let obj = cfg.as_object().expect("built as an object");
+    if let Some(k) = obj.keys().find(|k| !read.contains(k.as_str())) {
+        let mt = obj["model_type"].as_str().unwrap_or_default();
+        return Err(err(format!("unknown field `{k}` (a {mt} config does not read it)")));
+    }
     Ok(cfg)
 }
 
@@ -112,29 +64,29 @@ pub fn prepare(recipe: &Recipe, recipe_path: &Path, device: &Device) -> Result<P
         .expect("recipe validation requires a tokenizer source");
     let tokenizer = TextTokenizer::load(&tok_path)?;
     let model = match (&recipe.model.path, &recipe.model.config) {
-        (Some(dir), _) => LlamaModel::from_pretrained(dir, device)?,
-        (None, Some(cfg)) => LlamaModel::new_random(
+        (Some(dir), _) => DecoderModel::from_pretrained(dir, device)?,
+        (None, Some(cfg)) => DecoderModel::new_random(
             inline_config(cfg, &tokenizer, recipe_path)?,
             recipe.train.seed,
             device,
         )?,
         (None, None) => unreachable!("recipe validation requires a model source"),
     };
-    if tokenizer.vocab_size() > model.config.vocab_size {
+    if tokenizer.vocab_size() > model.spec.vocab {
         return Err(Error::Config(format!(
             "tokenizer {} has {} tokens but the model's vocab_size is {}",
             tokenizer.path.display(),
             tokenizer.vocab_size(),
-            model.config.vocab_size
+            model.spec.vocab
         )));
     }
     let opts = LoadOptions {
         max_length: recipe
             .data
             .max_length
-            .min(model.config.max_position_embeddings),
+            .min(model.spec.max_positions),
         truncation: recipe.data.truncation,
-        vocab_size: model.config.vocab_size,
+        vocab_size: model.spec.vocab,
     };
     let train = load_jsonl(&recipe.data.train, Some(&tokenizer), &opts)?;
     let eval = match &recipe.data.eval {
@@ -244,7 +196,7 @@ pub fn build_trainer(
     recipe: &Recipe,
     recipe_path: &Path,
     device: &Device,
-) -> Result<(Trainer<LlamaModel, CompletionOnlyCollator>, RunData)> {
+) -> Result<(Trainer<DecoderModel, CompletionOnlyCollator>, RunData)> {
     let resume = resume_dir(recipe, recipe_path)?;
     let p = prepare(recipe, recipe_path, device)?;
     let mut trainer = Trainer::new(p.model, p.collator, trainer_config(recipe), device.clone())?;

@@ -28,12 +28,17 @@ struct Block {
     mask: Tensor,
 }
 
-fn causal_mask(lengths: &[usize], len: usize, device: &Device) -> Result<Tensor> {
+/// Additive mask: query `t` sees key `s` iff `s <= t`, `s` is a real token, and with a sliding
+/// window `W`, `s > t - W` (transformers' eager semantics: W keys including itself).
+fn causal_mask(lengths: &[usize], len: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
     let mut m = vec![0f32; lengths.len() * len * len];
     for (b, &valid) in lengths.iter().enumerate() {
         for t in 0..len {
             for s in 0..len {
-                if s > t || s >= valid {
+                // A pad query (t >= valid) keeps its own key so that its row, whose output
+                // nothing reads, never becomes all -inf (NaN) under a sliding window.
+                let pad_self = t >= valid && s == t;
+                if !pad_self && (s > t || s >= valid || window.is_some_and(|w| t - s >= w)) {
                     m[(b * len + t) * len + s] = f32::NEG_INFINITY;
                 }
             }
@@ -47,7 +52,7 @@ fn causal_mask(lengths: &[usize], len: usize, device: &Device) -> Result<Tensor>
 }
 
 impl AttnPlan {
-    pub fn new(layout: &SeqLayout, row_len: usize, device: &Device) -> Result<Self> {
+    pub fn new(layout: &SeqLayout, row_len: usize, window: Option<usize>, device: &Device) -> Result<Self> {
         let blocks = match layout {
             SeqLayout::Packed { cu_seqlens, .. } => {
                 let mut cache: HashMap<usize, Tensor> = HashMap::new();
@@ -57,7 +62,7 @@ impl AttnPlan {
                     let mask = match cache.get(&len) {
                         Some(m) => m.clone(),
                         None => {
-                            let m = causal_mask(&[len], len, device)?;
+                            let m = causal_mask(&[len], len, window, device)?;
                             cache.insert(len, m.clone());
                             m
                         }
@@ -75,7 +80,7 @@ impl AttnPlan {
                 start: 0,
                 rows: lengths.len(),
                 len: row_len,
-                mask: causal_mask(lengths, row_len, device)?,
+                mask: causal_mask(lengths, row_len, window, device)?,
             }],
         };
         Ok(Self { blocks })

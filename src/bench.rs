@@ -10,12 +10,12 @@ use serde::Serialize;
 use crate::collator::CompletionOnlyCollator;
 use crate::data::{load_jsonl, LoadOptions, Truncation};
 use crate::error::{Error, Result};
-use crate::model::{LlamaConfig, LlamaModel, Model};
+use crate::model::{DecoderModel, Model};
 use crate::optim::{AdamWConfig, LrSchedule, Schedule};
 use crate::trainer::{Trainer, TrainerConfig};
 
-/// Model shapes for benchmarks (random init).
-pub fn shape(name: &str) -> Result<LlamaConfig> {
+/// Model shapes for benchmarks (random init), as config.json objects.
+pub fn shape(name: &str) -> Result<serde_json::Value> {
     let (v, h, i, l, nh, nkv) = match name {
         // TinyLlama-1.1B, as hf_peer.py.
         "llama-1.1b" => (32000, 2048, 5632, 22, 32, 4),
@@ -28,27 +28,11 @@ pub fn shape(name: &str) -> Result<LlamaConfig> {
             )))
         }
     };
-    Ok(LlamaConfig {
-        vocab_size: v,
-        hidden_size: h,
-        intermediate_size: i,
-        num_hidden_layers: l,
-        num_attention_heads: nh,
-        num_key_value_heads: Some(nkv),
-        head_dim: None,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10000.0,
-        rope_scaling: None,
-        max_position_embeddings: 4096,
-        tie_word_embeddings: false,
-        hidden_act: "silu".into(),
-        attention_bias: false,
-        mlp_bias: false,
-        initializer_range: 0.02,
-        bos_token_id: None,
-        eos_token_id: None,
-        pad_token_id: None,
-    })
+    Ok(serde_json::json!({
+        "model_type": "llama", "vocab_size": v, "hidden_size": h, "intermediate_size": i,
+        "num_hidden_layers": l, "num_attention_heads": nh, "num_key_value_heads": nkv,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    }))
 }
 
 #[derive(Debug, Clone)]
@@ -101,9 +85,9 @@ pub fn peak_rss_bytes() -> u64 {
 pub fn run(args: &BenchArgs) -> Result<BenchResult> {
     let cfg = shape(&args.shape)?;
     let opts = LoadOptions {
-        max_length: cfg.max_position_embeddings,
+        max_length: 4096,
         truncation: Truncation::Error,
-        vocab_size: cfg.vocab_size,
+        vocab_size: cfg["vocab_size"].as_u64().unwrap_or(0) as usize,
     };
     let data = load_jsonl(&args.data, None, &opts)?;
     let need = (args.steps + args.warmup) * args.bs;
@@ -116,7 +100,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
             ),
         });
     }
-    let mut model = LlamaModel::new_random(cfg, 0, &args.device)?;
+    let mut model = DecoderModel::new_random(cfg, 0, &args.device)?;
     model.compute = args.compute;
     let n_params: usize = model.params().iter().map(|p| p.var.elem_count()).sum();
     let collator = CompletionOnlyCollator::new(args.padding_free, 0);

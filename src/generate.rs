@@ -5,14 +5,14 @@ use candle_core::D;
 use crate::collator::{Collator, CompletionOnlyCollator};
 use crate::data::Example;
 use crate::error::Result;
-use crate::model::LlamaModel;
+use crate::model::DecoderModel;
 use crate::tokenizer::TextTokenizer;
 
 /// Continues `prompt` greedily for up to `max_new_tokens`, stopping at EOS; returns the new
 /// text only. The whole sequence is recomputed each token (no KV cache): this serves small
 /// models and spot checks, not serving.
 pub fn greedy(
-    model: &LlamaModel,
+    model: &DecoderModel,
     tok: &TextTokenizer,
     prompt: &str,
     max_new_tokens: usize,
@@ -24,7 +24,7 @@ pub fn greedy(
     ids.extend(tok.encode(prompt)?);
     let prompt_len = ids.len();
     let collator = CompletionOnlyCollator::new(true, tok.pad_or_eos());
-    let limit = model.config.max_position_embeddings;
+    let limit = model.max_positions();
     for _ in 0..max_new_tokens {
         if ids.len() >= limit {
             break;

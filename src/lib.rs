@@ -31,7 +31,7 @@ pub use collator::{
 };
 pub use data::{Dataset, Example, Truncation};
 pub use error::{Error, Result};
-pub use model::{LlamaConfig, LlamaModel, LossSum, Model, Param};
+pub use model::{ArchSpec, DecoderModel, LossScale, LossSum, Model, Param};
 pub use recipe::Recipe;
 pub use tokenizer::TextTokenizer;
 pub use trainer::{Trainer, TrainerConfig};

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use packsft::{app, bench, generate, recipe::Recipe, LlamaModel, TextTokenizer};
+use packsft::{app, bench, generate, recipe::Recipe, DecoderModel, TextTokenizer};
 
 #[derive(Parser)]
 #[command(
@@ -124,7 +124,7 @@ fn run(cli: Cli) -> packsft::Result<()> {
             max_new_tokens,
         } => {
             let dev = candle_core::Device::Cpu;
-            let model = LlamaModel::from_pretrained(&model_dir, &dev)?;
+            let model = DecoderModel::from_pretrained(&model_dir, &dev)?;
             let tok = TextTokenizer::load(&model_dir)?;
             for p in prompts {
                 let out = generate::greedy(&model, &tok, &p, max_new_tokens)?;

@@ -36,6 +36,23 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(normed.broadcast_mul(&weight.to_dtype(dtype)?)?)
 }
 
+/// Layer norm over the last dimension, in float32 (biased variance, as `torch.nn.LayerNorm`);
+/// without weight and bias it is OLMo's parameter-free norm.
+pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let centred = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
+    let inv = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let mut y = centred.broadcast_mul(&inv)?;
+    if let Some(w) = weight {
+        y = y.broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    }
+    if let Some(b) = bias {
+        y = y.broadcast_add(&b.to_dtype(DType::F32)?)?;
+    }
+    Ok(y.to_dtype(dtype)?)
+}
+
 /// Gated MLP activation pieces that candle differentiates natively (`silu` has a backward).
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     Ok(x.silu()?)

@@ -18,7 +18,7 @@ use crate::checkpoint::{self, TrainerState};
 use crate::collator::{Collator, TrainBatch};
 use crate::data::Example;
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::{LossScale, Model};
 use crate::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig, LrSchedule, Schedule};
 
 #[derive(Debug, Clone)]
@@ -96,6 +96,9 @@ pub struct StepMetrics {
     pub lr: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// MoE router load-balancing loss (coefficient included), added to the objective.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aux_loss: Option<f64>,
     /// Real (non-pad) tokens of the step.
     pub tokens: usize,
     pub target_tokens: usize,
@@ -139,6 +142,8 @@ pub struct StepGrads {
     pub grads: GradStore,
     /// Summed loss over the step, in loss units.
     pub loss_sum: f64,
+    /// The step's auxiliary loss (coefficient included), where the model has one.
+    pub aux_loss: Option<f64>,
     pub loss_units: f64,
     pub target_tokens: usize,
     pub tokens: usize,
@@ -290,16 +295,22 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             .collect::<Result<Vec<_>>>()?;
         let loss_units: f64 = batches.iter().map(|b| b.loss_units()).sum();
         let target_tokens: usize = batches.iter().map(|b| b.n_targets()).sum();
-        let tokens = batches.iter().map(|b| b.n_tokens()).sum();
+        let tokens: usize = batches.iter().map(|b| b.n_tokens()).sum();
         let positions = batches.iter().map(|b| b.n_positions()).sum();
         let mut acc = None;
         let mut loss_sum = 0f64;
+        let mut aux_loss: Option<f64> = None;
         for b in &batches {
             if b.n_targets() == 0 {
                 continue;
             }
-            let (l, grads) = self.model.forward_backward(b, 1.0 / loss_units)?;
+            let share = b.n_tokens() as f64 / tokens as f64;
+            let scale = LossScale { per_unit: 1.0 / loss_units, aux: share };
+            let (l, grads) = self.model.forward_backward(b, scale)?;
             loss_sum += l.sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            if let Some(a) = &l.aux {
+                *aux_loss.get_or_insert(0.0) += share * a.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            }
             accumulate(&mut acc, grads, self.model.params())?;
         }
         let grads = acc.ok_or_else(|| {
@@ -308,6 +319,7 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         Ok(StepGrads {
             grads,
             loss_sum,
+            aux_loss,
             loss_units,
             target_tokens,
             tokens,
@@ -353,6 +365,7 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             loss,
             lr,
             grad_norm,
+            aux_loss: sg.aux_loss,
             tokens: sg.tokens,
             target_tokens: sg.target_tokens,
             positions: sg.positions,

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use packsft::data::{load_jsonl, LoadOptions, Truncation};
-use packsft::{Error, LlamaModel, Recipe};
+use packsft::{Error, DecoderModel, Recipe};
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
@@ -209,7 +209,7 @@ fn overrides_set_typed_values() {
 #[test]
 fn model_directories_without_config_or_weights_are_rejected() {
     let d = tempfile::tempdir().unwrap();
-    let e = LlamaModel::from_pretrained(d.path(), &candle_core::Device::Cpu)
+    let e = DecoderModel::from_pretrained(d.path(), &candle_core::Device::Cpu)
         .err()
         .unwrap()
         .to_string();
@@ -217,18 +217,18 @@ fn model_directories_without_config_or_weights_are_rejected() {
     let fixture =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_tiny/config.json");
     std::fs::copy(fixture, d.path().join("config.json")).unwrap();
-    let e = LlamaModel::from_pretrained(d.path(), &candle_core::Device::Cpu)
+    let e = DecoderModel::from_pretrained(d.path(), &candle_core::Device::Cpu)
         .err()
         .unwrap()
         .to_string();
     assert!(e.contains("no model.safetensors"), "{e}");
-    let e = LlamaModel::from_pretrained(&d.path().join("nope"), &candle_core::Device::Cpu)
+    let e = DecoderModel::from_pretrained(&d.path().join("nope"), &candle_core::Device::Cpu)
         .err()
         .unwrap()
         .to_string();
     assert!(e.contains("does not exist"), "{e}");
     std::fs::write(d.path().join("config.json"), "{\"model_type\": \"gpt2\"}").unwrap();
-    let e = LlamaModel::from_pretrained(d.path(), &candle_core::Device::Cpu)
+    let e = DecoderModel::from_pretrained(d.path(), &candle_core::Device::Cpu)
         .err()
         .unwrap()
         .to_string();

@@ -91,7 +91,7 @@ fn padded_layout_pads_right_and_never_targets_pads() {
     assert_eq!(batch.n_targets, 4);
 }
 
-fn grads_of(model: &packsft::LlamaModel, batch: &packsft::Batch) -> (f64, Vec<(String, Tensor)>) {
+fn grads_of(model: &packsft::DecoderModel, batch: &packsft::Batch) -> (f64, Vec<(String, Tensor)>) {
     let l = model.loss(batch).unwrap();
     let loss = l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_tokens as f64;
     let grads = (l.sum / l.n_tokens as f64).unwrap().backward().unwrap();

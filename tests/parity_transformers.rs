@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use common::{max_abs_diff, rel_diff};
-use packsft::{Collator, CompletionOnlyCollator, Example, LlamaModel, Model};
+use packsft::{Collator, CompletionOnlyCollator, Example, DecoderModel, Model};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -60,7 +60,7 @@ fn reference(dir: &Path) -> Reference {
 fn check(name: &str) {
     let dir = fixture(name);
     let r = reference(&dir);
-    let model = LlamaModel::from_pretrained(&dir, &Device::Cpu).unwrap();
+    let model = DecoderModel::from_pretrained(&dir, &Device::Cpu).unwrap();
     for padding_free in [true, false] {
         let c = CompletionOnlyCollator::new(padding_free, 0);
         let batch = c.collate(&r.examples, &Device::Cpu).unwrap();
@@ -128,7 +128,7 @@ fn llama3_tied_biased_mqa_rope_scaled_matches_transformers() {
 #[test]
 fn save_writes_what_was_loaded() {
     for name in ["llama_tiny", "llama3_tiny"] {
-        let model = LlamaModel::from_pretrained(&fixture(name), &Device::Cpu).unwrap();
+        let model = DecoderModel::from_pretrained(&fixture(name), &Device::Cpu).unwrap();
         let out = tempfile::tempdir().unwrap();
         model.save(out.path()).unwrap();
         let cfg: serde_json::Value =
@@ -150,7 +150,7 @@ fn save_writes_what_was_loaded() {
         for (k, t) in &original {
             assert_eq!(max_abs_diff(t, &saved[k]), 0.0, "{name} {k}");
         }
-        let reloaded = LlamaModel::from_pretrained(out.path(), &Device::Cpu).unwrap();
-        assert_eq!(reloaded.config, model.config);
+        let reloaded = DecoderModel::from_pretrained(out.path(), &Device::Cpu).unwrap();
+        assert_eq!(reloaded.spec, model.spec);
     }
 }

@@ -11,7 +11,7 @@ use common::{examples, rel_diff, tiny_model};
 use packsft::callback::{Callback, Control, EarlyStopping};
 use packsft::optim::{AdamWConfig, Schedule};
 use packsft::trainer::{EvalMetrics, StepMetrics, Trainer, TrainerConfig};
-use packsft::{CompletionOnlyCollator, Example, LlamaModel, LossNormalization, Model};
+use packsft::{CompletionOnlyCollator, Example, DecoderModel, LossNormalization, Model};
 
 fn cfg(out: Option<&Path>) -> TrainerConfig {
     TrainerConfig {
@@ -32,7 +32,7 @@ fn data() -> Vec<Example> {
     examples(&[5, 9, 14, 3, 22, 7, 11, 6, 2, 17, 8, 4, 13], 64, 21)
 }
 
-fn grads(t: &Trainer<LlamaModel, CompletionOnlyCollator>, exs: &[Example]) -> Vec<Tensor> {
+fn grads(t: &Trainer<DecoderModel, CompletionOnlyCollator>, exs: &[Example]) -> Vec<Tensor> {
     let sg = t.step_grads(exs).unwrap();
     t.model.params().iter().map(|p| sg.grads.get(p.var.as_tensor()).unwrap().clone()).collect()
 }
@@ -101,7 +101,7 @@ fn five_adamw_steps_track_pytorch() {
             )
         })
         .collect();
-    let model = LlamaModel::from_pretrained(&root.join("tests/fixtures/llama_tiny"), &Device::Cpu).unwrap();
+    let model = DecoderModel::from_pretrained(&root.join("tests/fixtures/llama_tiny"), &Device::Cpu).unwrap();
     let tc = TrainerConfig {
         batch_size: 2,
         max_steps: 5,
@@ -136,7 +136,7 @@ impl StopAt {
     }
 }
 
-fn trainer(out: Option<&Path>, padding_free: bool) -> Trainer<LlamaModel, CompletionOnlyCollator> {
+fn trainer(out: Option<&Path>, padding_free: bool) -> Trainer<DecoderModel, CompletionOnlyCollator> {
     Trainer::new(tiny_model(11), CompletionOnlyCollator::new(padding_free, 0), cfg(out), Device::Cpu).unwrap()
 }
 
@@ -254,17 +254,16 @@ fn resume_rejects_non_checkpoints_and_other_models() {
     let mut c = cfg(Some(dir.path()));
     c.max_steps = 3;
     trainer_with(tiny_model(1), c).train(&exs, None).unwrap();
-    let other: packsft::LlamaConfig = serde_json::from_value(serde_json::json!({
+    let other = serde_json::json!({
         "vocab_size": 64, "hidden_size": 48, "intermediate_size": 48, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
-    }))
-    .unwrap();
-    let mut t = trainer_with(LlamaModel::new_random(other, 0, &Device::Cpu).unwrap(), cfg(None));
+    });
+    let mut t = trainer_with(DecoderModel::new_random(other, 0, &Device::Cpu).unwrap(), cfg(None));
     let e = t.resume_from(&dir.path().join("checkpoint-3")).unwrap_err().to_string();
     assert!(e.contains("different model") && e.contains("model.embed_tokens.weight"), "{e}");
 }
 
-fn trainer_with(model: LlamaModel, c: TrainerConfig) -> Trainer<LlamaModel, CompletionOnlyCollator> {
+fn trainer_with(model: DecoderModel, c: TrainerConfig) -> Trainer<DecoderModel, CompletionOnlyCollator> {
     Trainer::new(model, CompletionOnlyCollator::new(true, 0), c, Device::Cpu).unwrap()
 }
 

@@ -1,6 +1,8 @@
 //! Models: the `Model` trait the trainer drives, and the decoder implementations.
 
-pub mod llama;
+pub mod decoder;
+pub mod families;
+pub mod spec;
 pub mod weights;
 
 use std::path::Path;
@@ -10,7 +12,8 @@ use candle_core::{backprop::GradStore, DType, Tensor, Var};
 use crate::collator::TrainBatch;
 use crate::error::{Error, Result};
 
-pub use llama::{ComputeOptions, LlamaConfig, LlamaModel};
+pub use decoder::{ComputeOptions, DecoderModel};
+pub use spec::ArchSpec;
 
 /// A trainable parameter under its Hugging Face name.
 #[derive(Debug, Clone)]
@@ -28,6 +31,18 @@ pub struct Param {
 pub struct LossSum {
     pub sum: Tensor,
     pub n_tokens: usize,
+    /// An auxiliary loss of the batch, coefficient included (MoE router load balancing).
+    pub aux: Option<Tensor>,
+}
+
+/// What `forward_backward` differentiates: `sum * per_unit + aux * aux`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScale {
+    /// 1 / the loss units (target tokens or sequences) of the whole optimizer step.
+    pub per_unit: f64,
+    /// This micro-batch's share of the step's tokens: the auxiliary loss of the step is the
+    /// token-weighted mean of its micro-batches'.
+    pub aux: f64,
 }
 
 /// Summed evaluation statistics of a batch.
@@ -50,13 +65,16 @@ pub trait Model {
     /// Writes the model in Hugging Face layout (config.json + safetensors) into `dir`.
     fn save(&self, dir: &Path) -> Result<()>;
 
-    /// The loss and the gradients of `loss.sum * scale`. Models that recompute activations in
+    /// The loss and the gradients of `loss.sum * scale.per_unit (+ aux * scale.aux)`. Models that recompute activations in
     /// the backward pass (gradient checkpointing) override this; the default back-propagates
     /// through the graph `loss` built.
-    fn forward_backward(&self, batch: &Self::Batch, scale: f64) -> Result<(LossSum, GradStore)> {
+    fn forward_backward(&self, batch: &Self::Batch, scale: LossScale) -> Result<(LossSum, GradStore)> {
         let l = self.loss(batch)?;
-        let grads = (&l.sum * scale)?.backward()?;
-        Ok((l, grads))
+        let mut objective = (&l.sum * scale.per_unit)?;
+        if let Some(a) = &l.aux {
+            objective = (objective + (a * scale.aux)?)?;
+        }
+        Ok((l, objective.backward()?))
     }
 
     /// Loss (and, where the model reports it, token accuracy) without gradient updates.

@@ -1,0 +1,215 @@
+//! The plain-data description of a decoder that `families` derives from a config.json and
+//! `decoder` computes: every structural choice the 14 supported families make, as closed enums.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum Act {
+    Silu,
+    /// Exact erf GELU (`gelu`).
+    GeluErf,
+    /// tanh-approximated GELU (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`).
+    GeluTanh,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum NormKind {
+    /// `w * x / sqrt(mean(x^2) + eps)` (the product after casting back, as Llama).
+    Rms,
+    /// Gemma: `x / sqrt(mean(x^2) + eps) * (1 + w)` in float32.
+    RmsOneOffset,
+    /// `torch.nn.LayerNorm`, with or without bias.
+    LayerNorm { bias: bool },
+    /// OLMo: layer norm without any parameter.
+    NonParametric,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct NormSpec {
+    pub kind: NormKind,
+    pub eps: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum Block {
+    /// `x += attn(norm1(x)); x += mlp(norm2(x))`
+    Sequential,
+    /// `x += attn(norm1(x)) + mlp(norm1(x))` with one shared norm, or with `norm2(x)`.
+    Parallel { shared_norm: bool },
+}
+
+/// How the query/key/value projections are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum QkvLayout {
+    Separate,
+    /// One matrix, rows `[q | k | v]` (Phi-3, DBRX, Falcon multi-query).
+    FusedConcat,
+    /// Falcon new decoder architecture: rows viewed `(kv_heads, heads/kv_heads + 2, head_dim)`.
+    FusedGrouped,
+    /// Falcon without multi-query: rows viewed `(heads, 3, head_dim)`.
+    FusedInterleaved,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum Routing {
+    /// Softmax, top-k, weights renormalised to sum 1 (Mixtral; Qwen2-MoE with norm_topk_prob).
+    Renormalize,
+    /// Softmax, top-k, raw probabilities (Qwen2-MoE default).
+    Raw,
+    /// Softmax, top-k, divided by their p-norm (DBRX `moe_normalize_expert_weights`).
+    PNorm(f64),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MoeSpec {
+    pub experts: usize,
+    pub top_k: usize,
+    pub expert_hidden: usize,
+    pub act: Act,
+    pub routing: Routing,
+    /// DBRX: the router's softmax probabilities (not logits) feed the auxiliary loss.
+    pub aux_from_probs: bool,
+    /// DBRX: experts stored as three (E * F, H) tensors.
+    pub fused_experts: bool,
+    /// Qwen2-MoE: a shared expert of this width with a sigmoid gate.
+    pub shared_expert: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum MlpSpec {
+    /// `down(act(gate(h)) * up(h))`; `fused`: one `gate_up` matrix, gate rows first.
+    Gated { hidden: usize, act: Act, bias: bool, fused: bool },
+    /// `fc2(act(fc1(h)))`.
+    Plain { hidden: usize, act: Act, bias: bool },
+    Moe(MoeSpec),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RopeSpec {
+    pub theta: f64,
+    /// Leading channels of each head that rotate (partial rotary below head_dim).
+    pub rotary_dim: usize,
+    pub inv_freq: Vec<f32>,
+    /// Phi-3 LongRoPE: inverse frequencies for sequences longer than `original_max`.
+    pub long: Option<LongRope>,
+    /// cos and sin are multiplied by this (LongRoPE's attention factor; 1 otherwise).
+    pub attention_factor: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LongRope {
+    pub inv_freq: Vec<f32>,
+    pub original_max: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ArchSpec {
+    pub family: String,
+    pub vocab: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub norm: NormSpec,
+    pub block: Block,
+    pub qkv: QkvLayout,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    /// Clamp q, k and v to [-c, c] after projection.
+    pub clip_qkv: Option<f64>,
+    /// StableLM: per-head LayerNorm (no bias) of q and k before RoPE.
+    pub qk_norm: bool,
+    /// Query t sees keys t-W < j <= t (transformers' eager semantics).
+    pub sliding_window: Option<usize>,
+    pub attn_scale: f64,
+    /// One entry per layer (Qwen2-MoE mixes dense and sparse layers).
+    pub mlp: Vec<MlpSpec>,
+    pub rope: RopeSpec,
+    pub max_positions: usize,
+    /// Granite's embedding multiplier, Gemma's sqrt(hidden).
+    pub embedding_multiplier: f64,
+    pub residual_multiplier: f64,
+    /// Logits are divided by this (Granite).
+    pub logits_scaling: f64,
+    pub tie_embeddings: bool,
+    pub lm_head_bias: bool,
+    /// The embedding's `padding_idx`: that row gets no gradient from input lookups.
+    pub padding_idx: Option<u32>,
+    /// Coefficient of the router load-balancing loss added to the training loss (None: off).
+    pub router_aux_loss_coef: Option<f64>,
+}
+
+impl ArchSpec {
+    pub fn moe_layers(&self) -> usize {
+        self.mlp.iter().filter(|m| matches!(m, MlpSpec::Moe(_))).count()
+    }
+}
+
+/// Hugging Face parameter names of a linear layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearNames {
+    pub weight: String,
+    pub bias: Option<String>,
+}
+
+impl LinearNames {
+    pub fn new(prefix: &str, bias: bool) -> Self {
+        Self {
+            weight: format!("{prefix}.weight"),
+            bias: bias.then(|| format!("{prefix}.bias")),
+        }
+    }
+}
+
+/// Names of a norm's parameters (none for a non-parametric norm).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NormNames {
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum QkvNames {
+    Separate { q: LinearNames, k: LinearNames, v: LinearNames },
+    Fused(LinearNames),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum MlpNames {
+    Gated { gate: LinearNames, up: LinearNames, down: LinearNames },
+    GatedFused { gate_up: LinearNames, down: LinearNames },
+    Plain { fc1: LinearNames, fc2: LinearNames },
+    Moe {
+        router: LinearNames,
+        /// Per expert (gate, up, down), or for fused experts the three (E * F, H) tensors.
+        experts: ExpertNames,
+        shared: Option<(Box<MlpNames>, LinearNames)>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExpertNames {
+    Separate(Vec<(LinearNames, LinearNames, LinearNames)>),
+    Fused { w1: String, v1: String, w2: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerNames {
+    pub norm1: NormNames,
+    /// None for a parallel block with one shared norm.
+    pub norm2: Option<NormNames>,
+    pub qkv: QkvNames,
+    pub o: LinearNames,
+    /// Per-head q / k norm weights (StableLM qk_layernorm).
+    pub q_norm: Vec<String>,
+    pub k_norm: Vec<String>,
+    pub mlp: MlpNames,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelNames {
+    pub embed: String,
+    pub final_norm: NormNames,
+    pub lm_head: LinearNames,
+    pub layers: Vec<LayerNames>,
+}

@@ -1,0 +1,182 @@
+//! The 14 families against transformers 4.46.3 (fixtures from
+//! tests/fixtures/make_family_fixtures.py): logits, loss and every parameter's gradient, padded
+//! and padding-free, against per-example forwards; the MoE router loss and its gradient; save
+//! round trips; and a few training steps that lower the loss.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use common::{max_abs_diff, rel_diff};
+use packsft::optim::{AdamWConfig, Schedule};
+use packsft::trainer::{Trainer, TrainerConfig};
+use packsft::{Collator, CompletionOnlyCollator, DecoderModel, Example, Model};
+
+fn fixtures() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(root).unwrap().flatten().map(|e| e.path()).filter(|p| p.join("reference.json").exists()).collect();
+    v.sort();
+    v
+}
+
+struct Reference {
+    json: serde_json::Value,
+    examples: Vec<Example>,
+    tensors: HashMap<String, Tensor>,
+}
+
+fn reference(dir: &Path) -> Reference {
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let examples = json["examples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            Example::new(
+                e["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect(),
+                e["completion_mask"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() == 1).collect(),
+            )
+        })
+        .collect();
+    let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    Reference { json, examples, tensors }
+}
+
+fn name(dir: &Path) -> String {
+    dir.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+#[test]
+fn all_fourteen_families_are_covered() {
+    let types: std::collections::BTreeSet<String> = fixtures()
+        .iter()
+        .map(|d| reference(d).json["model_type"].as_str().unwrap().to_string())
+        .collect();
+    let want: std::collections::BTreeSet<String> = packsft::model::families::SUPPORTED.iter().map(|s| s.to_string()).collect();
+    assert_eq!(types, want);
+}
+
+#[test]
+fn logits_loss_and_gradients_match_transformers() {
+    let mut failures = Vec::new();
+    for dir in fixtures() {
+        let fam = name(&dir);
+        let r = reference(&dir);
+        let model = DecoderModel::from_pretrained(&dir, &Device::Cpu).unwrap_or_else(|e| panic!("{fam}: {e}"));
+        for padding_free in [true, false] {
+            let batch = CompletionOnlyCollator::new(padding_free, 0).collate(&r.examples, &Device::Cpu).unwrap();
+            let logits = model.all_logits(&batch).unwrap();
+            let mut start = 0;
+            for (i, ex) in r.examples.iter().enumerate() {
+                let at = if padding_free { start } else { i * batch.row_len };
+                let d = max_abs_diff(&logits.narrow(0, at, ex.len()).unwrap(), &r.tensors[&format!("logits.{i}")]);
+                if !(d <= 1e-4) {
+                    failures.push(format!("{fam} pf={padding_free} example {i}: logits max |diff| {d:e}"));
+                }
+                start += ex.len();
+            }
+            let l = model.loss(&batch).unwrap();
+            let loss = l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_tokens as f64;
+            let want = r.json["loss"].as_f64().unwrap();
+            if !((loss - want).abs() / want <= 1e-5) {
+                failures.push(format!("{fam} pf={padding_free}: loss {loss} vs {want}"));
+            }
+            let grads = (l.sum / l.n_tokens as f64).unwrap().backward().unwrap();
+            for p in model.params() {
+                let want = &r.tensors[&format!("grad.{}", p.name)];
+                match grads.get(p.var.as_tensor()) {
+                    None => failures.push(format!("{fam} {}: no gradient", p.name)),
+                    Some(g) => {
+                        let d = rel_diff(g, want);
+                        if !(d <= 1e-4) {
+                            failures.push(format!("{fam} pf={padding_free} {}: gradient rel diff {d:e}", p.name));
+                        }
+                    }
+                }
+            }
+            let n_ref = r.tensors.keys().filter(|k| k.starts_with("grad.")).count();
+            if n_ref != model.params().len() {
+                failures.push(format!("{fam}: {} parameters, transformers has {n_ref}", model.params().len()));
+            }
+            // The MoE router loss over all real tokens, and its gradient.
+            if let Some(want) = r.json.get("aux_loss").and_then(|v| v.as_f64()) {
+                let aux = model.router_aux_loss(&batch).unwrap().expect("a MoE model has a router loss");
+                let got = aux.to_scalar::<f32>().unwrap() as f64;
+                if !((got - want).abs() / want <= 1e-5) {
+                    failures.push(format!("{fam} pf={padding_free}: aux loss {got} vs {want}"));
+                }
+                let g = aux.backward().unwrap();
+                for p in model.params() {
+                    let Some(want) = r.tensors.get(&format!("aux_grad.{}", p.name)) else { continue };
+                    let wn = want.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                    let ok = match g.get(p.var.as_tensor()) {
+                        None => wn == 0.0,
+                        Some(got) if wn == 0.0 => max_abs_diff(got, want) <= 1e-7,
+                        Some(got) => rel_diff(got, want) <= 1e-4,
+                    };
+                    if !ok {
+                        failures.push(format!("{fam} pf={padding_free} {}: aux gradient differs", p.name));
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn saving_keeps_names_values_and_config() {
+    for dir in fixtures() {
+        let fam = name(&dir);
+        let model = DecoderModel::from_pretrained(&dir, &Device::Cpu).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        model.save(out.path()).unwrap();
+        let original = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        let saved = candle_core::safetensors::load(out.path().join("model.safetensors"), &Device::Cpu).unwrap();
+        let mut a: Vec<_> = original.keys().collect();
+        let mut b: Vec<_> = saved.keys().collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "{fam}: tensor names");
+        for (k, t) in &original {
+            assert_eq!(max_abs_diff(t, &saved[k]), 0.0, "{fam} {k}");
+        }
+        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap()).unwrap();
+        let orig: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["model_type"], orig["model_type"], "{fam}");
+        assert_eq!(cfg["architectures"], orig["architectures"], "{fam}");
+        let again = DecoderModel::from_pretrained(out.path(), &Device::Cpu).unwrap();
+        assert_eq!(again.spec, model.spec, "{fam}");
+    }
+}
+
+#[test]
+fn a_few_steps_lower_the_loss_and_reach_every_parameter() {
+    for dir in fixtures() {
+        let fam = name(&dir);
+        let r = reference(&dir);
+        let model = DecoderModel::from_pretrained(&dir, &Device::Cpu).unwrap();
+        let cfg = TrainerConfig {
+            batch_size: 6,
+            max_steps: 6,
+            adamw: AdamWConfig { lr: 1e-2, ..Default::default() },
+            schedule: Schedule::Constant,
+            shuffle: false,
+            progress: false,
+            ..Default::default()
+        };
+        let mut t = Trainer::new(model, CompletionOnlyCollator::new(true, 0), cfg, Device::Cpu).unwrap();
+        let sg = t.step_grads(&r.examples).unwrap();
+        for p in t.model.params() {
+            let g = sg.grads.get(p.var.as_tensor()).unwrap_or_else(|| panic!("{fam} {}: no gradient", p.name));
+            let n = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(n > 0.0 && n.is_finite(), "{fam} {}: gradient norm^2 {n}", p.name);
+        }
+        let before = t.evaluate(&r.examples).unwrap().loss;
+        t.train(&r.examples, None).unwrap();
+        let after = t.evaluate(&r.examples).unwrap().loss;
+        assert!(after < 0.9 * before, "{fam}: loss {before} -> {after}");
+    }
+}
