@@ -31,6 +31,13 @@ enum Cmd {
         recipe: PathBuf,
         overrides: Vec<String>,
     },
+    /// What packsft understood of a checkpoint: family, sizes, every structural choice
+    Arch {
+        model_dir: PathBuf,
+        /// Print the full specification as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Greedy continuation of one or more prompts with a saved model directory
     Generate {
         model_dir: PathBuf,
@@ -117,6 +124,14 @@ fn run(cli: Cli) -> packsft::Result<()> {
                 "{}",
                 serde_json::json!({"eval_loss": loss, "eval_tokens": n})
             );
+        }
+        Cmd::Arch { model_dir, json } => {
+            let report = packsft::model::arch::describe(&model_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report.spec).expect("spec serialises"));
+            } else {
+                print!("{report}");
+            }
         }
         Cmd::Generate {
             model_dir,

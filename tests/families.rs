@@ -180,3 +180,100 @@ fn a_few_steps_lower_the_loss_and_reach_every_parameter() {
         assert!(after < 0.9 * before, "{fam}: loss {before} -> {after}");
     }
 }
+
+fn fixture(n: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families").join(n)
+}
+
+/// A copy of a fixture's config.json with `edit` applied, and its weights.
+fn edited(n: &str, edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(n).join("config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(d.path().join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(fixture(n).join("model.safetensors"), d.path().join("model.safetensors")).unwrap();
+    d
+}
+
+fn load_err(d: &Path) -> String {
+    DecoderModel::from_pretrained(d, &Device::Cpu).err().expect("expected an error").to_string()
+}
+
+#[test]
+fn unsupported_config_features_are_named_not_ignored() {
+    let cases: Vec<(&str, Box<dyn FnOnce(&mut serde_json::Value)>, &str)> = vec![
+        ("falcon_mq", Box::new(|c| c["alibi"] = true.into()), "alibi = true is not supported"),
+        ("llama", Box::new(|c| c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 2.0})), "rope_scaling type \"yarn\""),
+        ("llama", Box::new(|c| c["rope_scaling"] = serde_json::json!({"rope_type": "dynamic", "factor": 2.0})), "rope_scaling type \"dynamic\""),
+        ("mistral", Box::new(|c| c["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0})), "rope_scaling"),
+        ("phi", Box::new(|c| c["qk_layernorm"] = true.into()), "qk_layernorm = true"),
+        ("mixtral", Box::new(|c| c["router_jitter_noise"] = 0.1.into()), "router_jitter_noise"),
+        ("qwen2", Box::new(|c| c["use_sliding_window"] = true.into()), "use_sliding_window"),
+        ("starcoder2", Box::new(|c| c["head_dim"] = 5.into()), "head_dim = 5"),
+        ("llama", Box::new(|c| c["hidden_act"] = "relu2".into()), "hidden_act = \"relu2\""),
+        ("llama", Box::new(|c| c["model_type"] = "gpt_neox".into()), "model_type \"gpt_neox\" is not supported (supported: llama, mistral"),
+        ("llama", Box::new(|c| c["hidden_size"] = "big".into()), "`hidden_size` must be a non-negative integer"),
+    ];
+    for (fam, edit, want) in cases {
+        let d = edited(fam, edit);
+        let e = load_err(d.path());
+        assert!(e.contains(want) && e.contains("config.json"), "{fam}: {e}");
+    }
+    // Weights that do not fit the config are named too.
+    let d = edited("llama", |c| c["intermediate_size"] = 40.into());
+    let e = load_err(d.path());
+    assert!(e.contains("model.layers.0.mlp.gate_proj.weight") && e.contains("shape"), "{e}");
+}
+
+#[test]
+fn sharded_and_bf16_checkpoints_load() {
+    let src = fixture("qwen2_moe");
+    let tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), d.path().join("config.json")).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (part, file) in [(a, "model-00001-of-00002.safetensors"), (b, "model-00002-of-00002.safetensors")] {
+        // One shard in bf16: the loader converts to float32.
+        let shard: HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| {
+                let t = &tensors[*n];
+                let t = if file.starts_with("model-00002") { t.to_dtype(candle_core::DType::BF16).unwrap() } else { t.clone() };
+                ((*n).clone(), t)
+            })
+            .collect();
+        candle_core::safetensors::save(&shard, d.path().join(file)).unwrap();
+        for n in part {
+            map.insert((*n).clone(), file.into());
+        }
+    }
+    std::fs::write(d.path().join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": map}).to_string()).unwrap();
+    let model = DecoderModel::from_pretrained(d.path(), &Device::Cpu).unwrap();
+    let reference = DecoderModel::from_pretrained(&src, &Device::Cpu).unwrap();
+    for (p, q) in model.params().iter().zip(reference.params()) {
+        assert_eq!(p.var.dtype(), candle_core::DType::F32);
+        let want = if b.contains(&&p.name) { q.var.to_dtype(candle_core::DType::BF16).unwrap().to_dtype(candle_core::DType::F32).unwrap() } else { q.var.as_tensor().clone() };
+        assert_eq!(max_abs_diff(p.var.as_tensor(), &want), 0.0, "{}", p.name);
+    }
+    // A shard listed in the index but missing is named.
+    std::fs::remove_file(d.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let e = load_err(d.path());
+    assert!(e.contains("model-00002-of-00002.safetensors") && e.contains("does not exist"), "{e}");
+}
+
+#[test]
+fn arch_prints_what_was_understood() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_packsft")).arg("arch").arg(fixture("dbrx")).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in ["family          dbrx", "fused [q | k | v]", "clip_qkv        0.5", "MoE 4 experts top-2", "LayerNorm without bias", "router aux loss coefficient 0.05"] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_packsft")).args(["arch", "--json"]).arg(fixture("stablelm")).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["rope"]["rotary_dim"].as_u64().unwrap() * 4, v["head_dim"].as_u64().unwrap());
+    assert_eq!(v["qk_norm"], true);
+}

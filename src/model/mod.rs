@@ -1,5 +1,6 @@
 //! Models: the `Model` trait the trainer drives, and the decoder implementations.
 
+pub mod arch;
 pub mod decoder;
 pub mod families;
 pub mod spec;
