@@ -277,3 +277,29 @@ fn arch_prints_what_was_understood() {
     assert_eq!(v["rope"]["rotary_dim"].as_u64().unwrap() * 4, v["head_dim"].as_u64().unwrap());
     assert_eq!(v["qk_norm"], true);
 }
+
+/// Trains each family a few steps and saves it under target/family-saves/<fixture>/ with the
+/// loss packsft computes for the reference examples; a reload must give the same loss.
+/// `tests/fixtures/check_saved_families.py` then loads every directory with transformers and
+/// compares its loss with `packsft_loss.json`.
+#[test]
+fn trained_models_save_and_reload_with_the_same_loss() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/family-saves");
+    for dir in fixtures() {
+        let fam = name(&dir);
+        let r = reference(&dir);
+        let model = DecoderModel::from_pretrained(&dir, &Device::Cpu).unwrap();
+        let cfg = TrainerConfig { batch_size: 6, max_steps: 3, adamw: AdamWConfig { lr: 1e-2, ..Default::default() }, shuffle: false, progress: false, ..Default::default() };
+        let mut t = Trainer::new(model, CompletionOnlyCollator::new(true, 0), cfg, Device::Cpu).unwrap();
+        t.train(&r.examples, None).unwrap();
+        let loss = t.evaluate(&r.examples).unwrap().loss;
+        let out = root.join(&fam);
+        t.model.save(&out).unwrap();
+        let again = DecoderModel::from_pretrained(&out, &Device::Cpu).unwrap();
+        let t2 = Trainer::new(again, CompletionOnlyCollator::new(false, 0), TrainerConfig { batch_size: 6, progress: false, ..Default::default() }, Device::Cpu).unwrap();
+        let loss2 = t2.evaluate(&r.examples).unwrap().loss;
+        assert!((loss - loss2).abs() / loss <= 1e-6, "{fam}: {loss} vs reloaded {loss2}");
+        let examples: Vec<serde_json::Value> = r.json["examples"].as_array().unwrap().clone();
+        std::fs::write(out.join("packsft_loss.json"), serde_json::json!({"loss": loss, "examples": examples}).to_string()).unwrap();
+    }
+}
