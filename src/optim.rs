@@ -238,21 +238,25 @@ impl LrSchedule {
     }
 }
 
+/// Adds the parameter gradients of `src` into `acc`.
+pub fn add_grads(acc: &mut GradStore, src: GradStore, params: &[Param]) -> Result<()> {
+    for p in params {
+        if let Some(g) = src.get(p.var.as_tensor()) {
+            let sum = match acc.remove(p.var.as_tensor()) {
+                Some(prev) => (prev + g)?,
+                None => g.clone(),
+            };
+            acc.insert(p.var.as_tensor(), sum);
+        }
+    }
+    Ok(())
+}
+
 /// Adds `src` into `acc` (gradient accumulation over micro-batches).
 pub fn accumulate(acc: &mut Option<GradStore>, src: GradStore, params: &[Param]) -> Result<()> {
     match acc {
         None => *acc = Some(src),
-        Some(a) => {
-            for p in params {
-                if let Some(g) = src.get(p.var.as_tensor()) {
-                    let sum = match a.get(p.var.as_tensor()) {
-                        Some(prev) => (prev + g)?,
-                        None => g.clone(),
-                    };
-                    a.insert(p.var.as_tensor(), sum);
-                }
-            }
-        }
+        Some(a) => add_grads(a, src, params)?,
     }
     Ok(())
 }

@@ -17,6 +17,7 @@ use super::{EvalSums, LossScale, LossSum, Model, Param};
 use crate::attention::{eager_attention, AttnPlan};
 use crate::collator::{Batch, SeqLayout};
 use crate::error::{Error, Result};
+use crate::optim::add_grads;
 use crate::ops::{apply_rope, layer_norm, nll, nll_sum, rms_norm, softmax_last, RopeTable};
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -659,14 +660,24 @@ impl DecoderModel {
         Ok(Some(((pm * f)?.sum_all()? * e_n as f64)?))
     }
 
+    /// Embedding and every layer: the pre-norm residual stream and the MoE router outputs.
+    /// `keep_graph: false` drops the graph after each layer (evaluation keeps no activations).
+    fn trunk(&self, batch: &Batch, keep_graph: bool) -> Result<(FwdCtx, Tensor, Vec<Tensor>)> {
+        let ctx = self.ctx(batch)?;
+        let cut = |t: Tensor| if keep_graph { t } else { t.detach() };
+        let mut x = cut(self.embed_fwd(&ctx)?);
+        let mut routers = Vec::new();
+        for layer in &self.layers {
+            let (y, r) = self.layer_fwd(layer, &x, &ctx)?;
+            x = cut(y);
+            routers.extend(r);
+        }
+        Ok((ctx, x, routers))
+    }
+
     /// Hidden states after the final norm, every position: (rows * row_len, hidden).
     pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
-        let ctx = self.ctx(batch)?;
-        let mut x = self.embed_fwd(&ctx)?;
-        for layer in &self.layers {
-            x = self.layer_fwd(layer, &x, &ctx)?.0;
-        }
-        self.final_norm.fwd(&x)
+        self.final_norm.fwd(&self.trunk(batch, true)?.1)
     }
 
     /// Logits (rows, vocab) of rows of final hidden states (as `hidden_states` returns them).
@@ -677,24 +688,12 @@ impl DecoderModel {
 
     /// Logits of every position: (rows * row_len, vocab).
     pub fn all_logits(&self, batch: &Batch) -> Result<Tensor> {
-        let ctx = self.ctx(batch)?;
-        let mut x = self.embed_fwd(&ctx)?;
-        for layer in &self.layers {
-            x = self.layer_fwd(layer, &x, &ctx)?.0;
-        }
-        self.head(&x, None)
+        self.head(&self.trunk(batch, true)?.1, None)
     }
 
     /// The router auxiliary loss of a batch (without coefficient), for checks.
     pub fn router_aux_loss(&self, batch: &Batch) -> Result<Option<Tensor>> {
-        let ctx = self.ctx(batch)?;
-        let mut x = self.embed_fwd(&ctx)?;
-        let mut routers = Vec::new();
-        for layer in &self.layers {
-            let (y, r) = self.layer_fwd(layer, &x, &ctx)?;
-            x = y;
-            routers.extend(r);
-        }
+        let (ctx, _, routers) = self.trunk(batch, true)?;
         self.router_aux(&routers, &ctx)
     }
 
@@ -733,18 +732,6 @@ impl DecoderModel {
         let mut g_out = grads
             .remove(top.as_tensor())
             .ok_or_else(|| Error::Training("no gradient reached the last hidden state".into()))?;
-        let merge = |grads: &mut GradStore, part: GradStore| -> Result<()> {
-            for p in &self.params {
-                if let Some(g) = part.get(p.var.as_tensor()) {
-                    let sum = match grads.remove(p.var.as_tensor()) {
-                        Some(prev) => (prev + g)?,
-                        None => g.clone(),
-                    };
-                    grads.insert(p.var.as_tensor(), sum);
-                }
-            }
-            Ok(())
-        };
         for (l, layer) in self.layers.iter().enumerate().rev() {
             let x_in = Var::from_tensor(&xs[l])?;
             let (out, r) = self.layer_fwd(layer, x_in.as_tensor(), &ctx)?;
@@ -758,23 +745,16 @@ impl DecoderModel {
             g_out = part
                 .remove(x_in.as_tensor())
                 .ok_or_else(|| Error::Training(format!("no gradient reached the input of layer {l}")))?;
-            merge(&mut grads, part)?;
+            add_grads(&mut grads, part, &self.params)?;
         }
         let e = self.embed_fwd(&ctx)?;
         let part = (e * &g_out)?.sum_all()?.backward()?;
-        merge(&mut grads, part)?;
+        add_grads(&mut grads, part, &self.params)?;
         Ok((LossSum { sum, n_tokens: batch.n_targets, aux }, grads))
     }
 
     fn loss_inner(&self, batch: &Batch) -> Result<LossSum> {
-        let ctx = self.ctx(batch)?;
-        let mut x = self.embed_fwd(&ctx)?;
-        let mut routers = Vec::new();
-        for layer in &self.layers {
-            let (y, r) = self.layer_fwd(layer, &x, &ctx)?;
-            x = y;
-            routers.extend(r);
-        }
+        let (ctx, x, routers) = self.trunk(batch, true)?;
         // Only positions that carry loss go through the vocabulary projection.
         let logits = self.head(&x, Some(&batch.target_rows))?;
         let aux = match self.spec.router_aux_loss_coef {
@@ -829,11 +809,7 @@ impl Model for DecoderModel {
         if batch.n_targets == 0 {
             return Ok(EvalSums { loss_sum: 0.0, n_tokens: 0, n_correct: Some(0) });
         }
-        let ctx = self.ctx(batch)?;
-        let mut x = self.embed_fwd(&ctx)?.detach();
-        for layer in &self.layers {
-            x = self.layer_fwd(layer, &x, &ctx)?.0.detach();
-        }
+        let (_, x, _) = self.trunk(batch, false)?;
         let logits = self.head(&x, Some(&batch.target_rows))?.detach();
         let loss_sum = nll(&logits, &batch.target_ids)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let pred = logits.argmax(D::Minus1)?;
