@@ -16,7 +16,12 @@ use packsft::{Collator, CompletionOnlyCollator, DecoderModel, Example, Model};
 
 fn fixtures() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(root).unwrap().flatten().map(|e| e.path()).filter(|p| p.join("reference.json").exists()).collect();
+    let mut v: Vec<PathBuf> = std::fs::read_dir(root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("reference.json").exists())
+        .collect();
     v.sort();
     v
 }
@@ -28,20 +33,17 @@ struct Reference {
 }
 
 fn reference(dir: &Path) -> Reference {
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
-    let examples = json["examples"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            Example::new(
-                e["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect(),
-                e["completion_mask"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() == 1).collect(),
-            )
-        })
-        .collect();
-    let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
-    Reference { json, examples, tensors }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let examples = common::examples_from_json(&json["examples"]);
+    let tensors =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    Reference {
+        json,
+        examples,
+        tensors,
+    }
 }
 
 fn name(dir: &Path) -> String {
@@ -52,9 +54,17 @@ fn name(dir: &Path) -> String {
 fn all_fourteen_families_are_covered() {
     let types: std::collections::BTreeSet<String> = fixtures()
         .iter()
-        .map(|d| reference(d).json["model_type"].as_str().unwrap().to_string())
+        .map(|d| {
+            reference(d).json["model_type"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
-    let want: std::collections::BTreeSet<String> = packsft::model::families::SUPPORTED.iter().map(|s| s.to_string()).collect();
+    let want: std::collections::BTreeSet<String> = packsft::model::families::SUPPORTED
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     assert_eq!(types, want);
 }
 
@@ -64,16 +74,28 @@ fn logits_loss_and_gradients_match_transformers() {
     for dir in fixtures() {
         let fam = name(&dir);
         let r = reference(&dir);
-        let model = DecoderModel::from_pretrained(&dir, &Device::Cpu).unwrap_or_else(|e| panic!("{fam}: {e}"));
+        let model = DecoderModel::from_pretrained(&dir, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{fam}: {e}"));
         for padding_free in [true, false] {
-            let batch = CompletionOnlyCollator::new(padding_free, 0).collate(&r.examples, &Device::Cpu).unwrap();
+            let batch = CompletionOnlyCollator::new(padding_free, 0)
+                .collate(&r.examples, &Device::Cpu)
+                .unwrap();
             let logits = model.all_logits(&batch).unwrap();
             let mut start = 0;
             for (i, ex) in r.examples.iter().enumerate() {
-                let at = if padding_free { start } else { i * batch.row_len };
-                let d = max_abs_diff(&logits.narrow(0, at, ex.len()).unwrap(), &r.tensors[&format!("logits.{i}")]);
+                let at = if padding_free {
+                    start
+                } else {
+                    i * batch.row_len
+                };
+                let d = max_abs_diff(
+                    &logits.narrow(0, at, ex.len()).unwrap(),
+                    &r.tensors[&format!("logits.{i}")],
+                );
                 if !(d <= 1e-4) {
-                    failures.push(format!("{fam} pf={padding_free} example {i}: logits max |diff| {d:e}"));
+                    failures.push(format!(
+                        "{fam} pf={padding_free} example {i}: logits max |diff| {d:e}"
+                    ));
                 }
                 start += ex.len();
             }
@@ -91,39 +113,64 @@ fn logits_loss_and_gradients_match_transformers() {
                     Some(g) => {
                         let d = rel_diff(g, want);
                         if !(d <= 1e-4) {
-                            failures.push(format!("{fam} pf={padding_free} {}: gradient rel diff {d:e}", p.name));
+                            failures.push(format!(
+                                "{fam} pf={padding_free} {}: gradient rel diff {d:e}",
+                                p.name
+                            ));
                         }
                     }
                 }
             }
             let n_ref = r.tensors.keys().filter(|k| k.starts_with("grad.")).count();
             if n_ref != model.params().len() {
-                failures.push(format!("{fam}: {} parameters, transformers has {n_ref}", model.params().len()));
+                failures.push(format!(
+                    "{fam}: {} parameters, transformers has {n_ref}",
+                    model.params().len()
+                ));
             }
             // The MoE router loss over all real tokens, and its gradient.
             if let Some(want) = r.json.get("aux_loss").and_then(|v| v.as_f64()) {
-                let aux = model.router_aux_loss(&batch).unwrap().expect("a MoE model has a router loss");
+                let aux = model
+                    .router_aux_loss(&batch)
+                    .unwrap()
+                    .expect("a MoE model has a router loss");
                 let got = aux.to_scalar::<f32>().unwrap() as f64;
                 if !((got - want).abs() / want <= 1e-5) {
                     failures.push(format!("{fam} pf={padding_free}: aux loss {got} vs {want}"));
                 }
                 let g = aux.backward().unwrap();
                 for p in model.params() {
-                    let Some(want) = r.tensors.get(&format!("aux_grad.{}", p.name)) else { continue };
-                    let wn = want.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                    let Some(want) = r.tensors.get(&format!("aux_grad.{}", p.name)) else {
+                        continue;
+                    };
+                    let wn = want
+                        .sqr()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
                     let ok = match g.get(p.var.as_tensor()) {
                         None => wn == 0.0,
                         Some(got) if wn == 0.0 => max_abs_diff(got, want) <= 1e-7,
                         Some(got) => rel_diff(got, want) <= 1e-4,
                     };
                     if !ok {
-                        failures.push(format!("{fam} pf={padding_free} {}: aux gradient differs", p.name));
+                        failures.push(format!(
+                            "{fam} pf={padding_free} {}: aux gradient differs",
+                            p.name
+                        ));
                     }
                 }
             }
         }
     }
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -133,8 +180,11 @@ fn saving_keeps_names_values_and_config() {
         let model = DecoderModel::from_pretrained(&dir, &Device::Cpu).unwrap();
         let out = tempfile::tempdir().unwrap();
         model.save(out.path()).unwrap();
-        let original = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
-        let saved = candle_core::safetensors::load(out.path().join("model.safetensors"), &Device::Cpu).unwrap();
+        let original =
+            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        let saved =
+            candle_core::safetensors::load(out.path().join("model.safetensors"), &Device::Cpu)
+                .unwrap();
         let mut a: Vec<_> = original.keys().collect();
         let mut b: Vec<_> = saved.keys().collect();
         a.sort();
@@ -143,8 +193,12 @@ fn saving_keeps_names_values_and_config() {
         for (k, t) in &original {
             assert_eq!(max_abs_diff(t, &saved[k]), 0.0, "{fam} {k}");
         }
-        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap()).unwrap();
-        let orig: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+                .unwrap();
+        let orig: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
         assert_eq!(cfg["model_type"], orig["model_type"], "{fam}");
         assert_eq!(cfg["architectures"], orig["architectures"], "{fam}");
         let again = DecoderModel::from_pretrained(out.path(), &Device::Cpu).unwrap();
@@ -161,18 +215,40 @@ fn a_few_steps_lower_the_loss_and_reach_every_parameter() {
         let cfg = TrainerConfig {
             batch_size: 6,
             max_steps: 6,
-            adamw: AdamWConfig { lr: 1e-2, ..Default::default() },
+            adamw: AdamWConfig {
+                lr: 1e-2,
+                ..Default::default()
+            },
             schedule: Schedule::Constant,
             shuffle: false,
             progress: false,
             ..Default::default()
         };
-        let mut t = Trainer::new(model, CompletionOnlyCollator::new(true, 0), cfg, Device::Cpu).unwrap();
+        let mut t = Trainer::new(
+            model,
+            CompletionOnlyCollator::new(true, 0),
+            cfg,
+            Device::Cpu,
+        )
+        .unwrap();
         let sg = t.step_grads(&r.examples).unwrap();
         for p in t.model.params() {
-            let g = sg.grads.get(p.var.as_tensor()).unwrap_or_else(|| panic!("{fam} {}: no gradient", p.name));
-            let n = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(n > 0.0 && n.is_finite(), "{fam} {}: gradient norm^2 {n}", p.name);
+            let g = sg
+                .grads
+                .get(p.var.as_tensor())
+                .unwrap_or_else(|| panic!("{fam} {}: no gradient", p.name));
+            let n = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                n > 0.0 && n.is_finite(),
+                "{fam} {}: gradient norm^2 {n}",
+                p.name
+            );
         }
         let before = t.evaluate(&r.examples).unwrap().loss;
         t.train(&r.examples, None).unwrap();
@@ -182,37 +258,96 @@ fn a_few_steps_lower_the_loss_and_reach_every_parameter() {
 }
 
 fn fixture(n: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families").join(n)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/families")
+        .join(n)
 }
 
 /// A copy of a fixture's config.json with `edit` applied, and its weights.
 fn edited(n: &str, edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(n).join("config.json")).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(n).join("config.json")).unwrap())
+            .unwrap();
     edit(&mut cfg);
     std::fs::write(d.path().join("config.json"), cfg.to_string()).unwrap();
-    std::fs::copy(fixture(n).join("model.safetensors"), d.path().join("model.safetensors")).unwrap();
+    std::fs::copy(
+        fixture(n).join("model.safetensors"),
+        d.path().join("model.safetensors"),
+    )
+    .unwrap();
     d
 }
 
 fn load_err(d: &Path) -> String {
-    DecoderModel::from_pretrained(d, &Device::Cpu).err().expect("expected an error").to_string()
+    DecoderModel::from_pretrained(d, &Device::Cpu)
+        .err()
+        .expect("expected an error")
+        .to_string()
 }
 
 #[test]
 fn unsupported_config_features_are_named_not_ignored() {
     let cases: Vec<(&str, Box<dyn FnOnce(&mut serde_json::Value)>, &str)> = vec![
-        ("falcon_mq", Box::new(|c| c["alibi"] = true.into()), "alibi = true is not supported"),
-        ("llama", Box::new(|c| c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 2.0})), "rope_scaling type \"yarn\""),
-        ("llama", Box::new(|c| c["rope_scaling"] = serde_json::json!({"rope_type": "dynamic", "factor": 2.0})), "rope_scaling type \"dynamic\""),
-        ("mistral", Box::new(|c| c["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0})), "rope_scaling"),
-        ("phi", Box::new(|c| c["qk_layernorm"] = true.into()), "qk_layernorm = true"),
-        ("mixtral", Box::new(|c| c["router_jitter_noise"] = 0.1.into()), "router_jitter_noise"),
-        ("qwen2", Box::new(|c| c["use_sliding_window"] = true.into()), "use_sliding_window"),
-        ("starcoder2", Box::new(|c| c["head_dim"] = 5.into()), "head_dim = 5"),
-        ("llama", Box::new(|c| c["hidden_act"] = "relu2".into()), "hidden_act = \"relu2\""),
-        ("llama", Box::new(|c| c["model_type"] = "gpt_neox".into()), "model_type \"gpt_neox\" is not supported (supported: llama, mistral"),
-        ("llama", Box::new(|c| c["hidden_size"] = "big".into()), "`hidden_size` must be a non-negative integer"),
+        (
+            "falcon_mq",
+            Box::new(|c| c["alibi"] = true.into()),
+            "alibi = true is not supported",
+        ),
+        (
+            "llama",
+            Box::new(|c| {
+                c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 2.0})
+            }),
+            "rope_scaling type \"yarn\"",
+        ),
+        (
+            "llama",
+            Box::new(|c| {
+                c["rope_scaling"] = serde_json::json!({"rope_type": "dynamic", "factor": 2.0})
+            }),
+            "rope_scaling type \"dynamic\"",
+        ),
+        (
+            "mistral",
+            Box::new(|c| c["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0})),
+            "rope_scaling",
+        ),
+        (
+            "phi",
+            Box::new(|c| c["qk_layernorm"] = true.into()),
+            "qk_layernorm = true",
+        ),
+        (
+            "mixtral",
+            Box::new(|c| c["router_jitter_noise"] = 0.1.into()),
+            "router_jitter_noise",
+        ),
+        (
+            "qwen2",
+            Box::new(|c| c["use_sliding_window"] = true.into()),
+            "use_sliding_window",
+        ),
+        (
+            "starcoder2",
+            Box::new(|c| c["head_dim"] = 5.into()),
+            "head_dim = 5",
+        ),
+        (
+            "llama",
+            Box::new(|c| c["hidden_act"] = "relu2".into()),
+            "hidden_act = \"relu2\"",
+        ),
+        (
+            "llama",
+            Box::new(|c| c["model_type"] = "gpt_neox".into()),
+            "model_type \"gpt_neox\" is not supported (supported: llama, mistral",
+        ),
+        (
+            "llama",
+            Box::new(|c| c["hidden_size"] = "big".into()),
+            "`hidden_size` must be a non-negative integer",
+        ),
     ];
     for (fam, edit, want) in cases {
         let d = edited(fam, edit);
@@ -222,26 +357,37 @@ fn unsupported_config_features_are_named_not_ignored() {
     // Weights that do not fit the config are named too.
     let d = edited("llama", |c| c["intermediate_size"] = 40.into());
     let e = load_err(d.path());
-    assert!(e.contains("model.layers.0.mlp.gate_proj.weight") && e.contains("shape"), "{e}");
+    assert!(
+        e.contains("model.layers.0.mlp.gate_proj.weight") && e.contains("shape"),
+        "{e}"
+    );
 }
 
 #[test]
 fn sharded_and_bf16_checkpoints_load() {
     let src = fixture("qwen2_moe");
-    let tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
     let d = tempfile::tempdir().unwrap();
     std::fs::copy(src.join("config.json"), d.path().join("config.json")).unwrap();
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     let (a, b) = names.split_at(names.len() / 2);
     let mut map = serde_json::Map::new();
-    for (part, file) in [(a, "model-00001-of-00002.safetensors"), (b, "model-00002-of-00002.safetensors")] {
+    for (part, file) in [
+        (a, "model-00001-of-00002.safetensors"),
+        (b, "model-00002-of-00002.safetensors"),
+    ] {
         // One shard in bf16: the loader converts to float32.
         let shard: HashMap<String, Tensor> = part
             .iter()
             .map(|n| {
                 let t = &tensors[*n];
-                let t = if file.starts_with("model-00002") { t.to_dtype(candle_core::DType::BF16).unwrap() } else { t.clone() };
+                let t = if file.starts_with("model-00002") {
+                    t.to_dtype(candle_core::DType::BF16).unwrap()
+                } else {
+                    t.clone()
+                };
                 ((*n).clone(), t)
             })
             .collect();
@@ -250,31 +396,64 @@ fn sharded_and_bf16_checkpoints_load() {
             map.insert((*n).clone(), file.into());
         }
     }
-    std::fs::write(d.path().join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": map}).to_string()).unwrap();
+    std::fs::write(
+        d.path().join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
+    )
+    .unwrap();
     let model = DecoderModel::from_pretrained(d.path(), &Device::Cpu).unwrap();
     let reference = DecoderModel::from_pretrained(&src, &Device::Cpu).unwrap();
     for (p, q) in model.params().iter().zip(reference.params()) {
         assert_eq!(p.var.dtype(), candle_core::DType::F32);
-        let want = if b.contains(&&p.name) { q.var.to_dtype(candle_core::DType::BF16).unwrap().to_dtype(candle_core::DType::F32).unwrap() } else { q.var.as_tensor().clone() };
+        let want = if b.contains(&&p.name) {
+            q.var
+                .to_dtype(candle_core::DType::BF16)
+                .unwrap()
+                .to_dtype(candle_core::DType::F32)
+                .unwrap()
+        } else {
+            q.var.as_tensor().clone()
+        };
         assert_eq!(max_abs_diff(p.var.as_tensor(), &want), 0.0, "{}", p.name);
     }
     // A shard listed in the index but missing is named.
     std::fs::remove_file(d.path().join("model-00002-of-00002.safetensors")).unwrap();
     let e = load_err(d.path());
-    assert!(e.contains("model-00002-of-00002.safetensors") && e.contains("does not exist"), "{e}");
+    assert!(
+        e.contains("model-00002-of-00002.safetensors") && e.contains("does not exist"),
+        "{e}"
+    );
 }
 
 #[test]
 fn arch_prints_what_was_understood() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_packsft")).arg("arch").arg(fixture("dbrx")).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_packsft"))
+        .arg("arch")
+        .arg(fixture("dbrx"))
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for want in ["family          dbrx", "fused [q | k | v]", "clip_qkv        0.5", "MoE 4 experts top-2", "LayerNorm without bias", "router aux loss coefficient 0.05"] {
+    for want in [
+        "family          dbrx",
+        "fused [q | k | v]",
+        "clip_qkv        0.5",
+        "MoE 4 experts top-2",
+        "LayerNorm without bias",
+        "router aux loss coefficient 0.05",
+    ] {
         assert!(text.contains(want), "missing {want:?} in\n{text}");
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_packsft")).args(["arch", "--json"]).arg(fixture("stablelm")).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_packsft"))
+        .args(["arch", "--json"])
+        .arg(fixture("stablelm"))
+        .output()
+        .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["rope"]["rotary_dim"].as_u64().unwrap() * 4, v["head_dim"].as_u64().unwrap());
+    assert_eq!(
+        v["rope"]["rotary_dim"].as_u64().unwrap() * 4,
+        v["head_dim"].as_u64().unwrap()
+    );
     assert_eq!(v["qk_norm"], true);
 }
 
@@ -289,17 +468,50 @@ fn trained_models_save_and_reload_with_the_same_loss() {
         let fam = name(&dir);
         let r = reference(&dir);
         let model = DecoderModel::from_pretrained(&dir, &Device::Cpu).unwrap();
-        let cfg = TrainerConfig { batch_size: 6, max_steps: 3, adamw: AdamWConfig { lr: 1e-2, ..Default::default() }, shuffle: false, progress: false, ..Default::default() };
-        let mut t = Trainer::new(model, CompletionOnlyCollator::new(true, 0), cfg, Device::Cpu).unwrap();
+        let cfg = TrainerConfig {
+            batch_size: 6,
+            max_steps: 3,
+            adamw: AdamWConfig {
+                lr: 1e-2,
+                ..Default::default()
+            },
+            shuffle: false,
+            progress: false,
+            ..Default::default()
+        };
+        let mut t = Trainer::new(
+            model,
+            CompletionOnlyCollator::new(true, 0),
+            cfg,
+            Device::Cpu,
+        )
+        .unwrap();
         t.train(&r.examples, None).unwrap();
         let loss = t.evaluate(&r.examples).unwrap().loss;
         let out = root.join(&fam);
         t.model.save(&out).unwrap();
         let again = DecoderModel::from_pretrained(&out, &Device::Cpu).unwrap();
-        let t2 = Trainer::new(again, CompletionOnlyCollator::new(false, 0), TrainerConfig { batch_size: 6, progress: false, ..Default::default() }, Device::Cpu).unwrap();
+        let t2 = Trainer::new(
+            again,
+            CompletionOnlyCollator::new(false, 0),
+            TrainerConfig {
+                batch_size: 6,
+                progress: false,
+                ..Default::default()
+            },
+            Device::Cpu,
+        )
+        .unwrap();
         let loss2 = t2.evaluate(&r.examples).unwrap().loss;
-        assert!((loss - loss2).abs() / loss <= 1e-6, "{fam}: {loss} vs reloaded {loss2}");
+        assert!(
+            (loss - loss2).abs() / loss <= 1e-6,
+            "{fam}: {loss} vs reloaded {loss2}"
+        );
         let examples: Vec<serde_json::Value> = r.json["examples"].as_array().unwrap().clone();
-        std::fs::write(out.join("packsft_loss.json"), serde_json::json!({"loss": loss, "examples": examples}).to_string()).unwrap();
+        std::fs::write(
+            out.join("packsft_loss.json"),
+            serde_json::json!({"loss": loss, "examples": examples}).to_string(),
+        )
+        .unwrap();
     }
 }

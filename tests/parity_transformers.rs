@@ -28,26 +28,7 @@ fn reference(dir: &Path) -> Reference {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
-    let examples = v["examples"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            let ids = e["input_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect();
-            let m = e["completion_mask"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() == 1)
-                .collect();
-            Example::new(ids, m)
-        })
-        .collect();
+    let examples = common::examples_from_json(&v["examples"]);
     Reference {
         examples,
         loss: v["loss"].as_f64().unwrap(),

@@ -11,14 +11,18 @@ use common::{examples, rel_diff, tiny_model};
 use packsft::callback::{Callback, Control, EarlyStopping};
 use packsft::optim::{AdamWConfig, Schedule};
 use packsft::trainer::{EvalMetrics, StepMetrics, Trainer, TrainerConfig};
-use packsft::{CompletionOnlyCollator, Example, DecoderModel, LossNormalization, Model};
+use packsft::{CompletionOnlyCollator, DecoderModel, Example, LossNormalization, Model};
 
 fn cfg(out: Option<&Path>) -> TrainerConfig {
     TrainerConfig {
         batch_size: 2,
         grad_accum: 2,
         max_steps: 8,
-        adamw: AdamWConfig { lr: 3e-3, weight_decay: 0.01, ..Default::default() },
+        adamw: AdamWConfig {
+            lr: 3e-3,
+            weight_decay: 0.01,
+            ..Default::default()
+        },
         schedule: Schedule::Cosine,
         warmup_steps: 2,
         save_steps: 3,
@@ -34,19 +38,32 @@ fn data() -> Vec<Example> {
 
 fn grads(t: &Trainer<DecoderModel, CompletionOnlyCollator>, exs: &[Example]) -> Vec<Tensor> {
     let sg = t.step_grads(exs).unwrap();
-    t.model.params().iter().map(|p| sg.grads.get(p.var.as_tensor()).unwrap().clone()).collect()
+    t.model
+        .params()
+        .iter()
+        .map(|p| sg.grads.get(p.var.as_tensor()).unwrap().clone())
+        .collect()
 }
 
 #[test]
 fn sixteen_examples_any_split_same_gradients_both_normalisations() {
-    let exs = examples(&[5, 9, 14, 3, 22, 7, 11, 6, 2, 17, 8, 4, 13, 10, 19, 5], 64, 8);
+    let exs = examples(
+        &[5, 9, 14, 3, 22, 7, 11, 6, 2, 17, 8, 4, 13, 10, 19, 5],
+        64,
+        8,
+    );
     for norm in [LossNormalization::Tokens, LossNormalization::Sequences] {
         let mut reference: Option<Vec<Tensor>> = None;
         for padding_free in [true, false] {
             for (bs, ga) in [(8, 1), (4, 2), (2, 4)] {
                 let mut c = CompletionOnlyCollator::new(padding_free, 0);
                 c.normalization = norm;
-                let tc = TrainerConfig { batch_size: bs, grad_accum: ga, progress: false, ..Default::default() };
+                let tc = TrainerConfig {
+                    batch_size: bs,
+                    grad_accum: ga,
+                    progress: false,
+                    ..Default::default()
+                };
                 let t = Trainer::new(tiny_model(9), c, tc, Device::Cpu).unwrap();
                 let g = grads(&t, &exs);
                 match &reference {
@@ -54,7 +71,11 @@ fn sixteen_examples_any_split_same_gradients_both_normalisations() {
                     Some(r) => {
                         for ((a, b), p) in g.iter().zip(r).zip(t.model.params()) {
                             let d = rel_diff(a, b);
-                            assert!(d <= 1e-5, "{norm:?} padding_free={padding_free} ({bs},{ga}) {}: {d:e}", p.name);
+                            assert!(
+                                d <= 1e-5,
+                                "{norm:?} padding_free={padding_free} ({bs},{ga}) {}: {d:e}",
+                                p.name
+                            );
                         }
                     }
                 }
@@ -69,7 +90,11 @@ fn sequence_normalisation_is_the_mean_of_per_sequence_means() {
     let model = tiny_model(2);
     let mut seq = CompletionOnlyCollator::new(true, 0);
     seq.normalization = LossNormalization::Sequences;
-    let tc = TrainerConfig { batch_size: 3, progress: false, ..Default::default() };
+    let tc = TrainerConfig {
+        batch_size: 3,
+        progress: false,
+        ..Default::default()
+    };
     let t = Trainer::new(model, seq, tc.clone(), Device::Cpu).unwrap();
     let sg = t.step_grads(&exs).unwrap();
     let got = sg.loss_sum / sg.loss_units;
@@ -88,24 +113,22 @@ fn sequence_normalisation_is_the_mean_of_per_sequence_means() {
 #[test]
 fn five_adamw_steps_track_pytorch() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let fx: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("tests/fixtures/trajectory.json")).unwrap()).unwrap();
-    let exs: Vec<Example> = fx["examples"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            Example::new(
-                e["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect(),
-                e["completion_mask"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() == 1).collect(),
-            )
-        })
-        .collect();
-    let model = DecoderModel::from_pretrained(&root.join("tests/fixtures/llama_tiny"), &Device::Cpu).unwrap();
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("tests/fixtures/trajectory.json")).unwrap(),
+    )
+    .unwrap();
+    let exs: Vec<Example> = common::examples_from_json(&fx["examples"]);
+    let model =
+        DecoderModel::from_pretrained(&root.join("tests/fixtures/llama_tiny"), &Device::Cpu)
+            .unwrap();
     let tc = TrainerConfig {
         batch_size: 2,
         max_steps: 5,
-        adamw: AdamWConfig { lr: 2e-3, weight_decay: 0.1, ..Default::default() },
+        adamw: AdamWConfig {
+            lr: 2e-3,
+            weight_decay: 0.1,
+            ..Default::default()
+        },
         schedule: Schedule::Linear,
         warmup_steps: 2,
         max_grad_norm: 1.0,
@@ -116,10 +139,29 @@ fn five_adamw_steps_track_pytorch() {
     let schedule = t.schedule(5);
     for (s, want) in fx["steps"].as_array().unwrap().iter().enumerate() {
         let m = t.train_step(s, &exs[2 * s..2 * s + 2], &schedule).unwrap();
-        let (wl, wlr, wn) = (want["loss"].as_f64().unwrap(), want["lr"].as_f64().unwrap(), want["grad_norm"].as_f64().unwrap());
-        assert!((m.loss - wl).abs() / wl <= 1e-4, "step {}: loss {} vs torch {wl}", s + 1, m.loss);
-        assert!((m.lr - wlr).abs() <= 1e-12, "step {}: lr {} vs {wlr}", s + 1, m.lr);
-        assert!((m.grad_norm - wn).abs() / wn <= 1e-4, "step {}: grad norm {} vs {wn}", s + 1, m.grad_norm);
+        let (wl, wlr, wn) = (
+            want["loss"].as_f64().unwrap(),
+            want["lr"].as_f64().unwrap(),
+            want["grad_norm"].as_f64().unwrap(),
+        );
+        assert!(
+            (m.loss - wl).abs() / wl <= 1e-4,
+            "step {}: loss {} vs torch {wl}",
+            s + 1,
+            m.loss
+        );
+        assert!(
+            (m.lr - wlr).abs() <= 1e-12,
+            "step {}: lr {} vs {wlr}",
+            s + 1,
+            m.lr
+        );
+        assert!(
+            (m.grad_norm - wn).abs() / wn <= 1e-4,
+            "step {}: grad norm {} vs {wn}",
+            s + 1,
+            m.grad_norm
+        );
     }
 }
 
@@ -127,7 +169,11 @@ fn five_adamw_steps_track_pytorch() {
 struct StopAt(usize);
 impl Callback for StopAt {
     fn on_step_end(&mut self, m: &StepMetrics) -> packsft::Result<Control> {
-        Ok(if m.step == self.at() { Control::Stop } else { Control::Continue })
+        Ok(if m.step == self.at() {
+            Control::Stop
+        } else {
+            Control::Continue
+        })
     }
 }
 impl StopAt {
@@ -136,8 +182,17 @@ impl StopAt {
     }
 }
 
-fn trainer(out: Option<&Path>, padding_free: bool) -> Trainer<DecoderModel, CompletionOnlyCollator> {
-    Trainer::new(tiny_model(11), CompletionOnlyCollator::new(padding_free, 0), cfg(out), Device::Cpu).unwrap()
+fn trainer(
+    out: Option<&Path>,
+    padding_free: bool,
+) -> Trainer<DecoderModel, CompletionOnlyCollator> {
+    Trainer::new(
+        tiny_model(11),
+        CompletionOnlyCollator::new(padding_free, 0),
+        cfg(out),
+        Device::Cpu,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -155,20 +210,38 @@ fn resumed_runs_match_an_uninterrupted_run_bit_for_bit() {
         first.add_callback(Box::new(StopAt(5)));
         let part = first.train(&exs, Some(&eval)).unwrap();
         assert!(part.stopped && part.steps.len() == 5);
-        assert_eq!(part.last_checkpoint.as_deref(), Some(dir.path().join("checkpoint-5").as_path()));
+        assert_eq!(
+            part.last_checkpoint.as_deref(),
+            Some(dir.path().join("checkpoint-5").as_path())
+        );
 
         let mut second = trainer(Some(dir.path()), padding_free);
-        second.resume_from(&dir.path().join("checkpoint-5")).unwrap();
+        second
+            .resume_from(&dir.path().join("checkpoint-5"))
+            .unwrap();
         let rest = second.train(&exs, Some(&eval)).unwrap();
-        let resumed: Vec<f64> = part.steps.iter().chain(&rest.steps).map(|m| m.loss).collect();
+        let resumed: Vec<f64> = part
+            .steps
+            .iter()
+            .chain(&rest.steps)
+            .map(|m| m.loss)
+            .collect();
         let straight: Vec<f64> = full.steps.iter().map(|m| m.loss).collect();
         assert_eq!(resumed, straight, "padding_free={padding_free}");
         assert_eq!(rest.steps[0].step, 6);
-        assert_eq!(rest.evals.last().unwrap().eval_loss, full.evals.last().unwrap().eval_loss);
+        assert_eq!(
+            rest.evals.last().unwrap().eval_loss,
+            full.evals.last().unwrap().eval_loss
+        );
         // Final weights identical to the bit.
         for (a, b) in second.model.params().iter().zip(full_t.model.params()) {
             let (x, y) = (a.var.flatten_all().unwrap(), b.var.flatten_all().unwrap());
-            assert_eq!(x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap(), "{}", a.name);
+            assert_eq!(
+                x.to_vec1::<f32>().unwrap(),
+                y.to_vec1::<f32>().unwrap(),
+                "{}",
+                a.name
+            );
         }
         // metrics.jsonl of the resumed run has each step once, in order.
         let text = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
@@ -189,14 +262,25 @@ fn checkpoints_are_complete_and_pruned() {
     let mut c = cfg(Some(dir.path()));
     c.save_steps = 2;
     c.save_total_limit = Some(2);
-    let mut t = Trainer::new(tiny_model(1), CompletionOnlyCollator::new(true, 0), c, Device::Cpu).unwrap();
+    let mut t = Trainer::new(
+        tiny_model(1),
+        CompletionOnlyCollator::new(true, 0),
+        c,
+        Device::Cpu,
+    )
+    .unwrap();
     t.train(&exs, None).unwrap();
     let names: Vec<String> = packsft::checkpoint::list(dir.path())
         .into_iter()
         .map(|(_, p)| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
     assert_eq!(names, vec!["checkpoint-6", "checkpoint-8"]);
-    for f in ["config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
         assert!(dir.path().join("checkpoint-8").join(f).exists(), "{f}");
     }
     // No temporary directory is left behind.
@@ -217,7 +301,13 @@ fn a_stop_flag_saves_a_checkpoint_and_returns() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = cfg(Some(dir.path()));
     c.save_steps = 0;
-    let mut t = Trainer::new(tiny_model(1), CompletionOnlyCollator::new(true, 0), c, Device::Cpu).unwrap();
+    let mut t = Trainer::new(
+        tiny_model(1),
+        CompletionOnlyCollator::new(true, 0),
+        c,
+        Device::Cpu,
+    )
+    .unwrap();
     t.stop_flag().store(true, Ordering::SeqCst);
     let s = t.train(&exs, None).unwrap();
     assert!(s.interrupted && s.stopped);
@@ -235,9 +325,18 @@ fn a_diverging_run_stops_naming_the_step_and_keeps_the_last_checkpoint() {
     c.schedule = Schedule::Constant;
     c.max_grad_norm = 0.0;
     c.save_steps = 1;
-    let mut t = Trainer::new(tiny_model(1), CompletionOnlyCollator::new(true, 0), c, Device::Cpu).unwrap();
+    let mut t = Trainer::new(
+        tiny_model(1),
+        CompletionOnlyCollator::new(true, 0),
+        c,
+        Device::Cpu,
+    )
+    .unwrap();
     let e = t.train(&exs, None).unwrap_err().to_string();
-    assert!(e.contains("step 2:") && (e.contains("NaN") || e.contains("inf")), "{e}");
+    assert!(
+        e.contains("step 2:") && (e.contains("NaN") || e.contains("inf")),
+        "{e}"
+    );
     assert!(dir.path().join("checkpoint-1/model.safetensors").exists());
     assert!(!dir.path().join("checkpoint-2").exists());
 }
@@ -258,19 +357,36 @@ fn resume_rejects_non_checkpoints_and_other_models() {
         "vocab_size": 64, "hidden_size": 48, "intermediate_size": 48, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
     });
-    let mut t = trainer_with(DecoderModel::new_random(other, 0, &Device::Cpu).unwrap(), cfg(None));
-    let e = t.resume_from(&dir.path().join("checkpoint-3")).unwrap_err().to_string();
-    assert!(e.contains("different model") && e.contains("model.embed_tokens.weight"), "{e}");
+    let mut t = trainer_with(
+        DecoderModel::new_random(other, 0, &Device::Cpu).unwrap(),
+        cfg(None),
+    );
+    let e = t
+        .resume_from(&dir.path().join("checkpoint-3"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("different model") && e.contains("model.embed_tokens.weight"),
+        "{e}"
+    );
 }
 
-fn trainer_with(model: DecoderModel, c: TrainerConfig) -> Trainer<DecoderModel, CompletionOnlyCollator> {
+fn trainer_with(
+    model: DecoderModel,
+    c: TrainerConfig,
+) -> Trainer<DecoderModel, CompletionOnlyCollator> {
     Trainer::new(model, CompletionOnlyCollator::new(true, 0), c, Device::Cpu).unwrap()
 }
 
 #[test]
 fn early_stopping_stops_after_patience_evals_without_improvement() {
     let mut es = EarlyStopping::new(2, 0.0);
-    let ev = |step, eval_loss| EvalMetrics { step, eval_loss, eval_accuracy: None, eval_tokens: 1 };
+    let ev = |step, eval_loss| EvalMetrics {
+        step,
+        eval_loss,
+        eval_accuracy: None,
+        eval_tokens: 1,
+    };
     assert_eq!(es.on_eval_end(&ev(1, 2.0)).unwrap(), Control::Continue);
     assert_eq!(es.on_eval_end(&ev(2, 1.5)).unwrap(), Control::Continue);
     assert_eq!(es.on_eval_end(&ev(3, 1.6)).unwrap(), Control::Continue);
@@ -302,7 +418,11 @@ fn gradient_checkpointing_gives_the_same_gradients() {
     let plain = trainer(None, true);
     let mut ck = trainer(None, true);
     ck.model.compute.gradient_checkpointing = true;
-    for ((a, b), p) in grads(&ck, &exs).iter().zip(grads(&plain, &exs)).zip(plain.model.params()) {
+    for ((a, b), p) in grads(&ck, &exs)
+        .iter()
+        .zip(grads(&plain, &exs))
+        .zip(plain.model.params())
+    {
         let d = rel_diff(a, &b);
         assert!(d <= 1e-6, "{}: {d:e}", p.name);
     }
@@ -320,7 +440,13 @@ fn bf16_compute_keeps_f32_master_weights_and_tracks_the_f32_loss() {
         assert_eq!(p.var.dtype(), DType::F32, "{}", p.name);
     }
     for (x, y) in a.steps.iter().zip(&b.steps) {
-        assert!((x.loss - y.loss).abs() / x.loss < 0.02, "step {}: f32 {} bf16 {}", x.step, x.loss, y.loss);
+        assert!(
+            (x.loss - y.loss).abs() / x.loss < 0.02,
+            "step {}: f32 {} bf16 {}",
+            x.step,
+            x.loss,
+            y.loss
+        );
     }
     assert!(b.steps.last().unwrap().loss < b.steps[0].loss);
 }

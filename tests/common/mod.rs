@@ -77,3 +77,27 @@ pub fn examples(lens: &[usize], vocab: u32, seed: u64) -> Vec<Example> {
         })
         .collect()
 }
+
+/// Examples as the fixture scripts write them: `{"input_ids": [...], "completion_mask": [...]}`.
+pub fn examples_from_json(v: &serde_json::Value) -> Vec<Example> {
+    v.as_array()
+        .expect("a list of examples")
+        .iter()
+        .map(|e| {
+            Example::new(
+                e["input_ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as u32)
+                    .collect(),
+                e["completion_mask"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() == 1)
+                    .collect(),
+            )
+        })
+        .collect()
+}
