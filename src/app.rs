@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use candle_core::Device;
 
-use crate::collator::CompletionOnlyCollator;
-use crate::data::{load_jsonl, Dataset, LoadOptions};
-use crate::error::{Error, Result};
 use crate::callback::{Callback, EarlyStopping};
+use crate::collator::CompletionOnlyCollator;
+use crate::data::Dataset;
+use crate::error::{Error, Result};
 use crate::model::{ComputeOptions, DecoderModel, Model};
 use crate::optim::AdamWConfig;
 use crate::recipe::Recipe;
@@ -30,28 +30,63 @@ pub struct Prepared {
 /// A recipe's inline `model.config`: a config.json written by hand. The family defaults to
 /// llama; vocabulary and special tokens default to the tokenizer's; a key the family does not
 /// read is a typo and an error, not silently ignored.
-fn inline_config(v: &serde_json::Value, tok: &TextTokenizer, recipe_path: &Path) -> Result<serde_json::Value> {
+fn inline_config(
+    v: &serde_json::Value,
+    tok: &TextTokenizer,
+    recipe_path: &Path,
+) -> Result<serde_json::Value> {
     let err = |msg: String| Error::Recipe {
         path: recipe_path.to_path_buf(),
         line: None,
         column: None,
         msg: format!("model.config: {msg}"),
     };
-    let mut map = v.as_object().ok_or_else(|| err("must be a mapping of config.json fields".into()))?.clone();
+    let mut map = v
+        .as_object()
+        .ok_or_else(|| err("must be a mapping of config.json fields".into()))?
+        .clone();
     map.entry("model_type").or_insert("llama".into());
     map.entry("vocab_size").or_insert(tok.vocab_size().into());
-    for (key, id) in [("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id), ("pad_token_id", tok.pad_id)] {
+    for (key, id) in [
+        ("bos_token_id", tok.bos_id),
+        ("eos_token_id", tok.eos_id),
+        ("pad_token_id", tok.pad_id),
+    ] {
         if let Some(id) = id {
             map.entry(key).or_insert(id.into());
         }
     }
     let cfg = serde_json::Value::Object(map);
-    let (_, _, read) = crate::model::families::from_config_tracked(&cfg).map_err(|e| err(e.to_string()))?;
-    let obj = cfg.as_object().expect("built as an object");
-    if let Some(k) = obj.keys().find(|k| !read.contains(k.as_str())) {
-        let mt = obj["model_type"].as_str().unwrap_or_default();
-        return Err(err(format!("unknown field `{k}` (a {mt} config does not read it)")));
+    // Typos first: parse a copy with the structural keys every family requires filled in, so
+    // the keys the family reads are known even when the config is incomplete.
+    let mut probe = cfg.clone();
+    let filler = [
+        ("vocab_size", 8),
+        ("hidden_size", 8),
+        ("intermediate_size", 8),
+        ("num_hidden_layers", 1),
+        ("num_attention_heads", 1),
+        ("d_model", 8),
+        ("n_heads", 1),
+        ("n_layers", 1),
+    ];
+    for (k, v) in filler {
+        probe
+            .as_object_mut()
+            .expect("object")
+            .entry(k)
+            .or_insert(v.into());
     }
+    if let Ok((_, _, read)) = crate::model::families::from_config_tracked(&probe) {
+        let obj = cfg.as_object().expect("built as an object");
+        if let Some(k) = obj.keys().find(|k| !read.contains(k.as_str())) {
+            let mt = obj["model_type"].as_str().unwrap_or_default();
+            return Err(err(format!(
+                "unknown field `{k}` (a {mt} config does not read it)"
+            )));
+        }
+    }
+    crate::model::families::from_config(&cfg).map_err(|e| err(e.to_string()))?;
     Ok(cfg)
 }
 
@@ -80,36 +115,13 @@ pub fn prepare(recipe: &Recipe, recipe_path: &Path, device: &Device) -> Result<P
             model.spec.vocab
         )));
     }
-    let opts = LoadOptions {
-        max_length: recipe
-            .data
-            .max_length
-            .min(model.spec.max_positions),
-        truncation: recipe.data.truncation,
-        vocab_size: model.spec.vocab,
-    };
-    let train = load_jsonl(&recipe.data.train, Some(&tokenizer), &opts)?;
-    let eval = match &recipe.data.eval {
-        Some(p) => Some(load_jsonl(p, Some(&tokenizer), &opts)?),
-        None => None,
-    };
-    for ds in std::iter::once(&train).chain(eval.iter()) {
-        let r = &ds.report;
-        tracing::info!(
-            path = %ds.path.display(),
-            rows = r.rows,
-            examples = r.examples,
-            truncated = r.truncated,
-            dropped_too_long = r.dropped_too_long,
-            dropped_no_target = r.dropped_no_target,
-            supervised_ratio = format!("{:.3}", r.target_tokens as f64 / r.tokens.max(1) as f64),
-            "dataset"
-        );
-    }
-    let mut collator =
-        CompletionOnlyCollator::new(recipe.collator.padding_free, tokenizer.pad_or_eos());
-    collator.pad_to_multiple_of = recipe.collator.pad_to_multiple_of;
-    collator.normalization = recipe.train.loss_normalization;
+    let (train, eval) = crate::inspect::load_recipe_data(
+        recipe,
+        &tokenizer,
+        model.spec.vocab,
+        Some(model.spec.max_positions),
+    )?;
+    let collator = crate::inspect::recipe_collator(recipe, &tokenizer);
     let mut model = model;
     model.compute = ComputeOptions {
         dtype: recipe.train.dtype.dtype(),
@@ -183,7 +195,10 @@ fn resume_dir(recipe: &Recipe, recipe_path: &Path) -> Result<Option<std::path::P
                     path: recipe_path.to_path_buf(),
                     line: None,
                     column: None,
-                    msg: format!("resume_from: {p} is not a packsft checkpoint (no {})", crate::checkpoint::STATE_FILE),
+                    msg: format!(
+                        "resume_from: {p} is not a packsft checkpoint (no {})",
+                        crate::checkpoint::STATE_FILE
+                    ),
                 });
             }
             Ok(Some(dir))
@@ -205,7 +220,10 @@ pub fn build_trainer(
         recipe_yaml: recipe.to_yaml(),
     }));
     if recipe.train.early_stopping_patience > 0 {
-        trainer.add_callback(Box::new(EarlyStopping::new(recipe.train.early_stopping_patience, 0.0)));
+        trainer.add_callback(Box::new(EarlyStopping::new(
+            recipe.train.early_stopping_patience,
+            0.0,
+        )));
     }
     if let Some(dir) = resume {
         trainer.resume_from(&dir)?;
@@ -230,7 +248,12 @@ pub struct RunData {
 /// Trains as the recipe says and writes the model, tokenizer, recipe and metrics to
 /// `output_dir` in Hugging Face layout. A stop request (signal) ends with a checkpoint and
 /// without the final model files.
-pub fn train(recipe: &Recipe, recipe_path: &Path, device: &Device, stop: Option<Arc<AtomicBool>>) -> Result<TrainSummary> {
+pub fn train(
+    recipe: &Recipe,
+    recipe_path: &Path,
+    device: &Device,
+    stop: Option<Arc<AtomicBool>>,
+) -> Result<TrainSummary> {
     let (mut trainer, p) = build_trainer(recipe, recipe_path, device)?;
     if let Some(stop) = stop {
         trainer.set_stop_flag(stop);
@@ -250,16 +273,16 @@ pub fn train(recipe: &Recipe, recipe_path: &Path, device: &Device, stop: Option<
 
 /// Mean loss per target token of the recipe's model on `data.eval`.
 pub fn eval(recipe: &Recipe, recipe_path: &Path, device: &Device) -> Result<(f64, usize)> {
-    if recipe.data.eval.is_none() {
+    if !recipe.data.has_eval() {
         return Err(Error::Recipe {
             path: recipe_path.to_path_buf(),
             line: None,
             column: None,
-            msg: "data.eval is not set: nothing to evaluate".into(),
+            msg: "neither data.eval nor data.eval_ratio is set: nothing to evaluate".into(),
         });
     }
     let p = prepare(recipe, recipe_path, device)?;
-    let eval = p.eval.expect("data.eval was set");
+    let eval = p.eval.expect("data.eval or data.eval_ratio was set");
     let trainer = Trainer::new(p.model, p.collator, trainer_config(recipe), device.clone())?;
     let r = trainer.evaluate(&eval.examples)?;
     Ok((r.loss, r.tokens))

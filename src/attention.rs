@@ -30,7 +30,12 @@ struct Block {
 
 /// Additive mask: query `t` sees key `s` iff `s <= t`, `s` is a real token, and with a sliding
 /// window `W`, `s > t - W` (transformers' eager semantics: W keys including itself).
-fn causal_mask(lengths: &[usize], len: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+fn causal_mask(
+    lengths: &[usize],
+    len: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
     let mut m = vec![0f32; lengths.len() * len * len];
     for (b, &valid) in lengths.iter().enumerate() {
         for t in 0..len {
@@ -52,7 +57,12 @@ fn causal_mask(lengths: &[usize], len: usize, window: Option<usize>, device: &De
 }
 
 impl AttnPlan {
-    pub fn new(layout: &SeqLayout, row_len: usize, window: Option<usize>, device: &Device) -> Result<Self> {
+    pub fn new(
+        layout: &SeqLayout,
+        row_len: usize,
+        window: Option<usize>,
+        device: &Device,
+    ) -> Result<Self> {
         let blocks = match layout {
             SeqLayout::Packed { cu_seqlens, .. } => {
                 let mut cache: HashMap<usize, Tensor> = HashMap::new();
@@ -124,7 +134,9 @@ pub fn eager_attention(
         let scores = qb.matmul(&kt)?.reshape((r, nkv, g, l, l))?;
         // Softmax in float32 whatever the compute dtype, as transformers' eager attention.
         let scores = scores.to_dtype(DType::F32)?.broadcast_add(&blk.mask)?;
-        let probs = softmax_last(&scores)?.to_dtype(vb.dtype())?.reshape((r, nkv, g * l, l))?;
+        let probs = softmax_last(&scores)?
+            .to_dtype(vb.dtype())?
+            .reshape((r, nkv, g * l, l))?;
         let ob = probs
             .matmul(&vb)? // (r, nkv, g*l, hd)
             .reshape((r, nkv, g, l, hd))?

@@ -70,7 +70,11 @@ impl Callback for EarlyStopping {
             Some(b) if m.eval_loss >= b - self.min_delta => {
                 self.bad += 1;
                 if self.bad >= self.patience {
-                    tracing::info!(step = m.step, best = b, "early stopping: eval loss stopped improving");
+                    tracing::info!(
+                        step = m.step,
+                        best = b,
+                        "early stopping: eval loss stopped improving"
+                    );
                     return Ok(Control::Stop);
                 }
             }

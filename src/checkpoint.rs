@@ -50,7 +50,10 @@ impl TrainerState {
         if s.format_version != FORMAT_VERSION {
             return Err(Error::model(
                 &p,
-                format!("format_version {} (this packsft reads {FORMAT_VERSION})", s.format_version),
+                format!(
+                    "format_version {} (this packsft reads {FORMAT_VERSION})",
+                    s.format_version
+                ),
             ));
         }
         Ok(s)

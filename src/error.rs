@@ -22,6 +22,14 @@ pub enum Error {
         msg: String,
     },
 
+    /// A problem with one row of a file without lines (Parquet): `row` is 1-based.
+    #[error("{path}: row {row}: {msg}")]
+    DataRow {
+        path: PathBuf,
+        row: usize,
+        msg: String,
+    },
+
     /// A dataset that is unusable as a whole (empty, all rows dropped, ...).
     #[error("{path}: {msg}")]
     Dataset { path: PathBuf, msg: String },

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -37,6 +37,32 @@ enum Cmd {
         /// Print the full specification as JSON
         #[arg(long)]
         json: bool,
+    },
+    /// Mask audit: the dataset report and the first batches token by token, trained tokens
+    /// highlighted (--json: input_ids, labels, position_ids, cu_seq_lens per batch)
+    Inspect {
+        recipe: PathBuf,
+        overrides: Vec<String>,
+        /// Micro-batches to show
+        #[arg(long, default_value_t = 2)]
+        n: usize,
+        /// One JSON object per batch, in transformers' and TRL's field layout
+        #[arg(long)]
+        json: bool,
+        /// The evaluation set instead of the training set
+        #[arg(long)]
+        eval: bool,
+    },
+    /// Throughput of the data pipeline: the recipe's training rows to padding-free batches
+    BenchData {
+        recipe: PathBuf,
+        overrides: Vec<String>,
+        /// Runs; the best is reported
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Worker threads (default: all cores)
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Greedy continuation of one or more prompts with a saved model directory
     Generate {
@@ -76,16 +102,6 @@ enum Cmd {
     },
 }
 
-fn device(name: &str) -> packsft::Result<candle_core::Device> {
-    match name {
-        "cpu" => Ok(candle_core::Device::Cpu),
-        "cuda" => Ok(candle_core::Device::new_cuda(0)?),
-        other => Err(packsft::Error::Config(format!(
-            "unknown device {other:?} (cpu or cuda)"
-        ))),
-    }
-}
-
 fn run(cli: Cli) -> packsft::Result<()> {
     match cli.cmd {
         Cmd::Train { recipe, overrides } => {
@@ -98,9 +114,14 @@ fn run(cli: Cli) -> packsft::Result<()> {
                     .and_then(|_| signal_hook::flag::register(sig, stop.clone()))
                     .map_err(|e| packsft::Error::io("signal handler", e))?;
             }
-            let summary = app::train(&r, &recipe, &candle_core::Device::Cpu, Some(stop))?;
+            let dev = packsft::device::open(&r.train.device)?;
+            let summary = app::train(&r, &recipe, &dev, Some(stop))?;
             if summary.interrupted {
-                let at = summary.last_checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+                let at = summary
+                    .last_checkpoint
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
                 eprintln!("interrupted: saved {at}; resume with resume_from=latest");
                 return Err(packsft::Error::Training("interrupted".into()));
             }
@@ -119,7 +140,8 @@ fn run(cli: Cli) -> packsft::Result<()> {
         }
         Cmd::Eval { recipe, overrides } => {
             let r = Recipe::load(&recipe, &overrides)?;
-            let (loss, n) = app::eval(&r, &recipe, &candle_core::Device::Cpu)?;
+            let dev = packsft::device::open(&r.train.device)?;
+            let (loss, n) = app::eval(&r, &recipe, &dev)?;
             println!(
                 "{}",
                 serde_json::json!({"eval_loss": loss, "eval_tokens": n})
@@ -128,10 +150,42 @@ fn run(cli: Cli) -> packsft::Result<()> {
         Cmd::Arch { model_dir, json } => {
             let report = packsft::model::arch::describe(&model_dir)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report.spec).expect("spec serialises"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report.spec).expect("spec serialises")
+                );
             } else {
                 print!("{report}");
             }
+        }
+        Cmd::Inspect {
+            recipe,
+            overrides,
+            n,
+            json,
+            eval,
+        } => {
+            let r = Recipe::load(&recipe, &overrides)?;
+            let opts = packsft::inspect::InspectOptions {
+                n,
+                json,
+                eval,
+                color: !json && std::io::IsTerminal::is_terminal(&std::io::stdout()),
+            };
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            packsft::inspect::inspect(&r, &opts, &mut out)?;
+            std::io::Write::flush(&mut out).map_err(|e| packsft::Error::io("stdout", e))?;
+        }
+        Cmd::BenchData {
+            recipe,
+            overrides,
+            repeat,
+            threads,
+        } => {
+            let r = Recipe::load(&recipe, &overrides)?;
+            let b = packsft::inspect::bench_data(&r, repeat, threads)?;
+            println!("{}", serde_json::to_string(&b).expect("result serialises"));
         }
         Cmd::Generate {
             model_dir,
@@ -164,7 +218,11 @@ fn run(cli: Cli) -> packsft::Result<()> {
                     "f32" => candle_core::DType::F32,
                     "bf16" => candle_core::DType::BF16,
                     "f16" => candle_core::DType::F16,
-                    other => return Err(packsft::Error::Config(format!("unknown dtype {other:?} (f32, bf16, f16)"))),
+                    other => {
+                        return Err(packsft::Error::Config(format!(
+                            "unknown dtype {other:?} (f32, bf16, f16)"
+                        )))
+                    }
                 },
                 gradient_checkpointing,
             };
@@ -221,7 +279,7 @@ fn run(cli: Cli) -> packsft::Result<()> {
                     steps,
                     warmup,
                     padding_free: !padded,
-                    device: device(&dev)?,
+                    device: packsft::device::open(&dev)?,
                     compute,
                 };
                 let r = bench::run(&args)?;

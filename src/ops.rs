@@ -38,11 +38,18 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// Layer norm over the last dimension, in float32 (biased variance, as `torch.nn.LayerNorm`);
 /// without weight and bias it is OLMo's parameter-free norm.
-pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+pub fn layer_norm(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     let centred = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
-    let inv = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let inv = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
     let mut y = centred.broadcast_mul(&inv)?;
     if let Some(w) = weight {
         y = y.broadcast_mul(&w.to_dtype(DType::F32)?)?;

@@ -81,21 +81,38 @@ impl AdamW {
     /// Restores moments and the step count written by `state_tensors`; every moment must be
     /// present with its parameter's shape, or nothing changes.
     pub fn load_state(&mut self, path: &std::path::Path, step: usize) -> Result<()> {
-        let t = candle_core::safetensors::load(path, self.slots.first().map(|s| s.var.device()).unwrap_or(&candle_core::Device::Cpu))
-            .map_err(|e| crate::error::Error::model(path, format!("cannot read optimizer state: {e}")))?;
+        let t = candle_core::safetensors::load(
+            path,
+            self.slots
+                .first()
+                .map(|s| s.var.device())
+                .unwrap_or(&candle_core::Device::Cpu),
+        )
+        .map_err(|e| {
+            crate::error::Error::model(path, format!("cannot read optimizer state: {e}"))
+        })?;
         let mut new = Vec::with_capacity(self.slots.len());
         for s in &self.slots {
             let get = |k: String| -> Result<Tensor> {
-                let x = t.get(&k).ok_or_else(|| crate::error::Error::model(path, format!("missing `{k}`")))?;
+                let x = t
+                    .get(&k)
+                    .ok_or_else(|| crate::error::Error::model(path, format!("missing `{k}`")))?;
                 if x.dims() != s.var.dims() {
                     return Err(crate::error::Error::model(
                         path,
-                        format!("`{k}` has shape {:?}, the parameter {:?}", x.dims(), s.var.dims()),
+                        format!(
+                            "`{k}` has shape {:?}, the parameter {:?}",
+                            x.dims(),
+                            s.var.dims()
+                        ),
                     ));
                 }
                 Ok(x.to_dtype(DType::F32)?)
             };
-            new.push((get(format!("exp_avg.{}", s.name))?, get(format!("exp_avg_sq.{}", s.name))?));
+            new.push((
+                get(format!("exp_avg.{}", s.name))?,
+                get(format!("exp_avg_sq.{}", s.name))?,
+            ));
         }
         for (s, (m, v)) in self.slots.iter().zip(new) {
             s.m.set(&m)?;
@@ -209,7 +226,11 @@ impl LrSchedule {
 
     /// The lr of optimizer step `step` (0-based), as transformers' LambdaLR applies it.
     pub fn lr(&self, step: usize) -> f64 {
-        let (s, w, t) = (step as f64, self.warmup_steps as f64, self.total_steps as f64);
+        let (s, w, t) = (
+            step as f64,
+            self.warmup_steps as f64,
+            self.total_steps as f64,
+        );
         if step < self.warmup_steps {
             return self.peak * s / w.max(1.0);
         }
@@ -223,7 +244,10 @@ impl LrSchedule {
                 (cosine((s - w) / (t - w).max(1.0)) * (1.0 - floor) + floor).max(0.0)
             }
             Schedule::WarmupStableDecay => {
-                let stable_end = self.total_steps.saturating_sub(self.decay_steps).max(self.warmup_steps);
+                let stable_end = self
+                    .total_steps
+                    .saturating_sub(self.decay_steps)
+                    .max(self.warmup_steps);
                 if step < stable_end {
                     1.0
                 } else if step < stable_end + self.decay_steps {
@@ -364,7 +388,19 @@ mod tests {
         assert_eq!((c.lr(0), c.lr(1), c.lr(2), c.lr(4)), (0.0, 1.0, 2.0, 2.0));
         // transformers 4.46.3 get_cosine_with_min_lr_schedule_with_warmup(3, 10, min_lr_rate=0.1)
         // and get_wsd_schedule(2, num_stable_steps=5, num_decay_steps=3, min_lr_ratio=0.1).
-        let min_lr = [0.0, 0.333333333, 0.666666667, 1.0, 0.955435991, 0.830570411, 0.65013442, 0.44986558, 0.269429589, 0.144564009, 0.1];
+        let min_lr = [
+            0.0,
+            0.333333333,
+            0.666666667,
+            1.0,
+            0.955435991,
+            0.830570411,
+            0.65013442,
+            0.44986558,
+            0.269429589,
+            0.144564009,
+            0.1,
+        ];
         let wsd = [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.775, 0.325, 0.1];
         let mut a = LrSchedule::new(Schedule::CosineWithMinLr, 1.0, 3, 10);
         a.min_lr_ratio = 0.1;
@@ -373,7 +409,12 @@ mod tests {
         b.decay_steps = 3;
         for (s, want) in [(a, min_lr), (b, wsd)] {
             for (i, w) in want.iter().enumerate() {
-                assert!((s.lr(i) - w).abs() < 1e-8, "{:?} step {i}: {} vs {w}", s.kind, s.lr(i));
+                assert!(
+                    (s.lr(i) - w).abs() < 1e-8,
+                    "{:?} step {i}: {} vs {w}",
+                    s.kind,
+                    s.lr(i)
+                );
             }
         }
     }

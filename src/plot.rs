@@ -15,7 +15,9 @@ struct Canvas {
 
 impl Canvas {
     fn new() -> Self {
-        Self { px: vec![255; W * H * 3] }
+        Self {
+            px: vec![255; W * H * 3],
+        }
     }
     fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
         if x >= 0 && y >= 0 && (x as usize) < W && (y as usize) < H {
@@ -64,7 +66,11 @@ impl Canvas {
                 for col in 0..3 {
                     if bits & (4 >> col) != 0 {
                         for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
-                            self.set((x + k * 8 + col * 2 + dx) as i64, (y + row * 2 + dy) as i64, [0, 0, 0]);
+                            self.set(
+                                (x + k * 8 + col * 2 + dx) as i64,
+                                (y + row * 2 + dy) as i64,
+                                [0, 0, 0],
+                            );
                         }
                     }
                 }
@@ -98,13 +104,25 @@ pub fn loss_curve(path: &Path, train: &[(usize, f64)], eval: &[(usize, f64)]) ->
     };
     let mut c = Canvas::new();
     let axis = [0, 0, 0];
-    c.line((MARGIN as f64, MARGIN as f64), (MARGIN as f64, (H - MARGIN) as f64), axis);
-    c.line((MARGIN as f64, (H - MARGIN) as f64), ((W - MARGIN) as f64, (H - MARGIN) as f64), axis);
+    c.line(
+        (MARGIN as f64, MARGIN as f64),
+        (MARGIN as f64, (H - MARGIN) as f64),
+        axis,
+    );
+    c.line(
+        (MARGIN as f64, (H - MARGIN) as f64),
+        ((W - MARGIN) as f64, (H - MARGIN) as f64),
+        axis,
+    );
     c.text(4, MARGIN - 4, &format!("{hi:.3}"));
     c.text(4, H - MARGIN - 6, &format!("{lo:.3}"));
     c.text(MARGIN, H - MARGIN + 12, "0");
     c.text(W - MARGIN - 40, H - MARGIN + 12, &smax.to_string());
-    let pts: Vec<(f64, f64)> = train.iter().filter(|(_, l)| l.is_finite()).map(|&(s, l)| at(s, l)).collect();
+    let pts: Vec<(f64, f64)> = train
+        .iter()
+        .filter(|(_, l)| l.is_finite())
+        .map(|&(s, l)| at(s, l))
+        .collect();
     for w in pts.windows(2) {
         c.line(w[0], w[1], [31, 119, 180]);
     }
@@ -116,8 +134,11 @@ pub fn loss_curve(path: &Path, train: &[(usize, f64)], eval: &[(usize, f64)]) ->
         let mut enc = png::Encoder::new(&mut bytes, W as u32, H as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        let mut w = enc.write_header().map_err(|e| Error::Config(format!("png: {e}")))?;
-        w.write_image_data(&c.px).map_err(|e| Error::Config(format!("png: {e}")))?;
+        let mut w = enc
+            .write_header()
+            .map_err(|e| Error::Config(format!("png: {e}")))?;
+        w.write_image_data(&c.px)
+            .map_err(|e| Error::Config(format!("png: {e}")))?;
     }
     crate::io::write_atomic(path, &bytes)
 }

@@ -1,12 +1,13 @@
 //! Recipes: YAML files that say what to train on what, typed with serde, unknown keys
 //! rejected, errors located by line and column; `key.path=value` overrides on the command line.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::collator::LossNormalization;
-use crate::data::Truncation;
+use crate::data::{DataLimits, DataSpec, Format, LossOn, TokenTemplate, Truncation};
 use crate::error::{Error, Result};
 use crate::optim::Schedule;
 
@@ -45,16 +46,71 @@ fn default_max_length() -> usize {
     2048
 }
 
+fn default_max_dropped_fraction() -> Option<f64> {
+    Some(0.5)
+}
+
+/// Where the training (and evaluation) data come from and how rows become examples.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
+    /// A JSONL, JSON or Parquet file, a directory of them, or a glob.
     pub train: PathBuf,
     #[serde(default)]
     pub eval: Option<PathBuf>,
+    /// Without `eval`: hold out this fraction of the training rows (a seeded draw) for evaluation.
+    #[serde(default)]
+    pub eval_ratio: f64,
+    /// Seed of that draw (default: train.seed).
+    #[serde(default)]
+    pub split_seed: Option<u64>,
+    /// `auto`, `text`, `prompt_completion`, `messages`, `sharegpt`, `alpaca`, `columns`, `tokens`.
+    #[serde(default)]
+    pub format: Format,
+    /// A shipped template name, a `.jinja` file, or `tokenizer` (the model's chat_template).
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Canonical field → the column that holds it, e.g. `{prompt: question, completion: answer}`.
+    #[serde(default)]
+    pub fields: BTreeMap<String, String>,
+    /// Extra role names of messages / ShareGPT `from` → system, user, assistant or tool.
+    #[serde(default)]
+    pub roles: BTreeMap<String, String>,
+    /// `completion`, `assistant`, `last_assistant` or `all` (default: per format).
+    #[serde(default)]
+    pub loss_on: Option<LossOn>,
+    /// Strings that close an assistant turn, besides EOS and the usual ones.
+    #[serde(default)]
+    pub end_of_turn: Vec<String>,
     #[serde(default = "default_max_length")]
     pub max_length: usize,
     #[serde(default)]
     pub truncation: Truncation,
+    /// Stop before training when more rows than this are dropped (null: never).
+    #[serde(default = "default_max_dropped_fraction")]
+    pub max_dropped_fraction: Option<f64>,
+    #[serde(default)]
+    pub max_truncated_fraction: Option<f64>,
+    #[serde(default)]
+    pub max_template_missing_fraction: Option<f64>,
+    #[serde(default)]
+    pub min_supervised_ratio: Option<f64>,
+}
+
+impl DataSection {
+    pub fn limits(&self) -> DataLimits {
+        DataLimits {
+            max_dropped_fraction: self.max_dropped_fraction,
+            max_truncated_fraction: self.max_truncated_fraction,
+            max_template_missing_fraction: self.max_template_missing_fraction,
+            min_supervised_ratio: self.min_supervised_ratio,
+        }
+    }
+
+    /// Whether the run has evaluation data (a file, or a held-out share of the training rows).
+    pub fn has_eval(&self) -> bool {
+        self.eval.is_some() || self.eval_ratio > 0.0
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -64,6 +120,12 @@ pub struct CollatorSection {
     pub padding_free: bool,
     #[serde(default)]
     pub pad_to_multiple_of: Option<usize>,
+    /// TRL-compatible masking: loss only after this template (text, or a list of token ids).
+    #[serde(default)]
+    pub response_template: Option<TokenTemplate>,
+    /// With `response_template`: multi-turn masking from each instruction to the next response.
+    #[serde(default)]
+    pub instruction_template: Option<TokenTemplate>,
 }
 
 impl Default for CollatorSection {
@@ -71,6 +133,8 @@ impl Default for CollatorSection {
         Self {
             padding_free: true,
             pad_to_multiple_of: None,
+            response_template: None,
+            instruction_template: None,
         }
     }
 }
@@ -125,6 +189,8 @@ pub struct TrainSection {
     pub gradient_checkpointing: bool,
     /// Compute dtype: `f32`, or `bf16` / `f16` with float32 master weights.
     pub dtype: ComputeDtype,
+    /// `cpu`, `cuda` or `cuda:N` (needs a build with `--features cuda`).
+    pub device: String,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -176,6 +242,7 @@ impl Default for TrainSection {
             early_stopping_patience: 0,
             gradient_checkpointing: false,
             dtype: ComputeDtype::F32,
+            device: "cpu".into(),
         }
     }
 }
@@ -303,7 +370,10 @@ impl Recipe {
             return bad("train.adam_beta1 and train.adam_beta2 must be in [0, 1)".into());
         }
         if !(0.0..1.0).contains(&t.warmup_ratio) {
-            return bad(format!("train.warmup_ratio = {} must be in [0, 1)", t.warmup_ratio));
+            return bad(format!(
+                "train.warmup_ratio = {} must be in [0, 1)",
+                t.warmup_ratio
+            ));
         }
         if t.warmup_ratio > 0.0 && t.warmup_steps > 0 {
             return bad("set train.warmup_steps or train.warmup_ratio, not both".into());
@@ -311,17 +381,57 @@ impl Recipe {
         if !(0.0..=1.0).contains(&t.min_lr_ratio) || !(0.0..=1.0).contains(&t.decay_ratio) {
             return bad("train.min_lr_ratio and train.decay_ratio must be in [0, 1]".into());
         }
+        if crate::device::parse(&t.device).is_err() {
+            return bad(format!(
+                "train.device = {:?}: expected cpu, cuda or cuda:N",
+                t.device
+            ));
+        }
         if t.max_tokens_per_batch == Some(0) {
             return bad("train.max_tokens_per_batch must be at least 1".into());
         }
         if t.save_total_limit == Some(0) {
             return bad("train.save_total_limit must be at least 1 (or unset)".into());
         }
-        if t.early_stopping_patience > 0 && self.data.eval.is_none() {
-            return bad("train.early_stopping_patience needs data.eval".into());
+        if t.early_stopping_patience > 0 && !self.data.has_eval() {
+            return bad(
+                "train.early_stopping_patience needs data.eval (or data.eval_ratio)".into(),
+            );
         }
-        if t.eval_steps > 0 && self.data.eval.is_none() {
-            return bad(format!("train.eval_steps = {} but data.eval is not set", t.eval_steps));
+        if t.eval_steps > 0 && !self.data.has_eval() {
+            return bad(format!(
+                "train.eval_steps = {} but data.eval (or data.eval_ratio) is not set",
+                t.eval_steps
+            ));
+        }
+        let d = &self.data;
+        if !(0.0..1.0).contains(&d.eval_ratio) {
+            return bad(format!(
+                "data.eval_ratio = {} must be in [0, 1)",
+                d.eval_ratio
+            ));
+        }
+        if d.eval_ratio > 0.0 && d.eval.is_some() {
+            return bad("set data.eval or data.eval_ratio, not both".into());
+        }
+        for (key, v) in [
+            ("max_dropped_fraction", d.max_dropped_fraction),
+            ("max_truncated_fraction", d.max_truncated_fraction),
+            (
+                "max_template_missing_fraction",
+                d.max_template_missing_fraction,
+            ),
+            ("min_supervised_ratio", d.min_supervised_ratio),
+        ] {
+            if let Some(v) = v {
+                if !(0.0..=1.0).contains(&v) {
+                    return bad(format!("data.{key} = {v} must be in [0, 1]"));
+                }
+            }
+        }
+        if self.collator.instruction_template.is_some() && self.collator.response_template.is_none()
+        {
+            return bad("collator.instruction_template needs collator.response_template".into());
         }
         if self.data.max_length < 2 {
             return bad(format!(
@@ -333,6 +443,21 @@ impl Recipe {
             return bad("collator.pad_to_multiple_of must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// What the data layer needs of the recipe: format, template, fields, masking.
+    pub fn data_spec(&self) -> DataSpec {
+        let d = &self.data;
+        DataSpec {
+            format: d.format,
+            template: d.template.clone(),
+            fields: d.fields.clone(),
+            roles: d.roles.clone(),
+            loss_on: d.loss_on,
+            response_template: self.collator.response_template.clone(),
+            instruction_template: self.collator.instruction_template.clone(),
+            end_of_turn: d.end_of_turn.clone(),
+        }
     }
 
     pub fn to_yaml(&self) -> String {

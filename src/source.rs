@@ -82,12 +82,11 @@ fn has_data_ext(p: &Path) -> bool {
 pub fn resolve(spec: &Path) -> Result<Vec<PathBuf>> {
     let s = spec.to_string_lossy();
     if s.contains(['*', '?', '[']) && !spec.exists() {
-        let paths = glob::glob(&s).map_err(|e| {
-            Error::Config(format!("data path {s}: bad glob pattern: {}", e.msg))
-        })?;
+        let paths = glob::glob(&s)
+            .map_err(|e| Error::Config(format!("data path {s}: bad glob pattern: {}", e.msg)))?;
         let mut files = Vec::new();
         for p in paths {
-            let p = p.map_err(|e| Error::io(e.path().to_path_buf(), e.into_error()))?;
+            let p = p.map_err(|e| Error::io(e.path().to_path_buf(), std::io::Error::from(e)))?;
             if p.is_file() {
                 files.push(p);
             }
@@ -184,7 +183,11 @@ fn array_elements(text: &str) -> Vec<(usize, usize, usize)> {
 
 fn read_json_text(path: &Path) -> Result<Content> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let first = text.trim_start_matches('\u{feff}').trim_start().chars().next();
+    let first = text
+        .trim_start_matches('\u{feff}')
+        .trim_start()
+        .chars()
+        .next();
     if first == Some('[') {
         // A JSON array: check the whole document, then slice it into its elements.
         if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&text) {
@@ -235,7 +238,9 @@ fn field_value(f: &parquet::record::Field) -> Value {
             row.get_column_iter()
                 .map(|(k, v)| (k.clone(), field_value(v))),
         ),
-        F::ListInternal(list) => Value::from(list.elements().iter().map(field_value).collect::<Vec<_>>()),
+        F::ListInternal(list) => {
+            Value::from(list.elements().iter().map(field_value).collect::<Vec<_>>())
+        }
         F::MapInternal(map) => Value::from_iter(
             map.entries()
                 .iter()
@@ -359,7 +364,12 @@ mod tests {
         let parts: Vec<(&str, usize)> = els.iter().map(|&(s, e, l)| (t[s..e].trim(), l)).collect();
         assert_eq!(
             parts,
-            vec![("{\"a\": \"x,]\\\"\"}", 2), ("[1, [2]]", 3), ("3", 4), ("\"s\"", 5)]
+            vec![
+                ("{\"a\": \"x,]\\\"\"}", 2),
+                ("[1, [2]]", 3),
+                ("3", 4),
+                ("\"s\"", 5)
+            ]
         );
         assert!(array_elements("[]").is_empty());
     }

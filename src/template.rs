@@ -24,20 +24,56 @@ use crate::tokenizer::TextTokenizer;
 
 /// The templates shipped in `templates/`, compiled into the binary: (name, file, source).
 pub const SHIPPED: &[(&str, &str, &str)] = &[
-    ("alpaca", "alpaca.jinja", include_str!("../templates/alpaca.jinja")),
+    (
+        "alpaca",
+        "alpaca.jinja",
+        include_str!("../templates/alpaca.jinja"),
+    ),
     (
         "question_answer",
         "question_answer.jinja",
         include_str!("../templates/question_answer.jinja"),
     ),
-    ("chatml", "chatml.jinja", include_str!("../templates/chatml.jinja")),
-    ("llama2", "chat/llama2.jinja", include_str!("../templates/chat/llama2.jinja")),
-    ("llama3", "chat/llama3.jinja", include_str!("../templates/chat/llama3.jinja")),
-    ("mistral", "chat/mistral.jinja", include_str!("../templates/chat/mistral.jinja")),
-    ("gemma", "chat/gemma.jinja", include_str!("../templates/chat/gemma.jinja")),
-    ("phi3", "chat/phi3.jinja", include_str!("../templates/chat/phi3.jinja")),
-    ("qwen2", "chat/qwen2.jinja", include_str!("../templates/chat/qwen2.jinja")),
-    ("granite", "chat/granite.jinja", include_str!("../templates/chat/granite.jinja")),
+    (
+        "chatml",
+        "chatml.jinja",
+        include_str!("../templates/chatml.jinja"),
+    ),
+    (
+        "llama2",
+        "chat/llama2.jinja",
+        include_str!("../templates/chat/llama2.jinja"),
+    ),
+    (
+        "llama3",
+        "chat/llama3.jinja",
+        include_str!("../templates/chat/llama3.jinja"),
+    ),
+    (
+        "mistral",
+        "chat/mistral.jinja",
+        include_str!("../templates/chat/mistral.jinja"),
+    ),
+    (
+        "gemma",
+        "chat/gemma.jinja",
+        include_str!("../templates/chat/gemma.jinja"),
+    ),
+    (
+        "phi3",
+        "chat/phi3.jinja",
+        include_str!("../templates/chat/phi3.jinja"),
+    ),
+    (
+        "qwen2",
+        "chat/qwen2.jinja",
+        include_str!("../templates/chat/qwen2.jinja"),
+    ),
+    (
+        "granite",
+        "chat/granite.jinja",
+        include_str!("../templates/chat/granite.jinja"),
+    ),
     (
         "starcoder2",
         "chat/starcoder2.jinja",
@@ -134,12 +170,12 @@ fn defines_block(src: &str, name: &str) -> bool {
         let tag = &rest[i + 2..];
         let tag = tag.trim_start_matches(['-', '+']).trim_start();
         if let Some(after) = tag.strip_prefix("block") {
-            let mut words = after.split_whitespace();
-            if words
-                .next()
-                .map(|w| w.trim_end_matches(['-', '+', '%', '}']) == name)
-                .unwrap_or(false)
-            {
+            let word: String = after
+                .trim_start()
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            if after.starts_with(char::is_whitespace) && word == name {
                 return true;
             }
         }
@@ -439,7 +475,11 @@ pub fn special_tokens(tok: &TextTokenizer) -> Vec<(String, Value)> {
 pub fn tokenizer_chat_template(tok: &TextTokenizer) -> Result<String> {
     let dir = tok.path.parent().unwrap_or(Path::new("."));
     let side = dir.join("chat_template.jinja");
-    if let Some(t) = tok.config_json.as_ref().and_then(|c| c.get("chat_template")) {
+    if let Some(t) = tok
+        .config_json
+        .as_ref()
+        .and_then(|c| c.get("chat_template"))
+    {
         match t {
             serde_json::Value::String(s) => return Ok(s.clone()),
             serde_json::Value::Array(list) => {
@@ -678,10 +718,9 @@ mod tests {
             vec![],
         )
         .unwrap();
-        let x: Value = serde_json::from_str(
-            r#"{"b": 1, "a": [1.0, "<&'é\n>", null, true], "c": {}}"#,
-        )
-        .unwrap();
+        let x: Value =
+            serde_json::from_str(r#"{"b": 1, "a": [1.0, "<&'é\n>", null, true], "c": {}}"#)
+                .unwrap();
         let out = t.render_named(MAIN, Value::from_iter([("x", x)])).unwrap();
         assert_eq!(
             out,
@@ -703,9 +742,18 @@ mod tests {
 
     #[test]
     fn block_detection() {
-        assert!(defines_block("{%- block prompt -%}x{% endblock %}", "prompt"));
-        assert!(defines_block("{% block completion%}x{% endblock %}", "completion"));
+        assert!(defines_block(
+            "{%- block prompt -%}x{% endblock %}",
+            "prompt"
+        ));
+        assert!(defines_block(
+            "{% block completion%}x{% endblock %}",
+            "completion"
+        ));
         assert!(!defines_block("{% if prompt %}{% endif %}", "prompt"));
-        assert!(!defines_block("{% block prompts %}{% endblock %}", "prompt"));
+        assert!(!defines_block(
+            "{% block prompts %}{% endblock %}",
+            "prompt"
+        ));
     }
 }

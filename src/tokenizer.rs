@@ -5,12 +5,17 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+/// Token ids and each token's byte range in the encoded text.
+pub type IdsOffsets = (Vec<u32>, Vec<(usize, usize)>);
+
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 
 #[derive(Clone)]
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
+    /// The faster regex split for byte-level BPE pre-tokenizers (same ids and offsets).
+    fast: Option<std::sync::Arc<crate::pretok::FastEncoder>>,
     /// Where tokenizer.json was read from (for messages and for copying into outputs).
     pub path: PathBuf,
     /// The tokenizer_config.json that sat next to it, if any, kept verbatim for saving.
@@ -45,10 +50,24 @@ impl TextTokenizer {
                 msg: "file not found".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| Error::Tokenizer {
+        let mut inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| Error::Tokenizer {
             path: file.clone(),
             msg: e.to_string(),
         })?;
+        // Lengths are the data layer's business (data.max_length and data.truncation): a
+        // truncation or padding setting saved in tokenizer.json must not cut examples silently.
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::Tokenizer {
+                path: file.clone(),
+                msg: e.to_string(),
+            })?
+            .with_padding(None);
+        let fast = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|j| crate::pretok::FastEncoder::for_tokenizer(&inner, &j))
+            .map(std::sync::Arc::new);
         let cfg_path = file
             .parent()
             .unwrap_or(Path::new("."))
@@ -87,6 +106,7 @@ impl TextTokenizer {
             .unwrap_or(bos_id.is_some());
         Ok(Self {
             inner,
+            fast,
             path: file,
             config_json,
             bos_id,
@@ -103,14 +123,40 @@ impl TextTokenizer {
     /// Token ids of `text` without special tokens: BOS/EOS are placed by the caller, so a
     /// tokenizer whose post-processor adds them is not counted twice.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer {
-                path: self.path.clone(),
-                msg: format!("cannot encode {text:?}: {e}"),
-            })?;
-        Ok(enc.get_ids().to_vec())
+        Ok(self.raw_encode(text, false)?.0)
+    }
+
+    fn raw_encode(&self, text: &str, offsets: bool) -> Result<IdsOffsets> {
+        let r = match (&self.fast, offsets) {
+            (Some(f), _) => f.encode(&self.inner, text),
+            (None, true) => self
+                .inner
+                .encode(text, false)
+                .map(|e| (e.get_ids().to_vec(), e.get_offsets().to_vec())),
+            (None, false) => self
+                .inner
+                .encode_fast(text, false)
+                .map(|e| (e.get_ids().to_vec(), Vec::new())),
+        };
+        r.map_err(|e| Error::Tokenizer {
+            path: self.path.clone(),
+            msg: format!("cannot encode {text:?}: {e}"),
+        })
+    }
+
+    /// Whether encoding takes the fast pre-tokenizer path (`pretok`).
+    pub fn has_fast_path(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    /// Token ids of `text` (no special tokens added) and each token's byte range in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<IdsOffsets> {
+        self.raw_encode(text, true)
+    }
+
+    /// Token ids of `text` without offsets (faster; no special tokens added).
+    pub fn encode_fast(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.raw_encode(text, false)?.0)
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

@@ -263,8 +263,15 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         }
         let lengths: Vec<usize> = examples.iter().map(Example::len).collect();
         match self.config.max_tokens_per_batch {
-            None => self.config.epochs * examples.len().div_ceil(self.config.batch_size * self.config.grad_accum),
-            Some(_) => (0..self.config.epochs).map(|e| self.steps_per_epoch(&lengths, e)).sum(),
+            None => {
+                self.config.epochs
+                    * examples
+                        .len()
+                        .div_ceil(self.config.batch_size * self.config.grad_accum)
+            }
+            Some(_) => (0..self.config.epochs)
+                .map(|e| self.steps_per_epoch(&lengths, e))
+                .sum(),
         }
     }
 
@@ -305,11 +312,18 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                 continue;
             }
             let share = b.n_tokens() as f64 / tokens as f64;
-            let scale = LossScale { per_unit: 1.0 / loss_units, aux: share };
+            let scale = LossScale {
+                per_unit: 1.0 / loss_units,
+                aux: share,
+            };
             let (l, grads) = self.model.forward_backward(b, scale)?;
-            loss_sum += l.sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            loss_sum += l
+                .sum
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
             if let Some(a) = &l.aux {
-                *aux_loss.get_or_insert(0.0) += share * a.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                *aux_loss.get_or_insert(0.0) +=
+                    share * a.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             }
             accumulate(&mut acc, grads, self.model.params())?;
         }
@@ -349,7 +363,11 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                 step + 1
             )));
         }
-        let grad_norm = clip_grad_norm(&mut sg.grads, self.model.params(), self.config.max_grad_norm)?;
+        let grad_norm = clip_grad_norm(
+            &mut sg.grads,
+            self.model.params(),
+            self.config.max_grad_norm,
+        )?;
         if !grad_norm.is_finite() {
             return Err(Error::Training(format!(
                 "step {}: gradient norm is {grad_norm}; the last good checkpoint is kept",
@@ -376,7 +394,12 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
     }
 
     /// One optimizer step over `examples` in micro-batches of `batch_size`.
-    pub fn train_step(&mut self, step: usize, examples: &[Example], schedule: &LrSchedule) -> Result<StepMetrics> {
+    pub fn train_step(
+        &mut self,
+        step: usize,
+        examples: &[Example],
+        schedule: &LrSchedule,
+    ) -> Result<StepMetrics> {
         let mbs: Vec<&[Example]> = examples.chunks(self.config.batch_size).collect();
         self.train_step_split(step, &mbs, schedule)
     }
@@ -418,12 +441,27 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                 .iter()
                 .zip(&state.param_shapes)
                 .find(|(a, b)| a != b)
-                .map(|(a, b)| format!("model has {} {:?}, checkpoint has {} {:?}", a.0, a.1, b.0, b.1))
-                .unwrap_or_else(|| format!("model has {} parameters, checkpoint {}", ours.len(), state.param_shapes.len()));
-            return Err(Error::model(dir, format!("checkpoint is of a different model: {diff}")));
+                .map(|(a, b)| {
+                    format!(
+                        "model has {} {:?}, checkpoint has {} {:?}",
+                        a.0, a.1, b.0, b.1
+                    )
+                })
+                .unwrap_or_else(|| {
+                    format!(
+                        "model has {} parameters, checkpoint {}",
+                        ours.len(),
+                        state.param_shapes.len()
+                    )
+                });
+            return Err(Error::model(
+                dir,
+                format!("checkpoint is of a different model: {diff}"),
+            ));
         }
         self.model.load_params(dir)?;
-        self.optimizer.load_state(&dir.join(checkpoint::OPTIMIZER_FILE), state.global_step)?;
+        self.optimizer
+            .load_state(&dir.join(checkpoint::OPTIMIZER_FILE), state.global_step)?;
         self.resume = Some((dir.to_path_buf(), state));
         Ok(())
     }
@@ -443,18 +481,28 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         let model = &self.model;
         let opt = &self.optimizer;
         let callbacks = &mut self.callbacks;
-        let dir = checkpoint::save(&out, state.global_step, self.config.save_total_limit, |tmp| {
-            model.save(tmp)?;
-            crate::model::weights::save_safetensors(&opt.state_tensors(), &tmp.join(checkpoint::OPTIMIZER_FILE))?;
-            crate::io::write_atomic(
-                &tmp.join(checkpoint::STATE_FILE),
-                serde_json::to_string_pretty(state).expect("state serialises").as_bytes(),
-            )?;
-            for cb in callbacks.iter_mut() {
-                cb.on_save(tmp, state.global_step)?;
-            }
-            Ok(())
-        })?;
+        let dir = checkpoint::save(
+            &out,
+            state.global_step,
+            self.config.save_total_limit,
+            |tmp| {
+                model.save(tmp)?;
+                crate::model::weights::save_safetensors(
+                    &opt.state_tensors(),
+                    &tmp.join(checkpoint::OPTIMIZER_FILE),
+                )?;
+                crate::io::write_atomic(
+                    &tmp.join(checkpoint::STATE_FILE),
+                    serde_json::to_string_pretty(state)
+                        .expect("state serialises")
+                        .as_bytes(),
+                )?;
+                for cb in callbacks.iter_mut() {
+                    cb.on_save(tmp, state.global_step)?;
+                }
+                Ok(())
+            },
+        )?;
         tracing::info!(checkpoint = %dir.display(), "saved checkpoint");
         Ok(Some(dir))
     }
@@ -466,7 +514,9 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             return Err(Error::Training("no training examples".into()));
         }
         if self.config.eval_steps > 0 && eval.is_none() {
-            return Err(Error::Training("eval_steps is set but there is no eval set".into()));
+            return Err(Error::Training(
+                "eval_steps is set but there is no eval set".into(),
+            ));
         }
         let lengths: Vec<usize> = train.iter().map(Example::len).collect();
         let total = self.total_steps(train);
@@ -496,9 +546,21 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                 Ok(())
             };
             same("train.seed", state.seed.to_string(), saved.seed.to_string())?;
-            same("train.shuffle", state.shuffle.to_string(), saved.shuffle.to_string())?;
-            same("the number of training examples", train.len().to_string(), saved.n_train_examples.to_string())?;
-            same("examples per step", per_step.to_string(), saved.examples_per_step.to_string())?;
+            same(
+                "train.shuffle",
+                state.shuffle.to_string(),
+                saved.shuffle.to_string(),
+            )?;
+            same(
+                "the number of training examples",
+                train.len().to_string(),
+                saved.n_train_examples.to_string(),
+            )?;
+            same(
+                "examples per step",
+                per_step.to_string(),
+                saved.examples_per_step.to_string(),
+            )?;
             tracing::info!(checkpoint = %dir.display(), step = saved.global_step, "resuming");
             state.global_step = saved.global_step;
             state.epoch = saved.epoch;
@@ -521,7 +583,12 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         let mut summary = TrainSummary::default();
         let start = Instant::now();
         let mut order = epoch_order(&lengths, state.epoch, &self.config);
-        tracing::info!(examples = train.len(), steps = total, start_step = state.global_step, "training");
+        tracing::info!(
+            examples = train.len(),
+            steps = total,
+            start_step = state.global_step,
+            "training"
+        );
         while state.global_step < total {
             if state.cursor >= order.len() {
                 state.epoch += 1;
@@ -570,10 +637,15 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             }
             let is_last = state.global_step == total;
             summary.steps.push(m);
-            let eval_due = self.config.eval_steps > 0 && state.global_step % self.config.eval_steps == 0;
+            let eval_due =
+                self.config.eval_steps > 0 && state.global_step % self.config.eval_steps == 0;
             if let Some(ev) = eval {
                 if eval_due || is_last {
-                    let EvalResult { loss, accuracy: acc, tokens: n } = self.evaluate(ev)?;
+                    let EvalResult {
+                        loss,
+                        accuracy: acc,
+                        tokens: n,
+                    } = self.evaluate(ev)?;
                     let e = EvalMetrics {
                         step: state.global_step,
                         eval_loss: loss,
@@ -582,7 +654,8 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                     };
                     tracing::info!(step = e.step, eval_loss = format!("{loss:.4}"), eval_accuracy = ?acc, "eval");
                     metrics.write(&serde_json::to_value(&e).expect("metrics serialise"))?;
-                    state.best_eval_loss = Some(state.best_eval_loss.map_or(loss, |b: f64| b.min(loss)));
+                    state.best_eval_loss =
+                        Some(state.best_eval_loss.map_or(loss, |b: f64| b.min(loss)));
                     for cb in self.callbacks.iter_mut() {
                         control = control.max(cb.on_eval_end(&e)?);
                     }
@@ -593,7 +666,8 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                 summary.interrupted = true;
                 control = Control::Stop;
             }
-            let save_due = self.config.save_steps > 0 && (state.global_step % self.config.save_steps == 0 || is_last);
+            let save_due = self.config.save_steps > 0
+                && (state.global_step % self.config.save_steps == 0 || is_last);
             if save_due || control != Control::Continue {
                 summary.last_checkpoint = self.save_checkpoint(&state)?.or(summary.last_checkpoint);
             }
@@ -625,7 +699,10 @@ struct MetricsFile {
 impl MetricsFile {
     fn open(dir: Option<&Path>, keep_up_to: usize) -> Result<Self> {
         let Some(dir) = dir else {
-            return Ok(Self { file: None, rows: Vec::new() });
+            return Ok(Self {
+                file: None,
+                rows: Vec::new(),
+            });
         };
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let p = dir.join("metrics.jsonl");
@@ -647,12 +724,17 @@ impl MetricsFile {
             .truncate(keep_up_to == 0)
             .open(&p)
             .map_err(|e| Error::io(&p, e))?;
-        Ok(Self { file: Some((file, p)), rows })
+        Ok(Self {
+            file: Some((file, p)),
+            rows,
+        })
     }
 
     fn write(&mut self, row: &serde_json::Value) -> Result<()> {
         if let Some((f, p)) = self.file.as_mut() {
-            writeln!(f, "{row}").and_then(|_| f.flush()).map_err(|e| Error::io(p.clone(), e))?;
+            writeln!(f, "{row}")
+                .and_then(|_| f.flush())
+                .map_err(|e| Error::io(p.clone(), e))?;
         }
         self.rows.push(row.clone());
         Ok(())

@@ -134,13 +134,32 @@ fn metric_losses(dir: &Path) -> Vec<String> {
 fn sigterm_checkpoints_and_resume_from_latest_finishes_the_same_run() {
     let d = tempfile::tempdir().unwrap();
     let (a, b) = (d.path().join("straight"), d.path().join("interrupted"));
-    let common = ["train.max_steps=150", "train.eval_steps=0", "train.save_steps=1000", "data.eval=null"];
-    let (ok, _, stderr) = packsft(&[&["train", "recipes/quickstart.yaml", &format!("output_dir={}", a.display())][..], &common[..]].concat());
+    let common = [
+        "train.max_steps=150",
+        "train.eval_steps=0",
+        "train.save_steps=1000",
+        "data.eval=null",
+    ];
+    let (ok, _, stderr) = packsft(
+        &[
+            &[
+                "train",
+                "recipes/quickstart.yaml",
+                &format!("output_dir={}", a.display()),
+            ][..],
+            &common[..],
+        ]
+        .concat(),
+    );
     assert!(ok, "{stderr}");
 
     let child = Command::new(env!("CARGO_BIN_EXE_packsft"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["train", "recipes/quickstart.yaml", &format!("output_dir={}", b.display())])
+        .args([
+            "train",
+            "recipes/quickstart.yaml",
+            &format!("output_dir={}", b.display()),
+        ])
         .args(common)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -152,19 +171,45 @@ fn sigterm_checkpoints_and_resume_from_latest_finishes_the_same_run() {
         assert!(t0.elapsed().as_secs() < 120, "training did not start");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "an interrupted run must not report success");
+    assert!(
+        !out.status.success(),
+        "an interrupted run must not report success"
+    );
     assert!(stderr.contains("interrupted: saved"), "{stderr}");
-    let (step, ckpt) = packsft::checkpoint::list(&b).pop().expect("a checkpoint after SIGTERM");
-    assert!(step >= 5 && step < 150, "stopped at {step}");
-    assert!(!b.join("model.safetensors").exists(), "no final model for an interrupted run");
+    let (step, ckpt) = packsft::checkpoint::list(&b)
+        .pop()
+        .expect("a checkpoint after SIGTERM");
+    assert!((5..150).contains(&step), "stopped at {step}");
+    assert!(
+        !b.join("model.safetensors").exists(),
+        "no final model for an interrupted run"
+    );
     assert!(ckpt.join("tokenizer.json").exists() && ckpt.join("recipe.yaml").exists());
 
-    let (ok, _, stderr) = packsft(&[&["train", "recipes/quickstart.yaml", &format!("output_dir={}", b.display()), "resume_from=latest"][..], &common[..]].concat());
+    let (ok, _, stderr) = packsft(
+        &[
+            &[
+                "train",
+                "recipes/quickstart.yaml",
+                &format!("output_dir={}", b.display()),
+                "resume_from=latest",
+            ][..],
+            &common[..],
+        ]
+        .concat(),
+    );
     assert!(ok, "{stderr}");
-    assert_eq!(metric_losses(&b), metric_losses(&a), "resumed run differs from the uninterrupted one");
+    assert_eq!(
+        metric_losses(&b),
+        metric_losses(&a),
+        "resumed run differs from the uninterrupted one"
+    );
     assert_eq!(
         std::fs::read(a.join("model.safetensors")).unwrap(),
         std::fs::read(b.join("model.safetensors")).unwrap()
@@ -176,11 +221,32 @@ fn bad_resume_and_eval_settings_fail_before_training() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("o");
     let o = format!("output_dir={}", out.display());
-    let (ok, _, stderr) = packsft(&["train", "recipes/quickstart.yaml", &o, "resume_from=/nonexistent/checkpoint-3"]);
-    assert!(!ok && stderr.contains("/nonexistent/checkpoint-3 is not a packsft checkpoint"), "{stderr}");
-    let (ok, _, stderr) = packsft(&["train", "recipes/quickstart.yaml", &o, "data.eval=recipes/quickstart/missing.jsonl"]);
+    let (ok, _, stderr) = packsft(&[
+        "train",
+        "recipes/quickstart.yaml",
+        &o,
+        "resume_from=/nonexistent/checkpoint-3",
+    ]);
+    assert!(
+        !ok && stderr.contains("/nonexistent/checkpoint-3 is not a packsft checkpoint"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = packsft(&[
+        "train",
+        "recipes/quickstart.yaml",
+        &o,
+        "data.eval=recipes/quickstart/missing.jsonl",
+    ]);
     assert!(!ok && stderr.contains("missing.jsonl"), "{stderr}");
     let (ok, _, stderr) = packsft(&["train", "recipes/quickstart.yaml", &o, "data.eval=null"]);
-    assert!(!ok && stderr.contains("train.eval_steps = 250 but data.eval is not set"), "{stderr}");
-    assert!(!out.exists(), "a run that failed on its input created {}", out.display());
+    assert!(
+        !ok && stderr
+            .contains("train.eval_steps = 250 but data.eval (or data.eval_ratio) is not set"),
+        "{stderr}"
+    );
+    assert!(
+        !out.exists(),
+        "a run that failed on its input created {}",
+        out.display()
+    );
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use packsft::data::{load_jsonl, LoadOptions, Truncation};
-use packsft::{Error, DecoderModel, Recipe};
+use packsft::{DecoderModel, Error, Recipe};
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
@@ -62,10 +62,10 @@ fn missing_and_mistyped_fields_are_named() {
         "{e}"
     );
 
-    let p = write(d.path(), "c.jsonl", "{\"text\": \"no such format\"}\n");
+    let p = write(d.path(), "c.jsonl", "{\"txt\": \"no such format\"}\n");
     let e = err_text(load_jsonl(&p, None, &opts(16, Truncation::Error)));
     assert!(
-        e.contains("c.jsonl:1:") && e.contains("its fields: text"),
+        e.contains("c.jsonl:1:") && e.contains("cannot tell the format") && e.contains("(txt)"),
         "{e}"
     );
 

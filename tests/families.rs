@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use common::{max_abs_diff, rel_diff};
+use common::{max_abs_diff, rel_diff, within};
 use packsft::optim::{AdamWConfig, Schedule};
 use packsft::trainer::{Trainer, TrainerConfig};
 use packsft::{Collator, CompletionOnlyCollator, DecoderModel, Example, Model};
@@ -92,7 +92,7 @@ fn logits_loss_and_gradients_match_transformers() {
                     &logits.narrow(0, at, ex.len()).unwrap(),
                     &r.tensors[&format!("logits.{i}")],
                 );
-                if !(d <= 1e-4) {
+                if !within(d, 1e-4) {
                     failures.push(format!(
                         "{fam} pf={padding_free} example {i}: logits max |diff| {d:e}"
                     ));
@@ -102,7 +102,7 @@ fn logits_loss_and_gradients_match_transformers() {
             let l = model.loss(&batch).unwrap();
             let loss = l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_tokens as f64;
             let want = r.json["loss"].as_f64().unwrap();
-            if !((loss - want).abs() / want <= 1e-5) {
+            if !within((loss - want).abs() / want, 1e-5) {
                 failures.push(format!("{fam} pf={padding_free}: loss {loss} vs {want}"));
             }
             let grads = (l.sum / l.n_tokens as f64).unwrap().backward().unwrap();
@@ -112,7 +112,7 @@ fn logits_loss_and_gradients_match_transformers() {
                     None => failures.push(format!("{fam} {}: no gradient", p.name)),
                     Some(g) => {
                         let d = rel_diff(g, want);
-                        if !(d <= 1e-4) {
+                        if !within(d, 1e-4) {
                             failures.push(format!(
                                 "{fam} pf={padding_free} {}: gradient rel diff {d:e}",
                                 p.name
@@ -135,7 +135,7 @@ fn logits_loss_and_gradients_match_transformers() {
                     .unwrap()
                     .expect("a MoE model has a router loss");
                 let got = aux.to_scalar::<f32>().unwrap() as f64;
-                if !((got - want).abs() / want <= 1e-5) {
+                if !within((got - want).abs() / want, 1e-5) {
                     failures.push(format!("{fam} pf={padding_free}: aux loss {got} vs {want}"));
                 }
                 let g = aux.backward().unwrap();
@@ -288,7 +288,8 @@ fn load_err(d: &Path) -> String {
 
 #[test]
 fn unsupported_config_features_are_named_not_ignored() {
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut serde_json::Value)>, &str)> = vec![
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "falcon_mq",
             Box::new(|c| c["alibi"] = true.into()),

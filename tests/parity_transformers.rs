@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use common::{max_abs_diff, rel_diff};
-use packsft::{Collator, CompletionOnlyCollator, Example, DecoderModel, Model};
+use packsft::{Collator, CompletionOnlyCollator, DecoderModel, Example, Model};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

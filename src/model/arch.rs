@@ -20,17 +20,24 @@ pub struct ArchReport {
 pub fn describe(dir: &Path) -> Result<ArchReport> {
     let p = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::model(&p, format!("invalid JSON at line {}: {e}", e.line())))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::model(&p, format!("invalid JSON at line {}: {e}", e.line())))?;
     let (spec, _) = families::from_config(&v).map_err(|e| Error::model(&p, e.to_string()))?;
     let (n_params, n_tensors) = match CheckpointWeights::open(dir) {
         Ok(w) => {
             let shapes = w.shapes();
-            (Some(shapes.iter().map(|s| s.iter().product::<usize>()).sum()), Some(shapes.len()))
+            (
+                Some(shapes.iter().map(|s| s.iter().product::<usize>()).sum()),
+                Some(shapes.len()),
+            )
         }
         Err(_) => (None, None),
     };
-    Ok(ArchReport { spec, n_params, n_tensors })
+    Ok(ArchReport {
+        spec,
+        n_params,
+        n_tensors,
+    })
 }
 
 impl fmt::Display for ArchReport {
@@ -42,24 +49,65 @@ impl fmt::Display for ArchReport {
         }
         writeln!(f, "vocab / hidden  {} / {}", s.vocab, s.hidden)?;
         writeln!(f, "layers          {}", s.layers)?;
-        let kind = if s.kv_heads == s.heads { "MHA" } else if s.kv_heads == 1 { "MQA" } else { "GQA" };
-        writeln!(f, "attention       {} heads, {} kv heads ({kind}), head_dim {}, scale {:.6}", s.heads, s.kv_heads, s.head_dim, s.attn_scale)?;
+        let kind = if s.kv_heads == s.heads {
+            "MHA"
+        } else if s.kv_heads == 1 {
+            "MQA"
+        } else {
+            "GQA"
+        };
+        writeln!(
+            f,
+            "attention       {} heads, {} kv heads ({kind}), head_dim {}, scale {:.6}",
+            s.heads, s.kv_heads, s.head_dim, s.attn_scale
+        )?;
         let qkv = match s.qkv {
             QkvLayout::Separate => "separate q/k/v",
             QkvLayout::FusedConcat => "fused [q | k | v]",
             QkvLayout::FusedGrouped => "fused, grouped per kv head (falcon new arch)",
             QkvLayout::FusedInterleaved => "fused, interleaved per head",
         };
-        writeln!(f, "projections     {qkv}; qkv bias {}, output bias {}", s.qkv_bias, s.o_bias)?;
-        writeln!(f, "clip_qkv        {}", s.clip_qkv.map_or("none".into(), |c| c.to_string()))?;
-        writeln!(f, "qk norm         {}", if s.qk_norm { "per-head layer norm" } else { "none" })?;
-        writeln!(f, "sliding window  {}", s.sliding_window.map_or("none".into(), |w| format!("{w} keys")))?;
-        let long = if s.rope.long.is_some() { ", LongRoPE" } else { "" };
-        writeln!(f, "rope            theta {}, rotary dim {} of {}{long}", s.rope.theta, s.rope.rotary_dim, s.head_dim)?;
+        writeln!(
+            f,
+            "projections     {qkv}; qkv bias {}, output bias {}",
+            s.qkv_bias, s.o_bias
+        )?;
+        writeln!(
+            f,
+            "clip_qkv        {}",
+            s.clip_qkv.map_or("none".into(), |c| c.to_string())
+        )?;
+        writeln!(
+            f,
+            "qk norm         {}",
+            if s.qk_norm {
+                "per-head layer norm"
+            } else {
+                "none"
+            }
+        )?;
+        writeln!(
+            f,
+            "sliding window  {}",
+            s.sliding_window
+                .map_or("none".into(), |w| format!("{w} keys"))
+        )?;
+        let long = if s.rope.long.is_some() {
+            ", LongRoPE"
+        } else {
+            ""
+        };
+        writeln!(
+            f,
+            "rope            theta {}, rotary dim {} of {}{long}",
+            s.rope.theta, s.rope.rotary_dim, s.head_dim
+        )?;
         let norm = match s.norm.kind {
             NormKind::Rms => "RMSNorm".to_string(),
             NormKind::RmsOneOffset => "RMSNorm (1 + w)".to_string(),
-            NormKind::LayerNorm { bias } => format!("LayerNorm{}", if bias { "" } else { " without bias" }),
+            NormKind::LayerNorm { bias } => {
+                format!("LayerNorm{}", if bias { "" } else { " without bias" })
+            }
             NormKind::NonParametric => "LayerNorm without parameters".to_string(),
         };
         writeln!(f, "norm            {norm}, eps {}", s.norm.eps)?;
@@ -71,26 +119,68 @@ impl fmt::Display for ArchReport {
         writeln!(f, "residual        {block}")?;
         let mut i = 0;
         while i < s.mlp.len() {
-            let j = (i..s.mlp.len()).take_while(|&j| s.mlp[j] == s.mlp[i]).last().unwrap_or(i);
+            let j = (i..s.mlp.len())
+                .take_while(|&j| s.mlp[j] == s.mlp[i])
+                .last()
+                .unwrap_or(i);
             let desc = match &s.mlp[i] {
-                MlpSpec::Gated { hidden, act, bias, fused } => format!("gated {act:?}, width {hidden}, bias {bias}{}", if *fused { ", fused gate_up" } else { "" }),
-                MlpSpec::Plain { hidden, act, bias } => format!("plain {act:?}, width {hidden}, bias {bias}"),
+                MlpSpec::Gated {
+                    hidden,
+                    act,
+                    bias,
+                    fused,
+                } => format!(
+                    "gated {act:?}, width {hidden}, bias {bias}{}",
+                    if *fused { ", fused gate_up" } else { "" }
+                ),
+                MlpSpec::Plain { hidden, act, bias } => {
+                    format!("plain {act:?}, width {hidden}, bias {bias}")
+                }
                 MlpSpec::Moe(m) => format!(
                     "MoE {} experts top-{} ({:?} routing), expert width {}{}",
                     m.experts,
                     m.top_k,
                     m.routing,
                     m.expert_hidden,
-                    m.shared_expert.map_or(String::new(), |w| format!(", shared expert width {w} with sigmoid gate"))
+                    m.shared_expert.map_or(String::new(), |w| format!(
+                        ", shared expert width {w} with sigmoid gate"
+                    ))
                 ),
             };
-            writeln!(f, "mlp layers {i}-{j}{:width$}{desc}", "", width = 5usize.saturating_sub(format!("{i}-{j}").len()))?;
+            writeln!(
+                f,
+                "mlp layers {i}-{j}{:width$}{desc}",
+                "",
+                width = 5usize.saturating_sub(format!("{i}-{j}").len())
+            )?;
             i = j + 1;
         }
-        writeln!(f, "multipliers     embedding {}, residual {}, logits / {}", s.embedding_multiplier, s.residual_multiplier, s.logits_scaling)?;
-        writeln!(f, "lm head         {}{}", if s.tie_embeddings { "tied to the embedding" } else { "separate" }, if s.lm_head_bias { ", with bias" } else { "" })?;
-        writeln!(f, "padding_idx     {}", s.padding_idx.map_or("none".into(), |p| p.to_string()))?;
-        writeln!(f, "router aux loss {}", s.router_aux_loss_coef.map_or("off".into(), |c| format!("coefficient {c}")))?;
+        writeln!(
+            f,
+            "multipliers     embedding {}, residual {}, logits / {}",
+            s.embedding_multiplier, s.residual_multiplier, s.logits_scaling
+        )?;
+        writeln!(
+            f,
+            "lm head         {}{}",
+            if s.tie_embeddings {
+                "tied to the embedding"
+            } else {
+                "separate"
+            },
+            if s.lm_head_bias { ", with bias" } else { "" }
+        )?;
+        writeln!(
+            f,
+            "padding_idx     {}",
+            s.padding_idx.map_or("none".into(), |p| p.to_string())
+        )?;
+        writeln!(
+            f,
+            "router aux loss {}",
+            s.router_aux_loss_coef
+                .map_or("off".into(), |c| format!("coefficient {c}"))
+        )?;
         writeln!(f, "max positions   {}", s.max_positions)
     }
 }

@@ -17,8 +17,8 @@ use super::{EvalSums, LossScale, LossSum, Model, Param};
 use crate::attention::{eager_attention, AttnPlan};
 use crate::collator::{Batch, SeqLayout};
 use crate::error::{Error, Result};
-use crate::optim::add_grads;
 use crate::ops::{apply_rope, layer_norm, nll, nll_sum, rms_norm, softmax_last, RopeTable};
+use crate::optim::add_grads;
 
 pub const CONFIG_FILE: &str = "config.json";
 
@@ -34,7 +34,10 @@ pub struct ComputeOptions {
 
 impl Default for ComputeOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, gradient_checkpointing: false }
+        Self {
+            dtype: DType::F32,
+            gradient_checkpointing: false,
+        }
     }
 }
 
@@ -67,7 +70,9 @@ impl Norm {
             NormKind::RmsOneOffset => {
                 let dtype = x.dtype();
                 let xf = x.to_dtype(DType::F32)?;
-                let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.spec.eps)?.sqrt()?.recip()?;
+                let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.spec.eps)?
+                    .sqrt()?
+                    .recip()?;
                 let w = (self.w.as_ref().expect("rms weight").to_dtype(DType::F32)? + 1.0)?;
                 Ok(xf.broadcast_mul(&inv)?.broadcast_mul(&w)?.to_dtype(dtype)?)
             }
@@ -86,14 +91,37 @@ enum Qkv {
 enum Experts {
     Separate(Vec<(Lin, Lin, Lin)>),
     /// (E * F, H) each; w2 is applied untransposed, as DBRX stores it.
-    Fused { w1: Tensor, v1: Tensor, w2: Tensor },
+    Fused {
+        w1: Tensor,
+        v1: Tensor,
+        w2: Tensor,
+    },
 }
 
 enum Mlp {
-    Gated { gate: Lin, up: Lin, down: Lin, act: Act },
-    GatedFused { gate_up: Lin, down: Lin, act: Act, hidden: usize },
-    Plain { fc1: Lin, fc2: Lin, act: Act },
-    Moe { spec: MoeSpec, router: Lin, experts: Experts, shared: Option<(Box<Mlp>, Lin)> },
+    Gated {
+        gate: Lin,
+        up: Lin,
+        down: Lin,
+        act: Act,
+    },
+    GatedFused {
+        gate_up: Lin,
+        down: Lin,
+        act: Act,
+        hidden: usize,
+    },
+    Plain {
+        fc1: Lin,
+        fc2: Lin,
+        act: Act,
+    },
+    Moe {
+        spec: MoeSpec,
+        router: Lin,
+        experts: Experts,
+        shared: Option<(Box<Mlp>, Lin)>,
+    },
 }
 
 struct Layer {
@@ -117,7 +145,10 @@ fn activate(x: &Tensor, act: Act) -> Result<Tensor> {
 /// Where parameters come from: a checkpoint, or a seeded random initialisation.
 enum Source {
     Checkpoint(CheckpointWeights),
-    Random { rng: rand_chacha::ChaCha8Rng, std: f64 },
+    Random {
+        rng: rand_chacha::ChaCha8Rng,
+        std: f64,
+    },
 }
 
 #[derive(Clone, Copy)]
@@ -149,7 +180,11 @@ impl Builder<'_> {
         let var = Var::from_tensor(&t)?;
         let out = var.as_tensor().clone();
         // transformers decays every matrix and no bias or norm weight.
-        self.params.push(Param { name: name.to_string(), decay: shape.len() >= 2, var });
+        self.params.push(Param {
+            name: name.to_string(),
+            decay: shape.len() >= 2,
+            var,
+        });
         Ok(out)
     }
 
@@ -166,12 +201,22 @@ impl Builder<'_> {
     fn norm(&mut self, spec: NormSpec, n: &NormNames, dim: usize) -> Result<Norm> {
         let p = &n.prefix;
         let (w, b) = match spec.kind {
-            NormKind::Rms => (Some(self.take(&format!("{p}.weight"), &[dim], Init::Ones)?), None),
+            NormKind::Rms => (
+                Some(self.take(&format!("{p}.weight"), &[dim], Init::Ones)?),
+                None,
+            ),
             // Gemma stores the offset from 1, initialised at 0.
-            NormKind::RmsOneOffset => (Some(self.take(&format!("{p}.weight"), &[dim], Init::Zeros)?), None),
+            NormKind::RmsOneOffset => (
+                Some(self.take(&format!("{p}.weight"), &[dim], Init::Zeros)?),
+                None,
+            ),
             NormKind::LayerNorm { bias } => (
                 Some(self.take(&format!("{p}.weight"), &[dim], Init::Ones)?),
-                if bias { Some(self.take(&format!("{p}.bias"), &[dim], Init::Zeros)?) } else { None },
+                if bias {
+                    Some(self.take(&format!("{p}.bias"), &[dim], Init::Zeros)?)
+                } else {
+                    None
+                },
             ),
             NormKind::NonParametric => (None, None),
         };
@@ -180,30 +225,43 @@ impl Builder<'_> {
 
     fn mlp(&mut self, spec: &MlpSpec, names: &MlpNames, h: usize) -> Result<Mlp> {
         Ok(match (spec, names) {
-            (MlpSpec::Gated { hidden, act, .. }, MlpNames::Gated { gate, up, down }) => Mlp::Gated {
-                gate: self.lin(gate, *hidden, h)?,
-                up: self.lin(up, *hidden, h)?,
-                down: self.lin(down, h, *hidden)?,
-                act: *act,
-            },
-            (MlpSpec::Gated { hidden, act, .. }, MlpNames::GatedFused { gate_up, down }) => Mlp::GatedFused {
-                gate_up: self.lin(gate_up, 2 * hidden, h)?,
-                down: self.lin(down, h, *hidden)?,
-                act: *act,
-                hidden: *hidden,
-            },
+            (MlpSpec::Gated { hidden, act, .. }, MlpNames::Gated { gate, up, down }) => {
+                Mlp::Gated {
+                    gate: self.lin(gate, *hidden, h)?,
+                    up: self.lin(up, *hidden, h)?,
+                    down: self.lin(down, h, *hidden)?,
+                    act: *act,
+                }
+            }
+            (MlpSpec::Gated { hidden, act, .. }, MlpNames::GatedFused { gate_up, down }) => {
+                Mlp::GatedFused {
+                    gate_up: self.lin(gate_up, 2 * hidden, h)?,
+                    down: self.lin(down, h, *hidden)?,
+                    act: *act,
+                    hidden: *hidden,
+                }
+            }
             (MlpSpec::Plain { hidden, act, .. }, MlpNames::Plain { fc1, fc2 }) => Mlp::Plain {
                 fc1: self.lin(fc1, *hidden, h)?,
                 fc2: self.lin(fc2, h, *hidden)?,
                 act: *act,
             },
-            (MlpSpec::Moe(m), MlpNames::Moe { router, experts, shared }) => {
+            (
+                MlpSpec::Moe(m),
+                MlpNames::Moe {
+                    router,
+                    experts,
+                    shared,
+                },
+            ) => {
                 let f = m.expert_hidden;
                 let router = self.lin(router, m.experts, h)?;
                 let experts = match experts {
                     ExpertNames::Separate(v) => Experts::Separate(
                         v.iter()
-                            .map(|(g, u, d)| Ok((self.lin(g, f, h)?, self.lin(u, f, h)?, self.lin(d, h, f)?)))
+                            .map(|(g, u, d)| {
+                                Ok((self.lin(g, f, h)?, self.lin(u, f, h)?, self.lin(d, h, f)?))
+                            })
                             .collect::<Result<_>>()?,
                     ),
                     ExpertNames::Fused { w1, v1, w2 } => Experts::Fused {
@@ -214,15 +272,29 @@ impl Builder<'_> {
                 };
                 let shared = match (m.shared_expert, shared) {
                     (Some(width), Some((names, gate))) => {
-                        let spec = MlpSpec::Gated { hidden: width, act: m.act, bias: false, fused: false };
+                        let spec = MlpSpec::Gated {
+                            hidden: width,
+                            act: m.act,
+                            bias: false,
+                            fused: false,
+                        };
                         let mlp = self.mlp(&spec, names, h)?;
                         Some((Box::new(mlp), self.lin(gate, 1, h)?))
                     }
                     _ => None,
                 };
-                Mlp::Moe { spec: m.clone(), router, experts, shared }
+                Mlp::Moe {
+                    spec: m.clone(),
+                    router,
+                    experts,
+                    shared,
+                }
             }
-            _ => return Err(Error::Config("internal: MLP spec and names disagree".into())),
+            _ => {
+                return Err(Error::Config(
+                    "internal: MLP spec and names disagree".into(),
+                ))
+            }
         })
     }
 }
@@ -273,16 +345,22 @@ struct FwdCtx {
 impl DecoderModel {
     fn build(raw_config: Value, src: Source, device: &Device) -> Result<Self> {
         let (spec, names) = families::from_config(&raw_config)?;
-        let mut b = Builder { src, device, params: Vec::new() };
+        let mut b = Builder {
+            src,
+            device,
+            params: Vec::new(),
+        };
         let (h, nh, nkv, d) = (spec.hidden, spec.heads, spec.kv_heads, spec.head_dim);
         let embed = b.take(&names.embed, &[spec.vocab, h], Init::Normal)?;
         let mut layers = Vec::with_capacity(spec.layers);
         for (l, ln) in names.layers.iter().enumerate() {
             let norm1 = b.norm(spec.norm, &ln.norm1, h)?;
             let qkv = match &ln.qkv {
-                QkvNames::Separate { q, k, v } => {
-                    Qkv::Separate(b.lin(q, nh * d, h)?, b.lin(k, nkv * d, h)?, b.lin(v, nkv * d, h)?)
-                }
+                QkvNames::Separate { q, k, v } => Qkv::Separate(
+                    b.lin(q, nh * d, h)?,
+                    b.lin(k, nkv * d, h)?,
+                    b.lin(v, nkv * d, h)?,
+                ),
                 QkvNames::Fused(n) => {
                     let rows = match spec.qkv {
                         QkvLayout::FusedInterleaved => 3 * nh * d,
@@ -292,14 +370,30 @@ impl DecoderModel {
                 }
             };
             let o = b.lin(&ln.o, h, nh * d)?;
-            let q_norm = ln.q_norm.iter().map(|n| b.take(n, &[d], Init::Ones)).collect::<Result<_>>()?;
-            let k_norm = ln.k_norm.iter().map(|n| b.take(n, &[d], Init::Ones)).collect::<Result<_>>()?;
+            let q_norm = ln
+                .q_norm
+                .iter()
+                .map(|n| b.take(n, &[d], Init::Ones))
+                .collect::<Result<_>>()?;
+            let k_norm = ln
+                .k_norm
+                .iter()
+                .map(|n| b.take(n, &[d], Init::Ones))
+                .collect::<Result<_>>()?;
             let norm2 = match &ln.norm2 {
                 Some(n) => Some(b.norm(spec.norm, n, h)?),
                 None => None,
             };
             let mlp = b.mlp(&spec.mlp[l], &ln.mlp, h)?;
-            layers.push(Layer { norm1, norm2, qkv, o, q_norm, k_norm, mlp });
+            layers.push(Layer {
+                norm1,
+                norm2,
+                qkv,
+                o,
+                q_norm,
+                k_norm,
+                mlp,
+            });
         }
         let final_norm = b.norm(spec.norm, &names.final_norm, h)?;
         let lm_head = if spec.tie_embeddings {
@@ -321,7 +415,11 @@ impl DecoderModel {
             let unused: Vec<String> = w
                 .unused()
                 .into_iter()
-                .filter(|n| !n.ends_with("rotary_emb.inv_freq") && !n.ends_with(".masked_bias") && !n.ends_with(".attn.bias"))
+                .filter(|n| {
+                    !n.ends_with("rotary_emb.inv_freq")
+                        && !n.ends_with(".masked_bias")
+                        && !n.ends_with(".attn.bias")
+                })
                 .filter(|n| !(spec.tie_embeddings && n == &names.lm_head.weight))
                 .collect();
             if !unused.is_empty() {
@@ -358,11 +456,21 @@ impl DecoderModel {
     /// A freshly initialised model from a config.json object (transformers' init: normal(0,
     /// initializer_range) for matrices, ones for norm weights, zeros for biases).
     pub fn new_random(mut config: Value, seed: u64, device: &Device) -> Result<Self> {
-        let mt = config.get("model_type").and_then(Value::as_str).unwrap_or("llama").to_string();
+        let mt = config
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("llama")
+            .to_string();
         config["model_type"] = mt.clone().into();
         config["architectures"] = serde_json::json!([families::architecture(&mt)]);
-        let std = config.get("initializer_range").and_then(Value::as_f64).unwrap_or(0.02);
-        let src = Source::Random { rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed), std };
+        let std = config
+            .get("initializer_range")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.02);
+        let src = Source::Random {
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+            std,
+        };
         Self::build(config, src, device)
     }
 
@@ -377,7 +485,14 @@ impl DecoderModel {
         }
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let raw: Value = serde_json::from_str(&text).map_err(|e| {
-            Error::model(&cfg_path, format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()))
+            Error::model(
+                &cfg_path,
+                format!(
+                    "invalid JSON at line {} column {}: {e}",
+                    e.line(),
+                    e.column()
+                ),
+            )
         })?;
         // Validate the config before touching the weights, so its errors come first.
         families::from_config(&raw).map_err(|e| Error::model(&cfg_path, e.to_string()))?;
@@ -402,7 +517,13 @@ impl DecoderModel {
 
     fn ctx(&self, batch: &Batch) -> Result<FwdCtx> {
         let (lengths, longest): (Vec<usize>, usize) = match &batch.layout {
-            SeqLayout::Packed { cu_seqlens, max_seqlen } => (cu_seqlens.windows(2).map(|w| w[1] - w[0]).collect(), *max_seqlen),
+            SeqLayout::Packed {
+                cu_seqlens,
+                max_seqlen,
+            } => (
+                cu_seqlens.windows(2).map(|w| w[1] - w[0]).collect(),
+                *max_seqlen,
+            ),
             SeqLayout::Padded { lengths } => (lengths.clone(), batch.row_len),
         };
         if longest > self.spec.max_positions {
@@ -423,14 +544,22 @@ impl DecoderModel {
                 match &batch.layout {
                     SeqLayout::Packed { cu_seqlens, .. } => {
                         for w in cu_seqlens.windows(2) {
-                            let off = if w[1] - w[0] > long.original_max { p } else { 0 };
+                            let off = if w[1] - w[0] > long.original_max {
+                                p
+                            } else {
+                                0
+                            };
                             out.extend(host[w[0]..w[1]].iter().map(|x| x + off));
                         }
                     }
                     SeqLayout::Padded { lengths } => {
                         for (b, len) in lengths.iter().enumerate() {
                             let off = if *len > long.original_max { p } else { 0 };
-                            out.extend(host[b * batch.row_len..(b + 1) * batch.row_len].iter().map(|x| x + off));
+                            out.extend(
+                                host[b * batch.row_len..(b + 1) * batch.row_len]
+                                    .iter()
+                                    .map(|x| x + off),
+                            );
                         }
                     }
                 }
@@ -454,7 +583,12 @@ impl DecoderModel {
             ids: batch.input_ids.flatten_all()?,
             cos,
             sin,
-            plan: AttnPlan::new(&batch.layout, batch.row_len, self.spec.sliding_window, &self.device)?,
+            plan: AttnPlan::new(
+                &batch.layout,
+                batch.row_len,
+                self.spec.sliding_window,
+                &self.device,
+            )?,
             n: batch.rows * batch.row_len,
             real_rows,
         })
@@ -471,7 +605,11 @@ impl DecoderModel {
             }
         }
         let x = x.to_dtype(self.compute.dtype)?;
-        Ok(if self.spec.embedding_multiplier != 1.0 { (x * self.spec.embedding_multiplier)? } else { x })
+        Ok(if self.spec.embedding_multiplier != 1.0 {
+            (x * self.spec.embedding_multiplier)?
+        } else {
+            x
+        })
     }
 
     fn attention(&self, layer: &Layer, h: &Tensor, ctx: &FwdCtx) -> Result<Tensor> {
@@ -485,17 +623,29 @@ impl DecoderModel {
                     QkvLayout::FusedGrouped => {
                         let g = nh / nkv;
                         let y = y.reshape((n, nkv, g + 2, d))?;
-                        (y.narrow(2, 0, g)?, y.narrow(2, g, 1)?, y.narrow(2, g + 1, 1)?)
+                        (
+                            y.narrow(2, 0, g)?,
+                            y.narrow(2, g, 1)?,
+                            y.narrow(2, g + 1, 1)?,
+                        )
                     }
                     QkvLayout::FusedInterleaved => {
                         let y = y.reshape((n, nh, 3, d))?;
                         (y.narrow(2, 0, 1)?, y.narrow(2, 1, 1)?, y.narrow(2, 2, 1)?)
                     }
-                    _ => (y.narrow(1, 0, nh * d)?, y.narrow(1, nh * d, nkv * d)?, y.narrow(1, (nh + nkv) * d, nkv * d)?),
+                    _ => (
+                        y.narrow(1, 0, nh * d)?,
+                        y.narrow(1, nh * d, nkv * d)?,
+                        y.narrow(1, (nh + nkv) * d, nkv * d)?,
+                    ),
                 }
             }
         };
-        let (mut q, mut k, mut v) = (q.reshape((n, nh, d))?, k.reshape((n, nkv, d))?, v.reshape((n, nkv, d))?);
+        let (mut q, mut k, mut v) = (
+            q.reshape((n, nh, d))?,
+            k.reshape((n, nkv, d))?,
+            v.reshape((n, nkv, d))?,
+        );
         if let Some(c) = s.clip_qkv {
             q = q.clamp(-c, c)?;
             k = k.clamp(-c, c)?;
@@ -516,14 +666,32 @@ impl DecoderModel {
     /// MLP output, and for a mixture of experts the router output the auxiliary loss reads.
     fn mlp_fwd(&self, mlp: &Mlp, h: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         Ok(match mlp {
-            Mlp::Gated { gate, up, down, act } => (down.fwd(&(activate(&gate.fwd(h)?, *act)? * up.fwd(h)?)?)?, None),
-            Mlp::GatedFused { gate_up, down, act, hidden } => {
+            Mlp::Gated {
+                gate,
+                up,
+                down,
+                act,
+            } => (
+                down.fwd(&(activate(&gate.fwd(h)?, *act)? * up.fwd(h)?)?)?,
+                None,
+            ),
+            Mlp::GatedFused {
+                gate_up,
+                down,
+                act,
+                hidden,
+            } => {
                 let y = gate_up.fwd(h)?;
                 let g = activate(&y.narrow(1, 0, *hidden)?, *act)?;
                 (down.fwd(&(g * y.narrow(1, *hidden, *hidden)?)?)?, None)
             }
             Mlp::Plain { fc1, fc2, act } => (fc2.fwd(&activate(&fc1.fwd(h)?, *act)?)?, None),
-            Mlp::Moe { spec, router, experts, shared } => {
+            Mlp::Moe {
+                spec,
+                router,
+                experts,
+                shared,
+            } => {
                 let (y, r) = self.moe_fwd(spec, router, experts, h)?;
                 let y = match shared {
                     Some((mlp, gate)) => {
@@ -539,7 +707,13 @@ impl DecoderModel {
         })
     }
 
-    fn moe_fwd(&self, spec: &MoeSpec, router: &Lin, experts: &Experts, h: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn moe_fwd(
+        &self,
+        spec: &MoeSpec,
+        router: &Lin,
+        experts: &Experts,
+        h: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let (n, hd) = h.dims2()?;
         let (e_n, k) = (spec.experts, spec.top_k);
         let logits = router.fwd(h)?.to_dtype(DType::F32)?;
@@ -581,8 +755,13 @@ impl DecoderModel {
                 }
                 Experts::Fused { w1, v1, w2 } => {
                     let dt = xe.dtype();
-                    let (w1, v1, w2) = (w1.narrow(0, e * f, f)?.to_dtype(dt)?, v1.narrow(0, e * f, f)?.to_dtype(dt)?, w2.narrow(0, e * f, f)?.to_dtype(dt)?);
-                    let inter = (activate(&xe.matmul(&w1.t()?)?, spec.act)? * xe.matmul(&v1.t()?)?)?;
+                    let (w1, v1, w2) = (
+                        w1.narrow(0, e * f, f)?.to_dtype(dt)?,
+                        v1.narrow(0, e * f, f)?.to_dtype(dt)?,
+                        w2.narrow(0, e * f, f)?.to_dtype(dt)?,
+                    );
+                    let inter =
+                        (activate(&xe.matmul(&w1.t()?)?, spec.act)? * xe.matmul(&v1.t()?)?)?;
                     inter.matmul(&w2)?
                 }
             };
@@ -593,7 +772,12 @@ impl DecoderModel {
     }
 
     /// One decoder layer: x (N, H) → (N, H), plus the router output of a MoE layer.
-    fn layer_fwd(&self, layer: &Layer, x: &Tensor, ctx: &FwdCtx) -> Result<(Tensor, Option<Tensor>)> {
+    fn layer_fwd(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        ctx: &FwdCtx,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let rm = self.spec.residual_multiplier;
         let scaled = |t: Tensor| -> Result<Tensor> { Ok(if rm != 1.0 { (t * rm)? } else { t }) };
         let h1 = layer.norm1.fwd(x)?;
@@ -601,12 +785,20 @@ impl DecoderModel {
         Ok(match self.spec.block {
             Block::Sequential => {
                 let x = (x + scaled(a)?)?;
-                let h2 = layer.norm2.as_ref().expect("sequential blocks have two norms").fwd(&x)?;
+                let h2 = layer
+                    .norm2
+                    .as_ref()
+                    .expect("sequential blocks have two norms")
+                    .fwd(&x)?;
                 let (m, r) = self.mlp_fwd(&layer.mlp, &h2)?;
                 ((x + scaled(m)?)?, r)
             }
             Block::Parallel { shared_norm } => {
-                let h2 = if shared_norm { h1 } else { layer.norm2.as_ref().expect("two norms").fwd(x)? };
+                let h2 = if shared_norm {
+                    h1
+                } else {
+                    layer.norm2.as_ref().expect("two norms").fwd(x)?
+                };
                 let (m, r) = self.mlp_fwd(&layer.mlp, &h2)?;
                 (((x + a)? + m)?, r)
             }
@@ -621,7 +813,11 @@ impl DecoderModel {
             None => h,
         };
         let logits = self.lm_head.fwd(&h)?;
-        Ok(if self.spec.logits_scaling != 1.0 { (logits / self.spec.logits_scaling)? } else { logits })
+        Ok(if self.spec.logits_scaling != 1.0 {
+            (logits / self.spec.logits_scaling)?
+        } else {
+            logits
+        })
     }
 
     /// transformers' `load_balancing_loss_func` over the real tokens of the batch, all MoE
@@ -683,7 +879,11 @@ impl DecoderModel {
     /// Logits (rows, vocab) of rows of final hidden states (as `hidden_states` returns them).
     pub fn logits(&self, hidden_rows: &Tensor) -> Result<Tensor> {
         let logits = self.lm_head.fwd(hidden_rows)?;
-        Ok(if self.spec.logits_scaling != 1.0 { (logits / self.spec.logits_scaling)? } else { logits })
+        Ok(if self.spec.logits_scaling != 1.0 {
+            (logits / self.spec.logits_scaling)?
+        } else {
+            logits
+        })
     }
 
     /// Logits of every position: (rows * row_len, vocab).
@@ -698,13 +898,20 @@ impl DecoderModel {
     }
 
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
-        self.params.iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect()
+        self.params
+            .iter()
+            .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
+            .collect()
     }
 
     /// Gradient checkpointing: forward keeping only layer inputs (and router outputs), then the
     /// head's and the router loss's backward, then each layer recomputed from its input and
     /// back-propagated with the gradients that reached its outputs, last layer first.
-    fn forward_backward_checkpointed(&self, batch: &Batch, scale: LossScale) -> Result<(LossSum, GradStore)> {
+    fn forward_backward_checkpointed(
+        &self,
+        batch: &Batch,
+        scale: LossScale,
+    ) -> Result<(LossSum, GradStore)> {
         let ctx = self.ctx(batch)?;
         let mut xs = vec![self.embed_fwd(&ctx)?.detach()];
         let mut routers: Vec<Option<Var>> = Vec::with_capacity(self.layers.len());
@@ -719,7 +926,11 @@ impl DecoderModel {
         let mut objective = (&sum * scale.per_unit)?;
         let aux = match self.spec.router_aux_loss_coef {
             Some(coef) => {
-                let rs: Vec<Tensor> = routers.iter().flatten().map(|v| v.as_tensor().clone()).collect();
+                let rs: Vec<Tensor> = routers
+                    .iter()
+                    .flatten()
+                    .map(|v| v.as_tensor().clone())
+                    .collect();
                 let aux = self.router_aux(&rs, &ctx)?.map(|a| a * coef).transpose()?;
                 if let Some(a) = &aux {
                     objective = (objective + (a * scale.aux)?)?;
@@ -742,15 +953,22 @@ impl DecoderModel {
                 }
             }
             let mut part = obj.backward()?;
-            g_out = part
-                .remove(x_in.as_tensor())
-                .ok_or_else(|| Error::Training(format!("no gradient reached the input of layer {l}")))?;
+            g_out = part.remove(x_in.as_tensor()).ok_or_else(|| {
+                Error::Training(format!("no gradient reached the input of layer {l}"))
+            })?;
             add_grads(&mut grads, part, &self.params)?;
         }
         let e = self.embed_fwd(&ctx)?;
         let part = (e * &g_out)?.sum_all()?.backward()?;
         add_grads(&mut grads, part, &self.params)?;
-        Ok((LossSum { sum, n_tokens: batch.n_targets, aux }, grads))
+        Ok((
+            LossSum {
+                sum,
+                n_tokens: batch.n_targets,
+                aux,
+            },
+            grads,
+        ))
     }
 
     fn loss_inner(&self, batch: &Batch) -> Result<LossSum> {
@@ -758,7 +976,10 @@ impl DecoderModel {
         // Only positions that carry loss go through the vocabulary projection.
         let logits = self.head(&x, Some(&batch.target_rows))?;
         let aux = match self.spec.router_aux_loss_coef {
-            Some(coef) => self.router_aux(&routers, &ctx)?.map(|a| a * coef).transpose()?,
+            Some(coef) => self
+                .router_aux(&routers, &ctx)?
+                .map(|a| a * coef)
+                .transpose()?,
             None => None,
         };
         Ok(LossSum {
@@ -774,7 +995,11 @@ impl Model for DecoderModel {
 
     fn loss(&self, batch: &Batch) -> Result<LossSum> {
         if batch.n_targets == 0 {
-            return Ok(LossSum { sum: Tensor::zeros((), DType::F32, &self.device)?, n_tokens: 0, aux: None });
+            return Ok(LossSum {
+                sum: Tensor::zeros((), DType::F32, &self.device)?,
+                n_tokens: 0,
+                aux: None,
+            });
         }
         self.loss_inner(batch)
     }
@@ -788,7 +1013,9 @@ impl Model for DecoderModel {
         raw["torch_dtype"] = "float32".into();
         crate::io::write_atomic(
             &dir.join(CONFIG_FILE),
-            serde_json::to_string_pretty(&raw).expect("JSON serialises").as_bytes(),
+            serde_json::to_string_pretty(&raw)
+                .expect("JSON serialises")
+                .as_bytes(),
         )?;
         save_safetensors(&self.tensors(), &dir.join(WEIGHTS_FILE))
     }
@@ -807,13 +1034,28 @@ impl Model for DecoderModel {
 
     fn eval_sums(&self, batch: &Batch) -> Result<EvalSums> {
         if batch.n_targets == 0 {
-            return Ok(EvalSums { loss_sum: 0.0, n_tokens: 0, n_correct: Some(0) });
+            return Ok(EvalSums {
+                loss_sum: 0.0,
+                n_tokens: 0,
+                n_correct: Some(0),
+            });
         }
         let (_, x, _) = self.trunk(batch, false)?;
         let logits = self.head(&x, Some(&batch.target_rows))?.detach();
-        let loss_sum = nll(&logits, &batch.target_ids)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let loss_sum = nll(&logits, &batch.target_ids)?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
         let pred = logits.argmax(D::Minus1)?;
-        let n_correct = pred.eq(&batch.target_ids)?.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as usize;
-        Ok(EvalSums { loss_sum, n_tokens: batch.n_targets, n_correct: Some(n_correct) })
+        let n_correct = pred
+            .eq(&batch.target_ids)?
+            .to_dtype(DType::U32)?
+            .sum_all()?
+            .to_scalar::<u32>()? as usize;
+        Ok(EvalSums {
+            loss_sum,
+            n_tokens: batch.n_targets,
+            n_correct: Some(n_correct),
+        })
     }
 }

@@ -69,7 +69,11 @@ pub trait Model {
     /// The loss and the gradients of `loss.sum * scale.per_unit (+ aux * scale.aux)`. Models that recompute activations in
     /// the backward pass (gradient checkpointing) override this; the default back-propagates
     /// through the graph `loss` built.
-    fn forward_backward(&self, batch: &Self::Batch, scale: LossScale) -> Result<(LossSum, GradStore)> {
+    fn forward_backward(
+        &self,
+        batch: &Self::Batch,
+        scale: LossScale,
+    ) -> Result<(LossSum, GradStore)> {
         let l = self.loss(batch)?;
         let mut objective = (&l.sum * scale.per_unit)?;
         if let Some(a) = &l.aux {
@@ -98,7 +102,10 @@ pub trait Model {
             loaded.push(w.get(&p.name, t.dims(), t.dtype(), t.device())?);
         }
         if let Some(extra) = w.unused().first() {
-            return Err(Error::model(dir, format!("checkpoint has a weight the model does not: {extra}")));
+            return Err(Error::model(
+                dir,
+                format!("checkpoint has a weight the model does not: {extra}"),
+            ));
         }
         for (p, t) in self.params().iter().zip(loaded) {
             p.var.set(&t)?;

@@ -78,9 +78,18 @@ pub struct MoeSpec {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub enum MlpSpec {
     /// `down(act(gate(h)) * up(h))`; `fused`: one `gate_up` matrix, gate rows first.
-    Gated { hidden: usize, act: Act, bias: bool, fused: bool },
+    Gated {
+        hidden: usize,
+        act: Act,
+        bias: bool,
+        fused: bool,
+    },
     /// `fc2(act(fc1(h)))`.
-    Plain { hidden: usize, act: Act, bias: bool },
+    Plain {
+        hidden: usize,
+        act: Act,
+        bias: bool,
+    },
     Moe(MoeSpec),
 }
 
@@ -142,7 +151,10 @@ pub struct ArchSpec {
 
 impl ArchSpec {
     pub fn moe_layers(&self) -> usize {
-        self.mlp.iter().filter(|m| matches!(m, MlpSpec::Moe(_))).count()
+        self.mlp
+            .iter()
+            .filter(|m| matches!(m, MlpSpec::Moe(_)))
+            .count()
     }
 }
 
@@ -170,15 +182,29 @@ pub struct NormNames {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum QkvNames {
-    Separate { q: LinearNames, k: LinearNames, v: LinearNames },
+    Separate {
+        q: LinearNames,
+        k: LinearNames,
+        v: LinearNames,
+    },
     Fused(LinearNames),
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum MlpNames {
-    Gated { gate: LinearNames, up: LinearNames, down: LinearNames },
-    GatedFused { gate_up: LinearNames, down: LinearNames },
-    Plain { fc1: LinearNames, fc2: LinearNames },
+    Gated {
+        gate: LinearNames,
+        up: LinearNames,
+        down: LinearNames,
+    },
+    GatedFused {
+        gate_up: LinearNames,
+        down: LinearNames,
+    },
+    Plain {
+        fc1: LinearNames,
+        fc2: LinearNames,
+    },
     Moe {
         router: LinearNames,
         /// Per expert (gate, up, down), or for fused experts the three (E * F, H) tensors.

@@ -74,7 +74,11 @@ impl CheckpointWeights {
 
     /// The shape of every tensor in the checkpoint (read from the headers).
     pub fn shapes(&self) -> Vec<Vec<usize>> {
-        self.st.tensors().into_iter().map(|(_, v)| v.shape().to_vec()).collect()
+        self.st
+            .tensors()
+            .into_iter()
+            .map(|(_, v)| v.shape().to_vec())
+            .collect()
     }
 
     pub fn contains(&self, name: &str) -> bool {

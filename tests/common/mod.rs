@@ -101,3 +101,8 @@ pub fn examples_from_json(v: &serde_json::Value) -> Vec<Example> {
         })
         .collect()
 }
+
+/// `x <= tol`, false for NaN: a comparison that a NaN cannot pass.
+pub fn within(x: f64, tol: f64) -> bool {
+    x <= tol
+}

@@ -1,0 +1,382 @@
+//! `packsft inspect`: the mask audit (examples token by token, trained tokens highlighted, and the
+//! batches exactly as the trainer builds them), and `packsft bench-data`: the throughput of
+//! rows → padding-free batches.
+
+use std::io::Write;
+use std::time::Instant;
+
+use candle_core::Device;
+
+use crate::collator::{Collator, CompletionOnlyCollator, HostBatch};
+use crate::data::{Dataset, Example, LoadOptions, Pipeline};
+use crate::error::{Error, Result};
+use crate::recipe::Recipe;
+use crate::tokenizer::TextTokenizer;
+use crate::trainer::{epoch_order, TrainerConfig};
+
+/// The tokenizer a recipe names (`model.tokenizer`, else `model.path`).
+pub fn recipe_tokenizer(recipe: &Recipe) -> Result<TextTokenizer> {
+    let p = recipe
+        .model
+        .tokenizer
+        .clone()
+        .or_else(|| recipe.model.path.clone())
+        .expect("recipe validation requires a tokenizer source");
+    TextTokenizer::load(&p)
+}
+
+/// The model's vocabulary size and position limit as its config.json (or the recipe's inline
+/// `model.config`) states them, without loading weights.
+pub fn model_limits(recipe: &Recipe, tok: &TextTokenizer) -> Result<(usize, Option<usize>)> {
+    let cfg = match (&recipe.model.config, &recipe.model.path) {
+        (Some(c), _) => Some(c.clone()),
+        (None, Some(dir)) => {
+            let p = dir.join("config.json");
+            match std::fs::read_to_string(&p) {
+                Ok(text) => Some(
+                    serde_json::from_str::<serde_json::Value>(&text)
+                        .map_err(|e| Error::model(&p, format!("line {}: {e}", e.line())))?,
+                ),
+                Err(e) => return Err(Error::io(&p, e)),
+            }
+        }
+        (None, None) => None,
+    };
+    let get = |k: &str| {
+        cfg.as_ref()
+            .and_then(|c| c.get(k))
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+    };
+    let vocab = get("vocab_size").unwrap_or(tok.vocab_size());
+    Ok((vocab, get("max_position_embeddings")))
+}
+
+/// The recipe's datasets: read, encoded, reported (logged) and checked against its thresholds.
+pub fn load_recipe_data(
+    recipe: &Recipe,
+    tok: &TextTokenizer,
+    vocab_size: usize,
+    max_positions: Option<usize>,
+) -> Result<(Dataset, Option<Dataset>)> {
+    let d = &recipe.data;
+    let opts = LoadOptions {
+        max_length: d.max_length.min(max_positions.unwrap_or(usize::MAX)),
+        truncation: d.truncation,
+        vocab_size,
+    };
+    let pipe = Pipeline::new(Some(tok), recipe.data_spec(), opts)?;
+    let (train, eval) = match (&d.eval, d.eval_ratio > 0.0) {
+        (Some(p), _) => (pipe.load(&d.train)?, Some(pipe.load(p)?)),
+        (None, true) => {
+            let seed = d.split_seed.unwrap_or(recipe.train.seed);
+            let (t, e) = pipe.load_split(&d.train, d.eval_ratio, seed)?;
+            (t, Some(e))
+        }
+        (None, false) => (pipe.load(&d.train)?, None),
+    };
+    let limits = d.limits();
+    for ds in std::iter::once(&train).chain(eval.iter()) {
+        ds.report.log(&ds.path);
+        ds.report.check(&limits, &ds.path)?;
+    }
+    Ok((train, eval))
+}
+
+/// The collator a recipe describes (as `app::prepare` builds it).
+pub fn recipe_collator(recipe: &Recipe, tok: &TextTokenizer) -> CompletionOnlyCollator {
+    let mut c = CompletionOnlyCollator::new(recipe.collator.padding_free, tok.pad_or_eos());
+    c.pad_to_multiple_of = recipe.collator.pad_to_multiple_of;
+    c.normalization = recipe.train.loss_normalization;
+    c
+}
+
+/// Micro-batches (lists of example indices) of the first epoch, in the trainer's order and
+/// split: a seeded shuffle, `grad_accum` micro-batches a step of `batch_size` examples each, or
+/// as many as fit `max_tokens_per_batch` (rows × longest).
+pub fn train_micro_batches(lengths: &[usize], cfg: &TrainerConfig) -> Vec<(usize, Vec<usize>)> {
+    let order = epoch_order(lengths, 0, cfg);
+    let mut out = Vec::new();
+    let mut pos = 0;
+    let mut step = 0;
+    while pos < order.len() {
+        step += 1;
+        for _ in 0..cfg.grad_accum {
+            if pos >= order.len() {
+                break;
+            }
+            let take = match cfg.max_tokens_per_batch {
+                None => cfg.batch_size.min(order.len() - pos),
+                Some(budget) => {
+                    let cost = |k: usize| {
+                        let lens = &order[pos..pos + k];
+                        k * lens.iter().map(|&i| lengths[i]).max().unwrap_or(0)
+                    };
+                    let mut k = 1;
+                    while pos + k < order.len() && cost(k + 1) <= budget {
+                        k += 1;
+                    }
+                    k
+                }
+            };
+            out.push((step, order[pos..pos + take].to_vec()));
+            pos += take;
+        }
+    }
+    out
+}
+
+fn token_piece(tok: &TextTokenizer, id: u32) -> String {
+    let s = tok.inner().decode(&[id], false).unwrap_or_default();
+    let s = if s.is_empty() || s.contains('\u{fffd}') {
+        tok.token_text(id)
+    } else {
+        s
+    };
+    s.replace('\\', "\\\\")
+        .replace('\n', "\\n")
+        .replace('\t', "\\t")
+        .replace('\r', "\\r")
+}
+
+/// One example token by token: trained tokens (those with a label) highlighted in colour on a
+/// terminal, or between ⟦ and ⟧ otherwise; token boundaries alternate shades in colour.
+pub fn render_example(tok: &TextTokenizer, ex: &Example, color: bool) -> String {
+    let mut s = String::new();
+    let mut open = false;
+    for (t, &id) in ex.input_ids.iter().enumerate() {
+        let trained = t > 0 && ex.loss_mask[t];
+        let piece = token_piece(tok, id);
+        if color {
+            let style = match (trained, t % 2 == 0) {
+                (true, true) => "\x1b[30;42m",
+                (true, false) => "\x1b[30;102m",
+                (false, true) => "\x1b[48;5;236m",
+                (false, false) => "\x1b[48;5;239m",
+            };
+            s.push_str(style);
+            s.push_str(&piece);
+            s.push_str("\x1b[0m");
+        } else {
+            if trained && !open {
+                s.push('⟦');
+                open = true;
+            }
+            if !trained && open {
+                s.push('⟧');
+                open = false;
+            }
+            s.push_str(&piece);
+        }
+    }
+    if open {
+        s.push('⟧');
+    }
+    s
+}
+
+/// What `packsft inspect` shows.
+pub struct InspectOptions {
+    /// Micro-batches to show.
+    pub n: usize,
+    /// One JSON object a batch (transformers/TRL fields) instead of the token view.
+    pub json: bool,
+    /// The evaluation set (in evaluation order) instead of the training set.
+    pub eval: bool,
+    pub color: bool,
+}
+
+/// The mask audit of a recipe: its dataset report, then the first `n` micro-batches as the
+/// trainer builds them. Loads no model weights.
+pub fn inspect(recipe: &Recipe, opts: &InspectOptions, out: &mut dyn Write) -> Result<()> {
+    let tok = recipe_tokenizer(recipe)?;
+    let (vocab, max_pos) = model_limits(recipe, &tok)?;
+    let (train, eval) = load_recipe_data(recipe, &tok, vocab, max_pos)?;
+    let ds = if opts.eval {
+        eval.ok_or_else(|| {
+            Error::Config("--eval: the recipe has no data.eval or data.eval_ratio".into())
+        })?
+    } else {
+        train
+    };
+    let collator = recipe_collator(recipe, &tok);
+    let cfg = crate::app::trainer_config(recipe);
+    let lengths: Vec<usize> = ds.examples.iter().map(Example::len).collect();
+    let batches: Vec<(usize, Vec<usize>)> = if opts.eval {
+        (0..ds.examples.len())
+            .collect::<Vec<_>>()
+            .chunks(cfg.batch_size)
+            .map(|c| (0, c.to_vec()))
+            .collect()
+    } else {
+        train_micro_batches(&lengths, &cfg)
+    };
+    let io = |e: std::io::Error| Error::io("stdout", e);
+    if !opts.json {
+        let r = &ds.report;
+        writeln!(
+            out,
+            "{}: {} rows, format {}, template {}, masking {} (loss on {})",
+            ds.path.display(),
+            r.rows,
+            r.format,
+            r.template.as_deref().unwrap_or("none"),
+            r.method,
+            r.loss_on
+        )
+        .map_err(io)?;
+        writeln!(
+            out,
+            "  examples {} · dropped {} (too long {}, no target {}, template missing {}) · truncated {} · EOS not a target {} · supervised {} of {} tokens ({:.1}%)",
+            r.examples,
+            r.dropped(),
+            r.dropped_too_long,
+            r.dropped_no_target,
+            r.dropped_template_missing,
+            r.truncated,
+            r.eos_not_target,
+            r.target_tokens,
+            r.tokens,
+            100.0 * r.supervised_ratio()
+        )
+        .map_err(io)?;
+        if !r.dropped_rows.is_empty() {
+            writeln!(
+                out,
+                "  dropped rows (first {}): {}",
+                r.dropped_rows.len(),
+                r.dropped_rows.join(", ")
+            )
+            .map_err(io)?;
+        }
+        if !opts.color {
+            writeln!(
+                out,
+                "  trained tokens (those with a label) are between ⟦ and ⟧"
+            )
+            .map_err(io)?;
+        }
+    }
+    for (k, (step, idx)) in batches.iter().take(opts.n).enumerate() {
+        let exs: Vec<Example> = idx.iter().map(|&i| ds.examples[i].clone()).collect();
+        let b = collator.collate(&exs, &Device::Cpu)?;
+        let host: &HostBatch = &b.host;
+        if opts.json {
+            let mut v = serde_json::to_value(host).expect("batches serialise");
+            let m = v.as_object_mut().expect("an object");
+            m.insert("batch".into(), (k + 1).into());
+            if !opts.eval {
+                m.insert("step".into(), (*step).into());
+            }
+            m.insert(
+                "rows".into(),
+                idx.iter()
+                    .map(|&i| serde_json::Value::from(ds.origins[i].to_string()))
+                    .collect(),
+            );
+            writeln!(out, "{}", serde_json::to_string(&v).expect("JSON")).map_err(io)?;
+            continue;
+        }
+        let layout = match &host.cu_seq_lens {
+            Some(cu) => format!("padding-free, cu_seq_lens {cu:?}"),
+            None => format!("padded to {} a row", host.input_ids[0].len()),
+        };
+        writeln!(
+            out,
+            "\nbatch {}{}: {} examples, {} tokens, {} targets, {layout}",
+            k + 1,
+            if opts.eval {
+                String::new()
+            } else {
+                format!(" (step {step})")
+            },
+            exs.len(),
+            exs.iter().map(Example::len).sum::<usize>(),
+            exs.iter().map(Example::n_targets).sum::<usize>(),
+        )
+        .map_err(io)?;
+        for (j, (&i, ex)) in idx.iter().zip(&exs).enumerate() {
+            writeln!(
+                out,
+                "  [{}] {} · {} tokens · {} targets\n    {}",
+                j + 1,
+                ds.origins[i],
+                ex.len(),
+                ex.n_targets(),
+                render_example(&tok, ex, opts.color)
+            )
+            .map_err(io)?;
+        }
+    }
+    Ok(())
+}
+
+/// What `packsft bench-data` measured: rows → padding-free batches.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DataBench {
+    pub rows: usize,
+    pub examples: usize,
+    pub tokens: usize,
+    pub target_tokens: usize,
+    pub batches: usize,
+    pub method: String,
+    pub threads: usize,
+    /// Best of `repeat` runs.
+    pub seconds: f64,
+    pub examples_per_s: f64,
+    pub tokens_per_s: f64,
+    pub all_seconds: Vec<f64>,
+}
+
+/// Times reading, rendering, tokenizing and masking the recipe's training rows and collating
+/// them into padding-free batches of `train.batch_size` (on the CPU), `repeat` times.
+pub fn bench_data(recipe: &Recipe, repeat: usize, threads: Option<usize>) -> Result<DataBench> {
+    let tok = recipe_tokenizer(recipe)?;
+    let (vocab, max_pos) = model_limits(recipe, &tok)?;
+    let opts = LoadOptions {
+        max_length: recipe.data.max_length.min(max_pos.unwrap_or(usize::MAX)),
+        truncation: recipe.data.truncation,
+        vocab_size: vocab,
+    };
+    let mut collator = recipe_collator(recipe, &tok);
+    collator.padding_free = true;
+    let bs = recipe.train.batch_size;
+    let mut times = Vec::new();
+    let mut last = None;
+    for _ in 0..repeat.max(1) {
+        let t0 = Instant::now();
+        let mut pipe = Pipeline::new(Some(&tok), recipe.data_spec(), opts.clone())?;
+        if let Some(n) = threads {
+            pipe = pipe.with_threads(n);
+        }
+        let ds = pipe.load(&recipe.data.train)?;
+        let mut batches = 0;
+        for chunk in ds.examples.chunks(bs) {
+            let b = collator.collate(chunk, &Device::Cpu)?;
+            std::hint::black_box(&b);
+            batches += 1;
+        }
+        times.push(t0.elapsed().as_secs_f64());
+        last = Some((ds, batches));
+    }
+    let (ds, batches) = last.expect("at least one run");
+    let best = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let r = &ds.report;
+    Ok(DataBench {
+        rows: r.rows,
+        examples: r.examples,
+        tokens: r.tokens,
+        target_tokens: r.target_tokens,
+        batches,
+        method: r.method.clone(),
+        threads: threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }),
+        seconds: best,
+        examples_per_s: r.examples as f64 / best,
+        tokens_per_s: r.tokens as f64 / best,
+        all_seconds: times,
+    })
+}
