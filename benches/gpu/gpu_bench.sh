@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Assemble .device/ first (ignored by git): the stripped CUDA build of packsft as packsft.xz (xz -6), this
+# script, and copies of ../shared/bench/make_bench_data.py and hf_peer.py; run as `bash .device/gpu_bench.sh`.
 # Runs on the GPU machine: packsft (eager attention, candle CUDA) and the transformers peer, same card.
 set -u
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
