@@ -42,14 +42,17 @@ pub fn model_limits(recipe: &Recipe, tok: &TextTokenizer) -> Result<(usize, Opti
         }
         (None, None) => None,
     };
-    let get = |k: &str| {
-        cfg.as_ref()
-            .and_then(|c| c.get(k))
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
+    let Some(mut cfg) = cfg else {
+        return Ok((tok.vocab_size(), None));
     };
-    let vocab = get("vocab_size").unwrap_or(tok.vocab_size());
-    Ok((vocab, get("max_position_embeddings")))
+    // Read through the family's own defaults (a Mistral without max_position_embeddings allows
+    // 131072 positions), exactly as the model will be built.
+    if let Some(m) = cfg.as_object_mut() {
+        m.entry("model_type").or_insert("llama".into());
+        m.entry("vocab_size").or_insert(tok.vocab_size().into());
+    }
+    let (spec, _) = crate::model::families::from_config(&cfg)?;
+    Ok((spec.vocab, Some(spec.max_positions)))
 }
 
 /// The recipe's datasets: read, encoded, reported (logged) and checked against its thresholds.
@@ -101,24 +104,8 @@ pub fn train_micro_batches(lengths: &[usize], cfg: &TrainerConfig) -> Vec<(usize
     let mut step = 0;
     while pos < order.len() {
         step += 1;
-        for _ in 0..cfg.grad_accum {
-            if pos >= order.len() {
-                break;
-            }
-            let take = match cfg.max_tokens_per_batch {
-                None => cfg.batch_size.min(order.len() - pos),
-                Some(budget) => {
-                    let cost = |k: usize| {
-                        let lens = &order[pos..pos + k];
-                        k * lens.iter().map(|&i| lengths[i]).max().unwrap_or(0)
-                    };
-                    let mut k = 1;
-                    while pos + k < order.len() && cost(k + 1) <= budget {
-                        k += 1;
-                    }
-                    k
-                }
-            };
+        let rest: Vec<usize> = order[pos..].iter().map(|&i| lengths[i]).collect();
+        for take in crate::trainer::step_sizes(&rest, cfg) {
             out.push((step, order[pos..pos + take].to_vec()));
             pos += take;
         }

@@ -179,6 +179,34 @@ pub fn epoch_order(lengths: &[usize], epoch: usize, cfg: &TrainerConfig) -> Vec<
     idx
 }
 
+/// How many examples of `lens` (the lengths of the rest of an epoch's order) each micro-batch of
+/// the next optimizer step takes: `batch_size` each, or with a token budget as many as keep the
+/// micro-batch's computed positions (rows x longest, which bounds the padded and the padding-free
+/// layout alike) within it, at least one.
+pub fn step_sizes(lens: &[usize], cfg: &TrainerConfig) -> Vec<usize> {
+    let mut sizes = Vec::new();
+    let mut pos = 0;
+    for _ in 0..cfg.grad_accum {
+        if pos >= lens.len() {
+            break;
+        }
+        let take = match cfg.max_tokens_per_batch {
+            None => cfg.batch_size.min(lens.len() - pos),
+            Some(budget) => {
+                let cost = |k: usize| k * lens[pos..pos + k].iter().max().copied().unwrap_or(0);
+                let mut k = 1;
+                while pos + k < lens.len() && cost(k + 1) <= budget {
+                    k += 1;
+                }
+                k
+            }
+        };
+        sizes.push(take);
+        pos += take;
+    }
+    sizes
+}
+
 impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
     pub fn new(model: M, collator: C, config: TrainerConfig, device: Device) -> Result<Self> {
         let optimizer = AdamW::new(model.params(), config.adamw)?;
@@ -209,39 +237,8 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         self.stop = flag;
     }
 
-    /// The positions a micro-batch of `examples` computes (pads included).
-    fn cost(&self, lens: &[usize]) -> usize {
-        if lens.is_empty() {
-            return 0;
-        }
-        // A padded collator computes rows x longest; a padding-free one the sum. The budget
-        // uses the larger, so it holds whichever layout the collator picks.
-        lens.len() * lens.iter().max().copied().unwrap_or(0)
-    }
-
-    /// How many examples of `lens` (the remaining order of an epoch) each micro-batch of the
-    /// next step takes.
     fn next_step_sizes(&self, lens: &[usize]) -> Vec<usize> {
-        let mut sizes = Vec::new();
-        let mut pos = 0;
-        for _ in 0..self.config.grad_accum {
-            if pos >= lens.len() {
-                break;
-            }
-            let take = match self.config.max_tokens_per_batch {
-                None => self.config.batch_size.min(lens.len() - pos),
-                Some(budget) => {
-                    let mut k = 1;
-                    while pos + k < lens.len() && self.cost(&lens[pos..pos + k + 1]) <= budget {
-                        k += 1;
-                    }
-                    k
-                }
-            };
-            sizes.push(take);
-            pos += take;
-        }
-        sizes
+        step_sizes(lens, &self.config)
     }
 
     fn steps_per_epoch(&self, lengths: &[usize], epoch: usize) -> usize {
