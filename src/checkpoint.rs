@@ -27,6 +27,11 @@ pub struct TrainerState {
     pub shuffle: bool,
     pub n_train_examples: usize,
     pub examples_per_step: usize,
+    /// Batching that decides the data position of every later step.
+    pub max_tokens_per_batch: Option<usize>,
+    pub group_by_length: bool,
+    /// FNV-1a hash of the training examples' token ids: the same data, not only as many rows.
+    pub data_hash: u64,
     /// Names and shapes of the model's parameters, to refuse a checkpoint of another model.
     pub param_shapes: Vec<(String, Vec<usize>)>,
     pub best_eval_loss: Option<f64>,
@@ -103,10 +108,16 @@ pub fn save(
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
+    // An older checkpoint of the same step is moved aside before the new one takes its name,
+    // so at every instant one complete checkpoint-<step> exists (or can be recovered).
+    let old = output_dir.join(format!(".checkpoint-{step}.old-{}", std::process::id()));
     if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        std::fs::rename(&final_dir, &old).map_err(|e| Error::io(&final_dir, e))?;
     }
     std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
     if let Some(keep) = keep {
         let all = list(output_dir);
         let excess = all.len().saturating_sub(keep.max(1));

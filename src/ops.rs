@@ -2,7 +2,8 @@
 //!
 //! candle's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope*` have no backward pass:
 //! a gradient silently stops at them. Everything here is composed of ops that candle can
-//! differentiate, and `tests/gradients.rs` checks every parameter against PyTorch.
+//! differentiate, and `tests/parity_transformers.rs` and `tests/families.rs` check every parameter's
+//! gradient against PyTorch.
 
 use candle_core::{DType, Device, Tensor, D};
 
@@ -60,11 +61,6 @@ pub fn layer_norm(
     Ok(y.to_dtype(dtype)?)
 }
 
-/// Gated MLP activation pieces that candle differentiates natively (`silu` has a backward).
-pub fn silu(x: &Tensor) -> Result<Tensor> {
-    Ok(x.silu()?)
-}
-
 /// `rotate_half` of the Llama family: `[-x2, x1]` for `x = [x1, x2]` along the last dim.
 fn rotate_half(x: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
@@ -99,10 +95,6 @@ impl RopeTable {
             sin: Tensor::from_vec(sin, (max_positions, 2 * half), device)?,
             rotary_dim: 2 * half,
         })
-    }
-
-    pub fn max_positions(&self) -> usize {
-        self.cos.dims()[0]
     }
 
     /// cos/sin rows for flattened `position_ids` (N,), shaped (N, 1, rotary_dim) to broadcast

@@ -64,10 +64,6 @@ impl AdamW {
         })
     }
 
-    pub fn steps_taken(&self) -> usize {
-        self.step
-    }
-
     /// The moments as `exp_avg.<param>` / `exp_avg_sq.<param>` (PyTorch's names), for checkpoints.
     pub fn state_tensors(&self) -> std::collections::BTreeMap<String, Tensor> {
         let mut m = std::collections::BTreeMap::new();

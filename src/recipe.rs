@@ -34,7 +34,8 @@ pub struct ModelSection {
     /// A Hugging Face checkpoint directory (config.json + safetensors).
     #[serde(default)]
     pub path: Option<PathBuf>,
-    /// An inline config.json (Llama fields) for a freshly initialised model.
+    /// An inline config.json (any supported `model_type`, llama by default) for a freshly
+    /// initialised model.
     #[serde(default)]
     pub config: Option<serde_json::Value>,
     /// tokenizer.json or a directory holding it; defaults to `path`.

@@ -23,7 +23,8 @@ pub struct TextTokenizer {
     pub bos_id: Option<u32>,
     pub eos_id: Option<u32>,
     pub pad_id: Option<u32>,
-    /// Prepend BOS to every example (`add_bos_token`, true by default when a BOS token exists).
+    /// Prepend BOS to every example (`add_bos_token`; without it, whether the tokenizer's
+    /// post-processor adds BOS).
     pub add_bos: bool,
 }
 
@@ -99,11 +100,19 @@ impl TextTokenizer {
             &["</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>"],
         );
         let pad_id = lookup("pad_token", &["<pad>", "<|pad|>"]);
+        // Without an explicit add_bos_token, do what the tokenizer's own post-processor does
+        // (transformers' fast tokenizers follow it): Llama's template adds BOS, GPT-2's does not.
         let add_bos = config_json
             .as_ref()
             .and_then(|c| c.get("add_bos_token"))
             .and_then(|v| v.as_bool())
-            .unwrap_or(bos_id.is_some());
+            .unwrap_or_else(|| {
+                inner
+                    .encode("x", true)
+                    .ok()
+                    .and_then(|e| e.get_ids().first().copied())
+                    .is_some_and(|first| Some(first) == bos_id)
+            });
         Ok(Self {
             inner,
             fast,

@@ -179,6 +179,22 @@ pub fn epoch_order(lengths: &[usize], epoch: usize, cfg: &TrainerConfig) -> Vec<
     idx
 }
 
+/// FNV-1a over every example's token ids and mask, in order.
+fn data_hash(examples: &[Example]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    let mut eat = |x: u64| {
+        h ^= x;
+        h = h.wrapping_mul(0x100000001b3);
+    };
+    for e in examples {
+        eat(e.input_ids.len() as u64);
+        for (&id, &m) in e.input_ids.iter().zip(&e.loss_mask) {
+            eat(((id as u64) << 1) | m as u64);
+        }
+    }
+    h
+}
+
 /// How many examples of `lens` (the lengths of the rest of an epoch's order) each micro-batch of
 /// the next optimizer step takes: `batch_size` each, or with a token budget as many as keep the
 /// micro-batch's computed positions (rows x longest, which bounds the padded and the padding-free
@@ -237,17 +253,13 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         self.stop = flag;
     }
 
-    fn next_step_sizes(&self, lens: &[usize]) -> Vec<usize> {
-        step_sizes(lens, &self.config)
-    }
-
     fn steps_per_epoch(&self, lengths: &[usize], epoch: usize) -> usize {
         let order = epoch_order(lengths, epoch, &self.config);
         let lens: Vec<usize> = order.iter().map(|&i| lengths[i]).collect();
         let mut pos = 0;
         let mut steps = 0;
         while pos < lens.len() {
-            pos += self.next_step_sizes(&lens[pos..]).iter().sum::<usize>();
+            pos += step_sizes(&lens[pos..], &self.config).iter().sum::<usize>();
             steps += 1;
         }
         steps
@@ -529,9 +541,23 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             shuffle: self.config.shuffle,
             n_train_examples: train.len(),
             examples_per_step: per_step,
+            max_tokens_per_batch: self.config.max_tokens_per_batch,
+            group_by_length: self.config.group_by_length,
+            data_hash: data_hash(train),
             param_shapes: self.param_shapes(),
             best_eval_loss: None,
         };
+        if self.resume.is_none() {
+            if let Some(dir) = &self.config.output_dir {
+                if let Some((step, _)) = checkpoint::list(dir).pop() {
+                    return Err(Error::Training(format!(
+                        "{} already holds checkpoints (the newest: checkpoint-{step}) of an earlier run: \
+                         resume it (resume_from: latest) or use another output_dir",
+                        dir.display()
+                    )));
+                }
+            }
+        }
         if let Some((dir, saved)) = self.resume.take() {
             let same = |what: &str, a: String, b: String| -> Result<()> {
                 if a != b {
@@ -557,6 +583,26 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                 "examples per step",
                 per_step.to_string(),
                 saved.examples_per_step.to_string(),
+            )?;
+            same(
+                "the total steps",
+                total.to_string(),
+                saved.total_steps.to_string(),
+            )?;
+            same(
+                "train.max_tokens_per_batch",
+                format!("{:?}", state.max_tokens_per_batch),
+                format!("{:?}", saved.max_tokens_per_batch),
+            )?;
+            same(
+                "train.group_by_length",
+                state.group_by_length.to_string(),
+                saved.group_by_length.to_string(),
+            )?;
+            same(
+                "the training data (hash of its token ids)",
+                format!("{:016x}", state.data_hash),
+                format!("{:016x}", saved.data_hash),
             )?;
             tracing::info!(checkpoint = %dir.display(), step = saved.global_step, "resuming");
             state.global_step = saved.global_step;
@@ -593,7 +639,7 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                 order = epoch_order(&lengths, state.epoch, &self.config);
             }
             let rest: Vec<usize> = order[state.cursor..].iter().map(|&i| lengths[i]).collect();
-            let sizes = self.next_step_sizes(&rest);
+            let sizes = step_sizes(&rest, &self.config);
             let consumed: usize = sizes.iter().sum();
             let examples: Vec<Example> = order[state.cursor..state.cursor + consumed]
                 .iter()

@@ -450,3 +450,37 @@ fn bf16_compute_keeps_f32_master_weights_and_tracks_the_f32_loss() {
     }
     assert!(b.steps.last().unwrap().loss < b.steps[0].loss);
 }
+
+#[test]
+fn a_fresh_run_refuses_an_earlier_runs_checkpoints_and_resume_checks_the_run() {
+    let exs = data();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(Some(dir.path()));
+    c.max_steps = 3;
+    trainer_with(tiny_model(1), c.clone())
+        .train(&exs, None)
+        .unwrap();
+    // Same output_dir, no resume: refused before any step.
+    let e = trainer_with(tiny_model(1), c.clone())
+        .train(&exs, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("already holds checkpoints") && e.contains("checkpoint-3"),
+        "{e}"
+    );
+    // Resume with other total steps, other data: refused, naming what differs.
+    let ck = dir.path().join("checkpoint-3");
+    let mut longer = c.clone();
+    longer.max_steps = 5;
+    let mut t = trainer_with(tiny_model(1), longer);
+    t.resume_from(&ck).unwrap();
+    let e = t.train(&exs, None).unwrap_err().to_string();
+    assert!(e.contains("the total steps = 3, this run 5"), "{e}");
+    let mut other = exs.clone();
+    other[0].input_ids[1] += 1;
+    let mut t = trainer_with(tiny_model(1), c);
+    t.resume_from(&ck).unwrap();
+    let e = t.train(&other, None).unwrap_err().to_string();
+    assert!(e.contains("the training data"), "{e}");
+}

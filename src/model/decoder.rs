@@ -812,12 +812,7 @@ impl DecoderModel {
             Some(r) => h.index_select(r, 0)?,
             None => h,
         };
-        let logits = self.lm_head.fwd(&h)?;
-        Ok(if self.spec.logits_scaling != 1.0 {
-            (logits / self.spec.logits_scaling)?
-        } else {
-            logits
-        })
+        self.logits(&h)
     }
 
     /// transformers' `load_balancing_loss_func` over the real tokens of the batch, all MoE
@@ -1024,12 +1019,7 @@ impl Model for DecoderModel {
         if self.compute.gradient_checkpointing && batch.n_targets > 0 {
             return self.forward_backward_checkpointed(batch, scale);
         }
-        let l = self.loss(batch)?;
-        let mut objective = (&l.sum * scale.per_unit)?;
-        if let Some(a) = &l.aux {
-            objective = (objective + (a * scale.aux)?)?;
-        }
-        Ok((l, objective.backward()?))
+        super::backward_of(self.loss(batch)?, scale)
     }
 
     fn eval_sums(&self, batch: &Batch) -> Result<EvalSums> {

@@ -307,7 +307,7 @@ fn dims(
         heads,
         kv_heads,
         head_dim,
-        intermediate: c.usize_or("intermediate_size", 0)?,
+        intermediate: c.usize("intermediate_size")?,
         max_positions: c.usize_or("max_position_embeddings", max_pos_default)?,
     })
 }
@@ -440,6 +440,7 @@ fn mistral(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
         c.bool_or("tie_word_embeddings", false)?,
     );
     // An absent key means 4096 in transformers; an explicit null disables the window.
+    let _ = c.get("sliding_window"); // read: a null here is meaningful
     s.sliding_window = match c.v.get("sliding_window") {
         None => Some(4096),
         Some(Value::Null) => None,
@@ -1337,6 +1338,7 @@ pub fn from_config_tracked(
     for k in [
         "model_type",
         "architectures",
+        "pad_token_id",
         "initializer_range",
         "bos_token_id",
         "eos_token_id",

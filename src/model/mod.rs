@@ -55,6 +55,16 @@ pub struct EvalSums {
     pub n_correct: Option<usize>,
 }
 
+/// Back-propagates `l.sum * scale.per_unit + l.aux * scale.aux` through the graph `l` holds.
+pub fn backward_of(l: LossSum, scale: LossScale) -> Result<(LossSum, GradStore)> {
+    let mut objective = (&l.sum * scale.per_unit)?;
+    if let Some(a) = &l.aux {
+        objective = (objective + (a * scale.aux)?)?;
+    }
+    let grads = objective.backward()?;
+    Ok((l, grads))
+}
+
 /// What the trainer needs of a model. `Batch` is the collated type the model reads: a collator
 /// producing another type does not fit this model, and `Trainer` rejects the pair at compile time.
 pub trait Model {
@@ -74,12 +84,7 @@ pub trait Model {
         batch: &Self::Batch,
         scale: LossScale,
     ) -> Result<(LossSum, GradStore)> {
-        let l = self.loss(batch)?;
-        let mut objective = (&l.sum * scale.per_unit)?;
-        if let Some(a) = &l.aux {
-            objective = (objective + (a * scale.aux)?)?;
-        }
-        Ok((l, objective.backward()?))
+        backward_of(self.loss(batch)?, scale)
     }
 
     /// Loss (and, where the model reports it, token accuracy) without gradient updates.

@@ -138,11 +138,21 @@ pub fn save_safetensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Resu
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    safetensors::serialize_to_file(
+    let written = safetensors::serialize_to_file(
         contiguous.iter().map(|(k, t)| (k.as_str(), t)),
         Some(meta),
         &tmp,
     )
-    .map_err(|e| Error::model(path, format!("cannot write safetensors: {e}")))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    .map_err(|e| Error::model(path, format!("cannot write safetensors: {e}")))
+    .and_then(|_| {
+        // On disk before the rename publishes it, as io::write_atomic does.
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(&tmp, e))
+    })
+    .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
