@@ -29,6 +29,10 @@ impl Control {
 }
 
 pub trait Callback {
+    /// Called once before the first step, with the state a resumed run continues from.
+    fn on_train_begin(&mut self, _state: &crate::checkpoint::TrainerState) -> Result<()> {
+        Ok(())
+    }
     fn on_step_end(&mut self, _metrics: &StepMetrics) -> Result<Control> {
         Ok(Control::Continue)
     }
@@ -64,6 +68,11 @@ impl EarlyStopping {
 }
 
 impl Callback for EarlyStopping {
+    /// A resumed run keeps the best eval loss it had reached (the patience count restarts).
+    fn on_train_begin(&mut self, state: &crate::checkpoint::TrainerState) -> Result<()> {
+        self.best = state.best_eval_loss;
+        Ok(())
+    }
     fn on_eval_end(&mut self, m: &EvalMetrics) -> Result<Control> {
         match self.best {
             // An improvement must beat the best by more than min_delta (as transformers).

@@ -51,7 +51,13 @@ pub fn model_limits(recipe: &Recipe, tok: &TextTokenizer) -> Result<(usize, Opti
         m.entry("model_type").or_insert("llama".into());
         m.entry("vocab_size").or_insert(tok.vocab_size().into());
     }
-    let (spec, _) = crate::model::families::from_config(&cfg)?;
+    let (spec, _) =
+        crate::model::families::from_config(&cfg).map_err(|e| match &recipe.model.path {
+            Some(dir) if recipe.model.config.is_none() => {
+                Error::model(dir.join("config.json"), e.to_string())
+            }
+            _ => Error::Config(format!("model.config: {e}")),
+        })?;
     Ok((spec.vocab, Some(spec.max_positions)))
 }
 

@@ -611,6 +611,9 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             state.best_eval_loss = saved.best_eval_loss;
         }
 
+        for cb in self.callbacks.iter_mut() {
+            cb.on_train_begin(&state)?;
+        }
         let mut metrics = MetricsFile::open(self.config.output_dir.as_deref(), state.global_step)?;
         let bar = (self.config.progress && std::io::stderr().is_terminal()).then(|| {
             let b = indicatif::ProgressBar::new(total as u64);

@@ -484,3 +484,28 @@ fn a_fresh_run_refuses_an_earlier_runs_checkpoints_and_resume_checks_the_run() {
     let e = t.train(&other, None).unwrap_err().to_string();
     assert!(e.contains("the training data"), "{e}");
 }
+
+#[test]
+fn early_stopping_resumes_from_the_saved_best_loss() {
+    let mut es = EarlyStopping::new(1, 0.0);
+    let mut state: packsft::checkpoint::TrainerState = serde_json::from_value(serde_json::json!({
+        "format_version": packsft::checkpoint::FORMAT_VERSION, "global_step": 4, "total_steps": 8,
+        "epoch": 0, "cursor": 4, "seed": 1, "shuffle": true, "n_train_examples": 8,
+        "examples_per_step": 1, "max_tokens_per_batch": null, "group_by_length": false,
+        "data_hash": 0, "param_shapes": [], "best_eval_loss": 1.0
+    }))
+    .unwrap();
+    es.on_train_begin(&state).unwrap();
+    let ev = EvalMetrics {
+        step: 5,
+        eval_loss: 1.2,
+        eval_accuracy: None,
+        eval_tokens: 1,
+    };
+    // Worse than the best before the resume: with patience 1 that stops at once.
+    assert_eq!(es.on_eval_end(&ev).unwrap(), Control::Stop);
+    state.best_eval_loss = None;
+    let mut fresh = EarlyStopping::new(1, 0.0);
+    fresh.on_train_begin(&state).unwrap();
+    assert_eq!(fresh.on_eval_end(&ev).unwrap(), Control::Continue);
+}

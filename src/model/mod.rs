@@ -89,6 +89,13 @@ pub trait Model {
 
     /// Loss (and, where the model reports it, token accuracy) without gradient updates.
     fn eval_sums(&self, batch: &Self::Batch) -> Result<EvalSums> {
+        // `loss` sums weighted targets under sequence normalisation; a per-token mean needs the
+        // unweighted sum, which only the model can give.
+        if batch.loss_units() != batch.n_targets() as f64 {
+            return Err(Error::Training(
+                "evaluation with loss_normalization: sequences needs a Model that implements eval_sums".into(),
+            ));
+        }
         let l = self.loss(batch)?;
         Ok(EvalSums {
             loss_sum: l.sum.to_dtype(DType::F64)?.to_scalar::<f64>()?,
