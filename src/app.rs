@@ -21,7 +21,8 @@ use crate::trainer::{TrainSummary, Trainer, TrainerConfig};
 /// The inputs of a run, loaded and validated.
 pub struct Prepared {
     pub model: DecoderModel,
-    pub tokenizer: TextTokenizer,
+    /// None for a checkpoint without tokenizer files trained on pre-tokenized rows.
+    pub tokenizer: Option<TextTokenizer>,
     pub train: Dataset,
     pub eval: Option<Dataset>,
     pub collator: CompletionOnlyCollator,
@@ -91,37 +92,40 @@ fn inline_config(
 }
 
 pub fn prepare(recipe: &Recipe, recipe_path: &Path, device: &Device) -> Result<Prepared> {
-    let tok_path = recipe
-        .model
-        .tokenizer
-        .clone()
-        .or_else(|| recipe.model.path.clone())
-        .expect("recipe validation requires a tokenizer source");
-    let tokenizer = TextTokenizer::load(&tok_path)?;
+    let tokenizer = crate::inspect::recipe_tokenizer(recipe)?;
     let model = match (&recipe.model.path, &recipe.model.config) {
         (Some(dir), _) => DecoderModel::from_pretrained(dir, device)?,
         (None, Some(cfg)) => DecoderModel::new_random(
-            inline_config(cfg, &tokenizer, recipe_path)?,
+            inline_config(
+                cfg,
+                tokenizer
+                    .as_ref()
+                    .expect("recipe validation requires model.tokenizer with model.config"),
+                recipe_path,
+            )?,
             recipe.train.seed,
             device,
         )?,
         (None, None) => unreachable!("recipe validation requires a model source"),
     };
-    if tokenizer.vocab_size() > model.spec.vocab {
+    if let Some(t) = tokenizer
+        .as_ref()
+        .filter(|t| t.vocab_size() > model.spec.vocab)
+    {
         return Err(Error::Config(format!(
             "tokenizer {} has {} tokens but the model's vocab_size is {}",
-            tokenizer.path.display(),
-            tokenizer.vocab_size(),
+            t.path.display(),
+            t.vocab_size(),
             model.spec.vocab
         )));
     }
     let (train, eval) = crate::inspect::load_recipe_data(
         recipe,
-        &tokenizer,
+        tokenizer.as_ref(),
         model.spec.vocab,
         Some(model.spec.max_positions),
     )?;
-    let collator = crate::inspect::recipe_collator(recipe, &tokenizer);
+    let collator = crate::inspect::recipe_collator(recipe, tokenizer.as_ref());
     let mut model = model;
     model.compute = ComputeOptions {
         dtype: recipe.train.dtype.dtype(),
@@ -172,13 +176,15 @@ pub fn trainer_config(recipe: &Recipe) -> TrainerConfig {
 /// Writes the tokenizer and the recipe into every checkpoint, so each is a complete model
 /// directory that `packsft eval`, `generate` and transformers can read.
 struct CheckpointExtras {
-    tokenizer: TextTokenizer,
+    tokenizer: Option<TextTokenizer>,
     recipe_yaml: String,
 }
 
 impl Callback for CheckpointExtras {
     fn on_save(&mut self, dir: &Path, _step: usize) -> Result<()> {
-        self.tokenizer.save(dir)?;
+        if let Some(t) = &self.tokenizer {
+            t.save(dir)?;
+        }
         crate::io::write_atomic(&dir.join("recipe.yaml"), self.recipe_yaml.as_bytes())
     }
 }
@@ -240,7 +246,7 @@ pub fn build_trainer(
 
 /// The data and tokenizer of a prepared run, once the model and collator went to the trainer.
 pub struct RunData {
-    pub tokenizer: TextTokenizer,
+    pub tokenizer: Option<TextTokenizer>,
     pub train: Dataset,
     pub eval: Option<Dataset>,
 }
@@ -265,7 +271,9 @@ pub fn train(
     }
     let out = &recipe.output_dir;
     trainer.model.save(out)?;
-    p.tokenizer.save(out)?;
+    if let Some(t) = &p.tokenizer {
+        t.save(out)?;
+    }
     crate::io::write_atomic(&out.join("recipe.yaml"), recipe.to_yaml().as_bytes())?;
     tracing::info!(output_dir = %out.display(), "saved");
     Ok(summary)

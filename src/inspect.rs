@@ -14,20 +14,32 @@ use crate::recipe::Recipe;
 use crate::tokenizer::TextTokenizer;
 use crate::trainer::{epoch_order, TrainerConfig};
 
-/// The tokenizer a recipe names (`model.tokenizer`, else `model.path`).
-pub fn recipe_tokenizer(recipe: &Recipe) -> Result<TextTokenizer> {
-    let p = recipe
-        .model
-        .tokenizer
-        .clone()
-        .or_else(|| recipe.model.path.clone())
-        .expect("recipe validation requires a tokenizer source");
-    TextTokenizer::load(&p)
+/// The tokenizer a recipe names: `model.tokenizer`, else the one in `model.path` if it holds
+/// one. None only for a checkpoint without tokenizer files, which can still train and evaluate
+/// on pre-tokenized rows (text rows then fail naming the missing tokenizer).
+pub fn recipe_tokenizer(recipe: &Recipe) -> Result<Option<TextTokenizer>> {
+    match (&recipe.model.tokenizer, &recipe.model.path) {
+        (Some(p), _) => TextTokenizer::load(p).map(Some),
+        (None, Some(dir)) if dir.join(crate::tokenizer::TOKENIZER_FILE).exists() => {
+            TextTokenizer::load(dir).map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// `recipe_tokenizer` where tokens must be shown or text encoded.
+fn required_tokenizer(recipe: &Recipe) -> Result<TextTokenizer> {
+    recipe_tokenizer(recipe)?.ok_or_else(|| {
+        Error::Config("this command needs a tokenizer: set model.tokenizer (the model directory has no tokenizer.json)".into())
+    })
 }
 
 /// The model's vocabulary size and position limit as its config.json (or the recipe's inline
 /// `model.config`) states them, without loading weights.
-pub fn model_limits(recipe: &Recipe, tok: &TextTokenizer) -> Result<(usize, Option<usize>)> {
+pub fn model_limits(
+    recipe: &Recipe,
+    tok: Option<&TextTokenizer>,
+) -> Result<(usize, Option<usize>)> {
     let cfg = match (&recipe.model.config, &recipe.model.path) {
         (Some(c), _) => Some(c.clone()),
         (None, Some(dir)) => {
@@ -43,13 +55,15 @@ pub fn model_limits(recipe: &Recipe, tok: &TextTokenizer) -> Result<(usize, Opti
         (None, None) => None,
     };
     let Some(mut cfg) = cfg else {
-        return Ok((tok.vocab_size(), None));
+        return Ok((tok.map_or(usize::MAX, TextTokenizer::vocab_size), None));
     };
     // Read through the family's own defaults (a Mistral without max_position_embeddings allows
     // 131072 positions), exactly as the model will be built.
     if let Some(m) = cfg.as_object_mut() {
         m.entry("model_type").or_insert("llama".into());
-        m.entry("vocab_size").or_insert(tok.vocab_size().into());
+        if let Some(t) = tok {
+            m.entry("vocab_size").or_insert(t.vocab_size().into());
+        }
     }
     let (spec, _) =
         crate::model::families::from_config(&cfg).map_err(|e| match &recipe.model.path {
@@ -64,7 +78,7 @@ pub fn model_limits(recipe: &Recipe, tok: &TextTokenizer) -> Result<(usize, Opti
 /// The recipe's datasets: read, encoded, reported (logged) and checked against its thresholds.
 pub fn load_recipe_data(
     recipe: &Recipe,
-    tok: &TextTokenizer,
+    tok: Option<&TextTokenizer>,
     vocab_size: usize,
     max_positions: Option<usize>,
 ) -> Result<(Dataset, Option<Dataset>)> {
@@ -74,7 +88,7 @@ pub fn load_recipe_data(
         truncation: d.truncation,
         vocab_size,
     };
-    let pipe = Pipeline::new(Some(tok), recipe.data_spec(), opts)?;
+    let pipe = Pipeline::new(tok, recipe.data_spec(), opts)?;
     let (train, eval) = match (&d.eval, d.eval_ratio > 0.0) {
         (Some(p), _) => (pipe.load(&d.train)?, Some(pipe.load(p)?)),
         (None, true) => {
@@ -93,8 +107,9 @@ pub fn load_recipe_data(
 }
 
 /// The collator a recipe describes (as `app::prepare` builds it).
-pub fn recipe_collator(recipe: &Recipe, tok: &TextTokenizer) -> CompletionOnlyCollator {
-    let mut c = CompletionOnlyCollator::new(recipe.collator.padding_free, tok.pad_or_eos());
+pub fn recipe_collator(recipe: &Recipe, tok: Option<&TextTokenizer>) -> CompletionOnlyCollator {
+    let pad = tok.map_or(0, TextTokenizer::pad_or_eos);
+    let mut c = CompletionOnlyCollator::new(recipe.collator.padding_free, pad);
     c.pad_to_multiple_of = recipe.collator.pad_to_multiple_of;
     c.normalization = recipe.train.loss_normalization;
     c
@@ -182,9 +197,9 @@ pub struct InspectOptions {
 /// The mask audit of a recipe: its dataset report, then the first `n` micro-batches as the
 /// trainer builds them. Loads no model weights.
 pub fn inspect(recipe: &Recipe, opts: &InspectOptions, out: &mut dyn Write) -> Result<()> {
-    let tok = recipe_tokenizer(recipe)?;
-    let (vocab, max_pos) = model_limits(recipe, &tok)?;
-    let (train, eval) = load_recipe_data(recipe, &tok, vocab, max_pos)?;
+    let tok = required_tokenizer(recipe)?;
+    let (vocab, max_pos) = model_limits(recipe, Some(&tok))?;
+    let (train, eval) = load_recipe_data(recipe, Some(&tok), vocab, max_pos)?;
     let ds = if opts.eval {
         eval.ok_or_else(|| {
             Error::Config("--eval: the recipe has no data.eval or data.eval_ratio".into())
@@ -192,7 +207,7 @@ pub fn inspect(recipe: &Recipe, opts: &InspectOptions, out: &mut dyn Write) -> R
     } else {
         train
     };
-    let collator = recipe_collator(recipe, &tok);
+    let collator = recipe_collator(recipe, Some(&tok));
     let cfg = crate::app::trainer_config(recipe);
     let lengths: Vec<usize> = ds.examples.iter().map(Example::len).collect();
     let batches: Vec<(usize, Vec<usize>)> = if opts.eval {
@@ -324,14 +339,14 @@ pub struct DataBench {
 /// Times reading, rendering, tokenizing and masking the recipe's training rows and collating
 /// them into padding-free batches of `train.batch_size` (on the CPU), `repeat` times.
 pub fn bench_data(recipe: &Recipe, repeat: usize, threads: Option<usize>) -> Result<DataBench> {
-    let tok = recipe_tokenizer(recipe)?;
-    let (vocab, max_pos) = model_limits(recipe, &tok)?;
+    let tok = required_tokenizer(recipe)?;
+    let (vocab, max_pos) = model_limits(recipe, Some(&tok))?;
     let opts = LoadOptions {
         max_length: recipe.data.max_length.min(max_pos.unwrap_or(usize::MAX)),
         truncation: recipe.data.truncation,
         vocab_size: vocab,
     };
-    let mut collator = recipe_collator(recipe, &tok);
+    let mut collator = recipe_collator(recipe, Some(&tok));
     collator.padding_free = true;
     let bs = recipe.train.batch_size;
     let mut times = Vec::new();

@@ -516,3 +516,53 @@ fn trained_models_save_and_reload_with_the_same_loss() {
         .unwrap();
     }
 }
+
+#[test]
+fn packsft_eval_gives_transformers_loss_for_every_family() {
+    for dir in fixtures() {
+        let fam = name(&dir);
+        let r = reference(&dir);
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().join("eval.jsonl");
+        let rows: String = r.json["examples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| format!("{e}\n"))
+            .collect();
+        std::fs::write(&data, rows).unwrap();
+        let recipe = d.path().join("r.yaml");
+        std::fs::write(
+            &recipe,
+            format!(
+                "model:\n  path: {}\ndata:\n  train: {}\n  eval: {}\noutput_dir: {}\n",
+                dir.display(),
+                data.display(),
+                data.display(),
+                d.path().join("out").display()
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_packsft"))
+            .arg("eval")
+            .arg(&recipe)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{fam}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        let (got, want) = (
+            v["eval_loss"].as_f64().unwrap(),
+            r.json["loss"].as_f64().unwrap(),
+        );
+        assert!(
+            within((got - want).abs() / want, 1e-5),
+            "{fam}: packsft eval {got} vs transformers {want}"
+        );
+        assert_eq!(v["eval_tokens"], r.json["n_targets"], "{fam}");
+    }
+}
