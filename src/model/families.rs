@@ -257,6 +257,21 @@ fn llama_names(layers: Vec<LayerNames>, lm_bias: bool) -> ModelNames {
     }
 }
 
+/// Llama-style names for `layers` layers with a gated `gate/up/down_proj` MLP.
+fn llama_gated(layers: usize, qkv_bias: bool, o_bias: bool, mlp_bias: bool) -> ModelNames {
+    let layers = (0..layers)
+        .map(|l| {
+            llama_layer(
+                l,
+                qkv_bias,
+                o_bias,
+                gated_names(&format!("model.layers.{l}.mlp"), mlp_bias),
+            )
+        })
+        .collect();
+    llama_names(layers, false)
+}
+
 /// Sizes every family reads the same way.
 struct Dims {
     vocab: usize,
@@ -404,10 +419,7 @@ fn llama_like(c: &Cfg, family: &str) -> Result<(ArchSpec, ModelNames)> {
         s.attn_scale = c.f64_or("attention_multiplier", 1.0)?;
         s.logits_scaling = c.f64_or("logits_scaling", 1.0)?;
     }
-    let layers = (0..d.layers)
-        .map(|l| llama_layer(l, ab, ab, gated_names(&format!("model.layers.{l}.mlp"), mb)))
-        .collect();
-    Ok((s, llama_names(layers, false)))
+    Ok((s, llama_gated(d.layers, ab, ab, mb)))
 }
 
 fn mistral(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
@@ -447,17 +459,7 @@ fn mistral(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
         Some(_) => c.opt_usize("sliding_window")?,
     };
     s.padding_idx = c.padding_idx(None)?;
-    let layers = (0..d.layers)
-        .map(|l| {
-            llama_layer(
-                l,
-                false,
-                false,
-                gated_names(&format!("model.layers.{l}.mlp"), false),
-            )
-        })
-        .collect();
-    Ok((s, llama_names(layers, false)))
+    Ok((s, llama_gated(d.layers, false, false, false)))
 }
 
 fn experts_names(prefix: &str, n: usize, gate: &str, up: &str, down: &str) -> ExpertNames {
@@ -811,17 +813,7 @@ fn gemma(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
     );
     s.embedding_multiplier = (hidden as f64).sqrt();
     s.padding_idx = c.padding_idx(Some(0))?;
-    let layers = (0..d.layers)
-        .map(|l| {
-            llama_layer(
-                l,
-                ab,
-                ab,
-                gated_names(&format!("model.layers.{l}.mlp"), false),
-            )
-        })
-        .collect();
-    Ok((s, llama_names(layers, false)))
+    Ok((s, llama_gated(d.layers, ab, ab, false)))
 }
 
 fn olmo(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
@@ -861,17 +853,7 @@ fn olmo(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
     );
     s.clip_qkv = c.opt_f64("clip_qkv")?;
     s.padding_idx = c.padding_idx(Some(1))?;
-    let layers = (0..d.layers)
-        .map(|l| {
-            llama_layer(
-                l,
-                ab,
-                ab,
-                gated_names(&format!("model.layers.{l}.mlp"), false),
-            )
-        })
-        .collect();
-    Ok((s, llama_names(layers, false)))
+    Ok((s, llama_gated(d.layers, ab, ab, false)))
 }
 
 fn phi(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
@@ -1079,17 +1061,7 @@ fn qwen2(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
         c.bool_or("tie_word_embeddings", false)?,
     );
     s.padding_idx = c.padding_idx(None)?;
-    let layers = (0..d.layers)
-        .map(|l| {
-            llama_layer(
-                l,
-                true,
-                false,
-                gated_names(&format!("model.layers.{l}.mlp"), false),
-            )
-        })
-        .collect();
-    Ok((s, llama_names(layers, false)))
+    Ok((s, llama_gated(d.layers, true, false, false)))
 }
 
 fn qwen2_moe(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
