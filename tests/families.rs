@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use common::{max_abs_diff, rel_diff, within};
+use common::{max_abs_diff, rel_diff, sq_norm, within};
 use packsft::optim::{AdamWConfig, Schedule};
 use packsft::trainer::{Trainer, TrainerConfig};
 use packsft::{Collator, CompletionOnlyCollator, DecoderModel, Example, Model};
@@ -237,13 +237,7 @@ fn a_few_steps_lower_the_loss_and_reach_every_parameter() {
                 .grads
                 .get(p.var.as_tensor())
                 .unwrap_or_else(|| panic!("{fam} {}: no gradient", p.name));
-            let n = g
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let n = sq_norm(g);
             assert!(
                 n > 0.0 && n.is_finite(),
                 "{fam} {}: gradient norm^2 {n}",

@@ -1,20 +1,8 @@
 //! `packsft inspect` (token view and JSON, train and eval sets) and `packsft bench-data` on the
 //! quickstart recipe.
 
-use std::process::Command;
-
-fn packsft(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_packsft"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
-}
+mod common;
+use common::packsft;
 
 #[test]
 fn inspect_shows_the_report_and_trained_tokens() {

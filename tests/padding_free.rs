@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{examples, max_abs_diff, rel_diff, tiny_model};
+use common::{examples, max_abs_diff, rel_diff, sq_norm, tiny_model};
 use packsft::trainer::{Trainer, TrainerConfig};
 use packsft::{Collator, CompletionOnlyCollator, Example, Model, SeqLayout};
 
@@ -143,13 +143,7 @@ fn every_parameter_receives_a_nonzero_gradient() {
     let (_, grads) = grads_of(&model, &batch);
     assert_eq!(grads.len(), model.params().len());
     for (name, g) in grads {
-        let norm = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let norm = sq_norm(&g);
         assert!(
             norm > 0.0 && norm.is_finite(),
             "{name}: gradient norm^2 {norm}"

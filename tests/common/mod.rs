@@ -106,3 +106,27 @@ pub fn examples_from_json(v: &serde_json::Value) -> Vec<Example> {
 pub fn within(x: f64, tol: f64) -> bool {
     x <= tol
 }
+
+/// Runs the packsft binary from the repository root: (success, stdout, stderr).
+pub fn packsft(args: &[&str]) -> (bool, String, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_packsft"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+/// The squared L2 norm of a tensor.
+pub fn sq_norm(t: &Tensor) -> f32 {
+    t.sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
