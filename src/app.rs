@@ -130,6 +130,7 @@ pub fn prepare(recipe: &Recipe, recipe_path: &Path, device: &Device) -> Result<P
     model.compute = ComputeOptions {
         dtype: recipe.train.dtype.dtype(),
         gradient_checkpointing: recipe.train.gradient_checkpointing,
+        attention: recipe.train.attention,
     };
     Ok(Prepared {
         model,

@@ -4,19 +4,79 @@
 //! attention with differentiable ops. Padding-free batches are attended one sequence at a time
 //! (cost: the sum of squared lengths, not the square of the total); padded batches in one
 //! block with a key-padding mask. It is the reference every faster backend is tested against.
+//!
+//! With the `flash-attn` feature, batches on CUDA in bf16 go to this project's variable-length
+//! flash-attention kernels instead ([`crate::flash`]): same semantics, no score matrices.
 
 use std::collections::HashMap;
+#[cfg(feature = "flash-attn")]
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
 
 use crate::collator::SeqLayout;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::softmax_last;
 
-/// Where each sequence of a batch lives among the flattened tokens, with its masks built once
-/// per forward pass and shared by every layer.
+/// Which attention implementation a model runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionImpl {
+    /// Flash attention where it can run (CUDA, bf16, a compiled head dimension, a build with
+    /// `flash-attn`), eager attention elsewhere.
+    #[default]
+    Auto,
+    Eager,
+    /// Flash attention or an error saying why it cannot run.
+    Flash,
+}
+
+impl std::str::FromStr for AttentionImpl {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "eager" => Ok(Self::Eager),
+            "flash" => Ok(Self::Flash),
+            other => Err(Error::Config(format!(
+                "unknown attention {other:?} (auto, eager, flash)"
+            ))),
+        }
+    }
+}
+
+impl AttentionImpl {
+    /// Whether to use the flash kernels for this device, compute dtype and head dimension.
+    pub fn use_flash(self, device: &Device, dtype: DType, head_dim: usize) -> Result<bool> {
+        #[cfg(feature = "flash-attn")]
+        let ok = crate::flash::supported(device, dtype, head_dim);
+        #[cfg(not(feature = "flash-attn"))]
+        let ok = {
+            let _ = (device, dtype, head_dim);
+            false
+        };
+        match self {
+            Self::Eager => Ok(false),
+            Self::Auto => Ok(ok),
+            Self::Flash if ok => Ok(true),
+            Self::Flash => Err(Error::Config(format!(
+                "attention: flash needs a build with --features flash-attn, a CUDA device, bf16                  compute and head_dim in 64/80/96/128/256 (here: {}, {}, {dtype:?}, head_dim {head_dim})",
+                if cfg!(feature = "flash-attn") { "flash-attn built" } else { "built without flash-attn" },
+                if device.is_cuda() { "cuda" } else { "cpu" },
+            ))),
+        }
+    }
+}
+
+/// Where each sequence of a batch lives among the flattened tokens, with what the attention
+/// needs built once per forward pass and shared by every layer.
 pub struct AttnPlan {
     blocks: Vec<Block>,
+    #[cfg_attr(not(feature = "flash-attn"), allow(dead_code))]
+    window: Option<usize>,
+    #[cfg(feature = "flash-attn")]
+    flash: Option<Arc<crate::flash::FlashPlan>>,
 }
 
 struct Block {
@@ -57,12 +117,43 @@ fn causal_mask(
 }
 
 impl AttnPlan {
+    /// Eager attention (`flash`: false) or the flash kernels.
     pub fn new(
         layout: &SeqLayout,
         row_len: usize,
         window: Option<usize>,
         device: &Device,
+        flash: bool,
     ) -> Result<Self> {
+        if flash {
+            #[cfg(feature = "flash-attn")]
+            {
+                let seqs: Vec<(usize, usize)> = match layout {
+                    SeqLayout::Packed { cu_seqlens, .. } => {
+                        cu_seqlens.windows(2).map(|w| (w[0], w[1] - w[0])).collect()
+                    }
+                    SeqLayout::Padded { lengths } => lengths
+                        .iter()
+                        .enumerate()
+                        .map(|(b, &l)| (b * row_len, l))
+                        .collect(),
+                };
+                let tokens = match layout {
+                    SeqLayout::Packed { cu_seqlens, .. } => *cu_seqlens.last().unwrap_or(&0),
+                    SeqLayout::Padded { lengths } => lengths.len() * row_len,
+                };
+                let plan = crate::flash::FlashPlan::new(&seqs, tokens, device)?;
+                return Ok(Self {
+                    blocks: Vec::new(),
+                    window,
+                    flash: Some(Arc::new(plan)),
+                });
+            }
+            #[cfg(not(feature = "flash-attn"))]
+            return Err(Error::Config(
+                "flash attention needs a build with --features flash-attn".into(),
+            ));
+        }
         let blocks = match layout {
             SeqLayout::Packed { cu_seqlens, .. } => {
                 let mut cache: HashMap<usize, Tensor> = HashMap::new();
@@ -93,7 +184,25 @@ impl AttnPlan {
                 mask: causal_mask(lengths, row_len, window, device)?,
             }],
         };
-        Ok(Self { blocks })
+        Ok(Self {
+            blocks,
+            window,
+            #[cfg(feature = "flash-attn")]
+            flash: None,
+        })
+    }
+
+    /// Attention of q (N, heads, hd) over k, v (N, kv_heads, hd) → (N, heads * hd).
+    pub fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+        #[cfg(feature = "flash-attn")]
+        if let Some(fp) = &self.flash {
+            let (n, nh, hd) = q.dims3()?;
+            return Ok(
+                crate::flash::flash_attention(q, k, v, fp, scale, self.window)?
+                    .reshape((n, nh * hd))?,
+            );
+        }
+        eager_attention(q, k, v, self, scale)
     }
 }
 

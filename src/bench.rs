@@ -60,7 +60,8 @@ pub struct BenchResult {
     pub tokens_per_s: f64,
     pub step_s: f64,
     pub pad_frac: f64,
-    /// Peak resident memory of the process (CPU) in GiB.
+    /// Peak memory in GiB: on CUDA the device allocator's high-water mark (as the peer's
+    /// `torch.cuda.max_memory_allocated`), on the CPU the process's peak resident set.
     pub peak_gib: f64,
     /// Model FLOPs utilisation against 790 TFLOP/s (the peer's H100 bf16 figure); None on CPU.
     pub mfu: Option<f64>,
@@ -100,6 +101,12 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
             ),
         });
     }
+    let head_dim = (cfg["hidden_size"].as_u64().unwrap_or(0)
+        / cfg["num_attention_heads"].as_u64().unwrap_or(1)) as usize;
+    let flash = args
+        .compute
+        .attention
+        .use_flash(&args.device, args.compute.dtype, head_dim)?;
     let mut model = DecoderModel::new_random(cfg, 0, &args.device)?;
     model.compute = args.compute;
     let n_params: usize = model.params().iter().map(|p| p.var.elem_count()).sum();
@@ -144,7 +151,11 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
     Ok(BenchResult {
         peer: "packsft",
         shape: args.shape.clone(),
-        attn: "eager-varlen",
+        attn: if flash {
+            "flash-varlen"
+        } else {
+            "eager-varlen"
+        },
         mode: if args.padding_free {
             "packed"
         } else {
@@ -156,7 +167,8 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
         tokens_per_s: tps,
         step_s: dt / args.steps as f64,
         pad_frac: 1.0 - real as f64 / slots as f64,
-        peak_gib: peak_rss_bytes() as f64 / (1u64 << 30) as f64,
+        peak_gib: crate::device::gpu_peak_bytes(&args.device).unwrap_or_else(peak_rss_bytes) as f64
+            / (1u64 << 30) as f64,
         mfu: args
             .device
             .is_cuda()
@@ -164,5 +176,138 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
         final_loss: last_loss,
         dtype: format!("{:?}", args.compute.dtype).to_lowercase(),
         gradient_checkpointing: args.compute.gradient_checkpointing,
+    })
+}
+
+/// `packsft bench-attn`: attention forward and forward+backward throughput alone, on the
+/// sequence lengths of real batches or on equal-length ones (to set next to PyTorch's flash
+/// SDPA, which only takes equal lengths).
+#[derive(Debug, Clone)]
+pub struct AttnBenchArgs {
+    /// Sequence lengths of each batch to time.
+    pub batches: Vec<Vec<usize>>,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub iters: usize,
+    pub device: Device,
+    pub attention: crate::attention::AttentionImpl,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AttnBenchResult {
+    pub bench: &'static str,
+    pub attn: &'static str,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub batches: usize,
+    pub tokens_per_batch: f64,
+    pub fwd_ms: f64,
+    pub fwd_bwd_ms: f64,
+    /// Causal attention FLOPs (4 * visible query-key pairs * head_dim * heads forward, 2.5x that
+    /// backward) per second.
+    pub fwd_tflops: f64,
+    pub fwd_bwd_tflops: f64,
+}
+
+/// Lengths of the first `n` batches of `bs` examples of a pre-tokenized JSONL file.
+pub fn batch_lengths(path: &std::path::Path, bs: usize, n: usize) -> Result<Vec<Vec<usize>>> {
+    let opts = LoadOptions {
+        max_length: usize::MAX,
+        truncation: Truncation::Error,
+        vocab_size: 0,
+    };
+    let data = load_jsonl(path, None, &opts)?;
+    Ok(data
+        .examples
+        .chunks(bs)
+        .take(n)
+        .map(|c| c.iter().map(|e| e.input_ids.len()).collect())
+        .collect())
+}
+
+pub fn attn_bench(args: &AttnBenchArgs) -> Result<AttnBenchResult> {
+    use crate::attention::{eager_attention, AttnPlan};
+    use crate::collator::SeqLayout;
+    use candle_core::{DType, Tensor, Var};
+    let dev = &args.device;
+    let dtype = if dev.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let flash = args.attention.use_flash(dev, dtype, args.head_dim)?;
+    let (nh, nkv, d) = (args.heads, args.kv_heads, args.head_dim);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut setups = Vec::new();
+    let (mut pairs, mut tokens) = (0f64, 0usize);
+    for lens in &args.batches {
+        let mut cu = vec![0usize];
+        for l in lens {
+            cu.push(cu.last().unwrap() + l);
+            pairs += (l * (l + 1) / 2) as f64;
+        }
+        let n = *cu.last().unwrap();
+        tokens += n;
+        let layout = SeqLayout::Packed {
+            cu_seqlens: cu,
+            max_seqlen: lens.iter().copied().max().unwrap_or(0),
+        };
+        let plan = AttnPlan::new(&layout, n, None, dev, flash)?;
+        let r = |h: usize| -> Result<Var> {
+            Ok(Var::from_tensor(
+                &Tensor::randn(0f32, 1f32, (n, h, d), dev)?.to_dtype(dtype)?,
+            )?)
+        };
+        let w = Tensor::randn(0f32, 1f32, (n, nh * d), dev)?.to_dtype(dtype)?;
+        setups.push((plan, r(nh)?, r(nkv)?, r(nkv)?, w));
+    }
+    let attend = |s: &(AttnPlan, Var, Var, Var, Tensor)| -> Result<Tensor> {
+        if flash {
+            s.0.attend(&s.1, &s.2, &s.3, scale)
+        } else {
+            eager_attention(&s.1, &s.2, &s.3, &s.0, scale)
+        }
+    };
+    let time = |backward: bool| -> Result<f64> {
+        let once = || -> Result<()> {
+            for s in &setups {
+                let o = attend(s)?;
+                if backward {
+                    let g = (o * &s.4)?.sum_all()?.backward()?;
+                    drop(g);
+                }
+            }
+            Ok(())
+        };
+        once()?; // warm-up: module load, allocator
+        dev.synchronize()?;
+        let t0 = Instant::now();
+        for _ in 0..args.iters {
+            once()?;
+        }
+        dev.synchronize()?;
+        Ok(t0.elapsed().as_secs_f64() / args.iters as f64)
+    };
+    let fwd = time(false)?;
+    let both = time(true)?;
+    let fwd_flops = 4.0 * pairs * (d * nh) as f64;
+    Ok(AttnBenchResult {
+        bench: "attention",
+        attn: if flash {
+            "packsft-flash-varlen"
+        } else {
+            "packsft-eager"
+        },
+        heads: nh,
+        kv_heads: nkv,
+        head_dim: d,
+        batches: args.batches.len(),
+        tokens_per_batch: tokens as f64 / args.batches.len().max(1) as f64,
+        fwd_ms: fwd * 1e3 / args.batches.len().max(1) as f64,
+        fwd_bwd_ms: both * 1e3 / args.batches.len().max(1) as f64,
+        fwd_tflops: fwd_flops / fwd / 1e12,
+        fwd_bwd_tflops: 3.5 * fwd_flops / both / 1e12,
     })
 }

@@ -17,6 +17,8 @@ pub mod collator;
 pub mod data;
 pub mod device;
 pub mod error;
+#[cfg(feature = "flash-attn")]
+pub mod flash;
 pub mod generate;
 pub mod inspect;
 pub mod io;

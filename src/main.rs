@@ -64,6 +64,31 @@ enum Cmd {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Attention alone, forward and forward+backward: the lengths of real batches of DATA, or
+    /// `--equal BxL` sequences of L tokens
+    BenchAttn {
+        data: Option<PathBuf>,
+        #[arg(long, default_value_t = 8)]
+        bs: usize,
+        /// Batches of DATA to time
+        #[arg(long, default_value_t = 10)]
+        batches: usize,
+        /// B sequences of L tokens, e.g. 8x2048 (instead of DATA)
+        #[arg(long, conflicts_with = "data")]
+        equal: Option<String>,
+        #[arg(long, default_value_t = 32)]
+        heads: usize,
+        #[arg(long, default_value_t = 4)]
+        kv_heads: usize,
+        #[arg(long, default_value_t = 64)]
+        head_dim: usize,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        #[arg(long, default_value = "auto")]
+        attention: String,
+    },
     /// Greedy continuation of one or more prompts with a saved model directory
     Generate {
         model_dir: PathBuf,
@@ -99,6 +124,9 @@ enum Cmd {
         /// Recompute each layer in the backward pass
         #[arg(long)]
         gradient_checkpointing: bool,
+        /// Attention: auto (flash kernels where they can run), eager or flash
+        #[arg(long, default_value = "auto")]
+        attention: String,
     },
 }
 
@@ -187,6 +215,46 @@ fn run(cli: Cli) -> packsft::Result<()> {
             let b = packsft::inspect::bench_data(&r, repeat, threads)?;
             println!("{}", serde_json::to_string(&b).expect("result serialises"));
         }
+        Cmd::BenchAttn {
+            data,
+            bs,
+            batches,
+            equal,
+            heads,
+            kv_heads,
+            head_dim,
+            iters,
+            device,
+            attention,
+        } => {
+            let batches = match (data, equal) {
+                (Some(path), _) => bench::batch_lengths(&path, bs, batches)?,
+                (None, Some(e)) => {
+                    let bad = || {
+                        packsft::Error::Config(format!("--equal {e:?}: expected BxL, e.g. 8x2048"))
+                    };
+                    let (b, l) = e.split_once('x').ok_or_else(bad)?;
+                    let (b, l): (usize, usize) =
+                        (b.parse().map_err(|_| bad())?, l.parse().map_err(|_| bad())?);
+                    vec![vec![l; b]]
+                }
+                (None, None) => {
+                    return Err(packsft::Error::Config(
+                        "bench-attn needs DATA or --equal BxL".into(),
+                    ))
+                }
+            };
+            let r = bench::attn_bench(&bench::AttnBenchArgs {
+                batches,
+                heads,
+                kv_heads,
+                head_dim,
+                iters,
+                device: packsft::device::open(&device)?,
+                attention: attention.parse()?,
+            })?;
+            println!("{}", serde_json::to_string(&r).expect("result serialises"));
+        }
         Cmd::Generate {
             model_dir,
             prompts,
@@ -212,6 +280,7 @@ fn run(cli: Cli) -> packsft::Result<()> {
             device: dev,
             dtype,
             gradient_checkpointing,
+            attention,
         } => {
             let compute = packsft::model::ComputeOptions {
                 dtype: match dtype.as_str() {
@@ -225,6 +294,7 @@ fn run(cli: Cli) -> packsft::Result<()> {
                     }
                 },
                 gradient_checkpointing,
+                attention: attention.parse()?,
             };
             if compare {
                 let exe = std::env::current_exe()
@@ -242,6 +312,7 @@ fn run(cli: Cli) -> packsft::Result<()> {
                         ])
                         .args(["--bs", &bs.to_string(), "--steps", &steps.to_string()])
                         .args(["--warmup", &warmup.to_string(), mode, "--dtype", &dtype])
+                        .args(["--attention", &attention])
                         .args(gradient_checkpointing.then_some("--gradient-checkpointing"))
                         .stderr(std::process::Stdio::inherit())
                         .output()

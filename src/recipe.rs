@@ -190,6 +190,8 @@ pub struct TrainSection {
     pub gradient_checkpointing: bool,
     /// Compute dtype: `f32`, or `bf16` / `f16` with float32 master weights.
     pub dtype: ComputeDtype,
+    /// `auto` (flash attention where it can run), `eager` or `flash`.
+    pub attention: crate::attention::AttentionImpl,
     /// `cpu`, `cuda` or `cuda:N` (needs a build with `--features cuda`).
     pub device: String,
 }
@@ -243,6 +245,7 @@ impl Default for TrainSection {
             early_stopping_patience: 0,
             gradient_checkpointing: false,
             dtype: ComputeDtype::F32,
+            attention: crate::attention::AttentionImpl::Auto,
             device: "cpu".into(),
         }
     }

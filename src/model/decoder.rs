@@ -14,7 +14,7 @@ use super::families;
 use super::spec::*;
 use super::weights::{save_safetensors, CheckpointWeights, WEIGHTS_FILE};
 use super::{EvalSums, LossScale, LossSum, Model, Param};
-use crate::attention::{eager_attention, AttnPlan};
+use crate::attention::{AttentionImpl, AttnPlan};
 use crate::collator::{Batch, SeqLayout};
 use crate::error::{Error, Result};
 use crate::ops::{apply_rope, layer_norm, nll, nll_sum, rms_norm, softmax_last, RopeTable};
@@ -30,6 +30,8 @@ pub struct ComputeOptions {
     /// Keep only each layer's input in the forward pass and recompute the layer in the
     /// backward pass: activation memory of one layer instead of all.
     pub gradient_checkpointing: bool,
+    /// Eager attention, the flash kernels, or whichever can run (`auto`).
+    pub attention: AttentionImpl,
 }
 
 impl Default for ComputeOptions {
@@ -37,6 +39,7 @@ impl Default for ComputeOptions {
         Self {
             dtype: DType::F32,
             gradient_checkpointing: false,
+            attention: AttentionImpl::Auto,
         }
     }
 }
@@ -588,6 +591,11 @@ impl DecoderModel {
                 batch.row_len,
                 self.spec.sliding_window,
                 &self.device,
+                self.compute.attention.use_flash(
+                    &self.device,
+                    self.compute.dtype,
+                    self.spec.head_dim,
+                )?,
             )?,
             n: batch.rows * batch.row_len,
             real_rows,
@@ -659,7 +667,7 @@ impl DecoderModel {
         }
         let q = apply_rope(&q, &ctx.cos, &ctx.sin)?;
         let k = apply_rope(&k, &ctx.cos, &ctx.sin)?;
-        let a = eager_attention(&q, &k, &v, &ctx.plan, s.attn_scale)?;
+        let a = ctx.plan.attend(&q, &k, &v, s.attn_scale)?;
         layer.o.fwd(&a)
     }
 

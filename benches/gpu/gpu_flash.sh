@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Flash-attention checks and kernel benchmarks on the GPU machine. Assemble .device/ first (ignored
+# by git): packsft.xz and flash_attn.xz (the stripped `--features flash-attn` binary and the
+# tests/flash_attn.rs test binary, xz -6), this script, benches/gpu/sdpa_bench.py; run as
+# `bash .device/gpu_flash.sh`. Prints the kernel tests' results, then packsft's attention
+# throughput next to PyTorch's flash SDPA on the same equal-length batches, then on real batches.
+set -u
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+cd "$(dirname "$0")"
+for b in packsft flash_attn; do [ -x $b ] || xz -d -k $b.xz; done
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+./flash_attn --test-threads 1 --nocapture 2>&1 | grep -E "^(lens|loss|worst|test |test result)|panicked|error" | head -40
+SHAPES=${SHAPES:-"8x512 8x2048 2x8192"}
+for s in $SHAPES; do ./packsft bench-attn --equal $s --iters 10; done
+python3 sdpa_bench.py $SHAPES 2>&1 | grep -v Warn
+[ -f flan.jsonl ] || python3 make_bench_data.py flan 200 32000 flan.jsonl
+[ -f orca.jsonl ] || python3 make_bench_data.py orcamath 200 32000 orca.jsonl
+for d in flan orca; do
+  ./packsft bench-attn $d.jsonl --bs 8 --batches 10 --iters 5
+  ./packsft bench-attn $d.jsonl --bs 8 --batches 10 --iters 2 --attention eager
+done

@@ -1,0 +1,418 @@
+// Variable-length causal flash attention, forward and backward (the FlashAttention-2 algorithm),
+// for packsft's padding-free batches. Compiled to PTX by src/kernels/build.rs (feature
+// `flash-attn`) and launched from src/flash.rs.
+//
+// Layout: q (tokens, heads, D), k and v (tokens, kv_heads, D), bf16, contiguous. Sequence `s`
+// occupies tokens [seq_start[s], seq_start[s] + seq_len[s]); tokens outside every sequence
+// (padding of a padded batch) are neither queries nor keys and their outputs and gradients stay 0.
+// Query head h reads key/value head h / (heads / kv_heads) (GQA/MQA).
+//
+// Query t of a sequence sees key s of the same sequence iff s <= t and, with a sliding window W,
+// t - s < W (W keys including itself, transformers' semantics; window <= 0 means none).
+//
+// Tensor cores: mma.sync m16n8k16 (bf16 in, f32 accumulate). The accumulator layout of one MMA
+// is the A-operand layout of the next, so P = softmax(S) feeds P·V from registers.
+// Fragment layout per lane (g = lane / 4, t = lane % 4):
+//   A 16x16: a0 (g, 2t..2t+1)  a1 (g+8, 2t..)  a2 (g, 2t+8..)  a3 (g+8, 2t+8..)
+//   B 16x8 : b0 (k 2t..2t+1, n g)  b1 (k 2t+8.., n g)
+//   C 16x8 : c0,c1 (g, 2t..2t+1)  c2,c3 (g+8, 2t..2t+1)
+// Softmax runs in the log2 domain (exp2f); the saved log-sum-exp is log2-based too.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+#define WARPS 4
+#define THREADS (WARPS * 32)
+#define BM 64   // query rows per block (16 per warp)
+#define LOG2E 1.4426950408889634f
+
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t lds32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+__device__ __forceinline__ void sts32(bf16* p, uint32_t v) { *reinterpret_cast<uint32_t*>(p) = v; }
+
+// Four 8x8 matrices, transposed on load: lanes 8i..8i+7 give the row addresses of matrix i.
+__device__ __forceinline__ void ldsm_x4_t(uint32_t r[4], const bf16* p) {
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+// A fragment of rows m0.., columns k0.. of a row-major [m][k] tile.
+__device__ __forceinline__ void load_a(uint32_t a[4], const bf16* s, int stride, int m0, int k0, int g, int t) {
+    a[0] = lds32(s + (m0 + g) * stride + k0 + 2 * t);
+    a[1] = lds32(s + (m0 + g + 8) * stride + k0 + 2 * t);
+    a[2] = lds32(s + (m0 + g) * stride + k0 + 2 * t + 8);
+    a[3] = lds32(s + (m0 + g + 8) * stride + k0 + 2 * t + 8);
+}
+
+// B fragment (k0..k0+15, n0..n0+7) of B = N^T where N is a row-major [n][k] tile.
+__device__ __forceinline__ void load_b_nk(uint32_t& b0, uint32_t& b1, const bf16* s, int stride, int n0, int k0,
+                                          int g, int t) {
+    b0 = lds32(s + (n0 + g) * stride + k0 + 2 * t);
+    b1 = lds32(s + (n0 + g) * stride + k0 + 2 * t + 8);
+}
+
+// B fragments for columns n0..n0+15 (two n-tiles) of a row-major [k][n] tile, rows k0..k0+15:
+// r[0], r[1] for n0..n0+7 and r[2], r[3] for n0+8..n0+15.
+__device__ __forceinline__ void load_b_kn_x2(uint32_t r[4], const bf16* s, int stride, int k0, int n0, int lane) {
+    ldsm_x4_t(r, s + (k0 + (lane & 15)) * stride + n0 + (lane >> 4) * 8);
+}
+
+// Copies `rows` rows of D bf16 (global row stride `gstride` elements) into shared memory (row
+// stride D + 8); rows at or past `valid` are zero so that masked products never meet NaN.
+template <int D>
+__device__ __forceinline__ void load_tile(bf16* s, const bf16* g, long gstride, int rows, int valid) {
+    constexpr int CH = D / 8;  // 16-byte chunks a row
+    for (int i = threadIdx.x; i < rows * CH; i += THREADS) {
+        int r = i / CH, c = i % CH;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r < valid) v = *reinterpret_cast<const uint4*>(g + r * gstride + c * 8);
+        *reinterpret_cast<uint4*>(s + r * (D + 8) + c * 8) = v;
+    }
+}
+
+__device__ __forceinline__ bool visible(int qi, int kj, int len, int window) {
+    return kj <= qi && qi < len && (window <= 0 || qi - kj < window);
+}
+
+// Forward: one block per (query tile of BM rows of one sequence, head).
+// lse: (heads, tokens) float, log2 domain.
+template <int D, int BN>
+__device__ void fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                           bf16* __restrict__ o, float* __restrict__ lse, const int* __restrict__ tiles,
+                           const int* __restrict__ seq_start, const int* __restrict__ seq_len, int tokens,
+                           int heads, int kv_heads, float scale, int window) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    constexpr int S = D + 8;
+    bf16* Qs = reinterpret_cast<bf16*>(smem_raw);
+    bf16* Ks = Qs + BM * S;
+    bf16* Vs = Ks + BN * S;
+
+    const int seq = tiles[2 * blockIdx.x], q0 = tiles[2 * blockIdx.x + 1];
+    const int h = blockIdx.y, hk = h / (heads / kv_heads);
+    const int base = seq_start[seq], len = seq_len[seq];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const float sl2 = scale * LOG2E;
+
+    load_tile<D>(Qs, q + ((long)(base + q0) * heads + h) * D, (long)heads * D, BM, len - q0);
+
+    float acc[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+    const int qrow = q0 + warp * 16;  // this warp's first query row
+    const int kend = min(len, q0 + BM);
+    int kbeg = 0;
+    if (window > 0) kbeg = max(0, q0 - window + 1) / BN * BN;
+
+    for (int k0 = kbeg; k0 < kend; k0 += BN) {
+        __syncthreads();
+        load_tile<D>(Ks, k + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN, len - k0);
+        load_tile<D>(Vs, v + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN, len - k0);
+        __syncthreads();
+        // Keys past this warp's last row, or before its window, contribute nothing.
+        if (k0 > qrow + 15 || (window > 0 && k0 + BN - 1 <= qrow - window)) continue;
+
+        float s[BN / 8][4];
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            uint32_t a[4];
+            load_a(a, Qs, S, warp * 16, kk * 16, g, t);
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) {
+                uint32_t b0, b1;
+                load_b_nk(b0, b1, Ks, S, j * 8, kk * 16, g, t);
+                mma16816(s[j], a, b0, b1);
+            }
+        }
+        float mx[2] = {m[0], m[1]};
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int qi = qrow + g + (e >> 1) * 8, kj = k0 + j * 8 + 2 * t + (e & 1);
+                float x = visible(qi, kj, len, window) ? s[j][e] * sl2 : -INFINITY;
+                s[j][e] = x;
+                mx[e >> 1] = fmaxf(mx[e >> 1], x);
+            }
+        float alpha[2], mu[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
+            mu[r] = mx[r] == -INFINITY ? 0.f : mx[r];  // a row with nothing visible yet
+            alpha[r] = exp2f(m[r] - mu[r]);
+            m[r] = mx[r];
+            l[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) {
+            acc[i][0] *= alpha[0];
+            acc[i][1] *= alpha[0];
+            acc[i][2] *= alpha[1];
+            acc[i][3] *= alpha[1];
+        }
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float p = exp2f(s[j][e] - mu[e >> 1]);
+                s[j][e] = p;
+                l[e >> 1] += p;
+            }
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++) {
+            uint32_t a[4] = {pack2(s[2 * kk][0], s[2 * kk][1]), pack2(s[2 * kk][2], s[2 * kk][3]),
+                             pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int i = 0; i < D / 16; i++) {
+                uint32_t b[4];
+                load_b_kn_x2(b, Vs, S, kk * 16, i * 16, lane);
+                mma16816(acc[2 * i], a, b[0], b[1]);
+                mma16816(acc[2 * i + 1], a, b[2], b[3]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int qi = qrow + g + r * 8;
+        if (qi >= len) continue;
+        float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        bf16* orow = o + ((long)(base + qi) * heads + h) * D;
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) sts32(orow + i * 8 + 2 * t, pack2(acc[i][2 * r] * inv, acc[i][2 * r + 1] * inv));
+        if (t == 0) lse[(long)h * tokens + base + qi] = l[r] > 0.f ? m[r] + log2f(l[r]) : INFINITY;
+    }
+}
+
+// Backward: one block per (key tile of BN = 64 keys of one sequence, query head); warp w owns keys
+// 16w..16w+15 and loops over the query tiles that see them, recomputing P from the saved lse.
+// dq_acc (tokens, heads, D) float, zero on entry, accumulated with atomics (unscaled);
+// dk, dv (tokens, heads, D) float per query head (unscaled dk), summed over a GQA group by the
+// caller. delta (heads, tokens) = rowsum(dO * O).
+template <int D>
+__device__ void bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                           const bf16* __restrict__ dout, const float* __restrict__ lse,
+                           const float* __restrict__ delta, float* __restrict__ dq_acc, float* __restrict__ dk,
+                           float* __restrict__ dv, const int* __restrict__ tiles, const int* __restrict__ seq_start,
+                           const int* __restrict__ seq_len, int tokens, int heads, int kv_heads, float scale,
+                           int window) {
+    constexpr int BN = 64;
+    constexpr int S = D + 8;
+    constexpr int SP = BM + 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* Ks = reinterpret_cast<bf16*>(smem_raw);
+    bf16* Vs = Ks + BN * S;
+    bf16* Qs = Vs + BN * S;
+    bf16* dOs = Qs + BM * S;
+    bf16* dSs = dOs + BM * S;  // dS^T: [key][query]
+    float* lse_s = reinterpret_cast<float*>(dSs + BN * SP);
+    float* dlt_s = lse_s + BM;
+
+    const int seq = tiles[2 * blockIdx.x], k0 = tiles[2 * blockIdx.x + 1];
+    const int h = blockIdx.y, hk = h / (heads / kv_heads);
+    const int base = seq_start[seq], len = seq_len[seq];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const float sl2 = scale * LOG2E;
+
+    load_tile<D>(Ks, k + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN, len - k0);
+    load_tile<D>(Vs, v + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN, len - k0);
+
+    float dka[D / 8][4], dva[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dka[i][e] = dva[i][e] = 0.f;
+
+    const int krow = k0 + warp * 16;  // this warp's first key
+    int qend = len;
+    if (window > 0) qend = min(len, k0 + BN - 1 + window);
+    for (int q0 = k0 / BM * BM; q0 < qend; q0 += BM) {
+        __syncthreads();
+        load_tile<D>(Qs, q + ((long)(base + q0) * heads + h) * D, (long)heads * D, BM, len - q0);
+        load_tile<D>(dOs, dout + ((long)(base + q0) * heads + h) * D, (long)heads * D, BM, len - q0);
+        for (int i = threadIdx.x; i < BM; i += THREADS) {
+            bool ok = q0 + i < len;
+            lse_s[i] = ok ? lse[(long)h * tokens + base + q0 + i] : 0.f;
+            dlt_s[i] = ok ? delta[(long)h * tokens + base + q0 + i] : 0.f;
+        }
+        __syncthreads();
+        const bool active = !(q0 + BM - 1 < krow || (window > 0 && q0 - (krow + 15) >= window));
+        if (active) {
+            // S^T = K Q^T for this warp's 16 keys and the tile's BM queries, then P^T.
+            float p[BM / 8][4];
+#pragma unroll
+            for (int j = 0; j < BM / 8; j++) p[j][0] = p[j][1] = p[j][2] = p[j][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                uint32_t a[4];
+                load_a(a, Ks, S, warp * 16, kk * 16, g, t);
+#pragma unroll
+                for (int j = 0; j < BM / 8; j++) {
+                    uint32_t b0, b1;
+                    load_b_nk(b0, b1, Qs, S, j * 8, kk * 16, g, t);
+                    mma16816(p[j], a, b0, b1);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < BM / 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int kj = krow + g + (e >> 1) * 8, ql = j * 8 + 2 * t + (e & 1);
+                    p[j][e] = visible(q0 + ql, kj, len, window) && kj < len ? exp2f(p[j][e] * sl2 - lse_s[ql]) : 0.f;
+                }
+            // dV += P^T dO
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; kk++) {
+                uint32_t a[4] = {pack2(p[2 * kk][0], p[2 * kk][1]), pack2(p[2 * kk][2], p[2 * kk][3]),
+                                 pack2(p[2 * kk + 1][0], p[2 * kk + 1][1]), pack2(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+                for (int i = 0; i < D / 16; i++) {
+                    uint32_t b[4];
+                    load_b_kn_x2(b, dOs, S, kk * 16, i * 16, lane);
+                    mma16816(dva[2 * i], a, b[0], b[1]);
+                    mma16816(dva[2 * i + 1], a, b[2], b[3]);
+                }
+            }
+            // dP^T = V dO^T, then dS^T = P^T * (dP^T - delta)
+            float ds[BM / 8][4];
+#pragma unroll
+            for (int j = 0; j < BM / 8; j++) ds[j][0] = ds[j][1] = ds[j][2] = ds[j][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                uint32_t a[4];
+                load_a(a, Vs, S, warp * 16, kk * 16, g, t);
+#pragma unroll
+                for (int j = 0; j < BM / 8; j++) {
+                    uint32_t b0, b1;
+                    load_b_nk(b0, b1, dOs, S, j * 8, kk * 16, g, t);
+                    mma16816(ds[j], a, b0, b1);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < BM / 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int ql = j * 8 + 2 * t + (e & 1);
+                    ds[j][e] = p[j][e] * (ds[j][e] - dlt_s[ql]);
+                }
+            // dK += dS^T Q, and dS^T to shared memory for dQ.
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; kk++) {
+                uint32_t a[4] = {pack2(ds[2 * kk][0], ds[2 * kk][1]), pack2(ds[2 * kk][2], ds[2 * kk][3]),
+                                 pack2(ds[2 * kk + 1][0], ds[2 * kk + 1][1]),
+                                 pack2(ds[2 * kk + 1][2], ds[2 * kk + 1][3])};
+                sts32(dSs + (warp * 16 + g) * SP + kk * 16 + 2 * t, a[0]);
+                sts32(dSs + (warp * 16 + g + 8) * SP + kk * 16 + 2 * t, a[1]);
+                sts32(dSs + (warp * 16 + g) * SP + kk * 16 + 8 + 2 * t, a[2]);
+                sts32(dSs + (warp * 16 + g + 8) * SP + kk * 16 + 8 + 2 * t, a[3]);
+#pragma unroll
+                for (int i = 0; i < D / 16; i++) {
+                    uint32_t b[4];
+                    load_b_kn_x2(b, Qs, S, kk * 16, i * 16, lane);
+                    mma16816(dka[2 * i], a, b[0], b[1]);
+                    mma16816(dka[2 * i + 1], a, b[2], b[3]);
+                }
+            }
+        } else {
+            // Inactive warps still publish zeros: dQ reads every key row of the tile.
+            for (int i = lane; i < 16 * BM / 2; i += 32) {
+                int r = i / (BM / 2), c = i % (BM / 2);
+                sts32(dSs + (warp * 16 + r) * SP + 2 * c, 0u);
+            }
+        }
+        __syncthreads();
+        // dQ (BM x D) += dS K over the tile's 64 keys; warp w takes query rows 16w..16w+15.
+        if (q0 + warp * 16 < len) {
+            uint32_t a[BN / 16][4];
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; kk++) {
+                int mi = lane >> 3, r = lane & 7;
+                ldsm_x4_t(a[kk], dSs + (kk * 16 + (mi >> 1) * 8 + r) * SP + warp * 16 + (mi & 1) * 8);
+            }
+#pragma unroll
+            for (int i = 0; i < D / 16; i++) {
+                float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+                for (int kk = 0; kk < BN / 16; kk++) {
+                    uint32_t b[4];
+                    load_b_kn_x2(b, Ks, S, kk * 16, i * 16, lane);
+                    mma16816(c[0], a[kk], b[0], b[1]);
+                    mma16816(c[1], a[kk], b[2], b[3]);
+                }
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    int qi = q0 + warp * 16 + g + r * 8;
+                    if (qi >= len) continue;
+                    float* row = dq_acc + ((long)(base + qi) * heads + h) * D + i * 16 + 2 * t;
+                    atomicAdd(row, c[0][2 * r]);
+                    atomicAdd(row + 1, c[0][2 * r + 1]);
+                    atomicAdd(row + 8, c[1][2 * r]);
+                    atomicAdd(row + 9, c[1][2 * r + 1]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int kj = krow + g + r * 8;
+        if (kj >= len) continue;
+        long off = ((long)(base + kj) * heads + h) * D;
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) {
+            *reinterpret_cast<float2*>(dk + off + i * 8 + 2 * t) = make_float2(dka[i][2 * r], dka[i][2 * r + 1]);
+            *reinterpret_cast<float2*>(dv + off + i * 8 + 2 * t) = make_float2(dva[i][2 * r], dva[i][2 * r + 1]);
+        }
+    }
+}
+
+#define FWD(D, BN)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(THREADS) flash_fwd_d##D(                                      \
+        const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const int* tiles, const int* seq_start, \
+        const int* seq_len, int tokens, int heads, int kv_heads, float scale, int window) {                   \
+        fwd_kernel<D, BN>(q, k, v, o, lse, tiles, seq_start, seq_len, tokens, heads, kv_heads, scale, window);  \
+    }
+
+#define BWD(D)                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_d##D(                                       \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,    \
+        float* dq_acc, float* dk, float* dv, const int* tiles, const int* seq_start, const int* seq_len,       \
+        int tokens, int heads, int kv_heads, float scale, int window) {                                        \
+        bwd_kernel<D>(q, k, v, dout, lse, delta, dq_acc, dk, dv, tiles, seq_start, seq_len, tokens, heads,      \
+                      kv_heads, scale, window);                                                                 \
+    }
+
+FWD(64, 64)
+FWD(80, 64)
+FWD(96, 64)
+FWD(128, 64)
+FWD(256, 32)
+BWD(64)
+BWD(80)
+BWD(96)
+BWD(128)
+BWD(256)

@@ -1,0 +1,316 @@
+//! The flash-attention kernels against the eager attention (the reference the CPU tests pin to
+//! transformers): outputs and dq/dk/dv on random inputs, and whole-model losses and gradients.
+//! Needs `--features flash-attn` and a CUDA device; with the feature but no device every test
+//! fails rather than pass silently.
+#![cfg(feature = "flash-attn")]
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::{examples, rel_diff};
+use packsft::attention::{eager_attention, AttentionImpl, AttnPlan};
+use packsft::model::ComputeOptions;
+use packsft::{Collator, CompletionOnlyCollator, DecoderModel, Model, SeqLayout};
+
+fn cuda() -> Device {
+    Device::new_cuda(0).expect("these tests need a CUDA device")
+}
+
+/// Seeded normal values on the host, so every run and device sees the same inputs.
+fn randn(shape: (usize, usize, usize), seed: u64, dev: &Device) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n = shape.0 * shape.1 * shape.2;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            // Box-Muller.
+            let (u, w): (f32, f32) = (rng.gen_range(1e-7..1.0), rng.gen());
+            (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * w).cos()
+        })
+        .collect();
+    Tensor::from_vec(v, shape, dev).unwrap()
+}
+
+struct Case {
+    lens: &'static [usize],
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    window: Option<usize>,
+    padded: bool,
+}
+
+/// Flash (bf16) against eager (float32 on the same bf16-rounded inputs): returns the relative
+/// errors of the output and of dq, dk, dv.
+fn compare(c: &Case) -> [f64; 4] {
+    let dev = cuda();
+    let (layout, row_len, n) = if c.padded {
+        let row = *c.lens.iter().max().unwrap();
+        (
+            SeqLayout::Padded {
+                lengths: c.lens.to_vec(),
+            },
+            row,
+            row * c.lens.len(),
+        )
+    } else {
+        let mut cu = vec![0];
+        for l in c.lens {
+            cu.push(cu.last().unwrap() + l);
+        }
+        let n = *cu.last().unwrap();
+        (
+            SeqLayout::Packed {
+                cu_seqlens: cu,
+                max_seqlen: *c.lens.iter().max().unwrap(),
+            },
+            n,
+            n,
+        )
+    };
+    let (nh, nkv, d) = (c.heads, c.kv_heads, c.head_dim);
+    let q = randn((n, nh, d), 1, &dev).to_dtype(DType::BF16).unwrap();
+    let k = randn((n, nkv, d), 2, &dev).to_dtype(DType::BF16).unwrap();
+    let v = randn((n, nkv, d), 3, &dev).to_dtype(DType::BF16).unwrap();
+    // Output weights: zero on padding rows, whose outputs nothing reads.
+    let mut real = vec![0f32; n];
+    match &layout {
+        SeqLayout::Padded { lengths } => {
+            for (b, &l) in lengths.iter().enumerate() {
+                real[b * row_len..b * row_len + l].fill(1.0);
+            }
+        }
+        SeqLayout::Packed { .. } => real.fill(1.0),
+    }
+    let w = randn((n, nh, d), 4, &dev)
+        .broadcast_mul(&Tensor::new(real, &dev).unwrap().reshape((n, 1, 1)).unwrap())
+        .unwrap()
+        .reshape((n, nh * d))
+        .unwrap();
+    let scale = 1.0 / (d as f64).sqrt();
+
+    let run = |flash: bool| -> (Tensor, Tensor, Tensor, Tensor) {
+        let dt = if flash { DType::BF16 } else { DType::F32 };
+        let (qv, kv, vv) = (
+            Var::from_tensor(&q.to_dtype(dt).unwrap()).unwrap(),
+            Var::from_tensor(&k.to_dtype(dt).unwrap()).unwrap(),
+            Var::from_tensor(&v.to_dtype(dt).unwrap()).unwrap(),
+        );
+        let plan = AttnPlan::new(&layout, row_len, c.window, &dev, flash).unwrap();
+        let out = if flash {
+            plan.attend(&qv, &kv, &vv, scale).unwrap()
+        } else {
+            eager_attention(&qv, &kv, &vv, &plan, scale).unwrap()
+        };
+        let out = out.to_dtype(DType::F32).unwrap();
+        let loss = (&out * &w).unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        let grad = |x: &Var| {
+            g.get(x.as_tensor())
+                .expect("a gradient")
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        (out, grad(&qv), grad(&kv), grad(&vv))
+    };
+    let (fo, fq, fk, fv) = run(true);
+    let (eo, eq, ek, ev) = run(false);
+    // Padding rows: flash leaves them 0; compare real rows only.
+    let mask = w.abs().unwrap().sum_keepdim(1).unwrap().gt(0f64).unwrap();
+    let zero = eo.zeros_like().unwrap();
+    let eo = mask
+        .broadcast_as(eo.shape())
+        .unwrap()
+        .where_cond(&eo, &zero)
+        .unwrap();
+    [
+        rel_diff(&fo, &eo),
+        rel_diff(&fq, &eq),
+        rel_diff(&fk, &ek),
+        rel_diff(&fv, &ev),
+    ]
+}
+
+fn check(c: Case) {
+    let errs = compare(&c);
+    eprintln!(
+        "lens {:?} heads {}/{} d {} window {:?} padded {}: out {:.2e} dq {:.2e} dk {:.2e} dv {:.2e}",
+        c.lens, c.heads, c.kv_heads, c.head_dim, c.window, c.padded, errs[0], errs[1], errs[2], errs[3]
+    );
+    // bf16 inputs and bf16 P in the products: about 2^-8 relative per element, averaging down.
+    for (name, e) in ["out", "dq", "dk", "dv"].iter().zip(errs) {
+        assert!(e < 1.5e-2, "{name}: relative error {e:.3e}");
+    }
+}
+
+#[test]
+fn d64_gqa_mixed_lengths() {
+    check(Case {
+        lens: &[1, 17, 64, 65, 130, 3],
+        heads: 8,
+        kv_heads: 2,
+        head_dim: 64,
+        window: None,
+        padded: false,
+    });
+}
+
+#[test]
+fn d80_mha() {
+    check(Case {
+        lens: &[200, 1, 33],
+        heads: 4,
+        kv_heads: 4,
+        head_dim: 80,
+        window: None,
+        padded: false,
+    });
+}
+
+#[test]
+fn d96_mqa() {
+    check(Case {
+        lens: &[129, 7, 64],
+        heads: 6,
+        kv_heads: 1,
+        head_dim: 96,
+        window: None,
+        padded: false,
+    });
+}
+
+#[test]
+fn d128_sliding_window() {
+    check(Case {
+        lens: &[300, 64, 5],
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 128,
+        window: Some(50),
+        padded: false,
+    });
+}
+
+#[test]
+fn d256_window_and_single_tokens() {
+    check(Case {
+        lens: &[100, 1, 70, 1],
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 256,
+        window: Some(16),
+        padded: false,
+    });
+}
+
+#[test]
+fn window_of_one_key() {
+    check(Case {
+        lens: &[90, 3],
+        heads: 2,
+        kv_heads: 2,
+        head_dim: 64,
+        window: Some(1),
+        padded: false,
+    });
+}
+
+#[test]
+fn padded_batches() {
+    check(Case {
+        lens: &[70, 5, 128, 1],
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        window: None,
+        padded: true,
+    });
+    check(Case {
+        lens: &[150, 40],
+        heads: 4,
+        kv_heads: 1,
+        head_dim: 128,
+        window: Some(33),
+        padded: true,
+    });
+}
+
+fn gpu_model(attention: AttentionImpl) -> DecoderModel {
+    // head_dim 64: the flash kernels' smallest.
+    let cfg = serde_json::json!({
+        "model_type": "llama", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+    });
+    let mut m = DecoderModel::new_random(cfg, 7, &cuda()).unwrap();
+    m.compute = ComputeOptions {
+        dtype: DType::BF16,
+        gradient_checkpointing: false,
+        attention,
+    };
+    m
+}
+
+fn loss_and_grads(m: &DecoderModel, padding_free: bool) -> (f64, Vec<Tensor>) {
+    let exs = examples(&[300, 17, 1, 90, 64, 65], 512, 11);
+    let batch = CompletionOnlyCollator::new(padding_free, 0)
+        .collate(&exs, &cuda())
+        .unwrap();
+    let l = m.loss(&batch).unwrap();
+    let mean = (l.sum / l.n_tokens as f64).unwrap();
+    let g = mean.backward().unwrap();
+    let grads = m
+        .params()
+        .iter()
+        .map(|p| {
+            g.get(p.var.as_tensor())
+                .expect("every parameter has a gradient")
+                .clone()
+        })
+        .collect();
+    (
+        mean.to_dtype(DType::F64).unwrap().to_scalar().unwrap(),
+        grads,
+    )
+}
+
+#[test]
+fn model_flash_matches_eager_and_padded_matches_packed() {
+    let (le, ge) = loss_and_grads(&gpu_model(AttentionImpl::Eager), true);
+    let flash = gpu_model(AttentionImpl::Flash);
+    let (lf, gf) = loss_and_grads(&flash, true);
+    let (lp, gp) = loss_and_grads(&flash, false);
+    eprintln!("loss eager {le} flash {lf} flash padded {lp}");
+    assert!((lf - le).abs() / le < 2e-3, "flash {lf} vs eager {le}");
+    assert!((lp - lf).abs() / lf < 2e-3, "padded {lp} vs packed {lf}");
+    let mut worst = (0f64, 0f64);
+    for ((e, f), p) in ge.iter().zip(&gf).zip(&gp) {
+        worst.0 = worst.0.max(rel_diff(f, e));
+        worst.1 = worst.1.max(rel_diff(p, f));
+    }
+    eprintln!(
+        "worst gradient rel diff: flash vs eager {:.2e}, padded vs packed {:.2e}",
+        worst.0, worst.1
+    );
+    assert!(worst.0 < 3e-2 && worst.1 < 3e-2, "{worst:?}");
+}
+
+#[test]
+fn flash_refuses_what_it_cannot_run() {
+    let err = AttentionImpl::Flash
+        .use_flash(&Device::Cpu, DType::BF16, 64)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cpu"), "{err}");
+    let err = AttentionImpl::Flash
+        .use_flash(&cuda(), DType::BF16, 48)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("head_dim 48"), "{err}");
+    assert!(!AttentionImpl::Auto
+        .use_flash(&cuda(), DType::F32, 64)
+        .unwrap());
+    assert!(AttentionImpl::Auto
+        .use_flash(&cuda(), DType::BF16, 64)
+        .unwrap());
+}
