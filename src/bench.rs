@@ -216,7 +216,7 @@ pub fn batch_lengths(path: &std::path::Path, bs: usize, n: usize) -> Result<Vec<
     let opts = LoadOptions {
         max_length: usize::MAX,
         truncation: Truncation::Error,
-        vocab_size: 0,
+        vocab_size: u32::MAX as usize,
     };
     let data = load_jsonl(path, None, &opts)?;
     Ok(data

@@ -19,6 +19,8 @@ pub mod device;
 pub mod error;
 #[cfg(feature = "flash-attn")]
 pub mod flash;
+#[cfg(feature = "cuda")]
+pub mod fused;
 pub mod generate;
 pub mod inspect;
 pub mod io;

@@ -150,3 +150,30 @@ pub fn nll_sum(logits: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> R
         None => per_token.sum_all()?,
     })
 }
+
+/// [`rms_norm`], through the fused CUDA kernel ([`crate::fused`]) for bf16 on CUDA.
+pub fn fast_rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::fused::usable(x) {
+        return crate::fused::rms_norm(x, weight, eps);
+    }
+    rms_norm(x, weight, eps)
+}
+
+/// [`apply_rope`], through the fused kernel where it applies.
+pub fn fast_apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::fused::usable(x) {
+        return crate::fused::apply_rope(x, cos, sin);
+    }
+    apply_rope(x, cos, sin)
+}
+
+/// silu(g) * u, through the fused kernel where it applies.
+pub fn fast_silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::fused::usable(g) && g.dims() == u.dims() {
+        return crate::fused::silu_mul(g, u);
+    }
+    Ok((g.silu()? * u)?)
+}

@@ -118,6 +118,70 @@ impl AdamW {
         Ok(())
     }
 
+    /// Clips `grads` to a global norm of `max_norm` (if > 0) and applies one update, as
+    /// [`clip_grad_norm`] then [`AdamW::step`] do; on CUDA with float32 weights as one fused
+    /// kernel per parameter. Returns the norm before clipping; if it is not finite the weights,
+    /// moments and step count are left as they were.
+    pub fn clip_and_step(
+        &mut self,
+        grads: &mut GradStore,
+        params: &[Param],
+        max_norm: f64,
+        lr: f64,
+    ) -> Result<f64> {
+        #[cfg(feature = "cuda")]
+        if self.slots.first().is_some_and(|s| s.var.device().is_cuda())
+            && self.slots.iter().all(|s| s.var.dtype() == DType::F32)
+        {
+            return self.fused_step(grads, max_norm, lr);
+        }
+        let norm = clip_grad_norm(grads, params, max_norm)?;
+        if norm.is_finite() {
+            self.step(grads, lr)?;
+        }
+        Ok(norm)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn fused_step(&mut self, grads: &GradStore, max_norm: f64, lr: f64) -> Result<f64> {
+        use crate::fused::{adamw_step, AdamWSlot, AdamWStep};
+        let c = self.config;
+        let t = self.step as i32 + 1;
+        let mut owned = Vec::new();
+        for s in &self.slots {
+            if let Some(g) = grads.get(s.var.as_tensor()) {
+                owned.push((s, g.to_dtype(DType::F32)?.contiguous()?));
+            }
+        }
+        let slots: Vec<AdamWSlot<'_>> = owned
+            .iter()
+            .map(|(s, g)| AdamWSlot {
+                param: s.var.as_tensor(),
+                grad: g,
+                m: s.m.as_tensor(),
+                v: s.v.as_tensor(),
+                decay: s.decay && c.weight_decay != 0.0,
+            })
+            .collect();
+        let norm = adamw_step(
+            &slots,
+            &AdamWStep {
+                lr: lr as f32,
+                beta1: c.beta1 as f32,
+                beta2: c.beta2 as f32,
+                eps: c.eps as f32,
+                weight_decay: c.weight_decay as f32,
+                bc1: (1.0 - c.beta1.powi(t)) as f32,
+                bc2: (1.0 - c.beta2.powi(t)) as f32,
+                max_grad_norm: max_norm as f32,
+            },
+        )?;
+        if norm.is_finite() {
+            self.step += 1;
+        }
+        Ok(norm)
+    }
+
     /// One update with learning rate `lr` from the accumulated `grads` (already normalised and
     /// clipped). Parameters without a gradient are left untouched, as PyTorch does.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {

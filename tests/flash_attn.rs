@@ -204,13 +204,13 @@ fn d256_window_and_single_tokens() {
 }
 
 #[test]
-fn window_of_one_key() {
+fn window_of_two_keys() {
     check(Case {
         lens: &[90, 3],
         heads: 2,
         kv_heads: 2,
         head_dim: 64,
-        window: Some(1),
+        window: Some(2),
         padded: false,
     });
 }

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Flash-attention checks and kernel benchmarks on the GPU machine. Assemble .device/ first (ignored
-# by git): packsft.xz and flash_attn.xz (the stripped `--features flash-attn` binary and the
-# tests/flash_attn.rs test binary, xz -6), this script, benches/gpu/sdpa_bench.py; run as
+# by git): packsft.xz, flash_attn.xz and gpu_optim.xz (the stripped `--features flash-attn` binary
+# and the tests/flash_attn.rs and tests/gpu_optim.rs test binaries, xz -6), this script, benches/gpu/sdpa_bench.py; run as
 # `bash .device/gpu_flash.sh`. Prints the kernel tests' results, then packsft's attention
 # throughput next to PyTorch's flash SDPA on the same equal-length batches, then on real batches.
 set -u
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 cd "$(dirname "$0")"
-for b in packsft flash_attn; do [ -x $b ] || xz -d -k $b.xz; done
+for b in packsft flash_attn gpu_optim gpu_ops; do [ -x $b ] || xz -d -k $b.xz; done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-./flash_attn --test-threads 1 --nocapture 2>&1 | grep -E "^(lens|loss|worst|test |test result)|panicked|error" | head -40
+for t in flash_attn gpu_optim gpu_ops; do
+  ./$t --test-threads 1 --nocapture 2>&1 | grep -E "^(lens|loss|worst|test |test result)|panicked|error" | head -40
+done
+[ -n "${TESTS_ONLY:-}" ] && exit 0
 SHAPES=${SHAPES:-"8x512 8x2048 2x8192"}
 for s in $SHAPES; do ./packsft bench-attn --equal $s --iters 10; done
 python3 sdpa_bench.py $SHAPES 2>&1 | grep -v Warn

@@ -17,7 +17,9 @@ use super::{EvalSums, LossScale, LossSum, Model, Param};
 use crate::attention::{AttentionImpl, AttnPlan};
 use crate::collator::{Batch, SeqLayout};
 use crate::error::{Error, Result};
-use crate::ops::{apply_rope, layer_norm, nll, nll_sum, rms_norm, softmax_last, RopeTable};
+use crate::ops::{
+    fast_apply_rope, fast_rms_norm, fast_silu_mul, layer_norm, nll, nll_sum, softmax_last, RopeTable,
+};
 use crate::optim::add_grads;
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -69,7 +71,7 @@ struct Norm {
 impl Norm {
     fn fwd(&self, x: &Tensor) -> Result<Tensor> {
         match self.spec.kind {
-            NormKind::Rms => rms_norm(x, self.w.as_ref().expect("rms weight"), self.spec.eps),
+            NormKind::Rms => fast_rms_norm(x, self.w.as_ref().expect("rms weight"), self.spec.eps),
             NormKind::RmsOneOffset => {
                 let dtype = x.dtype();
                 let xf = x.to_dtype(DType::F32)?;
@@ -665,8 +667,8 @@ impl DecoderModel {
             q = layer_norm(&q, None, None, s.norm.eps)?.broadcast_mul(&wq)?;
             k = layer_norm(&k, None, None, s.norm.eps)?.broadcast_mul(&wk)?;
         }
-        let q = apply_rope(&q, &ctx.cos, &ctx.sin)?;
-        let k = apply_rope(&k, &ctx.cos, &ctx.sin)?;
+        let q = fast_apply_rope(&q, &ctx.cos, &ctx.sin)?;
+        let k = fast_apply_rope(&k, &ctx.cos, &ctx.sin)?;
         let a = ctx.plan.attend(&q, &k, &v, s.attn_scale)?;
         layer.o.fwd(&a)
     }
@@ -679,10 +681,14 @@ impl DecoderModel {
                 up,
                 down,
                 act,
-            } => (
-                down.fwd(&(activate(&gate.fwd(h)?, *act)? * up.fwd(h)?)?)?,
-                None,
-            ),
+            } => {
+                let (g, u) = (gate.fwd(h)?, up.fwd(h)?);
+                let y = match act {
+                    Act::Silu => fast_silu_mul(&g, &u)?,
+                    _ => (activate(&g, *act)? * u)?,
+                };
+                (down.fwd(&y)?, None)
+            }
             Mlp::GatedFused {
                 gate_up,
                 down,
@@ -690,8 +696,12 @@ impl DecoderModel {
                 hidden,
             } => {
                 let y = gate_up.fwd(h)?;
-                let g = activate(&y.narrow(1, 0, *hidden)?, *act)?;
-                (down.fwd(&(g * y.narrow(1, *hidden, *hidden)?)?)?, None)
+                let (g, u) = (y.narrow(1, 0, *hidden)?, y.narrow(1, *hidden, *hidden)?);
+                let y = match act {
+                    Act::Silu => fast_silu_mul(&g, &u)?,
+                    _ => (activate(&g, *act)? * u)?,
+                };
+                (down.fwd(&y)?, None)
             }
             Mlp::Plain { fc1, fc2, act } => (fc2.fwd(&activate(&fc1.fwd(h)?, *act)?)?, None),
             Mlp::Moe {
@@ -1027,7 +1037,26 @@ impl Model for DecoderModel {
         if self.compute.gradient_checkpointing && batch.n_targets > 0 {
             return self.forward_backward_checkpointed(batch, scale);
         }
-        super::backward_of(self.loss(batch)?, scale)
+        if !crate::device::profiling() {
+            return super::backward_of(self.loss(batch)?, scale);
+        }
+        let t = std::time::Instant::now();
+        let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
+        let l = self.loss(batch)?;
+        let fwd_host = ms(t);
+        self.device.synchronize()?;
+        let fwd = ms(t);
+        let t = std::time::Instant::now();
+        let r = super::backward_of(l, scale)?;
+        let bwd_host = ms(t);
+        self.device.synchronize()?;
+        // Host time is graph building and kernel launches; when it is close to the total,
+        // launch overhead, not the GPU, bounds the step.
+        tracing::info!(
+            "profile forward {fwd:.1} ms (host {fwd_host:.1}), backward {:.1} ms (host {bwd_host:.1})",
+            ms(t)
+        );
+        Ok(r)
     }
 
     fn eval_sums(&self, batch: &Batch) -> Result<EvalSums> {

@@ -1,0 +1,475 @@
+//! Fused CUDA kernels for bf16 training, each measured against the chain of candle ops it
+//! replaces (docs/BENCHMARKS.md):
+//! - the optimizer step (src/kernels/optim.cu): gradient norm on the device, then one clip +
+//!   AdamW kernel per parameter reading the norm from device memory. One host round trip a
+//!   step (the norm, for the log) instead of one per parameter, and one pass over each weight
+//!   and its moments instead of ~20;
+//! - RMSNorm, rotary embedding and SiLU-gated products with their backward passes
+//!   (src/kernels/fused_ops.cu), as candle custom ops: one kernel each way instead of ~10, and
+//!   no float32 intermediates kept for the backward.
+//!
+//! The model uses them for bf16 compute on CUDA ([`usable`]); everywhere else, and as the
+//! reference in tests/gpu_ops.rs, it uses the differentiable formulations of [`crate::ops`].
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{
+    CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape,
+    Storage, Tensor,
+};
+use half::bf16;
+
+use crate::error::{Error, Result};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
+const MODULE: &str = "packsft_optim";
+const OPS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_ops.ptx"));
+const OPS_MODULE: &str = "packsft_fused_ops";
+
+/// One parameter's tensors for [`adamw_step`]: weight, gradient and moments, float32,
+/// contiguous, on the same CUDA device.
+pub struct AdamWSlot<'a> {
+    pub param: &'a Tensor,
+    pub grad: &'a Tensor,
+    pub m: &'a Tensor,
+    pub v: &'a Tensor,
+    pub decay: bool,
+}
+
+/// Hyper-parameters of one step; `bc1`, `bc2` are the bias corrections 1 - beta^t.
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub bc1: f32,
+    pub bc2: f32,
+    pub max_grad_norm: f32,
+}
+
+fn launch_cfg(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 132 * 16) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Runs `f` with a float32 CUDA view of each tensor.
+fn views<R>(ts: &[&Tensor], f: impl FnOnce(&[CudaView<'_, f32>]) -> Result<R>) -> Result<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut vs = Vec::with_capacity(ts.len());
+    for (g, l) in &guards {
+        let Storage::Cuda(s) = &**g else {
+            return Err(Error::Training("fused AdamW: tensor not on CUDA".into()));
+        };
+        if !l.is_contiguous() {
+            return Err(Error::Training("fused AdamW: non-contiguous tensor".into()));
+        }
+        let n = l.shape().elem_count();
+        vs.push(s.as_cuda_slice::<f32>()?.slice(l.start_offset()..l.start_offset() + n));
+    }
+    f(&vs)
+}
+
+/// Clips all gradients to a global norm of `max_grad_norm` (if > 0) and applies one AdamW
+/// step to every slot, in place. Returns the norm before clipping; if it is not finite nothing
+/// was changed.
+pub fn adamw_step(slots: &[AdamWSlot<'_>], h: &AdamWStep) -> Result<f64> {
+    let Some(first) = slots.first() else {
+        return Ok(0.0);
+    };
+    let candle_core::Device::Cuda(dev) = first.param.device() else {
+        return Err(Error::Training("fused AdamW needs a CUDA device".into()));
+    };
+    for s in slots {
+        for t in [s.param, s.grad, s.m, s.v] {
+            if t.dtype() != DType::F32 || t.dims() != s.param.dims() {
+                return Err(Error::Training(format!(
+                    "fused AdamW: float32 tensors of one shape expected, got {:?} {:?}",
+                    t.dtype(),
+                    t.dims()
+                )));
+            }
+        }
+    }
+    let sumsq = dev.alloc_zeros::<f64>(1)?;
+    let stream = dev.cuda_stream();
+    let f_norm = dev
+        .get_or_load_custom_func("grad_sumsq_f32", MODULE, PTX)?
+        .into_cuda_function();
+    let f_adam = dev
+        .get_or_load_custom_func("adamw_f32", MODULE, PTX)?
+        .into_cuda_function();
+    for s in slots {
+        let n = s.grad.elem_count() as u64;
+        views(&[s.grad], |v| {
+            let mut b = stream.launch_builder(&f_norm);
+            b.arg(&v[0]).arg(&n).arg(&sumsq);
+            unsafe { b.launch(launch_cfg(n as usize)) }.w()?;
+            Ok(())
+        })?;
+    }
+    for s in slots {
+        let n = s.grad.elem_count() as u64;
+        let decay = if s.decay {
+            1.0 - h.lr * h.weight_decay
+        } else {
+            1.0
+        };
+        let bc2_sqrt = h.bc2.sqrt();
+        // The kernel writes the weight and the moments through these views: they are the
+        // optimizer's own buffers and nothing else reads them while it runs (one stream).
+        views(&[s.param, s.grad, s.m, s.v], |v| {
+            let mut b = stream.launch_builder(&f_adam);
+            b.arg(&v[0]).arg(&v[1]).arg(&v[2]).arg(&v[3]).arg(&n).arg(&sumsq);
+            b.arg(&h.max_grad_norm).arg(&h.lr).arg(&h.beta1).arg(&h.beta2).arg(&h.eps);
+            b.arg(&decay).arg(&h.bc1).arg(&bc2_sqrt);
+            unsafe { b.launch(launch_cfg(n as usize)) }.w()?;
+            Ok(())
+        })?;
+    }
+    let total = dev.clone_dtoh(&sumsq)?;
+    Ok(total[0].sqrt())
+}
+
+/// Whether the fused layers apply to `x`: bf16 on a CUDA device.
+pub fn usable(x: &Tensor) -> bool {
+    x.device().is_cuda() && x.dtype() == DType::BF16
+}
+
+fn ops_func(dev: &CudaDevice, name: &str) -> candle_core::Result<CudaFunction> {
+    Ok(dev
+        .get_or_load_custom_func(name, OPS_MODULE, OPS_PTX)?
+        .into_cuda_function())
+}
+
+fn cerr(msg: &str) -> candle_core::Error {
+    candle_core::Error::Cuda(msg.to_string().into())
+}
+
+fn cview<'a, T: candle_core::cuda_backend::CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+) -> candle_core::Result<CudaView<'a, T>> {
+    if !l.is_contiguous() {
+        return Err(cerr("fused op: non-contiguous input"));
+    }
+    let n = l.shape().elem_count();
+    Ok(s.as_cuda_slice::<T>()?
+        .slice(l.start_offset()..l.start_offset() + n))
+}
+
+/// Runs `f` with the CUDA storage and layout of each tensor.
+fn with_storages<R>(
+    ts: &[&Tensor],
+    f: impl FnOnce(&[(&CudaStorage, &Layout)]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut v = Vec::with_capacity(ts.len());
+    for (g, l) in &guards {
+        match &**g {
+            Storage::Cuda(s) => v.push((s, *l)),
+            _ => return Err(cerr("fused op: tensor not on CUDA")),
+        }
+    }
+    f(&v)
+}
+
+/// A tensor around a device buffer a kernel just wrote (a custom op that only hands it over).
+struct Emit(Mutex<Option<CudaStorage>>, Shape);
+
+impl CustomOp1 for Emit {
+    fn name(&self) -> &'static str {
+        "packsft-emit"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cerr("packsft-emit: CUDA only"))
+    }
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let s = self.0.lock().unwrap().take().ok_or_else(|| cerr("emitted twice"))?;
+        Ok((s, self.1.clone()))
+    }
+}
+
+fn wrap<T: candle_core::cuda_backend::CudaDType>(
+    slice: CudaSlice<T>,
+    dev: &CudaDevice,
+    shape: impl Into<Shape>,
+    like: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let op = Emit(
+        Mutex::new(Some(CudaStorage::wrap_cuda_slice(slice, dev.clone()))),
+        shape.into(),
+    );
+    like.apply_op1_no_bwd(&op)
+}
+
+fn elementwise_cfg(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 132 * 32) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+const NORM_MAX_HIDDEN: usize = 256 * 32;
+
+fn norm_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.clamp(1, 132 * 8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+struct RmsNorm {
+    eps: f32,
+    rstd: Mutex<Option<Arc<CudaSlice<f32>>>>,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "packsft-rms-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cerr("fused RMSNorm: CUDA only"))
+    }
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (rows, h) = xl.shape().dims2()?;
+        let dev = xs.device.clone();
+        let (x, w) = (cview::<bf16>(xs, xl)?, cview::<f32>(ws, wl)?);
+        let y = unsafe { dev.alloc::<bf16>(rows * h)? };
+        let rstd = unsafe { dev.alloc::<f32>(rows.max(1))? };
+        let f = ops_func(&dev, "rms_norm_fwd")?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let (r, hh) = (rows as i32, h as i32);
+        b.arg(&x).arg(&w).arg(&y).arg(&rstd).arg(&r).arg(&hh).arg(&self.eps);
+        unsafe { b.launch(norm_cfg(rows)) }.w()?;
+        *self.rstd.lock().unwrap() = Some(Arc::new(rstd));
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (rows, h) = x.dims2()?;
+        let rstd = self.rstd.lock().unwrap().clone().ok_or_else(|| cerr("no forward"))?;
+        let dy = dy.to_dtype(DType::BF16)?.contiguous()?;
+        with_storages(&[x, w, &dy], |s| {
+            let dev = s[0].0.device.clone();
+            let (xv, wv, dyv) = (
+                cview::<bf16>(s[0].0, s[0].1)?,
+                cview::<f32>(s[1].0, s[1].1)?,
+                cview::<bf16>(s[2].0, s[2].1)?,
+            );
+            let dx = unsafe { dev.alloc::<bf16>(rows * h)? };
+            let dw = dev.alloc_zeros::<f32>(h)?;
+            let f = ops_func(&dev, "rms_norm_bwd")?;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            let (r, hh) = (rows as i32, h as i32);
+            b.arg(&xv).arg(&wv).arg(&dyv).arg(rstd.as_ref()).arg(&dx).arg(&dw).arg(&r).arg(&hh);
+            unsafe { b.launch(norm_cfg(rows)) }.w()?;
+            Ok((
+                Some(wrap(dx, &dev, (rows, h), x)?),
+                Some(wrap(dw, &dev, h, x)?),
+            ))
+        })
+    }
+}
+
+/// RMSNorm as [`crate::ops::rms_norm`] (x bf16 (.., hidden), float32 weight (hidden)), fused;
+/// the weight's gradient is float32.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let h = *dims.last().unwrap_or(&0);
+    if h > NORM_MAX_HIDDEN {
+        return crate::ops::rms_norm(x, w, eps);
+    }
+    let x2 = x.reshape(((), h))?.contiguous()?;
+    let w = w.to_dtype(DType::F32)?.contiguous()?;
+    let op = RmsNorm {
+        eps: eps as f32,
+        rstd: Mutex::new(None),
+    };
+    Ok(x2.apply_op2(&w, op)?.reshape(dims)?)
+}
+
+struct Rope;
+
+fn rope_launch(x: &Tensor, cos: &Tensor, sin: &Tensor, backward: bool) -> candle_core::Result<Tensor> {
+    let (n, heads, d) = x.dims3()?;
+    let rot = cos.dim(candle_core::D::Minus1)?;
+    with_storages(&[x, cos, sin], |s| {
+        let dev = s[0].0.device.clone();
+        let (xv, cv, sv) = (
+            cview::<bf16>(s[0].0, s[0].1)?,
+            cview::<bf16>(s[1].0, s[1].1)?,
+            cview::<bf16>(s[2].0, s[2].1)?,
+        );
+        let y = unsafe { dev.alloc::<bf16>(n * heads * d)? };
+        let f = ops_func(&dev, "rope_bf16")?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let (ni, hi, di, ri, bw) = (n as i32, heads as i32, d as i32, rot as i32, backward as i32);
+        b.arg(&xv).arg(&cv).arg(&sv).arg(&y).arg(&ni).arg(&hi).arg(&di).arg(&ri).arg(&bw);
+        unsafe { b.launch(elementwise_cfg(n * heads * (d - rot / 2))) }.w()?;
+        wrap(y, &dev, (n, heads, d), x)
+    })
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "packsft-rope"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cerr("fused RoPE: CUDA only"))
+    }
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        cs: &CudaStorage,
+        cl: &Layout,
+        ss: &CudaStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (n, heads, d) = xl.shape().dims3()?;
+        let rot = cl.shape().dims().last().copied().unwrap_or(0);
+        let dev = xs.device.clone();
+        let (xv, cv, sv) = (
+            cview::<bf16>(xs, xl)?,
+            cview::<bf16>(cs, cl)?,
+            cview::<bf16>(ss, sl)?,
+        );
+        let y = unsafe { dev.alloc::<bf16>(n * heads * d)? };
+        let f = ops_func(&dev, "rope_bf16")?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let (ni, hi, di, ri, bw) = (n as i32, heads as i32, d as i32, rot as i32, 0i32);
+        b.arg(&xv).arg(&cv).arg(&sv).arg(&y).arg(&ni).arg(&hi).arg(&di).arg(&ri).arg(&bw);
+        unsafe { b.launch(elementwise_cfg(n * heads * (d - rot / 2))) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.to_dtype(DType::BF16)?.contiguous()?;
+        Ok((Some(rope_launch(&dy, cos, sin, true)?), None, None))
+    }
+}
+
+/// Rotary embedding as [`crate::ops::apply_rope`]: x bf16 (tokens, heads, head_dim), cos and
+/// sin (tokens, 1, rotary_dim); no gradient to cos and sin (they are constants).
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let cos = cos.to_dtype(DType::BF16)?.contiguous()?;
+    let sin = sin.to_dtype(DType::BF16)?.contiguous()?;
+    Ok(x.contiguous()?.apply_op3(&cos, &sin, Rope)?)
+}
+
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "packsft-silu-mul"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cerr("fused SiLU-mul: CUDA only"))
+    }
+    fn cuda_fwd(
+        &self,
+        gs: &CudaStorage,
+        gl: &Layout,
+        us: &CudaStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let n = gl.shape().elem_count();
+        let dev = gs.device.clone();
+        let (g, u) = (cview::<bf16>(gs, gl)?, cview::<bf16>(us, ul)?);
+        let y = unsafe { dev.alloc::<bf16>(n)? };
+        let f = ops_func(&dev, "silu_mul_fwd")?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let nn = n as i64;
+        b.arg(&g).arg(&u).arg(&y).arg(&nn);
+        unsafe { b.launch(elementwise_cfg(n)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), gl.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.to_dtype(DType::BF16)?.contiguous()?;
+        let n = g.elem_count();
+        with_storages(&[g, u, &dy], |s| {
+            let dev = s[0].0.device.clone();
+            let (gv, uv, dv) = (
+                cview::<bf16>(s[0].0, s[0].1)?,
+                cview::<bf16>(s[1].0, s[1].1)?,
+                cview::<bf16>(s[2].0, s[2].1)?,
+            );
+            let dg = unsafe { dev.alloc::<bf16>(n)? };
+            let du = unsafe { dev.alloc::<bf16>(n)? };
+            let f = ops_func(&dev, "silu_mul_bwd")?;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            let nn = n as i64;
+            b.arg(&gv).arg(&uv).arg(&dv).arg(&dg).arg(&du).arg(&nn);
+            unsafe { b.launch(elementwise_cfg(n)) }.w()?;
+            Ok((
+                Some(wrap(dg, &dev, g.shape().clone(), g)?),
+                Some(wrap(du, &dev, u.shape().clone(), g)?),
+            ))
+        })
+    }
+}
+
+/// silu(g) * u for bf16 g and u of one shape, fused.
+pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    Ok(g.contiguous()?.apply_op2(&u.contiguous()?, SiluMul)?)
+}

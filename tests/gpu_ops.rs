@@ -1,0 +1,131 @@
+//! The fused CUDA layers (RMSNorm, RoPE, SiLU-gated product) against the differentiable
+//! formulations the CPU tests pin to transformers: outputs and gradients, and a whole bf16
+//! model on the GPU against the float32 model on the CPU. Needs `--features cuda` and a GPU.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::{examples, rel_diff, tiny_config};
+use packsft::model::ComputeOptions;
+use packsft::ops::{apply_rope, rms_norm, RopeTable};
+use packsft::{Collator, CompletionOnlyCollator, DecoderModel, Model};
+
+fn cuda() -> Device {
+    Device::new_cuda(0).expect("these tests need a CUDA device")
+}
+
+fn rand(shape: &[usize], seed: u64, dev: &Device) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect();
+    Tensor::from_vec(v, shape, dev).unwrap()
+}
+
+/// Gradients of sum(f(inputs) * r) for each input.
+fn grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor, r: &Tensor) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&ts).to_dtype(DType::F32).unwrap();
+    let g = (&out * r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gs = vars
+        .iter()
+        .map(|v| g.get(v.as_tensor()).expect("a gradient").to_dtype(DType::F32).unwrap())
+        .collect();
+    (out, gs)
+}
+
+fn assert_close(name: &str, a: &Tensor, b: &Tensor, tol: f64) {
+    let e = rel_diff(&a.to_device(&Device::Cpu).unwrap(), &b.to_device(&Device::Cpu).unwrap());
+    eprintln!("{name}: relative error {e:.2e}");
+    assert!(e < tol, "{name}: relative error {e:.3e}");
+}
+
+#[test]
+fn fused_rms_norm_matches_reference() {
+    let dev = cuda();
+    for h in [300, 2048] {
+        let x = rand(&[37, h], 1, &dev).to_dtype(DType::BF16).unwrap();
+        let w = rand(&[h], 2, &dev).affine(0.25, 1.0).unwrap();
+        let r = rand(&[37, h], 3, &dev);
+        let (fo, fg) = grads(&[x.clone(), w.clone()], |t| packsft::fused::rms_norm(&t[0], &t[1], 1e-5).unwrap(), &r);
+        let (eo, eg) = grads(
+            &[x.to_dtype(DType::F32).unwrap(), w],
+            |t| rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+            &r,
+        );
+        assert_close(&format!("rms_norm h={h} out"), &fo, &eo, 1e-2);
+        assert_close(&format!("rms_norm h={h} dx"), &fg[0], &eg[0], 1e-2);
+        assert_close(&format!("rms_norm h={h} dw"), &fg[1], &eg[1], 1e-2);
+    }
+}
+
+#[test]
+fn fused_rope_matches_reference() {
+    let dev = cuda();
+    // Full rotation (Llama) and partial rotation (Phi, StableLM: rotary_dim < head_dim).
+    for (d, rot) in [(64usize, 64usize), (80, 32)] {
+        let inv: Vec<f32> = (0..rot / 2)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / rot as f32))
+            .collect();
+        let table = RopeTable::new(&inv, 128, &dev).unwrap();
+        let pos: Vec<u32> = (0..50u32).map(|i| (i * 7) % 128).collect();
+        let pos = Tensor::new(pos, &dev).unwrap();
+        let (cb, sb) = table.gather(&pos, DType::BF16).unwrap();
+        let (cf, sf) = table.gather(&pos, DType::F32).unwrap();
+        let x = rand(&[50, 3, d], 4, &dev).to_dtype(DType::BF16).unwrap();
+        let r = rand(&[50, 3, d], 5, &dev);
+        let (fo, fg) = grads(&[x.clone()], |t| packsft::fused::apply_rope(&t[0], &cb, &sb).unwrap(), &r);
+        let (eo, eg) = grads(&[x.to_dtype(DType::F32).unwrap()], |t| apply_rope(&t[0], &cf, &sf).unwrap(), &r);
+        assert_close(&format!("rope d={d} rot={rot} out"), &fo, &eo, 1e-2);
+        assert_close(&format!("rope d={d} rot={rot} dx"), &fg[0], &eg[0], 1e-2);
+    }
+}
+
+#[test]
+fn fused_silu_mul_matches_reference() {
+    let dev = cuda();
+    let g = rand(&[100, 300], 6, &dev).to_dtype(DType::BF16).unwrap();
+    let u = rand(&[100, 300], 7, &dev).to_dtype(DType::BF16).unwrap();
+    let r = rand(&[100, 300], 8, &dev);
+    let (fo, fg) = grads(&[g.clone(), u.clone()], |t| packsft::fused::silu_mul(&t[0], &t[1]).unwrap(), &r);
+    let (eo, eg) = grads(
+        &[g.to_dtype(DType::F32).unwrap(), u.to_dtype(DType::F32).unwrap()],
+        |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+        &r,
+    );
+    assert_close("silu_mul out", &fo, &eo, 1e-2);
+    assert_close("silu_mul dg", &fg[0], &eg[0], 1e-2);
+    assert_close("silu_mul du", &fg[1], &eg[1], 1e-2);
+}
+
+fn loss_and_grads(dev: &Device, dtype: DType) -> (f64, Vec<Tensor>) {
+    let mut m = DecoderModel::new_random(tiny_config(64), 3, dev).unwrap();
+    m.compute = ComputeOptions {
+        dtype,
+        ..Default::default()
+    };
+    let exs = examples(&[40, 9, 1, 23], 64, 2);
+    let batch = CompletionOnlyCollator::new(true, 0).collate(&exs, dev).unwrap();
+    let l = m.loss(&batch).unwrap();
+    let mean = (l.sum / l.n_tokens as f64).unwrap();
+    let g = mean.backward().unwrap();
+    let grads = m
+        .params()
+        .iter()
+        .map(|p| g.get(p.var.as_tensor()).expect("a gradient").to_device(&Device::Cpu).unwrap())
+        .collect();
+    (mean.to_dtype(DType::F64).unwrap().to_scalar().unwrap(), grads)
+}
+
+#[test]
+fn bf16_model_on_gpu_tracks_f32_on_cpu() {
+    let (lc, gc) = loss_and_grads(&Device::Cpu, DType::F32);
+    let (lg, gg) = loss_and_grads(&cuda(), DType::BF16);
+    eprintln!("loss cpu f32 {lc}, gpu bf16 {lg}");
+    assert!((lc - lg).abs() / lc < 1e-2, "{lc} vs {lg}");
+    let worst = gc.iter().zip(&gg).map(|(c, g)| rel_diff(g, c)).fold(0f64, f64::max);
+    eprintln!("worst gradient relative error {worst:.2e}");
+    assert!(worst < 5e-2, "{worst}");
+}
