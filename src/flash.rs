@@ -8,17 +8,15 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 
 use crate::error::{Error, Result};
+use crate::fused::{elementwise_cfg, with_storages, wrap};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
 const MODULE: &str = "packsft_flash_attn";
@@ -138,18 +136,6 @@ fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result
         .slice(l.start_offset()..l.start_offset() + len))
 }
 
-/// Runs `f` with the CUDA storage of a tensor the op holds (not one of its arguments).
-fn with_cuda<R>(
-    t: &Tensor,
-    f: impl FnOnce(&CudaStorage, &Layout) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    let (st, l) = t.storage_and_layout();
-    match &*st {
-        Storage::Cuda(s) => f(s, l),
-        _ => Err(cuda_err("flash attention: tensor not on a CUDA device")),
-    }
-}
-
 fn load(
     dev: &candle_core::CudaDevice,
     name: &str,
@@ -166,13 +152,25 @@ fn load(
     Ok(func)
 }
 
+/// Key tile of the forward and dQ kernels (src/kernels/flash_attn.cu: 32 for head_dim 256).
+fn key_tile(d: usize) -> usize {
+    if d > 128 {
+        32
+    } else {
+        64
+    }
+}
+
 fn fwd_smem(d: usize) -> usize {
-    let bn = if d > 128 { 32 } else { 64 };
-    (TILE + 2 * bn) * (d + 8) * 2
+    (TILE + 2 * key_tile(d)) * (d + 8) * 2
 }
 
 fn bwd_smem(d: usize) -> usize {
-    4 * TILE * (d + 8) * 2 + TILE * (TILE + 8) * 2 + 2 * TILE * 4
+    4 * TILE * (d + 8) * 2 + 2 * TILE * 4
+}
+
+fn bwd_dq_smem(d: usize) -> usize {
+    (2 * TILE + 2 * key_tile(d)) * (d + 8) * 2
 }
 
 impl CustomOp3 for FlashAttn {
@@ -205,7 +203,7 @@ impl CustomOp3 for FlashAttn {
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let (n, nh, d) = ql.shape().dims3()?;
         let nkv = kl.shape().dims3()?.1;
-        let dev = qs.device().clone();
+        let dev = qs.device.clone();
         let (q, k, v) = (
             view::<half::bf16>(qs, ql)?,
             view::<half::bf16>(ks, kl)?,
@@ -218,33 +216,26 @@ impl CustomOp3 for FlashAttn {
         if p.n_fwd > 0 {
             let smem = fwd_smem(d);
             let func = load(&dev, &format!("flash_fwd_d{d}"), smem)?;
-            with_cuda(&p.fwd_tiles, |ts, tl| {
-                with_cuda(&p.seq_start, |ss, sl| {
-                    with_cuda(&p.seq_len, |ls, ll| {
-                        let (tiles, starts, lens) = (
-                            view::<u32>(ts, tl)?,
-                            view::<u32>(ss, sl)?,
-                            view::<u32>(ls, ll)?,
-                        );
-                        let (tokens, heads, kvh) = (n as i32, nh as i32, nkv as i32);
-                        let stream = dev.cuda_stream();
-                        let mut b = stream.launch_builder(&func);
-                        b.arg(&q).arg(&k).arg(&v).arg(&out).arg(&lse);
-                        b.arg(&tiles).arg(&starts).arg(&lens);
-                        b.arg(&tokens)
-                            .arg(&heads)
-                            .arg(&kvh)
-                            .arg(&self.scale)
-                            .arg(&self.window);
-                        let cfg = LaunchConfig {
-                            grid_dim: (p.n_fwd as u32, nh as u32, 1),
-                            block_dim: (THREADS, 1, 1),
-                            shared_mem_bytes: smem as u32,
-                        };
-                        unsafe { b.launch(cfg) }.w()?;
-                        Ok(())
-                    })
-                })
+            with_storages(&[&p.fwd_tiles, &p.seq_start, &p.seq_len], |s| {
+                let u = |i: usize| view::<u32>(s[i].0, s[i].1);
+                let (tiles, starts, lens) = (u(0)?, u(1)?, u(2)?);
+                let (tokens, heads, kvh) = (n as i32, nh as i32, nkv as i32);
+                let stream = dev.cuda_stream();
+                let mut b = stream.launch_builder(&func);
+                b.arg(&q).arg(&k).arg(&v).arg(&out).arg(&lse);
+                b.arg(&tiles).arg(&starts).arg(&lens);
+                b.arg(&tokens)
+                    .arg(&heads)
+                    .arg(&kvh)
+                    .arg(&self.scale)
+                    .arg(&self.window);
+                let cfg = LaunchConfig {
+                    grid_dim: (p.n_fwd as u32, nh as u32, 1),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: smem as u32,
+                };
+                unsafe { b.launch(cfg) }.w()?;
+                Ok(())
             })?;
         }
         *self.lse.lock().unwrap() = Some(Arc::new(lse));
@@ -268,121 +259,104 @@ impl CustomOp3 for FlashAttn {
             .clone()
             .ok_or_else(|| cuda_err("flash attention backward before its forward"))?;
         let dout = grad_out.to_dtype(DType::BF16)?.contiguous()?;
-        // delta = rowsum(dO * O) per (head, query), as the kernel reads it.
-        let delta = (dout.to_dtype(DType::F32)? * out.to_dtype(DType::F32)?)?
-            .sum(2)?
-            .t()?
-            .contiguous()?;
-        let op = FlashAttnBwd {
-            plan: self.plan.clone(),
-            scale: self.scale,
-            window: self.window,
-            dout,
-            delta,
-            lse,
-        };
-        let g = q.apply_op3_no_bwd(k, v, &op)?; // (3, N, heads, D) float32
-        let scale = self.scale as f64;
-        let dq = (g.get(0)? * scale)?.to_dtype(q.dtype())?;
-        let group =
-            |t: Tensor| -> candle_core::Result<Tensor> { t.reshape((n, nkv, nh / nkv, d))?.sum(2) };
-        let dk = (group(g.get(1)?)? * scale)?.to_dtype(k.dtype())?;
-        let dv = group(g.get(2)?)?.to_dtype(v.dtype())?;
-        Ok((Some(dq), Some(dk), Some(dv)))
-    }
-}
-
-struct FlashAttnBwd {
-    plan: Arc<FlashPlan>,
-    scale: f32,
-    window: i32,
-    dout: Tensor,
-    delta: Tensor,
-    lse: Arc<CudaSlice<f32>>,
-}
-
-impl CustomOp3 for FlashAttnBwd {
-    fn name(&self) -> &'static str {
-        "packsft-flash-attn-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(cuda_err("flash attention runs on CUDA only"))
-    }
-
-    fn cuda_fwd(
-        &self,
-        qs: &CudaStorage,
-        ql: &Layout,
-        ks: &CudaStorage,
-        kl: &Layout,
-        vs: &CudaStorage,
-        vl: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (n, nh, d) = ql.shape().dims3()?;
-        let nkv = kl.shape().dims3()?.1;
-        let dev = qs.device().clone();
-        let (q, k, v) = (
-            view::<half::bf16>(qs, ql)?,
-            view::<half::bf16>(ks, kl)?,
-            view::<half::bf16>(vs, vl)?,
-        );
-        let per = n * nh * d;
-        let mut grads = dev.alloc_zeros::<f32>(3 * per)?;
         let p = &self.plan;
-        if p.n_bwd > 0 {
-            let smem = bwd_smem(d);
-            let func = load(&dev, &format!("flash_bwd_d{d}"), smem)?;
-            let (mut dq, mut rest) = grads.split_at_mut(per);
-            let (mut dk, mut dv) = rest.split_at_mut(per);
-            let lse = self.lse.as_view();
-            with_cuda(&self.dout, |os, ol| {
-                with_cuda(&self.delta, |es, el| {
-                    with_cuda(&p.bwd_tiles, |ts, tl| {
-                        with_cuda(&p.seq_start, |ss, sl| {
-                            with_cuda(&p.seq_len, |ls, ll| {
-                                let dout = view::<half::bf16>(os, ol)?;
-                                let delta = view::<f32>(es, el)?;
-                                let (tiles, starts, lens) = (
-                                    view::<u32>(ts, tl)?,
-                                    view::<u32>(ss, sl)?,
-                                    view::<u32>(ls, ll)?,
-                                );
-                                let (tokens, heads, kvh) = (n as i32, nh as i32, nkv as i32);
-                                let stream = dev.cuda_stream();
-                                let mut b = stream.launch_builder(&func);
-                                b.arg(&q).arg(&k).arg(&v).arg(&dout).arg(&lse).arg(&delta);
-                                b.arg(&mut dq).arg(&mut dk).arg(&mut dv);
-                                b.arg(&tiles).arg(&starts).arg(&lens);
-                                b.arg(&tokens)
-                                    .arg(&heads)
-                                    .arg(&kvh)
-                                    .arg(&self.scale)
-                                    .arg(&self.window);
-                                let cfg = LaunchConfig {
-                                    grid_dim: (p.n_bwd as u32, nh as u32, 1),
-                                    block_dim: (THREADS, 1, 1),
-                                    shared_mem_bytes: smem as u32,
-                                };
-                                unsafe { b.launch(cfg) }.w()?;
-                                Ok(())
-                            })
-                        })
-                    })
-                })
-            })?;
-        }
-        Ok((
-            CudaStorage::wrap_cuda_slice(grads, dev),
-            Shape::from((3, n, nh, d)),
-        ))
+        let ts = [
+            q,
+            k,
+            v,
+            out,
+            &dout,
+            &p.bwd_tiles,
+            &p.seq_start,
+            &p.seq_len,
+            &p.fwd_tiles,
+        ];
+        with_storages(&ts, |s| {
+            let dev = s[0].0.device.clone();
+            let bf = |i: usize| view::<half::bf16>(s[i].0, s[i].1);
+            let (qv, kv, vv, ov, dov) = (bf(0)?, bf(1)?, bf(2)?, bf(3)?, bf(4)?);
+            let u = |i: usize| view::<u32>(s[i].0, s[i].1);
+            let (tiles, starts, lens, ftiles) = (u(5)?, u(6)?, u(7)?, u(8)?);
+            let stream = dev.cuda_stream();
+            let (tokens, heads, kvh, di) = (n as i32, nh as i32, nkv as i32, d as i32);
+            // delta = rowsum(dO * O) per (head, query).
+            let delta = unsafe { dev.alloc::<f32>((nh * n).max(1))? };
+            let f = load(&dev, "flash_bwd_delta", 0)?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&ov)
+                .arg(&dov)
+                .arg(&delta)
+                .arg(&tokens)
+                .arg(&heads)
+                .arg(&di);
+            unsafe { b.launch(elementwise_cfg(32 * n * nh)) }.w()?;
+            // Zeroed: padding rows (no sequence's keys) must stay 0.
+            let per = n * nh * d;
+            let dk_exp = dev.alloc_zeros::<f32>(per.max(1))?;
+            let dv_exp = dev.alloc_zeros::<f32>(per.max(1))?;
+            let dq = dev.alloc_zeros::<half::bf16>(per.max(1))?;
+            let dk = unsafe { dev.alloc::<half::bf16>((n * nkv * d).max(1))? };
+            let dv = unsafe { dev.alloc::<half::bf16>((n * nkv * d).max(1))? };
+            if p.n_bwd > 0 {
+                let smem = bwd_smem(d);
+                let f = load(&dev, &format!("flash_bwd_d{d}"), smem)?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&qv)
+                    .arg(&kv)
+                    .arg(&vv)
+                    .arg(&dov)
+                    .arg(lse.as_ref())
+                    .arg(&delta);
+                b.arg(&dk_exp).arg(&dv_exp);
+                b.arg(&tiles).arg(&starts).arg(&lens);
+                b.arg(&tokens)
+                    .arg(&heads)
+                    .arg(&kvh)
+                    .arg(&self.scale)
+                    .arg(&self.window);
+                let cfg = LaunchConfig {
+                    grid_dim: (p.n_bwd as u32, nh as u32, 1),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: smem as u32,
+                };
+                unsafe { b.launch(cfg) }.w()?;
+                let smem = bwd_dq_smem(d);
+                let f = load(&dev, &format!("flash_bwd_dq_d{d}"), smem)?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&qv)
+                    .arg(&kv)
+                    .arg(&vv)
+                    .arg(&dov)
+                    .arg(lse.as_ref())
+                    .arg(&delta);
+                b.arg(&dq);
+                b.arg(&ftiles).arg(&starts).arg(&lens);
+                b.arg(&tokens)
+                    .arg(&heads)
+                    .arg(&kvh)
+                    .arg(&self.scale)
+                    .arg(&self.window);
+                let cfg = LaunchConfig {
+                    grid_dim: (p.n_fwd as u32, nh as u32, 1),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: smem as u32,
+                };
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            let f = load(&dev, "flash_bwd_finalize", 0)?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&dk_exp).arg(&dv_exp).arg(&dk).arg(&dv);
+            b.arg(&tokens)
+                .arg(&heads)
+                .arg(&kvh)
+                .arg(&di)
+                .arg(&self.scale);
+            unsafe { b.launch(elementwise_cfg(n * nkv * d)) }.w()?;
+            Ok((
+                Some(wrap(dq, &dev, (n, nh, d), q)?),
+                Some(wrap(dk, &dev, (n, nkv, d), q)?),
+                Some(wrap(dv, &dev, (n, nkv, d), q)?),
+            ))
+        })
     }
 }

@@ -73,7 +73,10 @@ fn views<R>(ts: &[&Tensor], f: impl FnOnce(&[CudaView<'_, f32>]) -> Result<R>) -
             return Err(Error::Training("fused AdamW: non-contiguous tensor".into()));
         }
         let n = l.shape().elem_count();
-        vs.push(s.as_cuda_slice::<f32>()?.slice(l.start_offset()..l.start_offset() + n));
+        vs.push(
+            s.as_cuda_slice::<f32>()?
+                .slice(l.start_offset()..l.start_offset() + n),
+        );
     }
     f(&vs)
 }
@@ -128,8 +131,17 @@ pub fn adamw_step(slots: &[AdamWSlot<'_>], h: &AdamWStep) -> Result<f64> {
         // optimizer's own buffers and nothing else reads them while it runs (one stream).
         views(&[s.param, s.grad, s.m, s.v], |v| {
             let mut b = stream.launch_builder(&f_adam);
-            b.arg(&v[0]).arg(&v[1]).arg(&v[2]).arg(&v[3]).arg(&n).arg(&sumsq);
-            b.arg(&h.max_grad_norm).arg(&h.lr).arg(&h.beta1).arg(&h.beta2).arg(&h.eps);
+            b.arg(&v[0])
+                .arg(&v[1])
+                .arg(&v[2])
+                .arg(&v[3])
+                .arg(&n)
+                .arg(&sumsq);
+            b.arg(&h.max_grad_norm)
+                .arg(&h.lr)
+                .arg(&h.beta1)
+                .arg(&h.beta2)
+                .arg(&h.eps);
             b.arg(&decay).arg(&h.bc1).arg(&bc2_sqrt);
             unsafe { b.launch(launch_cfg(n as usize)) }.w()?;
             Ok(())
@@ -154,7 +166,7 @@ fn cerr(msg: &str) -> candle_core::Error {
     candle_core::Error::Cuda(msg.to_string().into())
 }
 
-fn cview<'a, T: candle_core::cuda_backend::CudaDType>(
+pub(crate) fn cview<'a, T: candle_core::cuda_backend::CudaDType>(
     s: &'a CudaStorage,
     l: &Layout,
 ) -> candle_core::Result<CudaView<'a, T>> {
@@ -167,7 +179,7 @@ fn cview<'a, T: candle_core::cuda_backend::CudaDType>(
 }
 
 /// Runs `f` with the CUDA storage and layout of each tensor.
-fn with_storages<R>(
+pub(crate) fn with_storages<R>(
     ts: &[&Tensor],
     f: impl FnOnce(&[(&CudaStorage, &Layout)]) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
@@ -193,12 +205,17 @@ impl CustomOp1 for Emit {
         Err(cerr("packsft-emit: CUDA only"))
     }
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let s = self.0.lock().unwrap().take().ok_or_else(|| cerr("emitted twice"))?;
+        let s = self
+            .0
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| cerr("emitted twice"))?;
         Ok((s, self.1.clone()))
     }
 }
 
-fn wrap<T: candle_core::cuda_backend::CudaDType>(
+pub(crate) fn wrap<T: candle_core::cuda_backend::CudaDType>(
     slice: CudaSlice<T>,
     dev: &CudaDevice,
     shape: impl Into<Shape>,
@@ -211,7 +228,7 @@ fn wrap<T: candle_core::cuda_backend::CudaDType>(
     like.apply_op1_no_bwd(&op)
 }
 
-fn elementwise_cfg(n: usize) -> LaunchConfig {
+pub(crate) fn elementwise_cfg(n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n.div_ceil(256).clamp(1, 132 * 32) as u32, 1, 1),
         block_dim: (256, 1, 1),
@@ -263,7 +280,13 @@ impl CustomOp2 for RmsNorm {
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
         let (r, hh) = (rows as i32, h as i32);
-        b.arg(&x).arg(&w).arg(&y).arg(&rstd).arg(&r).arg(&hh).arg(&self.eps);
+        b.arg(&x)
+            .arg(&w)
+            .arg(&y)
+            .arg(&rstd)
+            .arg(&r)
+            .arg(&hh)
+            .arg(&self.eps);
         unsafe { b.launch(norm_cfg(rows)) }.w()?;
         *self.rstd.lock().unwrap() = Some(Arc::new(rstd));
         Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
@@ -276,7 +299,12 @@ impl CustomOp2 for RmsNorm {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (rows, h) = x.dims2()?;
-        let rstd = self.rstd.lock().unwrap().clone().ok_or_else(|| cerr("no forward"))?;
+        let rstd = self
+            .rstd
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| cerr("no forward"))?;
         let dy = dy.to_dtype(DType::BF16)?.contiguous()?;
         with_storages(&[x, w, &dy], |s| {
             let dev = s[0].0.device.clone();
@@ -291,7 +319,14 @@ impl CustomOp2 for RmsNorm {
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
             let (r, hh) = (rows as i32, h as i32);
-            b.arg(&xv).arg(&wv).arg(&dyv).arg(rstd.as_ref()).arg(&dx).arg(&dw).arg(&r).arg(&hh);
+            b.arg(&xv)
+                .arg(&wv)
+                .arg(&dyv)
+                .arg(rstd.as_ref())
+                .arg(&dx)
+                .arg(&dw)
+                .arg(&r)
+                .arg(&hh);
             unsafe { b.launch(norm_cfg(rows)) }.w()?;
             Ok((
                 Some(wrap(dx, &dev, (rows, h), x)?),
@@ -320,7 +355,12 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 
 struct Rope;
 
-fn rope_launch(x: &Tensor, cos: &Tensor, sin: &Tensor, backward: bool) -> candle_core::Result<Tensor> {
+fn rope_launch(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    backward: bool,
+) -> candle_core::Result<Tensor> {
     let (n, heads, d) = x.dims3()?;
     let rot = cos.dim(candle_core::D::Minus1)?;
     with_storages(&[x, cos, sin], |s| {
@@ -334,8 +374,22 @@ fn rope_launch(x: &Tensor, cos: &Tensor, sin: &Tensor, backward: bool) -> candle
         let f = ops_func(&dev, "rope_bf16")?;
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
-        let (ni, hi, di, ri, bw) = (n as i32, heads as i32, d as i32, rot as i32, backward as i32);
-        b.arg(&xv).arg(&cv).arg(&sv).arg(&y).arg(&ni).arg(&hi).arg(&di).arg(&ri).arg(&bw);
+        let (ni, hi, di, ri, bw) = (
+            n as i32,
+            heads as i32,
+            d as i32,
+            rot as i32,
+            backward as i32,
+        );
+        b.arg(&xv)
+            .arg(&cv)
+            .arg(&sv)
+            .arg(&y)
+            .arg(&ni)
+            .arg(&hi)
+            .arg(&di)
+            .arg(&ri)
+            .arg(&bw);
         unsafe { b.launch(elementwise_cfg(n * heads * (d - rot / 2))) }.w()?;
         wrap(y, &dev, (n, heads, d), x)
     })
@@ -378,7 +432,15 @@ impl CustomOp3 for Rope {
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
         let (ni, hi, di, ri, bw) = (n as i32, heads as i32, d as i32, rot as i32, 0i32);
-        b.arg(&xv).arg(&cv).arg(&sv).arg(&y).arg(&ni).arg(&hi).arg(&di).arg(&ri).arg(&bw);
+        b.arg(&xv)
+            .arg(&cv)
+            .arg(&sv)
+            .arg(&y)
+            .arg(&ni)
+            .arg(&hi)
+            .arg(&di)
+            .arg(&ri)
+            .arg(&bw);
         unsafe { b.launch(elementwise_cfg(n * heads * (d - rot / 2))) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
     }

@@ -156,6 +156,20 @@ fn d64_gqa_mixed_lengths() {
 }
 
 #[test]
+fn batch_larger_than_one_launch_wave() {
+    // 5,200 tokens x 8 heads: more (token, head) rows and tiles than the kernels' grids cover
+    // in one pass, so every grid-stride loop is exercised.
+    check(Case {
+        lens: &[2100, 1500, 900, 700],
+        heads: 8,
+        kv_heads: 2,
+        head_dim: 64,
+        window: None,
+        padded: false,
+    });
+}
+
+#[test]
 fn d80_mha() {
     check(Case {
         lens: &[200, 1, 33],

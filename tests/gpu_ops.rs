@@ -25,19 +25,30 @@ fn rand(shape: &[usize], seed: u64, dev: &Device) -> Tensor {
 
 /// Gradients of sum(f(inputs) * r) for each input.
 fn grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor, r: &Tensor) -> (Tensor, Vec<Tensor>) {
-    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let out = f(&ts).to_dtype(DType::F32).unwrap();
     let g = (&out * r).unwrap().sum_all().unwrap().backward().unwrap();
     let gs = vars
         .iter()
-        .map(|v| g.get(v.as_tensor()).expect("a gradient").to_dtype(DType::F32).unwrap())
+        .map(|v| {
+            g.get(v.as_tensor())
+                .expect("a gradient")
+                .to_dtype(DType::F32)
+                .unwrap()
+        })
         .collect();
     (out, gs)
 }
 
 fn assert_close(name: &str, a: &Tensor, b: &Tensor, tol: f64) {
-    let e = rel_diff(&a.to_device(&Device::Cpu).unwrap(), &b.to_device(&Device::Cpu).unwrap());
+    let e = rel_diff(
+        &a.to_device(&Device::Cpu).unwrap(),
+        &b.to_device(&Device::Cpu).unwrap(),
+    );
     eprintln!("{name}: relative error {e:.2e}");
     assert!(e < tol, "{name}: relative error {e:.3e}");
 }
@@ -49,7 +60,11 @@ fn fused_rms_norm_matches_reference() {
         let x = rand(&[37, h], 1, &dev).to_dtype(DType::BF16).unwrap();
         let w = rand(&[h], 2, &dev).affine(0.25, 1.0).unwrap();
         let r = rand(&[37, h], 3, &dev);
-        let (fo, fg) = grads(&[x.clone(), w.clone()], |t| packsft::fused::rms_norm(&t[0], &t[1], 1e-5).unwrap(), &r);
+        let (fo, fg) = grads(
+            &[x.clone(), w.clone()],
+            |t| packsft::fused::rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+            &r,
+        );
         let (eo, eg) = grads(
             &[x.to_dtype(DType::F32).unwrap(), w],
             |t| rms_norm(&t[0], &t[1], 1e-5).unwrap(),
@@ -76,8 +91,16 @@ fn fused_rope_matches_reference() {
         let (cf, sf) = table.gather(&pos, DType::F32).unwrap();
         let x = rand(&[50, 3, d], 4, &dev).to_dtype(DType::BF16).unwrap();
         let r = rand(&[50, 3, d], 5, &dev);
-        let (fo, fg) = grads(&[x.clone()], |t| packsft::fused::apply_rope(&t[0], &cb, &sb).unwrap(), &r);
-        let (eo, eg) = grads(&[x.to_dtype(DType::F32).unwrap()], |t| apply_rope(&t[0], &cf, &sf).unwrap(), &r);
+        let (fo, fg) = grads(
+            &[x.clone()],
+            |t| packsft::fused::apply_rope(&t[0], &cb, &sb).unwrap(),
+            &r,
+        );
+        let (eo, eg) = grads(
+            &[x.to_dtype(DType::F32).unwrap()],
+            |t| apply_rope(&t[0], &cf, &sf).unwrap(),
+            &r,
+        );
         assert_close(&format!("rope d={d} rot={rot} out"), &fo, &eo, 1e-2);
         assert_close(&format!("rope d={d} rot={rot} dx"), &fg[0], &eg[0], 1e-2);
     }
@@ -89,9 +112,16 @@ fn fused_silu_mul_matches_reference() {
     let g = rand(&[100, 300], 6, &dev).to_dtype(DType::BF16).unwrap();
     let u = rand(&[100, 300], 7, &dev).to_dtype(DType::BF16).unwrap();
     let r = rand(&[100, 300], 8, &dev);
-    let (fo, fg) = grads(&[g.clone(), u.clone()], |t| packsft::fused::silu_mul(&t[0], &t[1]).unwrap(), &r);
+    let (fo, fg) = grads(
+        &[g.clone(), u.clone()],
+        |t| packsft::fused::silu_mul(&t[0], &t[1]).unwrap(),
+        &r,
+    );
     let (eo, eg) = grads(
-        &[g.to_dtype(DType::F32).unwrap(), u.to_dtype(DType::F32).unwrap()],
+        &[
+            g.to_dtype(DType::F32).unwrap(),
+            u.to_dtype(DType::F32).unwrap(),
+        ],
         |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
         &r,
     );
@@ -107,16 +137,26 @@ fn loss_and_grads(dev: &Device, dtype: DType) -> (f64, Vec<Tensor>) {
         ..Default::default()
     };
     let exs = examples(&[40, 9, 1, 23], 64, 2);
-    let batch = CompletionOnlyCollator::new(true, 0).collate(&exs, dev).unwrap();
+    let batch = CompletionOnlyCollator::new(true, 0)
+        .collate(&exs, dev)
+        .unwrap();
     let l = m.loss(&batch).unwrap();
     let mean = (l.sum / l.n_tokens as f64).unwrap();
     let g = mean.backward().unwrap();
     let grads = m
         .params()
         .iter()
-        .map(|p| g.get(p.var.as_tensor()).expect("a gradient").to_device(&Device::Cpu).unwrap())
+        .map(|p| {
+            g.get(p.var.as_tensor())
+                .expect("a gradient")
+                .to_device(&Device::Cpu)
+                .unwrap()
+        })
         .collect();
-    (mean.to_dtype(DType::F64).unwrap().to_scalar().unwrap(), grads)
+    (
+        mean.to_dtype(DType::F64).unwrap().to_scalar().unwrap(),
+        grads,
+    )
 }
 
 #[test]
@@ -125,7 +165,11 @@ fn bf16_model_on_gpu_tracks_f32_on_cpu() {
     let (lg, gg) = loss_and_grads(&cuda(), DType::BF16);
     eprintln!("loss cpu f32 {lc}, gpu bf16 {lg}");
     assert!((lc - lg).abs() / lc < 1e-2, "{lc} vs {lg}");
-    let worst = gc.iter().zip(&gg).map(|(c, g)| rel_diff(g, c)).fold(0f64, f64::max);
+    let worst = gc
+        .iter()
+        .zip(&gg)
+        .map(|(c, g)| rel_diff(g, c))
+        .fold(0f64, f64::max);
     eprintln!("worst gradient relative error {worst:.2e}");
     assert!(worst < 5e-2, "{worst}");
 }

@@ -24,7 +24,13 @@ fn run(dev: &Device) -> (Vec<f64>, Vec<f64>, Vec<candle_core::Tensor>) {
         progress: false,
         ..Default::default()
     };
-    let mut t = Trainer::new(model, CompletionOnlyCollator::new(true, 0), cfg, dev.clone()).unwrap();
+    let mut t = Trainer::new(
+        model,
+        CompletionOnlyCollator::new(true, 0),
+        cfg,
+        dev.clone(),
+    )
+    .unwrap();
     let sched = LrSchedule::new(Schedule::Linear, 3e-3, 1, 4);
     let (mut losses, mut norms) = (vec![], vec![]);
     for step in 0..4 {
@@ -47,7 +53,10 @@ fn fused_adamw_matches_the_cpu_step() {
     let (lc, nc, pc) = run(&Device::Cpu);
     let (lg, ng, pg) = run(&Device::new_cuda(0).expect("a CUDA device"));
     eprintln!("losses cpu {lc:?} gpu {lg:?}; norms cpu {nc:?} gpu {ng:?}");
-    assert!(nc.iter().all(|&n| n > 0.05), "clipping was not exercised: {nc:?}");
+    assert!(
+        nc.iter().all(|&n| n > 0.05),
+        "clipping was not exercised: {nc:?}"
+    );
     for (a, b) in lc.iter().zip(&lg).chain(nc.iter().zip(&ng)) {
         assert!((a - b).abs() / a.abs() < 1e-4, "{a} vs {b}");
     }

@@ -209,28 +209,25 @@ __device__ void fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
     }
 }
 
-// Backward: one block per (key tile of BN = 64 keys of one sequence, query head); warp w owns keys
-// 16w..16w+15 and loops over the query tiles that see them, recomputing P from the saved lse.
-// dq_acc (tokens, heads, D) float, zero on entry, accumulated with atomics (unscaled);
-// dk, dv (tokens, heads, D) float per query head (unscaled dk), summed over a GQA group by the
-// caller. delta (heads, tokens) = rowsum(dO * O).
+// Backward, pass 1 (dK, dV): one block per (key tile of BN = 64 keys of one sequence, query
+// head); warp w owns keys 16w..16w+15 and loops over the query tiles that see them, recomputing
+// P from the saved lse. dk, dv (tokens, heads, D) float per query head (dk unscaled), summed over
+// a GQA group by flash_bwd_finalize. delta (heads, tokens) = rowsum(dO * O).
 template <int D>
 __device__ void bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                            const bf16* __restrict__ dout, const float* __restrict__ lse,
-                           const float* __restrict__ delta, float* __restrict__ dq_acc, float* __restrict__ dk,
-                           float* __restrict__ dv, const int* __restrict__ tiles, const int* __restrict__ seq_start,
+                           const float* __restrict__ delta, float* __restrict__ dk, float* __restrict__ dv,
+                           const int* __restrict__ tiles, const int* __restrict__ seq_start,
                            const int* __restrict__ seq_len, int tokens, int heads, int kv_heads, float scale,
                            int window) {
     constexpr int BN = 64;
     constexpr int S = D + 8;
-    constexpr int SP = BM + 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16* Ks = reinterpret_cast<bf16*>(smem_raw);
     bf16* Vs = Ks + BN * S;
     bf16* Qs = Vs + BN * S;
     bf16* dOs = Qs + BM * S;
-    bf16* dSs = dOs + BM * S;  // dS^T: [key][query]
-    float* lse_s = reinterpret_cast<float*>(dSs + BN * SP);
+    float* lse_s = reinterpret_cast<float*>(dOs + BM * S);
     float* dlt_s = lse_s + BM;
 
     const int seq = tiles[2 * blockIdx.x], k0 = tiles[2 * blockIdx.x + 1];
@@ -320,59 +317,18 @@ __device__ void bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
                     int ql = j * 8 + 2 * t + (e & 1);
                     ds[j][e] = p[j][e] * (ds[j][e] - dlt_s[ql]);
                 }
-            // dK += dS^T Q, and dS^T to shared memory for dQ.
+            // dK += dS^T Q
 #pragma unroll
             for (int kk = 0; kk < BM / 16; kk++) {
                 uint32_t a[4] = {pack2(ds[2 * kk][0], ds[2 * kk][1]), pack2(ds[2 * kk][2], ds[2 * kk][3]),
                                  pack2(ds[2 * kk + 1][0], ds[2 * kk + 1][1]),
                                  pack2(ds[2 * kk + 1][2], ds[2 * kk + 1][3])};
-                sts32(dSs + (warp * 16 + g) * SP + kk * 16 + 2 * t, a[0]);
-                sts32(dSs + (warp * 16 + g + 8) * SP + kk * 16 + 2 * t, a[1]);
-                sts32(dSs + (warp * 16 + g) * SP + kk * 16 + 8 + 2 * t, a[2]);
-                sts32(dSs + (warp * 16 + g + 8) * SP + kk * 16 + 8 + 2 * t, a[3]);
 #pragma unroll
                 for (int i = 0; i < D / 16; i++) {
                     uint32_t b[4];
                     load_b_kn_x2(b, Qs, S, kk * 16, i * 16, lane);
                     mma16816(dka[2 * i], a, b[0], b[1]);
                     mma16816(dka[2 * i + 1], a, b[2], b[3]);
-                }
-            }
-        } else {
-            // Inactive warps still publish zeros: dQ reads every key row of the tile.
-            for (int i = lane; i < 16 * BM / 2; i += 32) {
-                int r = i / (BM / 2), c = i % (BM / 2);
-                sts32(dSs + (warp * 16 + r) * SP + 2 * c, 0u);
-            }
-        }
-        __syncthreads();
-        // dQ (BM x D) += dS K over the tile's 64 keys; warp w takes query rows 16w..16w+15.
-        if (q0 + warp * 16 < len) {
-            uint32_t a[BN / 16][4];
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; kk++) {
-                int mi = lane >> 3, r = lane & 7;
-                ldsm_x4_t(a[kk], dSs + (kk * 16 + (mi >> 1) * 8 + r) * SP + warp * 16 + (mi & 1) * 8);
-            }
-#pragma unroll
-            for (int i = 0; i < D / 16; i++) {
-                float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-                for (int kk = 0; kk < BN / 16; kk++) {
-                    uint32_t b[4];
-                    load_b_kn_x2(b, Ks, S, kk * 16, i * 16, lane);
-                    mma16816(c[0], a[kk], b[0], b[1]);
-                    mma16816(c[1], a[kk], b[2], b[3]);
-                }
-#pragma unroll
-                for (int r = 0; r < 2; r++) {
-                    int qi = q0 + warp * 16 + g + r * 8;
-                    if (qi >= len) continue;
-                    float* row = dq_acc + ((long)(base + qi) * heads + h) * D + i * 16 + 2 * t;
-                    atomicAdd(row, c[0][2 * r]);
-                    atomicAdd(row + 1, c[0][2 * r + 1]);
-                    atomicAdd(row + 8, c[1][2 * r]);
-                    atomicAdd(row + 9, c[1][2 * r + 1]);
                 }
             }
         }
@@ -390,6 +346,102 @@ __device__ void bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
     }
 }
 
+// Backward, pass 2 (dQ): one block per (query tile, head), as the forward: recomputes S and P
+// from the saved lse, dP = dO V^T, dS = P * (dP - delta), and accumulates dQ = dS K * scale in
+// registers, so no block writes another's rows (no atomics).
+template <int D, int BN>
+__device__ void bwd_dq_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                              const bf16* __restrict__ dout, const float* __restrict__ lse,
+                              const float* __restrict__ delta, bf16* __restrict__ dq, const int* __restrict__ tiles,
+                              const int* __restrict__ seq_start, const int* __restrict__ seq_len, int tokens,
+                              int heads, int kv_heads, float scale, int window) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    constexpr int S = D + 8;
+    bf16* Qs = reinterpret_cast<bf16*>(smem_raw);
+    bf16* dOs = Qs + BM * S;
+    bf16* Ks = dOs + BM * S;
+    bf16* Vs = Ks + BN * S;
+
+    const int seq = tiles[2 * blockIdx.x], q0 = tiles[2 * blockIdx.x + 1];
+    const int h = blockIdx.y, hk = h / (heads / kv_heads);
+    const int base = seq_start[seq], len = seq_len[seq];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const float sl2 = scale * LOG2E;
+
+    load_tile<D>(Qs, q + ((long)(base + q0) * heads + h) * D, (long)heads * D, BM, len - q0);
+    load_tile<D>(dOs, dout + ((long)(base + q0) * heads + h) * D, (long)heads * D, BM, len - q0);
+    const int qrow = q0 + warp * 16;
+    float lse_r[2], dlt_r[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int qi = qrow + g + r * 8;
+        lse_r[r] = qi < len ? lse[(long)h * tokens + base + qi] : 0.f;
+        dlt_r[r] = qi < len ? delta[(long)h * tokens + base + qi] : 0.f;
+    }
+    float acc[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+
+    const int kend = min(len, q0 + BM);
+    int kbeg = 0;
+    if (window > 0) kbeg = max(0, q0 - window + 1) / BN * BN;
+    for (int k0 = kbeg; k0 < kend; k0 += BN) {
+        __syncthreads();
+        load_tile<D>(Ks, k + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN, len - k0);
+        load_tile<D>(Vs, v + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN, len - k0);
+        __syncthreads();
+        if (k0 > qrow + 15 || (window > 0 && k0 + BN - 1 <= qrow - window)) continue;
+
+        float p[BN / 8][4], dp[BN / 8][4];
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) p[j][e] = dp[j][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            uint32_t aq[4], ao[4];
+            load_a(aq, Qs, S, warp * 16, kk * 16, g, t);
+            load_a(ao, dOs, S, warp * 16, kk * 16, g, t);
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) {
+                uint32_t b0, b1;
+                load_b_nk(b0, b1, Ks, S, j * 8, kk * 16, g, t);
+                mma16816(p[j], aq, b0, b1);
+                load_b_nk(b0, b1, Vs, S, j * 8, kk * 16, g, t);
+                mma16816(dp[j], ao, b0, b1);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int r = e >> 1, qi = qrow + g + r * 8, kj = k0 + j * 8 + 2 * t + (e & 1);
+                float pv = visible(qi, kj, len, window) ? exp2f(p[j][e] * sl2 - lse_r[r]) : 0.f;
+                dp[j][e] = pv * (dp[j][e] - dlt_r[r]);
+            }
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++) {
+            uint32_t a[4] = {pack2(dp[2 * kk][0], dp[2 * kk][1]), pack2(dp[2 * kk][2], dp[2 * kk][3]),
+                             pack2(dp[2 * kk + 1][0], dp[2 * kk + 1][1]), pack2(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+#pragma unroll
+            for (int i = 0; i < D / 16; i++) {
+                uint32_t b[4];
+                load_b_kn_x2(b, Ks, S, kk * 16, i * 16, lane);
+                mma16816(acc[2 * i], a, b[0], b[1]);
+                mma16816(acc[2 * i + 1], a, b[2], b[3]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int qi = qrow + g + r * 8;
+        if (qi >= len) continue;
+        bf16* row = dq + ((long)(base + qi) * heads + h) * D;
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) sts32(row + i * 8 + 2 * t, pack2(acc[i][2 * r] * scale, acc[i][2 * r + 1] * scale));
+    }
+}
+
 #define FWD(D, BN)                                                                                              \
     extern "C" __global__ void __launch_bounds__(THREADS) flash_fwd_d##D(                                      \
         const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const int* tiles, const int* seq_start, \
@@ -400,10 +452,19 @@ __device__ void bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
 #define BWD(D)                                                                                                   \
     extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_d##D(                                       \
         const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,    \
-        float* dq_acc, float* dk, float* dv, const int* tiles, const int* seq_start, const int* seq_len,       \
-        int tokens, int heads, int kv_heads, float scale, int window) {                                        \
-        bwd_kernel<D>(q, k, v, dout, lse, delta, dq_acc, dk, dv, tiles, seq_start, seq_len, tokens, heads,      \
-                      kv_heads, scale, window);                                                                 \
+        float* dk, float* dv, const int* tiles, const int* seq_start, const int* seq_len, int tokens, int heads, \
+        int kv_heads, float scale, int window) {                                                               \
+        bwd_kernel<D>(q, k, v, dout, lse, delta, dk, dv, tiles, seq_start, seq_len, tokens, heads, kv_heads,    \
+                      scale, window);                                                                           \
+    }
+
+#define BWD_DQ(D, BN)                                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_dq_d##D(                                    \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,    \
+        bf16* dq, const int* tiles, const int* seq_start, const int* seq_len, int tokens, int heads,           \
+        int kv_heads, float scale, int window) {                                                               \
+        bwd_dq_kernel<D, BN>(q, k, v, dout, lse, delta, dq, tiles, seq_start, seq_len, tokens, heads, kv_heads, \
+                             scale, window);                                                                    \
     }
 
 FWD(64, 64)
@@ -416,3 +477,48 @@ BWD(80)
 BWD(96)
 BWD(128)
 BWD(256)
+BWD_DQ(64, 64)
+BWD_DQ(80, 64)
+BWD_DQ(96, 64)
+BWD_DQ(128, 64)
+BWD_DQ(256, 32)
+
+// delta[h * tokens + n] = sum_d dO[n, h, d] * O[n, h, d] (the backward's row correction); a
+// warp per (token, head), grid-stride.
+extern "C" __global__ void flash_bwd_delta(const bf16* __restrict__ o, const bf16* __restrict__ dout,
+                                           float* __restrict__ delta, int tokens, int heads, int d) {
+    const int lane = threadIdx.x % 32;
+    const long warps = (long)gridDim.x * blockDim.x / 32;
+    for (long w = (blockIdx.x * (long)blockDim.x + threadIdx.x) / 32; w < (long)tokens * heads; w += warps) {
+        const bf16* a = o + w * d;
+        const bf16* b = dout + w * d;
+        float s = 0.f;
+        for (int j = lane; j < d; j += 32) s += __bfloat162float(a[j]) * __bfloat162float(b[j]);
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
+        if (lane == 0) {
+            int n = w / heads, h = w % heads;
+            delta[(long)h * tokens + n] = s;
+        }
+    }
+}
+
+// The backward's per-query-head float32 accumulators to bf16 gradients: dk (dv) of a key/value
+// head = the sum over its query heads of dk_exp * scale (dv_exp).
+extern "C" __global__ void flash_bwd_finalize(const float* __restrict__ dk_exp, const float* __restrict__ dv_exp,
+                                              bf16* __restrict__ dk, bf16* __restrict__ dv, int tokens, int heads,
+                                              int kv_heads, int d, float scale) {
+    const long nkv = (long)tokens * kv_heads * d;
+    const int group = heads / kv_heads;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < nkv; i += (long)gridDim.x * blockDim.x) {
+        long n = i / ((long)kv_heads * d);
+        int hk = (i / d) % kv_heads, j = i % d;
+        const long base = (n * heads + (long)hk * group) * d + j;
+        float sk = 0.f, sv = 0.f;
+        for (int g = 0; g < group; g++) {
+            sk += dk_exp[base + (long)g * d];
+            sv += dv_exp[base + (long)g * d];
+        }
+        dk[i] = __float2bfloat16(sk * scale);
+        dv[i] = __float2bfloat16(sv);
+    }
+}

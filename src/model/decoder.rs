@@ -18,7 +18,8 @@ use crate::attention::{AttentionImpl, AttnPlan};
 use crate::collator::{Batch, SeqLayout};
 use crate::error::{Error, Result};
 use crate::ops::{
-    fast_apply_rope, fast_rms_norm, fast_silu_mul, layer_norm, nll, nll_sum, softmax_last, RopeTable,
+    fast_apply_rope, fast_rms_norm, fast_silu_mul, layer_norm, nll, nll_sum, softmax_last,
+    RopeTable,
 };
 use crate::optim::add_grads;
 
@@ -51,10 +52,23 @@ struct Lin {
     b: Option<Tensor>,
 }
 
+thread_local! {
+    /// Low-precision copies of the float32 weight matrices, made once per forward/backward and
+    /// marked as variables (see `DecoderModel::with_compute_weights`), keyed by master weight.
+    static COMPUTE_WEIGHTS: std::cell::RefCell<std::collections::HashMap<candle_core::TensorId, Var>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
 impl Lin {
-    /// x (N, in) → (N, out) in x's dtype; the cast of the f32 master weight is differentiable.
+    /// x (N, in) → (N, out) in x's dtype: through the step's low-precision copy of the weight
+    /// if there is one, else a differentiable cast of the f32 master weight.
     fn fwd(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.w.to_dtype(x.dtype())?.t()?)?;
+        let copy = COMPUTE_WEIGHTS.with(|m| m.borrow().get(&self.w.id()).cloned());
+        let w = match copy {
+            Some(v) if v.dtype() == x.dtype() => v.as_tensor().clone(),
+            _ => self.w.to_dtype(x.dtype())?,
+        };
+        let y = x.matmul(&w.t()?)?;
         Ok(match &self.b {
             Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
             None => y,
@@ -1037,6 +1051,68 @@ impl Model for DecoderModel {
         if self.compute.gradient_checkpointing && batch.n_targets > 0 {
             return self.forward_backward_checkpointed(batch, scale);
         }
+        if self.compute.dtype != DType::F32 {
+            return self.with_compute_weights(|| self.forward_backward_plain(batch, scale));
+        }
+        self.forward_backward_plain(batch, scale)
+    }
+
+    fn eval_sums(&self, batch: &Batch) -> Result<EvalSums> {
+        if batch.n_targets == 0 {
+            return Ok(EvalSums {
+                loss_sum: 0.0,
+                n_tokens: 0,
+                n_correct: Some(0),
+            });
+        }
+        self.eval_sums_inner(batch)
+    }
+}
+
+impl DecoderModel {
+    /// Runs a forward/backward with each float32 weight matrix cast once to the compute dtype
+    /// as a variable of its own, and folds those copies' gradients into the master weights'.
+    /// Same values as casting inside the graph, without the cast node's backward: autograd
+    /// would otherwise zero-fill and accumulate a gradient buffer for the cast and the master
+    /// weight of every matrix, a float32 copy of the whole model per step.
+    fn with_compute_weights(
+        &self,
+        f: impl FnOnce() -> Result<(LossSum, GradStore)>,
+    ) -> Result<(LossSum, GradStore)> {
+        let mut copies = Vec::new();
+        for p in &self.params {
+            let t = p.var.as_tensor();
+            if t.rank() == 2 && t.dtype() == DType::F32 {
+                let c = Var::from_tensor(&t.to_dtype(self.compute.dtype)?)?;
+                copies.push((t.clone(), c));
+            }
+        }
+        COMPUTE_WEIGHTS.with(|m| {
+            let mut m = m.borrow_mut();
+            m.clear();
+            m.extend(copies.iter().map(|(t, c)| (t.id(), c.clone())));
+        });
+        let r = f();
+        COMPUTE_WEIGHTS.with(|m| m.borrow_mut().clear());
+        let (l, mut grads) = r?;
+        for (master, copy) in &copies {
+            if let Some(g) = grads.remove(copy.as_tensor()) {
+                let g = g.to_dtype(DType::F32)?;
+                let g = match grads.remove(master) {
+                    Some(other) => (other + g)?,
+                    None => g,
+                };
+                grads.insert(master, g);
+            }
+        }
+        Ok((l, grads))
+    }
+
+    fn forward_backward_plain(
+        &self,
+        batch: &Batch,
+        scale: LossScale,
+    ) -> Result<(LossSum, GradStore)> {
         if !crate::device::profiling() {
             return super::backward_of(self.loss(batch)?, scale);
         }
@@ -1059,14 +1135,7 @@ impl Model for DecoderModel {
         Ok(r)
     }
 
-    fn eval_sums(&self, batch: &Batch) -> Result<EvalSums> {
-        if batch.n_targets == 0 {
-            return Ok(EvalSums {
-                loss_sum: 0.0,
-                n_tokens: 0,
-                n_correct: Some(0),
-            });
-        }
+    fn eval_sums_inner(&self, batch: &Batch) -> Result<EvalSums> {
         let (_, x, _) = self.trunk(batch, false)?;
         let logits = self.head(&x, Some(&batch.target_rows))?.detach();
         let loss_sum = nll(&logits, &batch.target_ids)?
