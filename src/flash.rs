@@ -3,6 +3,10 @@
 //! log-sum-exp, the backward recomputes the tiles), wired in as a candle custom op with a
 //! backward. Only built with the `flash-attn` feature; [`crate::attention`] picks it.
 //!
+//! The backward runs four kernels: delta = rowsum(dO * O); a pass over key tiles for dK and dV
+//! (per query head, float32); a pass over query tiles for dQ, which owns its rows and needs no
+//! atomics; and the reduction of dK, dV over each GQA group to bf16.
+//!
 //! Scores never exist as a tensor: memory is linear in the number of tokens, and a sequence's
 //! queries only visit the key tiles they can see (causal, sliding window, their own sequence).
 
@@ -10,13 +14,13 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::cuda_backend::WrapErr;
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 
 use crate::error::{Error, Result};
-use crate::fused::{elementwise_cfg, with_storages, wrap};
+use crate::fused::{cerr, cview, elementwise_cfg, with_storages, wrap};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
 const MODULE: &str = "packsft_flash_attn";
@@ -56,8 +60,8 @@ impl FlashPlan {
                 bwd.push((len - t0, i, t0));
             }
         }
-        fwd.sort_by(|a, b| b.0.cmp(&a.0));
-        bwd.sort_by(|a, b| b.0.cmp(&a.0));
+        fwd.sort_by_key(|t| std::cmp::Reverse(t.0));
+        bwd.sort_by_key(|t| std::cmp::Reverse(t.0));
         let flat = |v: &[(usize, usize, usize)]| -> Vec<u32> {
             v.iter()
                 .flat_map(|&(_, s, t)| [s as u32, t as u32])
@@ -122,20 +126,6 @@ struct FlashAttn {
     lse: Mutex<Option<Arc<CudaSlice<f32>>>>,
 }
 
-fn cuda_err(msg: impl Into<String>) -> candle_core::Error {
-    candle_core::Error::Cuda(msg.into().into())
-}
-
-/// A contiguous CUDA view of a custom-op argument.
-fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result<CudaView<'a, T>> {
-    if !l.is_contiguous() {
-        return Err(cuda_err("flash attention: non-contiguous input"));
-    }
-    let len = l.shape().elem_count();
-    Ok(s.as_cuda_slice::<T>()?
-        .slice(l.start_offset()..l.start_offset() + len))
-}
-
 fn load(
     dev: &candle_core::CudaDevice,
     name: &str,
@@ -187,7 +177,7 @@ impl CustomOp3 for FlashAttn {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(cuda_err(
+        Err(cerr(
             "flash attention runs on CUDA only (use the eager attention on CPU)",
         ))
     }
@@ -205,19 +195,19 @@ impl CustomOp3 for FlashAttn {
         let nkv = kl.shape().dims3()?.1;
         let dev = qs.device.clone();
         let (q, k, v) = (
-            view::<half::bf16>(qs, ql)?,
-            view::<half::bf16>(ks, kl)?,
-            view::<half::bf16>(vs, vl)?,
+            cview::<half::bf16>(qs, ql)?,
+            cview::<half::bf16>(ks, kl)?,
+            cview::<half::bf16>(vs, vl)?,
         );
         let out = dev.alloc_zeros::<half::bf16>(n * nh * d)?;
-        // Rows no query of the batch reaches keep +inf; harmless, never read.
+        // Padding rows are no query: their lse stays 0 and is never read.
         let lse = dev.alloc_zeros::<f32>(nh * n)?;
         let p = &self.plan;
         if p.n_fwd > 0 {
             let smem = fwd_smem(d);
             let func = load(&dev, &format!("flash_fwd_d{d}"), smem)?;
             with_storages(&[&p.fwd_tiles, &p.seq_start, &p.seq_len], |s| {
-                let u = |i: usize| view::<u32>(s[i].0, s[i].1);
+                let u = |i: usize| cview::<u32>(s[i].0, s[i].1);
                 let (tiles, starts, lens) = (u(0)?, u(1)?, u(2)?);
                 let (tokens, heads, kvh) = (n as i32, nh as i32, nkv as i32);
                 let stream = dev.cuda_stream();
@@ -257,7 +247,7 @@ impl CustomOp3 for FlashAttn {
             .lock()
             .unwrap()
             .clone()
-            .ok_or_else(|| cuda_err("flash attention backward before its forward"))?;
+            .ok_or_else(|| cerr("flash attention backward before its forward"))?;
         let dout = grad_out.to_dtype(DType::BF16)?.contiguous()?;
         let p = &self.plan;
         let ts = [
@@ -273,9 +263,9 @@ impl CustomOp3 for FlashAttn {
         ];
         with_storages(&ts, |s| {
             let dev = s[0].0.device.clone();
-            let bf = |i: usize| view::<half::bf16>(s[i].0, s[i].1);
+            let bf = |i: usize| cview::<half::bf16>(s[i].0, s[i].1);
             let (qv, kv, vv, ov, dov) = (bf(0)?, bf(1)?, bf(2)?, bf(3)?, bf(4)?);
-            let u = |i: usize| view::<u32>(s[i].0, s[i].1);
+            let u = |i: usize| cview::<u32>(s[i].0, s[i].1);
             let (tiles, starts, lens, ftiles) = (u(5)?, u(6)?, u(7)?, u(8)?);
             let stream = dev.cuda_stream();
             let (tokens, heads, kvh, di) = (n as i32, nh as i32, nkv as i32, d as i32);

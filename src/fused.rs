@@ -61,26 +61,6 @@ fn launch_cfg(n: usize) -> LaunchConfig {
     }
 }
 
-/// Runs `f` with a float32 CUDA view of each tensor.
-fn views<R>(ts: &[&Tensor], f: impl FnOnce(&[CudaView<'_, f32>]) -> Result<R>) -> Result<R> {
-    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-    let mut vs = Vec::with_capacity(ts.len());
-    for (g, l) in &guards {
-        let Storage::Cuda(s) = &**g else {
-            return Err(Error::Training("fused AdamW: tensor not on CUDA".into()));
-        };
-        if !l.is_contiguous() {
-            return Err(Error::Training("fused AdamW: non-contiguous tensor".into()));
-        }
-        let n = l.shape().elem_count();
-        vs.push(
-            s.as_cuda_slice::<f32>()?
-                .slice(l.start_offset()..l.start_offset() + n),
-        );
-    }
-    f(&vs)
-}
-
 /// Clips all gradients to a global norm of `max_grad_norm` (if > 0) and applies one AdamW
 /// step to every slot, in place. Returns the norm before clipping; if it is not finite nothing
 /// was changed.
@@ -112,9 +92,10 @@ pub fn adamw_step(slots: &[AdamWSlot<'_>], h: &AdamWStep) -> Result<f64> {
         .into_cuda_function();
     for s in slots {
         let n = s.grad.elem_count() as u64;
-        views(&[s.grad], |v| {
+        with_storages(&[s.grad], |st| {
+            let g = cview::<f32>(st[0].0, st[0].1)?;
             let mut b = stream.launch_builder(&f_norm);
-            b.arg(&v[0]).arg(&n).arg(&sumsq);
+            b.arg(&g).arg(&n).arg(&sumsq);
             unsafe { b.launch(launch_cfg(n as usize)) }.w()?;
             Ok(())
         })?;
@@ -129,7 +110,11 @@ pub fn adamw_step(slots: &[AdamWSlot<'_>], h: &AdamWStep) -> Result<f64> {
         let bc2_sqrt = h.bc2.sqrt();
         // The kernel writes the weight and the moments through these views: they are the
         // optimizer's own buffers and nothing else reads them while it runs (one stream).
-        views(&[s.param, s.grad, s.m, s.v], |v| {
+        with_storages(&[s.param, s.grad, s.m, s.v], |st| {
+            let v = st
+                .iter()
+                .map(|(s, l)| cview::<f32>(s, l))
+                .collect::<candle_core::Result<Vec<_>>>()?;
             let mut b = stream.launch_builder(&f_adam);
             b.arg(&v[0])
                 .arg(&v[1])
@@ -162,8 +147,8 @@ fn ops_func(dev: &CudaDevice, name: &str) -> candle_core::Result<CudaFunction> {
         .into_cuda_function())
 }
 
-fn cerr(msg: &str) -> candle_core::Error {
-    candle_core::Error::Cuda(msg.to_string().into())
+pub(crate) fn cerr(msg: impl Into<String>) -> candle_core::Error {
+    candle_core::Error::Cuda(msg.into().into())
 }
 
 pub(crate) fn cview<'a, T: candle_core::cuda_backend::CudaDType>(
@@ -355,44 +340,38 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 
 struct Rope;
 
-fn rope_launch(
-    x: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
+/// The rotation (or its transpose, the gradient) of x (n, heads, d) by cos/sin (n, rot).
+fn rope_kernel(
+    dev: &CudaDevice,
+    x: &CudaView<'_, bf16>,
+    cos: &CudaView<'_, bf16>,
+    sin: &CudaView<'_, bf16>,
+    (n, heads, d): (usize, usize, usize),
+    rot: usize,
     backward: bool,
-) -> candle_core::Result<Tensor> {
-    let (n, heads, d) = x.dims3()?;
-    let rot = cos.dim(candle_core::D::Minus1)?;
-    with_storages(&[x, cos, sin], |s| {
-        let dev = s[0].0.device.clone();
-        let (xv, cv, sv) = (
-            cview::<bf16>(s[0].0, s[0].1)?,
-            cview::<bf16>(s[1].0, s[1].1)?,
-            cview::<bf16>(s[2].0, s[2].1)?,
-        );
-        let y = unsafe { dev.alloc::<bf16>(n * heads * d)? };
-        let f = ops_func(&dev, "rope_bf16")?;
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        let (ni, hi, di, ri, bw) = (
-            n as i32,
-            heads as i32,
-            d as i32,
-            rot as i32,
-            backward as i32,
-        );
-        b.arg(&xv)
-            .arg(&cv)
-            .arg(&sv)
-            .arg(&y)
-            .arg(&ni)
-            .arg(&hi)
-            .arg(&di)
-            .arg(&ri)
-            .arg(&bw);
-        unsafe { b.launch(elementwise_cfg(n * heads * (d - rot / 2))) }.w()?;
-        wrap(y, &dev, (n, heads, d), x)
-    })
+) -> candle_core::Result<CudaSlice<bf16>> {
+    let y = unsafe { dev.alloc::<bf16>(n * heads * d)? };
+    let f = ops_func(dev, "rope_bf16")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    let (ni, hi, di, ri, bw) = (
+        n as i32,
+        heads as i32,
+        d as i32,
+        rot as i32,
+        backward as i32,
+    );
+    b.arg(x)
+        .arg(cos)
+        .arg(sin)
+        .arg(&y)
+        .arg(&ni)
+        .arg(&hi)
+        .arg(&di)
+        .arg(&ri)
+        .arg(&bw);
+    unsafe { b.launch(elementwise_cfg(n * heads * (d - rot / 2))) }.w()?;
+    Ok(y)
 }
 
 impl CustomOp3 for Rope {
@@ -419,7 +398,7 @@ impl CustomOp3 for Rope {
         ss: &CudaStorage,
         sl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (n, heads, d) = xl.shape().dims3()?;
+        let dims = xl.shape().dims3()?;
         let rot = cl.shape().dims().last().copied().unwrap_or(0);
         let dev = xs.device.clone();
         let (xv, cv, sv) = (
@@ -427,21 +406,7 @@ impl CustomOp3 for Rope {
             cview::<bf16>(cs, cl)?,
             cview::<bf16>(ss, sl)?,
         );
-        let y = unsafe { dev.alloc::<bf16>(n * heads * d)? };
-        let f = ops_func(&dev, "rope_bf16")?;
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        let (ni, hi, di, ri, bw) = (n as i32, heads as i32, d as i32, rot as i32, 0i32);
-        b.arg(&xv)
-            .arg(&cv)
-            .arg(&sv)
-            .arg(&y)
-            .arg(&ni)
-            .arg(&hi)
-            .arg(&di)
-            .arg(&ri)
-            .arg(&bw);
-        unsafe { b.launch(elementwise_cfg(n * heads * (d - rot / 2))) }.w()?;
+        let y = rope_kernel(&dev, &xv, &cv, &sv, dims, rot, false)?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
     }
     fn bwd(
@@ -453,7 +418,19 @@ impl CustomOp3 for Rope {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.to_dtype(DType::BF16)?.contiguous()?;
-        Ok((Some(rope_launch(&dy, cos, sin, true)?), None, None))
+        let dims = dy.dims3()?;
+        let rot = cos.dim(candle_core::D::Minus1)?;
+        let dx = with_storages(&[&dy, cos, sin], |s| {
+            let dev = s[0].0.device.clone();
+            let (dv, cv, sv) = (
+                cview::<bf16>(s[0].0, s[0].1)?,
+                cview::<bf16>(s[1].0, s[1].1)?,
+                cview::<bf16>(s[2].0, s[2].1)?,
+            );
+            let y = rope_kernel(&dev, &dv, &cv, &sv, dims, rot, true)?;
+            wrap(y, &dev, dims, &dy)
+        })?;
+        Ok((Some(dx), None, None))
     }
 }
 

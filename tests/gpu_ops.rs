@@ -92,7 +92,7 @@ fn fused_rope_matches_reference() {
         let x = rand(&[50, 3, d], 4, &dev).to_dtype(DType::BF16).unwrap();
         let r = rand(&[50, 3, d], 5, &dev);
         let (fo, fg) = grads(
-            &[x.clone()],
+            std::slice::from_ref(&x),
             |t| packsft::fused::apply_rope(&t[0], &cb, &sb).unwrap(),
             &r,
         );
