@@ -509,3 +509,39 @@ fn early_stopping_resumes_from_the_saved_best_loss() {
     fresh.on_train_begin(&state).unwrap();
     assert_eq!(fresh.on_eval_end(&ev).unwrap(), Control::Continue);
 }
+
+#[test]
+fn bf16_weight_copies_give_the_in_graph_cast_gradients() {
+    // forward_backward in bf16 casts each weight matrix once to a variable of its own and folds
+    // its gradient into the f32 master weight; Model::loss + backward casts inside the graph.
+    // Same arithmetic, so the same gradients; tied embeddings get both the lookup's and the
+    // lm_head's share.
+    let mut cfg = common::tiny_config(64);
+    cfg["tie_word_embeddings"] = serde_json::json!(true);
+    let mut model = DecoderModel::new_random(cfg, 9, &Device::Cpu).unwrap();
+    model.compute.dtype = DType::BF16;
+    let exs = examples(&[12, 7, 20], 64, 4);
+    let batch = packsft::Collator::collate(
+        &mut CompletionOnlyCollator::new(true, 0),
+        &exs,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let scale = packsft::LossScale {
+        per_unit: 1.0 / batch.n_targets as f64,
+        aux: 1.0,
+    };
+    let (_, fused) = model.forward_backward(&batch, scale).unwrap();
+    let l = model.loss(&batch).unwrap();
+    let reference = (l.sum * scale.per_unit).unwrap().backward().unwrap();
+    let mut matrices = 0;
+    for p in model.params() {
+        let a = fused.get(p.var.as_tensor()).expect("a gradient");
+        let b = reference.get(p.var.as_tensor()).expect("a gradient");
+        assert_eq!(a.dtype(), DType::F32, "{}", p.name);
+        let e = rel_diff(a, b);
+        assert!(e < 1e-6, "{}: {e:e}", p.name);
+        matrices += (p.var.rank() == 2) as usize;
+    }
+    assert!(matrices > 5, "the model has weight matrices");
+}
