@@ -521,12 +521,9 @@ fn bf16_weight_copies_give_the_in_graph_cast_gradients() {
     let mut model = DecoderModel::new_random(cfg, 9, &Device::Cpu).unwrap();
     model.compute.dtype = DType::BF16;
     let exs = examples(&[12, 7, 20], 64, 4);
-    let batch = packsft::Collator::collate(
-        &mut CompletionOnlyCollator::new(true, 0),
-        &exs,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let batch =
+        packsft::Collator::collate(&CompletionOnlyCollator::new(true, 0), &exs, &Device::Cpu)
+            .unwrap();
     let scale = packsft::LossScale {
         per_unit: 1.0 / batch.n_targets as f64,
         aux: 1.0,
