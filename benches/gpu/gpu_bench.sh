@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Training throughput on the GPU machine: packsft padding-free and padded, then the transformers
 # peer (../shared/bench/hf_peer.py) on the same data, same card, same run. Assemble .device/ first
-# (ignored by git): packsft.xz (the stripped `--features flash-attn` build, xz -6), this script,
-# and copies of ../shared/bench/make_bench_data.py and hf_peer.py; run as `bash .device/gpu_bench.sh`.
+# with `bash benches/gpu/pack.sh` (on the build machine), then run `bash .device/gpu_bench.sh` there.
 # peak_gib: packsft reports the CUDA allocator's high-water mark, the peer torch's
 # max_memory_allocated.
 set -u

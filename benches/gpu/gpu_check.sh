@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Assemble .device/ as benches/gpu/gpu_bench.sh says; run from the repository root: `bash .device/gpu_check.sh`.
+# Assemble .device/ with `bash benches/gpu/pack.sh`; run from the repository root: `bash .device/gpu_check.sh`.
 # GPU correctness: the quickstart trained on the GPU (f32) tracks the CPU run of the same recipe.
 set -u
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}

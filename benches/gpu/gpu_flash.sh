@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Flash-attention checks and kernel benchmarks on the GPU machine. Assemble .device/ first (ignored
-# by git): packsft.xz, flash_attn.xz and gpu_optim.xz (the stripped `--features flash-attn` binary
-# and the tests/flash_attn.rs and tests/gpu_optim.rs test binaries, xz -6), this script, benches/gpu/sdpa_bench.py; run as
-# `bash .device/gpu_flash.sh`. Prints the kernel tests' results, then packsft's attention
-# throughput next to PyTorch's flash SDPA on the same equal-length batches, then on real batches.
+# Flash-attention checks and kernel benchmarks on the GPU machine. Assemble .device/ first with
+# `bash benches/gpu/pack.sh` (on the build machine), then run `bash .device/gpu_flash.sh` there.
+# Prints the GPU tests' results, then packsft's attention throughput next to PyTorch's flash SDPA
+# on the same equal-length batches, then on real batches (flash and eager).
 set -u
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 cd "$(dirname "$0")"

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Builds the `flash-attn` binary and the GPU test binaries on this (CPU-only) machine and assembles
+# .device/ (ignored by git) for the GPU machine: stripped, xz-compressed binaries (the device tool
+# carries at most 64 MiB) and the scripts. Then, there: `bash .device/gpu_flash.sh` (GPU tests and
+# attention kernels) and `bash .device/gpu_bench.sh` (training throughput with the peer).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source ../shared/gpu/setup-cuda.sh >/dev/null
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target-cuda}
+cargo build --release --features flash-attn
+tests=(flash_attn gpu_optim gpu_ops)
+cargo test --release --features flash-attn "${tests[@]/#/--test=}" --no-run
+mkdir -p .device
+rm -f .device/packsft .device/*.xz "${tests[@]/#/.device/}"
+cp benches/gpu/*.sh benches/gpu/sdpa_bench.py ../shared/bench/make_bench_data.py ../shared/bench/hf_peer.py .device/
+strip -o .device/packsft "$CARGO_TARGET_DIR/release/packsft"
+for t in "${tests[@]}"; do
+  strip -o ".device/$t" "$(ls -t "$CARGO_TARGET_DIR"/release/deps/"$t"-* | grep -v '\.d$' | head -1)"
+done
+xz -6 -T2 .device/packsft "${tests[@]/#/.device/}"
+du -sh .device
