@@ -61,7 +61,8 @@ impl AttentionImpl {
             Self::Auto => Ok(ok),
             Self::Flash if ok => Ok(true),
             Self::Flash => Err(Error::Config(format!(
-                "attention: flash needs a build with --features flash-attn, a CUDA device, bf16                  compute and head_dim in 64/80/96/128/256 (here: {}, {}, {dtype:?}, head_dim {head_dim})",
+                "attention: flash needs a build with --features flash-attn, a CUDA device, bf16 \
+                 compute and head_dim in 64/80/96/128/256 (here: {}, {}, {dtype:?}, head_dim {head_dim})",
                 if cfg!(feature = "flash-attn") { "flash-attn built" } else { "built without flash-attn" },
                 if device.is_cuda() { "cuda" } else { "cpu" },
             ))),
