@@ -20,7 +20,7 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 
 use crate::error::{Error, Result};
-use crate::fused::{cerr, cview, elementwise_cfg, with_storages, wrap};
+use crate::fused::{cerr, cview, elementwise_cfg, kernel, with_storages, wrap};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
 const MODULE: &str = "packsft_flash_attn";
@@ -131,9 +131,8 @@ fn load(
     name: &str,
     smem: usize,
 ) -> candle_core::Result<CudaFunction> {
-    let func = dev
-        .get_or_load_custom_func(name, MODULE, PTX)?
-        .into_cuda_function();
+    let func = kernel(dev, MODULE, PTX, name)?;
+    // Tiles above 48 KiB of shared memory need the opt-in.
     func.set_attribute(
         CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
         smem as i32,

@@ -52,15 +52,6 @@ pub struct AdamWStep {
     pub max_grad_norm: f32,
 }
 
-fn launch_cfg(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(256).clamp(1, 132 * 16) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 /// Clips all gradients to a global norm of `max_grad_norm` (if > 0) and applies one AdamW
 /// step to every slot, in place. Returns the norm before clipping; if it is not finite nothing
 /// was changed.
@@ -84,19 +75,15 @@ pub fn adamw_step(slots: &[AdamWSlot<'_>], h: &AdamWStep) -> Result<f64> {
     }
     let sumsq = dev.alloc_zeros::<f64>(1)?;
     let stream = dev.cuda_stream();
-    let f_norm = dev
-        .get_or_load_custom_func("grad_sumsq_f32", MODULE, PTX)?
-        .into_cuda_function();
-    let f_adam = dev
-        .get_or_load_custom_func("adamw_f32", MODULE, PTX)?
-        .into_cuda_function();
+    let f_norm = kernel(dev, MODULE, PTX, "grad_sumsq_f32")?;
+    let f_adam = kernel(dev, MODULE, PTX, "adamw_f32")?;
     for s in slots {
         let n = s.grad.elem_count() as u64;
         with_storages(&[s.grad], |st| {
             let g = cview::<f32>(st[0].0, st[0].1)?;
             let mut b = stream.launch_builder(&f_norm);
             b.arg(&g).arg(&n).arg(&sumsq);
-            unsafe { b.launch(launch_cfg(n as usize)) }.w()?;
+            unsafe { b.launch(elementwise_cfg(n as usize)) }.w()?;
             Ok(())
         })?;
     }
@@ -128,7 +115,7 @@ pub fn adamw_step(slots: &[AdamWSlot<'_>], h: &AdamWStep) -> Result<f64> {
                 .arg(&h.beta2)
                 .arg(&h.eps);
             b.arg(&decay).arg(&h.bc1).arg(&bc2_sqrt);
-            unsafe { b.launch(launch_cfg(n as usize)) }.w()?;
+            unsafe { b.launch(elementwise_cfg(n as usize)) }.w()?;
             Ok(())
         })?;
     }
@@ -141,10 +128,20 @@ pub fn usable(x: &Tensor) -> bool {
     x.device().is_cuda() && x.dtype() == DType::BF16
 }
 
-fn ops_func(dev: &CudaDevice, name: &str) -> candle_core::Result<CudaFunction> {
+/// A kernel of one of this project's PTX modules (loaded once per device by candle).
+pub(crate) fn kernel(
+    dev: &CudaDevice,
+    module: &str,
+    ptx: &'static str,
+    name: &str,
+) -> candle_core::Result<CudaFunction> {
     Ok(dev
-        .get_or_load_custom_func(name, OPS_MODULE, OPS_PTX)?
+        .get_or_load_custom_func(name, module, ptx)?
         .into_cuda_function())
+}
+
+fn ops_func(dev: &CudaDevice, name: &str) -> candle_core::Result<CudaFunction> {
+    kernel(dev, OPS_MODULE, OPS_PTX, name)
 }
 
 pub(crate) fn cerr(msg: impl Into<String>) -> candle_core::Error {
