@@ -38,17 +38,18 @@ pub struct AdamWSlot<'a> {
     pub m: &'a Tensor,
     pub v: &'a Tensor,
     pub decay: bool,
+    /// Bias corrections 1 - beta^t for this parameter's update count t.
+    pub bc1: f32,
+    pub bc2: f32,
 }
 
-/// Hyper-parameters of one step; `bc1`, `bc2` are the bias corrections 1 - beta^t.
+/// Hyper-parameters of one step.
 pub struct AdamWStep {
     pub lr: f32,
     pub beta1: f32,
     pub beta2: f32,
     pub eps: f32,
     pub weight_decay: f32,
-    pub bc1: f32,
-    pub bc2: f32,
     pub max_grad_norm: f32,
 }
 
@@ -94,7 +95,7 @@ pub fn adamw_step(slots: &[AdamWSlot<'_>], h: &AdamWStep) -> Result<f64> {
         } else {
             1.0
         };
-        let bc2_sqrt = h.bc2.sqrt();
+        let bc2_sqrt = s.bc2.sqrt();
         // The kernel writes the weight and the moments through these views: they are the
         // optimizer's own buffers and nothing else reads them while it runs (one stream).
         with_storages(&[s.param, s.grad, s.m, s.v], |st| {
@@ -114,7 +115,7 @@ pub fn adamw_step(slots: &[AdamWSlot<'_>], h: &AdamWStep) -> Result<f64> {
                 .arg(&h.beta1)
                 .arg(&h.beta2)
                 .arg(&h.eps);
-            b.arg(&decay).arg(&h.bc1).arg(&bc2_sqrt);
+            b.arg(&decay).arg(&s.bc1).arg(&bc2_sqrt);
             unsafe { b.launch(elementwise_cfg(n as usize)) }.w()?;
             Ok(())
         })?;

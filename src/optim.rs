@@ -34,6 +34,10 @@ struct Slot {
     decay: bool,
     m: Var,
     v: Var,
+    /// Updates this parameter has had: PyTorch counts per parameter and skips parameters
+    /// without a gradient (an unrouted expert), so its bias correction starts at its own
+    /// first update.
+    t: u64,
 }
 
 pub struct AdamW {
@@ -54,6 +58,7 @@ impl AdamW {
                     decay: p.decay,
                     m: Var::zeros(t.shape(), DType::F32, t.device())?,
                     v: Var::zeros(t.shape(), DType::F32, t.device())?,
+                    t: 0,
                 })
             })
             .collect::<Result<_>>()?;
@@ -64,18 +69,24 @@ impl AdamW {
         })
     }
 
-    /// The moments as `exp_avg.<param>` / `exp_avg_sq.<param>` (PyTorch's names), for checkpoints.
-    pub fn state_tensors(&self) -> std::collections::BTreeMap<String, Tensor> {
+    /// The moments as `exp_avg.<param>` / `exp_avg_sq.<param>` and the update count as
+    /// `step.<param>` (PyTorch's names), for checkpoints.
+    pub fn state_tensors(&self) -> Result<std::collections::BTreeMap<String, Tensor>> {
         let mut m = std::collections::BTreeMap::new();
         for s in &self.slots {
             m.insert(format!("exp_avg.{}", s.name), s.m.as_tensor().clone());
             m.insert(format!("exp_avg_sq.{}", s.name), s.v.as_tensor().clone());
+            m.insert(
+                format!("step.{}", s.name),
+                Tensor::new(&[s.t as f64], &candle_core::Device::Cpu)?,
+            );
         }
-        m
+        Ok(m)
     }
 
-    /// Restores moments and the step count written by `state_tensors`; every moment must be
-    /// present with its parameter's shape, or nothing changes.
+    /// Restores what `state_tensors` wrote and the optimizer step count; every moment must be
+    /// present with its parameter's shape, or nothing changes. A checkpoint without per-parameter
+    /// update counts (an earlier packsft) counts `step` updates for every parameter.
     pub fn load_state(&mut self, path: &std::path::Path, step: usize) -> Result<()> {
         let t = candle_core::safetensors::load(
             path,
@@ -105,14 +116,32 @@ impl AdamW {
                 }
                 Ok(x.to_dtype(DType::F32)?)
             };
+            let key = format!("step.{}", s.name);
+            let count = match t.get(&key) {
+                Some(x) => {
+                    let v = x.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                    match v.as_slice() {
+                        [c] if *c >= 0.0 && c.fract() == 0.0 => *c as u64,
+                        _ => {
+                            return Err(crate::error::Error::model(
+                                path,
+                                format!("`{key}` is {v:?}, not one update count"),
+                            ))
+                        }
+                    }
+                }
+                None => step as u64,
+            };
             new.push((
                 get(format!("exp_avg.{}", s.name))?,
                 get(format!("exp_avg_sq.{}", s.name))?,
+                count,
             ));
         }
-        for (s, (m, v)) in self.slots.iter().zip(new) {
+        for (s, (m, v, count)) in self.slots.iter_mut().zip(new) {
             s.m.set(&m)?;
             s.v.set(&v)?;
+            s.t = count;
         }
         self.step = step;
         Ok(())
@@ -146,21 +175,26 @@ impl AdamW {
     fn fused_step(&mut self, grads: &GradStore, max_norm: f64, lr: f64) -> Result<f64> {
         use crate::fused::{adamw_step, AdamWSlot, AdamWStep};
         let c = self.config;
-        let t = self.step as i32 + 1;
         let mut owned = Vec::new();
-        for s in &self.slots {
+        for (i, s) in self.slots.iter().enumerate() {
             if let Some(g) = grads.get(s.var.as_tensor()) {
-                owned.push((s, g.to_dtype(DType::F32)?.contiguous()?));
+                owned.push((i, g.to_dtype(DType::F32)?.contiguous()?));
             }
         }
         let slots: Vec<AdamWSlot<'_>> = owned
             .iter()
-            .map(|(s, g)| AdamWSlot {
-                param: s.var.as_tensor(),
-                grad: g,
-                m: s.m.as_tensor(),
-                v: s.v.as_tensor(),
-                decay: s.decay && c.weight_decay != 0.0,
+            .map(|(i, g)| {
+                let s = &self.slots[*i];
+                let t = s.t as i32 + 1;
+                AdamWSlot {
+                    param: s.var.as_tensor(),
+                    grad: g,
+                    m: s.m.as_tensor(),
+                    v: s.v.as_tensor(),
+                    decay: s.decay && c.weight_decay != 0.0,
+                    bc1: (1.0 - c.beta1.powi(t)) as f32,
+                    bc2: (1.0 - c.beta2.powi(t)) as f32,
+                }
             })
             .collect();
         let norm = adamw_step(
@@ -171,13 +205,15 @@ impl AdamW {
                 beta2: c.beta2 as f32,
                 eps: c.eps as f32,
                 weight_decay: c.weight_decay as f32,
-                bc1: (1.0 - c.beta1.powi(t)) as f32,
-                bc2: (1.0 - c.beta2.powi(t)) as f32,
                 max_grad_norm: max_norm as f32,
             },
         )?;
+        drop(slots);
         if norm.is_finite() {
             self.step += 1;
+            for (i, _) in &owned {
+                self.slots[*i].t += 1;
+            }
         }
         Ok(norm)
     }
@@ -187,12 +223,13 @@ impl AdamW {
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         self.step += 1;
         let c = self.config;
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        for s in &self.slots {
+        for s in &mut self.slots {
             let Some(g) = grads.get(s.var.as_tensor()) else {
                 continue;
             };
+            s.t += 1;
+            let bc1 = 1.0 - c.beta1.powi(s.t as i32);
+            let bc2 = 1.0 - c.beta2.powi(s.t as i32);
             let g = g.to_dtype(DType::F32)?;
             let m = ((s.m.as_tensor() * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             let v = ((s.v.as_tensor() * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;

@@ -506,7 +506,7 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             |tmp| {
                 model.save(tmp)?;
                 crate::model::weights::save_safetensors(
-                    &opt.state_tensors(),
+                    &opt.state_tensors()?,
                     &tmp.join(checkpoint::OPTIMIZER_FILE),
                 )?;
                 crate::io::write_atomic(
