@@ -29,6 +29,11 @@ impl Control {
 }
 
 pub trait Callback {
+    /// Called when a run resumes from `dir` (a checkpoint this trainer wrote), before
+    /// `on_train_begin`: a callback reads back here what its `on_save` wrote.
+    fn on_resume(&mut self, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
     /// Called once before the first step, with the state a resumed run continues from.
     fn on_train_begin(&mut self, _state: &crate::checkpoint::TrainerState) -> Result<()> {
         Ok(())
@@ -47,14 +52,26 @@ pub trait Callback {
 }
 
 /// Stops training when the eval loss has not improved by more than `min_delta` for `patience`
-/// evaluations in a row.
+/// evaluations in a row. Its best loss and count travel with checkpoints
+/// (`early_stopping.json`), as transformers keeps its callback's state, so a resumed run stops
+/// where the uninterrupted one would.
 #[derive(Debug, Clone)]
 pub struct EarlyStopping {
     pub patience: usize,
     pub min_delta: f64,
     best: Option<f64>,
     bad: usize,
+    restored: bool,
 }
+
+/// What `EarlyStopping` keeps in a checkpoint.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct EarlyStoppingState {
+    best: Option<f64>,
+    evals_without_improvement: usize,
+}
+
+pub const EARLY_STOPPING_FILE: &str = "early_stopping.json";
 
 impl EarlyStopping {
     pub fn new(patience: usize, min_delta: f64) -> Self {
@@ -63,15 +80,44 @@ impl EarlyStopping {
             min_delta,
             best: None,
             bad: 0,
+            restored: false,
         }
     }
 }
 
 impl Callback for EarlyStopping {
-    /// A resumed run keeps the best eval loss it had reached (the patience count restarts).
-    fn on_train_begin(&mut self, state: &crate::checkpoint::TrainerState) -> Result<()> {
-        self.best = state.best_eval_loss;
+    fn on_resume(&mut self, dir: &Path) -> Result<()> {
+        let path = dir.join(EARLY_STOPPING_FILE);
+        // Checkpoints written without this callback have no file: on_train_begin falls back
+        // to the trainer's best loss.
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(());
+        };
+        let s: EarlyStoppingState = serde_json::from_str(&text)
+            .map_err(|e| crate::error::Error::Training(format!("{}: {e}", path.display())))?;
+        self.best = s.best;
+        self.bad = s.evals_without_improvement;
+        self.restored = true;
         Ok(())
+    }
+    /// A resumed run without saved early-stopping state keeps the best eval loss it had reached.
+    fn on_train_begin(&mut self, state: &crate::checkpoint::TrainerState) -> Result<()> {
+        if !self.restored {
+            self.best = state.best_eval_loss;
+        }
+        Ok(())
+    }
+    fn on_save(&mut self, dir: &Path, _step: usize) -> Result<()> {
+        let s = EarlyStoppingState {
+            best: self.best,
+            evals_without_improvement: self.bad,
+        };
+        crate::io::write_atomic(
+            &dir.join(EARLY_STOPPING_FILE),
+            serde_json::to_string(&s)
+                .expect("state serialises")
+                .as_bytes(),
+        )
     }
     fn on_eval_end(&mut self, m: &EvalMetrics) -> Result<Control> {
         match self.best {

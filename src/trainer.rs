@@ -567,6 +567,7 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                 }
             }
         }
+        let mut resumed_from = None;
         if let Some((dir, saved)) = self.resume.take() {
             let same = |what: &str, a: String, b: String| -> Result<()> {
                 if a != b {
@@ -618,9 +619,13 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             state.epoch = saved.epoch;
             state.cursor = saved.cursor;
             state.best_eval_loss = saved.best_eval_loss;
+            resumed_from = Some(dir);
         }
 
         for cb in self.callbacks.iter_mut() {
+            if let Some(dir) = &resumed_from {
+                cb.on_resume(dir)?;
+            }
             cb.on_train_begin(&state)?;
         }
         let mut metrics = MetricsFile::open(self.config.output_dir.as_deref(), state.global_step)?;

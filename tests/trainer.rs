@@ -604,3 +604,87 @@ fn adamw_counts_updates_per_parameter_as_pytorch() {
     );
     assert_eq!(b2.var.as_tensor().to_vec1::<f32>().unwrap(), got);
 }
+
+#[test]
+fn early_stopping_keeps_its_patience_count_across_a_resume() {
+    let ev = |step, eval_loss| EvalMetrics {
+        step,
+        eval_loss,
+        eval_accuracy: None,
+        eval_tokens: 1,
+    };
+    let state: packsft::checkpoint::TrainerState = serde_json::from_value(serde_json::json!({
+        "format_version": packsft::checkpoint::FORMAT_VERSION, "global_step": 4, "total_steps": 8,
+        "epoch": 0, "cursor": 4, "seed": 1, "shuffle": true, "n_train_examples": 8,
+        "examples_per_step": 1, "max_tokens_per_batch": null, "group_by_length": false,
+        "data_hash": 0, "param_shapes": [], "best_eval_loss": 1.0
+    }))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut es = EarlyStopping::new(2, 0.0);
+    assert_eq!(es.on_eval_end(&ev(2, 1.0)).unwrap(), Control::Continue);
+    assert_eq!(es.on_eval_end(&ev(4, 1.1)).unwrap(), Control::Continue);
+    es.on_save(dir.path(), 4).unwrap();
+    // Resumed: the evaluation without improvement before the checkpoint still counts.
+    let mut resumed = EarlyStopping::new(2, 0.0);
+    resumed.on_resume(dir.path()).unwrap();
+    resumed.on_train_begin(&state).unwrap();
+    assert_eq!(resumed.on_eval_end(&ev(6, 1.2)).unwrap(), Control::Stop);
+    // Without the saved state (a checkpoint written without the callback) the count restarts.
+    let mut fresh = EarlyStopping::new(2, 0.0);
+    fresh
+        .on_resume(tempfile::tempdir().unwrap().path())
+        .unwrap();
+    fresh.on_train_begin(&state).unwrap();
+    assert_eq!(fresh.on_eval_end(&ev(6, 1.2)).unwrap(), Control::Continue);
+    // A damaged file is an error naming it.
+    std::fs::write(dir.path().join("early_stopping.json"), "{oops").unwrap();
+    let e = EarlyStopping::new(2, 0.0)
+        .on_resume(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("early_stopping.json"), "{e}");
+}
+
+#[test]
+fn a_resumed_run_calls_on_resume_with_its_checkpoint_before_on_train_begin() {
+    #[derive(Clone, Default)]
+    struct Log(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+    impl Callback for Log {
+        fn on_resume(&mut self, dir: &Path) -> packsft::Result<()> {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("resume {}", dir.display()));
+            Ok(())
+        }
+        fn on_train_begin(&mut self, s: &packsft::checkpoint::TrainerState) -> packsft::Result<()> {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("begin {}", s.global_step));
+            Ok(())
+        }
+    }
+    let exs = data();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(Some(dir.path()));
+    c.max_steps = 2;
+    let log = Log::default();
+    let mut first = trainer_with(tiny_model(1), c.clone());
+    first.add_callback(Box::new(log.clone()));
+    first.train(&exs, None).unwrap();
+    let ck = dir.path().join("checkpoint-2");
+    let mut again = trainer_with(tiny_model(1), c);
+    again.add_callback(Box::new(log.clone()));
+    again.resume_from(&ck).unwrap();
+    again.train(&exs, None).unwrap();
+    assert_eq!(
+        *log.0.lock().unwrap(),
+        vec![
+            "begin 0".to_string(),
+            format!("resume {}", ck.display()),
+            "begin 2".to_string()
+        ]
+    );
+}
