@@ -560,3 +560,40 @@ fn packsft_eval_gives_transformers_loss_for_every_family() {
         assert_eq!(v["eval_tokens"], r.json["n_targets"], "{fam}");
     }
 }
+
+#[test]
+fn the_pad_tokens_embedding_row_gets_no_gradient_from_lookups() {
+    // transformers builds the embedding as nn.Embedding(..., padding_idx=pad_token_id): looking
+    // up the pad id gives its row, but no gradient flows back into it.
+    let mut cfg = common::tiny_config(64);
+    cfg["pad_token_id"] = serde_json::json!(5);
+    let ex = Example::new(
+        vec![7, 5, 9, 5, 11, 12],
+        vec![false, false, true, true, true, true],
+    );
+    let loss_and_embed_grad = |cfg: serde_json::Value| {
+        let model = DecoderModel::new_random(cfg, 3, &Device::Cpu).unwrap();
+        let batch = CompletionOnlyCollator::new(true, 0)
+            .collate(std::slice::from_ref(&ex), &Device::Cpu)
+            .unwrap();
+        let l = model.loss(&batch).unwrap();
+        let g = l.sum.backward().unwrap();
+        let emb = model
+            .params()
+            .iter()
+            .find(|p| p.name == "model.embed_tokens.weight")
+            .expect("an embedding");
+        let ge = g.get(emb.var.as_tensor()).expect("a gradient").clone();
+        (l.sum.to_scalar::<f32>().unwrap(), ge)
+    };
+    let (with_pad, g) = loss_and_embed_grad(cfg.clone());
+    let row = |i: usize| sq_norm(&g.get(i).unwrap());
+    assert_eq!(row(5), 0.0, "the pad row must get no gradient");
+    assert!(row(7) > 0.0 && row(9) > 0.0, "other looked-up rows do");
+    // The forward pass is unchanged: the same loss without pad_token_id, and there the pad
+    // id's row does get a gradient.
+    cfg.as_object_mut().unwrap().remove("pad_token_id");
+    let (without, g) = loss_and_embed_grad(cfg);
+    assert_eq!(with_pad, without);
+    assert!(sq_norm(&g.get(5).unwrap()) > 0.0);
+}
