@@ -118,8 +118,9 @@ enum Cmd {
         compare: bool,
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Compute dtype: f32, bf16 or f16 (float32 master weights)
-        #[arg(long, default_value = "f32")]
+        /// Compute dtype: f32, bf16 or f16 (float32 master weights); auto: bf16 on CUDA (as the
+        /// peer's autocast), f32 on the CPU
+        #[arg(long, default_value = "auto")]
         dtype: String,
         /// Recompute each layer in the backward pass
         #[arg(long)]
@@ -284,12 +285,13 @@ fn run(cli: Cli) -> packsft::Result<()> {
         } => {
             let compute = packsft::model::ComputeOptions {
                 dtype: match dtype.as_str() {
-                    "f32" => candle_core::DType::F32,
+                    "auto" if packsft::device::parse(&dev)?.is_some() => candle_core::DType::BF16,
+                    "auto" | "f32" => candle_core::DType::F32,
                     "bf16" => candle_core::DType::BF16,
                     "f16" => candle_core::DType::F16,
                     other => {
                         return Err(packsft::Error::Config(format!(
-                            "unknown dtype {other:?} (f32, bf16, f16)"
+                            "unknown dtype {other:?} (auto, f32, bf16, f16)"
                         )))
                     }
                 },

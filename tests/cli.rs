@@ -240,3 +240,66 @@ fn bad_resume_and_eval_settings_fail_before_training() {
         out.display()
     );
 }
+
+#[test]
+fn bench_and_bench_attn_print_one_json_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("bench.jsonl");
+    let rows: Vec<String> = (0..6)
+        .map(|i| {
+            let n = 12 + 5 * i;
+            let ids: Vec<u32> = (0..n).map(|t| 3 + (t * 7 + i) as u32 % 500).collect();
+            let mask: Vec<u8> = (0..n).map(|t| (t >= n / 2) as u8).collect();
+            serde_json::json!({"input_ids": ids, "completion_mask": mask}).to_string()
+        })
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let path = data.to_str().unwrap();
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["bench", path, "--bs", "2", "--steps", "2", "--warmup", "1"];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = common::packsft(&args);
+        assert!(ok, "{err}");
+        serde_json::from_str(out.lines().last().unwrap()).unwrap()
+    };
+    let packed = run(&[]);
+    let padded = run(&["--padded"]);
+    // On the CPU the default dtype is f32 and attention the eager reference.
+    assert_eq!(packed["dtype"], "f32");
+    assert_eq!(packed["attn"], "eager-varlen");
+    assert_eq!(packed["mode"], "packed");
+    assert_eq!(packed["pad_frac"], 0.0);
+    assert!(padded["pad_frac"].as_f64().unwrap() > 0.0);
+    assert!(packed["tokens_per_s"].as_f64().unwrap() > 0.0);
+    // Same examples, same loss either way (f32).
+    let (a, b) = (
+        packed["final_loss"].as_f64().unwrap(),
+        padded["final_loss"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() / a < 1e-5, "{a} vs {b}");
+    let (ok, _, err) = common::packsft(&["bench", path, "--dtype", "fp8"]);
+    assert!(!ok && err.contains("fp8") && err.contains("auto"), "{err}");
+
+    let (ok, out, err) = common::packsft(&[
+        "bench-attn",
+        "--device",
+        "cpu",
+        "--equal",
+        "2x16",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--head-dim",
+        "8",
+        "--iters",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(r["attn"], "packsft-eager");
+    assert_eq!(r["tokens_per_batch"], 32.0);
+    assert!(r["fwd_bwd_ms"].as_f64().unwrap() > 0.0);
+    let (ok, _, err) = common::packsft(&["bench-attn", "--device", "cpu", "--equal", "2by16"]);
+    assert!(!ok && err.contains("2by16"), "{err}");
+}
