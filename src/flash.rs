@@ -150,6 +150,15 @@ fn key_tile(d: usize) -> usize {
     }
 }
 
+/// One block of THREADS per (tile, head).
+fn tiles_cfg(tiles: usize, heads: usize, smem: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (tiles as u32, heads as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    }
+}
+
 fn fwd_smem(d: usize) -> usize {
     (TILE + 2 * key_tile(d)) * (d + 8) * 2
 }
@@ -218,11 +227,7 @@ impl CustomOp3 for FlashAttn {
                     .arg(&kvh)
                     .arg(&self.scale)
                     .arg(&self.window);
-                let cfg = LaunchConfig {
-                    grid_dim: (p.n_fwd as u32, nh as u32, 1),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: smem as u32,
-                };
+                let cfg = tiles_cfg(p.n_fwd, nh, smem);
                 unsafe { b.launch(cfg) }.w()?;
                 Ok(())
             })?;
@@ -303,11 +308,7 @@ impl CustomOp3 for FlashAttn {
                     .arg(&kvh)
                     .arg(&self.scale)
                     .arg(&self.window);
-                let cfg = LaunchConfig {
-                    grid_dim: (p.n_bwd as u32, nh as u32, 1),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: smem as u32,
-                };
+                let cfg = tiles_cfg(p.n_bwd, nh, smem);
                 unsafe { b.launch(cfg) }.w()?;
                 let smem = bwd_dq_smem(d);
                 let f = load(&dev, &format!("flash_bwd_dq_d{d}"), smem)?;
@@ -325,11 +326,7 @@ impl CustomOp3 for FlashAttn {
                     .arg(&kvh)
                     .arg(&self.scale)
                     .arg(&self.window);
-                let cfg = LaunchConfig {
-                    grid_dim: (p.n_fwd as u32, nh as u32, 1),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: smem as u32,
-                };
+                let cfg = tiles_cfg(p.n_fwd, nh, smem);
                 unsafe { b.launch(cfg) }.w()?;
             }
             let f = load(&dev, "flash_bwd_finalize", 0)?;

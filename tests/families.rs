@@ -180,19 +180,11 @@ fn saving_keeps_names_values_and_config() {
         let model = DecoderModel::from_pretrained(&dir, &Device::Cpu).unwrap();
         let out = tempfile::tempdir().unwrap();
         model.save(out.path()).unwrap();
-        let original =
-            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
-        let saved =
-            candle_core::safetensors::load(out.path().join("model.safetensors"), &Device::Cpu)
-                .unwrap();
-        let mut a: Vec<_> = original.keys().collect();
-        let mut b: Vec<_> = saved.keys().collect();
-        a.sort();
-        b.sort();
-        assert_eq!(a, b, "{fam}: tensor names");
-        for (k, t) in &original {
-            assert_eq!(max_abs_diff(t, &saved[k]), 0.0, "{fam} {k}");
-        }
+        common::assert_same_safetensors(
+            &dir.join("model.safetensors"),
+            &out.path().join("model.safetensors"),
+            &fam,
+        );
         let cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
                 .unwrap();

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::{examples, rel_diff};
 use packsft::attention::{eager_attention, AttentionImpl, AttnPlan};
 use packsft::model::ComputeOptions;
-use packsft::{Collator, CompletionOnlyCollator, DecoderModel, Model, SeqLayout};
+use packsft::{Collator, CompletionOnlyCollator, DecoderModel, SeqLayout};
 
 fn cuda() -> Device {
     Device::new_cuda(0).expect("these tests need a CUDA device")
@@ -270,22 +270,7 @@ fn loss_and_grads(m: &DecoderModel, padding_free: bool) -> (f64, Vec<Tensor>) {
     let batch = CompletionOnlyCollator::new(padding_free, 0)
         .collate(&exs, &cuda())
         .unwrap();
-    let l = m.loss(&batch).unwrap();
-    let mean = (l.sum / l.n_tokens as f64).unwrap();
-    let g = mean.backward().unwrap();
-    let grads = m
-        .params()
-        .iter()
-        .map(|p| {
-            g.get(p.var.as_tensor())
-                .expect("every parameter has a gradient")
-                .clone()
-        })
-        .collect();
-    (
-        mean.to_dtype(DType::F64).unwrap().to_scalar().unwrap(),
-        grads,
-    )
+    common::mean_loss_and_grads(m, &batch)
 }
 
 #[test]

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::{examples, rel_diff, tiny_config};
 use packsft::model::ComputeOptions;
 use packsft::ops::{apply_rope, rms_norm, RopeTable};
-use packsft::{Collator, CompletionOnlyCollator, DecoderModel, Model};
+use packsft::{Collator, CompletionOnlyCollator, DecoderModel};
 
 fn cuda() -> Device {
     Device::new_cuda(0).expect("these tests need a CUDA device")
@@ -140,23 +140,7 @@ fn loss_and_grads(dev: &Device, dtype: DType) -> (f64, Vec<Tensor>) {
     let batch = CompletionOnlyCollator::new(true, 0)
         .collate(&exs, dev)
         .unwrap();
-    let l = m.loss(&batch).unwrap();
-    let mean = (l.sum / l.n_tokens as f64).unwrap();
-    let g = mean.backward().unwrap();
-    let grads = m
-        .params()
-        .iter()
-        .map(|p| {
-            g.get(p.var.as_tensor())
-                .expect("a gradient")
-                .to_device(&Device::Cpu)
-                .unwrap()
-        })
-        .collect();
-    (
-        mean.to_dtype(DType::F64).unwrap().to_scalar().unwrap(),
-        grads,
-    )
+    common::mean_loss_and_grads(&m, &batch)
 }
 
 #[test]

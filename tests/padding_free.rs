@@ -92,23 +92,9 @@ fn padded_layout_pads_right_and_never_targets_pads() {
 }
 
 fn grads_of(model: &packsft::DecoderModel, batch: &packsft::Batch) -> (f64, Vec<(String, Tensor)>) {
-    let l = model.loss(batch).unwrap();
-    let loss = l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_tokens as f64;
-    let grads = (l.sum / l.n_tokens as f64).unwrap().backward().unwrap();
-    let named = model
-        .params()
-        .iter()
-        .map(|p| {
-            (
-                p.name.clone(),
-                grads
-                    .get(p.var.as_tensor())
-                    .expect("every parameter has a gradient")
-                    .clone(),
-            )
-        })
-        .collect();
-    (loss, named)
+    let (loss, grads) = common::mean_loss_and_grads(model, batch);
+    let names = model.params().iter().map(|p| p.name.clone());
+    (loss, names.zip(grads).collect())
 }
 
 #[test]

@@ -117,20 +117,11 @@ fn save_writes_what_was_loaded() {
                 .unwrap();
         assert_eq!(cfg["model_type"], "llama");
         assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
-        let original =
-            candle_core::safetensors::load(fixture(name).join("model.safetensors"), &Device::Cpu)
-                .unwrap();
-        let saved =
-            candle_core::safetensors::load(out.path().join("model.safetensors"), &Device::Cpu)
-                .unwrap();
-        let mut a: Vec<_> = original.keys().collect();
-        let mut b: Vec<_> = saved.keys().collect();
-        a.sort();
-        b.sort();
-        assert_eq!(a, b, "{name}: saved tensor names differ from transformers'");
-        for (k, t) in &original {
-            assert_eq!(max_abs_diff(t, &saved[k]), 0.0, "{name} {k}");
-        }
+        common::assert_same_safetensors(
+            &fixture(name).join("model.safetensors"),
+            &out.path().join("model.safetensors"),
+            name,
+        );
         let reloaded = DecoderModel::from_pretrained(out.path(), &Device::Cpu).unwrap();
         assert_eq!(reloaded.spec, model.spec);
     }

@@ -74,6 +74,45 @@ __device__ __forceinline__ void load_b_kn_x2(uint32_t r[4], const bf16* s, int s
     ldsm_x4_t(r, s + (k0 + (lane & 15)) * stride + n0 + (lane >> 4) * 8);
 }
 
+// acc (16 x N) = rows m0..m0+15 of A times B^T, A and B row-major tiles with D columns (stride
+// D + 8): S = Q K^T and its relatives, the accumulator in C layout.
+template <int D, int N>
+__device__ __forceinline__ void mma_rows_abt(float (&acc)[N / 8][4], const bf16* A, int m0, const bf16* B, int g,
+                                             int t) {
+#pragma unroll
+    for (int j = 0; j < N / 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        uint32_t a[4];
+        load_a(a, A, D + 8, m0, kk * 16, g, t);
+#pragma unroll
+        for (int j = 0; j < N / 8; j++) {
+            uint32_t b0, b1;
+            load_b_nk(b0, b1, B, D + 8, j * 8, kk * 16, g, t);
+            mma16816(acc[j], a, b0, b1);
+        }
+    }
+}
+
+// acc (16 x D) += P M, P (16 x K) in registers in C layout (rounded to bf16: the C layout of one
+// MMA is the A layout of the next), M a row-major [K][D] tile (stride D + 8).
+template <int D, int K>
+__device__ __forceinline__ void mma_regs_b(float (&acc)[D / 8][4], const float (&p)[K / 8][4], const bf16* M,
+                                           int lane) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; kk++) {
+        uint32_t a[4] = {pack2(p[2 * kk][0], p[2 * kk][1]), pack2(p[2 * kk][2], p[2 * kk][3]),
+                         pack2(p[2 * kk + 1][0], p[2 * kk + 1][1]), pack2(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+        for (int i = 0; i < D / 16; i++) {
+            uint32_t b[4];
+            load_b_kn_x2(b, M, D + 8, kk * 16, i * 16, lane);
+            mma16816(acc[2 * i], a, b[0], b[1]);
+            mma16816(acc[2 * i + 1], a, b[2], b[3]);
+        }
+    }
+}
+
 // Copies `rows` rows of D bf16 (global row stride `gstride` elements) into shared memory (row
 // stride D + 8); rows at or past `valid` are zero so that masked products never meet NaN.
 template <int D>
@@ -131,19 +170,7 @@ __device__ void fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
         if (k0 > qrow + 15 || (window > 0 && k0 + BN - 1 <= qrow - window)) continue;
 
         float s[BN / 8][4];
-#pragma unroll
-        for (int j = 0; j < BN / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            uint32_t a[4];
-            load_a(a, Qs, S, warp * 16, kk * 16, g, t);
-#pragma unroll
-            for (int j = 0; j < BN / 8; j++) {
-                uint32_t b0, b1;
-                load_b_nk(b0, b1, Ks, S, j * 8, kk * 16, g, t);
-                mma16816(s[j], a, b0, b1);
-            }
-        }
+        mma_rows_abt<D, BN>(s, Qs, warp * 16, Ks, g, t);
         float mx[2] = {m[0], m[1]};
 #pragma unroll
         for (int j = 0; j < BN / 8; j++)
@@ -179,18 +206,7 @@ __device__ void fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
                 s[j][e] = p;
                 l[e >> 1] += p;
             }
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; kk++) {
-            uint32_t a[4] = {pack2(s[2 * kk][0], s[2 * kk][1]), pack2(s[2 * kk][2], s[2 * kk][3]),
-                             pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-            for (int i = 0; i < D / 16; i++) {
-                uint32_t b[4];
-                load_b_kn_x2(b, Vs, S, kk * 16, i * 16, lane);
-                mma16816(acc[2 * i], a, b[0], b[1]);
-                mma16816(acc[2 * i + 1], a, b[2], b[3]);
-            }
-        }
+        mma_regs_b<D, BN>(acc, s, Vs, lane);
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -262,19 +278,7 @@ __device__ void bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
         if (active) {
             // S^T = K Q^T for this warp's 16 keys and the tile's BM queries, then P^T.
             float p[BM / 8][4];
-#pragma unroll
-            for (int j = 0; j < BM / 8; j++) p[j][0] = p[j][1] = p[j][2] = p[j][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                uint32_t a[4];
-                load_a(a, Ks, S, warp * 16, kk * 16, g, t);
-#pragma unroll
-                for (int j = 0; j < BM / 8; j++) {
-                    uint32_t b0, b1;
-                    load_b_nk(b0, b1, Qs, S, j * 8, kk * 16, g, t);
-                    mma16816(p[j], a, b0, b1);
-                }
-            }
+            mma_rows_abt<D, BM>(p, Ks, warp * 16, Qs, g, t);
 #pragma unroll
             for (int j = 0; j < BM / 8; j++)
 #pragma unroll
@@ -283,33 +287,10 @@ __device__ void bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
                     p[j][e] = visible(q0 + ql, kj, len, window) && kj < len ? exp2f(p[j][e] * sl2 - lse_s[ql]) : 0.f;
                 }
             // dV += P^T dO
-#pragma unroll
-            for (int kk = 0; kk < BM / 16; kk++) {
-                uint32_t a[4] = {pack2(p[2 * kk][0], p[2 * kk][1]), pack2(p[2 * kk][2], p[2 * kk][3]),
-                                 pack2(p[2 * kk + 1][0], p[2 * kk + 1][1]), pack2(p[2 * kk + 1][2], p[2 * kk + 1][3])};
-#pragma unroll
-                for (int i = 0; i < D / 16; i++) {
-                    uint32_t b[4];
-                    load_b_kn_x2(b, dOs, S, kk * 16, i * 16, lane);
-                    mma16816(dva[2 * i], a, b[0], b[1]);
-                    mma16816(dva[2 * i + 1], a, b[2], b[3]);
-                }
-            }
+            mma_regs_b<D, BM>(dva, p, dOs, lane);
             // dP^T = V dO^T, then dS^T = P^T * (dP^T - delta)
             float ds[BM / 8][4];
-#pragma unroll
-            for (int j = 0; j < BM / 8; j++) ds[j][0] = ds[j][1] = ds[j][2] = ds[j][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                uint32_t a[4];
-                load_a(a, Vs, S, warp * 16, kk * 16, g, t);
-#pragma unroll
-                for (int j = 0; j < BM / 8; j++) {
-                    uint32_t b0, b1;
-                    load_b_nk(b0, b1, dOs, S, j * 8, kk * 16, g, t);
-                    mma16816(ds[j], a, b0, b1);
-                }
-            }
+            mma_rows_abt<D, BM>(ds, Vs, warp * 16, dOs, g, t);
 #pragma unroll
             for (int j = 0; j < BM / 8; j++)
 #pragma unroll
@@ -318,19 +299,7 @@ __device__ void bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
                     ds[j][e] = p[j][e] * (ds[j][e] - dlt_s[ql]);
                 }
             // dK += dS^T Q
-#pragma unroll
-            for (int kk = 0; kk < BM / 16; kk++) {
-                uint32_t a[4] = {pack2(ds[2 * kk][0], ds[2 * kk][1]), pack2(ds[2 * kk][2], ds[2 * kk][3]),
-                                 pack2(ds[2 * kk + 1][0], ds[2 * kk + 1][1]),
-                                 pack2(ds[2 * kk + 1][2], ds[2 * kk + 1][3])};
-#pragma unroll
-                for (int i = 0; i < D / 16; i++) {
-                    uint32_t b[4];
-                    load_b_kn_x2(b, Qs, S, kk * 16, i * 16, lane);
-                    mma16816(dka[2 * i], a, b[0], b[1]);
-                    mma16816(dka[2 * i + 1], a, b[2], b[3]);
-                }
-            }
+            mma_regs_b<D, BM>(dka, ds, Qs, lane);
         }
     }
 #pragma unroll
@@ -419,18 +388,7 @@ __device__ void bwd_dq_kernel(const bf16* __restrict__ q, const bf16* __restrict
                 float pv = visible(qi, kj, len, window) ? exp2f(p[j][e] * sl2 - lse_r[r]) : 0.f;
                 dp[j][e] = pv * (dp[j][e] - dlt_r[r]);
             }
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; kk++) {
-            uint32_t a[4] = {pack2(dp[2 * kk][0], dp[2 * kk][1]), pack2(dp[2 * kk][2], dp[2 * kk][3]),
-                             pack2(dp[2 * kk + 1][0], dp[2 * kk + 1][1]), pack2(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
-#pragma unroll
-            for (int i = 0; i < D / 16; i++) {
-                uint32_t b[4];
-                load_b_kn_x2(b, Ks, S, kk * 16, i * 16, lane);
-                mma16816(acc[2 * i], a, b[0], b[1]);
-                mma16816(acc[2 * i + 1], a, b[2], b[3]);
-            }
-        }
+        mma_regs_b<D, BN>(acc, dp, Ks, lane);
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {

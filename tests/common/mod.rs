@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use candle_core::{Device, Tensor};
-use packsft::{DecoderModel, Example};
+use packsft::{Batch, DecoderModel, Example, Model};
 
 /// ||a - b|| / ||b|| over all elements (float32).
 pub fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -129,4 +129,43 @@ pub fn sq_norm(t: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// The mean loss over a batch's targets and every parameter's gradient of it (copied to the
+/// CPU), in `model.params()` order.
+pub fn mean_loss_and_grads(model: &DecoderModel, batch: &Batch) -> (f64, Vec<Tensor>) {
+    let l = model.loss(batch).unwrap();
+    let loss = l
+        .sum
+        .to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        / l.n_tokens as f64;
+    let g = (l.sum / l.n_tokens as f64).unwrap().backward().unwrap();
+    let grads = model
+        .params()
+        .iter()
+        .map(|p| {
+            g.get(p.var.as_tensor())
+                .unwrap_or_else(|| panic!("{} has no gradient", p.name))
+                .to_device(&Device::Cpu)
+                .unwrap()
+        })
+        .collect();
+    (loss, grads)
+}
+
+/// Both safetensors files hold the same tensor names with bit-identical values.
+pub fn assert_same_safetensors(a: &std::path::Path, b: &std::path::Path, what: &str) {
+    let original = candle_core::safetensors::load(a, &Device::Cpu).unwrap();
+    let saved = candle_core::safetensors::load(b, &Device::Cpu).unwrap();
+    let mut ka: Vec<_> = original.keys().collect();
+    let mut kb: Vec<_> = saved.keys().collect();
+    ka.sort();
+    kb.sort();
+    assert_eq!(ka, kb, "{what}: tensor names differ");
+    for (k, t) in &original {
+        assert_eq!(max_abs_diff(t, &saved[k]), 0.0, "{what} {k}");
+    }
 }
