@@ -131,6 +131,7 @@ pub fn prepare(recipe: &Recipe, recipe_path: &Path, device: &Device) -> Result<P
         dtype: recipe.train.dtype.dtype(),
         gradient_checkpointing: recipe.train.gradient_checkpointing,
         attention: recipe.train.attention,
+        ..Default::default()
     };
     Ok(Prepared {
         model,

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::collator::SeqLayout;
 use crate::error::{Error, Result};
 use crate::ops::softmax_last;
+use crate::vjp::{grad_or_zeros, through_autograd, Pullback};
 
 /// Which attention implementation a model runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +205,36 @@ impl AttnPlan {
             );
         }
         eager_attention(q, k, v, self, scale)
+    }
+}
+
+impl AttnPlan {
+    /// [`AttnPlan::attend`] with its pullback (dq, dk, dv), for a hand-written backward: the
+    /// flash kernels' own backward, or candle's autograd through the eager attention.
+    pub fn attend_vjp(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+    ) -> Result<(Tensor, Pullback<(Tensor, Tensor, Tensor)>)> {
+        #[cfg(feature = "flash-attn")]
+        if let Some(fp) = &self.flash {
+            let (n, nh, hd) = q.dims3()?;
+            let (out, back) = crate::flash::flash_attention_vjp(q, k, v, fp, scale, self.window)?;
+            let back = move |dy: &Tensor| back(&dy.reshape((n, nh, hd))?);
+            return Ok((out.reshape((n, nh * hd))?, Box::new(back)));
+        }
+        let (q0, k0, v0) = (q.clone(), k.clone(), v.clone());
+        let (out, back) = through_autograd(&[q, k, v], |t| {
+            eager_attention(&t[0], &t[1], &t[2], self, scale)
+        })?;
+        let back = move |dy: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
+            let mut g = back(dy)?.into_iter();
+            let mut next = |like: &Tensor| grad_or_zeros(g.next().flatten(), like);
+            Ok((next(&q0)?, next(&k0)?, next(&v0)?))
+        };
+        Ok((out, Box::new(back)))
     }
 }
 

@@ -21,6 +21,7 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, Sha
 
 use crate::error::{Error, Result};
 use crate::fused::{cerr, cview, elementwise_cfg, kernel, with_storages, wrap};
+use crate::vjp::Pullback;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
 const MODULE: &str = "packsft_flash_attn";
@@ -99,23 +100,38 @@ pub fn flash_attention(
     scale: f64,
     window: Option<usize>,
 ) -> Result<Tensor> {
-    let (n, nh, d) = q.dims3()?;
-    let nkv = k.dim(1)?;
-    if !HEAD_DIMS.contains(&d) || nh % nkv != 0 || n != plan.tokens {
-        return Err(Error::Config(format!(
-            "flash attention: head_dim {d} (compiled: {HEAD_DIMS:?}), {nh} heads on {nkv} kv \
-             heads, {n} tokens for a plan of {}",
-            plan.tokens
-        )));
-    }
-    let op = FlashAttn {
-        plan: plan.clone(),
-        scale: scale as f32,
-        window: window.map_or(0, |w| w.min(i32::MAX as usize) as i32),
-        lse: Mutex::new(None),
-    };
+    let op = FlashAttn::new(q, k, plan, scale, window)?;
     Ok(q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+/// [`flash_attention`] with its pullback (dq, dk, dv), for a hand-written backward.
+pub fn flash_attention_vjp(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    plan: &Arc<FlashPlan>,
+    scale: f64,
+    window: Option<usize>,
+) -> Result<(Tensor, Pullback<(Tensor, Tensor, Tensor)>)> {
+    // The forward leaves the log-sum-exp in the op for its backward: keep a handle on it.
+    let op: Arc<Box<dyn CustomOp3 + Send + Sync>> =
+        Arc::new(Box::new(FlashAttn::new(q, k, plan, scale, window)?));
+    let q = q.contiguous()?.detach();
+    let k = k.contiguous()?.detach();
+    let v = v.contiguous()?.detach();
+    let out = q.apply_op3_arc(&k, &v, op.clone())?;
+    let o = out.clone();
+    let back = move |dout: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
+        let (dq, dk, dv) = op.bwd(&q, &k, &v, &o, dout)?;
+        let missing = || cerr("flash attention backward: missing gradient");
+        Ok((
+            dq.ok_or_else(missing)?,
+            dk.ok_or_else(missing)?,
+            dv.ok_or_else(missing)?,
+        ))
+    };
+    Ok((out, Box::new(back)))
 }
 
 struct FlashAttn {
@@ -169,6 +185,33 @@ fn bwd_smem(d: usize) -> usize {
 
 fn bwd_dq_smem(d: usize) -> usize {
     (2 * TILE + 2 * key_tile(d)) * (d + 8) * 2
+}
+
+impl FlashAttn {
+    /// q (N, heads, D), k (N, kv_heads, D) checked against the compiled kernels and the plan.
+    fn new(
+        q: &Tensor,
+        k: &Tensor,
+        plan: &Arc<FlashPlan>,
+        scale: f64,
+        window: Option<usize>,
+    ) -> Result<Self> {
+        let (n, nh, d) = q.dims3()?;
+        let nkv = k.dim(1)?;
+        if !HEAD_DIMS.contains(&d) || nh % nkv != 0 || n != plan.tokens {
+            return Err(Error::Config(format!(
+                "flash attention: head_dim {d} (compiled: {HEAD_DIMS:?}), {nh} heads on {nkv} kv \
+                 heads, {n} tokens for a plan of {}",
+                plan.tokens
+            )));
+        }
+        Ok(Self {
+            plan: plan.clone(),
+            scale: scale as f32,
+            window: window.map_or(0, |w| w.min(i32::MAX as usize) as i32),
+            lse: Mutex::new(None),
+        })
+    }
 }
 
 impl CustomOp3 for FlashAttn {

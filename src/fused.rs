@@ -24,6 +24,7 @@ use candle_core::{
 use half::bf16;
 
 use crate::error::{Error, Result};
+use crate::vjp::Pullback;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
 const MODULE: &str = "packsft_optim";
@@ -509,4 +510,71 @@ impl CustomOp2 for SiluMul {
 /// silu(g) * u for bf16 g and u of one shape, fused.
 pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     Ok(g.contiguous()?.apply_op2(&u.contiguous()?, SiluMul)?)
+}
+
+/// [`rms_norm`] with its pullback (dx, float32 dw) for a hand-written backward; `None` where the
+/// fused kernel does not apply (hidden size above its limit).
+pub fn rms_norm_vjp(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+) -> Result<Option<(Tensor, Pullback<(Tensor, Tensor)>)>> {
+    let dims = x.dims().to_vec();
+    let h = *dims.last().unwrap_or(&0);
+    if h > NORM_MAX_HIDDEN {
+        return Ok(None);
+    }
+    let x2 = x.reshape(((), h))?.contiguous()?.detach();
+    let w = w.to_dtype(DType::F32)?.contiguous()?.detach();
+    // The forward leaves rstd in the op for its backward: keep a handle on it.
+    let op: Arc<Box<dyn CustomOp2 + Send + Sync>> = Arc::new(Box::new(RmsNorm {
+        eps: eps as f32,
+        rstd: Mutex::new(None),
+    }));
+    let y2 = x2.apply_op2_arc(&w, op.clone())?;
+    let y = y2.reshape(dims.as_slice())?;
+    let back = move |dy: &Tensor| -> Result<(Tensor, Tensor)> {
+        let dy = dy.reshape(((), h))?;
+        let (dx, dw) = op.bwd(&x2, &w, &y2, &dy)?;
+        let dx = dx.ok_or_else(|| cerr("rms_norm: no dx"))?;
+        Ok((
+            dx.reshape(dims.as_slice())?,
+            dw.ok_or_else(|| cerr("rms_norm: no dw"))?,
+        ))
+    };
+    Ok(Some((y, Box::new(back))))
+}
+
+/// [`apply_rope`] with its pullback.
+pub fn apply_rope_vjp(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<(Tensor, Pullback<Tensor>)> {
+    let cos = cos.to_dtype(DType::BF16)?.contiguous()?.detach();
+    let sin = sin.to_dtype(DType::BF16)?.contiguous()?.detach();
+    let x = x.contiguous()?.detach();
+    let y = x.apply_op3(&cos, &sin, Rope)?;
+    let y2 = y.clone();
+    let back = move |dy: &Tensor| -> Result<Tensor> {
+        let (dx, _, _) = Rope.bwd(&x, &cos, &sin, &y2, dy)?;
+        Ok(dx.ok_or_else(|| cerr("rope: no dx"))?)
+    };
+    Ok((y, Box::new(back)))
+}
+
+/// [`silu_mul`] with its pullback (dg, du).
+pub fn silu_mul_vjp(g: &Tensor, u: &Tensor) -> Result<(Tensor, Pullback<(Tensor, Tensor)>)> {
+    let g = g.contiguous()?.detach();
+    let u = u.contiguous()?.detach();
+    let y = g.apply_op2(&u, SiluMul)?;
+    let y2 = y.clone();
+    let back = move |dy: &Tensor| -> Result<(Tensor, Tensor)> {
+        let (dg, du) = SiluMul.bwd(&g, &u, &y2, dy)?;
+        Ok((
+            dg.ok_or_else(|| cerr("silu_mul: no dg"))?,
+            du.ok_or_else(|| cerr("silu_mul: no du"))?,
+        ))
+    };
+    Ok((y, Box::new(back)))
 }

@@ -35,6 +35,7 @@ pub mod source;
 pub mod template;
 pub mod tokenizer;
 pub mod trainer;
+pub mod vjp;
 
 pub use collator::{
     Batch, Collator, CompletionOnlyCollator, HostBatch, LossNormalization, SeqLayout, TrainBatch,

@@ -128,6 +128,10 @@ enum Cmd {
         /// Attention: auto (flash kernels where they can run), eager or flash
         #[arg(long, default_value = "auto")]
         attention: String,
+        /// Differentiate the layers with candle's autograd instead of their hand-written
+        /// backward (for comparison)
+        #[arg(long)]
+        autograd_layers: bool,
     },
 }
 
@@ -282,6 +286,7 @@ fn run(cli: Cli) -> packsft::Result<()> {
             dtype,
             gradient_checkpointing,
             attention,
+            autograd_layers,
         } => {
             let compute = packsft::model::ComputeOptions {
                 dtype: match dtype.as_str() {
@@ -297,6 +302,7 @@ fn run(cli: Cli) -> packsft::Result<()> {
                 },
                 gradient_checkpointing,
                 attention: attention.parse()?,
+                autograd_layers,
             };
             if compare {
                 let exe = std::env::current_exe()
@@ -316,6 +322,7 @@ fn run(cli: Cli) -> packsft::Result<()> {
                         .args(["--warmup", &warmup.to_string(), mode, "--dtype", &dtype])
                         .args(["--attention", &attention])
                         .args(gradient_checkpointing.then_some("--gradient-checkpointing"))
+                        .args(autograd_layers.then_some("--autograd-layers"))
                         .stderr(std::process::Stdio::inherit())
                         .output()
                         .map_err(|e| packsft::Error::io(&exe, e))?;

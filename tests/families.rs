@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use common::{max_abs_diff, rel_diff, sq_norm, within};
+use packsft::model::LossScale;
 use packsft::optim::{AdamWConfig, Schedule};
 use packsft::trainer::{Trainer, TrainerConfig};
 use packsft::{Collator, CompletionOnlyCollator, DecoderModel, Example, Model};
@@ -160,6 +161,64 @@ fn logits_loss_and_gradients_match_transformers() {
                             "{fam} pf={padding_free} {}: aux gradient differs",
                             p.name
                         ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// The training path (`forward_backward`) differentiates each dense layer by hand
+/// (src/model/decoder/manual.rs): its gradients must be transformers', like autograd's above.
+#[test]
+fn hand_written_layer_backward_matches_transformers() {
+    let mut failures = Vec::new();
+    for dir in fixtures() {
+        let fam = name(&dir);
+        let r = reference(&dir);
+        let model = DecoderModel::from_pretrained(&dir, &Device::Cpu).unwrap();
+        let moe =
+            ["mixtral", "qwen2_moe", "dbrx"].contains(&r.json["model_type"].as_str().unwrap());
+        for padding_free in [true, false] {
+            let batch = CompletionOnlyCollator::new(padding_free, 0)
+                .collate(&r.examples, &Device::Cpu)
+                .unwrap();
+            let before = packsft::model::decoder::hand_written_backwards();
+            let scale = LossScale {
+                per_unit: 1.0 / batch.n_targets as f64,
+                aux: 0.0,
+            };
+            let (l, grads) = model.forward_backward(&batch, scale).unwrap();
+            let by_hand = packsft::model::decoder::hand_written_backwards() - before;
+            if !moe && by_hand != model.spec.layers {
+                failures.push(format!(
+                    "{fam}: {by_hand} of {} layers differentiated by hand",
+                    model.spec.layers
+                ));
+            }
+            let loss = l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_tokens as f64;
+            let want = r.json["loss"].as_f64().unwrap();
+            if !within((loss - want).abs() / want, 1e-5) {
+                failures.push(format!("{fam} pf={padding_free}: loss {loss} vs {want}"));
+            }
+            for p in model.params() {
+                let want = &r.tensors[&format!("grad.{}", p.name)];
+                match grads.get(p.var.as_tensor()) {
+                    None => failures.push(format!("{fam} {}: no gradient", p.name)),
+                    Some(g) => {
+                        let d = rel_diff(g, want);
+                        if !within(d, 1e-4) {
+                            failures.push(format!(
+                                "{fam} pf={padding_free} {}: gradient rel diff {d:e}",
+                                p.name
+                            ));
+                        }
                     }
                 }
             }

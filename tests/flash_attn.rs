@@ -261,6 +261,7 @@ fn gpu_model(attention: AttentionImpl) -> DecoderModel {
         dtype: DType::BF16,
         gradient_checkpointing: false,
         attention,
+        autograd_layers: false,
     };
     m
 }
@@ -292,6 +293,30 @@ fn model_flash_matches_eager_and_padded_matches_packed() {
         worst.0, worst.1
     );
     assert!(worst.0 < 3e-2 && worst.1 < 3e-2, "{worst:?}");
+}
+
+/// The hand-written layer backward (fused kernels, flash backward, bf16 weight copies) against
+/// candle's autograd through the same layers, on the GPU.
+#[test]
+fn hand_written_layer_backward_matches_autograd() {
+    let flash = gpu_model(AttentionImpl::Flash);
+    let before = packsft::model::decoder::hand_written_backwards();
+    let (lh, gh) = loss_and_grads(&flash, true);
+    assert_eq!(
+        packsft::model::decoder::hand_written_backwards() - before,
+        2
+    );
+    let mut auto = gpu_model(AttentionImpl::Flash);
+    auto.compute.autograd_layers = true;
+    let (la, ga) = loss_and_grads(&auto, true);
+    let worst = gh
+        .iter()
+        .zip(&ga)
+        .map(|(h, a)| rel_diff(h, a))
+        .fold(0f64, f64::max);
+    eprintln!("loss by hand {lh} autograd {la}; worst gradient rel diff {worst:.2e}");
+    assert!((lh - la).abs() / la < 1e-6, "{lh} vs {la}");
+    assert!(worst < 1e-2, "{worst}");
 }
 
 #[test]

@@ -515,11 +515,13 @@ fn bf16_weight_copies_give_the_in_graph_cast_gradients() {
     // forward_backward in bf16 casts each weight matrix once to a variable of its own and folds
     // its gradient into the f32 master weight; Model::loss + backward casts inside the graph.
     // Same arithmetic, so the same gradients; tied embeddings get both the lookup's and the
-    // lm_head's share.
+    // lm_head's share. (Layers through autograd here: the hand-written layer backward rounds
+    // in another order and is checked against transformers in tests/families.rs.)
     let mut cfg = common::tiny_config(64);
     cfg["tie_word_embeddings"] = serde_json::json!(true);
     let mut model = DecoderModel::new_random(cfg, 9, &Device::Cpu).unwrap();
     model.compute.dtype = DType::BF16;
+    model.compute.autograd_layers = true;
     let exs = examples(&[12, 7, 20], 64, 4);
     let batch =
         packsft::Collator::collate(&CompletionOnlyCollator::new(true, 0), &exs, &Device::Cpu)

@@ -23,6 +23,10 @@ use crate::ops::{
 };
 use crate::optim::add_grads;
 
+mod manual;
+
+pub use manual::hand_written_backwards;
+
 pub const CONFIG_FILE: &str = "config.json";
 
 /// How the forward and backward passes are computed; parameters stay float32 either way.
@@ -35,6 +39,9 @@ pub struct ComputeOptions {
     pub gradient_checkpointing: bool,
     /// Eager attention, the flash kernels, or whichever can run (`auto`).
     pub attention: AttentionImpl,
+    /// Differentiate every layer with candle's autograd instead of the hand-written layer
+    /// backward (src/model/decoder/manual.rs): same gradients, slower; kept for checks.
+    pub autograd_layers: bool,
 }
 
 impl Default for ComputeOptions {
@@ -43,6 +50,7 @@ impl Default for ComputeOptions {
             dtype: DType::F32,
             gradient_checkpointing: false,
             attention: AttentionImpl::Auto,
+            autograd_layers: false,
         }
     }
 }
@@ -810,6 +818,9 @@ impl DecoderModel {
         x: &Tensor,
         ctx: &FwdCtx,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        if let Some(y) = self.layer_fwd_manual(layer, x, ctx)? {
+            return Ok((y, None));
+        }
         let rm = self.spec.residual_multiplier;
         let scaled = |t: Tensor| -> Result<Tensor> { Ok(if rm != 1.0 { (t * rm)? } else { t }) };
         let h1 = layer.norm1.fwd(x)?;
@@ -1109,6 +1120,14 @@ impl DecoderModel {
     }
 
     fn forward_backward_plain(
+        &self,
+        batch: &Batch,
+        scale: LossScale,
+    ) -> Result<(LossSum, GradStore)> {
+        manual::scope(|| self.forward_backward_graph(batch, scale))
+    }
+
+    fn forward_backward_graph(
         &self,
         batch: &Batch,
         scale: LossScale,

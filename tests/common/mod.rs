@@ -134,7 +134,12 @@ pub fn sq_norm(t: &Tensor) -> f32 {
 /// The mean loss over a batch's targets and every parameter's gradient of it (copied to the
 /// CPU), in `model.params()` order.
 pub fn mean_loss_and_grads(model: &DecoderModel, batch: &Batch) -> (f64, Vec<Tensor>) {
-    let l = model.loss(batch).unwrap();
+    // The training path: hand-written layer backward, compute-dtype weight copies.
+    let scale = packsft::model::LossScale {
+        per_unit: 1.0 / batch.n_targets as f64,
+        aux: 0.0,
+    };
+    let (l, g) = packsft::Model::forward_backward(model, batch, scale).unwrap();
     let loss = l
         .sum
         .to_dtype(candle_core::DType::F64)
@@ -142,7 +147,6 @@ pub fn mean_loss_and_grads(model: &DecoderModel, batch: &Batch) -> (f64, Vec<Ten
         .to_scalar::<f64>()
         .unwrap()
         / l.n_tokens as f64;
-    let g = (l.sum / l.n_tokens as f64).unwrap().backward().unwrap();
     let grads = model
         .params()
         .iter()

@@ -1,0 +1,547 @@
+//! Decoder layers with a hand-written backward.
+//!
+//! candle's autograd zero-fills a gradient buffer and adds into it for every edge of the graph,
+//! and reaches a weight's gradient through the transpose of the weight (a strided add), then a
+//! cast to float32: on the padding-free GPU benchmark those adds and casts took 52 of the
+//! step's 117 ms of GPU time (ncu, `benches/gpu/gpu_profile.sh`), more than the matrix
+//! products. Here a layer's forward runs outside the graph on detached tensors and keeps what
+//! its backward reads; the layer joins the graph as a single node ([`Attach`]) whose backward
+//! runs the layer's backward: one matrix product per input gradient and one per weight
+//! gradient, each written once, weight gradients handed to the float32 master weights as they
+//! come ([`side_grad`]). Pieces without a backward of their own (LayerNorm, GELU, eager
+//! attention, ...) go through candle's autograd locally ([`through_autograd`]), so every layer
+//! but the mixture-of-experts ones takes this path. Only inside [`scope`], which merges those
+//! weight gradients into the gradients `backward` returns: elsewhere (evaluation, a caller's
+//! own `loss().backward()`) layers stay plain autograd graphs.
+
+use std::cell::RefCell;
+use std::sync::Mutex;
+
+use candle_core::{backprop::GradStore, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+
+use super::{activate, DecoderModel, FwdCtx, Layer, Lin, Mlp, Norm, Qkv, COMPUTE_WEIGHTS};
+use crate::error::{Error, Result};
+#[cfg(feature = "cuda")]
+use crate::model::spec::NormKind;
+use crate::model::spec::{Act, Block, QkvLayout};
+use crate::model::LossSum;
+use crate::vjp::{grad_or_zeros, through_autograd, to_candle, Pullback};
+
+type Back = Pullback<Tensor>;
+
+thread_local! {
+    /// Parameter gradients of the hand-written backward passes of the running
+    /// forward/backward; `None` outside [`scope`].
+    static SIDE_GRADS: RefCell<Option<Vec<(Tensor, Tensor)>>> = const { RefCell::new(None) };
+}
+
+/// Runs a forward/backward in which layers may take their hand-written backward, and adds the
+/// parameter gradients those produced to the ones `f`'s backward returned.
+pub(super) fn scope(
+    f: impl FnOnce() -> Result<(LossSum, GradStore)>,
+) -> Result<(LossSum, GradStore)> {
+    SIDE_GRADS.with(|s| *s.borrow_mut() = Some(Vec::new()));
+    let r = f();
+    let side = SIDE_GRADS
+        .with(|s| s.borrow_mut().take())
+        .unwrap_or_default();
+    let (l, mut grads) = r?;
+    for (p, g) in side {
+        let g = match grads.remove(&p) {
+            Some(other) => (other + g)?,
+            None => g,
+        };
+        grads.insert(&p, g);
+    }
+    Ok((l, grads))
+}
+
+thread_local! {
+    static HAND_BACKWARDS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many layer backward passes this thread ran by hand so far (for tests that must know the
+/// hand-written path ran, not the autograd fallback).
+#[doc(hidden)]
+pub fn hand_written_backwards() -> usize {
+    HAND_BACKWARDS.with(|c| c.get())
+}
+
+fn in_scope() -> bool {
+    SIDE_GRADS.with(|s| s.borrow().is_some())
+}
+
+/// Hands the gradient `g` of parameter `p` (a float32 master) to the running [`scope`].
+fn side_grad(p: &Tensor, g: Tensor) -> Result<()> {
+    let g = g.to_dtype(p.dtype())?;
+    SIDE_GRADS.with(|s| match s.borrow_mut().as_mut() {
+        Some(v) => {
+            v.push((p.clone(), g));
+            Ok(())
+        }
+        None => Err(Error::Config(
+            "a hand-written layer backward ran outside its forward/backward scope".into(),
+        )),
+    })
+}
+
+/// The graph node of a layer: output `y` (computed outside the graph) for input `x`; its
+/// backward is the layer's pullback.
+struct Attach(Mutex<Option<Back>>);
+
+impl CustomOp2 for Attach {
+    fn name(&self) -> &'static str {
+        "packsft-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        // A same-dtype conversion is a contiguous copy that honours the layout.
+        Ok((y.to_dtype(yl, y.dtype())?, yl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        y: &candle_core::CudaStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::{CudaDType, WrapErr};
+        fn copy<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+            y: &candle_core::CudaStorage,
+            yl: &Layout,
+        ) -> candle_core::Result<candle_core::CudaStorage> {
+            let v = crate::fused::cview::<T>(y, yl)?;
+            let dev = y.device.clone();
+            let c = dev.cuda_stream().clone_dtod(&v).w()?;
+            Ok(candle_core::CudaStorage::wrap_cuda_slice(c, dev))
+        }
+        let out = match y.dtype() {
+            DType::BF16 => copy::<half::bf16>(y, yl)?,
+            DType::F16 => copy::<half::f16>(y, yl)?,
+            DType::F32 => copy::<f32>(y, yl)?,
+            d => return Err(candle_core::Error::Msg(format!("layer output in {d:?}"))),
+        };
+        Ok((out, yl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _out: &Tensor,
+        dout: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let back = self
+            .0
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("layer backward ran twice".into()))?;
+        HAND_BACKWARDS.with(|c| c.set(c.get() + 1));
+        Ok((Some(back(dout).map_err(to_candle)?), None))
+    }
+}
+
+/// The weight a linear layer multiplies by: the step's compute-dtype copy, or the master cast.
+fn weight(lin: &Lin, dtype: DType) -> Result<Tensor> {
+    let copy = COMPUTE_WEIGHTS.with(|m| m.borrow().get(&lin.w.id()).cloned());
+    Ok(match copy {
+        Some(v) if v.dtype() == dtype => v.as_tensor().detach(),
+        _ => lin.w.to_dtype(dtype)?.detach(),
+    })
+}
+
+/// x (N, in) → x W^T (+ b); the pullback returns dx and hands dW = dy^T x (and db) over.
+fn lin_vjp(lin: &Lin, x: &Tensor) -> Result<(Tensor, Back)> {
+    let w = weight(lin, x.dtype())?;
+    let y = x.matmul(&w.t()?)?;
+    let y = match &lin.b {
+        Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?.detach())?,
+        None => y,
+    };
+    let (x, master, bias) = (x.clone(), lin.w.clone(), lin.b.clone());
+    let back = move |dy: &Tensor| -> Result<Tensor> {
+        let dy = dy.to_dtype(x.dtype())?.contiguous()?;
+        side_grad(&master, dy.t()?.matmul(&x)?)?;
+        if let Some(b) = &bias {
+            side_grad(b, dy.to_dtype(DType::F32)?.sum(0)?)?;
+        }
+        Ok(dy.matmul(&w)?)
+    };
+    Ok((y, Box::new(back)))
+}
+
+fn norm_vjp(norm: &Norm, x: &Tensor) -> Result<(Tensor, Back)> {
+    #[cfg(feature = "cuda")]
+    if norm.spec.kind == NormKind::Rms && crate::fused::usable(x) {
+        let w = norm.w.as_ref().expect("rms weight");
+        if let Some((y, back)) = crate::fused::rms_norm_vjp(x, w, norm.spec.eps)? {
+            let w = w.clone();
+            let back = move |dy: &Tensor| -> Result<Tensor> {
+                let (dx, dw) = back(dy)?;
+                side_grad(&w, dw)?;
+                Ok(dx)
+            };
+            return Ok((y, Box::new(back)));
+        }
+    }
+    let params: Vec<Tensor> = norm.w.iter().chain(norm.b.iter()).cloned().collect();
+    let mut inputs = vec![x];
+    inputs.extend(params.iter());
+    let (has_w, spec) = (norm.w.is_some(), norm.spec);
+    let (y, back) = through_autograd(&inputs, |t| {
+        let local = Norm {
+            spec,
+            w: if has_w { Some(t[1].clone()) } else { None },
+            b: if has_w { t.get(2).cloned() } else { None },
+        };
+        local.fwd(&t[0])
+    })?;
+    let x = x.clone();
+    let back = move |dy: &Tensor| -> Result<Tensor> {
+        let mut g = back(dy)?.into_iter();
+        let dx = grad_or_zeros(g.next().flatten(), &x)?;
+        for (p, gp) in params.iter().zip(g) {
+            if let Some(gp) = gp {
+                side_grad(p, gp)?;
+            }
+        }
+        Ok(dx)
+    };
+    Ok((y, Box::new(back)))
+}
+
+fn rope_vjp(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Back)> {
+    #[cfg(feature = "cuda")]
+    if crate::fused::usable(x) {
+        return crate::fused::apply_rope_vjp(x, cos, sin);
+    }
+    let (y, back) = through_autograd(&[x], |t| crate::ops::apply_rope(&t[0], cos, sin))?;
+    let x = x.clone();
+    let back = move |dy: &Tensor| grad_or_zeros(back(dy)?.pop().flatten(), &x);
+    Ok((y, Box::new(back)))
+}
+
+/// act(g) * u with its pullback (dg, du).
+fn gated_vjp(g: &Tensor, u: &Tensor, act: Act) -> Result<(Tensor, Pullback<(Tensor, Tensor)>)> {
+    #[cfg(feature = "cuda")]
+    if act == Act::Silu && crate::fused::usable(g) && g.dims() == u.dims() {
+        return crate::fused::silu_mul_vjp(g, u);
+    }
+    let (y, back) = through_autograd(&[g, u], |t| Ok((activate(&t[0], act)? * &t[1])?))?;
+    let (g, u) = (g.clone(), u.clone());
+    let back = move |dy: &Tensor| -> Result<(Tensor, Tensor)> {
+        let mut r = back(dy)?.into_iter();
+        Ok((
+            grad_or_zeros(r.next().flatten(), &g)?,
+            grad_or_zeros(r.next().flatten(), &u)?,
+        ))
+    };
+    Ok((y, Box::new(back)))
+}
+
+fn act_vjp(a: &Tensor, act: Act) -> Result<(Tensor, Back)> {
+    act_like(a, move |x| activate(x, act))
+}
+
+/// An elementwise piece `f` of one input, through autograd.
+fn act_like(a: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<(Tensor, Back)> {
+    let (y, back) = through_autograd(&[a], |t| f(&t[0]))?;
+    let a = a.clone();
+    let back = move |dy: &Tensor| grad_or_zeros(back(dy)?.pop().flatten(), &a);
+    Ok((y, Box::new(back)))
+}
+
+/// OLMo-style / StableLM-style per-head norm of x (N, heads, D) as
+/// [`DecoderModel::attention`] applies it: LayerNorm without parameters, then each head's
+/// weight; the weights' gradients go to their parameters.
+fn head_norm_vjp(x: &Tensor, ws: &[Tensor], eps: f64) -> Result<(Tensor, Back)> {
+    let mut inputs = vec![x];
+    inputs.extend(ws.iter());
+    let (y, back) = through_autograd(&inputs, |t| {
+        let w = Tensor::stack(&t[1..], 0)?.to_dtype(t[0].dtype())?;
+        Ok(crate::ops::layer_norm(&t[0], None, None, eps)?.broadcast_mul(&w)?)
+    })?;
+    let (x, ws) = (x.clone(), ws.to_vec());
+    let back = move |dy: &Tensor| -> Result<Tensor> {
+        let mut g = back(dy)?.into_iter();
+        let dx = grad_or_zeros(g.next().flatten(), &x)?;
+        for (w, gw) in ws.iter().zip(g) {
+            if let Some(gw) = gw {
+                side_grad(w, gw)?;
+            }
+        }
+        Ok(dx)
+    };
+    Ok((y, Box::new(back)))
+}
+
+/// Adds the input gradients of several pullbacks of one input.
+fn sum_backs(backs: Vec<(Back, Tensor)>) -> Result<Tensor> {
+    let mut total: Option<Tensor> = None;
+    for (back, dy) in backs {
+        let d = back(&dy)?;
+        total = Some(match total {
+            Some(t) => (t + d)?,
+            None => d,
+        });
+    }
+    total.ok_or_else(|| Error::Config("no gradient to add".into()))
+}
+
+impl DecoderModel {
+    /// Whether `layer` can take the hand-written backward: every layer but the
+    /// mixture-of-experts ones (which keep candle's autograd).
+    fn manual_backward_fits(&self, layer: &Layer) -> bool {
+        !self.compute.autograd_layers && !matches!(layer.mlp, Mlp::Moe { .. })
+    }
+
+    /// The layer as one graph node with a hand-written backward, where it applies (inside
+    /// [`scope`]); `None`: run it as an autograd graph.
+    pub(super) fn layer_fwd_manual(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        ctx: &FwdCtx,
+    ) -> Result<Option<Tensor>> {
+        if !in_scope() || !self.manual_backward_fits(layer) {
+            return Ok(None);
+        }
+        let (y, back) = self.layer_vjp(layer, &x.detach(), ctx)?;
+        let y = y.contiguous()?;
+        Ok(Some(x.apply_op2(&y, Attach(Mutex::new(Some(back))))?))
+    }
+
+    fn layer_vjp(&self, layer: &Layer, x: &Tensor, ctx: &FwdCtx) -> Result<(Tensor, Back)> {
+        let (h1, n1) = norm_vjp(&layer.norm1, x)?;
+        let (a, attn) = self.attention_vjp(layer, &h1, ctx)?;
+        match self.spec.block {
+            Block::Sequential => {
+                let rm = self.spec.residual_multiplier;
+                let x2 = (x + scale(&a, rm)?)?;
+                let norm2 = layer
+                    .norm2
+                    .as_ref()
+                    .expect("sequential blocks have two norms");
+                let (h2, n2) = norm_vjp(norm2, &x2)?;
+                let (m, mlp) = self.mlp_vjp(&layer.mlp, &h2)?;
+                let y = (&x2 + scale(&m, rm)?)?;
+                let back = move |dy: &Tensor| -> Result<Tensor> {
+                    let dh2 = mlp(&scale(dy, rm)?)?;
+                    let dx2 = (dy + n2(&dh2)?)?;
+                    let dh1 = attn(&scale(&dx2, rm)?)?;
+                    Ok((dx2 + n1(&dh1)?)?)
+                };
+                Ok((y, Box::new(back)))
+            }
+            Block::Parallel { shared_norm } => {
+                let (h2, n2) = if shared_norm {
+                    (h1.clone(), None)
+                } else {
+                    let (h2, n2) = norm_vjp(layer.norm2.as_ref().expect("two norms"), x)?;
+                    (h2, Some(n2))
+                };
+                let (m, mlp) = self.mlp_vjp(&layer.mlp, &h2)?;
+                let y = ((x + a)? + m)?;
+                let back = move |dy: &Tensor| -> Result<Tensor> {
+                    let dh1 = attn(dy)?;
+                    let dh2 = mlp(dy)?;
+                    Ok(match n2 {
+                        None => (dy + n1(&(dh1 + dh2)?)?)?,
+                        Some(n2) => ((dy + n1(&dh1)?)? + n2(&dh2)?)?,
+                    })
+                };
+                Ok((y, Box::new(back)))
+            }
+        }
+    }
+
+    /// The attention block as [`DecoderModel::attention`] computes it: h (N, H) → (N, H).
+    fn attention_vjp(&self, layer: &Layer, h: &Tensor, ctx: &FwdCtx) -> Result<(Tensor, Back)> {
+        let s = &self.spec;
+        let (n, nh, nkv, d) = (ctx.n, s.heads, s.kv_heads, s.head_dim);
+        enum Proj {
+            Separate(Back, Back, Back),
+            Fused(Back),
+        }
+        let ((q, k, v), proj) = match &layer.qkv {
+            Qkv::Separate(lq, lk, lv) => {
+                let (q, bq) = lin_vjp(lq, h)?;
+                let (k, bk) = lin_vjp(lk, h)?;
+                let (v, bv) = lin_vjp(lv, h)?;
+                ((q, k, v), Proj::Separate(bq, bk, bv))
+            }
+            Qkv::Fused(lin) => {
+                let (y, b) = lin_vjp(lin, h)?;
+                let qkv = match s.qkv {
+                    QkvLayout::FusedGrouped => {
+                        let g = nh / nkv;
+                        let y = y.reshape((n, nkv, g + 2, d))?;
+                        (
+                            y.narrow(2, 0, g)?,
+                            y.narrow(2, g, 1)?,
+                            y.narrow(2, g + 1, 1)?,
+                        )
+                    }
+                    QkvLayout::FusedInterleaved => {
+                        let y = y.reshape((n, nh, 3, d))?;
+                        (y.narrow(2, 0, 1)?, y.narrow(2, 1, 1)?, y.narrow(2, 2, 1)?)
+                    }
+                    _ => (
+                        y.narrow(1, 0, nh * d)?,
+                        y.narrow(1, nh * d, nkv * d)?,
+                        y.narrow(1, (nh + nkv) * d, nkv * d)?,
+                    ),
+                };
+                (qkv, Proj::Fused(b))
+            }
+        };
+        let q = q.reshape((n, nh, d))?;
+        let k = k.reshape((n, nkv, d))?;
+        let v = v.reshape((n, nkv, d))?;
+        // Clipping and q/k norms: small elementwise pieces, through autograd.
+        let mut pre_q: Vec<Back> = Vec::new();
+        let mut pre_k: Vec<Back> = Vec::new();
+        let (mut q, mut k, mut v) = (q, k, v);
+        let mut pre_v: Option<Back> = None;
+        if let Some(c) = s.clip_qkv {
+            let clip = |t: &Tensor| act_like(t, move |x| Ok(x.clamp(-c, c)?));
+            let (cq, bq) = clip(&q)?;
+            let (ck, bk) = clip(&k)?;
+            let (cv, bv) = clip(&v)?;
+            (q, k, v) = (cq, ck, cv);
+            pre_q.push(bq);
+            pre_k.push(bk);
+            pre_v = Some(bv);
+        }
+        if !layer.q_norm.is_empty() {
+            let (nq, bq) = head_norm_vjp(&q, &layer.q_norm, s.norm.eps)?;
+            let (nk, bk) = head_norm_vjp(&k, &layer.k_norm, s.norm.eps)?;
+            (q, k) = (nq, nk);
+            pre_q.push(bq);
+            pre_k.push(bk);
+        }
+        let (q, rq) = rope_vjp(&q, &ctx.cos, &ctx.sin)?;
+        let (k, rk) = rope_vjp(&k, &ctx.cos, &ctx.sin)?;
+        let (a, attend) = ctx.plan.attend_vjp(&q, &k, &v, s.attn_scale)?;
+        let (o, out) = lin_vjp(&layer.o, &a)?;
+        let layout = s.qkv;
+        let back = move |dy: &Tensor| -> Result<Tensor> {
+            let da = out(dy)?;
+            let (dq, dk, dv) = attend(&da)?;
+            let (mut dq, mut dk) = (rq(&dq)?, rk(&dk)?);
+            for b in pre_q.into_iter().rev() {
+                dq = b(&dq)?;
+            }
+            for b in pre_k.into_iter().rev() {
+                dk = b(&dk)?;
+            }
+            let dv = match pre_v {
+                Some(b) => b(&dv)?,
+                None => dv,
+            };
+            match proj {
+                Proj::Separate(bq, bk, bv) => sum_backs(vec![
+                    (bq, dq.reshape((n, nh * d))?),
+                    (bk, dk.reshape((n, nkv * d))?),
+                    (bv, dv.reshape((n, nkv * d))?),
+                ]),
+                Proj::Fused(b) => {
+                    let dy = match layout {
+                        QkvLayout::FusedGrouped => {
+                            let g = nh / nkv;
+                            Tensor::cat(
+                                &[
+                                    dq.reshape((n, nkv, g, d))?,
+                                    dk.reshape((n, nkv, 1, d))?,
+                                    dv.reshape((n, nkv, 1, d))?,
+                                ],
+                                2,
+                            )?
+                        }
+                        QkvLayout::FusedInterleaved => Tensor::cat(
+                            &[
+                                dq.reshape((n, nh, 1, d))?,
+                                dk.reshape((n, nh, 1, d))?,
+                                dv.reshape((n, nh, 1, d))?,
+                            ],
+                            2,
+                        )?,
+                        _ => Tensor::cat(
+                            &[
+                                dq.reshape((n, nh * d))?,
+                                dk.reshape((n, nkv * d))?,
+                                dv.reshape((n, nkv * d))?,
+                            ],
+                            1,
+                        )?,
+                    };
+                    b(&dy.reshape((n, ()))?)
+                }
+            }
+        };
+        Ok((o, Box::new(back)))
+    }
+
+    /// The MLP as [`DecoderModel::mlp_fwd`] computes it (dense MLPs only).
+    fn mlp_vjp(&self, mlp: &Mlp, h: &Tensor) -> Result<(Tensor, Back)> {
+        match mlp {
+            Mlp::Gated {
+                gate,
+                up,
+                down,
+                act,
+            } => {
+                let (g, bg) = lin_vjp(gate, h)?;
+                let (u, bu) = lin_vjp(up, h)?;
+                let (m, gated) = gated_vjp(&g, &u, *act)?;
+                let (y, bd) = lin_vjp(down, &m)?;
+                let back = move |dy: &Tensor| -> Result<Tensor> {
+                    let (dg, du) = gated(&bd(dy)?)?;
+                    sum_backs(vec![(bg, dg), (bu, du)])
+                };
+                Ok((y, Box::new(back)))
+            }
+            Mlp::GatedFused {
+                gate_up,
+                down,
+                act,
+                hidden,
+            } => {
+                let (gu, bgu) = lin_vjp(gate_up, h)?;
+                let f = *hidden;
+                let (m, gated) = gated_vjp(&gu.narrow(1, 0, f)?, &gu.narrow(1, f, f)?, *act)?;
+                let (y, bd) = lin_vjp(down, &m)?;
+                let back = move |dy: &Tensor| -> Result<Tensor> {
+                    let (dg, du) = gated(&bd(dy)?)?;
+                    bgu(&Tensor::cat(&[dg, du], 1)?)
+                };
+                Ok((y, Box::new(back)))
+            }
+            Mlp::Plain { fc1, fc2, act } => {
+                let (a, b1) = lin_vjp(fc1, h)?;
+                let (m, ba) = act_vjp(&a, *act)?;
+                let (y, b2) = lin_vjp(fc2, &m)?;
+                let back = move |dy: &Tensor| -> Result<Tensor> { b1(&ba(&b2(dy)?)?) };
+                Ok((y, Box::new(back)))
+            }
+            Mlp::Moe { .. } => Err(Error::Config(
+                "mixture-of-experts layers keep candle's autograd".into(),
+            )),
+        }
+    }
+}
+
+fn scale(t: &Tensor, s: f64) -> Result<Tensor> {
+    Ok(if s != 1.0 { (t * s)? } else { t.clone() })
+}
