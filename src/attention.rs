@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::collator::SeqLayout;
 use crate::error::{Error, Result};
 use crate::ops::softmax_last;
-use crate::vjp::{grad_or_zeros, through_autograd, Pullback};
+use crate::vjp::{grad_or_zeros, through_autograd, Pullback, QkvGrads};
 
 /// Which attention implementation a model runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,7 +217,7 @@ impl AttnPlan {
         k: &Tensor,
         v: &Tensor,
         scale: f64,
-    ) -> Result<(Tensor, Pullback<(Tensor, Tensor, Tensor)>)> {
+    ) -> Result<(Tensor, Pullback<QkvGrads>)> {
         #[cfg(feature = "flash-attn")]
         if let Some(fp) = &self.flash {
             let (n, nh, hd) = q.dims3()?;
@@ -229,7 +229,7 @@ impl AttnPlan {
         let (out, back) = through_autograd(&[q, k, v], |t| {
             eager_attention(&t[0], &t[1], &t[2], self, scale)
         })?;
-        let back = move |dy: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
+        let back = move |dy: &Tensor| -> Result<QkvGrads> {
             let mut g = back(dy)?.into_iter();
             let mut next = |like: &Tensor| grad_or_zeros(g.next().flatten(), like);
             Ok((next(&q0)?, next(&k0)?, next(&v0)?))

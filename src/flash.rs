@@ -21,7 +21,7 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, Sha
 
 use crate::error::{Error, Result};
 use crate::fused::{cerr, cview, elementwise_cfg, kernel, with_storages, wrap};
-use crate::vjp::Pullback;
+use crate::vjp::{Pullback, QkvGrads};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
 const MODULE: &str = "packsft_flash_attn";
@@ -113,7 +113,7 @@ pub fn flash_attention_vjp(
     plan: &Arc<FlashPlan>,
     scale: f64,
     window: Option<usize>,
-) -> Result<(Tensor, Pullback<(Tensor, Tensor, Tensor)>)> {
+) -> Result<(Tensor, Pullback<QkvGrads>)> {
     // The forward leaves the log-sum-exp in the op for its backward: keep a handle on it.
     let op: Arc<Box<dyn CustomOp3 + Send + Sync>> =
         Arc::new(Box::new(FlashAttn::new(q, k, plan, scale, window)?));
@@ -122,7 +122,7 @@ pub fn flash_attention_vjp(
     let v = v.contiguous()?.detach();
     let out = q.apply_op3_arc(&k, &v, op.clone())?;
     let o = out.clone();
-    let back = move |dout: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
+    let back = move |dout: &Tensor| -> Result<QkvGrads> {
         let (dq, dk, dv) = op.bwd(&q, &k, &v, &o, dout)?;
         let missing = || cerr("flash attention backward: missing gradient");
         Ok((

@@ -12,6 +12,9 @@ use crate::error::{Error, Result};
 /// Maps the gradient of a piece's output to what the piece hands back (its inputs' gradients).
 pub type Pullback<T> = Box<dyn FnOnce(&Tensor) -> Result<T> + Send>;
 
+/// The gradients of an attention's q, k and v.
+pub type QkvGrads = (Tensor, Tensor, Tensor);
+
 /// Runs `f` on leaf variables that share `inputs`' storage and keeps its graph: the output
 /// (detached) and a pullback through candle's autograd, one gradient per input (`None` where
 /// the output does not depend on it). For pieces without a backward of their own.

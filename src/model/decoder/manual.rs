@@ -172,13 +172,22 @@ fn lin_vjp(lin: &Lin, x: &Tensor) -> Result<(Tensor, Back)> {
     let (x, master, bias) = (x.clone(), lin.w.clone(), lin.b.clone());
     let back = move |dy: &Tensor| -> Result<Tensor> {
         let dy = dy.to_dtype(x.dtype())?.contiguous()?;
-        side_grad(&master, dy.t()?.matmul(&x)?)?;
+        side_grad(&master, weight_grad(&dy, &x)?)?;
         if let Some(b) = &bias {
             side_grad(b, dy.to_dtype(DType::F32)?.sum(0)?)?;
         }
         Ok(dy.matmul(&w)?)
     };
     Ok((y, Box::new(back)))
+}
+
+/// dy^T x: float32 from cuBLAS directly for bf16 on CUDA, else candle's matmul.
+fn weight_grad(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::fused::usable(dy) && crate::fused::usable(x) && x.rank() == 2 {
+        return crate::fused::weight_grad_f32(dy, x);
+    }
+    Ok(dy.t()?.matmul(x)?)
 }
 
 fn norm_vjp(norm: &Norm, x: &Tensor) -> Result<(Tensor, Back)> {
