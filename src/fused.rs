@@ -24,7 +24,7 @@ use candle_core::{
 use half::bf16;
 
 use crate::error::{Error, Result};
-use crate::vjp::Pullback;
+use crate::vjp::{PairGrads, Pullback};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
 const MODULE: &str = "packsft_optim";
@@ -518,7 +518,7 @@ pub fn rms_norm_vjp(
     x: &Tensor,
     w: &Tensor,
     eps: f64,
-) -> Result<Option<(Tensor, Pullback<(Tensor, Tensor)>)>> {
+) -> Result<Option<(Tensor, Pullback<PairGrads>)>> {
     let dims = x.dims().to_vec();
     let h = *dims.last().unwrap_or(&0);
     if h > NORM_MAX_HIDDEN {
@@ -533,7 +533,7 @@ pub fn rms_norm_vjp(
     }));
     let y2 = x2.apply_op2_arc(&w, op.clone())?;
     let y = y2.reshape(dims.as_slice())?;
-    let back = move |dy: &Tensor| -> Result<(Tensor, Tensor)> {
+    let back = move |dy: &Tensor| -> Result<PairGrads> {
         let dy = dy.reshape(((), h))?;
         let (dx, dw) = op.bwd(&x2, &w, &y2, &dy)?;
         let dx = dx.ok_or_else(|| cerr("rms_norm: no dx"))?;
@@ -564,12 +564,12 @@ pub fn apply_rope_vjp(
 }
 
 /// [`silu_mul`] with its pullback (dg, du).
-pub fn silu_mul_vjp(g: &Tensor, u: &Tensor) -> Result<(Tensor, Pullback<(Tensor, Tensor)>)> {
+pub fn silu_mul_vjp(g: &Tensor, u: &Tensor) -> Result<(Tensor, Pullback<PairGrads>)> {
     let g = g.contiguous()?.detach();
     let u = u.contiguous()?.detach();
     let y = g.apply_op2(&u, SiluMul)?;
     let y2 = y.clone();
-    let back = move |dy: &Tensor| -> Result<(Tensor, Tensor)> {
+    let back = move |dy: &Tensor| -> Result<PairGrads> {
         let (dg, du) = SiluMul.bwd(&g, &u, &y2, dy)?;
         Ok((
             dg.ok_or_else(|| cerr("silu_mul: no dg"))?,

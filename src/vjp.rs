@@ -12,6 +12,9 @@ use crate::error::{Error, Result};
 /// Maps the gradient of a piece's output to what the piece hands back (its inputs' gradients).
 pub type Pullback<T> = Box<dyn FnOnce(&Tensor) -> Result<T> + Send>;
 
+/// The gradients of a two-input piece (x and a norm's weight; a gated product's two inputs).
+pub type PairGrads = (Tensor, Tensor);
+
 /// The gradients of an attention's q, k and v.
 pub type QkvGrads = (Tensor, Tensor, Tensor);
 

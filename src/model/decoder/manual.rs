@@ -12,7 +12,8 @@
 //! attention, ...) go through candle's autograd locally ([`through_autograd`]), so every layer
 //! but the mixture-of-experts ones takes this path. Only inside [`scope`], which merges those
 //! weight gradients into the gradients `backward` returns: elsewhere (evaluation, a caller's
-//! own `loss().backward()`) layers stay plain autograd graphs.
+//! own `loss().backward()`, gradient checkpointing's per-layer recomputation) layers stay plain
+//! autograd graphs.
 
 use std::cell::RefCell;
 use std::sync::Mutex;
@@ -25,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::model::spec::NormKind;
 use crate::model::spec::{Act, Block, QkvLayout};
 use crate::model::LossSum;
-use crate::vjp::{grad_or_zeros, through_autograd, to_candle, Pullback};
+use crate::vjp::{grad_or_zeros, through_autograd, to_candle, PairGrads, Pullback};
 
 type Back = Pullback<Tensor>;
 
@@ -40,10 +41,11 @@ thread_local! {
 pub(super) fn scope(
     f: impl FnOnce() -> Result<(LossSum, GradStore)>,
 ) -> Result<(LossSum, GradStore)> {
-    SIDE_GRADS.with(|s| *s.borrow_mut() = Some(Vec::new()));
+    // A scope inside another (a model's forward/backward calling another's) keeps its own list.
+    let outer = SIDE_GRADS.with(|s| s.borrow_mut().replace(Vec::new()));
     let r = f();
     let side = SIDE_GRADS
-        .with(|s| s.borrow_mut().take())
+        .with(|s| std::mem::replace(&mut *s.borrow_mut(), outer))
         .unwrap_or_default();
     let (l, mut grads) = r?;
     for (p, g) in side {
@@ -242,14 +244,14 @@ fn rope_vjp(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Back)> {
 }
 
 /// act(g) * u with its pullback (dg, du).
-fn gated_vjp(g: &Tensor, u: &Tensor, act: Act) -> Result<(Tensor, Pullback<(Tensor, Tensor)>)> {
+fn gated_vjp(g: &Tensor, u: &Tensor, act: Act) -> Result<(Tensor, Pullback<PairGrads>)> {
     #[cfg(feature = "cuda")]
     if act == Act::Silu && crate::fused::usable(g) && g.dims() == u.dims() {
         return crate::fused::silu_mul_vjp(g, u);
     }
     let (y, back) = through_autograd(&[g, u], |t| Ok((activate(&t[0], act)? * &t[1])?))?;
     let (g, u) = (g.clone(), u.clone());
-    let back = move |dy: &Tensor| -> Result<(Tensor, Tensor)> {
+    let back = move |dy: &Tensor| -> Result<PairGrads> {
         let mut r = back(dy)?.into_iter();
         Ok((
             grad_or_zeros(r.next().flatten(), &g)?,
@@ -271,7 +273,7 @@ fn act_like(a: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<(Te
     Ok((y, Box::new(back)))
 }
 
-/// OLMo-style / StableLM-style per-head norm of x (N, heads, D) as
+/// The per-head q/k norm (StableLM's qk_layernorm) of x (N, heads, D) as
 /// [`DecoderModel::attention`] applies it: LayerNorm without parameters, then each head's
 /// weight; the weights' gradients go to their parameters.
 fn head_norm_vjp(x: &Tensor, ws: &[Tensor], eps: f64) -> Result<(Tensor, Back)> {
