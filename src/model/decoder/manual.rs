@@ -12,8 +12,8 @@
 //! attention, ...) go through candle's autograd locally ([`through_autograd`]), so every layer
 //! but the mixture-of-experts ones takes this path. Only inside [`scope`], which merges those
 //! weight gradients into the gradients `backward` returns: elsewhere (evaluation, a caller's
-//! own `loss().backward()`, gradient checkpointing's per-layer recomputation) layers stay plain
-//! autograd graphs.
+//! own `loss().backward()`, gradient checkpointing's recomputation) layers stay plain autograd
+//! graphs.
 
 use std::cell::RefCell;
 use std::sync::Mutex;
@@ -333,6 +333,7 @@ impl DecoderModel {
         Ok(Some(x.apply_op2(&y, Attach(Mutex::new(Some(back))))?))
     }
 
+    /// The layer's output for x and its pullback (dx; weight gradients go to the scope).
     fn layer_vjp(&self, layer: &Layer, x: &Tensor, ctx: &FwdCtx) -> Result<(Tensor, Back)> {
         let (h1, n1) = norm_vjp(&layer.norm1, x)?;
         let (a, attn) = self.attention_vjp(layer, &h1, ctx)?;
