@@ -51,6 +51,28 @@ fn name(dir: &Path) -> String {
     dir.file_name().unwrap().to_string_lossy().into_owned()
 }
 
+/// Every parameter's gradient against transformers' (relative difference ≤ 1e-4).
+fn compare_grads(
+    model: &DecoderModel,
+    grads: &candle_core::backprop::GradStore,
+    r: &Reference,
+    label: &str,
+    failures: &mut Vec<String>,
+) {
+    for p in model.params() {
+        let want = &r.tensors[&format!("grad.{}", p.name)];
+        match grads.get(p.var.as_tensor()) {
+            None => failures.push(format!("{label} {}: no gradient", p.name)),
+            Some(g) => {
+                let d = rel_diff(g, want);
+                if !within(d, 1e-4) {
+                    failures.push(format!("{label} {}: gradient rel diff {d:e}", p.name));
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn all_fourteen_families_are_covered() {
     let types: std::collections::BTreeSet<String> = fixtures()
@@ -107,21 +129,8 @@ fn logits_loss_and_gradients_match_transformers() {
                 failures.push(format!("{fam} pf={padding_free}: loss {loss} vs {want}"));
             }
             let grads = (l.sum / l.n_tokens as f64).unwrap().backward().unwrap();
-            for p in model.params() {
-                let want = &r.tensors[&format!("grad.{}", p.name)];
-                match grads.get(p.var.as_tensor()) {
-                    None => failures.push(format!("{fam} {}: no gradient", p.name)),
-                    Some(g) => {
-                        let d = rel_diff(g, want);
-                        if !within(d, 1e-4) {
-                            failures.push(format!(
-                                "{fam} pf={padding_free} {}: gradient rel diff {d:e}",
-                                p.name
-                            ));
-                        }
-                    }
-                }
-            }
+            let label = format!("{fam} pf={padding_free}");
+            compare_grads(&model, &grads, &r, &label, &mut failures);
             let n_ref = r.tensors.keys().filter(|k| k.starts_with("grad.")).count();
             if n_ref != model.params().len() {
                 failures.push(format!(
@@ -213,21 +222,8 @@ fn hand_written_layer_backward_matches_transformers() {
                     "{fam} pf={padding_free} ckpt={ckpt}: loss {loss} vs {want}"
                 ));
             }
-            for p in model.params() {
-                let want = &r.tensors[&format!("grad.{}", p.name)];
-                match grads.get(p.var.as_tensor()) {
-                    None => failures.push(format!("{fam} {}: no gradient", p.name)),
-                    Some(g) => {
-                        let d = rel_diff(g, want);
-                        if !within(d, 1e-4) {
-                            failures.push(format!(
-                                "{fam} pf={padding_free} ckpt={ckpt} {}: gradient rel diff {d:e}",
-                                p.name
-                            ));
-                        }
-                    }
-                }
-            }
+            let label = format!("{fam} pf={padding_free} ckpt={ckpt}");
+            compare_grads(&model, &grads, &r, &label, &mut failures);
         }
     }
     assert!(

@@ -369,6 +369,67 @@ struct FwdCtx {
     real_rows: Option<Tensor>,
 }
 
+impl ArchSpec {
+    /// q, k, v of a fused projection's output (n, (heads + 2 kv_heads) * head_dim), as views in
+    /// the checkpoint's row layout.
+    fn split_qkv(&self, y: &Tensor, n: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
+        Ok(match self.qkv {
+            QkvLayout::FusedGrouped => {
+                let g = nh / nkv;
+                let y = y.reshape((n, nkv, g + 2, d))?;
+                (
+                    y.narrow(2, 0, g)?,
+                    y.narrow(2, g, 1)?,
+                    y.narrow(2, g + 1, 1)?,
+                )
+            }
+            QkvLayout::FusedInterleaved => {
+                let y = y.reshape((n, nh, 3, d))?;
+                (y.narrow(2, 0, 1)?, y.narrow(2, 1, 1)?, y.narrow(2, 2, 1)?)
+            }
+            _ => (
+                y.narrow(1, 0, nh * d)?,
+                y.narrow(1, nh * d, nkv * d)?,
+                y.narrow(1, (nh + nkv) * d, nkv * d)?,
+            ),
+        })
+    }
+
+    /// The inverse of [`ArchSpec::split_qkv`] for gradients: dq (n, heads, d), dk and dv
+    /// (n, kv_heads, d) → (n, (heads + 2 kv_heads) * d) in the fused rows' layout.
+    fn join_qkv(&self, dq: &Tensor, dk: &Tensor, dv: &Tensor, n: usize) -> Result<Tensor> {
+        let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let (parts, dim) = match self.qkv {
+            QkvLayout::FusedGrouped => (
+                [
+                    dq.reshape((n, nkv, nh / nkv, d))?,
+                    dk.reshape((n, nkv, 1, d))?,
+                    dv.reshape((n, nkv, 1, d))?,
+                ],
+                2,
+            ),
+            QkvLayout::FusedInterleaved => (
+                [
+                    dq.reshape((n, nh, 1, d))?,
+                    dk.reshape((n, nh, 1, d))?,
+                    dv.reshape((n, nh, 1, d))?,
+                ],
+                2,
+            ),
+            _ => (
+                [
+                    dq.reshape((n, nh * d))?,
+                    dk.reshape((n, nkv * d))?,
+                    dv.reshape((n, nkv * d))?,
+                ],
+                1,
+            ),
+        };
+        Ok(Tensor::cat(&parts, dim)?.reshape((n, ()))?)
+    }
+}
+
 impl DecoderModel {
     fn build(raw_config: Value, src: Source, device: &Device) -> Result<Self> {
         let (spec, names) = families::from_config(&raw_config)?;
@@ -649,29 +710,7 @@ impl DecoderModel {
         let (n, nh, nkv, d) = (ctx.n, s.heads, s.kv_heads, s.head_dim);
         let (q, k, v) = match &layer.qkv {
             Qkv::Separate(q, k, v) => (q.fwd(h)?, k.fwd(h)?, v.fwd(h)?),
-            Qkv::Fused(lin) => {
-                let y = lin.fwd(h)?;
-                match s.qkv {
-                    QkvLayout::FusedGrouped => {
-                        let g = nh / nkv;
-                        let y = y.reshape((n, nkv, g + 2, d))?;
-                        (
-                            y.narrow(2, 0, g)?,
-                            y.narrow(2, g, 1)?,
-                            y.narrow(2, g + 1, 1)?,
-                        )
-                    }
-                    QkvLayout::FusedInterleaved => {
-                        let y = y.reshape((n, nh, 3, d))?;
-                        (y.narrow(2, 0, 1)?, y.narrow(2, 1, 1)?, y.narrow(2, 2, 1)?)
-                    }
-                    _ => (
-                        y.narrow(1, 0, nh * d)?,
-                        y.narrow(1, nh * d, nkv * d)?,
-                        y.narrow(1, (nh + nkv) * d, nkv * d)?,
-                    ),
-                }
-            }
+            Qkv::Fused(lin) => s.split_qkv(&lin.fwd(h)?, n)?,
         };
         let (mut q, mut k, mut v) = (
             q.reshape((n, nh, d))?,

@@ -24,7 +24,7 @@ use super::{activate, DecoderModel, FwdCtx, Layer, Lin, Mlp, Norm, Qkv, COMPUTE_
 use crate::error::{Error, Result};
 #[cfg(feature = "cuda")]
 use crate::model::spec::NormKind;
-use crate::model::spec::{Act, Block, QkvLayout};
+use crate::model::spec::{Act, Block};
 use crate::model::LossSum;
 use crate::vjp::{grad_or_zeros, through_autograd, to_candle, PairGrads, Pullback};
 
@@ -218,8 +218,13 @@ fn norm_vjp(norm: &Norm, x: &Tensor) -> Result<(Tensor, Back)> {
         };
         local.fwd(&t[0])
     })?;
-    let x = x.clone();
-    let back = move |dy: &Tensor| -> Result<Tensor> {
+    Ok((y, x_then_params(back, x.clone(), params)))
+}
+
+/// The pullback of a piece through autograd whose inputs are `x` and then parameters: returns
+/// dx and hands the parameters' gradients over.
+fn x_then_params(back: Pullback<Vec<Option<Tensor>>>, x: Tensor, params: Vec<Tensor>) -> Back {
+    Box::new(move |dy: &Tensor| -> Result<Tensor> {
         let mut g = back(dy)?.into_iter();
         let dx = grad_or_zeros(g.next().flatten(), &x)?;
         for (p, gp) in params.iter().zip(g) {
@@ -228,8 +233,7 @@ fn norm_vjp(norm: &Norm, x: &Tensor) -> Result<(Tensor, Back)> {
             }
         }
         Ok(dx)
-    };
-    Ok((y, Box::new(back)))
+    })
 }
 
 fn rope_vjp(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Back)> {
@@ -283,18 +287,7 @@ fn head_norm_vjp(x: &Tensor, ws: &[Tensor], eps: f64) -> Result<(Tensor, Back)> 
         let w = Tensor::stack(&t[1..], 0)?.to_dtype(t[0].dtype())?;
         Ok(crate::ops::layer_norm(&t[0], None, None, eps)?.broadcast_mul(&w)?)
     })?;
-    let (x, ws) = (x.clone(), ws.to_vec());
-    let back = move |dy: &Tensor| -> Result<Tensor> {
-        let mut g = back(dy)?.into_iter();
-        let dx = grad_or_zeros(g.next().flatten(), &x)?;
-        for (w, gw) in ws.iter().zip(g) {
-            if let Some(gw) = gw {
-                side_grad(w, gw)?;
-            }
-        }
-        Ok(dx)
-    };
-    Ok((y, Box::new(back)))
+    Ok((y, x_then_params(back, x.clone(), ws.to_vec())))
 }
 
 /// Adds the input gradients of several pullbacks of one input.
@@ -395,27 +388,7 @@ impl DecoderModel {
             }
             Qkv::Fused(lin) => {
                 let (y, b) = lin_vjp(lin, h)?;
-                let qkv = match s.qkv {
-                    QkvLayout::FusedGrouped => {
-                        let g = nh / nkv;
-                        let y = y.reshape((n, nkv, g + 2, d))?;
-                        (
-                            y.narrow(2, 0, g)?,
-                            y.narrow(2, g, 1)?,
-                            y.narrow(2, g + 1, 1)?,
-                        )
-                    }
-                    QkvLayout::FusedInterleaved => {
-                        let y = y.reshape((n, nh, 3, d))?;
-                        (y.narrow(2, 0, 1)?, y.narrow(2, 1, 1)?, y.narrow(2, 2, 1)?)
-                    }
-                    _ => (
-                        y.narrow(1, 0, nh * d)?,
-                        y.narrow(1, nh * d, nkv * d)?,
-                        y.narrow(1, (nh + nkv) * d, nkv * d)?,
-                    ),
-                };
-                (qkv, Proj::Fused(b))
+                (s.split_qkv(&y, n)?, Proj::Fused(b))
             }
         };
         let q = q.reshape((n, nh, d))?;
@@ -447,7 +420,7 @@ impl DecoderModel {
         let (k, rk) = rope_vjp(&k, &ctx.cos, &ctx.sin)?;
         let (a, attend) = ctx.plan.attend_vjp(&q, &k, &v, s.attn_scale)?;
         let (o, out) = lin_vjp(&layer.o, &a)?;
-        let layout = s.qkv;
+        let spec = s.clone();
         let back = move |dy: &Tensor| -> Result<Tensor> {
             let da = out(dy)?;
             let (dq, dk, dv) = attend(&da)?;
@@ -468,38 +441,7 @@ impl DecoderModel {
                     (bk, dk.reshape((n, nkv * d))?),
                     (bv, dv.reshape((n, nkv * d))?),
                 ]),
-                Proj::Fused(b) => {
-                    let dy = match layout {
-                        QkvLayout::FusedGrouped => {
-                            let g = nh / nkv;
-                            Tensor::cat(
-                                &[
-                                    dq.reshape((n, nkv, g, d))?,
-                                    dk.reshape((n, nkv, 1, d))?,
-                                    dv.reshape((n, nkv, 1, d))?,
-                                ],
-                                2,
-                            )?
-                        }
-                        QkvLayout::FusedInterleaved => Tensor::cat(
-                            &[
-                                dq.reshape((n, nh, 1, d))?,
-                                dk.reshape((n, nh, 1, d))?,
-                                dv.reshape((n, nh, 1, d))?,
-                            ],
-                            2,
-                        )?,
-                        _ => Tensor::cat(
-                            &[
-                                dq.reshape((n, nh * d))?,
-                                dk.reshape((n, nkv * d))?,
-                                dv.reshape((n, nkv * d))?,
-                            ],
-                            1,
-                        )?,
-                    };
-                    b(&dy.reshape((n, ()))?)
-                }
+                Proj::Fused(b) => b(&spec.join_qkv(&dq, &dk, &dv, n)?),
             }
         };
         Ok((o, Box::new(back)))
