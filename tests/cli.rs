@@ -277,6 +277,9 @@ fn bench_and_bench_attn_print_one_json_line() {
         padded["final_loss"].as_f64().unwrap(),
     );
     assert!((a - b).abs() / a < 1e-5, "{a} vs {b}");
+    // The layers through candle's autograd (for comparison): the same loss.
+    let auto = run(&["--autograd-layers"])["final_loss"].as_f64().unwrap();
+    assert!((auto - a).abs() / a < 1e-5, "{auto} vs {a}");
     let (ok, _, err) = common::packsft(&["bench", path, "--dtype", "fp8"]);
     assert!(!ok && err.contains("fp8") && err.contains("auto"), "{err}");
 
