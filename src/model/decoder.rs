@@ -71,15 +71,19 @@ impl Lin {
     /// x (N, in) → (N, out) in x's dtype: through the step's low-precision copy of the weight
     /// if there is one, else a differentiable cast of the f32 master weight.
     fn fwd(&self, x: &Tensor) -> Result<Tensor> {
-        let copy = COMPUTE_WEIGHTS.with(|m| m.borrow().get(&self.w.id()).cloned());
-        let w = match copy {
-            Some(v) if v.dtype() == x.dtype() => v.as_tensor().clone(),
-            _ => self.w.to_dtype(x.dtype())?,
-        };
-        let y = x.matmul(&w.t()?)?;
+        let y = x.matmul(&self.compute_weight(x.dtype())?.t()?)?;
         Ok(match &self.b {
             Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
             None => y,
+        })
+    }
+
+    /// The weight in `dtype`: the step's copy if there is one, else a (differentiable) cast.
+    fn compute_weight(&self, dtype: DType) -> Result<Tensor> {
+        let copy = COMPUTE_WEIGHTS.with(|m| m.borrow().get(&self.w.id()).cloned());
+        Ok(match copy {
+            Some(v) if v.dtype() == dtype => v.as_tensor().clone(),
+            _ => self.w.to_dtype(dtype)?,
         })
     }
 }
@@ -159,6 +163,13 @@ struct Layer {
     q_norm: Vec<Tensor>,
     k_norm: Vec<Tensor>,
     mlp: Mlp,
+}
+
+/// The per-head q/k norm (StableLM's qk_layernorm) of x (N, heads, D): LayerNorm without
+/// parameters, then each head's weight.
+fn head_norm(x: &Tensor, ws: &[Tensor], eps: f64) -> Result<Tensor> {
+    let w = Tensor::stack(ws, 0)?.to_dtype(x.dtype())?;
+    Ok(layer_norm(x, None, None, eps)?.broadcast_mul(&w)?)
 }
 
 fn activate(x: &Tensor, act: Act) -> Result<Tensor> {
@@ -369,12 +380,33 @@ struct FwdCtx {
     real_rows: Option<Tensor>,
 }
 
+/// How a fused q/k/v projection's rows split into q, k and v (plain data, cheap to copy into a
+/// backward closure).
+#[derive(Clone, Copy)]
+struct QkvSplit {
+    layout: QkvLayout,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
 impl ArchSpec {
+    fn qkv_split(&self) -> QkvSplit {
+        QkvSplit {
+            layout: self.qkv,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+}
+
+impl QkvSplit {
     /// q, k, v of a fused projection's output (n, (heads + 2 kv_heads) * head_dim), as views in
     /// the checkpoint's row layout.
-    fn split_qkv(&self, y: &Tensor, n: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    fn split(&self, y: &Tensor, n: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
-        Ok(match self.qkv {
+        Ok(match self.layout {
             QkvLayout::FusedGrouped => {
                 let g = nh / nkv;
                 let y = y.reshape((n, nkv, g + 2, d))?;
@@ -396,11 +428,11 @@ impl ArchSpec {
         })
     }
 
-    /// The inverse of [`ArchSpec::split_qkv`] for gradients: dq (n, heads, d), dk and dv
+    /// The inverse of [`QkvSplit::split`] for gradients: dq (n, heads, d), dk and dv
     /// (n, kv_heads, d) → (n, (heads + 2 kv_heads) * d) in the fused rows' layout.
-    fn join_qkv(&self, dq: &Tensor, dk: &Tensor, dv: &Tensor, n: usize) -> Result<Tensor> {
+    fn join(&self, dq: &Tensor, dk: &Tensor, dv: &Tensor, n: usize) -> Result<Tensor> {
         let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
-        let (parts, dim) = match self.qkv {
+        let (parts, dim) = match self.layout {
             QkvLayout::FusedGrouped => (
                 [
                     dq.reshape((n, nkv, nh / nkv, d))?,
@@ -710,7 +742,7 @@ impl DecoderModel {
         let (n, nh, nkv, d) = (ctx.n, s.heads, s.kv_heads, s.head_dim);
         let (q, k, v) = match &layer.qkv {
             Qkv::Separate(q, k, v) => (q.fwd(h)?, k.fwd(h)?, v.fwd(h)?),
-            Qkv::Fused(lin) => s.split_qkv(&lin.fwd(h)?, n)?,
+            Qkv::Fused(lin) => s.qkv_split().split(&lin.fwd(h)?, n)?,
         };
         let (mut q, mut k, mut v) = (
             q.reshape((n, nh, d))?,
@@ -723,10 +755,8 @@ impl DecoderModel {
             v = v.clamp(-c, c)?;
         }
         if !layer.q_norm.is_empty() {
-            let wq = Tensor::stack(&layer.q_norm, 0)?.to_dtype(q.dtype())?;
-            let wk = Tensor::stack(&layer.k_norm, 0)?.to_dtype(k.dtype())?;
-            q = layer_norm(&q, None, None, s.norm.eps)?.broadcast_mul(&wq)?;
-            k = layer_norm(&k, None, None, s.norm.eps)?.broadcast_mul(&wk)?;
+            q = head_norm(&q, &layer.q_norm, s.norm.eps)?;
+            k = head_norm(&k, &layer.k_norm, s.norm.eps)?;
         }
         let q = fast_apply_rope(&q, &ctx.cos, &ctx.sin)?;
         let k = fast_apply_rope(&k, &ctx.cos, &ctx.sin)?;

@@ -20,7 +20,7 @@ use std::sync::Mutex;
 
 use candle_core::{backprop::GradStore, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
-use super::{activate, DecoderModel, FwdCtx, Layer, Lin, Mlp, Norm, Qkv, COMPUTE_WEIGHTS};
+use super::{activate, head_norm, DecoderModel, FwdCtx, Layer, Lin, Mlp, Norm, Qkv};
 use crate::error::{Error, Result};
 #[cfg(feature = "cuda")]
 use crate::model::spec::NormKind;
@@ -154,18 +154,9 @@ impl CustomOp2 for Attach {
     }
 }
 
-/// The weight a linear layer multiplies by: the step's compute-dtype copy, or the master cast.
-fn weight(lin: &Lin, dtype: DType) -> Result<Tensor> {
-    let copy = COMPUTE_WEIGHTS.with(|m| m.borrow().get(&lin.w.id()).cloned());
-    Ok(match copy {
-        Some(v) if v.dtype() == dtype => v.as_tensor().detach(),
-        _ => lin.w.to_dtype(dtype)?.detach(),
-    })
-}
-
 /// x (N, in) → x W^T (+ b); the pullback returns dx and hands dW = dy^T x (and db) over.
 fn lin_vjp(lin: &Lin, x: &Tensor) -> Result<(Tensor, Back)> {
-    let w = weight(lin, x.dtype())?;
+    let w = lin.compute_weight(x.dtype())?.detach();
     let y = x.matmul(&w.t()?)?;
     let y = match &lin.b {
         Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?.detach())?,
@@ -277,16 +268,11 @@ fn act_like(a: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<(Te
     Ok((y, Box::new(back)))
 }
 
-/// The per-head q/k norm (StableLM's qk_layernorm) of x (N, heads, D) as
-/// [`DecoderModel::attention`] applies it: LayerNorm without parameters, then each head's
-/// weight; the weights' gradients go to their parameters.
+/// [`head_norm`] with its pullback; the weights' gradients go to their parameters.
 fn head_norm_vjp(x: &Tensor, ws: &[Tensor], eps: f64) -> Result<(Tensor, Back)> {
     let mut inputs = vec![x];
     inputs.extend(ws.iter());
-    let (y, back) = through_autograd(&inputs, |t| {
-        let w = Tensor::stack(&t[1..], 0)?.to_dtype(t[0].dtype())?;
-        Ok(crate::ops::layer_norm(&t[0], None, None, eps)?.broadcast_mul(&w)?)
-    })?;
+    let (y, back) = through_autograd(&inputs, |t| head_norm(&t[0], &t[1..], eps))?;
     Ok((y, x_then_params(back, x.clone(), ws.to_vec())))
 }
 
@@ -375,6 +361,7 @@ impl DecoderModel {
     fn attention_vjp(&self, layer: &Layer, h: &Tensor, ctx: &FwdCtx) -> Result<(Tensor, Back)> {
         let s = &self.spec;
         let (n, nh, nkv, d) = (ctx.n, s.heads, s.kv_heads, s.head_dim);
+        let split = s.qkv_split();
         enum Proj {
             Separate(Back, Back, Back),
             Fused(Back),
@@ -388,7 +375,7 @@ impl DecoderModel {
             }
             Qkv::Fused(lin) => {
                 let (y, b) = lin_vjp(lin, h)?;
-                (s.split_qkv(&y, n)?, Proj::Fused(b))
+                (split.split(&y, n)?, Proj::Fused(b))
             }
         };
         let q = q.reshape((n, nh, d))?;
@@ -420,7 +407,6 @@ impl DecoderModel {
         let (k, rk) = rope_vjp(&k, &ctx.cos, &ctx.sin)?;
         let (a, attend) = ctx.plan.attend_vjp(&q, &k, &v, s.attn_scale)?;
         let (o, out) = lin_vjp(&layer.o, &a)?;
-        let spec = s.clone();
         let back = move |dy: &Tensor| -> Result<Tensor> {
             let da = out(dy)?;
             let (dq, dk, dv) = attend(&da)?;
@@ -441,7 +427,7 @@ impl DecoderModel {
                     (bk, dk.reshape((n, nkv * d))?),
                     (bv, dv.reshape((n, nkv * d))?),
                 ]),
-                Proj::Fused(b) => b(&spec.join_qkv(&dq, &dk, &dv, n)?),
+                Proj::Fused(b) => b(&split.join(&dq, &dk, &dv, n)?),
             }
         };
         Ok((o, Box::new(back)))
