@@ -1014,9 +1014,9 @@ impl DecoderModel {
     /// Gradient checkpointing: forward keeping only layer inputs (and router outputs), then the
     /// head's and the router loss's backward, then each layer recomputed from its input and
     /// back-propagated with the gradients that reached its outputs, last layer first.
-    /// Layers stay autograd graphs here (outside `manual::scope`): recomputing them through the
-    /// hand-written backward measured slower on the CPU (815 vs 922 tokens/s, FLAN-like
-    /// padding-free) with a higher peak (2.9 vs 2.2 GiB); not measured on a GPU yet.
+    /// Layers stay autograd graphs here (outside `manual::scope`): a recompute through the
+    /// hand-written backward was tried, ran slower with a higher peak on the CPU, and was not
+    /// kept; it has not been tried on a GPU.
     fn forward_backward_checkpointed(
         &self,
         batch: &Batch,
