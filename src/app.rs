@@ -172,6 +172,7 @@ pub fn trainer_config(recipe: &Recipe) -> TrainerConfig {
         save_total_limit: t.save_total_limit,
         output_dir: Some(recipe.output_dir.clone()),
         progress: true,
+        overlap_steps: t.overlap_steps,
     }
 }
 

@@ -45,6 +45,8 @@ pub struct BenchArgs {
     pub padding_free: bool,
     pub device: Device,
     pub compute: crate::model::ComputeOptions,
+    /// Enqueue each step before reading the one before it, as `Trainer::train` does on a GPU.
+    pub overlap: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -126,6 +128,17 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
     let (mut real, mut slots) = (0usize, 0usize);
     let mut t0 = Instant::now();
     let mut last_loss = f64::NAN;
+    // As `Trainer::train` runs on a GPU: each step is enqueued before the previous one is read.
+    let mut in_flight = None;
+    let mut finish = |trainer: &mut Trainer<_, _>, p| -> Result<()> {
+        let m = trainer.finish_step(p)?;
+        last_loss = m.loss;
+        if m.step > args.warmup {
+            real += m.tokens;
+            slots += m.positions;
+        }
+        Ok(())
+    };
     for (i, chunk) in data
         .examples
         .chunks(args.bs)
@@ -133,17 +146,23 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
         .enumerate()
     {
         if i == args.warmup {
+            if let Some(p) = in_flight.take() {
+                finish(&mut trainer, p)?;
+            }
             args.device.synchronize()?;
             t0 = Instant::now();
-            real = 0;
-            slots = 0;
         }
-        let m = trainer.train_step(i, chunk, &schedule)?;
-        last_loss = m.loss;
-        if i >= args.warmup {
-            real += m.tokens;
-            slots += m.positions;
+        let p = trainer.enqueue_step(i, &[chunk], &schedule)?;
+        if let Some(prev) = in_flight.replace(p) {
+            finish(&mut trainer, prev)?;
         }
+        if !args.overlap {
+            let p = in_flight.take().expect("just enqueued");
+            finish(&mut trainer, p)?;
+        }
+    }
+    if let Some(p) = in_flight.take() {
+        finish(&mut trainer, p)?;
     }
     args.device.synchronize()?;
     let dt = t0.elapsed().as_secs_f64();

@@ -38,6 +38,9 @@ pub trait Callback {
     fn on_train_begin(&mut self, _state: &crate::checkpoint::TrainerState) -> Result<()> {
         Ok(())
     }
+    /// Called after each step. On a GPU the trainer has usually enqueued the next step by then
+    /// (`TrainerConfig::overlap_steps`): a `Save` or `Stop` returned here takes effect after
+    /// that step, whose update is already done. Steps that evaluate or save are never overlapped.
     fn on_step_end(&mut self, _metrics: &StepMetrics) -> Result<Control> {
         Ok(Control::Continue)
     }

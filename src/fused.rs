@@ -55,11 +55,17 @@ pub struct AdamWStep {
 }
 
 /// Clips all gradients to a global norm of `max_grad_norm` (if > 0) and applies one AdamW
-/// step to every slot, in place. Returns the norm before clipping; if it is not finite nothing
-/// was changed.
-pub fn adamw_step(slots: &[AdamWSlot<'_>], h: &AdamWStep) -> Result<f64> {
+/// step to every slot, in place, without waiting for the device. Returns the squared norm
+/// before clipping as a float64 device tensor of one element (read it with [`read_norm`]); if
+/// it is not finite nothing was changed. A `guard` (a float64 scalar on the device, e.g. the
+/// step's loss) that is not finite makes the squared norm NaN and so also stops the update.
+pub fn adamw_step(
+    slots: &[AdamWSlot<'_>],
+    h: &AdamWStep,
+    guard: Option<&Tensor>,
+) -> Result<Tensor> {
     let Some(first) = slots.first() else {
-        return Ok(0.0);
+        return Ok(Tensor::zeros(1, DType::F64, &candle_core::Device::Cpu)?);
     };
     let candle_core::Device::Cuda(dev) = first.param.device() else {
         return Err(Error::Training("fused AdamW needs a CUDA device".into()));
@@ -79,13 +85,25 @@ pub fn adamw_step(slots: &[AdamWSlot<'_>], h: &AdamWStep) -> Result<f64> {
     let stream = dev.cuda_stream();
     let f_norm = kernel(dev, MODULE, PTX, "grad_sumsq_f32")?;
     let f_adam = kernel(dev, MODULE, PTX, "adamw_f32")?;
+    if let Some(g) = guard {
+        let g = g.to_dtype(DType::F64)?.flatten_all()?.contiguous()?;
+        with_storages(&[&g], |st| {
+            let gv = cview::<f64>(st[0].0, st[0].1)?;
+            let f = kernel(dev, MODULE, PTX, "sumsq_guard")?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&gv).arg(&sumsq);
+            unsafe { b.launch(LaunchConfig::for_num_elems(1)) }.w()?;
+            Ok(())
+        })?;
+    }
     for s in slots {
         let n = s.grad.elem_count() as u64;
         with_storages(&[s.grad], |st| {
             let g = cview::<f32>(st[0].0, st[0].1)?;
             let mut b = stream.launch_builder(&f_norm);
             b.arg(&g).arg(&n).arg(&sumsq);
-            unsafe { b.launch(elementwise_cfg(n as usize)) }.w()?;
+            // Few blocks: each ends with one atomic add to the shared sum.
+            unsafe { b.launch(vector_cfg(n as usize, 4, 4)) }.w()?;
             Ok(())
         })?;
     }
@@ -117,12 +135,120 @@ pub fn adamw_step(slots: &[AdamWSlot<'_>], h: &AdamWStep) -> Result<f64> {
                 .arg(&h.beta2)
                 .arg(&h.eps);
             b.arg(&decay).arg(&s.bc1).arg(&bc2_sqrt);
-            unsafe { b.launch(elementwise_cfg(n as usize)) }.w()?;
+            unsafe { b.launch(vector_cfg(n as usize, 4, 8)) }.w()?;
             Ok(())
         })?;
     }
-    let total = dev.clone_dtoh(&sumsq)?;
-    Ok(total[0].sqrt())
+    Ok(wrap(sumsq, dev, 1, first.param)?)
+}
+
+/// The gradient norm from [`adamw_step`]'s squared norm (waits for the device).
+pub fn read_norm(sumsq: &Tensor) -> Result<f64> {
+    Ok(sumsq
+        .to_vec1::<f64>()?
+        .first()
+        .copied()
+        .unwrap_or(0.0)
+        .sqrt())
+}
+
+/// Writes bf16(`src`) into `dst` in place: both contiguous, of one shape, float32 and bf16 on
+/// one CUDA device; `dst` is a buffer its owner rewrites every step (the compute-weight
+/// copies), read by nothing else meanwhile.
+pub fn cast_bf16_into(src: &Tensor, dst: &Tensor) -> Result<()> {
+    if src.dtype() != DType::F32 || dst.dtype() != DType::BF16 || src.dims() != dst.dims() {
+        return Err(Error::Training(format!(
+            "cast_bf16_into: float32 {:?} into bf16 of the same shape expected, got {:?} {:?}",
+            src.dims(),
+            dst.dtype(),
+            dst.dims()
+        )));
+    }
+    let candle_core::Device::Cuda(dev) = src.device() else {
+        return Err(Error::Training("cast_bf16_into needs a CUDA device".into()));
+    };
+    let n = src.elem_count() as u64;
+    with_storages(&[src, dst], |st| {
+        let x = cview::<f32>(st[0].0, st[0].1)?;
+        let y = cview::<bf16>(st[1].0, st[1].1)?;
+        let f = kernel(dev, MODULE, PTX, "cast_f32_bf16")?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&y).arg(&n);
+        unsafe { b.launch(vector_cfg(n as usize, 4, 8)) }.w()?;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// A grid for a memory-bound loop of `per_thread` elements per thread and iteration: enough
+/// blocks for the work, at most `blocks_per_sm` on each of an H100's 132 SMs (the loop strides).
+fn vector_cfg(n: usize, per_thread: usize, blocks_per_sm: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            n.div_ceil(256 * per_thread).clamp(1, 132 * blocks_per_sm) as u32,
+            1,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+struct Add;
+
+impl CustomOp2 for Add {
+    fn name(&self) -> &'static str {
+        "packsft-add"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cerr("fused add: CUDA only"))
+    }
+    fn cuda_fwd(
+        &self,
+        a: &CudaStorage,
+        al: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let n = al.shape().elem_count();
+        let dev = a.device.clone();
+        let (av, bv) = (cview::<bf16>(a, al)?, cview::<bf16>(b, bl)?);
+        let y = unsafe { dev.alloc::<bf16>(n)? };
+        let f = ops_func(&dev, "add_bf16")?;
+        let stream = dev.cuda_stream();
+        let mut l = stream.launch_builder(&f);
+        let n64 = n as u64;
+        l.arg(&av).arg(&bv).arg(&y).arg(&n64);
+        unsafe { l.launch(vector_cfg(n, 8, 8)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), al.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(dy.clone()), Some(dy.clone())))
+    }
+}
+
+/// a + b for bf16 tensors of one shape on CUDA in one vectorised pass (candle's strided add
+/// reads at about a third of the card's bandwidth: the gradient sums and residuals of every
+/// layer); anything else through candle's add. Differentiable either way.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if usable(a) && usable(b) && a.dims() == b.dims() {
+        let (a, b) = (a.contiguous()?, b.contiguous()?);
+        return Ok(a.apply_op2(&b, Add)?);
+    }
+    Ok((a + b)?)
 }
 
 /// Whether the fused layers apply to `x`: bf16 on a CUDA device.

@@ -132,6 +132,9 @@ enum Cmd {
         /// backward (for comparison)
         #[arg(long)]
         autograd_layers: bool,
+        /// Read each step's loss before enqueueing the next one (the CPU's way; for comparison)
+        #[arg(long)]
+        no_overlap: bool,
     },
 }
 
@@ -287,6 +290,7 @@ fn run(cli: Cli) -> packsft::Result<()> {
             gradient_checkpointing,
             attention,
             autograd_layers,
+            no_overlap,
         } => {
             let compute = packsft::model::ComputeOptions {
                 dtype: match dtype.as_str() {
@@ -323,6 +327,7 @@ fn run(cli: Cli) -> packsft::Result<()> {
                         .args(["--attention", &attention])
                         .args(gradient_checkpointing.then_some("--gradient-checkpointing"))
                         .args(autograd_layers.then_some("--autograd-layers"))
+                        .args(no_overlap.then_some("--no-overlap"))
                         .stderr(std::process::Stdio::inherit())
                         .output()
                         .map_err(|e| packsft::Error::io(&exe, e))?;
@@ -361,6 +366,7 @@ fn run(cli: Cli) -> packsft::Result<()> {
                     padding_free: !padded,
                     device: packsft::device::open(&dev)?,
                     compute,
+                    overlap: !no_overlap,
                 };
                 let r = bench::run(&args)?;
                 println!("{}", serde_json::to_string(&r).expect("result serialises"));

@@ -158,21 +158,70 @@ impl AdamW {
         max_norm: f64,
         lr: f64,
     ) -> Result<f64> {
+        let pending = self.enqueue_clip_and_step(grads, params, max_norm, lr, None)?;
+        self.settle(pending)
+    }
+
+    /// [`AdamW::clip_and_step`] without waiting for the device where it can (the fused CUDA
+    /// path): the norm is read by [`AdamW::settle`], so the host can go on enqueueing work. A
+    /// `guard` (a scalar, e.g. the step's loss) that is not finite stops the update as a
+    /// non-finite norm does, also on the device.
+    pub fn enqueue_clip_and_step(
+        &mut self,
+        grads: &mut GradStore,
+        params: &[Param],
+        max_norm: f64,
+        lr: f64,
+        guard: Option<&Tensor>,
+    ) -> Result<PendingUpdate> {
         #[cfg(feature = "cuda")]
         if self.slots.first().is_some_and(|s| s.var.device().is_cuda())
             && self.slots.iter().all(|s| s.var.dtype() == DType::F32)
         {
-            return self.fused_step(grads, max_norm, lr);
+            return self.fused_step(grads, max_norm, lr, guard);
+        }
+        let ready = |norm: f64| PendingUpdate {
+            norm: PendingNorm::Ready(norm),
+            counted: Vec::new(),
+        };
+        if let Some(g) = guard {
+            let g = g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            if g.iter().any(|x| !x.is_finite()) {
+                return Ok(ready(f64::NAN));
+            }
         }
         let norm = clip_grad_norm(grads, params, max_norm)?;
         if norm.is_finite() {
             self.step(grads, lr)?;
         }
+        Ok(ready(norm))
+    }
+
+    /// The gradient norm of an enqueued update (waiting for the device). If it is not finite
+    /// the update changed nothing, and the update counts it advanced are taken back.
+    pub fn settle(&mut self, p: PendingUpdate) -> Result<f64> {
+        let norm = match p.norm {
+            PendingNorm::Ready(n) => n,
+            #[cfg(feature = "cuda")]
+            PendingNorm::Device(sumsq) => crate::fused::read_norm(&sumsq)?,
+        };
+        if !norm.is_finite() && !p.counted.is_empty() {
+            self.step -= 1;
+            for i in p.counted {
+                self.slots[i].t -= 1;
+            }
+        }
         Ok(norm)
     }
 
     #[cfg(feature = "cuda")]
-    fn fused_step(&mut self, grads: &GradStore, max_norm: f64, lr: f64) -> Result<f64> {
+    fn fused_step(
+        &mut self,
+        grads: &GradStore,
+        max_norm: f64,
+        lr: f64,
+        guard: Option<&Tensor>,
+    ) -> Result<PendingUpdate> {
         use crate::fused::{adamw_step, AdamWSlot, AdamWStep};
         let c = self.config;
         let mut owned = Vec::new();
@@ -197,7 +246,7 @@ impl AdamW {
                 }
             })
             .collect();
-        let norm = adamw_step(
+        let sumsq = adamw_step(
             &slots,
             &AdamWStep {
                 lr: lr as f32,
@@ -207,15 +256,20 @@ impl AdamW {
                 weight_decay: c.weight_decay as f32,
                 max_grad_norm: max_norm as f32,
             },
+            guard,
         )?;
         drop(slots);
-        if norm.is_finite() {
-            self.step += 1;
-            for (i, _) in &owned {
-                self.slots[*i].t += 1;
-            }
+        // Counted now so that a next step enqueued before this one settles uses the right
+        // bias corrections; `settle` takes them back if the device skipped the update.
+        self.step += 1;
+        let counted: Vec<usize> = owned.iter().map(|(i, _)| *i).collect();
+        for i in &counted {
+            self.slots[*i].t += 1;
         }
-        Ok(norm)
+        Ok(PendingUpdate {
+            norm: PendingNorm::Device(sumsq),
+            counted,
+        })
     }
 
     /// One update with learning rate `lr` from the accumulated `grads` (already normalised and
@@ -249,6 +303,21 @@ impl AdamW {
         }
         Ok(())
     }
+}
+
+/// An optimizer update that may still be running on the device ([`AdamW::settle`] reads it).
+#[must_use = "settle the update to learn its gradient norm and whether it was applied"]
+pub struct PendingUpdate {
+    norm: PendingNorm,
+    /// Slots whose update count the enqueue advanced.
+    counted: Vec<usize>,
+}
+
+enum PendingNorm {
+    Ready(f64),
+    /// The squared norm, a float64 device tensor of one element.
+    #[cfg(feature = "cuda")]
+    Device(Tensor),
 }
 
 /// The global L2 norm of all gradients; if it exceeds `max_norm` (> 0) every gradient is scaled

@@ -194,6 +194,8 @@ pub struct TrainSection {
     pub attention: crate::attention::AttentionImpl,
     /// `cpu`, `cuda` or `cuda:N` (needs a build with `--features cuda`).
     pub device: String,
+    /// Enqueue each step on the GPU before the previous one is reported (unset: on a GPU).
+    pub overlap_steps: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -247,6 +249,7 @@ impl Default for TrainSection {
             dtype: ComputeDtype::F32,
             attention: crate::attention::AttentionImpl::Auto,
             device: "cpu".into(),
+            overlap_steps: None,
         }
     }
 }

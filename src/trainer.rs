@@ -19,7 +19,7 @@ use crate::collator::{Collator, TrainBatch};
 use crate::data::Example;
 use crate::error::{Error, Result};
 use crate::model::{LossScale, Model};
-use crate::optim::{accumulate, AdamW, AdamWConfig, LrSchedule, Schedule};
+use crate::optim::{accumulate, AdamW, AdamWConfig, LrSchedule, PendingUpdate, Schedule};
 
 #[derive(Debug, Clone)]
 pub struct TrainerConfig {
@@ -56,6 +56,10 @@ pub struct TrainerConfig {
     pub output_dir: Option<PathBuf>,
     /// Show a progress bar (only when stderr is a terminal).
     pub progress: bool,
+    /// Enqueue each step before the previous one is reported, so the device never waits for
+    /// the host (None: on a GPU). A callback's `Save` or `Stop` from `on_step_end` then takes
+    /// effect after the step already enqueued; eval, save and last steps are never overlapped.
+    pub overlap_steps: Option<bool>,
 }
 
 impl Default for TrainerConfig {
@@ -82,6 +86,7 @@ impl Default for TrainerConfig {
             save_total_limit: None,
             output_dir: None,
             progress: true,
+            overlap_steps: None,
         }
     }
 }
@@ -150,6 +155,51 @@ pub struct StepGrads {
     pub positions: usize,
 }
 
+/// Sizes of one optimizer step's micro-batches, summed.
+#[derive(Debug, Clone, Copy)]
+struct StepSizes {
+    loss_units: f64,
+    target_tokens: usize,
+    tokens: usize,
+    positions: usize,
+    examples: usize,
+}
+
+/// A step on the device, with where the epoch stands once it is done.
+struct InFlight {
+    pending: PendingStep,
+    epoch: usize,
+    cursor: usize,
+    /// The host must see this step's result before the next one runs (eval, save, last).
+    barrier: bool,
+}
+
+/// Gradients of a step whose losses are still on the device.
+struct PendingGrads {
+    grads: GradStore,
+    /// Float64 scalars.
+    loss_sum: candle_core::Tensor,
+    aux_loss: Option<candle_core::Tensor>,
+    sizes: StepSizes,
+}
+
+/// An optimizer step enqueued by [`Trainer::enqueue_step`], to hand to
+/// [`Trainer::finish_step`].
+#[must_use = "finish the step to learn its loss and whether its update was applied"]
+pub struct PendingStep {
+    step: usize,
+    loss_sum: candle_core::Tensor,
+    aux_loss: Option<candle_core::Tensor>,
+    update: PendingUpdate,
+    lr: f64,
+    sizes: StepSizes,
+    t0: Instant,
+}
+
+fn read_scalar(t: &candle_core::Tensor) -> Result<f64> {
+    Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+}
+
 /// Drives `M` with batches from `C`; the two must agree on the batch type.
 pub struct Trainer<M: Model, C: Collator<Batch = M::Batch>> {
     pub model: M,
@@ -160,6 +210,8 @@ pub struct Trainer<M: Model, C: Collator<Batch = M::Batch>> {
     callbacks: Vec<Box<dyn Callback>>,
     stop: Arc<AtomicBool>,
     resume: Option<(PathBuf, TrainerState)>,
+    /// When the last step finished (steps may overlap on a GPU).
+    last_finished: Option<Instant>,
 }
 
 /// The order in which examples are visited in `epoch`: a seeded shuffle (seed + epoch), so a
@@ -235,6 +287,7 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             callbacks: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             resume: None,
+            last_finished: None,
         })
     }
 
@@ -305,48 +358,68 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
     /// micro-batch's summed loss is divided by the step's total loss units, so any split of the
     /// same examples, padded or not, gives the same gradients.
     pub fn step_grads_split(&self, micro_batches: &[&[Example]]) -> Result<StepGrads> {
+        let p = self.pending_grads(micro_batches)?;
+        Ok(StepGrads {
+            grads: p.grads,
+            loss_sum: read_scalar(&p.loss_sum)?,
+            aux_loss: p.aux_loss.as_ref().map(read_scalar).transpose()?,
+            loss_units: p.sizes.loss_units,
+            target_tokens: p.sizes.target_tokens,
+            tokens: p.sizes.tokens,
+            positions: p.sizes.positions,
+        })
+    }
+
+    /// [`Trainer::step_grads_split`] with the losses left on the device: reading them would
+    /// make the host wait for the whole backward before it can enqueue the optimizer.
+    fn pending_grads(&self, micro_batches: &[&[Example]]) -> Result<PendingGrads> {
         let batches = micro_batches
             .iter()
             .map(|mb| self.collator.collate(mb, &self.device))
             .collect::<Result<Vec<_>>>()?;
-        let loss_units: f64 = batches.iter().map(|b| b.loss_units()).sum();
-        let target_tokens: usize = batches.iter().map(|b| b.n_targets()).sum();
-        let tokens: usize = batches.iter().map(|b| b.n_tokens()).sum();
-        let positions = batches.iter().map(|b| b.n_positions()).sum();
+        let sizes = StepSizes {
+            loss_units: batches.iter().map(|b| b.loss_units()).sum(),
+            target_tokens: batches.iter().map(|b| b.n_targets()).sum(),
+            tokens: batches.iter().map(|b| b.n_tokens()).sum(),
+            positions: batches.iter().map(|b| b.n_positions()).sum(),
+            examples: micro_batches.iter().map(|m| m.len()).sum(),
+        };
         let mut acc = None;
-        let mut loss_sum = 0f64;
-        let mut aux_loss: Option<f64> = None;
+        let mut loss_sum: Option<candle_core::Tensor> = None;
+        let mut aux_loss: Option<candle_core::Tensor> = None;
+        let f64_sum = |total: Option<candle_core::Tensor>, x: candle_core::Tensor| -> Result<_> {
+            let x = x.to_dtype(candle_core::DType::F64)?;
+            Ok(Some(match total {
+                Some(t) => (t + x)?,
+                None => x,
+            }))
+        };
         for b in &batches {
             if b.n_targets() == 0 {
                 continue;
             }
-            let share = b.n_tokens() as f64 / tokens as f64;
+            let share = b.n_tokens() as f64 / sizes.tokens as f64;
             let scale = LossScale {
-                per_unit: 1.0 / loss_units,
+                per_unit: 1.0 / sizes.loss_units,
                 aux: share,
             };
             let (l, grads) = self.model.forward_backward(b, scale)?;
-            loss_sum += l
-                .sum
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
-            if let Some(a) = &l.aux {
-                *aux_loss.get_or_insert(0.0) +=
-                    share * a.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            loss_sum = f64_sum(loss_sum, l.sum)?;
+            if let Some(a) = l.aux {
+                aux_loss = f64_sum(aux_loss, (a.to_dtype(candle_core::DType::F64)? * share)?)?;
             }
             accumulate(&mut acc, grads, self.model.params())?;
         }
-        let grads = acc.ok_or_else(|| {
-            Error::Training("an optimizer step has no target token in any of its examples".into())
-        })?;
-        Ok(StepGrads {
+        let (Some(grads), Some(loss_sum)) = (acc, loss_sum) else {
+            return Err(Error::Training(
+                "an optimizer step has no target token in any of its examples".into(),
+            ));
+        };
+        Ok(PendingGrads {
             grads,
             loss_sum,
             aux_loss,
-            loss_units,
-            target_tokens,
-            tokens,
-            positions,
+            sizes,
         })
     }
 
@@ -363,50 +436,90 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         micro_batches: &[&[Example]],
         schedule: &LrSchedule,
     ) -> Result<StepMetrics> {
+        let p = self.enqueue_step(step, micro_batches, schedule)?;
+        self.finish_step(p)
+    }
+
+    /// Enqueues one optimizer step (0-based `step`): forward, backward, clip and update, on a
+    /// GPU without waiting for any of it, so that the host can prepare (and enqueue) the next
+    /// step while the device runs this one. [`Trainer::finish_step`] reads its loss and
+    /// gradient norm. The update is applied only if both are finite, which the device checks
+    /// by itself; a step enqueued before this one is finished sees its update.
+    pub fn enqueue_step(
+        &mut self,
+        step: usize,
+        micro_batches: &[&[Example]],
+        schedule: &LrSchedule,
+    ) -> Result<PendingStep> {
         let t0 = Instant::now();
-        let mut sg = self.step_grads_split(micro_batches)?;
+        let mut g = self.pending_grads(micro_batches)?;
         let t_grads = t0.elapsed();
-        let loss = sg.loss_sum / sg.loss_units;
-        if !loss.is_finite() {
-            return Err(Error::Training(format!(
-                "step {}: loss is {loss}; the last good checkpoint is kept",
-                step + 1
-            )));
-        }
         let lr = schedule.lr(step);
-        let grad_norm = self.optimizer.clip_and_step(
-            &mut sg.grads,
+        let update = self.optimizer.enqueue_clip_and_step(
+            &mut g.grads,
             self.model.params(),
             self.config.max_grad_norm,
             lr,
+            Some(&g.loss_sum),
         )?;
+        if crate::device::profiling() {
+            tracing::info!(
+                "profile step {} (host enqueue): gradients {:.1} ms, clip + optimizer {:.1} ms",
+                step + 1,
+                t_grads.as_secs_f64() * 1e3,
+                (t0.elapsed() - t_grads).as_secs_f64() * 1e3
+            );
+        }
+        Ok(PendingStep {
+            step,
+            loss_sum: g.loss_sum,
+            aux_loss: g.aux_loss,
+            update,
+            lr,
+            sizes: g.sizes,
+            t0,
+        })
+    }
+
+    /// Waits for an enqueued step and reports it; a non-finite loss or gradient norm is an
+    /// error (the device left the weights as they were).
+    pub fn finish_step(&mut self, p: PendingStep) -> Result<StepMetrics> {
+        let loss_sum = read_scalar(&p.loss_sum);
+        let grad_norm = self.optimizer.settle(p.update)?;
+        let loss = loss_sum? / p.sizes.loss_units;
+        if !loss.is_finite() {
+            return Err(Error::Training(format!(
+                "step {}: loss is {loss}; the last good checkpoint is kept",
+                p.step + 1
+            )));
+        }
         if !grad_norm.is_finite() {
             return Err(Error::Training(format!(
                 "step {}: gradient norm is {grad_norm}; the last good checkpoint is kept",
-                step + 1
+                p.step + 1
             )));
         }
-        let dt = t0.elapsed().as_secs_f64();
-        if crate::device::profiling() {
-            tracing::info!(
-                "profile step {}: gradients {:.1} ms, clip + optimizer {:.1} ms",
-                step + 1,
-                t_grads.as_secs_f64() * 1e3,
-                (dt - t_grads.as_secs_f64()) * 1e3
-            );
-        }
+        let aux_loss = p.aux_loss.as_ref().map(read_scalar).transpose()?;
+        // With steps overlapping, a step's time runs from the end of the one before it.
+        let now = Instant::now();
+        let since = match self.last_finished {
+            Some(t) if t > p.t0 => t,
+            _ => p.t0,
+        };
+        self.last_finished = Some(now);
+        let dt = (now - since).as_secs_f64();
         Ok(StepMetrics {
-            step: step + 1,
+            step: p.step + 1,
             epoch: 0.0,
             loss,
-            lr,
+            lr: p.lr,
             grad_norm,
-            aux_loss: sg.aux_loss,
-            tokens: sg.tokens,
-            target_tokens: sg.target_tokens,
-            positions: sg.positions,
-            examples: micro_batches.iter().map(|m| m.len()).sum(),
-            tokens_per_s: sg.tokens as f64 / dt.max(1e-9),
+            aux_loss,
+            tokens: p.sizes.tokens,
+            target_tokens: p.sizes.target_tokens,
+            positions: p.sizes.positions,
+            examples: p.sizes.examples,
+            tokens_per_s: p.sizes.tokens as f64 / dt.max(1e-9),
             elapsed_s: 0.0,
         })
     }
@@ -642,35 +755,82 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         });
         let mut summary = TrainSummary::default();
         let start = Instant::now();
-        let mut order = epoch_order(&lengths, state.epoch, &self.config);
         tracing::info!(
             examples = train.len(),
             steps = total,
             start_step = state.global_step,
             "training"
         );
-        while state.global_step < total {
-            if state.cursor >= order.len() {
-                state.epoch += 1;
-                state.cursor = 0;
-                order = epoch_order(&lengths, state.epoch, &self.config);
-            }
-            let rest: Vec<usize> = order[state.cursor..].iter().map(|&i| lengths[i]).collect();
-            let sizes = step_sizes(&rest, &self.config);
-            let consumed: usize = sizes.iter().sum();
-            let examples: Vec<Example> = order[state.cursor..state.cursor + consumed]
-                .iter()
-                .map(|&i| train[i].clone())
-                .collect();
-            let mut mbs: Vec<&[Example]> = Vec::with_capacity(sizes.len());
-            let mut at = 0;
-            for s in &sizes {
-                mbs.push(&examples[at..at + s]);
-                at += s;
-            }
-            let mut m = self.train_step_split(state.global_step, &mbs, &schedule)?;
+        let overlap = self
+            .config
+            .overlap_steps
+            .unwrap_or_else(|| self.device.is_cuda());
+        // Where the next step to enqueue starts; `state` only moves when a step finishes, so a
+        // checkpoint always describes the weights it holds.
+        let mut plan = (state.epoch, state.cursor);
+        let mut order = epoch_order(&lengths, plan.0, &self.config);
+        let mut next_step = state.global_step;
+        let mut in_flight: Option<InFlight> = None;
+        let mut stopping = false;
+        // A save or stop asked for while the next step was already enqueued.
+        let mut pending_control = Control::Continue;
+        loop {
+            // A step after which the host must look at the weights (eval, save, the end) is
+            // finished before the next one is enqueued; otherwise the next one is enqueued
+            // first, so the device never waits for the host between steps.
+            let may_enqueue = next_step < total
+                && !stopping
+                && pending_control == Control::Continue
+                && in_flight
+                    .as_ref()
+                    .is_none_or(|f| overlap && !f.barrier && !self.stop.load(Ordering::SeqCst));
+            let enqueued = if may_enqueue {
+                if plan.1 >= order.len() {
+                    plan = (plan.0 + 1, 0);
+                    order = epoch_order(&lengths, plan.0, &self.config);
+                }
+                let rest: Vec<usize> = order[plan.1..].iter().map(|&i| lengths[i]).collect();
+                let sizes = step_sizes(&rest, &self.config);
+                let consumed: usize = sizes.iter().sum();
+                let examples: Vec<Example> = order[plan.1..plan.1 + consumed]
+                    .iter()
+                    .map(|&i| train[i].clone())
+                    .collect();
+                let mut mbs: Vec<&[Example]> = Vec::with_capacity(sizes.len());
+                let mut at = 0;
+                for s in &sizes {
+                    mbs.push(&examples[at..at + s]);
+                    at += s;
+                }
+                let pending = self.enqueue_step(next_step, &mbs, &schedule)?;
+                plan.1 += consumed;
+                next_step += 1;
+                let due = |every: usize| every > 0 && next_step % every == 0;
+                Some(InFlight {
+                    pending,
+                    epoch: plan.0,
+                    cursor: plan.1,
+                    barrier: next_step == total
+                        || (eval.is_some() && due(self.config.eval_steps))
+                        || due(self.config.save_steps),
+                })
+            } else {
+                None
+            };
+            let Some(done) = in_flight.take() else {
+                match enqueued {
+                    Some(e) => {
+                        in_flight = Some(e);
+                        continue;
+                    }
+                    None => break,
+                }
+            };
+            in_flight = enqueued;
+            let mut m = self.finish_step(done.pending)?;
             state.global_step += 1;
-            state.cursor += consumed;
+            state.epoch = done.epoch;
+            state.cursor = done.cursor;
             m.epoch = state.epoch as f64 + state.cursor as f64 / train.len() as f64;
             m.elapsed_s = start.elapsed().as_secs_f64();
             metrics.write(&serde_json::to_value(&m).expect("metrics serialise"))?;
@@ -726,8 +886,16 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                 summary.interrupted = true;
                 control = Control::Stop;
             }
+            // A request made while the next step is already on the device applies after it:
+            // its update is done, so the checkpoint must include it.
+            stopping |= control == Control::Stop;
             let save_due = self.config.save_steps > 0
                 && (state.global_step % self.config.save_steps == 0 || is_last);
+            if in_flight.is_some() && control != Control::Continue {
+                pending_control = pending_control.max(control);
+                continue;
+            }
+            let control = control.max(std::mem::take(&mut pending_control));
             if save_due || control != Control::Continue {
                 summary.last_checkpoint = self.save_checkpoint(&state)?.or(summary.last_checkpoint);
             }

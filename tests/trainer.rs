@@ -705,3 +705,99 @@ fn a_resumed_run_calls_on_resume_with_its_checkpoint_before_on_train_begin() {
         ]
     );
 }
+
+/// The overlapped loop (the GPU default: each step enqueued before the previous one is read)
+/// on the CPU, where it must give what the sequential loop gives: the same steps, evals,
+/// checkpoints and weights; a callback's stop after a step lands one step later, with a
+/// checkpoint that holds that step, from which a resumed run continues exactly.
+#[test]
+fn overlapped_steps_match_sequential_steps() {
+    let exs = data();
+    let eval = examples(&[7, 9], 64, 99);
+    let run = |overlap: bool, stop_at: Option<usize>| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(Some(dir.path()));
+        c.eval_steps = 4;
+        c.overlap_steps = Some(overlap);
+        let mut t = Trainer::new(
+            tiny_model(11),
+            CompletionOnlyCollator::new(true, 0),
+            c,
+            Device::Cpu,
+        )
+        .unwrap();
+        if let Some(s) = stop_at {
+            t.add_callback(Box::new(StopAt(s)));
+        }
+        let summary = t.train(&exs, Some(&eval)).unwrap();
+        (dir, t, summary)
+    };
+    let (seq_dir, seq_t, seq) = run(false, None);
+    let (ovl_dir, ovl_t, ovl) = run(true, None);
+    assert_eq!(seq.steps.len(), 8);
+    for (a, b) in seq.steps.iter().zip(&ovl.steps) {
+        assert_eq!(
+            (a.step, a.loss, a.grad_norm, a.lr, a.epoch, a.tokens),
+            (b.step, b.loss, b.grad_norm, b.lr, b.epoch, b.tokens)
+        );
+    }
+    assert_eq!(seq.evals, ovl.evals);
+    assert_eq!(seq.evals.len(), 2);
+    let names = |d: &Path| -> Vec<usize> {
+        packsft::checkpoint::list(d)
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect()
+    };
+    assert_eq!(names(seq_dir.path()), vec![3, 6, 8]);
+    assert_eq!(names(ovl_dir.path()), vec![3, 6, 8]);
+    for step in [3, 6] {
+        let state = |d: &Path| {
+            std::fs::read_to_string(d.join(format!("checkpoint-{step}/trainer_state.json")))
+                .unwrap()
+        };
+        assert_eq!(state(seq_dir.path()), state(ovl_dir.path()), "step {step}");
+    }
+    for (a, b) in seq_t.model.params().iter().zip(ovl_t.model.params()) {
+        let (x, y) = (a.var.flatten_all().unwrap(), b.var.flatten_all().unwrap());
+        assert_eq!(x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap());
+    }
+
+    // A stop asked for after step 4 (an eval step: never overlapped) lands exactly; after
+    // step 5 (step 6 already enqueued) it lands after step 6, which the checkpoint holds.
+    let (_, _, at4) = run(true, Some(4));
+    assert_eq!(at4.steps.len(), 4);
+    let (dir, _, at5) = run(true, Some(5));
+    assert!(at5.stopped);
+    assert_eq!(at5.steps.len(), 6);
+    assert_eq!(
+        at5.last_checkpoint.as_deref(),
+        Some(dir.path().join("checkpoint-6").as_path())
+    );
+    let mut c = cfg(Some(dir.path()));
+    c.eval_steps = 4;
+    c.overlap_steps = Some(true);
+    let mut resumed = Trainer::new(
+        tiny_model(11),
+        CompletionOnlyCollator::new(true, 0),
+        c,
+        Device::Cpu,
+    )
+    .unwrap();
+    resumed
+        .resume_from(&dir.path().join("checkpoint-6"))
+        .unwrap();
+    let rest = resumed.train(&exs, Some(&eval)).unwrap();
+    let losses: Vec<f64> = at5
+        .steps
+        .iter()
+        .chain(&rest.steps)
+        .map(|m| m.loss)
+        .collect();
+    let straight: Vec<f64> = seq.steps.iter().map(|m| m.loss).collect();
+    assert_eq!(losses, straight);
+    for (a, b) in resumed.model.params().iter().zip(seq_t.model.params()) {
+        let (x, y) = (a.var.flatten_all().unwrap(), b.var.flatten_all().unwrap());
+        assert_eq!(x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap());
+    }
+}

@@ -140,3 +140,23 @@ extern "C" __global__ void silu_mul_bwd(const bf16* __restrict__ g, const bf16* 
         du[i] = __float2bfloat16(d * __bfloat162float(__float2bfloat16(gv * sg)));
     }
 }
+
+// y = a + b (bf16, rounded once, as candle's add), 8 elements per 16-byte load.
+extern "C" __global__ void add_bf16(const bf16* __restrict__ a, const bf16* __restrict__ b,
+                                    bf16* __restrict__ y, uint64_t n) {
+    const uint64_t tid = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x;
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    const uint64_t nv = (((uintptr_t)a | (uintptr_t)b | (uintptr_t)y) & 15) == 0 ? n / 8 : 0;
+    for (uint64_t i = tid; i < nv; i += stride) {
+        uint4 x = reinterpret_cast<const uint4*>(a)[i];
+        uint4 z = reinterpret_cast<const uint4*>(b)[i];
+        const __nv_bfloat162* x2 = reinterpret_cast<const __nv_bfloat162*>(&x);
+        const __nv_bfloat162* z2 = reinterpret_cast<const __nv_bfloat162*>(&z);
+        uint4 out;
+        __nv_bfloat162* o2 = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+        for (int j = 0; j < 4; j++) o2[j] = __hadd2(x2[j], z2[j]);
+        reinterpret_cast<uint4*>(y)[i] = out;
+    }
+    for (uint64_t i = nv * 8 + tid; i < n; i += stride) y[i] = __hadd(a[i], b[i]);
+}

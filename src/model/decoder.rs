@@ -367,6 +367,10 @@ pub struct DecoderModel {
     rope: RopeTable,
     device: Device,
     pub compute: ComputeOptions,
+    /// The compute-dtype copies of the weight matrices on CUDA, kept between steps and
+    /// rewritten in place from the master weights at every forward/backward: no allocation and
+    /// no extra copy to make them variables (see `with_compute_weights`).
+    weight_copies: std::sync::Mutex<Vec<Var>>,
 }
 
 /// What every layer of one forward pass shares.
@@ -570,6 +574,7 @@ impl DecoderModel {
             rope: table,
             device: device.clone(),
             compute: ComputeOptions::default(),
+            weight_copies: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -1162,14 +1167,7 @@ impl DecoderModel {
         &self,
         f: impl FnOnce() -> Result<(LossSum, GradStore)>,
     ) -> Result<(LossSum, GradStore)> {
-        let mut copies = Vec::new();
-        for p in &self.params {
-            let t = p.var.as_tensor();
-            if t.rank() == 2 && t.dtype() == DType::F32 {
-                let c = Var::from_tensor(&t.to_dtype(self.compute.dtype)?)?;
-                copies.push((t.clone(), c));
-            }
-        }
+        let copies = self.compute_copies()?;
         COMPUTE_WEIGHTS.with(|m| {
             let mut m = m.borrow_mut();
             m.clear();
@@ -1189,6 +1187,44 @@ impl DecoderModel {
             }
         }
         Ok((l, grads))
+    }
+
+    /// (master, compute-dtype copy) for every float32 weight matrix, the copies up to date.
+    fn compute_copies(&self) -> Result<Vec<(Tensor, Var)>> {
+        let masters: Vec<&Tensor> = self
+            .params
+            .iter()
+            .map(|p| p.var.as_tensor())
+            .filter(|t| t.rank() == 2 && t.dtype() == DType::F32)
+            .collect();
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() && self.compute.dtype == DType::BF16 {
+            let mut kept = self.weight_copies.lock().unwrap();
+            if kept.len() != masters.len() {
+                *kept = masters
+                    .iter()
+                    .map(|t| Var::zeros(t.shape(), DType::BF16, t.device()))
+                    .collect::<candle_core::Result<_>>()?;
+            }
+            for (t, c) in masters.iter().zip(kept.iter()) {
+                crate::fused::cast_bf16_into(t, c.as_tensor())?;
+            }
+            return Ok(masters
+                .into_iter()
+                .cloned()
+                .zip(kept.iter().cloned())
+                .collect());
+        }
+        let _ = &self.weight_copies;
+        masters
+            .into_iter()
+            .map(|t| {
+                Ok((
+                    t.clone(),
+                    Var::from_tensor(&t.to_dtype(self.compute.dtype)?)?,
+                ))
+            })
+            .collect()
     }
 
     fn forward_backward_plain(

@@ -282,7 +282,7 @@ fn sum_backs(backs: Vec<(Back, Tensor)>) -> Result<Tensor> {
     for (back, dy) in backs {
         let d = back(&dy)?;
         total = Some(match total {
-            Some(t) => (t + d)?,
+            Some(t) => add(&t, &d)?,
             None => d,
         });
     }
@@ -319,19 +319,19 @@ impl DecoderModel {
         match self.spec.block {
             Block::Sequential => {
                 let rm = self.spec.residual_multiplier;
-                let x2 = (x + scale(&a, rm)?)?;
+                let x2 = add(x, &scale(&a, rm)?)?;
                 let norm2 = layer
                     .norm2
                     .as_ref()
                     .expect("sequential blocks have two norms");
                 let (h2, n2) = norm_vjp(norm2, &x2)?;
                 let (m, mlp) = self.mlp_vjp(&layer.mlp, &h2)?;
-                let y = (&x2 + scale(&m, rm)?)?;
+                let y = add(&x2, &scale(&m, rm)?)?;
                 let back = move |dy: &Tensor| -> Result<Tensor> {
                     let dh2 = mlp(&scale(dy, rm)?)?;
-                    let dx2 = (dy + n2(&dh2)?)?;
+                    let dx2 = add(dy, &n2(&dh2)?)?;
                     let dh1 = attn(&scale(&dx2, rm)?)?;
-                    Ok((dx2 + n1(&dh1)?)?)
+                    add(&dx2, &n1(&dh1)?)
                 };
                 Ok((y, Box::new(back)))
             }
@@ -343,13 +343,13 @@ impl DecoderModel {
                     (h2, Some(n2))
                 };
                 let (m, mlp) = self.mlp_vjp(&layer.mlp, &h2)?;
-                let y = ((x + a)? + m)?;
+                let y = add(&add(x, &a)?, &m)?;
                 let back = move |dy: &Tensor| -> Result<Tensor> {
                     let dh1 = attn(dy)?;
                     let dh2 = mlp(dy)?;
                     Ok(match n2 {
-                        None => (dy + n1(&(dh1 + dh2)?)?)?,
-                        Some(n2) => ((dy + n1(&dh1)?)? + n2(&dh2)?)?,
+                        None => add(dy, &n1(&add(&dh1, &dh2)?)?)?,
+                        Some(n2) => add(&add(dy, &n1(&dh1)?)?, &n2(&dh2)?)?,
                     })
                 };
                 Ok((y, Box::new(back)))
@@ -484,4 +484,13 @@ impl DecoderModel {
 
 fn scale(t: &Tensor, s: f64) -> Result<Tensor> {
     Ok(if s != 1.0 { (t * s)? } else { t.clone() })
+}
+
+/// a + b: one vectorised kernel for bf16 on CUDA (the residuals and gradient sums of every
+/// layer), candle's add elsewhere.
+fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    return crate::fused::add(a, b);
+    #[cfg(not(feature = "cuda"))]
+    Ok((a + b)?)
 }
