@@ -766,3 +766,202 @@ pub fn weight_grad_f32(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
         wrap(dw, &dev, (out, inp), &dy)
     })?)
 }
+
+fn rows_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.clamp(1, 132 * 16) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+struct CrossEntropy {
+    lse: Mutex<Option<Arc<CudaSlice<f32>>>>,
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "packsft-cross-entropy"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cerr("fused cross-entropy: CUDA only"))
+    }
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ts: &CudaStorage,
+        tl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (rows, vocab) = xl.shape().dims2()?;
+        let dev = xs.device.clone();
+        let (x, t) = (cview::<bf16>(xs, xl)?, cview::<u32>(ts, tl)?);
+        let lse = unsafe { dev.alloc::<f32>(rows.max(1))? };
+        let nll = unsafe { dev.alloc::<f32>(rows.max(1))? };
+        let f = ops_func(&dev, "ce_fwd_bf16")?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let (r, v) = (rows as i32, vocab as i32);
+        b.arg(&x).arg(&t).arg(&lse).arg(&nll).arg(&r).arg(&v);
+        unsafe { b.launch(rows_cfg(rows)) }.w()?;
+        *self.lse.lock().unwrap() = Some(Arc::new(lse));
+        Ok((CudaStorage::wrap_cuda_slice(nll, dev), Shape::from(rows)))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (rows, vocab) = x.dims2()?;
+        let lse = self
+            .lse
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| cerr("no forward"))?;
+        let g = g.to_dtype(DType::F32)?.contiguous()?;
+        with_storages(&[x, t, &g], |s| {
+            let dev = s[0].0.device.clone();
+            let (xv, tv, gv) = (
+                cview::<bf16>(s[0].0, s[0].1)?,
+                cview::<u32>(s[1].0, s[1].1)?,
+                cview::<f32>(s[2].0, s[2].1)?,
+            );
+            let dx = unsafe { dev.alloc::<bf16>(rows * vocab)? };
+            let f = ops_func(&dev, "ce_bwd_bf16")?;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            let (r, v) = (rows as i32, vocab as i32);
+            b.arg(&xv)
+                .arg(&tv)
+                .arg(lse.as_ref())
+                .arg(&gv)
+                .arg(&dx)
+                .arg(&r)
+                .arg(&v);
+            unsafe { b.launch(rows_cfg(rows)) }.w()?;
+            Ok((Some(wrap(dx, &dev, (rows, vocab), x)?), None))
+        })
+    }
+}
+
+/// Negative log-likelihood (rows,) float32 of u32 `targets` under bf16 `logits` (rows,
+/// vocab), as [`crate::ops::nll`] computes it (float32 log-sum-exp minus the target's logit),
+/// in one kernel each way and without float32 logits; a target outside the vocabulary gives NaN.
+pub fn nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let targets = targets.to_dtype(DType::U32)?.contiguous()?;
+    let op = CrossEntropy {
+        lse: Mutex::new(None),
+    };
+    Ok(logits.contiguous()?.apply_op2(&targets, op)?)
+}
+
+struct RowGather;
+
+impl CustomOp2 for RowGather {
+    fn name(&self) -> &'static str {
+        "packsft-row-gather"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(cerr("fused row gather: CUDA only"))
+    }
+    fn cuda_fwd(
+        &self,
+        ts: &CudaStorage,
+        tl: &Layout,
+        is: &CudaStorage,
+        il: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (_, cols) = tl.shape().dims2()?;
+        let n = il.shape().elem_count();
+        let dev = ts.device.clone();
+        let idx = cview::<u32>(is, il)?;
+        let (ni, ci) = (n as i32, cols as i32);
+        let stream = dev.cuda_stream();
+        let storage = match candle_core::backend::BackendStorage::dtype(ts) {
+            DType::F32 => {
+                let (t, y) = (cview::<f32>(ts, tl)?, unsafe {
+                    dev.alloc::<f32>(n * cols)?
+                });
+                let f = ops_func(&dev, "gather_rows_f32")?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&t).arg(&idx).arg(&y).arg(&ni).arg(&ci);
+                unsafe { b.launch(rows_cfg(n)) }.w()?;
+                CudaStorage::wrap_cuda_slice(y, dev.clone())
+            }
+            DType::BF16 => {
+                let (t, y) = (cview::<bf16>(ts, tl)?, unsafe {
+                    dev.alloc::<bf16>(n * cols)?
+                });
+                let f = ops_func(&dev, "gather_rows_bf16")?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&t).arg(&idx).arg(&y).arg(&ni).arg(&ci);
+                unsafe { b.launch(rows_cfg(n)) }.w()?;
+                CudaStorage::wrap_cuda_slice(y, dev.clone())
+            }
+            other => return Err(cerr(format!("fused row gather: {other:?} table"))),
+        };
+        Ok((storage, Shape::from((n, cols))))
+    }
+    fn bwd(
+        &self,
+        table: &Tensor,
+        idx: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (rows, cols) = table.dims2()?;
+        let n = idx.elem_count();
+        let dy = dy.to_dtype(table.dtype())?.contiguous()?;
+        let dt = with_storages(&[idx, &dy], |s| {
+            let dev = s[0].0.device.clone();
+            let iv = cview::<u32>(s[0].0, s[0].1)?;
+            let (ni, ci) = (n as i32, cols as i32);
+            let stream = dev.cuda_stream();
+            match table.dtype() {
+                DType::F32 => {
+                    let d = cview::<f32>(s[1].0, s[1].1)?;
+                    let out = dev.alloc_zeros::<f32>(rows * cols)?;
+                    let f = ops_func(&dev, "scatter_add_rows_f32")?;
+                    let mut b = stream.launch_builder(&f);
+                    b.arg(&d).arg(&iv).arg(&out).arg(&ni).arg(&ci);
+                    unsafe { b.launch(rows_cfg(n)) }.w()?;
+                    wrap(out, &dev, (rows, cols), table)
+                }
+                _ => {
+                    let d = cview::<bf16>(s[1].0, s[1].1)?;
+                    let out = dev.alloc_zeros::<bf16>(rows * cols)?;
+                    let f = ops_func(&dev, "scatter_add_rows_bf16")?;
+                    let mut b = stream.launch_builder(&f);
+                    b.arg(&d).arg(&iv).arg(&out).arg(&ni).arg(&ci);
+                    unsafe { b.launch(rows_cfg(n)) }.w()?;
+                    wrap(out, &dev, (rows, cols), table)
+                }
+            }
+        })?;
+        Ok((Some(dt), None))
+    }
+}
+
+/// `table.index_select(idx, 0)` for a float32 or bf16 table (rows, cols) on CUDA: the same
+/// rows, and a backward that adds each row's gradient into its table row with one atomic per
+/// element (so repeated indices sum in an unspecified order) instead of candle's index_add,
+/// which visits every index for every element of the table.
+pub fn index_rows(table: &Tensor, idx: &Tensor) -> Result<Tensor> {
+    let idx = idx.to_dtype(DType::U32)?.flatten_all()?.contiguous()?;
+    Ok(table.contiguous()?.apply_op2(&idx, RowGather)?)
+}

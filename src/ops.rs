@@ -136,10 +136,27 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// Negative log-likelihood (n,) of `targets` (n,) u32 under `logits` (n, vocab), in float32.
 /// Only rows that carry loss are passed in, so no ignore index is needed.
 pub fn nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::fused::usable(logits) && logits.rank() == 2 {
+        return crate::fused::nll(logits, targets);
+    }
     let logits = logits.to_dtype(DType::F32)?;
     let lse = logsumexp_last(&logits)?.squeeze(1)?;
     let picked = logits.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
     Ok((lse - picked)?)
+}
+
+/// `table.index_select(idx, 0)` (an embedding lookup, the rows that carry loss), through the
+/// fused gather of [`crate::fused::index_rows`] for float32 and bf16 tables on CUDA.
+pub fn index_rows(table: &Tensor, idx: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if table.device().is_cuda()
+        && matches!(table.dtype(), DType::F32 | DType::BF16)
+        && table.rank() == 2
+    {
+        return crate::fused::index_rows(table, idx);
+    }
+    Ok(table.index_select(idx, 0)?)
 }
 
 /// Summed (optionally weighted) negative log-likelihood.

@@ -214,3 +214,67 @@ fn fused_add_and_cast_match_candle_exactly() {
         );
     }
 }
+
+/// The fused cross-entropy (bf16 logits, no float32 copy) against the float32 reference chain,
+/// loss and logits' gradient, on a vocabulary that is not a multiple of the block.
+#[test]
+fn fused_cross_entropy_matches_reference() {
+    let dev = cuda();
+    let (rows, vocab) = (37, 5003);
+    let logits = (rand(&[rows, vocab], 30, &dev) * 4.0)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let t: Vec<u32> = (0..rows as u32)
+        .map(|i| (i * 7919) % vocab as u32)
+        .collect();
+    let targets = Tensor::new(t.as_slice(), &dev).unwrap();
+    let r = rand(&[rows], 31, &dev);
+    let reference = |x: &Tensor| -> Tensor {
+        let x = x.to_dtype(DType::F32).unwrap();
+        let lse = packsft::ops::logsumexp_last(&x)
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        let picked = x
+            .gather(&targets.unsqueeze(1).unwrap(), 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        (lse - picked).unwrap()
+    };
+    let (want, gw) = grads(&[logits.clone()], |t| reference(&t[0]), &r);
+    let (got, gg) = grads(
+        &[logits.clone()],
+        |t| packsft::fused::nll(&t[0], &targets).unwrap(),
+        &r,
+    );
+    assert_close("cross-entropy loss", &got, &want, 1e-6);
+    assert_close("cross-entropy dlogits", &gg[0], &gw[0], 1e-2);
+}
+
+/// The fused row gather gives index_select's rows exactly, and its backward (atomics) the
+/// same table gradient as candle's index_add, repeated indices included.
+#[test]
+fn fused_row_gather_matches_index_select() {
+    let dev = cuda();
+    let idx = Tensor::new(&[3u32, 0, 3, 7, 1, 3, 9, 0], &dev).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let table = rand(&[10, 70], 40, &dev).to_dtype(dtype).unwrap();
+        let r = rand(&[8, 70], 41, &dev);
+        let (want, gw) = grads(
+            &[table.clone()],
+            |t| t[0].index_select(&idx, 0).unwrap(),
+            &r,
+        );
+        let (got, gg) = grads(
+            &[table.clone()],
+            |t| packsft::fused::index_rows(&t[0], &idx).unwrap(),
+            &r,
+        );
+        let host = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(host(&got), host(&want), "{dtype:?} rows");
+        let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+        assert_close(&format!("{dtype:?} table gradient"), &gg[0], &gw[0], tol);
+    }
+}

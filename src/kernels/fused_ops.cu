@@ -160,3 +160,102 @@ extern "C" __global__ void add_bf16(const bf16* __restrict__ a, const bf16* __re
     }
     for (uint64_t i = nv * 8 + tid; i < n; i += stride) y[i] = __hadd(a[i], b[i]);
 }
+
+// Masked cross-entropy over the vocabulary, one block per row of logits (only rows that carry
+// loss are passed in): the forward keeps the row's log-sum-exp for the backward, which writes
+// the logits' gradient (softmax - onehot(target)) * g in one pass. Float32 arithmetic on bf16
+// logits, as the float32 cast + log-sum-exp + gather chain it replaces, without materialising
+// float32 logits.
+__device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
+    float mm = fmaxf(m, m2);
+    if (mm == -INFINITY) return;
+    s = s * __expf(m - mm) + s2 * __expf(m2 - mm);
+    m = mm;
+}
+
+extern "C" __global__ void ce_fwd_bf16(const bf16* __restrict__ logits, const uint32_t* __restrict__ targets,
+                                       float* __restrict__ lse_out, float* __restrict__ nll_out, int rows,
+                                       int vocab) {
+    __shared__ float sm[32], ss[32];
+    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+        const bf16* x = logits + (size_t)r * vocab;
+        float m = -INFINITY, s = 0.f;
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+            float v = __bfloat162float(x[j]);
+            if (v > m) {
+                s = s * expf(m - v) + 1.f;
+                m = v;
+            } else {
+                s += expf(v - m);
+            }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            float m2 = __shfl_xor_sync(0xffffffff, m, o), s2 = __shfl_xor_sync(0xffffffff, s, o);
+            lse_merge(m, s, m2, s2);
+        }
+        int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+        __syncthreads();
+        if (lane == 0) {
+            sm[warp] = m;
+            ss[warp] = s;
+        }
+        __syncthreads();
+        if (warp == 0) {
+            m = lane < (int)(blockDim.x / 32) ? sm[lane] : -INFINITY;
+            s = lane < (int)(blockDim.x / 32) ? ss[lane] : 0.f;
+            for (int o = 16; o > 0; o >>= 1) {
+                float m2 = __shfl_xor_sync(0xffffffff, m, o), s2 = __shfl_xor_sync(0xffffffff, s, o);
+                lse_merge(m, s, m2, s2);
+            }
+            if (lane == 0) {
+                float l = m + logf(s);
+                uint32_t t = targets[r];
+                lse_out[r] = l;
+                nll_out[r] = t < (uint32_t)vocab ? l - __bfloat162float(x[t]) : __int_as_float(0x7fc00000);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void ce_bwd_bf16(const bf16* __restrict__ logits, const uint32_t* __restrict__ targets,
+                                       const float* __restrict__ lse, const float* __restrict__ g,
+                                       bf16* __restrict__ dx, int rows, int vocab) {
+    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+        const bf16* x = logits + (size_t)r * vocab;
+        bf16* d = dx + (size_t)r * vocab;
+        float l = lse[r], gr = g[r];
+        uint32_t t = targets[r];
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+            float p = expf(__bfloat162float(x[j]) - l);
+            d[j] = __float2bfloat16((p - (j == (int)t ? 1.f : 0.f)) * gr);
+        }
+    }
+}
+
+// Rows of a table: y[i] = table[idx[i]] (an embedding lookup, or picking the rows that carry
+// loss), and its backward, the rows' gradients added into a zeroed table (atomics: an index can
+// repeat). Candle's index_add loops over every index for every output element.
+template <typename T>
+__device__ void gather_rows(const T* __restrict__ table, const uint32_t* __restrict__ idx, T* __restrict__ y,
+                            int n, int cols) {
+    for (int i = blockIdx.x; i < n; i += gridDim.x) {
+        const T* src = table + (size_t)idx[i] * cols;
+        T* dst = y + (size_t)i * cols;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
+    }
+}
+
+template <typename T>
+__device__ void scatter_add_rows(const T* __restrict__ dy, const uint32_t* __restrict__ idx, T* __restrict__ dtable,
+                                 int n, int cols) {
+    for (int i = blockIdx.x; i < n; i += gridDim.x) {
+        const T* src = dy + (size_t)i * cols;
+        T* dst = dtable + (size_t)idx[i] * cols;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) atomicAdd(dst + c, src[c]);
+    }
+}
+
+extern "C" __global__ void gather_rows_f32(const float* t, const uint32_t* i, float* y, int n, int c) { gather_rows(t, i, y, n, c); }
+extern "C" __global__ void gather_rows_bf16(const bf16* t, const uint32_t* i, bf16* y, int n, int c) { gather_rows(t, i, y, n, c); }
+extern "C" __global__ void scatter_add_rows_f32(const float* d, const uint32_t* i, float* t, int n, int c) { scatter_add_rows(d, i, t, n, c); }
+extern "C" __global__ void scatter_add_rows_bf16(const bf16* d, const uint32_t* i, bf16* t, int n, int c) { scatter_add_rows(d, i, t, n, c); }

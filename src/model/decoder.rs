@@ -725,7 +725,7 @@ impl DecoderModel {
     }
 
     fn embed_fwd(&self, ctx: &FwdCtx) -> Result<Tensor> {
-        let mut x = self.embed.index_select(&ctx.ids, 0)?;
+        let mut x = crate::ops::index_rows(&self.embed, &ctx.ids)?;
         if let Some(pad) = self.spec.padding_idx {
             // transformers' nn.Embedding(padding_idx): the pad row gets no gradient from lookups.
             let ids = ctx.ids.to_vec1::<u32>()?;
@@ -926,7 +926,7 @@ impl DecoderModel {
     fn head(&self, x: &Tensor, rows: Option<&Tensor>) -> Result<Tensor> {
         let h = self.final_norm.fwd(x)?;
         let h = match rows {
-            Some(r) => h.index_select(r, 0)?,
+            Some(r) => crate::ops::index_rows(&h, r)?,
             None => h,
         };
         self.logits(&h)
@@ -975,10 +975,18 @@ impl DecoderModel {
         let cut = |t: Tensor| if keep_graph { t } else { t.detach() };
         let mut x = cut(self.embed_fwd(&ctx)?);
         let mut routers = Vec::new();
-        for layer in &self.layers {
-            let (y, r) = self.layer_fwd(layer, &x, &ctx)?;
+        let mut i = 0;
+        while i < self.layers.len() {
+            let run = self.manual_run(&self.layers[i..]);
+            if run > 0 {
+                x = cut(self.layers_fwd_manual(&self.layers[i..i + run], &x, &ctx)?);
+                i += run;
+                continue;
+            }
+            let (y, r) = self.layer_fwd(&self.layers[i], &x, &ctx)?;
             x = cut(y);
             routers.extend(r);
+            i += 1;
         }
         Ok((ctx, x, routers))
     }
@@ -990,7 +998,10 @@ impl DecoderModel {
 
     /// Logits (rows, vocab) of rows of final hidden states (as `hidden_states` returns them).
     pub fn logits(&self, hidden_rows: &Tensor) -> Result<Tensor> {
-        let logits = self.lm_head.fwd(hidden_rows)?;
+        let logits = match self.lm_head_manual(&self.lm_head, hidden_rows)? {
+            Some(l) => l,
+            None => self.lm_head.fwd(hidden_rows)?,
+        };
         Ok(if self.spec.logits_scaling != 1.0 {
             (logits / self.spec.logits_scaling)?
         } else {

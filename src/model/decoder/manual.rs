@@ -149,7 +149,6 @@ impl CustomOp2 for Attach {
             .unwrap()
             .take()
             .ok_or_else(|| candle_core::Error::Msg("layer backward ran twice".into()))?;
-        HAND_BACKWARDS.with(|c| c.set(c.get() + 1));
         Ok((Some(back(dout).map_err(to_candle)?), None))
     }
 }
@@ -296,20 +295,72 @@ impl DecoderModel {
         !self.compute.autograd_layers && !matches!(layer.mlp, Mlp::Moe { .. })
     }
 
-    /// The layer as one graph node with a hand-written backward, where it applies (inside
-    /// [`scope`]); `None`: run it as an autograd graph.
+    /// How many of `layers`, from the first, can take the hand-written backward here (inside
+    /// [`scope`]); 0: run the first as an autograd graph.
+    pub(super) fn manual_run(&self, layers: &[Layer]) -> usize {
+        if !in_scope() {
+            return 0;
+        }
+        layers
+            .iter()
+            .take_while(|l| self.manual_backward_fits(l))
+            .count()
+    }
+
+    /// Consecutive layers as one graph node whose backward runs their pullbacks in reverse: one
+    /// graph edge for the whole run, not one per layer (autograd zero-fills, adds and keeps a
+    /// copy of the hidden states at every edge). Needs [`DecoderModel::manual_run`] to cover
+    /// `layers`.
+    pub(super) fn layers_fwd_manual(
+        &self,
+        layers: &[Layer],
+        x: &Tensor,
+        ctx: &FwdCtx,
+    ) -> Result<Tensor> {
+        let mut h = x.detach();
+        let mut backs = Vec::with_capacity(layers.len());
+        for layer in layers {
+            let (y, back) = self.layer_vjp(layer, &h, ctx)?;
+            backs.push(back);
+            h = y;
+        }
+        let back: Back = Box::new(move |dy: &Tensor| -> Result<Tensor> {
+            let mut d = dy.clone();
+            for b in backs.into_iter().rev() {
+                d = b(&d)?;
+                HAND_BACKWARDS.with(|c| c.set(c.get() + 1));
+            }
+            Ok(d)
+        });
+        let y = h.contiguous()?;
+        Ok(x.apply_op2(&y, Attach(Mutex::new(Some(back))))?)
+    }
+
+    /// The vocabulary projection as one graph node whose backward hands a float32 weight
+    /// gradient straight to the master weight (autograd would make a bf16 gradient of the
+    /// weight copy, then cast and add it); `None` outside [`scope`] or with autograd layers.
+    pub(super) fn lm_head_manual(&self, lin: &Lin, h: &Tensor) -> Result<Option<Tensor>> {
+        if !in_scope() || self.compute.autograd_layers {
+            return Ok(None);
+        }
+        let (y, back) = lin_vjp(lin, &h.detach())?;
+        let y = y.contiguous()?;
+        Ok(Some(h.apply_op2(&y, Attach(Mutex::new(Some(back))))?))
+    }
+
+    /// One layer as [`DecoderModel::layers_fwd_manual`] runs it, where it applies; `None`: run
+    /// it as an autograd graph.
     pub(super) fn layer_fwd_manual(
         &self,
         layer: &Layer,
         x: &Tensor,
         ctx: &FwdCtx,
     ) -> Result<Option<Tensor>> {
-        if !in_scope() || !self.manual_backward_fits(layer) {
+        let one = std::slice::from_ref(layer);
+        if self.manual_run(one) == 0 {
             return Ok(None);
         }
-        let (y, back) = self.layer_vjp(layer, &x.detach(), ctx)?;
-        let y = y.contiguous()?;
-        Ok(Some(x.apply_op2(&y, Attach(Mutex::new(Some(back))))?))
+        Ok(Some(self.layers_fwd_manual(one, x, ctx)?))
     }
 
     /// The layer's output for x and its pullback (dx; weight gradients go to the scope).
