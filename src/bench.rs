@@ -152,7 +152,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
             args.device.synchronize()?;
             t0 = Instant::now();
         }
-        let p = trainer.enqueue_step(i, &[chunk], &schedule)?;
+        let p = trainer.enqueue_step_with(i, &[chunk], &schedule, true)?;
         if let Some(prev) = in_flight.replace(p) {
             finish(&mut trainer, prev)?;
         }

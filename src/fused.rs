@@ -38,6 +38,8 @@ pub struct AdamWSlot<'a> {
     pub grad: &'a Tensor,
     pub m: &'a Tensor,
     pub v: &'a Tensor,
+    /// A bf16 tensor of the weight's shape to receive bf16(new weight), or none.
+    pub copy: Option<&'a Tensor>,
     pub decay: bool,
     /// Bias corrections 1 - beta^t for this parameter's update count t.
     pub bc1: f32,
@@ -54,11 +56,97 @@ pub struct AdamWStep {
     pub max_grad_norm: f32,
 }
 
+/// One parameter of a multi-tensor launch: `struct Slot` of src/kernels/optim.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    p: u64,
+    g: u64,
+    m: u64,
+    v: u64,
+    copy: u64,
+    n: u64,
+    decay: f32,
+    bc1: f32,
+    bc2_sqrt: f32,
+    pad: f32,
+}
+
+/// Elements per chunk of a multi-tensor launch (`CHUNK` in optim.cu).
+const CHUNK: u64 = 16384;
+
+/// The slot table and chunk prefix of a multi-tensor launch, on the device: the kernels find a
+/// block's slot by binary search over the prefix.
+struct SlotTable {
+    slots: CudaSlice<u8>,
+    prefix: CudaSlice<u32>,
+    n: i32,
+    chunks: usize,
+}
+
+impl SlotTable {
+    fn upload(dev: &CudaDevice, slots: &[Slot]) -> Result<Self> {
+        let mut prefix = Vec::with_capacity(slots.len() + 1);
+        let mut total = 0u64;
+        for s in slots {
+            prefix.push(total as u32);
+            total += s.n.div_ceil(CHUNK);
+        }
+        prefix.push(total as u32);
+        if total > u32::MAX as u64 {
+            return Err(Error::Training(
+                "multi-tensor launch: too many chunks".into(),
+            ));
+        }
+        let bytes: Vec<u8> = slots
+            .iter()
+            .flat_map(|s| {
+                // SAFETY: Slot is repr(C) plain data without padding bytes beyond `pad`.
+                unsafe {
+                    std::slice::from_raw_parts(
+                        (s as *const Slot).cast::<u8>(),
+                        std::mem::size_of::<Slot>(),
+                    )
+                }
+                .to_vec()
+            })
+            .collect();
+        let stream = dev.cuda_stream();
+        Ok(Self {
+            slots: stream.clone_htod(&bytes).w()?,
+            prefix: stream.clone_htod(&prefix).w()?,
+            n: slots.len() as i32,
+            chunks: total as usize,
+        })
+    }
+
+    fn cfg(&self, blocks_per_sm: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.chunks.clamp(1, 132 * blocks_per_sm) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+/// The device address of a contiguous tensor's first element.
+fn address<T: candle_core::cuda_backend::CudaDType>(t: &Tensor) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    Ok(with_storages(&[t], |st| {
+        let v = cview::<T>(st[0].0, st[0].1)?;
+        let stream = st[0].0.device.cuda_stream();
+        let (ptr, _guard) = v.device_ptr(&stream);
+        Ok(ptr)
+    })?)
+}
+
 /// Clips all gradients to a global norm of `max_grad_norm` (if > 0) and applies one AdamW
-/// step to every slot, in place, without waiting for the device. Returns the squared norm
-/// before clipping as a float64 device tensor of one element (read it with [`read_norm`]); if
-/// it is not finite nothing was changed. A `guard` (a float64 scalar on the device, e.g. the
-/// step's loss) that is not finite makes the squared norm NaN and so also stops the update.
+/// step to every slot, in place, writing the bf16 copies of the new weights where slots have
+/// them, without waiting for the device: one launch for the norm and one for the update over
+/// all parameters. Returns the squared norm before clipping as a float64 device tensor of one
+/// element (read it with [`read_norm`]); if it is not finite nothing was changed. A `guard` (a
+/// float64 scalar on the device, e.g. the step's loss) that is not finite makes the squared
+/// norm NaN and so also stops the update.
 pub fn adamw_step(
     slots: &[AdamWSlot<'_>],
     h: &AdamWStep,
@@ -70,21 +158,53 @@ pub fn adamw_step(
     let candle_core::Device::Cuda(dev) = first.param.device() else {
         return Err(Error::Training("fused AdamW needs a CUDA device".into()));
     };
+    let mut table = Vec::with_capacity(slots.len());
     for s in slots {
         for t in [s.param, s.grad, s.m, s.v] {
-            if t.dtype() != DType::F32 || t.dims() != s.param.dims() {
+            if t.dtype() != DType::F32 || t.dims() != s.param.dims() || !t.is_contiguous() {
                 return Err(Error::Training(format!(
-                    "fused AdamW: float32 tensors of one shape expected, got {:?} {:?}",
+                    "fused AdamW: contiguous float32 tensors of one shape expected, got {:?} {:?}",
                     t.dtype(),
                     t.dims()
                 )));
             }
         }
+        let copy = match s.copy {
+            Some(c)
+                if c.dtype() == DType::BF16 && c.dims() == s.param.dims() && c.is_contiguous() =>
+            {
+                address::<bf16>(c)?
+            }
+            Some(c) => {
+                return Err(Error::Training(format!(
+                    "fused AdamW: the weight copy must be contiguous bf16 {:?}, got {:?} {:?}",
+                    s.param.dims(),
+                    c.dtype(),
+                    c.dims()
+                )))
+            }
+            None => 0,
+        };
+        table.push(Slot {
+            p: address::<f32>(s.param)?,
+            g: address::<f32>(s.grad)?,
+            m: address::<f32>(s.m)?,
+            v: address::<f32>(s.v)?,
+            copy,
+            n: s.param.elem_count() as u64,
+            decay: if s.decay {
+                1.0 - h.lr * h.weight_decay
+            } else {
+                1.0
+            },
+            bc1: s.bc1,
+            bc2_sqrt: s.bc2.sqrt(),
+            pad: 0.0,
+        });
     }
+    let t = SlotTable::upload(dev, &table)?;
     let sumsq = dev.alloc_zeros::<f64>(1)?;
     let stream = dev.cuda_stream();
-    let f_norm = kernel(dev, MODULE, PTX, "grad_sumsq_f32")?;
-    let f_adam = kernel(dev, MODULE, PTX, "adamw_f32")?;
     if let Some(g) = guard {
         let g = g.to_dtype(DType::F64)?.flatten_all()?.contiguous()?;
         with_storages(&[&g], |st| {
@@ -96,49 +216,23 @@ pub fn adamw_step(
             Ok(())
         })?;
     }
-    for s in slots {
-        let n = s.grad.elem_count() as u64;
-        with_storages(&[s.grad], |st| {
-            let g = cview::<f32>(st[0].0, st[0].1)?;
-            let mut b = stream.launch_builder(&f_norm);
-            b.arg(&g).arg(&n).arg(&sumsq);
-            // Few blocks: each ends with one atomic add to the shared sum.
-            unsafe { b.launch(vector_cfg(n as usize, 4, 4)) }.w()?;
-            Ok(())
-        })?;
-    }
-    for s in slots {
-        let n = s.grad.elem_count() as u64;
-        let decay = if s.decay {
-            1.0 - h.lr * h.weight_decay
-        } else {
-            1.0
-        };
-        let bc2_sqrt = s.bc2.sqrt();
-        // The kernel writes the weight and the moments through these views: they are the
-        // optimizer's own buffers and nothing else reads them while it runs (one stream).
-        with_storages(&[s.param, s.grad, s.m, s.v], |st| {
-            let v = st
-                .iter()
-                .map(|(s, l)| cview::<f32>(s, l))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let mut b = stream.launch_builder(&f_adam);
-            b.arg(&v[0])
-                .arg(&v[1])
-                .arg(&v[2])
-                .arg(&v[3])
-                .arg(&n)
-                .arg(&sumsq);
-            b.arg(&h.max_grad_norm)
-                .arg(&h.lr)
-                .arg(&h.beta1)
-                .arg(&h.beta2)
-                .arg(&h.eps);
-            b.arg(&decay).arg(&s.bc1).arg(&bc2_sqrt);
-            unsafe { b.launch(vector_cfg(n as usize, 4, 8)) }.w()?;
-            Ok(())
-        })?;
-    }
+    // The kernels read and write the tensors through the table's addresses: the weights,
+    // moments and copies are the optimizer's and the model's own buffers, and nothing else
+    // touches them meanwhile (one stream); every tensor outlives the launches in stream order.
+    let f = kernel(dev, MODULE, PTX, "grad_sumsq_multi")?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&t.slots).arg(&t.prefix).arg(&t.n).arg(&sumsq);
+    // Few blocks: each ends with one atomic add to the shared sum.
+    unsafe { b.launch(t.cfg(4)) }.w()?;
+    let f = kernel(dev, MODULE, PTX, "adamw_multi")?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&t.slots).arg(&t.prefix).arg(&t.n).arg(&sumsq);
+    b.arg(&h.max_grad_norm)
+        .arg(&h.lr)
+        .arg(&h.beta1)
+        .arg(&h.beta2)
+        .arg(&h.eps);
+    unsafe { b.launch(t.cfg(8)) }.w()?;
     Ok(wrap(sumsq, dev, 1, first.param)?)
 }
 
@@ -152,32 +246,44 @@ pub fn read_norm(sumsq: &Tensor) -> Result<f64> {
         .sqrt())
 }
 
-/// Writes bf16(`src`) into `dst` in place: both contiguous, of one shape, float32 and bf16 on
-/// one CUDA device; `dst` is a buffer its owner rewrites every step (the compute-weight
-/// copies), read by nothing else meanwhile.
-pub fn cast_bf16_into(src: &Tensor, dst: &Tensor) -> Result<()> {
-    if src.dtype() != DType::F32 || dst.dtype() != DType::BF16 || src.dims() != dst.dims() {
-        return Err(Error::Training(format!(
-            "cast_bf16_into: float32 {:?} into bf16 of the same shape expected, got {:?} {:?}",
-            src.dims(),
-            dst.dtype(),
-            dst.dims()
-        )));
-    }
-    let candle_core::Device::Cuda(dev) = src.device() else {
+/// Writes bf16(`src`) into `dst` in place for every (src, dst) pair in one launch: contiguous
+/// tensors of one shape, float32 and bf16, on one CUDA device; each `dst` is a buffer its owner
+/// rewrites every step (the compute-weight copies), read by nothing else meanwhile.
+pub fn cast_bf16_into(pairs: &[(&Tensor, &Tensor)]) -> Result<()> {
+    let Some((first, _)) = pairs.first() else {
+        return Ok(());
+    };
+    let candle_core::Device::Cuda(dev) = first.device() else {
         return Err(Error::Training("cast_bf16_into needs a CUDA device".into()));
     };
-    let n = src.elem_count() as u64;
-    with_storages(&[src, dst], |st| {
-        let x = cview::<f32>(st[0].0, st[0].1)?;
-        let y = cview::<bf16>(st[1].0, st[1].1)?;
-        let f = kernel(dev, MODULE, PTX, "cast_f32_bf16")?;
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        b.arg(&x).arg(&y).arg(&n);
-        unsafe { b.launch(vector_cfg(n as usize, 4, 8)) }.w()?;
-        Ok(())
-    })?;
+    let mut table = Vec::with_capacity(pairs.len());
+    for (src, dst) in pairs {
+        if src.dtype() != DType::F32
+            || dst.dtype() != DType::BF16
+            || src.dims() != dst.dims()
+            || !src.is_contiguous()
+            || !dst.is_contiguous()
+        {
+            return Err(Error::Training(format!(
+                "cast_bf16_into: contiguous float32 {:?} into bf16 of the same shape expected, got {:?} {:?}",
+                src.dims(),
+                dst.dtype(),
+                dst.dims()
+            )));
+        }
+        table.push(Slot {
+            p: address::<f32>(src)?,
+            copy: address::<bf16>(dst)?,
+            n: src.elem_count() as u64,
+            ..Default::default()
+        });
+    }
+    let t = SlotTable::upload(dev, &table)?;
+    let f = kernel(dev, MODULE, PTX, "cast_bf16_multi")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&t.slots).arg(&t.prefix).arg(&t.n);
+    unsafe { b.launch(t.cfg(8)) }.w()?;
     Ok(())
 }
 

@@ -158,14 +158,16 @@ impl AdamW {
         max_norm: f64,
         lr: f64,
     ) -> Result<f64> {
-        let pending = self.enqueue_clip_and_step(grads, params, max_norm, lr, None)?;
+        let pending = self.enqueue_clip_and_step(grads, params, max_norm, lr, None, &[])?;
         self.settle(pending)
     }
 
     /// [`AdamW::clip_and_step`] without waiting for the device where it can (the fused CUDA
     /// path): the norm is read by [`AdamW::settle`], so the host can go on enqueueing work. A
     /// `guard` (a scalar, e.g. the step's loss) that is not finite stops the update as a
-    /// non-finite norm does, also on the device.
+    /// non-finite norm does, also on the device. `copies` (index into `params`, bf16 tensor of
+    /// that parameter's shape) receive the updated weights in the same pass where the fused path
+    /// runs ([`PendingUpdate::wrote_copies`]).
     pub fn enqueue_clip_and_step(
         &mut self,
         grads: &mut GradStore,
@@ -173,16 +175,19 @@ impl AdamW {
         max_norm: f64,
         lr: f64,
         guard: Option<&Tensor>,
+        copies: &[(usize, Tensor)],
     ) -> Result<PendingUpdate> {
         #[cfg(feature = "cuda")]
         if self.slots.first().is_some_and(|s| s.var.device().is_cuda())
             && self.slots.iter().all(|s| s.var.dtype() == DType::F32)
         {
-            return self.fused_step(grads, max_norm, lr, guard);
+            return self.fused_step(grads, max_norm, lr, guard, copies);
         }
+        let _ = copies;
         let ready = |norm: f64| PendingUpdate {
             norm: PendingNorm::Ready(norm),
             counted: Vec::new(),
+            wrote_copies: false,
         };
         if let Some(g) = guard {
             let g = g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
@@ -221,9 +226,16 @@ impl AdamW {
         max_norm: f64,
         lr: f64,
         guard: Option<&Tensor>,
+        copies: &[(usize, Tensor)],
     ) -> Result<PendingUpdate> {
         use crate::fused::{adamw_step, AdamWSlot, AdamWStep};
         let c = self.config;
+        let mut copy_of: Vec<Option<&Tensor>> = vec![None; self.slots.len()];
+        for (i, t) in copies {
+            if let Some(slot) = copy_of.get_mut(*i) {
+                *slot = Some(t);
+            }
+        }
         let mut owned = Vec::new();
         for (i, s) in self.slots.iter().enumerate() {
             if let Some(g) = grads.get(s.var.as_tensor()) {
@@ -240,6 +252,7 @@ impl AdamW {
                     grad: g,
                     m: s.m.as_tensor(),
                     v: s.v.as_tensor(),
+                    copy: copy_of[*i],
                     decay: s.decay && c.weight_decay != 0.0,
                     bc1: (1.0 - c.beta1.powi(t)) as f32,
                     bc2: (1.0 - c.beta2.powi(t)) as f32,
@@ -269,6 +282,7 @@ impl AdamW {
         Ok(PendingUpdate {
             norm: PendingNorm::Device(sumsq),
             counted,
+            wrote_copies: !copies.is_empty(),
         })
     }
 
@@ -311,6 +325,15 @@ pub struct PendingUpdate {
     norm: PendingNorm,
     /// Slots whose update count the enqueue advanced.
     counted: Vec<usize>,
+    wrote_copies: bool,
+}
+
+impl PendingUpdate {
+    /// Whether the update also writes the `copies` it was given (if it is applied at all; a
+    /// skipped update leaves weights and copies as they were, so they still agree).
+    pub fn wrote_copies(&self) -> bool {
+        self.wrote_copies
+    }
 }
 
 enum PendingNorm {

@@ -451,17 +451,42 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         micro_batches: &[&[Example]],
         schedule: &LrSchedule,
     ) -> Result<PendingStep> {
+        self.enqueue_step_with(step, micro_batches, schedule, false)
+    }
+
+    /// [`Trainer::enqueue_step`]; with `keep_copies` the optimizer also writes the model's
+    /// compute copies of the new weights, which the next step then uses without casting. Only
+    /// for loops where nothing else writes the weights between steps (`train`, `bench`): the
+    /// model is told its copies are fresh until the next step that does not keep them.
+    pub(crate) fn enqueue_step_with(
+        &mut self,
+        step: usize,
+        micro_batches: &[&[Example]],
+        schedule: &LrSchedule,
+        keep_copies: bool,
+    ) -> Result<PendingStep> {
         let t0 = Instant::now();
+        if !keep_copies {
+            self.model.set_compute_copies_fresh(false);
+        }
         let mut g = self.pending_grads(micro_batches)?;
         let t_grads = t0.elapsed();
         let lr = schedule.lr(step);
+        let copies = if keep_copies {
+            self.model.compute_copies()?
+        } else {
+            Vec::new()
+        };
         let update = self.optimizer.enqueue_clip_and_step(
             &mut g.grads,
             self.model.params(),
             self.config.max_grad_norm,
             lr,
             Some(&g.loss_sum),
+            &copies,
         )?;
+        self.model
+            .set_compute_copies_fresh(keep_copies && update.wrote_copies());
         if crate::device::profiling() {
             tracing::info!(
                 "profile step {} (host enqueue): gradients {:.1} ms, clip + optimizer {:.1} ms",
@@ -641,6 +666,14 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
     /// Trains over `train` (evaluating on `eval` every `eval_steps` and at the end), resuming
     /// where `resume_from` says if it was called.
     pub fn train(&mut self, train: &[Example], eval: Option<&[Example]>) -> Result<TrainSummary> {
+        let r = self.train_loop(train, eval);
+        // The compute copies are the loop's to keep fresh; from here anything may write the
+        // weights.
+        self.model.set_compute_copies_fresh(false);
+        r
+    }
+
+    fn train_loop(&mut self, train: &[Example], eval: Option<&[Example]>) -> Result<TrainSummary> {
         if train.is_empty() {
             return Err(Error::Training("no training examples".into()));
         }
@@ -802,7 +835,7 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                     mbs.push(&examples[at..at + s]);
                     at += s;
                 }
-                let pending = self.enqueue_step(next_step, &mbs, &schedule)?;
+                let pending = self.enqueue_step_with(next_step, &mbs, &schedule, true)?;
                 plan.1 += consumed;
                 next_step += 1;
                 let due = |every: usize| every > 0 && next_step % every == 0;

@@ -179,19 +179,26 @@ fn fused_add_and_cast_match_candle_exactly() {
             "add n={n} off={off}"
         );
 
+        // Two tensors in one launch, one of them a view off the 16-byte grid.
         let x = rand(&[n + off], 22, &dev).narrow(0, off, n).unwrap();
-        let dst = Tensor::zeros(n, DType::BF16, &dev).unwrap();
-        packsft::fused::cast_bf16_into(&x.contiguous().unwrap(), &dst).unwrap();
-        let want = x
-            .to_dtype(DType::BF16)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        assert_eq!(
-            dst.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(),
-            want.to_vec1::<f32>().unwrap(),
-            "cast n={n} off={off}"
+        let x2 = rand(&[3 * n], 23, &dev);
+        let (dst, dst2) = (
+            Tensor::zeros(n, DType::BF16, &dev).unwrap(),
+            Tensor::zeros(3 * n, DType::BF16, &dev).unwrap(),
         );
+        packsft::fused::cast_bf16_into(&[(&x, &dst), (&x2, &dst2)]).unwrap();
+        for (src, dst) in [(&x, &dst), (&x2, &dst2)] {
+            let want = src
+                .to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            assert_eq!(
+                dst.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(),
+                want.to_vec1::<f32>().unwrap(),
+                "cast n={n} off={off}"
+            );
+        }
     }
     let a = Var::from_tensor(&rand(&[33], 23, &dev).to_dtype(DType::BF16).unwrap()).unwrap();
     let b = Var::from_tensor(&rand(&[33], 24, &dev).to_dtype(DType::BF16).unwrap()).unwrap();

@@ -90,7 +90,8 @@ fn fused_step_matches_adamw_on_odd_lengths_and_a_bad_loss_changes_nothing() {
         weight_decay: 0.1,
         max_grad_norm: 1.0,
     };
-    let sizes = [1027usize, 3, 4096];
+    // Lengths with a tail after the 4-wide loads, one spanning several chunks of a launch.
+    let sizes = [1027usize, 3, 40_001];
     let t = |v: Vec<f32>| Tensor::from_vec(v.clone(), v.len(), &dev).unwrap();
     let params: Vec<Tensor> = sizes.iter().map(|&n| t(vals(n, 1))).collect();
     let grads: Vec<Tensor> = sizes.iter().map(|&n| t(vals(n, 2))).collect();
@@ -99,6 +100,10 @@ fn fused_step_matches_adamw_on_odd_lengths_and_a_bad_loss_changes_nothing() {
         .iter()
         .map(|&n| t(vals(n, 4).iter().map(|x| x * x).collect()))
         .collect();
+    let copies: Vec<Tensor> = sizes
+        .iter()
+        .map(|&n| Tensor::zeros(n, candle_core::DType::BF16, &dev).unwrap())
+        .collect();
     let slots = |_: ()| -> Vec<AdamWSlot<'_>> {
         (0..sizes.len())
             .map(|i| AdamWSlot {
@@ -106,6 +111,7 @@ fn fused_step_matches_adamw_on_odd_lengths_and_a_bad_loss_changes_nothing() {
                 grad: &grads[i],
                 m: &ms[i],
                 v: &vs[i],
+                copy: (i != 1).then_some(&copies[i]),
                 decay: i != 1,
                 bc1: 1.0 - 0.9f32.powi(3),
                 bc2: 1.0 - 0.999f32.powi(3),
@@ -119,6 +125,18 @@ fn fused_step_matches_adamw_on_odd_lengths_and_a_bad_loss_changes_nothing() {
     let norm = read_norm(&adamw_step(&slots(()), &h, Some(&bad)).unwrap()).unwrap();
     assert!(!norm.is_finite(), "{norm}");
     assert_eq!((host(&params), host(&ms), host(&vs)), before);
+    let zeros = |t: &Tensor| {
+        t.to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|&x| x == 0.0)
+    };
+    assert!(
+        zeros(&copies[0]) && zeros(&copies[2]),
+        "a skipped update wrote the copies"
+    );
 
     let good = Tensor::new(&[2.5f64], &dev).unwrap();
     let norm = read_norm(&adamw_step(&slots(()), &h, Some(&good)).unwrap()).unwrap();
@@ -149,6 +167,19 @@ fn fused_step_matches_adamw_on_odd_lengths_and_a_bad_loss_changes_nothing() {
                 worst = worst.max((got - want).abs() / want.abs().max(1e-3));
             }
         }
+    }
+    // The copies hold bf16 of the new weights, bit for bit as candle casts them.
+    for i in [0, 2] {
+        let want = params[i]
+            .to_dtype(candle_core::DType::BF16)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap();
+        let got = copies[i].to_dtype(candle_core::DType::F32).unwrap();
+        assert_eq!(
+            got.to_vec1::<f32>().unwrap(),
+            want.to_vec1::<f32>().unwrap()
+        );
     }
     eprintln!("fused step vs host AdamW: worst rel diff {worst:.2e}");
     // The device contracts multiply-adds (FMA): a few float32 ulps apart.
@@ -195,4 +226,59 @@ fn overlapped_gpu_steps_match_sequential_ones() {
         // Not bit for bit: the embedding gradient adds repeated tokens' rows with atomics.
         assert!((la - lb).abs() / la.abs() < 1e-5 && (na - nb).abs() / na < 1e-5);
     }
+}
+
+/// bf16 training in `Trainer::train`, where the optimizer writes the next step's bf16 weight
+/// copies and the model skips its own cast, gives the steps of `train_step` called one at a
+/// time, which casts the weights afresh every step.
+#[test]
+fn optimizer_written_weight_copies_match_a_fresh_cast() {
+    let dev = Device::new_cuda(0).expect("a CUDA device");
+    let exs = examples(&[9, 14, 5, 20, 7, 11, 3, 16], 64, 3);
+    let make = || {
+        let mut model = DecoderModel::new_random(tiny_config(64), 5, &dev).unwrap();
+        model.compute.dtype = candle_core::DType::BF16;
+        let cfg = TrainerConfig {
+            batch_size: 4,
+            max_steps: 6,
+            adamw: AdamWConfig {
+                lr: 3e-3,
+                ..Default::default()
+            },
+            schedule: Schedule::Constant,
+            progress: false,
+            shuffle: false,
+            ..Default::default()
+        };
+        Trainer::new(
+            model,
+            CompletionOnlyCollator::new(true, 0),
+            cfg,
+            dev.clone(),
+        )
+        .unwrap()
+    };
+    let mut t = make();
+    let kept: Vec<f64> = t
+        .train(&exs, None)
+        .unwrap()
+        .steps
+        .iter()
+        .map(|m| m.loss)
+        .collect();
+    let mut t = make();
+    let sched = LrSchedule::new(Schedule::Constant, 3e-3, 0, 6);
+    let fresh: Vec<f64> = (0..6)
+        .map(|s| {
+            let chunk = &exs[(s % 2) * 4..(s % 2) * 4 + 4];
+            t.train_step(s, chunk, &sched).unwrap().loss
+        })
+        .collect();
+    eprintln!("kept copies {kept:?}\nfresh casts {fresh:?}");
+    for (a, b) in kept.iter().zip(&fresh) {
+        // Not bit for bit: the embedding gradient adds repeated tokens' rows with atomics.
+        assert!((a - b).abs() / a.abs() < 1e-4, "{a} vs {b}");
+    }
+    // The losses moved: the updates (and so the copies) took effect.
+    assert!(kept[4] < kept[0], "{kept:?}");
 }

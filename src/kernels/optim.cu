@@ -1,7 +1,7 @@
 // Fused optimizer kernels for float32 master weights on CUDA (src/fused.rs): the global gradient
-// norm accumulated on the device, one AdamW pass per parameter that clips, updates the moments
-// and the weight in a single read and write of each (instead of ~20 elementwise kernels and a
-// host round trip per parameter), and the per-step bf16 copies of the weights.
+// norm accumulated on the device, one AdamW pass that clips, updates the moments and the weight
+// in a single read and write of each (instead of ~20 elementwise kernels and a host round trip
+// per parameter) and writes the next step's bf16 compute copy, and the bf16 copies alone.
 //
 // All are bound by memory bandwidth: they read and write 16 bytes per thread and loop where the
 // buffers are 16-byte aligned (candle's allocations are), element by element otherwise.
@@ -11,21 +11,52 @@
 
 __device__ __forceinline__ bool aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
 
-// sumsq[0] += sum(g^2) over n elements (double accumulator: 1e9 float32 squares). One atomic
-// per block, so the host launches few blocks (each loops).
-extern "C" __global__ void grad_sumsq_f32(const float* __restrict__ g, uint64_t n, double* __restrict__ sumsq) {
-    double acc = 0.0;
-    const uint64_t tid = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x;
-    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
-    const uint64_t nv = aligned16(g) ? n / 4 : 0;
-    const float4* g4 = reinterpret_cast<const float4*>(g);
-    for (uint64_t i = tid; i < nv; i += stride) {
-        float4 x = g4[i];
-        acc += (double)(x.x * x.x) + (double)(x.y * x.y) + (double)(x.z * x.z) + (double)(x.w * x.w);
+// One parameter of a multi-tensor launch (the layout of `Slot` in src/fused.rs): a launch
+// covers every parameter of the model, cut into chunks of CHUNK elements; `prefix[i]` is the
+// first chunk of slot i, so a block finds its slot by binary search. One launch per pass instead
+// of one per parameter: ~600 launches a step fewer, and no tail of tiny kernels for the norms.
+struct Slot {
+    float* p;         // weight (AdamW) or source (cast)
+    const float* g;   // gradient
+    float* m;
+    float* v;
+    __nv_bfloat16* copy;  // bf16 copy of the updated weight, or null
+    uint64_t n;
+    float decay, bc1, bc2_sqrt, pad;
+};
+
+#define CHUNK 16384
+
+__device__ __forceinline__ int slot_of(const uint32_t* prefix, int nslots, uint32_t chunk) {
+    int lo = 0, hi = nslots;  // prefix[lo] <= chunk < prefix[hi]
+    while (hi - lo > 1) {
+        int mid = (lo + hi) / 2;
+        if (prefix[mid] <= chunk) lo = mid; else hi = mid;
     }
-    for (uint64_t i = nv * 4 + tid; i < n; i += stride) {
-        float x = g[i];
-        acc += (double)(x * x);
+    return lo;
+}
+
+// sumsq[0] += sum(g^2) over every slot's gradient (double accumulator: 1e9 float32 squares);
+// one atomic per block, and few blocks (each strides over chunks).
+extern "C" __global__ void grad_sumsq_multi(const Slot* __restrict__ slots, const uint32_t* __restrict__ prefix,
+                                            int nslots, double* __restrict__ sumsq) {
+    double acc = 0.0;
+    const uint32_t chunks = prefix[nslots];
+    for (uint32_t c = blockIdx.x; c < chunks; c += gridDim.x) {
+        const int si = slot_of(prefix, nslots, c);
+        const Slot& s = slots[si];
+        const uint64_t start = (uint64_t)(c - prefix[si]) * CHUNK;
+        const uint64_t end = min(start + CHUNK, s.n);
+        const float* g = s.g;
+        const uint64_t vend = aligned16(g) ? start + (end - start) / 4 * 4 : start;
+        for (uint64_t i = start + 4 * threadIdx.x; i < vend; i += 4 * blockDim.x) {
+            float4 x = *reinterpret_cast<const float4*>(g + i);
+            acc += (double)(x.x * x.x) + (double)(x.y * x.y) + (double)(x.z * x.z) + (double)(x.w * x.w);
+        }
+        for (uint64_t i = vend + threadIdx.x; i < end; i += blockDim.x) {
+            float x = g[i];
+            acc += (double)(x * x);
+        }
     }
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
     __shared__ double warp_sums[32];
@@ -59,59 +90,82 @@ struct AdamW {
     }
 };
 
+__device__ __forceinline__ void store_bf16x4(__nv_bfloat16* y, float4 a) {
+    __nv_bfloat162 lo = __floats2bfloat162_rn(a.x, a.y), hi = __floats2bfloat162_rn(a.z, a.w);
+    uint2 out;
+    out.x = *reinterpret_cast<uint32_t*>(&lo);
+    out.y = *reinterpret_cast<uint32_t*>(&hi);
+    *reinterpret_cast<uint2*>(y) = out;
+}
+
 // torch.nn.utils.clip_grad_norm_ (coef = max_norm / (norm + 1e-6), at most 1) then
-// torch.optim.AdamW: p *= 1 - lr * wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
-// p -= lr * (m / bc1) / (sqrt(v) / sqrt(bc2) + eps). A non-finite norm changes nothing: the
-// trainer reports it and stops with the last good weights.
-extern "C" __global__ void adamw_f32(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
-                                     float* __restrict__ v, uint64_t n, const double* __restrict__ sumsq,
-                                     float max_norm, float lr, float beta1, float beta2, float eps,
-                                     float decay, float bc1, float bc2_sqrt) {
+// torch.optim.AdamW for every slot: p *= 1 - lr * wd; m = b1 m + (1 - b1) g;
+// v = b2 v + (1 - b2) g^2; p -= lr * (m / bc1) / (sqrt(v) / sqrt(bc2) + eps); and the bf16 copy
+// of the new weight where the slot has one (the next forward's compute weights, without a
+// separate cast pass). A non-finite norm changes nothing: the trainer reports it and stops with
+// the last good weights.
+extern "C" __global__ void adamw_multi(const Slot* __restrict__ slots, const uint32_t* __restrict__ prefix,
+                                       int nslots, const double* __restrict__ sumsq, float max_norm, float lr,
+                                       float beta1, float beta2, float eps) {
     double norm = sqrt(*sumsq);
     if (!isfinite(norm)) return;
-    AdamW a{1.f, lr, beta1, beta2, eps, decay, bc1, bc2_sqrt};
+    float coef = 1.f;
     if (max_norm > 0.f) {
         double c = (double)max_norm / (norm + 1e-6);
-        if (c < 1.0) a.coef = (float)c;
+        if (c < 1.0) coef = (float)c;
     }
-    const uint64_t tid = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x;
-    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
-    const bool vec = aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v);
-    const uint64_t nv = vec ? n / 4 : 0;
-    for (uint64_t i = tid; i < nv; i += stride) {
-        float4 pi = reinterpret_cast<float4*>(p)[i];
-        float4 gi = reinterpret_cast<const float4*>(g)[i];
-        float4 mi = reinterpret_cast<float4*>(m)[i];
-        float4 vi = reinterpret_cast<float4*>(v)[i];
-        a.apply(pi.x, gi.x, mi.x, vi.x);
-        a.apply(pi.y, gi.y, mi.y, vi.y);
-        a.apply(pi.z, gi.z, mi.z, vi.z);
-        a.apply(pi.w, gi.w, mi.w, vi.w);
-        reinterpret_cast<float4*>(p)[i] = pi;
-        reinterpret_cast<float4*>(m)[i] = mi;
-        reinterpret_cast<float4*>(v)[i] = vi;
-    }
-    for (uint64_t i = nv * 4 + tid; i < n; i += stride) {
-        float pi = p[i], mi = m[i], vi = v[i];
-        a.apply(pi, g[i], mi, vi);
-        p[i] = pi;
-        m[i] = mi;
-        v[i] = vi;
+    const uint32_t chunks = prefix[nslots];
+    for (uint32_t c = blockIdx.x; c < chunks; c += gridDim.x) {
+        const int si = slot_of(prefix, nslots, c);
+        const Slot& s = slots[si];
+        const AdamW a{coef, lr, beta1, beta2, eps, s.decay, s.bc1, s.bc2_sqrt};
+        const uint64_t start = (uint64_t)(c - prefix[si]) * CHUNK;
+        const uint64_t end = min(start + CHUNK, s.n);
+        float *p = s.p, *m = s.m, *v = s.v;
+        const float* g = s.g;
+        __nv_bfloat16* copy = s.copy;
+        const bool vec = aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v) &&
+                         ((uintptr_t)copy & 7) == 0;
+        const uint64_t vend = vec ? start + (end - start) / 4 * 4 : start;
+        for (uint64_t i = start + 4 * threadIdx.x; i < vend; i += 4 * blockDim.x) {
+            float4 pi = *reinterpret_cast<float4*>(p + i);
+            float4 gi = *reinterpret_cast<const float4*>(g + i);
+            float4 mi = *reinterpret_cast<float4*>(m + i);
+            float4 vi = *reinterpret_cast<float4*>(v + i);
+            a.apply(pi.x, gi.x, mi.x, vi.x);
+            a.apply(pi.y, gi.y, mi.y, vi.y);
+            a.apply(pi.z, gi.z, mi.z, vi.z);
+            a.apply(pi.w, gi.w, mi.w, vi.w);
+            *reinterpret_cast<float4*>(p + i) = pi;
+            *reinterpret_cast<float4*>(m + i) = mi;
+            *reinterpret_cast<float4*>(v + i) = vi;
+            if (copy) store_bf16x4(copy + i, pi);
+        }
+        for (uint64_t i = vend + threadIdx.x; i < end; i += blockDim.x) {
+            float pi = p[i], mi = m[i], vi = v[i];
+            a.apply(pi, g[i], mi, vi);
+            p[i] = pi;
+            m[i] = mi;
+            v[i] = vi;
+            if (copy) copy[i] = __float2bfloat16_rn(pi);
+        }
     }
 }
 
-// y = bf16(x), round to nearest even (as candle's cast), into an existing buffer.
-extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, __nv_bfloat16* __restrict__ y, uint64_t n) {
-    const uint64_t tid = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x;
-    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
-    const uint64_t nv = aligned16(x) && ((uintptr_t)y & 7) == 0 ? n / 4 : 0;
-    for (uint64_t i = tid; i < nv; i += stride) {
-        float4 a = reinterpret_cast<const float4*>(x)[i];
-        __nv_bfloat162 lo = __floats2bfloat162_rn(a.x, a.y), hi = __floats2bfloat162_rn(a.z, a.w);
-        uint2 out;
-        out.x = *reinterpret_cast<uint32_t*>(&lo);
-        out.y = *reinterpret_cast<uint32_t*>(&hi);
-        reinterpret_cast<uint2*>(y)[i] = out;
+// copy = bf16(p) for every slot (round to nearest even, as candle's cast), in place.
+extern "C" __global__ void cast_bf16_multi(const Slot* __restrict__ slots, const uint32_t* __restrict__ prefix,
+                                           int nslots) {
+    const uint32_t chunks = prefix[nslots];
+    for (uint32_t c = blockIdx.x; c < chunks; c += gridDim.x) {
+        const int si = slot_of(prefix, nslots, c);
+        const Slot& s = slots[si];
+        const uint64_t start = (uint64_t)(c - prefix[si]) * CHUNK;
+        const uint64_t end = min(start + CHUNK, s.n);
+        const float* x = s.p;
+        __nv_bfloat16* y = s.copy;
+        const uint64_t vend = aligned16(x) && ((uintptr_t)y & 7) == 0 ? start + (end - start) / 4 * 4 : start;
+        for (uint64_t i = start + 4 * threadIdx.x; i < vend; i += 4 * blockDim.x)
+            store_bf16x4(y + i, *reinterpret_cast<const float4*>(x + i));
+        for (uint64_t i = vend + threadIdx.x; i < end; i += blockDim.x) y[i] = __float2bfloat16_rn(x[i]);
     }
-    for (uint64_t i = nv * 4 + tid; i < n; i += stride) y[i] = __float2bfloat16_rn(x[i]);
 }

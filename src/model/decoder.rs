@@ -371,6 +371,8 @@ pub struct DecoderModel {
     /// rewritten in place from the master weights at every forward/backward: no allocation and
     /// no extra copy to make them variables (see `with_compute_weights`).
     weight_copies: std::sync::Mutex<Vec<Var>>,
+    /// The copies hold bf16 of the current weights (the optimizer wrote them with the update).
+    copies_fresh: std::sync::atomic::AtomicBool,
 }
 
 /// What every layer of one forward pass shares.
@@ -575,6 +577,7 @@ impl DecoderModel {
             device: device.clone(),
             compute: ComputeOptions::default(),
             weight_copies: std::sync::Mutex::new(Vec::new()),
+            copies_fresh: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -1156,6 +1159,23 @@ impl Model for DecoderModel {
         self.forward_backward_plain(batch, scale)
     }
 
+    fn compute_copies(&self) -> Result<Vec<(usize, Tensor)>> {
+        Ok(match self.kept_copies()? {
+            Some(kept) => self
+                .copied_params()
+                .into_iter()
+                .zip(kept)
+                .map(|(i, c)| (i, c.as_tensor().clone()))
+                .collect(),
+            None => Vec::new(),
+        })
+    }
+
+    fn set_compute_copies_fresh(&self, fresh: bool) {
+        self.copies_fresh
+            .store(fresh, std::sync::atomic::Ordering::SeqCst);
+    }
+
     fn eval_sums(&self, batch: &Batch) -> Result<EvalSums> {
         if batch.n_targets == 0 {
             return Ok(EvalSums {
@@ -1178,7 +1198,7 @@ impl DecoderModel {
         &self,
         f: impl FnOnce() -> Result<(LossSum, GradStore)>,
     ) -> Result<(LossSum, GradStore)> {
-        let copies = self.compute_copies()?;
+        let copies = self.compute_copies_now()?;
         COMPUTE_WEIGHTS.with(|m| {
             let mut m = m.borrow_mut();
             m.clear();
@@ -1200,40 +1220,63 @@ impl DecoderModel {
         Ok((l, grads))
     }
 
-    /// (master, compute-dtype copy) for every float32 weight matrix, the copies up to date.
-    fn compute_copies(&self) -> Result<Vec<(Tensor, Var)>> {
-        let masters: Vec<&Tensor> = self
-            .params
+    /// Indices (into `params`) of the float32 weight matrices, which compute through copies.
+    fn copied_params(&self) -> Vec<usize> {
+        self.params
             .iter()
-            .map(|p| p.var.as_tensor())
-            .filter(|t| t.rank() == 2 && t.dtype() == DType::F32)
-            .collect();
-        #[cfg(feature = "cuda")]
-        if self.device.is_cuda() && self.compute.dtype == DType::BF16 {
-            let mut kept = self.weight_copies.lock().unwrap();
-            if kept.len() != masters.len() {
-                *kept = masters
-                    .iter()
-                    .map(|t| Var::zeros(t.shape(), DType::BF16, t.device()))
-                    .collect::<candle_core::Result<_>>()?;
-            }
-            for (t, c) in masters.iter().zip(kept.iter()) {
-                crate::fused::cast_bf16_into(t, c.as_tensor())?;
-            }
-            return Ok(masters
-                .into_iter()
-                .cloned()
-                .zip(kept.iter().cloned())
-                .collect());
+            .enumerate()
+            .filter(|(_, p)| p.var.rank() == 2 && p.var.dtype() == DType::F32)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// The bf16 copies kept on CUDA (allocated on first use), in `copied_params` order; `None`
+    /// where the model casts per step instead (CPU, other dtypes).
+    fn kept_copies(&self) -> Result<Option<Vec<Var>>> {
+        if !(cfg!(feature = "cuda")
+            && self.device.is_cuda()
+            && self.compute.dtype == DType::BF16
+            && !self.compute.gradient_checkpointing)
+        {
+            return Ok(None);
         }
-        let _ = &self.weight_copies;
+        let idx = self.copied_params();
+        let mut kept = self.weight_copies.lock().unwrap();
+        if kept.len() != idx.len() {
+            *kept = idx
+                .iter()
+                .map(|&i| Var::zeros(self.params[i].var.shape(), DType::BF16, &self.device))
+                .collect::<candle_core::Result<_>>()?;
+            self.copies_fresh
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(Some(kept.clone()))
+    }
+
+    /// (master, compute-dtype copy) for every float32 weight matrix, the copies up to date.
+    fn compute_copies_now(&self) -> Result<Vec<(Tensor, Var)>> {
+        let masters: Vec<Tensor> = self
+            .copied_params()
+            .into_iter()
+            .map(|i| self.params[i].var.as_tensor().clone())
+            .collect();
+        if let Some(kept) = self.kept_copies()? {
+            #[cfg(feature = "cuda")]
+            if !self.copies_fresh.load(std::sync::atomic::Ordering::SeqCst) {
+                let pairs: Vec<(&Tensor, &Tensor)> = masters
+                    .iter()
+                    .zip(&kept)
+                    .map(|(m, c)| (m, c.as_tensor()))
+                    .collect();
+                crate::fused::cast_bf16_into(&pairs)?;
+            }
+            return Ok(masters.into_iter().zip(kept).collect());
+        }
         masters
             .into_iter()
             .map(|t| {
-                Ok((
-                    t.clone(),
-                    Var::from_tensor(&t.to_dtype(self.compute.dtype)?)?,
-                ))
+                let c = Var::from_tensor(&t.to_dtype(self.compute.dtype)?)?;
+                Ok((t, c))
             })
             .collect()
     }

@@ -87,6 +87,19 @@ pub trait Model {
         backward_of(self.loss(batch)?, scale)
     }
 
+    /// Low-precision copies of parameters that the forward/backward computes with, as
+    /// (index into `params()`, copy), for an optimizer that can write them in the pass that
+    /// updates the weights (the fused CUDA AdamW); empty where the model keeps none.
+    fn compute_copies(&self) -> Result<Vec<(usize, Tensor)>> {
+        Ok(Vec::new())
+    }
+
+    /// Tells the model whether its `compute_copies` hold the current weights (the optimizer
+    /// just wrote them with the update), so that the next forward/backward need not cast the
+    /// weights again. The trainer sets it only inside its own loop, where nothing else writes
+    /// the weights, and clears it before anything else can.
+    fn set_compute_copies_fresh(&self, _fresh: bool) {}
+
     /// Loss (and, where the model reports it, token accuracy) without gradient updates.
     fn eval_sums(&self, batch: &Self::Batch) -> Result<EvalSums> {
         // `loss` sums weighted targets under sequence normalisation; a per-token mean needs the
@@ -122,6 +135,7 @@ pub trait Model {
         for (p, t) in self.params().iter().zip(loaded) {
             p.var.set(&t)?;
         }
+        self.set_compute_copies_fresh(false);
         Ok(())
     }
 }
