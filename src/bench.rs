@@ -70,6 +70,11 @@ pub struct BenchResult {
     pub final_loss: f64,
     pub dtype: String,
     pub gradient_checkpointing: bool,
+    /// Host time a timed step spends enqueueing its work (collate, forward, backward,
+    /// optimizer), and waiting to read the step before it: a step whose enqueue time is close to
+    /// `step_s` is bound by the host, not the device.
+    pub host_enqueue_s: f64,
+    pub host_wait_s: f64,
 }
 
 /// Peak resident set size of this process (VmHWM), in bytes; 0 where /proc is unavailable.
@@ -130,8 +135,13 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
     let mut last_loss = f64::NAN;
     // As `Trainer::train` runs on a GPU: each step is enqueued before the previous one is read.
     let mut in_flight = None;
-    let mut finish = |trainer: &mut Trainer<_, _>, p| -> Result<()> {
+    let (mut enqueue_s, mut wait_s) = (0f64, 0f64);
+    let mut finish = |trainer: &mut Trainer<_, _>, p, timed: bool| -> Result<()> {
+        let t = Instant::now();
         let m = trainer.finish_step(p)?;
+        if timed {
+            wait_s += t.elapsed().as_secs_f64();
+        }
         last_loss = m.loss;
         if m.step > args.warmup {
             real += m.tokens;
@@ -147,22 +157,27 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
     {
         if i == args.warmup {
             if let Some(p) = in_flight.take() {
-                finish(&mut trainer, p)?;
+                finish(&mut trainer, p, false)?;
             }
             args.device.synchronize()?;
             t0 = Instant::now();
         }
+        let timed = i >= args.warmup;
+        let t = Instant::now();
         let p = trainer.enqueue_step_with(i, &[chunk], &schedule, true)?;
+        if timed {
+            enqueue_s += t.elapsed().as_secs_f64();
+        }
         if let Some(prev) = in_flight.replace(p) {
-            finish(&mut trainer, prev)?;
+            finish(&mut trainer, prev, timed)?;
         }
         if !args.overlap {
             let p = in_flight.take().expect("just enqueued");
-            finish(&mut trainer, p)?;
+            finish(&mut trainer, p, timed)?;
         }
     }
     if let Some(p) = in_flight.take() {
-        finish(&mut trainer, p)?;
+        finish(&mut trainer, p, true)?;
     }
     args.device.synchronize()?;
     let dt = t0.elapsed().as_secs_f64();
@@ -195,6 +210,8 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
         final_loss: last_loss,
         dtype: format!("{:?}", args.compute.dtype).to_lowercase(),
         gradient_checkpointing: args.compute.gradient_checkpointing,
+        host_enqueue_s: enqueue_s / args.steps as f64,
+        host_wait_s: wait_s / args.steps as f64,
     })
 }
 

@@ -175,16 +175,20 @@ fn tiles_cfg(tiles: usize, heads: usize, smem: usize) -> LaunchConfig {
     }
 }
 
+// Shared memory of each kernel (src/kernels/flash_attn.cu): the forward and dQ kernels double
+// buffer their key/value tiles, the dK/dV kernel its query/dO tiles and their statistics (single
+// buffer for head_dim 256, to stay within an Ampere card's 163 KiB).
 fn fwd_smem(d: usize) -> usize {
-    (TILE + 2 * key_tile(d)) * (d + 8) * 2
+    (TILE + 4 * key_tile(d)) * (d + 8) * 2
 }
 
 fn bwd_smem(d: usize) -> usize {
-    4 * TILE * (d + 8) * 2 + 2 * TILE * 4
+    let bufs = if d <= 128 { 2 } else { 1 };
+    (2 + 2 * bufs) * TILE * (d + 8) * 2 + bufs * 2 * TILE * 4
 }
 
 fn bwd_dq_smem(d: usize) -> usize {
-    (2 * TILE + 2 * key_tile(d)) * (d + 8) * 2
+    (2 * TILE + 4 * key_tile(d)) * (d + 8) * 2
 }
 
 impl FlashAttn {

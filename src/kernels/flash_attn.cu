@@ -126,6 +126,32 @@ __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, long gstride, 
     }
 }
 
+// load_tile without waiting: cp.async copies straight into shared memory (zero-filling rows at or
+// past `valid`), so the next tile streams in while the warps compute on the current one. The
+// caller commits the group and waits for it (cp_async_wait) before the block synchronises.
+__device__ __forceinline__ void cp_async16(bf16* smem, const bf16* gmem, bool valid) {
+    uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+template <int D>
+__device__ __forceinline__ void load_tile_async(bf16* s, const bf16* g, long gstride, int rows, int valid) {
+    constexpr int CH = D / 8;
+    for (int i = threadIdx.x; i < rows * CH; i += THREADS) {
+        int r = i / CH, c = i % CH;
+        bool ok = r < valid;
+        // Row 0 of a tile is always inside its sequence: a readable address for the zero fill.
+        cp_async16(s + r * (D + 8) + c * 8, ok ? g + r * gstride + c * 8 : g, ok);
+    }
+}
+
 __device__ __forceinline__ bool visible(int qi, int kj, int len, int window) {
     return kj <= qi && qi < len && (window <= 0 || qi - kj < window);
 }
@@ -140,8 +166,7 @@ __device__ void fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     constexpr int S = D + 8;
     bf16* Qs = reinterpret_cast<bf16*>(smem_raw);
-    bf16* Ks = Qs + BM * S;
-    bf16* Vs = Ks + BN * S;
+    bf16* KVs = Qs + BM * S;  // two buffers of (K tile, V tile)
 
     const int seq = tiles[2 * blockIdx.x], q0 = tiles[2 * blockIdx.x + 1];
     const int h = blockIdx.y, hk = h / (heads / kv_heads);
@@ -161,14 +186,24 @@ __device__ void fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
     int kbeg = 0;
     if (window > 0) kbeg = max(0, q0 - window + 1) / BN * BN;
 
-    for (int k0 = kbeg; k0 < kend; k0 += BN) {
+    auto issue = [&](int k0, int b) {
+        bf16* Kb = KVs + b * 2 * BN * S;
+        load_tile_async<D>(Kb, k + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN, len - k0);
+        load_tile_async<D>(Kb + BN * S, v + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN,
+                           len - k0);
+    };
+    if (kbeg < kend) issue(kbeg, 0);
+    cp_async_commit();
+    int buf = 0;
+    for (int k0 = kbeg; k0 < kend; k0 += BN, buf ^= 1) {
+        if (k0 + BN < kend) issue(k0 + BN, buf ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
         __syncthreads();
-        load_tile<D>(Ks, k + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN, len - k0);
-        load_tile<D>(Vs, v + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN, len - k0);
-        __syncthreads();
+        const bf16* Ks = KVs + buf * 2 * BN * S;
+        const bf16* Vs = Ks + BN * S;
         // Keys past this warp's last row, or before its window, contribute nothing.
-        if (k0 > qrow + 15 || (window > 0 && k0 + BN - 1 <= qrow - window)) continue;
-
+        if (!(k0 > qrow + 15 || (window > 0 && k0 + BN - 1 <= qrow - window))) {
         float s[BN / 8][4];
         mma_rows_abt<D, BN>(s, Qs, warp * 16, Ks, g, t);
         float mx[2] = {m[0], m[1]};
@@ -207,6 +242,8 @@ __device__ void fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
                 l[e >> 1] += p;
             }
         mma_regs_b<D, BN>(acc, s, Vs, lane);
+        }
+        __syncthreads();  // the next iteration loads into this buffer
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -238,13 +275,13 @@ __device__ void bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
                            int window) {
     constexpr int BN = 64;
     constexpr int S = D + 8;
+    // Two (Q, dO) buffers where shared memory allows (one for head_dim 256, within Ampere's).
+    constexpr int NBUF = D <= 128 ? 2 : 1;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16* Ks = reinterpret_cast<bf16*>(smem_raw);
     bf16* Vs = Ks + BN * S;
-    bf16* Qs = Vs + BN * S;
-    bf16* dOs = Qs + BM * S;
-    float* lse_s = reinterpret_cast<float*>(dOs + BM * S);
-    float* dlt_s = lse_s + BM;
+    bf16* QdO = Vs + BN * S;  // NBUF x (Q tile, dO tile)
+    float* stats = reinterpret_cast<float*>(QdO + NBUF * 2 * BM * S);  // NBUF x (lse, delta)
 
     const int seq = tiles[2 * blockIdx.x], k0 = tiles[2 * blockIdx.x + 1];
     const int h = blockIdx.y, hk = h / (heads / kv_heads);
@@ -264,16 +301,37 @@ __device__ void bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
     const int krow = k0 + warp * 16;  // this warp's first key
     int qend = len;
     if (window > 0) qend = min(len, k0 + BN - 1 + window);
-    for (int q0 = k0 / BM * BM; q0 < qend; q0 += BM) {
-        __syncthreads();
-        load_tile<D>(Qs, q + ((long)(base + q0) * heads + h) * D, (long)heads * D, BM, len - q0);
-        load_tile<D>(dOs, dout + ((long)(base + q0) * heads + h) * D, (long)heads * D, BM, len - q0);
+    auto issue = [&](int q0, int b) {
+        bf16* Qb = QdO + b * 2 * BM * S;
+        load_tile_async<D>(Qb, q + ((long)(base + q0) * heads + h) * D, (long)heads * D, BM, len - q0);
+        load_tile_async<D>(Qb + BM * S, dout + ((long)(base + q0) * heads + h) * D, (long)heads * D, BM,
+                           len - q0);
+        float* st = stats + b * 2 * BM;
         for (int i = threadIdx.x; i < BM; i += THREADS) {
             bool ok = q0 + i < len;
-            lse_s[i] = ok ? lse[(long)h * tokens + base + q0 + i] : 0.f;
-            dlt_s[i] = ok ? delta[(long)h * tokens + base + q0 + i] : 0.f;
+            st[i] = ok ? lse[(long)h * tokens + base + q0 + i] : 0.f;
+            st[BM + i] = ok ? delta[(long)h * tokens + base + q0 + i] : 0.f;
+        }
+    };
+    const int qbeg = k0 / BM * BM;
+    if (NBUF == 2 && qbeg < qend) issue(qbeg, 0);
+    cp_async_commit();
+    int buf = 0;
+    for (int q0 = qbeg; q0 < qend; q0 += BM, buf = (buf + 1) % NBUF) {
+        if (NBUF == 2) {
+            if (q0 + BM < qend) issue(q0 + BM, buf ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            issue(q0, 0);
+            cp_async_commit();
+            cp_async_wait<0>();
         }
         __syncthreads();
+        const bf16* Qs = QdO + buf * 2 * BM * S;
+        const bf16* dOs = Qs + BM * S;
+        const float* lse_s = stats + buf * 2 * BM;
+        const float* dlt_s = lse_s + BM;
         const bool active = !(q0 + BM - 1 < krow || (window > 0 && q0 - (krow + 15) >= window));
         if (active) {
             // S^T = K Q^T for this warp's 16 keys and the tile's BM queries, then P^T.
@@ -301,6 +359,7 @@ __device__ void bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
             // dK += dS^T Q
             mma_regs_b<D, BM>(dka, ds, Qs, lane);
         }
+        __syncthreads();  // the next iteration loads into this buffer
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -328,8 +387,7 @@ __device__ void bwd_dq_kernel(const bf16* __restrict__ q, const bf16* __restrict
     constexpr int S = D + 8;
     bf16* Qs = reinterpret_cast<bf16*>(smem_raw);
     bf16* dOs = Qs + BM * S;
-    bf16* Ks = dOs + BM * S;
-    bf16* Vs = Ks + BN * S;
+    bf16* KVs = dOs + BM * S;  // two buffers of (K tile, V tile)
 
     const int seq = tiles[2 * blockIdx.x], q0 = tiles[2 * blockIdx.x + 1];
     const int h = blockIdx.y, hk = h / (heads / kv_heads);
@@ -354,13 +412,23 @@ __device__ void bwd_dq_kernel(const bf16* __restrict__ q, const bf16* __restrict
     const int kend = min(len, q0 + BM);
     int kbeg = 0;
     if (window > 0) kbeg = max(0, q0 - window + 1) / BN * BN;
-    for (int k0 = kbeg; k0 < kend; k0 += BN) {
+    auto issue = [&](int k0, int b) {
+        bf16* Kb = KVs + b * 2 * BN * S;
+        load_tile_async<D>(Kb, k + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN, len - k0);
+        load_tile_async<D>(Kb + BN * S, v + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN,
+                           len - k0);
+    };
+    if (kbeg < kend) issue(kbeg, 0);
+    cp_async_commit();
+    int buf = 0;
+    for (int k0 = kbeg; k0 < kend; k0 += BN, buf ^= 1) {
+        if (k0 + BN < kend) issue(k0 + BN, buf ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
         __syncthreads();
-        load_tile<D>(Ks, k + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN, len - k0);
-        load_tile<D>(Vs, v + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN, len - k0);
-        __syncthreads();
-        if (k0 > qrow + 15 || (window > 0 && k0 + BN - 1 <= qrow - window)) continue;
-
+        const bf16* Ks = KVs + buf * 2 * BN * S;
+        const bf16* Vs = Ks + BN * S;
+        if (!(k0 > qrow + 15 || (window > 0 && k0 + BN - 1 <= qrow - window))) {
         float p[BN / 8][4], dp[BN / 8][4];
 #pragma unroll
         for (int j = 0; j < BN / 8; j++)
@@ -389,6 +457,8 @@ __device__ void bwd_dq_kernel(const bf16* __restrict__ q, const bf16* __restrict
                 dp[j][e] = pv * (dp[j][e] - dlt_r[r]);
             }
         mma_regs_b<D, BN>(acc, dp, Ks, lane);
+        }
+        __syncthreads();  // the next iteration loads into this buffer
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
