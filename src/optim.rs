@@ -205,6 +205,8 @@ impl AdamW {
     /// The gradient norm of an enqueued update (waiting for the device). If it is not finite
     /// the update changed nothing, and the update counts it advanced are taken back.
     pub fn settle(&mut self, p: PendingUpdate) -> Result<f64> {
+        // One variant without the `cuda` feature.
+        #[allow(clippy::infallible_destructuring_match)]
         let norm = match p.norm {
             PendingNorm::Ready(n) => n,
             #[cfg(feature = "cuda")]

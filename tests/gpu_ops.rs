@@ -250,9 +250,9 @@ fn fused_cross_entropy_matches_reference() {
             .unwrap();
         (lse - picked).unwrap()
     };
-    let (want, gw) = grads(&[logits.clone()], |t| reference(&t[0]), &r);
+    let (want, gw) = grads(std::slice::from_ref(&logits), |t| reference(&t[0]), &r);
     let (got, gg) = grads(
-        &[logits.clone()],
+        std::slice::from_ref(&logits),
         |t| packsft::fused::nll(&t[0], &targets).unwrap(),
         &r,
     );
@@ -270,12 +270,12 @@ fn fused_row_gather_matches_index_select() {
         let table = rand(&[10, 70], 40, &dev).to_dtype(dtype).unwrap();
         let r = rand(&[8, 70], 41, &dev);
         let (want, gw) = grads(
-            &[table.clone()],
+            std::slice::from_ref(&table),
             |t| t[0].index_select(&idx, 0).unwrap(),
             &r,
         );
         let (got, gg) = grads(
-            &[table.clone()],
+            std::slice::from_ref(&table),
             |t| packsft::fused::index_rows(&t[0], &idx).unwrap(),
             &r,
         );

@@ -731,11 +731,10 @@ impl DecoderModel {
         let mut x = crate::ops::index_rows(&self.embed, &ctx.ids)?;
         if let Some(pad) = self.spec.padding_idx {
             // transformers' nn.Embedding(padding_idx): the pad row gets no gradient from lookups.
-            let ids = ctx.ids.to_vec1::<u32>()?;
-            if ids.contains(&pad) {
-                let mask = ctx.ids.eq(pad)?.unsqueeze(1)?.broadcast_as(x.shape())?;
-                x = mask.where_cond(&x.detach(), &x)?;
-            }
+            // Masked on the device: reading the ids back to skip this would stall a GPU every
+            // forward.
+            let mask = ctx.ids.eq(pad)?.unsqueeze(1)?.broadcast_as(x.shape())?;
+            x = mask.where_cond(&x.detach(), &x)?;
         }
         let x = x.to_dtype(self.compute.dtype)?;
         Ok(if self.spec.embedding_multiplier != 1.0 {
