@@ -404,9 +404,12 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                 aux: share,
             };
             let (l, grads) = self.model.forward_backward(b, scale)?;
-            loss_sum = f64_sum(loss_sum, l.sum)?;
+            // Detached: a loss kept for later reading must not keep the graph (every
+            // activation of the step) alive past its backward.
+            loss_sum = f64_sum(loss_sum, l.sum.detach())?;
             if let Some(a) = l.aux {
-                aux_loss = f64_sum(aux_loss, (a.to_dtype(candle_core::DType::F64)? * share)?)?;
+                let a = a.detach().to_dtype(candle_core::DType::F64)?;
+                aux_loss = f64_sum(aux_loss, (a * share)?)?;
             }
             accumulate(&mut acc, grads, self.model.params())?;
         }

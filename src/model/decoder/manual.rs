@@ -338,9 +338,12 @@ impl DecoderModel {
 
     /// The vocabulary projection as one graph node whose backward hands a float32 weight
     /// gradient straight to the master weight (autograd would make a bf16 gradient of the
-    /// weight copy, then cast and add it); `None` outside [`scope`] or with autograd layers.
+    /// weight copy, then cast and add it); `None` outside [`scope`], with autograd layers, and
+    /// off the GPU's bf16 path, where there is no cast to save and the node's copy of the
+    /// float32 logits would cost time and memory.
     pub(super) fn lm_head_manual(&self, lin: &Lin, h: &Tensor) -> Result<Option<Tensor>> {
-        if !in_scope() || self.compute.autograd_layers {
+        let bf16_cuda = h.device().is_cuda() && h.dtype() == DType::BF16;
+        if !in_scope() || self.compute.autograd_layers || !bf16_cuda {
             return Ok(None);
         }
         let (y, back) = lin_vjp(lin, &h.detach())?;
