@@ -666,32 +666,23 @@ impl DecoderModel {
         let pos = match &self.spec.rope.long {
             None => pos,
             Some(long) => {
+                // Rows [P, 2P) of the table are the long factors: an offset of P per token of a
+                // long sequence, built from the layout on the host (reading the positions back
+                // would stall a GPU every forward).
                 let p = self.spec.max_positions as u32;
-                let host: Vec<u32> = pos.to_vec1::<u32>()?;
-                let mut out = Vec::with_capacity(host.len());
-                match &batch.layout {
-                    SeqLayout::Packed { cu_seqlens, .. } => {
-                        for w in cu_seqlens.windows(2) {
-                            let off = if w[1] - w[0] > long.original_max {
-                                p
-                            } else {
-                                0
-                            };
-                            out.extend(host[w[0]..w[1]].iter().map(|x| x + off));
-                        }
-                    }
-                    SeqLayout::Padded { lengths } => {
-                        for (b, len) in lengths.iter().enumerate() {
-                            let off = if *len > long.original_max { p } else { 0 };
-                            out.extend(
-                                host[b * batch.row_len..(b + 1) * batch.row_len]
-                                    .iter()
-                                    .map(|x| x + off),
-                            );
-                        }
-                    }
-                }
-                Tensor::from_vec(out, host.len(), &self.device)?
+                let off = |len: usize| if len > long.original_max { p } else { 0 };
+                let offsets: Vec<u32> = match &batch.layout {
+                    SeqLayout::Packed { cu_seqlens, .. } => cu_seqlens
+                        .windows(2)
+                        .flat_map(|w| std::iter::repeat_n(off(w[1] - w[0]), w[1] - w[0]))
+                        .collect(),
+                    SeqLayout::Padded { lengths } => lengths
+                        .iter()
+                        .flat_map(|&len| std::iter::repeat_n(off(len), batch.row_len))
+                        .collect(),
+                };
+                let n = offsets.len();
+                (pos + Tensor::from_vec(offsets, n, &self.device)?)?
             }
         };
         let (cos, sin) = self.rope.gather(&pos, self.compute.dtype)?;
