@@ -1,12 +1,13 @@
 //! Fused CUDA kernels for bf16 training, each measured against the chain of candle ops it
 //! replaces (docs/BENCHMARKS.md):
-//! - the optimizer step (src/kernels/optim.cu): gradient norm on the device, then one clip +
-//!   AdamW kernel per parameter reading the norm from device memory. One host round trip a
-//!   step (the norm, for the log) instead of one per parameter, and one pass over each weight
-//!   and its moments instead of ~20;
-//! - RMSNorm, rotary embedding and SiLU-gated products with their backward passes
-//!   (src/kernels/fused_ops.cu), as candle custom ops: one kernel each way instead of ~10, and
-//!   no float32 intermediates kept for the backward.
+//! - the optimizer step (src/kernels/optim.cu): the gradient norm, then clip + AdamW, each one
+//!   multi-tensor launch over all parameters that reads the norm from device memory; AdamW can
+//!   write the next step's bf16 weight copies in the same pass. No host round trip (the norm is
+//!   read later, for the log), one pass over each weight and its moments instead of ~20;
+//! - RMSNorm, rotary embedding, SiLU-gated products, the masked cross-entropy and row gathers
+//!   with their backward passes, and a vectorised add (src/kernels/fused_ops.cu), as candle
+//!   custom ops: one kernel each way instead of a chain, and no float32 intermediates kept for
+//!   the backward.
 //!
 //! The model uses them for bf16 compute on CUDA ([`usable`]); everywhere else, and as the
 //! reference in tests/gpu_ops.rs, it uses the differentiable formulations of [`crate::ops`].
