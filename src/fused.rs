@@ -122,11 +122,7 @@ impl SlotTable {
     }
 
     fn cfg(&self, blocks_per_sm: usize) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (self.chunks.clamp(1, 132 * blocks_per_sm) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        }
+        grid_cfg(self.chunks, blocks_per_sm)
     }
 }
 
@@ -288,20 +284,6 @@ pub fn cast_bf16_into(pairs: &[(&Tensor, &Tensor)]) -> Result<()> {
     Ok(())
 }
 
-/// A grid for a memory-bound loop of `per_thread` elements per thread and iteration: enough
-/// blocks for the work, at most `blocks_per_sm` on each of an H100's 132 SMs (the loop strides).
-fn vector_cfg(n: usize, per_thread: usize, blocks_per_sm: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (
-            n.div_ceil(256 * per_thread).clamp(1, 132 * blocks_per_sm) as u32,
-            1,
-            1,
-        ),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 struct Add;
 
 impl CustomOp2 for Add {
@@ -333,7 +315,7 @@ impl CustomOp2 for Add {
         let mut l = stream.launch_builder(&f);
         let n64 = n as u64;
         l.arg(&av).arg(&bv).arg(&y).arg(&n64);
-        unsafe { l.launch(vector_cfg(n, 8, 8)) }.w()?;
+        unsafe { l.launch(grid_cfg(n.div_ceil(256 * 8), 8)) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), al.shape().clone()))
     }
     fn bwd(
@@ -445,23 +427,22 @@ pub(crate) fn wrap<T: candle_core::cuda_backend::CudaDType>(
     like.apply_op1_no_bwd(&op)
 }
 
-pub(crate) fn elementwise_cfg(n: usize) -> LaunchConfig {
+/// Blocks of 256 threads: `blocks` of them (at least one), at most `blocks_per_sm` on each of an
+/// H100's 132 SMs; the kernels stride over what a smaller grid leaves.
+fn grid_cfg(blocks: usize, blocks_per_sm: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (n.div_ceil(256).clamp(1, 132 * 32) as u32, 1, 1),
+        grid_dim: (blocks.clamp(1, 132 * blocks_per_sm) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// One thread per element.
+pub(crate) fn elementwise_cfg(n: usize) -> LaunchConfig {
+    grid_cfg(n.div_ceil(256), 32)
 }
 
 const NORM_MAX_HIDDEN: usize = 256 * 32;
-
-fn norm_cfg(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows.clamp(1, 132 * 8) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
 
 struct RmsNorm {
     eps: f32,
@@ -504,7 +485,7 @@ impl CustomOp2 for RmsNorm {
             .arg(&r)
             .arg(&hh)
             .arg(&self.eps);
-        unsafe { b.launch(norm_cfg(rows)) }.w()?;
+        unsafe { b.launch(grid_cfg(rows, 8)) }.w()?;
         *self.rstd.lock().unwrap() = Some(Arc::new(rstd));
         Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
     }
@@ -544,7 +525,7 @@ impl CustomOp2 for RmsNorm {
                 .arg(&dw)
                 .arg(&r)
                 .arg(&hh);
-            unsafe { b.launch(norm_cfg(rows)) }.w()?;
+            unsafe { b.launch(grid_cfg(rows, 8)) }.w()?;
             Ok((
                 Some(wrap(dx, &dev, (rows, h), x)?),
                 Some(wrap(dw, &dev, h, x)?),
@@ -874,14 +855,6 @@ pub fn weight_grad_f32(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     })?)
 }
 
-fn rows_cfg(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows.clamp(1, 132 * 16) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 struct CrossEntropy {
     lse: Mutex<Option<Arc<CudaSlice<f32>>>>,
 }
@@ -916,7 +889,7 @@ impl CustomOp2 for CrossEntropy {
         let mut b = stream.launch_builder(&f);
         let (r, v) = (rows as i32, vocab as i32);
         b.arg(&x).arg(&t).arg(&lse).arg(&nll).arg(&r).arg(&v);
-        unsafe { b.launch(rows_cfg(rows)) }.w()?;
+        unsafe { b.launch(grid_cfg(rows, 16)) }.w()?;
         *self.lse.lock().unwrap() = Some(Arc::new(lse));
         Ok((CudaStorage::wrap_cuda_slice(nll, dev), Shape::from(rows)))
     }
@@ -954,7 +927,7 @@ impl CustomOp2 for CrossEntropy {
                 .arg(&dx)
                 .arg(&r)
                 .arg(&v);
-            unsafe { b.launch(rows_cfg(rows)) }.w()?;
+            unsafe { b.launch(grid_cfg(rows, 16)) }.w()?;
             Ok((Some(wrap(dx, &dev, (rows, vocab), x)?), None))
         })
     }
@@ -1007,7 +980,7 @@ impl CustomOp2 for RowGather {
                 let f = ops_func(&dev, "gather_rows_f32")?;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&t).arg(&idx).arg(&y).arg(&ni).arg(&ci);
-                unsafe { b.launch(rows_cfg(n)) }.w()?;
+                unsafe { b.launch(grid_cfg(n, 16)) }.w()?;
                 CudaStorage::wrap_cuda_slice(y, dev.clone())
             }
             DType::BF16 => {
@@ -1017,7 +990,7 @@ impl CustomOp2 for RowGather {
                 let f = ops_func(&dev, "gather_rows_bf16")?;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&t).arg(&idx).arg(&y).arg(&ni).arg(&ci);
-                unsafe { b.launch(rows_cfg(n)) }.w()?;
+                unsafe { b.launch(grid_cfg(n, 16)) }.w()?;
                 CudaStorage::wrap_cuda_slice(y, dev.clone())
             }
             other => return Err(cerr(format!("fused row gather: {other:?} table"))),
@@ -1046,7 +1019,7 @@ impl CustomOp2 for RowGather {
                     let f = ops_func(&dev, "scatter_add_rows_f32")?;
                     let mut b = stream.launch_builder(&f);
                     b.arg(&d).arg(&iv).arg(&out).arg(&ni).arg(&ci);
-                    unsafe { b.launch(rows_cfg(n)) }.w()?;
+                    unsafe { b.launch(grid_cfg(n, 16)) }.w()?;
                     wrap(out, &dev, (rows, cols), table)
                 }
                 _ => {
@@ -1055,7 +1028,7 @@ impl CustomOp2 for RowGather {
                     let f = ops_func(&dev, "scatter_add_rows_bf16")?;
                     let mut b = stream.launch_builder(&f);
                     b.arg(&d).arg(&iv).arg(&out).arg(&ni).arg(&ci);
-                    unsafe { b.launch(rows_cfg(n)) }.w()?;
+                    unsafe { b.launch(grid_cfg(n, 16)) }.w()?;
                     wrap(out, &dev, (rows, cols), table)
                 }
             }

@@ -853,16 +853,12 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             } else {
                 None
             };
-            let Some(done) = in_flight.take() else {
-                match enqueued {
-                    Some(e) => {
-                        in_flight = Some(e);
-                        continue;
-                    }
-                    None => break,
+            let Some(done) = std::mem::replace(&mut in_flight, enqueued) else {
+                if in_flight.is_none() {
+                    break;
                 }
+                continue;
             };
-            in_flight = enqueued;
             let mut m = self.finish_step(done.pending)?;
             state.global_step += 1;
             state.epoch = done.epoch;
