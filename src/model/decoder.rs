@@ -878,16 +878,14 @@ impl DecoderModel {
         Ok((out, if spec.aux_from_probs { p } else { logits }))
     }
 
-    /// One decoder layer: x (N, H) → (N, H), plus the router output of a MoE layer.
+    /// One decoder layer as an autograd graph: x (N, H) → (N, H), plus the router output of a
+    /// MoE layer. (`trunk` sends runs of dense layers through `layers_fwd_manual` instead.)
     fn layer_fwd(
         &self,
         layer: &Layer,
         x: &Tensor,
         ctx: &FwdCtx,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        if let Some(y) = self.layer_fwd_manual(layer, x, ctx)? {
-            return Ok((y, None));
-        }
         let rm = self.spec.residual_multiplier;
         let scaled = |t: Tensor| -> Result<Tensor> { Ok(if rm != 1.0 { (t * rm)? } else { t }) };
         let h1 = layer.norm1.fwd(x)?;

@@ -351,21 +351,6 @@ impl DecoderModel {
         Ok(Some(h.apply_op2(&y, Attach(Mutex::new(Some(back))))?))
     }
 
-    /// One layer as [`DecoderModel::layers_fwd_manual`] runs it, where it applies; `None`: run
-    /// it as an autograd graph.
-    pub(super) fn layer_fwd_manual(
-        &self,
-        layer: &Layer,
-        x: &Tensor,
-        ctx: &FwdCtx,
-    ) -> Result<Option<Tensor>> {
-        let one = std::slice::from_ref(layer);
-        if self.manual_run(one) == 0 {
-            return Ok(None);
-        }
-        Ok(Some(self.layers_fwd_manual(one, x, ctx)?))
-    }
-
     /// The layer's output for x and its pullback (dx; weight gradients go to the scope).
     fn layer_vjp(&self, layer: &Layer, x: &Tensor, ctx: &FwdCtx) -> Result<(Tensor, Back)> {
         let (h1, n1) = norm_vjp(&layer.norm1, x)?;
