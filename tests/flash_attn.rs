@@ -249,6 +249,37 @@ fn padded_batches() {
     });
 }
 
+#[test]
+fn wholly_visible_tiles_with_and_without_a_window() {
+    // Tiles entirely below the diagonal (and inside a wide window) skip the per-element mask:
+    // long sequences reach that path in every kernel and head dimension, next to tiles that
+    // still need the mask (diagonal, sequence ends, the window's far edge).
+    check(Case {
+        lens: &[700, 257, 64],
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        window: Some(200),
+        padded: false,
+    });
+    check(Case {
+        lens: &[400, 129],
+        heads: 4,
+        kv_heads: 1,
+        head_dim: 128,
+        window: None,
+        padded: false,
+    });
+    check(Case {
+        lens: &[300, 65],
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 256,
+        window: None,
+        padded: true,
+    });
+}
+
 fn gpu_model(attention: AttentionImpl) -> DecoderModel {
     // head_dim 64: the flash kernels' smallest.
     let cfg = serde_json::json!({

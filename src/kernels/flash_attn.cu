@@ -41,8 +41,6 @@ __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint32_t lds32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
-
 __device__ __forceinline__ void sts32(bf16* p, uint32_t v) { *reinterpret_cast<uint32_t*>(p) = v; }
 
 // Four 8x8 matrices, transposed on load: lanes 8i..8i+7 give the row addresses of matrix i.
@@ -53,19 +51,25 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t r[4], const bf16* p) {
                  : "r"(a));
 }
 
-// A fragment of rows m0.., columns k0.. of a row-major [m][k] tile.
-__device__ __forceinline__ void load_a(uint32_t a[4], const bf16* s, int stride, int m0, int k0, int g, int t) {
-    a[0] = lds32(s + (m0 + g) * stride + k0 + 2 * t);
-    a[1] = lds32(s + (m0 + g + 8) * stride + k0 + 2 * t);
-    a[2] = lds32(s + (m0 + g) * stride + k0 + 2 * t + 8);
-    a[3] = lds32(s + (m0 + g + 8) * stride + k0 + 2 * t + 8);
+// Four 8x8 matrices as stored: lanes 8i..8i+7 give the row addresses of matrix i. One
+// instruction instead of four 32-bit loads per fragment.
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], const bf16* p) {
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
 }
 
-// B fragment (k0..k0+15, n0..n0+7) of B = N^T where N is a row-major [n][k] tile.
-__device__ __forceinline__ void load_b_nk(uint32_t& b0, uint32_t& b1, const bf16* s, int stride, int n0, int k0,
-                                          int g, int t) {
-    b0 = lds32(s + (n0 + g) * stride + k0 + 2 * t);
-    b1 = lds32(s + (n0 + g) * stride + k0 + 2 * t + 8);
+// A fragment of rows m0.., columns k0.. of a row-major [m][k] tile: matrices (rows 0-7, k 0-7),
+// (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) are a0..a3.
+__device__ __forceinline__ void load_a(uint32_t a[4], const bf16* s, int stride, int m0, int k0, int lane) {
+    ldsm_x4(a, s + (m0 + (lane & 15)) * stride + k0 + (lane >> 4) * 8);
+}
+
+// B fragments (k0..k0+15) of B = N^T, N a row-major [n][k] tile, for two n-tiles: r[0], r[1]
+// for n0..n0+7 and r[2], r[3] for n0+8..n0+15.
+__device__ __forceinline__ void load_b_nk_x2(uint32_t r[4], const bf16* s, int stride, int n0, int k0, int lane) {
+    ldsm_x4(r, s + (n0 + (lane & 7) + ((lane >> 4) << 3)) * stride + k0 + ((lane >> 3) & 1) * 8);
 }
 
 // B fragments for columns n0..n0+15 (two n-tiles) of a row-major [k][n] tile, rows k0..k0+15:
@@ -77,19 +81,20 @@ __device__ __forceinline__ void load_b_kn_x2(uint32_t r[4], const bf16* s, int s
 // acc (16 x N) = rows m0..m0+15 of A times B^T, A and B row-major tiles with D columns (stride
 // D + 8): S = Q K^T and its relatives, the accumulator in C layout.
 template <int D, int N>
-__device__ __forceinline__ void mma_rows_abt(float (&acc)[N / 8][4], const bf16* A, int m0, const bf16* B, int g,
-                                             int t) {
+__device__ __forceinline__ void mma_rows_abt(float (&acc)[N / 8][4], const bf16* A, int m0, const bf16* B,
+                                             int lane) {
 #pragma unroll
     for (int j = 0; j < N / 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
         uint32_t a[4];
-        load_a(a, A, D + 8, m0, kk * 16, g, t);
+        load_a(a, A, D + 8, m0, kk * 16, lane);
 #pragma unroll
-        for (int j = 0; j < N / 8; j++) {
-            uint32_t b0, b1;
-            load_b_nk(b0, b1, B, D + 8, j * 8, kk * 16, g, t);
-            mma16816(acc[j], a, b0, b1);
+        for (int j = 0; j < N / 8; j += 2) {
+            uint32_t b[4];
+            load_b_nk_x2(b, B, D + 8, j * 8, kk * 16, lane);
+            mma16816(acc[j], a, b[0], b[1]);
+            mma16816(acc[j + 1], a, b[2], b[3]);
         }
     }
 }
@@ -113,25 +118,16 @@ __device__ __forceinline__ void mma_regs_b(float (&acc)[D / 8][4], const float (
     }
 }
 
-// Copies `rows` rows of D bf16 (global row stride `gstride` elements) into shared memory (row
-// stride D + 8); rows at or past `valid` are zero so that masked products never meet NaN.
-template <int D>
-__device__ __forceinline__ void load_tile(bf16* s, const bf16* g, long gstride, int rows, int valid) {
-    constexpr int CH = D / 8;  // 16-byte chunks a row
-    for (int i = threadIdx.x; i < rows * CH; i += THREADS) {
-        int r = i / CH, c = i % CH;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (r < valid) v = *reinterpret_cast<const uint4*>(g + r * gstride + c * 8);
-        *reinterpret_cast<uint4*>(s + r * (D + 8) + c * 8) = v;
-    }
-}
-
-// load_tile without waiting: cp.async copies straight into shared memory (zero-filling rows at or
-// past `valid`), so the next tile streams in while the warps compute on the current one. The
-// caller commits the group and waits for it (cp_async_wait) before the block synchronises.
+// 16 bytes global → shared without a register round trip (zero-filled where !valid).
 __device__ __forceinline__ void cp_async16(bf16* smem, const bf16* gmem, bool valid) {
     uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
+}
+
+// One float (zero-filled where !valid; gmem must still be a readable address).
+__device__ __forceinline__ void cp_async4(float* smem, const float* gmem, bool valid) {
+    uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 4 : 0));
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -141,6 +137,10 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// Copies `rows` rows of D bf16 (global row stride `gstride` elements) into shared memory (row
+// stride D + 8) with cp.async, so the next tile streams in while the warps compute on the current
+// one; rows at or past `valid` are zero-filled so that masked products never meet NaN. The caller
+// commits the group and waits for it (cp_async_wait) before the block synchronises.
 template <int D>
 __device__ __forceinline__ void load_tile_async(bf16* s, const bf16* g, long gstride, int rows, int valid) {
     constexpr int CH = D / 8;
@@ -174,7 +174,8 @@ __device__ void fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const float sl2 = scale * LOG2E;
 
-    load_tile<D>(Qs, q + ((long)(base + q0) * heads + h) * D, (long)heads * D, BM, len - q0);
+    // The Q tile streams in with the first K/V tile (one wait for both).
+    load_tile_async<D>(Qs, q + ((long)(base + q0) * heads + h) * D, (long)heads * D, BM, len - q0);
 
     float acc[D / 8][4];
 #pragma unroll
@@ -205,17 +206,31 @@ __device__ void fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
         // Keys past this warp's last row, or before its window, contribute nothing.
         if (!(k0 > qrow + 15 || (window > 0 && k0 + BN - 1 <= qrow - window))) {
         float s[BN / 8][4];
-        mma_rows_abt<D, BN>(s, Qs, warp * 16, Ks, g, t);
+        mma_rows_abt<D, BN>(s, Qs, warp * 16, Ks, lane);
         float mx[2] = {m[0], m[1]};
+        // Most tiles are wholly visible to the warp's 16 rows (below the diagonal, inside the
+        // sequence and the window): only the others pay for the per-element mask.
+        const bool full = k0 + BN - 1 <= qrow && k0 + BN <= len && (window <= 0 || qrow + 15 - k0 < window);
+        if (full) {
 #pragma unroll
-        for (int j = 0; j < BN / 8; j++)
+            for (int j = 0; j < BN / 8; j++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int qi = qrow + g + (e >> 1) * 8, kj = k0 + j * 8 + 2 * t + (e & 1);
-                float x = visible(qi, kj, len, window) ? s[j][e] * sl2 : -INFINITY;
-                s[j][e] = x;
-                mx[e >> 1] = fmaxf(mx[e >> 1], x);
-            }
+                for (int e = 0; e < 4; e++) {
+                    float x = s[j][e] * sl2;
+                    s[j][e] = x;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], x);
+                }
+        } else {
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int qi = qrow + g + (e >> 1) * 8, kj = k0 + j * 8 + 2 * t + (e & 1);
+                    float x = visible(qi, kj, len, window) ? s[j][e] * sl2 : -INFINITY;
+                    s[j][e] = x;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], x);
+                }
+        }
         float alpha[2], mu[2];
 #pragma unroll
         for (int r = 0; r < 2; r++) {
@@ -289,8 +304,9 @@ __device__ void bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const float sl2 = scale * LOG2E;
 
-    load_tile<D>(Ks, k + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN, len - k0);
-    load_tile<D>(Vs, v + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN, len - k0);
+    // K and V stream in with the first (Q, dO) tile (one wait for all).
+    load_tile_async<D>(Ks, k + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN, len - k0);
+    load_tile_async<D>(Vs, v + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN, len - k0);
 
     float dka[D / 8][4], dva[D / 8][4];
 #pragma unroll
@@ -306,11 +322,13 @@ __device__ void bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
         load_tile_async<D>(Qb, q + ((long)(base + q0) * heads + h) * D, (long)heads * D, BM, len - q0);
         load_tile_async<D>(Qb + BM * S, dout + ((long)(base + q0) * heads + h) * D, (long)heads * D, BM,
                            len - q0);
+        // The statistics too: a plain load here would stall every iteration on global memory.
         float* st = stats + b * 2 * BM;
+        const long r0 = (long)h * tokens + base + q0;
         for (int i = threadIdx.x; i < BM; i += THREADS) {
             bool ok = q0 + i < len;
-            st[i] = ok ? lse[(long)h * tokens + base + q0 + i] : 0.f;
-            st[BM + i] = ok ? delta[(long)h * tokens + base + q0 + i] : 0.f;
+            cp_async4(st + i, lse + (ok ? r0 + i : r0), ok);
+            cp_async4(st + BM + i, delta + (ok ? r0 + i : r0), ok);
         }
     };
     const int qbeg = k0 / BM * BM;
@@ -336,19 +354,30 @@ __device__ void bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
         if (active) {
             // S^T = K Q^T for this warp's 16 keys and the tile's BM queries, then P^T.
             float p[BM / 8][4];
-            mma_rows_abt<D, BM>(p, Ks, warp * 16, Qs, g, t);
+            mma_rows_abt<D, BM>(p, Ks, warp * 16, Qs, lane);
+            // Wholly visible (every query of the tile after the warp's 16 keys, inside the
+            // sequence and the window): no per-element mask.
+            const bool full = krow + 15 <= q0 && q0 + BM <= len && (window <= 0 || q0 + BM - 1 - krow < window);
+            if (full) {
 #pragma unroll
-            for (int j = 0; j < BM / 8; j++)
+                for (int j = 0; j < BM / 8; j++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int kj = krow + g + (e >> 1) * 8, ql = j * 8 + 2 * t + (e & 1);
-                    p[j][e] = visible(q0 + ql, kj, len, window) && kj < len ? exp2f(p[j][e] * sl2 - lse_s[ql]) : 0.f;
-                }
+                    for (int e = 0; e < 4; e++) p[j][e] = exp2f(p[j][e] * sl2 - lse_s[j * 8 + 2 * t + (e & 1)]);
+            } else {
+#pragma unroll
+                for (int j = 0; j < BM / 8; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int kj = krow + g + (e >> 1) * 8, ql = j * 8 + 2 * t + (e & 1);
+                        p[j][e] = visible(q0 + ql, kj, len, window) && kj < len ? exp2f(p[j][e] * sl2 - lse_s[ql])
+                                                                                 : 0.f;
+                    }
+            }
             // dV += P^T dO
             mma_regs_b<D, BM>(dva, p, dOs, lane);
             // dP^T = V dO^T, then dS^T = P^T * (dP^T - delta)
             float ds[BM / 8][4];
-            mma_rows_abt<D, BM>(ds, Vs, warp * 16, dOs, g, t);
+            mma_rows_abt<D, BM>(ds, Vs, warp * 16, dOs, lane);
 #pragma unroll
             for (int j = 0; j < BM / 8; j++)
 #pragma unroll
@@ -395,8 +424,9 @@ __device__ void bwd_dq_kernel(const bf16* __restrict__ q, const bf16* __restrict
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const float sl2 = scale * LOG2E;
 
-    load_tile<D>(Qs, q + ((long)(base + q0) * heads + h) * D, (long)heads * D, BM, len - q0);
-    load_tile<D>(dOs, dout + ((long)(base + q0) * heads + h) * D, (long)heads * D, BM, len - q0);
+    // Q and dO stream in with the first K/V tile (one wait for all).
+    load_tile_async<D>(Qs, q + ((long)(base + q0) * heads + h) * D, (long)heads * D, BM, len - q0);
+    load_tile_async<D>(dOs, dout + ((long)(base + q0) * heads + h) * D, (long)heads * D, BM, len - q0);
     const int qrow = q0 + warp * 16;
     float lse_r[2], dlt_r[2];
 #pragma unroll
@@ -437,25 +467,39 @@ __device__ void bwd_dq_kernel(const bf16* __restrict__ q, const bf16* __restrict
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
             uint32_t aq[4], ao[4];
-            load_a(aq, Qs, S, warp * 16, kk * 16, g, t);
-            load_a(ao, dOs, S, warp * 16, kk * 16, g, t);
+            load_a(aq, Qs, S, warp * 16, kk * 16, lane);
+            load_a(ao, dOs, S, warp * 16, kk * 16, lane);
 #pragma unroll
-            for (int j = 0; j < BN / 8; j++) {
-                uint32_t b0, b1;
-                load_b_nk(b0, b1, Ks, S, j * 8, kk * 16, g, t);
-                mma16816(p[j], aq, b0, b1);
-                load_b_nk(b0, b1, Vs, S, j * 8, kk * 16, g, t);
-                mma16816(dp[j], ao, b0, b1);
+            for (int j = 0; j < BN / 8; j += 2) {
+                uint32_t b[4];
+                load_b_nk_x2(b, Ks, S, j * 8, kk * 16, lane);
+                mma16816(p[j], aq, b[0], b[1]);
+                mma16816(p[j + 1], aq, b[2], b[3]);
+                load_b_nk_x2(b, Vs, S, j * 8, kk * 16, lane);
+                mma16816(dp[j], ao, b[0], b[1]);
+                mma16816(dp[j + 1], ao, b[2], b[3]);
             }
         }
+        // As in the forward: the mask only where the tile is not wholly visible to the warp.
+        const bool full = k0 + BN - 1 <= qrow && qrow + 15 < len && (window <= 0 || qrow + 15 - k0 < window);
+        if (full) {
 #pragma unroll
-        for (int j = 0; j < BN / 8; j++)
+            for (int j = 0; j < BN / 8; j++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int r = e >> 1, qi = qrow + g + r * 8, kj = k0 + j * 8 + 2 * t + (e & 1);
-                float pv = visible(qi, kj, len, window) ? exp2f(p[j][e] * sl2 - lse_r[r]) : 0.f;
-                dp[j][e] = pv * (dp[j][e] - dlt_r[r]);
-            }
+                for (int e = 0; e < 4; e++) {
+                    const int r = e >> 1;
+                    dp[j][e] = exp2f(p[j][e] * sl2 - lse_r[r]) * (dp[j][e] - dlt_r[r]);
+                }
+        } else {
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int r = e >> 1, qi = qrow + g + r * 8, kj = k0 + j * 8 + 2 * t + (e & 1);
+                    float pv = visible(qi, kj, len, window) ? exp2f(p[j][e] * sl2 - lse_r[r]) : 0.f;
+                    dp[j][e] = pv * (dp[j][e] - dlt_r[r]);
+                }
+        }
         mma_regs_b<D, BN>(acc, dp, Ks, lane);
         }
         __syncthreads();  // the next iteration loads into this buffer
