@@ -32,6 +32,7 @@ pub mod plot;
 pub mod pretok;
 pub mod recipe;
 pub mod source;
+pub mod streams;
 pub mod template;
 pub mod tokenizer;
 pub mod trainer;

@@ -210,7 +210,7 @@ impl AdamW {
         let norm = match p.norm {
             PendingNorm::Ready(n) => n,
             #[cfg(feature = "cuda")]
-            PendingNorm::Device(sumsq) => crate::fused::read_norm(&sumsq)?,
+            PendingNorm::Device(sumsq) => sumsq.read()?[0].sqrt(),
         };
         if !norm.is_finite() && !p.counted.is_empty() {
             self.step -= 1;
@@ -274,6 +274,8 @@ impl AdamW {
             guard,
         )?;
         drop(slots);
+        // Read later without waiting for work enqueued after this step (the next step).
+        let sumsq = crate::streams::Readback::enqueue(vec![sumsq])?;
         // Counted now so that a next step enqueued before this one settles uses the right
         // bias corrections; `settle` takes them back if the device skipped the update.
         self.step += 1;
@@ -340,9 +342,9 @@ impl PendingUpdate {
 
 enum PendingNorm {
     Ready(f64),
-    /// The squared norm, a float64 device tensor of one element.
+    /// The squared norm (a float64 device tensor of one element) once the step is done.
     #[cfg(feature = "cuda")]
-    Device(Tensor),
+    Device(crate::streams::Readback),
 }
 
 /// The global L2 norm of all gradients; if it exceeds `max_norm` (> 0) every gradient is scaled

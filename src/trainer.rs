@@ -188,8 +188,9 @@ struct PendingGrads {
 #[must_use = "finish the step to learn its loss and whether its update was applied"]
 pub struct PendingStep {
     step: usize,
-    loss_sum: candle_core::Tensor,
-    aux_loss: Option<candle_core::Tensor>,
+    /// The summed loss, and the auxiliary loss where the model has one.
+    losses: crate::streams::Readback,
+    has_aux: bool,
     update: PendingUpdate,
     lr: f64,
     sizes: StepSizes,
@@ -490,6 +491,10 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         )?;
         self.model
             .set_compute_copies_fresh(keep_copies && update.wrote_copies());
+        let has_aux = g.aux_loss.is_some();
+        let losses = crate::streams::Readback::enqueue(
+            std::iter::once(g.loss_sum).chain(g.aux_loss).collect(),
+        )?;
         if crate::device::profiling() {
             tracing::info!(
                 "profile step {} (host enqueue): gradients {:.1} ms, clip + optimizer {:.1} ms",
@@ -500,8 +505,8 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         }
         Ok(PendingStep {
             step,
-            loss_sum: g.loss_sum,
-            aux_loss: g.aux_loss,
+            losses,
+            has_aux,
             update,
             lr,
             sizes: g.sizes,
@@ -512,9 +517,10 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
     /// Waits for an enqueued step and reports it; a non-finite loss or gradient norm is an
     /// error (the device left the weights as they were).
     pub fn finish_step(&mut self, p: PendingStep) -> Result<StepMetrics> {
-        let loss_sum = read_scalar(&p.loss_sum);
+        let losses = p.losses.read();
         let grad_norm = self.optimizer.settle(p.update)?;
-        let loss = loss_sum? / p.sizes.loss_units;
+        let losses = losses?;
+        let loss = losses[0] / p.sizes.loss_units;
         if !loss.is_finite() {
             return Err(Error::Training(format!(
                 "step {}: loss is {loss}; the last good checkpoint is kept",
@@ -527,7 +533,7 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                 p.step + 1
             )));
         }
-        let aux_loss = p.aux_loss.as_ref().map(read_scalar).transpose()?;
+        let aux_loss = p.has_aux.then(|| losses[1]);
         // With steps overlapping, a step's time runs from the end of the one before it.
         let now = Instant::now();
         let since = match self.last_finished {

@@ -1,0 +1,94 @@
+//! Reading a step's results on the host without draining the device's queue.
+//!
+//! A plain read (`to_scalar`) is a copy on candle's one stream per device, so it waits for
+//! everything enqueued before it. When steps overlap (step N+1 enqueued before step N is read)
+//! that is all of step N+1: the device's queue ran empty at every read, and each step began with
+//! the device waiting for the host to enqueue its first kernels. [`Readback`] marks the end of
+//! a step with an event, waits for that event only, and copies the values on a stream of its
+//! own, so the host stays a step ahead and the device never idles between steps.
+//!
+//! On the CPU, or without the `cuda` feature, the values are simply read.
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+
+#[cfg(feature = "cuda")]
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaEvent, CudaStream};
+#[cfg(feature = "cuda")]
+use candle_core::cuda_backend::WrapErr;
+#[cfg(feature = "cuda")]
+use std::sync::{Arc, Mutex};
+
+/// Float64 scalars of an enqueued step, to be read later without draining the device.
+pub struct Readback {
+    values: Vec<Tensor>,
+    #[cfg(feature = "cuda")]
+    done: Option<(CudaEvent, Arc<CudaStream>)>,
+}
+
+impl Readback {
+    /// Marks the current end of the device's work as the point where `values` (float64
+    /// tensors of one element each) are final.
+    pub fn enqueue(values: Vec<Tensor>) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if let Some(candle_core::Device::Cuda(dev)) = values.first().map(|v| v.device()) {
+            let main = dev.cuda_stream();
+            let done = main
+                .record_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+                .w()?;
+            return Ok(Self {
+                values,
+                done: Some((done, readback_stream(&main)?)),
+            });
+        }
+        Ok(Self {
+            values,
+            #[cfg(feature = "cuda")]
+            done: None,
+        })
+    }
+
+    /// Waits until the device reached the point of [`Readback::enqueue`] (not for work enqueued
+    /// after it) and reads the values.
+    pub fn read(self) -> Result<Vec<f64>> {
+        #[cfg(feature = "cuda")]
+        if let Some((done, stream)) = &self.done {
+            done.synchronize().w()?;
+            let mut out = Vec::with_capacity(self.values.len());
+            for v in &self.values {
+                let v = v.flatten_all()?;
+                let x = crate::fused::with_storages(&[&v], |st| {
+                    let view = crate::fused::cview::<f64>(st[0].0, st[0].1)?;
+                    // The copy runs on a stream of its own: on candle's it would queue behind
+                    // the work enqueued since.
+                    let host = stream.clone_dtoh(&view).w()?;
+                    stream.synchronize().w()?;
+                    Ok(host.first().copied().unwrap_or(f64::NAN))
+                })?;
+                out.push(x);
+            }
+            return Ok(out);
+        }
+        self.values
+            .iter()
+            .map(|v| Ok(v.flatten_all()?.to_vec1::<f64>()?[0]))
+            .collect()
+    }
+}
+
+/// One copy stream per CUDA context, created on first use and kept for the process (devices
+/// opened on one GPU share its primary context, and so this stream).
+#[cfg(feature = "cuda")]
+fn readback_stream(main: &Arc<CudaStream>) -> Result<Arc<CudaStream>> {
+    static STREAMS: Mutex<Vec<(usize, Arc<CudaStream>)>> = Mutex::new(Vec::new());
+    let ctx = main.context();
+    let key = ctx.cu_ctx() as usize;
+    let mut all = STREAMS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, s)) = all.iter().find(|(k, _)| *k == key) {
+        return Ok(s.clone());
+    }
+    let s = ctx.new_stream().w()?;
+    all.push((key, s.clone()));
+    Ok(s)
+}
