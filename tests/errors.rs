@@ -293,3 +293,51 @@ fn a_failed_run_leaves_no_output_directory() {
         "{stderr}"
     );
 }
+
+#[test]
+fn token_ids_outside_the_vocabulary_are_named_before_any_kernel_runs() {
+    use packsft::{Collator, CompletionOnlyCollator, Example, Model};
+    let config = serde_json::json!({
+        "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+    });
+    let dev = candle_core::Device::Cpu;
+    let model = DecoderModel::new_random(config, 1, &dev).unwrap();
+    let good = Example::new(vec![5, 6, 7, 8], vec![false, true, true, true]);
+    let bad = Example::new(vec![5, 6, 70, 8], vec![false, true, true, true]);
+    let loss_err = |b: &packsft::Batch| err_text(model.loss(b).map(|l| l.n_tokens));
+    for padding_free in [true, false] {
+        let batch = CompletionOnlyCollator::new(padding_free, 0)
+            .collate(&[good.clone(), bad.clone()], &dev)
+            .unwrap();
+        let e = loss_err(&batch);
+        // Packed: the second example starts at position 4 of the one row; padded: row 1.
+        let at = if padding_free {
+            "batch row 0, position 6"
+        } else {
+            "batch row 1, position 2"
+        };
+        assert!(
+            e.contains(at) && e.contains("input id 70 is outside the model's vocabulary (size 64)"),
+            "{e}"
+        );
+        assert!(err_text(model.eval_sums(&batch).map(|s| s.n_tokens)).contains("input id 70"));
+    }
+    // A pad id past the vocabulary is caught where it pads.
+    let short = Example::new(vec![5, 6], vec![false, true]);
+    let batch = CompletionOnlyCollator::new(false, 99)
+        .collate(&[good.clone(), short], &dev)
+        .unwrap();
+    let e = loss_err(&batch);
+    assert!(e.contains("batch row 1, position 2: input id 99"), "{e}");
+    // Labels are checked too (a batch built by hand can disagree with its ids).
+    let mut batch = CompletionOnlyCollator::new(true, 0)
+        .collate(std::slice::from_ref(&good), &dev)
+        .unwrap();
+    batch.host.labels[0][2] = 500;
+    let e = loss_err(&batch);
+    assert!(e.contains("batch row 0, position 2: label 500"), "{e}");
+    // The same batch with its labels as the collator made them is fine.
+    batch.host.labels[0][2] = 7;
+    assert!(model.loss(&batch).is_ok());
+}

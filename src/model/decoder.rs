@@ -660,6 +660,7 @@ impl DecoderModel {
                 self.spec.max_positions
             )));
         }
+        self.check_token_ids(batch)?;
         let pos = batch.position_ids.flatten_all()?;
         // LongRoPE picks its table per sequence by that sequence's own length, as a forward of
         // the example alone would (not by the padded row length).
@@ -1009,6 +1010,36 @@ impl DecoderModel {
     pub fn router_aux_loss(&self, batch: &Batch) -> Result<Option<Tensor>> {
         let (ctx, _, routers) = self.trunk(batch, true)?;
         self.router_aux(&routers, &ctx)
+    }
+
+    /// Every id the embedding lookup and the loss index must be a row of the vocabulary. On
+    /// CUDA the gather and cross-entropy kernels trust their indices (checking on the device
+    /// would mean reading back every forward), so the batch's host copy is checked here: an id
+    /// from a tokenizer larger than the model (or a pad id past its vocabulary) is an error that
+    /// names it, not a read outside the table.
+    fn check_token_ids(&self, batch: &Batch) -> Result<()> {
+        let v = self.spec.vocab;
+        let bad = |what: &str, r: usize, c: usize, id: i64| {
+            Error::Config(format!(
+                "batch row {r}, position {c}: {what} {id} is outside the model's vocabulary (size {v})"
+            ))
+        };
+        for (r, row) in batch.host.input_ids.iter().enumerate() {
+            if let Some((c, &id)) = row.iter().enumerate().find(|(_, &id)| id as usize >= v) {
+                return Err(bad("input id", r, c, id.into()));
+            }
+        }
+        for (r, row) in batch.host.labels.iter().enumerate() {
+            // -100: no loss at this position (transformers' ignore index).
+            if let Some((c, &id)) = row
+                .iter()
+                .enumerate()
+                .find(|(_, &id)| id != -100 && (id < 0 || id as usize >= v))
+            {
+                return Err(bad("label", r, c, id));
+            }
+        }
+        Ok(())
     }
 
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
