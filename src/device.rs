@@ -31,9 +31,10 @@ pub fn open(name: &str) -> Result<Device> {
             let dev = Device::new_cuda(i)?;
             #[cfg(feature = "cuda")]
             if let Device::Cuda(cd) = &dev {
-                // SAFETY: packsft runs all its work on the device's one stream, where the
-                // per-buffer events cudarc records for cross-stream ordering are never needed;
-                // recording them costs host time on every kernel launch.
+                // SAFETY: packsft runs all its kernels on candle's stream, where the per-buffer
+                // events cudarc records for cross-stream ordering are never needed (recording
+                // them costs host time on every kernel launch); its one other stream only copies
+                // values that an explicit event marks as final (`streams::Readback`).
                 unsafe { cd.disable_event_tracking() };
                 keep_freed_memory(cd);
             }

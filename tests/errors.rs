@@ -330,14 +330,9 @@ fn token_ids_outside_the_vocabulary_are_named_before_any_kernel_runs() {
         .unwrap();
     let e = loss_err(&batch);
     assert!(e.contains("batch row 1, position 2: input id 99"), "{e}");
-    // Labels are checked too (a batch built by hand can disagree with its ids).
-    let mut batch = CompletionOnlyCollator::new(true, 0)
-        .collate(std::slice::from_ref(&good), &dev)
+    // With the ids in range, the same pieces go through.
+    let batch = CompletionOnlyCollator::new(false, 0)
+        .collate(&[good, Example::new(vec![5, 6], vec![false, true])], &dev)
         .unwrap();
-    batch.host.labels[0][2] = 500;
-    let e = loss_err(&batch);
-    assert!(e.contains("batch row 0, position 2: label 500"), "{e}");
-    // The same batch with its labels as the collator made them is fine.
-    batch.host.labels[0][2] = 7;
     assert!(model.loss(&batch).is_ok());
 }
