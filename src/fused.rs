@@ -444,6 +444,26 @@ pub(crate) fn elementwise_cfg(n: usize) -> LaunchConfig {
 
 const NORM_MAX_HIDDEN: usize = 256 * 32;
 
+/// The RMSNorm backward instance (`rms_norm_bwd_c{COLS}` in fused_ops.cu) with the fewest columns
+/// a thread that still covers `h` with 256 threads.
+fn rms_norm_bwd_kernel(h: usize) -> &'static str {
+    const INSTANCES: [(usize, &str); 8] = [
+        (1, "rms_norm_bwd_c1"),
+        (2, "rms_norm_bwd_c2"),
+        (4, "rms_norm_bwd_c4"),
+        (8, "rms_norm_bwd_c8"),
+        (12, "rms_norm_bwd_c12"),
+        (16, "rms_norm_bwd_c16"),
+        (24, "rms_norm_bwd_c24"),
+        (32, "rms_norm_bwd_c32"),
+    ];
+    let cols = h.div_ceil(256);
+    INSTANCES
+        .iter()
+        .find(|(c, _)| *c >= cols)
+        .map_or("rms_norm_bwd_c32", |(_, name)| name)
+}
+
 struct RmsNorm {
     eps: f32,
     rstd: Mutex<Option<Arc<CudaSlice<f32>>>>,
@@ -513,7 +533,7 @@ impl CustomOp2 for RmsNorm {
             );
             let dx = unsafe { dev.alloc::<bf16>(rows * h)? };
             let dw = dev.alloc_zeros::<f32>(h)?;
-            let f = ops_func(&dev, "rms_norm_bwd")?;
+            let f = ops_func(&dev, rms_norm_bwd_kernel(h))?;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
             let (r, hh) = (rows as i32, h as i32);
@@ -525,7 +545,9 @@ impl CustomOp2 for RmsNorm {
                 .arg(&dw)
                 .arg(&r)
                 .arg(&hh);
-            unsafe { b.launch(grid_cfg(rows, 8)) }.w()?;
+            // Four blocks an SM at most: each then strides over more rows, and fewer blocks
+            // end with an atomic add of every column of the weight's gradient.
+            unsafe { b.launch(grid_cfg(rows, 4)) }.w()?;
             Ok((
                 Some(wrap(dx, &dev, (rows, h), x)?),
                 Some(wrap(dw, &dev, h, x)?),

@@ -56,7 +56,9 @@ fn assert_close(name: &str, a: &Tensor, b: &Tensor, tol: f64) {
 #[test]
 fn fused_rms_norm_matches_reference() {
     let dev = cuda();
-    for h in [300, 2048] {
+    // Hidden sizes for the kernel's instances of 1, 2, 8 and 24 columns a thread (the last
+    // with unused columns).
+    for h in [64, 300, 2048, 5000] {
         let x = rand(&[37, h], 1, &dev).to_dtype(DType::BF16).unwrap();
         let w = rand(&[h], 2, &dev).affine(0.25, 1.0).unwrap();
         let r = rand(&[37, h], 3, &dev);
@@ -128,6 +130,34 @@ fn fused_silu_mul_matches_reference() {
     assert_close("silu_mul out", &fo, &eo, 1e-2);
     assert_close("silu_mul dg", &fg[0], &eg[0], 1e-2);
     assert_close("silu_mul du", &fg[1], &eg[1], 1e-2);
+}
+
+#[test]
+fn fused_silu_mul_vector_and_scalar_paths_agree_bit_for_bit() {
+    let dev = cuda();
+    let n = 8 * 250 + 5; // 16-byte accesses, then a tail of five
+    let g = rand(&[n + 1], 11, &dev).to_dtype(DType::BF16).unwrap();
+    let u = rand(&[n + 1], 12, &dev).to_dtype(DType::BF16).unwrap();
+    let r = rand(&[n], 13, &dev);
+    // Views from element 1 start 2 bytes past an aligned address: the kernels take their
+    // one-element path for all of them. Copies of the same values are aligned.
+    let unaligned = [g.narrow(0, 1, n).unwrap(), u.narrow(0, 1, n).unwrap()];
+    let aligned = [unaligned[0].copy().unwrap(), unaligned[1].copy().unwrap()];
+    let f = |t: &[Tensor]| packsft::fused::silu_mul(&t[0], &t[1]).unwrap();
+    let (ao, ag) = grads(&aligned, f, &r);
+    let (uo, ug) = grads(&unaligned, f, &r);
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    };
+    assert_eq!(bits(&ao), bits(&uo), "silu_mul out");
+    assert_eq!(bits(&ag[0]), bits(&ug[0]), "silu_mul dg");
+    assert_eq!(bits(&ag[1]), bits(&ug[1]), "silu_mul du");
+    // And neither path is trivially zero.
+    assert!(bits(&ao).iter().filter(|&&b| b != 0).count() > n / 2);
 }
 
 fn loss_and_grads(dev: &Device, dtype: DType) -> (f64, Vec<Tensor>) {

@@ -156,6 +156,22 @@ __device__ __forceinline__ bool visible(int qi, int kj, int len, int window) {
     return kj <= qi && qi < len && (window <= 0 || qi - kj < window);
 }
 
+// The first key tile (of BN keys) that a query tile starting at q0 can see: 0, or with a sliding
+// window the tile holding key q0 - window + 1.
+template <int BN>
+__device__ __forceinline__ int first_key_tile(int q0, int window) {
+    return window > 0 ? max(0, q0 - window + 1) / BN * BN : 0;
+}
+
+// Starts loading the K tile and the V tile of kv head hk (BN rows from token `row`, the first
+// `valid` of them inside the sequence) into dst and dst + BN * (D + 8).
+template <int D, int BN>
+__device__ __forceinline__ void load_kv_tile_async(bf16* dst, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                                   int row, int valid, int kv_heads, int hk) {
+    load_tile_async<D>(dst, k + ((long)row * kv_heads + hk) * D, (long)kv_heads * D, BN, valid);
+    load_tile_async<D>(dst + BN * (D + 8), v + ((long)row * kv_heads + hk) * D, (long)kv_heads * D, BN, valid);
+}
+
 // Forward: one block per (query tile of BM rows of one sequence, head).
 // lse: (heads, tokens) float, log2 domain.
 template <int D, int BN>
@@ -184,14 +200,9 @@ __device__ void fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
 
     const int qrow = q0 + warp * 16;  // this warp's first query row
     const int kend = min(len, q0 + BM);
-    int kbeg = 0;
-    if (window > 0) kbeg = max(0, q0 - window + 1) / BN * BN;
-
+    const int kbeg = first_key_tile<BN>(q0, window);
     auto issue = [&](int k0, int b) {
-        bf16* Kb = KVs + b * 2 * BN * S;
-        load_tile_async<D>(Kb, k + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN, len - k0);
-        load_tile_async<D>(Kb + BN * S, v + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN,
-                           len - k0);
+        load_kv_tile_async<D, BN>(KVs + b * 2 * BN * S, k, v, base + k0, len - k0, kv_heads, hk);
     };
     if (kbeg < kend) issue(kbeg, 0);
     cp_async_commit();
@@ -440,13 +451,9 @@ __device__ void bwd_dq_kernel(const bf16* __restrict__ q, const bf16* __restrict
     for (int i = 0; i < D / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
     const int kend = min(len, q0 + BM);
-    int kbeg = 0;
-    if (window > 0) kbeg = max(0, q0 - window + 1) / BN * BN;
+    const int kbeg = first_key_tile<BN>(q0, window);
     auto issue = [&](int k0, int b) {
-        bf16* Kb = KVs + b * 2 * BN * S;
-        load_tile_async<D>(Kb, k + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN, len - k0);
-        load_tile_async<D>(Kb + BN * S, v + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN,
-                           len - k0);
+        load_kv_tile_async<D, BN>(KVs + b * 2 * BN * S, k, v, base + k0, len - k0, kv_heads, hk);
     };
     if (kbeg < kend) issue(kbeg, 0);
     cp_async_commit();

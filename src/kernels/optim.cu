@@ -36,6 +36,16 @@ __device__ __forceinline__ int slot_of(const uint32_t* prefix, int nslots, uint3
     return lo;
 }
 
+// The slot that chunk `c` belongs to, and the chunk's element range [start, end) within it.
+__device__ __forceinline__ const Slot& chunk_range(const Slot* slots, const uint32_t* prefix, int nslots,
+                                                   uint32_t c, uint64_t& start, uint64_t& end) {
+    const int si = slot_of(prefix, nslots, c);
+    const Slot& s = slots[si];
+    start = (uint64_t)(c - prefix[si]) * CHUNK;
+    end = min(start + CHUNK, s.n);
+    return s;
+}
+
 // sumsq[0] += sum(g^2) over every slot's gradient (double accumulator: 1e9 float32 squares);
 // one atomic per block, and few blocks (each strides over chunks).
 extern "C" __global__ void grad_sumsq_multi(const Slot* __restrict__ slots, const uint32_t* __restrict__ prefix,
@@ -43,10 +53,8 @@ extern "C" __global__ void grad_sumsq_multi(const Slot* __restrict__ slots, cons
     double acc = 0.0;
     const uint32_t chunks = prefix[nslots];
     for (uint32_t c = blockIdx.x; c < chunks; c += gridDim.x) {
-        const int si = slot_of(prefix, nslots, c);
-        const Slot& s = slots[si];
-        const uint64_t start = (uint64_t)(c - prefix[si]) * CHUNK;
-        const uint64_t end = min(start + CHUNK, s.n);
+        uint64_t start, end;
+        const Slot& s = chunk_range(slots, prefix, nslots, c, start, end);
         const float* g = s.g;
         const uint64_t vend = aligned16(g) ? start + (end - start) / 4 * 4 : start;
         for (uint64_t i = start + 4 * threadIdx.x; i < vend; i += 4 * blockDim.x) {
@@ -116,11 +124,9 @@ extern "C" __global__ void adamw_multi(const Slot* __restrict__ slots, const uin
     }
     const uint32_t chunks = prefix[nslots];
     for (uint32_t c = blockIdx.x; c < chunks; c += gridDim.x) {
-        const int si = slot_of(prefix, nslots, c);
-        const Slot& s = slots[si];
+        uint64_t start, end;
+        const Slot& s = chunk_range(slots, prefix, nslots, c, start, end);
         const AdamW a{coef, lr, beta1, beta2, eps, s.decay, s.bc1, s.bc2_sqrt};
-        const uint64_t start = (uint64_t)(c - prefix[si]) * CHUNK;
-        const uint64_t end = min(start + CHUNK, s.n);
         float *p = s.p, *m = s.m, *v = s.v;
         const float* g = s.g;
         __nv_bfloat16* copy = s.copy;
@@ -157,10 +163,8 @@ extern "C" __global__ void cast_bf16_multi(const Slot* __restrict__ slots, const
                                            int nslots) {
     const uint32_t chunks = prefix[nslots];
     for (uint32_t c = blockIdx.x; c < chunks; c += gridDim.x) {
-        const int si = slot_of(prefix, nslots, c);
-        const Slot& s = slots[si];
-        const uint64_t start = (uint64_t)(c - prefix[si]) * CHUNK;
-        const uint64_t end = min(start + CHUNK, s.n);
+        uint64_t start, end;
+        const Slot& s = chunk_range(slots, prefix, nslots, c, start, end);
         const float* x = s.p;
         __nv_bfloat16* y = s.copy;
         const uint64_t vend = aligned16(x) && ((uintptr_t)y & 7) == 0 ? start + (end - start) / 4 * 4 : start;
