@@ -188,8 +188,8 @@ fn check(c: Case) {
     // P (dP - delta) sum to zero over a row (delta = rowsum(dO * O), O rounded to bf16 as the
     // kernels store it), so rows that see few keys keep the rounding and lose the signal (up to
     // 0.035 for dk and 0.24 for dq seen on an H200). One key wrongly let into a row typically
-    // moves it by tens of percent (exact arithmetic, one future key visible to one of the first
-    // rows: medians 0.18-0.52 for the output row, 0.43-2.8 for dq), and a mask bug in a kernel
+    // moves it by tens of percent (tests/fixtures/check_flash_row_sensitivity.py, exact
+    // arithmetic: medians 0.18-0.52 for the output, 0.43-2.8 for dq), and a mask bug in a kernel
     // moves every row of a tile.
     let worst_row_limit = [2e-2, 0.5, 0.1, 2e-2];
     for ((name, (e, r)), limit) in ["out", "dq", "dk", "dv"]
