@@ -209,7 +209,7 @@ extern "C" __global__ void add_bf16(const bf16* __restrict__ a, const bf16* __re
                                     bf16* __restrict__ y, uint64_t n) {
     const uint64_t tid = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x;
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
-    const uint64_t nv = (((uintptr_t)a | (uintptr_t)b | (uintptr_t)y) & 15) == 0 ? n / 8 : 0;
+    const uint64_t nv = all_aligned16(a, b, y) ? n / 8 : 0;
     for (uint64_t i = tid; i < nv; i += stride) {
         uint4 x = reinterpret_cast<const uint4*>(a)[i];
         uint4 z = reinterpret_cast<const uint4*>(b)[i];
