@@ -32,10 +32,12 @@ const MODULE: &str = "packsft_optim";
 const OPS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_ops.ptx"));
 const OPS_MODULE: &str = "packsft_fused_ops";
 
-/// One parameter's tensors for [`adamw_step`]: weight, gradient and moments, float32,
-/// contiguous, on the same CUDA device.
+/// One parameter's tensors for [`adamw_step`]: weight, gradient and moments, float32 (the
+/// gradient float32 or bf16), contiguous, on the same CUDA device.
 pub struct AdamWSlot<'a> {
     pub param: &'a Tensor,
+    /// Read as float32 either way: a bf16 gradient (what cuBLAS writes for a weight matrix in
+    /// bf16 compute, as under PyTorch's autocast) is widened exactly, in registers.
     pub grad: &'a Tensor,
     pub m: &'a Tensor,
     pub v: &'a Tensor,
@@ -70,7 +72,8 @@ struct Slot {
     decay: f32,
     bc1: f32,
     bc2_sqrt: f32,
-    pad: f32,
+    /// 1: `g` points to bf16, 0: to float32.
+    g_bf16: u32,
 }
 
 /// Elements per chunk of a multi-tensor launch (`CHUNK` in optim.cu).
@@ -102,7 +105,7 @@ impl SlotTable {
         let bytes: Vec<u8> = slots
             .iter()
             .flat_map(|s| {
-                // SAFETY: Slot is repr(C) plain data without padding bytes beyond `pad`.
+                // SAFETY: Slot is repr(C) plain data without padding bytes (6 u64, 4 x 4 bytes).
                 unsafe {
                     std::slice::from_raw_parts(
                         (s as *const Slot).cast::<u8>(),
@@ -157,15 +160,25 @@ pub fn adamw_step(
     };
     let mut table = Vec::with_capacity(slots.len());
     for s in slots {
-        for t in [s.param, s.grad, s.m, s.v] {
-            if t.dtype() != DType::F32 || t.dims() != s.param.dims() || !t.is_contiguous() {
+        for (what, t) in [
+            ("weight", s.param),
+            ("gradient", s.grad),
+            ("first moment", s.m),
+            ("second moment", s.v),
+        ] {
+            let dtype_ok =
+                t.dtype() == DType::F32 || (what == "gradient" && t.dtype() == DType::BF16);
+            if !dtype_ok || t.dims() != s.param.dims() || !t.is_contiguous() {
                 return Err(Error::Training(format!(
-                    "fused AdamW: contiguous float32 tensors of one shape expected, got {:?} {:?}",
+                    "fused AdamW: the {what} must be a contiguous float32 tensor (the gradient \
+                     may be bf16) of the weight's shape {:?}, got {:?} {:?}",
+                    s.param.dims(),
                     t.dtype(),
                     t.dims()
                 )));
             }
         }
+        let g_bf16 = s.grad.dtype() == DType::BF16;
         let copy = match s.copy {
             Some(c)
                 if c.dtype() == DType::BF16 && c.dims() == s.param.dims() && c.is_contiguous() =>
@@ -184,7 +197,11 @@ pub fn adamw_step(
         };
         table.push(Slot {
             p: address::<f32>(s.param)?,
-            g: address::<f32>(s.grad)?,
+            g: if g_bf16 {
+                address::<bf16>(s.grad)?
+            } else {
+                address::<f32>(s.grad)?
+            },
             m: address::<f32>(s.m)?,
             v: address::<f32>(s.v)?,
             copy,
@@ -196,7 +213,7 @@ pub fn adamw_step(
             },
             bc1: s.bc1,
             bc2_sqrt: s.bc2.sqrt(),
-            pad: 0.0,
+            g_bf16: g_bf16 as u32,
         });
     }
     let t = SlotTable::upload(dev, &table)?;
@@ -815,15 +832,25 @@ pub fn silu_mul_vjp(g: &Tensor, u: &Tensor) -> Result<(Tensor, Pullback<PairGrad
     Ok((y, Box::new(back)))
 }
 
-/// The weight gradient dy^T x of a linear layer, dy (N, out) and x (N, in) bf16 on CUDA, as a
-/// float32 (out, in) matrix straight from cuBLAS (bf16 products, float32 accumulation and
-/// output): the gradient the float32 master weight takes, without a bf16 result and a cast
-/// pass over it.
-pub fn weight_grad_f32(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+/// The weight gradient dy^T x of a linear layer, dy (N, out) and x (N, in) bf16 on CUDA, as an
+/// (out, in) matrix of `out_dtype` (bf16 or float32) straight from cuBLAS (bf16 products,
+/// float32 accumulation). bf16 is what PyTorch's autocast gives a float32 weight (a bf16 product,
+/// then widened): the fused optimizer reads it as it is, so neither a cast pass nor a float32
+/// copy of every weight's gradient is needed.
+pub fn weight_grad(dy: &Tensor, x: &Tensor, out_dtype: DType) -> Result<Tensor> {
     use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let (n, out) = dy.dims2()?;
     let (n2, inp) = x.dims2()?;
+    let c_type = match out_dtype {
+        DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
+        DType::F32 => sys::cudaDataType::CUDA_R_32F,
+        d => {
+            return Err(Error::Config(format!(
+                "weight gradient in {d:?}: bf16 or f32 expected"
+            )))
+        }
+    };
     if n != n2 || dy.dtype() != DType::BF16 || x.dtype() != DType::BF16 {
         return Err(Error::Config(format!(
             "weight gradient of {:?} {:?} and {:?} {:?}",
@@ -840,12 +867,22 @@ pub fn weight_grad_f32(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
             cview::<bf16>(s[0].0, s[0].1)?,
             cview::<bf16>(s[1].0, s[1].1)?,
         );
-        let dw = unsafe { dev.alloc::<f32>((out * inp).max(1))? };
+        let len = (out * inp).max(1);
+        // Allocated as float32 or bf16, written by cuBLAS in that type.
+        let (dw32, dw16) = if out_dtype == DType::F32 {
+            (Some(unsafe { dev.alloc::<f32>(len)? }), None)
+        } else {
+            (None, Some(unsafe { dev.alloc::<bf16>(len)? }))
+        };
         let stream = dev.cuda_stream();
         {
             let (pa, _ga) = xv.device_ptr(&stream);
             let (pb, _gb) = dyv.device_ptr(&stream);
-            let (pc, _gc) = dw.device_ptr(&stream);
+            let (pc, _gc) = match (&dw32, &dw16) {
+                (Some(d), _) => d.device_ptr(&stream),
+                (_, Some(d)) => d.device_ptr(&stream),
+                _ => unreachable!("one buffer was allocated"),
+            };
             let (alpha, beta) = (1f32, 0f32);
             // Column-major view of the row-major product: dW^T (in, out) = x^T (in, N) · dy (N, out).
             unsafe {
@@ -865,7 +902,7 @@ pub fn weight_grad_f32(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
                     out as i32,
                     &beta as *const f32 as *const _,
                     pc as *mut _,
-                    sys::cudaDataType::CUDA_R_32F,
+                    c_type,
                     inp as i32,
                     sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                     sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -873,7 +910,11 @@ pub fn weight_grad_f32(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
             }
             .map_err(|e| cerr(format!("cublas weight gradient: {e:?}")))?;
         }
-        wrap(dw, &dev, (out, inp), &dy)
+        match (dw32, dw16) {
+            (Some(d), _) => wrap(d, &dev, (out, inp), &dy),
+            (_, Some(d)) => wrap(d, &dev, (out, inp), &dy),
+            _ => unreachable!("one buffer was allocated"),
+        }
     })?)
 }
 

@@ -241,7 +241,12 @@ impl AdamW {
         let mut owned = Vec::new();
         for (i, s) in self.slots.iter().enumerate() {
             if let Some(g) = grads.get(s.var.as_tensor()) {
-                owned.push((i, g.to_dtype(DType::F32)?.contiguous()?));
+                // A bf16 gradient is read as it is (widened in the kernel).
+                let g = match g.dtype() {
+                    DType::BF16 | DType::F32 => g.contiguous()?,
+                    _ => g.to_dtype(DType::F32)?.contiguous()?,
+                };
+                owned.push((i, g));
             }
         }
         let slots: Vec<AdamWSlot<'_>> = owned
@@ -370,6 +375,9 @@ pub fn clip_grad_norm(grads: &mut GradStore, params: &[Param], max_norm: f64) ->
         if coef < 1.0 {
             for p in params {
                 if let Some(g) = grads.remove(p.var.as_tensor()) {
+                    // Scaled in the parameter's dtype: a bf16 gradient of a float32 weight
+                    // would round again.
+                    let g = g.to_dtype(p.var.dtype())?;
                     grads.insert(p.var.as_tensor(), (g * coef)?);
                 }
             }
@@ -455,12 +463,24 @@ impl LrSchedule {
     }
 }
 
+/// Two gradients of one parameter added: in their dtype where both are float32 or float64,
+/// else in float32. The weight matrices' gradients of bf16 compute on CUDA arrive in bf16 for
+/// float32 parameters (src/model/decoder/manual.rs), and their sums, like PyTorch's gradient
+/// accumulation into a float32 `.grad`, must not round to bf16.
+pub fn add_grad(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let wide = |t: &Tensor| matches!(t.dtype(), DType::F32 | DType::F64);
+    if a.dtype() == b.dtype() && wide(a) {
+        return Ok((a + b)?);
+    }
+    Ok((a.to_dtype(DType::F32)? + b.to_dtype(DType::F32)?)?)
+}
+
 /// Adds the parameter gradients of `src` into `acc`.
 pub fn add_grads(acc: &mut GradStore, src: GradStore, params: &[Param]) -> Result<()> {
     for p in params {
         if let Some(g) = src.get(p.var.as_tensor()) {
             let sum = match acc.remove(p.var.as_tensor()) {
-                Some(prev) => (prev + g)?,
+                Some(prev) => add_grad(&prev, g)?,
                 None => g.clone(),
             };
             acc.insert(p.var.as_tensor(), sum);
@@ -630,5 +650,64 @@ mod tests {
             g.get(p.var.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
             vec![0.3, 0.4]
         );
+    }
+
+    /// A bf16 gradient of a float32 weight (bf16 compute on CUDA) gives the same sums,
+    /// clipping and update as its exact float32 widening, and nothing is rounded to bf16 on the
+    /// way: sums and the clipped gradient come out float32.
+    #[test]
+    fn bf16_gradients_of_float32_weights_are_widened_not_rounded() {
+        let p = param(&[0.5, -1.0, 2.0], true);
+        // Exactly representable in bf16; 1 + 2^-9 is not (it needs 9 fraction bits).
+        let g16 = Tensor::new(&[1f32, 0.5, -3.0], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let tiny = Tensor::new(&[2f32.powi(-9), 0.0, 0.0], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let sum = add_grad(&g16, &tiny).unwrap();
+        assert_eq!(sum.dtype(), DType::F32);
+        assert_eq!(
+            sum.to_vec1::<f32>().unwrap(),
+            vec![1.0 + 2f32.powi(-9), 0.5, -3.0],
+            "the sum was rounded to bf16"
+        );
+        let f32_sum = add_grad(&sum, &sum).unwrap();
+        assert_eq!(f32_sum.dtype(), DType::F32);
+
+        let mut acc = grads_for(&p, &[0.0, 0.0, 0.0]);
+        acc.insert(p.var.as_tensor(), g16.clone());
+        let mut more = grads_for(&p, &[0.0, 0.0, 0.0]);
+        more.insert(p.var.as_tensor(), tiny);
+        add_grads(&mut acc, more, std::slice::from_ref(&p)).unwrap();
+        assert_eq!(
+            acc.get(p.var.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
+            vec![1.0 + 2f32.powi(-9), 0.5, -3.0]
+        );
+
+        // Clipping and AdamW on the bf16 gradient against the float32 one.
+        let cfg = AdamWConfig {
+            lr: 0.1,
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let run = |g: Tensor| -> (f64, Vec<f32>) {
+            let p = param(&[0.5, -1.0, 2.0], true);
+            let mut store = grads_for(&p, &[0.0, 0.0, 0.0]);
+            store.insert(p.var.as_tensor(), g);
+            let mut opt = AdamW::new(std::slice::from_ref(&p), cfg).unwrap();
+            let norm = opt
+                .clip_and_step(&mut store, std::slice::from_ref(&p), 1.0, 0.1)
+                .unwrap();
+            let clipped = store.get(p.var.as_tensor()).unwrap();
+            assert_eq!(clipped.dtype(), DType::F32, "clipped in bf16");
+            (norm, p.var.as_tensor().to_vec1::<f32>().unwrap())
+        };
+        let (n16, p16) = run(g16.clone());
+        let (n32, p32) = run(g16.to_dtype(DType::F32).unwrap());
+        assert!((n16 - (1f64 + 0.25 + 9.0).sqrt()).abs() < 1e-6, "{n16}");
+        assert_eq!((n16, p16), (n32, p32));
     }
 }

@@ -359,7 +359,18 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
     /// micro-batch's summed loss is divided by the step's total loss units, so any split of the
     /// same examples, padded or not, gives the same gradients.
     pub fn step_grads_split(&self, micro_batches: &[&[Example]]) -> Result<StepGrads> {
-        let p = self.pending_grads(micro_batches)?;
+        let mut p = self.pending_grads(micro_batches)?;
+        // In each parameter's dtype: bf16 compute on CUDA leaves the weight matrices' gradients
+        // in bf16 for the optimizer, which widens them itself.
+        for param in self.model.params() {
+            let t = param.var.as_tensor();
+            if let Some(g) = p.grads.get(t) {
+                if g.dtype() != t.dtype() {
+                    let g = g.to_dtype(t.dtype())?;
+                    p.grads.insert(t, g);
+                }
+            }
+        }
         Ok(StepGrads {
             grads: p.grads,
             loss_sum: read_scalar(&p.loss_sum)?,

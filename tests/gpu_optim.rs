@@ -186,6 +186,102 @@ fn fused_step_matches_adamw_on_odd_lengths_and_a_bad_loss_changes_nothing() {
     assert!(worst < 1e-4, "{worst}");
 }
 
+/// The fused step reading bf16 gradients (the weight matrices' gradients of bf16 compute)
+/// gives bit for bit the step of their float32 widening: same norm, weights, moments and
+/// copies, with a tail after the wide loads and a gradient spanning several chunks. A bf16
+/// gradient 2 bytes off the 8-byte grid takes the one-element path: same values up to the
+/// order of the norm's sum.
+#[test]
+fn fused_step_on_bf16_gradients_matches_their_float32_widening() {
+    use candle_core::{DType, Tensor};
+    use packsft::fused::{adamw_step, read_norm, AdamWSlot, AdamWStep};
+    let dev = Device::new_cuda(0).expect("a CUDA device");
+    let vals = |n: usize, seed: u64| -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
+            .collect()
+    };
+    let h = AdamWStep {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        max_grad_norm: 1.0,
+    };
+    let sizes = [1027usize, 3, 40_001];
+    let t = |v: Vec<f32>| Tensor::from_vec(v.clone(), v.len(), &dev).unwrap();
+    // bf16 gradients; `offset` 1: each a view one element into a larger buffer.
+    let grads16 = |offset: usize| -> Vec<Tensor> {
+        sizes
+            .iter()
+            .map(|&n| {
+                let g = t(vals(n + offset, 2)).to_dtype(DType::BF16).unwrap();
+                g.narrow(0, offset, n).unwrap()
+            })
+            .collect()
+    };
+    // One step from the same start on copies of the state; returns everything it wrote.
+    let step = |grads: &[Tensor]| -> (f64, Vec<Vec<f32>>) {
+        let params: Vec<Tensor> = sizes.iter().map(|&n| t(vals(n, 1))).collect();
+        let ms: Vec<Tensor> = sizes.iter().map(|&n| t(vals(n, 3))).collect();
+        let vs: Vec<Tensor> = sizes
+            .iter()
+            .map(|&n| t(vals(n, 4).iter().map(|x| x * x).collect()))
+            .collect();
+        let copies: Vec<Tensor> = sizes
+            .iter()
+            .map(|&n| Tensor::zeros(n, DType::BF16, &dev).unwrap())
+            .collect();
+        let slots: Vec<AdamWSlot<'_>> = (0..sizes.len())
+            .map(|i| AdamWSlot {
+                param: &params[i],
+                grad: &grads[i],
+                m: &ms[i],
+                v: &vs[i],
+                copy: Some(&copies[i]),
+                decay: i != 1,
+                bc1: 1.0 - 0.9f32.powi(2),
+                bc2: 1.0 - 0.999f32.powi(2),
+            })
+            .collect();
+        let norm = read_norm(&adamw_step(&slots, &h, None).unwrap()).unwrap();
+        let mut out = Vec::new();
+        for ts in [&params, &ms, &vs, &copies] {
+            for x in ts.iter() {
+                out.push(x.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap());
+            }
+        }
+        (norm, out)
+    };
+    let aligned = grads16(0);
+    assert!(aligned.iter().all(|g| g.dtype() == DType::BF16));
+    let widened: Vec<Tensor> = aligned
+        .iter()
+        .map(|g| g.to_dtype(DType::F32).unwrap())
+        .collect();
+    let (n16, s16) = step(&aligned);
+    let (n32, s32) = step(&widened);
+    let start = step(&widened.iter().map(|g| g.zeros_like().unwrap()).collect::<Vec<_>>());
+    assert!(n16 > 1.0, "clipping not exercised: norm {n16}");
+    assert_eq!(n16, n32);
+    assert!(s16 == s32, "bf16 and float32 gradients gave different steps");
+    assert!(s16 != start.1, "the step changed nothing");
+
+    let off = grads16(1);
+    let (n_off, s_off) = step(&off);
+    let want: Vec<Tensor> = off.iter().map(|g| g.to_dtype(DType::F32).unwrap()).collect();
+    let (n_want, s_want) = step(&want);
+    assert!((n_off - n_want).abs() / n_want < 1e-12, "{n_off} vs {n_want}");
+    let worst = s_off
+        .iter()
+        .flatten()
+        .zip(s_want.iter().flatten())
+        .map(|(a, b)| (a - b).abs() / b.abs().max(1e-3))
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "unaligned bf16 gradients: worst rel diff {worst:.2e}");
+}
+
 /// (loss, gradient norm) of six `Trainer::train` steps of the tiny model on `dev`: lr 3e-3 and
 /// clipping at 0.05, so that every step moves the weights and clips.
 fn six_steps(dev: &Device, dtype: candle_core::DType, overlap: bool) -> Vec<(f64, f64)> {

@@ -5,6 +5,10 @@
 //
 // All are bound by memory bandwidth: they read and write 16 bytes per thread and loop where the
 // buffers are 16-byte aligned (candle's allocations are), element by element otherwise.
+//
+// A gradient is float32 or bf16 (the weight matrices' gradients, as cuBLAS writes them for bf16
+// compute, and as PyTorch's autocast makes them): read as bf16 it is widened exactly, so both
+// give the same update, and the optimizer reads 2 bytes a weight less in each pass.
 
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -17,13 +21,34 @@ __device__ __forceinline__ bool aligned16(const void* p) { return ((uintptr_t)p 
 // of one per parameter: ~600 launches a step fewer, and no tail of tiny kernels for the norms.
 struct Slot {
     float* p;         // weight (AdamW) or source (cast)
-    const float* g;   // gradient
+    const void* g;    // gradient: float32, or bf16 where g_bf16
     float* m;
     float* v;
     __nv_bfloat16* copy;  // bf16 copy of the updated weight, or null
     uint64_t n;
-    float decay, bc1, bc2_sqrt, pad;
+    float decay, bc1, bc2_sqrt;
+    uint32_t g_bf16;
 };
+
+// Four gradient elements from i on (i a multiple of 4, where grad_vec allows the wide load), and
+// one element.
+__device__ __forceinline__ float4 grad4(const Slot& s, uint64_t i) {
+    if (s.g_bf16) {
+        uint2 raw = *reinterpret_cast<const uint2*>(reinterpret_cast<const __nv_bfloat16*>(s.g) + i);
+        float2 lo = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&raw.x));
+        float2 hi = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&raw.y));
+        return make_float4(lo.x, lo.y, hi.x, hi.y);
+    }
+    return *reinterpret_cast<const float4*>(reinterpret_cast<const float*>(s.g) + i);
+}
+__device__ __forceinline__ float grad1(const Slot& s, uint64_t i) {
+    return s.g_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(s.g)[i])
+                    : reinterpret_cast<const float*>(s.g)[i];
+}
+// Whether the gradient allows grad4: 16-byte aligned float32, 8-byte aligned bf16.
+__device__ __forceinline__ bool grad_vec(const Slot& s) {
+    return ((uintptr_t)s.g & (s.g_bf16 ? 7 : 15)) == 0;
+}
 
 #define CHUNK 16384
 
@@ -55,14 +80,13 @@ extern "C" __global__ void grad_sumsq_multi(const Slot* __restrict__ slots, cons
     for (uint32_t c = blockIdx.x; c < chunks; c += gridDim.x) {
         uint64_t start, end;
         const Slot& s = chunk_range(slots, prefix, nslots, c, start, end);
-        const float* g = s.g;
-        const uint64_t vend = aligned16(g) ? start + (end - start) / 4 * 4 : start;
+        const uint64_t vend = grad_vec(s) ? start + (end - start) / 4 * 4 : start;
         for (uint64_t i = start + 4 * threadIdx.x; i < vend; i += 4 * blockDim.x) {
-            float4 x = *reinterpret_cast<const float4*>(g + i);
+            float4 x = grad4(s, i);
             acc += (double)(x.x * x.x) + (double)(x.y * x.y) + (double)(x.z * x.z) + (double)(x.w * x.w);
         }
         for (uint64_t i = vend + threadIdx.x; i < end; i += blockDim.x) {
-            float x = g[i];
+            float x = grad1(s, i);
             acc += (double)(x * x);
         }
     }
@@ -128,14 +152,13 @@ extern "C" __global__ void adamw_multi(const Slot* __restrict__ slots, const uin
         const Slot& s = chunk_range(slots, prefix, nslots, c, start, end);
         const AdamW a{coef, lr, beta1, beta2, eps, s.decay, s.bc1, s.bc2_sqrt};
         float *p = s.p, *m = s.m, *v = s.v;
-        const float* g = s.g;
         __nv_bfloat16* copy = s.copy;
-        const bool vec = aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v) &&
+        const bool vec = aligned16(p) && grad_vec(s) && aligned16(m) && aligned16(v) &&
                          ((uintptr_t)copy & 7) == 0;
         const uint64_t vend = vec ? start + (end - start) / 4 * 4 : start;
         for (uint64_t i = start + 4 * threadIdx.x; i < vend; i += 4 * blockDim.x) {
             float4 pi = *reinterpret_cast<float4*>(p + i);
-            float4 gi = *reinterpret_cast<const float4*>(g + i);
+            float4 gi = grad4(s, i);
             float4 mi = *reinterpret_cast<float4*>(m + i);
             float4 vi = *reinterpret_cast<float4*>(v + i);
             a.apply(pi.x, gi.x, mi.x, vi.x);
@@ -149,7 +172,7 @@ extern "C" __global__ void adamw_multi(const Slot* __restrict__ slots, const uin
         }
         for (uint64_t i = vend + threadIdx.x; i < end; i += blockDim.x) {
             float pi = p[i], mi = m[i], vi = v[i];
-            a.apply(pi, g[i], mi, vi);
+            a.apply(pi, grad1(s, i), mi, vi);
             p[i] = pi;
             m[i] = mi;
             v[i] = vi;

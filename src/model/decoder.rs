@@ -1218,7 +1218,7 @@ impl DecoderModel {
             if let Some(g) = grads.remove(copy.as_tensor()) {
                 let g = g.to_dtype(DType::F32)?;
                 let g = match grads.remove(master) {
-                    Some(other) => (other + g)?,
+                    Some(other) => crate::optim::add_grad(&other, &g)?,
                     None => g,
                 };
                 grads.insert(master, g);

@@ -50,7 +50,7 @@ pub(super) fn scope(
     let (l, mut grads) = r?;
     for (p, g) in side {
         let g = match grads.remove(&p) {
-            Some(other) => (other + g)?,
+            Some(other) => crate::optim::add_grad(&other, &g)?,
             None => g,
         };
         grads.insert(&p, g);
@@ -73,9 +73,14 @@ fn in_scope() -> bool {
     SIDE_GRADS.with(|s| s.borrow().is_some())
 }
 
-/// Hands the gradient `g` of parameter `p` (a float32 master) to the running [`scope`].
+/// Hands the gradient `g` of parameter `p` (a float32 master) to the running [`scope`], in the
+/// parameter's dtype.
 fn side_grad(p: &Tensor, g: Tensor) -> Result<()> {
-    let g = g.to_dtype(p.dtype())?;
+    push_side_grad(p, g.to_dtype(p.dtype())?)
+}
+
+/// Hands `g` over in the dtype it has (see [`hand_weight_grad`]).
+fn push_side_grad(p: &Tensor, g: Tensor) -> Result<()> {
     SIDE_GRADS.with(|s| match s.borrow_mut().as_mut() {
         Some(v) => {
             v.push((p.clone(), g));
@@ -164,7 +169,7 @@ fn lin_vjp(lin: &Lin, x: &Tensor) -> Result<(Tensor, Back)> {
     let (x, master, bias) = (x.clone(), lin.w.clone(), lin.b.clone());
     let back = move |dy: &Tensor| -> Result<Tensor> {
         let dy = dy.to_dtype(x.dtype())?.contiguous()?;
-        side_grad(&master, weight_grad(&dy, &x)?)?;
+        hand_weight_grad(&master, &dy, &x)?;
         if let Some(b) = &bias {
             side_grad(b, dy.to_dtype(DType::F32)?.sum(0)?)?;
         }
@@ -173,13 +178,17 @@ fn lin_vjp(lin: &Lin, x: &Tensor) -> Result<(Tensor, Back)> {
     Ok((y, Box::new(back)))
 }
 
-/// dy^T x: float32 from cuBLAS directly for bf16 on CUDA, else candle's matmul.
-fn weight_grad(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+/// Hands the weight gradient dy^T x of `master` to the scope. For bf16 on CUDA it stays the
+/// bf16 matrix cuBLAS writes, as PyTorch's autocast makes a float32 weight's gradient (a bf16
+/// product, widened afterwards): the gradient's users widen it where they need float32 (the
+/// fused optimizer in registers, gradient sums and clipping in `optim`), and the step keeps no
+/// float32 copy of every weight's gradient. Elsewhere, candle's matmul and the master's dtype.
+fn hand_weight_grad(master: &Tensor, dy: &Tensor, x: &Tensor) -> Result<()> {
     #[cfg(feature = "cuda")]
     if crate::fused::usable(dy) && crate::fused::usable(x) && x.rank() == 2 {
-        return crate::fused::weight_grad_f32(dy, x);
+        return push_side_grad(master, crate::fused::weight_grad(dy, x, DType::BF16)?);
     }
-    Ok(dy.t()?.matmul(x)?)
+    side_grad(master, dy.t()?.matmul(x)?)
 }
 
 fn norm_vjp(norm: &Norm, x: &Tensor) -> Result<(Tensor, Back)> {
@@ -336,9 +345,9 @@ impl DecoderModel {
         Ok(x.apply_op2(&y, Attach(Mutex::new(Some(back))))?)
     }
 
-    /// The vocabulary projection as one graph node whose backward hands a float32 weight
-    /// gradient straight to the master weight (autograd would make a bf16 gradient of the
-    /// weight copy, then cast and add it); `None` outside [`scope`], with autograd layers, and
+    /// The vocabulary projection as one graph node whose backward hands the weight gradient
+    /// straight to the master weight (autograd would make a gradient of the weight copy, then
+    /// cast and add it); `None` outside [`scope`], with autograd layers, and
     /// off the GPU's bf16 path, where there is no cast to save and the node's copy of the
     /// float32 logits would cost time and memory.
     pub(super) fn lm_head_manual(&self, lin: &Lin, h: &Tensor) -> Result<Option<Tensor>> {
