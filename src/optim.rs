@@ -683,7 +683,10 @@ mod tests {
         more.insert(p.var.as_tensor(), tiny);
         add_grads(&mut acc, more, std::slice::from_ref(&p)).unwrap();
         assert_eq!(
-            acc.get(p.var.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
+            acc.get(p.var.as_tensor())
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
             vec![1.0 + 2f32.powi(-9), 0.5, -3.0]
         );
 

@@ -262,24 +262,41 @@ fn fused_step_on_bf16_gradients_matches_their_float32_widening() {
         .collect();
     let (n16, s16) = step(&aligned);
     let (n32, s32) = step(&widened);
-    let start = step(&widened.iter().map(|g| g.zeros_like().unwrap()).collect::<Vec<_>>());
+    let start = step(
+        &widened
+            .iter()
+            .map(|g| g.zeros_like().unwrap())
+            .collect::<Vec<_>>(),
+    );
     assert!(n16 > 1.0, "clipping not exercised: norm {n16}");
     assert_eq!(n16, n32);
-    assert!(s16 == s32, "bf16 and float32 gradients gave different steps");
+    assert!(
+        s16 == s32,
+        "bf16 and float32 gradients gave different steps"
+    );
     assert!(s16 != start.1, "the step changed nothing");
 
     let off = grads16(1);
     let (n_off, s_off) = step(&off);
-    let want: Vec<Tensor> = off.iter().map(|g| g.to_dtype(DType::F32).unwrap()).collect();
+    let want: Vec<Tensor> = off
+        .iter()
+        .map(|g| g.to_dtype(DType::F32).unwrap())
+        .collect();
     let (n_want, s_want) = step(&want);
-    assert!((n_off - n_want).abs() / n_want < 1e-12, "{n_off} vs {n_want}");
+    assert!(
+        (n_off - n_want).abs() / n_want < 1e-12,
+        "{n_off} vs {n_want}"
+    );
     let worst = s_off
         .iter()
         .flatten()
         .zip(s_want.iter().flatten())
         .map(|(a, b)| (a - b).abs() / b.abs().max(1e-3))
         .fold(0f32, f32::max);
-    assert!(worst < 1e-5, "unaligned bf16 gradients: worst rel diff {worst:.2e}");
+    assert!(
+        worst < 1e-5,
+        "unaligned bf16 gradients: worst rel diff {worst:.2e}"
+    );
 }
 
 /// (loss, gradient norm) of six `Trainer::train` steps of the tiny model on `dev`: lr 3e-3 and
