@@ -69,41 +69,58 @@ fn fused_adamw_matches_the_cpu_step() {
     assert!(worst < 1e-4, "{worst}");
 }
 
-/// One fused step on buffers whose lengths leave a tail after the 4-wide loads, against
-/// PyTorch's AdamW written out on the host; a non-finite guard (the step's loss) leaves
-/// everything as it was and reads back as a non-finite norm.
-#[test]
-fn fused_step_matches_adamw_on_odd_lengths_and_a_bad_loss_changes_nothing() {
-    use candle_core::Tensor;
-    use packsft::fused::{adamw_step, read_norm, AdamWSlot, AdamWStep};
-    let dev = Device::new_cuda(0).expect("a CUDA device");
-    let vals = |n: usize, seed: u64| -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
-            .collect()
-    };
-    let h = AdamWStep {
+/// `n` values in [-1, 1) that differ with `seed`, the same on every run.
+fn pattern(n: usize, seed: u64) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
+        .collect()
+}
+
+/// Lengths with a tail after the 4-wide loads, one spanning several chunks of a launch.
+const SIZES: [usize; 3] = [1027, 3, 40_001];
+
+/// The start of a single fused step on `SIZES`: weights, first and second moments from
+/// `pattern`, and zeroed bf16 weight copies.
+fn start_state(dev: &Device) -> [Vec<candle_core::Tensor>; 4] {
+    use candle_core::{DType, Tensor};
+    let t = |v: Vec<f32>| Tensor::from_vec(v.clone(), v.len(), dev).unwrap();
+    let of = |f: &dyn Fn(usize) -> Vec<f32>| SIZES.iter().map(|&n| t(f(n))).collect();
+    [
+        of(&|n| pattern(n, 1)),
+        of(&|n| pattern(n, 3)),
+        of(&|n| pattern(n, 4).iter().map(|x| x * x).collect()),
+        SIZES
+            .iter()
+            .map(|&n| Tensor::zeros(n, DType::BF16, dev).unwrap())
+            .collect(),
+    ]
+}
+
+/// The hyper-parameters of the single fused steps below: decay on, clipping at 1.
+fn step_hyper() -> packsft::fused::AdamWStep {
+    packsft::fused::AdamWStep {
         lr: 1e-2,
         beta1: 0.9,
         beta2: 0.999,
         eps: 1e-8,
         weight_decay: 0.1,
         max_grad_norm: 1.0,
-    };
-    // Lengths with a tail after the 4-wide loads, one spanning several chunks of a launch.
-    let sizes = [1027usize, 3, 40_001];
+    }
+}
+
+/// One fused step on buffers whose lengths leave a tail after the 4-wide loads, against
+/// PyTorch's AdamW written out on the host; a non-finite guard (the step's loss) leaves
+/// everything as it was and reads back as a non-finite norm.
+#[test]
+fn fused_step_matches_adamw_on_odd_lengths_and_a_bad_loss_changes_nothing() {
+    use candle_core::Tensor;
+    use packsft::fused::{adamw_step, read_norm, AdamWSlot};
+    let dev = Device::new_cuda(0).expect("a CUDA device");
+    let h = step_hyper();
+    let sizes = SIZES;
     let t = |v: Vec<f32>| Tensor::from_vec(v.clone(), v.len(), &dev).unwrap();
-    let params: Vec<Tensor> = sizes.iter().map(|&n| t(vals(n, 1))).collect();
-    let grads: Vec<Tensor> = sizes.iter().map(|&n| t(vals(n, 2))).collect();
-    let ms: Vec<Tensor> = sizes.iter().map(|&n| t(vals(n, 3))).collect();
-    let vs: Vec<Tensor> = sizes
-        .iter()
-        .map(|&n| t(vals(n, 4).iter().map(|x| x * x).collect()))
-        .collect();
-    let copies: Vec<Tensor> = sizes
-        .iter()
-        .map(|&n| Tensor::zeros(n, candle_core::DType::BF16, &dev).unwrap())
-        .collect();
+    let [params, ms, vs, copies] = start_state(&dev);
+    let grads: Vec<Tensor> = sizes.iter().map(|&n| t(pattern(n, 2))).collect();
     let slots = |_: ()| -> Vec<AdamWSlot<'_>> {
         (0..sizes.len())
             .map(|i| AdamWSlot {
@@ -140,7 +157,7 @@ fn fused_step_matches_adamw_on_odd_lengths_and_a_bad_loss_changes_nothing() {
 
     let good = Tensor::new(&[2.5f64], &dev).unwrap();
     let norm = read_norm(&adamw_step(&slots(()), &h, Some(&good)).unwrap()).unwrap();
-    let g_all: Vec<f32> = sizes.iter().flat_map(|&n| vals(n, 2)).collect();
+    let g_all: Vec<f32> = sizes.iter().flat_map(|&n| pattern(n, 2)).collect();
     let want_norm = g_all
         .iter()
         .map(|&x| (x as f64) * (x as f64))
@@ -154,7 +171,7 @@ fn fused_step_matches_adamw_on_odd_lengths_and_a_bad_loss_changes_nothing() {
     let (p1, m1, v1) = (host(&params), host(&ms), host(&vs));
     let mut worst = 0f32;
     for i in 0..sizes.len() {
-        let g = vals(sizes[i], 2);
+        let g = pattern(sizes[i], 2);
         for j in 0..sizes[i] {
             let gi = g[j] * coef;
             let m = 0.9 * before.1[i][j] + 0.1 * gi;
@@ -194,45 +211,24 @@ fn fused_step_matches_adamw_on_odd_lengths_and_a_bad_loss_changes_nothing() {
 #[test]
 fn fused_step_on_bf16_gradients_matches_their_float32_widening() {
     use candle_core::{DType, Tensor};
-    use packsft::fused::{adamw_step, read_norm, AdamWSlot, AdamWStep};
+    use packsft::fused::{adamw_step, read_norm, AdamWSlot};
     let dev = Device::new_cuda(0).expect("a CUDA device");
-    let vals = |n: usize, seed: u64| -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
-            .collect()
-    };
-    let h = AdamWStep {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        max_grad_norm: 1.0,
-    };
-    let sizes = [1027usize, 3, 40_001];
+    let h = step_hyper();
+    let sizes = SIZES;
     let t = |v: Vec<f32>| Tensor::from_vec(v.clone(), v.len(), &dev).unwrap();
     // bf16 gradients; `offset` 1: each a view one element into a larger buffer.
     let grads16 = |offset: usize| -> Vec<Tensor> {
         sizes
             .iter()
             .map(|&n| {
-                let g = t(vals(n + offset, 2)).to_dtype(DType::BF16).unwrap();
+                let g = t(pattern(n + offset, 2)).to_dtype(DType::BF16).unwrap();
                 g.narrow(0, offset, n).unwrap()
             })
             .collect()
     };
     // One step from the same start on copies of the state; returns everything it wrote.
     let step = |grads: &[Tensor]| -> (f64, Vec<Vec<f32>>) {
-        let params: Vec<Tensor> = sizes.iter().map(|&n| t(vals(n, 1))).collect();
-        let ms: Vec<Tensor> = sizes.iter().map(|&n| t(vals(n, 3))).collect();
-        let vs: Vec<Tensor> = sizes
-            .iter()
-            .map(|&n| t(vals(n, 4).iter().map(|x| x * x).collect()))
-            .collect();
-        let copies: Vec<Tensor> = sizes
-            .iter()
-            .map(|&n| Tensor::zeros(n, DType::BF16, &dev).unwrap())
-            .collect();
+        let [params, ms, vs, copies] = start_state(&dev);
         let slots: Vec<AdamWSlot<'_>> = (0..sizes.len())
             .map(|i| AdamWSlot {
                 param: &params[i],
