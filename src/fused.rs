@@ -833,25 +833,16 @@ pub fn silu_mul_vjp(g: &Tensor, u: &Tensor) -> Result<(Tensor, Pullback<PairGrad
     Ok((y, Box::new(back)))
 }
 
-/// The weight gradient dy^T x of a linear layer, dy (N, out) and x (N, in) bf16 on CUDA, as an
-/// (out, in) matrix of `out_dtype` (bf16 or float32) straight from cuBLAS (bf16 products,
-/// float32 accumulation). bf16 is what PyTorch's autocast gives a float32 weight (a bf16 product,
-/// then widened): the fused optimizer reads it as it is, so neither a cast pass nor a float32
-/// copy of every weight's gradient is needed.
-pub fn weight_grad(dy: &Tensor, x: &Tensor, out_dtype: DType) -> Result<Tensor> {
+/// The weight gradient dy^T x of a linear layer, dy (N, out) and x (N, in) bf16 on CUDA, as a
+/// bf16 (out, in) matrix straight from cuBLAS (bf16 products, float32 accumulation): what
+/// PyTorch's autocast gives a float32 weight (a bf16 product, then widened). The fused optimizer
+/// reads it as it is, so neither a cast pass nor a float32 copy of every weight's gradient is
+/// needed.
+pub fn weight_grad_bf16(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let (n, out) = dy.dims2()?;
     let (n2, inp) = x.dims2()?;
-    let c_type = match out_dtype {
-        DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
-        DType::F32 => sys::cudaDataType::CUDA_R_32F,
-        d => {
-            return Err(Error::Config(format!(
-                "weight gradient in {d:?}: bf16 or f32 expected"
-            )))
-        }
-    };
     if n != n2 || dy.dtype() != DType::BF16 || x.dtype() != DType::BF16 {
         return Err(Error::Config(format!(
             "weight gradient of {:?} {:?} and {:?} {:?}",
@@ -868,22 +859,12 @@ pub fn weight_grad(dy: &Tensor, x: &Tensor, out_dtype: DType) -> Result<Tensor> 
             cview::<bf16>(s[0].0, s[0].1)?,
             cview::<bf16>(s[1].0, s[1].1)?,
         );
-        let len = (out * inp).max(1);
-        // Allocated as float32 or bf16, written by cuBLAS in that type.
-        let (dw32, dw16) = if out_dtype == DType::F32 {
-            (Some(unsafe { dev.alloc::<f32>(len)? }), None)
-        } else {
-            (None, Some(unsafe { dev.alloc::<bf16>(len)? }))
-        };
+        let dw = unsafe { dev.alloc::<bf16>((out * inp).max(1))? };
         let stream = dev.cuda_stream();
         {
             let (pa, _ga) = xv.device_ptr(&stream);
             let (pb, _gb) = dyv.device_ptr(&stream);
-            let (pc, _gc) = match (&dw32, &dw16) {
-                (Some(d), _) => d.device_ptr(&stream),
-                (_, Some(d)) => d.device_ptr(&stream),
-                _ => unreachable!("one buffer was allocated"),
-            };
+            let (pc, _gc) = dw.device_ptr(&stream);
             let (alpha, beta) = (1f32, 0f32);
             // Column-major view of the row-major product: dW^T (in, out) = x^T (in, N) · dy (N, out).
             unsafe {
@@ -903,7 +884,7 @@ pub fn weight_grad(dy: &Tensor, x: &Tensor, out_dtype: DType) -> Result<Tensor> 
                     out as i32,
                     &beta as *const f32 as *const _,
                     pc as *mut _,
-                    c_type,
+                    sys::cudaDataType::CUDA_R_16BF,
                     inp as i32,
                     sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                     sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -911,11 +892,7 @@ pub fn weight_grad(dy: &Tensor, x: &Tensor, out_dtype: DType) -> Result<Tensor> 
             }
             .map_err(|e| cerr(format!("cublas weight gradient: {e:?}")))?;
         }
-        match (dw32, dw16) {
-            (Some(d), _) => wrap(d, &dev, (out, inp), &dy),
-            (_, Some(d)) => wrap(d, &dev, (out, inp), &dy),
-            _ => unreachable!("one buffer was allocated"),
-        }
+        wrap(dw, &dev, (out, inp), &dy)
     })?)
 }
 

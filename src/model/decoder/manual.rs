@@ -186,7 +186,7 @@ fn lin_vjp(lin: &Lin, x: &Tensor) -> Result<(Tensor, Back)> {
 fn hand_weight_grad(master: &Tensor, dy: &Tensor, x: &Tensor) -> Result<()> {
     #[cfg(feature = "cuda")]
     if crate::fused::usable(dy) && crate::fused::usable(x) && x.rank() == 2 {
-        return push_side_grad(master, crate::fused::weight_grad(dy, x, DType::BF16)?);
+        return push_side_grad(master, crate::fused::weight_grad_bf16(dy, x)?);
     }
     side_grad(master, dy.t()?.matmul(x)?)
 }
