@@ -675,7 +675,10 @@ mod tests {
             "the sum was rounded to bf16"
         );
         let f32_sum = add_grad(&sum, &sum).unwrap();
-        assert_eq!(f32_sum.dtype(), DType::F32);
+        assert_eq!(
+            f32_sum.to_vec1::<f32>().unwrap(),
+            vec![2.0 + 2f32.powi(-8), 1.0, -6.0]
+        );
 
         let mut acc = grads_for(&p, &[0.0, 0.0, 0.0]);
         acc.insert(p.var.as_tensor(), g16.clone());
