@@ -603,9 +603,27 @@ fn rope_kernel(
     rot: usize,
     backward: bool,
 ) -> candle_core::Result<CudaSlice<bf16>> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let y = unsafe { dev.alloc::<bf16>(n * heads * d)? };
-    let f = ops_func(dev, "rope_bf16")?;
     let stream = dev.cuda_stream();
+    let aligned = [
+        x.device_ptr(&stream).0,
+        cos.device_ptr(&stream).0,
+        sin.device_ptr(&stream).0,
+    ]
+    .iter()
+    .all(|p| p % 8 == 0);
+    let quads = n * heads * d / 8;
+    if rot == d && d % 8 == 0 && aligned && quads < i32::MAX as usize {
+        let f = ops_func(dev, "rope_bf16_x4")?;
+        let mut b = stream.launch_builder(&f);
+        let (ni, hi, di, bw) = (n as i32, heads as i32, d as i32, backward as i32);
+        b.arg(x).arg(cos).arg(sin).arg(&y);
+        b.arg(&ni).arg(&hi).arg(&di).arg(&bw);
+        unsafe { b.launch(elementwise_cfg(quads)) }.w()?;
+        return Ok(y);
+    }
+    let f = ops_func(dev, "rope_bf16")?;
     let mut b = stream.launch_builder(&f);
     let (ni, hi, di, ri, bw) = (
         n as i32,
