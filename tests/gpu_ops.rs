@@ -165,6 +165,72 @@ fn fused_rope_vector_and_scalar_paths_agree_bit_for_bit() {
 }
 
 #[test]
+fn stacked_qkv_split_and_join_match_narrowing_rotating_and_concatenating() {
+    let dev = cuda();
+    // One stacked q/k/v projection: 4 query heads on 2 key/value heads, and a batch of one row.
+    for (n, nh, nkv, d) in [(37usize, 4usize, 2usize, 64usize), (1, 2, 1, 128)] {
+        let inv: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32))
+            .collect();
+        let table = RopeTable::new(&inv, 64, &dev).unwrap();
+        let pos: Vec<u32> = (0..n as u32).map(|i| (i * 3) % 64).collect();
+        let (cb, sb) = table
+            .gather(&Tensor::new(pos, &dev).unwrap(), DType::BF16)
+            .unwrap();
+        let bf = |shape: &[usize], seed| rand(shape, seed, &dev).to_dtype(DType::BF16).unwrap();
+        let y = bf(&[n, (nh + 2 * nkv) * d], 31);
+        let (q, k, v) = packsft::fused::rope_split_stacked(&y, (nh, nkv, d), &cb, &sb)
+            .unwrap()
+            .expect("the stacked kernel applies");
+        let part = |first: usize, heads: usize| {
+            y.narrow(1, first * d, heads * d)
+                .unwrap()
+                .reshape((n, heads, d))
+                .unwrap()
+        };
+        let rot = |t: &Tensor| packsft::fused::apply_rope(t, &cb, &sb).unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(&q), bits(&rot(&part(0, nh))), "q");
+        assert_eq!(bits(&k), bits(&rot(&part(nh, nkv))), "k");
+        assert_eq!(bits(&v), bits(&part(nh + nkv, nkv)), "v");
+        // The join is the split's transpose: rotated back and concatenated.
+        let (dq, dk, dv) = (
+            bf(&[n, nh, d], 32),
+            bf(&[n, nkv, d], 33),
+            bf(&[n, nkv, d], 34),
+        );
+        let joined = packsft::fused::rope_join_stacked(&dq, &dk, &dv, &cb, &sb).unwrap();
+        let back = |g: &Tensor, x: &Tensor| {
+            let (_, pull) = packsft::fused::apply_rope_vjp(x, &cb, &sb).unwrap();
+            pull(g).unwrap().reshape((n, ())).unwrap()
+        };
+        let want = Tensor::cat(
+            &[
+                back(&dq, &part(0, nh)),
+                back(&dk, &part(nh, nkv)),
+                dv.reshape((n, ())).unwrap(),
+            ],
+            1,
+        )
+        .unwrap();
+        assert_eq!(joined.dims(), want.dims());
+        assert_eq!(bits(&joined), bits(&want), "joined gradient");
+        let nonzero = bits(&joined).iter().filter(|&&b| b != 0).count();
+        assert!(nonzero > joined.elem_count() / 2);
+    }
+}
+
+#[test]
 fn fused_silu_mul_matches_reference() {
     let dev = cuda();
     let g = rand(&[100, 300], 6, &dev).to_dtype(DType::BF16).unwrap();

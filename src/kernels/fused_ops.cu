@@ -134,10 +134,7 @@ extern "C" __global__ void rope_bf16(const bf16* __restrict__ x, const bf16* __r
     }
 }
 
-// rope_bf16 four pairs a thread, for the common case: the whole head rotated (rot == d), half a
-// multiple of 4 and every buffer 8-byte aligned (the caller checks). 8-byte loads and 32-bit
-// index arithmetic: the one-pair kernel spent its time on 64-bit divisions and 2-byte accesses.
-// Same arithmetic per element as rope_bf16, so the same bits.
+// rope_heads_bf16's 8-byte accesses (four bf16 widened to float, and back, rounding to nearest).
 __device__ __forceinline__ float4 load_bf16x4(const bf16* p) {
     uint2 raw = *reinterpret_cast<const uint2*>(p);
     float2 lo = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&raw.x));
@@ -152,22 +149,36 @@ __device__ __forceinline__ void store_bf16x4_rn(bf16* p, float a, float b, float
     *reinterpret_cast<uint2*>(p) = raw;
 }
 
-extern "C" __global__ void rope_bf16_x4(const bf16* __restrict__ x, const bf16* __restrict__ cosv,
-                                        const bf16* __restrict__ sinv, bf16* __restrict__ y, int tokens,
-                                        int heads, int d, int backward) {
+// Heads of d elements between row-strided buffers, four pairs (or eight copied elements) a
+// thread: head h of token t is read at in + t * in_row + h * d and written at
+// out + t * out_row + h * d. mode 0 rotates (RoPE), 1 applies the transposed rotation (its
+// gradient), 2 copies. With a layer's q, k and v projected by one stacked product, this splits
+// that product's rows into contiguous rotated q and k and a copied v, and joins their gradients
+// back, in place of strided copies and a concatenation. Whole heads rotated, d a multiple of 8,
+// every row 8-byte aligned (the caller checks); the same arithmetic as rope_bf16, so the same
+// bits. Also RoPE's common case on contiguous heads: rope_bf16 (a pair a thread, 2-byte
+// accesses, 64-bit divisions) ran at about a third of the memory bandwidth.
+extern "C" __global__ void rope_heads_bf16(const bf16* __restrict__ in, long in_row, const bf16* __restrict__ cosv,
+                                           const bf16* __restrict__ sinv, bf16* __restrict__ out, long out_row,
+                                           int tokens, int heads, int d, int mode) {
     const unsigned half = d / 2, quads = half / 4;
     const unsigned total = (unsigned)tokens * heads * quads;
     for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
-        const unsigned th = i / quads;  // token * heads + head
+        const unsigned th = i / quads;
         const unsigned k = (i - th * quads) * 4;
-        const unsigned t = th / heads;
-        const bf16* xr = x + (size_t)th * d;
-        bf16* yr = y + (size_t)th * d;
+        const unsigned t = th / heads, h = th - t * heads;
+        const bf16* xr = in + (size_t)t * in_row + (size_t)h * d;
+        bf16* yr = out + (size_t)t * out_row + (size_t)h * d;
+        if (mode == 2) {
+            *reinterpret_cast<uint2*>(yr + k) = *reinterpret_cast<const uint2*>(xr + k);
+            *reinterpret_cast<uint2*>(yr + k + half) = *reinterpret_cast<const uint2*>(xr + k + half);
+            continue;
+        }
         const float4 x1 = load_bf16x4(xr + k), x2 = load_bf16x4(xr + k + half);
         const size_t cr = (size_t)t * d + k;
         const float4 c1 = load_bf16x4(cosv + cr), c2 = load_bf16x4(cosv + cr + half);
         const float4 s1 = load_bf16x4(sinv + cr), s2 = load_bf16x4(sinv + cr + half);
-        if (backward) {
+        if (mode == 1) {
             store_bf16x4_rn(yr + k, x1.x * c1.x + x2.x * s2.x, x1.y * c1.y + x2.y * s2.y,
                             x1.z * c1.z + x2.z * s2.z, x1.w * c1.w + x2.w * s2.w);
             store_bf16x4_rn(yr + k + half, x2.x * c2.x - x1.x * s1.x, x2.y * c2.y - x1.y * s1.y,

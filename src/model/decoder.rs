@@ -61,10 +61,57 @@ struct Lin {
 }
 
 thread_local! {
-    /// Low-precision copies of the float32 weight matrices, made once per forward/backward and
-    /// marked as variables (see `DecoderModel::with_compute_weights`), keyed by master weight.
-    static COMPUTE_WEIGHTS: std::cell::RefCell<std::collections::HashMap<candle_core::TensorId, Var>> =
+    /// Low-precision copies of the float32 weight matrices, made once per forward/backward
+    /// (see `DecoderModel::with_compute_weights`), keyed by master weight: a variable, or rows of
+    /// one (a layer's q, k and v stacked).
+    static COMPUTE_WEIGHTS: std::cell::RefCell<std::collections::HashMap<candle_core::TensorId, Tensor>> =
         std::cell::RefCell::new(std::collections::HashMap::new());
+    /// The stacked q/k/v copy of a layer, keyed by its q master weight, for the layer's single
+    /// projection product (src/model/decoder/manual.rs).
+    static STACKED_QKV: std::cell::RefCell<std::collections::HashMap<candle_core::TensorId, Tensor>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// The step's copy of a layer's q, k and v weights stacked by rows, if there is one.
+fn stacked_qkv(q: &Lin) -> Option<Tensor> {
+    STACKED_QKV.with(|m| m.borrow().get(&q.w.id()).cloned())
+}
+
+/// Compute-dtype copies of the weight matrices: each variable holds one matrix, or the q, k and
+/// v matrices of a layer stacked by rows so that one matrix product computes all three (rows of
+/// a row-major matrix are a contiguous view: the optimizer writes each member in place).
+#[derive(Clone)]
+struct CopyVars(Vec<(Var, Vec<Member>)>);
+
+/// A weight matrix's rows in a [`CopyVars`] variable.
+#[derive(Clone)]
+struct Member {
+    param: usize,
+    row: usize,
+    rows: usize,
+}
+
+impl CopyVars {
+    /// The copy of member `m` of `var`: the variable itself, or a view of its rows (autograd
+    /// reaches the variable through the view).
+    fn view(var: &Var, m: &Member) -> Result<Tensor> {
+        Ok(if m.row == 0 && m.rows == var.dim(0)? {
+            var.as_tensor().clone()
+        } else {
+            var.as_tensor().narrow(0, m.row, m.rows)?
+        })
+    }
+
+    /// (index into params, copy) for every member.
+    fn views(&self) -> Result<Vec<(usize, Tensor)>> {
+        let mut out = Vec::new();
+        for (var, members) in &self.0 {
+            for m in members {
+                out.push((m.param, Self::view(var, m)?));
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl Lin {
@@ -82,7 +129,7 @@ impl Lin {
     fn compute_weight(&self, dtype: DType) -> Result<Tensor> {
         let copy = COMPUTE_WEIGHTS.with(|m| m.borrow().get(&self.w.id()).cloned());
         Ok(match copy {
-            Some(v) if v.dtype() == dtype => v.as_tensor().clone(),
+            Some(v) if v.dtype() == dtype => v,
             _ => self.w.to_dtype(dtype)?,
         })
     }
@@ -370,7 +417,7 @@ pub struct DecoderModel {
     /// The compute-dtype copies of the weight matrices on CUDA, kept between steps and
     /// rewritten in place from the master weights at every forward/backward: no allocation and
     /// no extra copy to make them variables (see `with_compute_weights`).
-    weight_copies: std::sync::Mutex<Vec<Var>>,
+    weight_copies: std::sync::Mutex<Option<CopyVars>>,
     /// The copies hold bf16 of the current weights (the optimizer wrote them with the update).
     copies_fresh: std::sync::atomic::AtomicBool,
 }
@@ -576,7 +623,7 @@ impl DecoderModel {
             rope: table,
             device: device.clone(),
             compute: ComputeOptions::default(),
-            weight_copies: std::sync::Mutex::new(Vec::new()),
+            weight_copies: std::sync::Mutex::new(None),
             copies_fresh: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -1167,15 +1214,10 @@ impl Model for DecoderModel {
     }
 
     fn compute_copies(&self) -> Result<Vec<(usize, Tensor)>> {
-        Ok(match self.kept_copies()? {
-            Some(kept) => self
-                .copied_params()
-                .into_iter()
-                .zip(kept)
-                .map(|(i, c)| (i, c.as_tensor().clone()))
-                .collect(),
-            None => Vec::new(),
-        })
+        match self.kept_copies()? {
+            Some(kept) => kept.views(),
+            None => Ok(Vec::new()),
+        }
     }
 
     fn set_compute_copies_fresh(&self, fresh: bool) {
@@ -1206,22 +1248,50 @@ impl DecoderModel {
         f: impl FnOnce() -> Result<(LossSum, GradStore)>,
     ) -> Result<(LossSum, GradStore)> {
         let copies = self.compute_copies_now()?;
+        let mut weights = Vec::new();
+        let mut stacked = Vec::new();
+        for (var, members) in &copies.0 {
+            for m in members {
+                weights.push((self.params[m.param].var.id(), CopyVars::view(var, m)?));
+            }
+            if members.len() > 1 {
+                stacked.push((
+                    self.params[members[0].param].var.id(),
+                    var.as_tensor().clone(),
+                ));
+            }
+        }
         COMPUTE_WEIGHTS.with(|m| {
             let mut m = m.borrow_mut();
             m.clear();
-            m.extend(copies.iter().map(|(t, c)| (t.id(), c.clone())));
+            m.extend(weights);
+        });
+        STACKED_QKV.with(|m| {
+            let mut m = m.borrow_mut();
+            m.clear();
+            m.extend(stacked);
         });
         let r = f();
         COMPUTE_WEIGHTS.with(|m| m.borrow_mut().clear());
+        STACKED_QKV.with(|m| m.borrow_mut().clear());
         let (l, mut grads) = r?;
-        for (master, copy) in &copies {
-            if let Some(g) = grads.remove(copy.as_tensor()) {
-                let g = g.to_dtype(DType::F32)?;
-                let g = match grads.remove(master) {
-                    Some(other) => crate::optim::add_grad(&other, &g)?,
-                    None => g,
+        for (var, members) in &copies.0 {
+            let Some(g) = grads.remove(var.as_tensor()) else {
+                continue;
+            };
+            let g = g.to_dtype(DType::F32)?;
+            for m in members {
+                let master = self.params[m.param].var.as_tensor();
+                let gm = if members.len() > 1 {
+                    g.narrow(0, m.row, m.rows)?
+                } else {
+                    g.clone()
                 };
-                grads.insert(master, g);
+                let gm = match grads.remove(master) {
+                    Some(other) => crate::optim::add_grad(&other, &gm)?,
+                    None => gm,
+                };
+                grads.insert(master, gm);
             }
         }
         Ok((l, grads))
@@ -1237,9 +1307,39 @@ impl DecoderModel {
             .collect()
     }
 
-    /// The bf16 copies kept on CUDA (allocated on first use), in `copied_params` order; `None`
-    /// where the model casts per step instead (CPU, other dtypes).
-    fn kept_copies(&self) -> Result<Option<Vec<Var>>> {
+    /// Which float32 weight matrices share a copy variable: a layer's separate q, k and v
+    /// (stacked, one matrix product for the three), every other matrix alone.
+    fn copy_layout(&self) -> Vec<Vec<usize>> {
+        let idx = self.copied_params();
+        let index: std::collections::HashMap<candle_core::TensorId, usize> =
+            idx.iter().map(|&i| (self.params[i].var.id(), i)).collect();
+        let mut grouped = std::collections::HashSet::new();
+        let mut layout = Vec::new();
+        for layer in &self.layers {
+            if let Qkv::Separate(q, k, v) = &layer.qkv {
+                let ids: Option<Vec<usize>> = [q, k, v]
+                    .iter()
+                    .map(|l| index.get(&l.w.id()).copied())
+                    .collect();
+                let Some(ids) = ids else { continue };
+                let cols = |i: usize| self.params[i].var.dims().get(1).copied();
+                if ids.iter().all(|&i| cols(i) == cols(ids[0])) {
+                    grouped.extend(ids.iter().copied());
+                    layout.push(ids);
+                }
+            }
+        }
+        layout.extend(
+            idx.into_iter()
+                .filter(|i| !grouped.contains(i))
+                .map(|i| vec![i]),
+        );
+        layout
+    }
+
+    /// The bf16 copies kept on CUDA (allocated on first use); `None` where the model casts per
+    /// step instead (CPU, other dtypes).
+    fn kept_copies(&self) -> Result<Option<CopyVars>> {
         if !(cfg!(feature = "cuda")
             && self.device.is_cuda()
             && self.compute.dtype == DType::BF16
@@ -1247,45 +1347,64 @@ impl DecoderModel {
         {
             return Ok(None);
         }
-        let idx = self.copied_params();
         let mut kept = self.weight_copies.lock().unwrap();
-        if kept.len() != idx.len() {
-            *kept = idx
-                .iter()
-                .map(|&i| Var::zeros(self.params[i].var.shape(), DType::BF16, &self.device))
-                .collect::<candle_core::Result<_>>()?;
+        if kept.is_none() {
+            let mut vars = Vec::new();
+            for ids in self.copy_layout() {
+                let mut members = Vec::with_capacity(ids.len());
+                let mut row = 0;
+                for &i in &ids {
+                    let rows = self.params[i].var.dim(0)?;
+                    members.push(Member {
+                        param: i,
+                        row,
+                        rows,
+                    });
+                    row += rows;
+                }
+                let cols = self.params[ids[0]].var.dim(1)?;
+                vars.push((Var::zeros((row, cols), DType::BF16, &self.device)?, members));
+            }
+            *kept = Some(CopyVars(vars));
             self.copies_fresh
                 .store(false, std::sync::atomic::Ordering::SeqCst);
         }
-        Ok(Some(kept.clone()))
+        Ok(kept.clone())
     }
 
-    /// (master, compute-dtype copy) for every float32 weight matrix, the copies up to date.
-    fn compute_copies_now(&self) -> Result<Vec<(Tensor, Var)>> {
-        let masters: Vec<Tensor> = self
-            .copied_params()
-            .into_iter()
-            .map(|i| self.params[i].var.as_tensor().clone())
-            .collect();
+    /// The compute-dtype copies of every float32 weight matrix, up to date.
+    fn compute_copies_now(&self) -> Result<CopyVars> {
         if let Some(kept) = self.kept_copies()? {
             #[cfg(feature = "cuda")]
             if !self.copies_fresh.load(std::sync::atomic::Ordering::SeqCst) {
-                let pairs: Vec<(&Tensor, &Tensor)> = masters
+                let views = kept.views()?;
+                let pairs: Vec<(&Tensor, &Tensor)> = views
                     .iter()
-                    .zip(&kept)
-                    .map(|(m, c)| (m, c.as_tensor()))
+                    .map(|(i, c)| (self.params[*i].var.as_tensor(), c))
                     .collect();
                 crate::fused::cast_bf16_into(&pairs)?;
             }
-            return Ok(masters.into_iter().zip(kept).collect());
+            return Ok(kept);
         }
-        masters
+        // Cast per step, one variable a matrix.
+        let vars = self
+            .copied_params()
             .into_iter()
-            .map(|t| {
+            .map(|i| {
+                let t = self.params[i].var.as_tensor();
                 let c = Var::from_tensor(&t.to_dtype(self.compute.dtype)?)?;
-                Ok((t, c))
+                let rows = t.dim(0)?;
+                Ok((
+                    c,
+                    vec![Member {
+                        param: i,
+                        row: 0,
+                        rows,
+                    }],
+                ))
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok(CopyVars(vars))
     }
 
     fn forward_backward_plain(

@@ -20,7 +20,7 @@ use std::sync::Mutex;
 
 use candle_core::{backprop::GradStore, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
-use super::{activate, head_norm, DecoderModel, FwdCtx, Layer, Lin, Mlp, Norm, Qkv};
+use super::{activate, head_norm, stacked_qkv, DecoderModel, FwdCtx, Layer, Lin, Mlp, Norm, Qkv};
 use crate::error::{Error, Result};
 #[cfg(feature = "cuda")]
 use crate::model::spec::NormKind;
@@ -184,11 +184,70 @@ fn lin_vjp(lin: &Lin, x: &Tensor) -> Result<(Tensor, Back)> {
 /// fused optimizer in registers, gradient sums and clipping in `optim`), and the step keeps no
 /// float32 copy of every weight's gradient. Elsewhere, candle's matmul and the master's dtype.
 fn hand_weight_grad(master: &Tensor, dy: &Tensor, x: &Tensor) -> Result<()> {
+    hand_weight_grads(&[(master.clone(), 0, dy.dim(1)?)], dy, x)
+}
+
+/// [`hand_weight_grad`] for several masters whose rows are stacked in dy's columns, as
+/// (master, first row, rows): one product, each master's rows handed over as a view of it.
+fn hand_weight_grads(masters: &[(Tensor, usize, usize)], dy: &Tensor, x: &Tensor) -> Result<()> {
     #[cfg(feature = "cuda")]
     if crate::fused::usable(dy) && crate::fused::usable(x) && x.rank() == 2 {
-        return push_side_grad(master, crate::fused::weight_grad_bf16(dy, x)?);
+        let dw = crate::fused::weight_grad_bf16(dy, x)?;
+        for (m, row, rows) in masters {
+            push_side_grad(m, dw.narrow(0, *row, *rows)?)?;
+        }
+        return Ok(());
     }
-    side_grad(master, dy.t()?.matmul(x)?)
+    let dw = dy.t()?.matmul(x)?;
+    for (m, row, rows) in masters {
+        side_grad(m, dw.narrow(0, *row, *rows)?)?;
+    }
+    Ok(())
+}
+
+/// x (N, in) → y (N, sum of rows) for linear layers of one input whose compute weights `w` are
+/// stacked by rows (a layer's q, k and v): one matrix product forward, and one each for dx and
+/// the weight gradients, instead of one each per layer and the adds of their input gradients
+/// (cuBLAS runs TinyLlama's one (N, 2,560) product faster than a (N, 2,048) and two (N, 256)
+/// ones: benches/gpu/gemm_shapes.py). The pullback takes dy (N, sum of rows).
+fn stacked_lin_vjp(lins: &[&Lin], w: &Tensor, x: &Tensor) -> Result<(Tensor, Back)> {
+    let w = w.detach();
+    let y = x.matmul(&w.t()?)?;
+    let mut masters = Vec::with_capacity(lins.len());
+    let mut row = 0;
+    for l in lins {
+        let rows = l.w.dim(0)?;
+        masters.push((l.w.clone(), row, rows));
+        row += rows;
+    }
+    let y = if lins.iter().any(|l| l.b.is_some()) {
+        let b = lins
+            .iter()
+            .map(|l| match &l.b {
+                Some(b) => b.to_dtype(x.dtype()),
+                None => Tensor::zeros(l.w.dim(0)?, x.dtype(), x.device()),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        y.broadcast_add(&Tensor::cat(&b, 0)?.detach())?
+    } else {
+        y
+    };
+    let biases: Vec<Option<Tensor>> = lins.iter().map(|l| l.b.clone()).collect();
+    let x = x.clone();
+    let back = move |dy: &Tensor| -> Result<Tensor> {
+        let dy = dy.to_dtype(x.dtype())?.contiguous()?;
+        hand_weight_grads(&masters, &dy, &x)?;
+        if biases.iter().any(|b| b.is_some()) {
+            let db = dy.to_dtype(DType::F32)?.sum(0)?;
+            for (b, (_, row, rows)) in biases.iter().zip(&masters) {
+                if let Some(b) = b {
+                    side_grad(b, db.narrow(0, *row, *rows)?)?;
+                }
+            }
+        }
+        Ok(dy.matmul(&w)?)
+    };
+    Ok((y, Box::new(back)))
 }
 
 fn norm_vjp(norm: &Norm, x: &Tensor) -> Result<(Tensor, Back)> {
@@ -412,15 +471,34 @@ impl DecoderModel {
         let split = s.qkv_split();
         enum Proj {
             Separate(Back, Back, Back),
+            /// q, k and v weights stacked: one product; the pullback takes the stacked gradient.
+            Stacked(Back),
             Fused(Back),
         }
         let ((q, k, v), proj) = match &layer.qkv {
-            Qkv::Separate(lq, lk, lv) => {
-                let (q, bq) = lin_vjp(lq, h)?;
-                let (k, bk) = lin_vjp(lk, h)?;
-                let (v, bv) = lin_vjp(lv, h)?;
-                ((q, k, v), Proj::Separate(bq, bk, bv))
-            }
+            Qkv::Separate(lq, lk, lv) => match stacked_qkv(lq) {
+                Some(w) => {
+                    let (y, back) = stacked_lin_vjp(&[lq, lk, lv], &w, h)?;
+                    if s.clip_qkv.is_none() && layer.q_norm.is_empty() {
+                        if let Some((o, to_y)) = self.stacked_rope_attention(layer, &y, ctx)? {
+                            let back = move |dy: &Tensor| back(&to_y(dy)?);
+                            return Ok((o, Box::new(back)));
+                        }
+                    }
+                    let qkv = (
+                        y.narrow(1, 0, nh * d)?,
+                        y.narrow(1, nh * d, nkv * d)?,
+                        y.narrow(1, (nh + nkv) * d, nkv * d)?,
+                    );
+                    (qkv, Proj::Stacked(back))
+                }
+                None => {
+                    let (q, bq) = lin_vjp(lq, h)?;
+                    let (k, bk) = lin_vjp(lk, h)?;
+                    let (v, bv) = lin_vjp(lv, h)?;
+                    ((q, k, v), Proj::Separate(bq, bk, bv))
+                }
+            },
             Qkv::Fused(lin) => {
                 let (y, b) = lin_vjp(lin, h)?;
                 (split.split(&y, n)?, Proj::Fused(b))
@@ -475,10 +553,54 @@ impl DecoderModel {
                     (bk, dk.reshape((n, nkv * d))?),
                     (bv, dv.reshape((n, nkv * d))?),
                 ]),
+                Proj::Stacked(b) => b(&Tensor::cat(
+                    &[
+                        dq.reshape((n, nh * d))?,
+                        dk.reshape((n, nkv * d))?,
+                        dv.reshape((n, nkv * d))?,
+                    ],
+                    1,
+                )?),
                 Proj::Fused(b) => b(&split.join(&dq, &dk, &dv, n)?),
             }
         };
         Ok((o, Box::new(back)))
+    }
+
+    /// The rest of the attention block from a stacked q/k/v product y (N, (heads + 2 kv_heads)
+    /// head_dim) where nothing comes between projection and rotation: q and k rotated, and v
+    /// copied, straight out of y's columns, and their gradients written back into one stacked
+    /// gradient, one pass each ([`crate::fused::rope_split_stacked`]) instead of strided copies
+    /// and a concatenation. Returns the block's output and its pullback to dy; `None` (nothing
+    /// done) where that kernel does not apply, and off CUDA.
+    fn stacked_rope_attention(
+        &self,
+        layer: &Layer,
+        y: &Tensor,
+        ctx: &FwdCtx,
+    ) -> Result<Option<(Tensor, Back)>> {
+        #[cfg(feature = "cuda")]
+        {
+            let s = &self.spec;
+            let dims = (s.heads, s.kv_heads, s.head_dim);
+            let Some((q, k, v)) = crate::fused::rope_split_stacked(y, dims, &ctx.cos, &ctx.sin)?
+            else {
+                return Ok(None);
+            };
+            let (a, attend) = ctx.plan.attend_vjp(&q, &k, &v, s.attn_scale)?;
+            let (o, out) = lin_vjp(&layer.o, &a)?;
+            let (cos, sin) = (ctx.cos.clone(), ctx.sin.clone());
+            let back = move |dy: &Tensor| -> Result<Tensor> {
+                let (dq, dk, dv) = attend(&out(dy)?)?;
+                crate::fused::rope_join_stacked(&dq, &dk, &dv, &cos, &sin)
+            };
+            Ok(Some((o, Box::new(back))))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (layer, y, ctx);
+            Ok(None)
+        }
     }
 
     /// The MLP as [`DecoderModel::mlp_fwd`] computes it (dense MLPs only).
