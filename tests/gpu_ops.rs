@@ -53,6 +53,31 @@ fn assert_close(name: &str, a: &Tensor, b: &Tensor, tol: f64) {
     assert!(e < tol, "{name}: relative error {e:.3e}");
 }
 
+/// bf16 cos and sin (tokens, d) of full rotation at positions 0, step, 2 step, ... (mod 64).
+fn rope_rows(tokens: usize, d: usize, step: u32, dev: &Device) -> (Tensor, Tensor) {
+    let inv: Vec<f32> = (0..d / 2)
+        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32))
+        .collect();
+    let table = RopeTable::new(&inv, 64, dev).unwrap();
+    let pos: Vec<u32> = (0..tokens as u32).map(|i| (i * step) % 64).collect();
+    table
+        .gather(&Tensor::new(pos, dev).unwrap(), DType::BF16)
+        .unwrap()
+}
+
+/// The float32 bits of every element (bf16 widens exactly), for bit-for-bit comparisons.
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect()
+}
+
 #[test]
 fn fused_rms_norm_matches_reference() {
     let dev = cuda();
@@ -115,14 +140,7 @@ fn fused_rope_vector_and_scalar_paths_agree_bit_for_bit() {
     // thread otherwise. cos/sin viewed from 2 bytes past an aligned address send the same
     // values down the one-pair path, forward and backward.
     for (tokens, heads, d) in [(37usize, 5usize, 64usize), (9, 2, 128)] {
-        let inv: Vec<f32> = (0..d / 2)
-            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32))
-            .collect();
-        let table = RopeTable::new(&inv, 64, &dev).unwrap();
-        let pos: Vec<u32> = (0..tokens as u32).map(|i| (i * 5) % 64).collect();
-        let (cb, sb) = table
-            .gather(&Tensor::new(pos, &dev).unwrap(), DType::BF16)
-            .unwrap();
+        let (cb, sb) = rope_rows(tokens, d, 5, &dev);
         let shifted = |t: &Tensor| {
             let flat = t.flatten_all().unwrap();
             let pad = Tensor::zeros(1, DType::BF16, &dev).unwrap();
@@ -147,15 +165,6 @@ fn fused_rope_vector_and_scalar_paths_agree_bit_for_bit() {
         };
         let (vo, vg) = run(&cb, &sb);
         let (so, sg) = run(&cu, &su);
-        let bits = |t: &Tensor| -> Vec<u32> {
-            t.flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|x| x.to_bits())
-                .collect()
-        };
         assert_eq!(bits(&vo), bits(&so), "rope d={d} out");
         assert_eq!(bits(&vg[0]), bits(&sg[0]), "rope d={d} dx");
         let n = tokens * heads * d;
@@ -169,14 +178,7 @@ fn stacked_qkv_split_and_join_match_narrowing_rotating_and_concatenating() {
     let dev = cuda();
     // One stacked q/k/v projection: 4 query heads on 2 key/value heads, and a batch of one row.
     for (n, nh, nkv, d) in [(37usize, 4usize, 2usize, 64usize), (1, 2, 1, 128)] {
-        let inv: Vec<f32> = (0..d / 2)
-            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32))
-            .collect();
-        let table = RopeTable::new(&inv, 64, &dev).unwrap();
-        let pos: Vec<u32> = (0..n as u32).map(|i| (i * 3) % 64).collect();
-        let (cb, sb) = table
-            .gather(&Tensor::new(pos, &dev).unwrap(), DType::BF16)
-            .unwrap();
+        let (cb, sb) = rope_rows(n, d, 3, &dev);
         let bf = |shape: &[usize], seed| rand(shape, seed, &dev).to_dtype(DType::BF16).unwrap();
         let y = bf(&[n, (nh + 2 * nkv) * d], 31);
         let (q, k, v) = packsft::fused::rope_split_stacked(&y, (nh, nkv, d), &cb, &sb)
@@ -189,17 +191,6 @@ fn stacked_qkv_split_and_join_match_narrowing_rotating_and_concatenating() {
                 .unwrap()
         };
         let rot = |t: &Tensor| packsft::fused::apply_rope(t, &cb, &sb).unwrap();
-        let bits = |t: &Tensor| -> Vec<u32> {
-            t.flatten_all()
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|x| x.to_bits())
-                .collect()
-        };
         assert_eq!(bits(&q), bits(&rot(&part(0, nh))), "q");
         assert_eq!(bits(&k), bits(&rot(&part(nh, nkv))), "k");
         assert_eq!(bits(&v), bits(&part(nh + nkv, nkv)), "v");
@@ -268,13 +259,6 @@ fn fused_silu_mul_vector_and_scalar_paths_agree_bit_for_bit() {
     let f = |t: &[Tensor]| packsft::fused::silu_mul(&t[0], &t[1]).unwrap();
     let (ao, ag) = grads(&aligned, f, &r);
     let (uo, ug) = grads(&unaligned, f, &r);
-    let bits = |t: &Tensor| -> Vec<u32> {
-        t.to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|x| x.to_bits())
-            .collect()
-    };
     assert_eq!(bits(&ao), bits(&uo), "silu_mul out");
     assert_eq!(bits(&ag[0]), bits(&ug[0]), "silu_mul dg");
     assert_eq!(bits(&ag[1]), bits(&ug[1]), "silu_mul du");
