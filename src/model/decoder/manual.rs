@@ -476,7 +476,7 @@ impl DecoderModel {
             Fused(Back),
         }
         let ((q, k, v), proj) = match &layer.qkv {
-            Qkv::Separate(lq, lk, lv) => match stacked_qkv(lq) {
+            Qkv::Separate(lq, lk, lv) => match stacked_qkv(lq).filter(|w| w.dtype() == h.dtype()) {
                 Some(w) => {
                     let (y, back) = stacked_lin_vjp(&[lq, lk, lv], &w, h)?;
                     if s.clip_qkv.is_none() && layer.q_norm.is_empty() {
@@ -663,4 +663,100 @@ fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     return crate::fused::add(a, b);
     #[cfg(not(feature = "cuda"))]
     Ok((a + b)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn values(shape: &[usize], seed: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| ((i as f32 + 1.0) * seed).sin()).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// What `f` returns, and the parameter gradients it handed over.
+    fn with_side_grads(f: impl FnOnce() -> Result<Tensor>) -> (Tensor, Vec<(Tensor, Tensor)>) {
+        SIDE_GRADS.with(|s| *s.borrow_mut() = Some(Vec::new()));
+        let r = f().unwrap();
+        let side = SIDE_GRADS.with(|s| s.borrow_mut().take()).unwrap();
+        (r, side)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// A layer's q, k and v through one stacked product (biases on two of them) give the outputs,
+    /// input gradient and weight and bias gradients of three separate products.
+    #[test]
+    fn stacked_projection_matches_separate_ones() {
+        let lins = [
+            Lin {
+                w: values(&[6, 4], 0.3),
+                b: Some(values(&[6], 0.7)),
+            },
+            Lin {
+                w: values(&[2, 4], 0.5),
+                b: None,
+            },
+            Lin {
+                w: values(&[2, 4], 0.9),
+                b: Some(values(&[2], 1.1)),
+            },
+        ];
+        let x = values(&[5, 4], 1.3);
+        let dy = values(&[5, 10], 1.7);
+        let w = Tensor::cat(&[&lins[0].w, &lins[1].w, &lins[2].w], 0).unwrap();
+        let refs: Vec<&Lin> = lins.iter().collect();
+        let (y, back) = stacked_lin_vjp(&refs, &w, &x).unwrap();
+        let (dx, side) = with_side_grads(|| back(&dy));
+
+        let mut col = 0;
+        let mut dx_sep: Option<Tensor> = None;
+        let mut side_sep = Vec::new();
+        for l in &lins {
+            let rows = l.w.dim(0).unwrap();
+            let (yi, bi) = lin_vjp(l, &x).unwrap();
+            assert_eq!(max_diff(&y.narrow(1, col, rows).unwrap(), &yi), 0.0);
+            let (dxi, si) = with_side_grads(|| bi(&dy.narrow(1, col, rows)?));
+            dx_sep = Some(match dx_sep {
+                Some(t) => (t + dxi).unwrap(),
+                None => dxi,
+            });
+            side_sep.extend(si);
+            col += rows;
+        }
+        assert!(max_diff(&dx, &dx_sep.unwrap()) < 1e-5);
+        // Three weight and two bias gradients, each for its own parameter.
+        assert_eq!(side.len(), 5);
+        assert_eq!(side_sep.len(), 5);
+        for (p, g) in &side_sep {
+            let (_, gs) = side
+                .iter()
+                .find(|(q, _)| q.id() == p.id())
+                .expect("the stacked pullback hands every parameter a gradient");
+            assert!(max_diff(gs, g) < 1e-5, "{:?}", p.dims());
+            assert!(
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.1
+            );
+        }
+    }
 }
