@@ -1308,15 +1308,21 @@ impl DecoderModel {
     }
 
     /// Which float32 weight matrices share a copy variable: a layer's separate q, k and v
-    /// (stacked, one matrix product for the three), every other matrix alone.
+    /// (stacked, one matrix product for the three) where nothing comes between projection and a
+    /// whole-head rotation (no q/k clipping or norms, no partial rotary: the hand-written layer
+    /// rotates them straight out of the stacked product), every other matrix alone.
     fn copy_layout(&self) -> Vec<Vec<usize>> {
+        let s = &self.spec;
+        let plain_rope = s.clip_qkv.is_none() && s.rope.rotary_dim == s.head_dim;
         let idx = self.copied_params();
         let index: std::collections::HashMap<candle_core::TensorId, usize> =
             idx.iter().map(|&i| (self.params[i].var.id(), i)).collect();
         let mut grouped = std::collections::HashSet::new();
         let mut layout = Vec::new();
         for layer in &self.layers {
-            if let Qkv::Separate(q, k, v) = &layer.qkv {
+            if let (Qkv::Separate(q, k, v), true) =
+                (&layer.qkv, plain_rope && layer.q_norm.is_empty())
+            {
                 let ids: Option<Vec<usize>> = [q, k, v]
                     .iter()
                     .map(|l| index.get(&l.w.id()).copied())

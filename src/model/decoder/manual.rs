@@ -479,6 +479,8 @@ impl DecoderModel {
             Qkv::Separate(lq, lk, lv) => match stacked_qkv(lq).filter(|w| w.dtype() == h.dtype()) {
                 Some(w) => {
                     let (y, back) = stacked_lin_vjp(&[lq, lk, lv], &w, h)?;
+                    // Stacked only where nothing comes between projection and rotation
+                    // (`copy_layout`); the pieces below remain for layouts the kernel rejects.
                     if s.clip_qkv.is_none() && layer.q_norm.is_empty() {
                         if let Some((o, to_y)) = self.stacked_rope_attention(layer, &y, ctx)? {
                             let back = move |dy: &Tensor| back(&to_y(dy)?);
