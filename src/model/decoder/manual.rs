@@ -480,12 +480,10 @@ impl DecoderModel {
                 Some(w) => {
                     let (y, back) = stacked_lin_vjp(&[lq, lk, lv], &w, h)?;
                     // Stacked only where nothing comes between projection and rotation
-                    // (`copy_layout`); the pieces below remain for layouts the kernel rejects.
-                    if s.clip_qkv.is_none() && layer.q_norm.is_empty() {
-                        if let Some((o, to_y)) = self.stacked_rope_attention(layer, &y, ctx)? {
-                            let back = move |dy: &Tensor| back(&to_y(dy)?);
-                            return Ok((o, Box::new(back)));
-                        }
+                    // (`copy_layout`); the pieces below remain for buffers the kernel rejects.
+                    if let Some((o, to_y)) = self.stacked_rope_attention(layer, &y, ctx)? {
+                        let back = move |dy: &Tensor| back(&to_y(dy)?);
+                        return Ok((o, Box::new(back)));
                     }
                     let qkv = (
                         y.narrow(1, 0, nh * d)?,
