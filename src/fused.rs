@@ -15,7 +15,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
+    sys, CudaFunction, CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{
@@ -124,8 +124,29 @@ impl SlotTable {
         })
     }
 
-    fn cfg(&self, blocks_per_sm: usize) -> LaunchConfig {
-        grid_cfg(self.chunks, blocks_per_sm)
+    /// As many blocks of 256 threads as the device holds at once (at most one per chunk): the
+    /// kernels stride over the chunks, so a larger grid only leaves a second wave of blocks that
+    /// runs after the first at partial occupancy (AdamW's 45 registers a thread fit 5 blocks an
+    /// SM, not 8). `PACKSFT_OPTIM_BLOCKS_PER_SM` overrides the blocks an SM, for measurements.
+    fn resident_cfg(&self, dev: &CudaDevice, f: &CudaFunction) -> Result<LaunchConfig> {
+        let per_sm = match std::env::var("PACKSFT_OPTIM_BLOCKS_PER_SM") {
+            Ok(v) => v.parse::<usize>().map_err(|_| {
+                Error::Config(format!("PACKSFT_OPTIM_BLOCKS_PER_SM: not a number: {v:?}"))
+            })?,
+            Err(_) => f
+                .occupancy_max_active_blocks_per_multiprocessor(256, 0, None)
+                .w()? as usize,
+        };
+        let sms = dev
+            .cuda_stream()
+            .context()
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .w()? as usize;
+        Ok(LaunchConfig {
+            grid_dim: (self.chunks.clamp(1, sms * per_sm.max(1)) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        })
     }
 }
 
@@ -237,8 +258,8 @@ pub fn adamw_step(
     let mut b = stream.launch_builder(&f);
     b.arg(&t.slots).arg(&t.prefix).arg(&t.n).arg(&sumsq);
     // Each block ends with one atomic add to the shared sum: ~1,000 of them are nothing, and a
-    // full SM (8 blocks of 256 threads) keeps more loads in flight than 4 blocks did.
-    unsafe { b.launch(t.cfg(8)) }.w()?;
+    // full SM (8 blocks of 256 threads at 30 registers) keeps more loads in flight than 4 did.
+    unsafe { b.launch(t.resident_cfg(dev, &f)?) }.w()?;
     let f = kernel(dev, MODULE, PTX, "adamw_multi")?;
     let mut b = stream.launch_builder(&f);
     b.arg(&t.slots).arg(&t.prefix).arg(&t.n).arg(&sumsq);
@@ -247,7 +268,7 @@ pub fn adamw_step(
         .arg(&h.beta1)
         .arg(&h.beta2)
         .arg(&h.eps);
-    unsafe { b.launch(t.cfg(8)) }.w()?;
+    unsafe { b.launch(t.resident_cfg(dev, &f)?) }.w()?;
     Ok(wrap(sumsq, dev, 1, first.param)?)
 }
 
@@ -298,7 +319,7 @@ pub fn cast_bf16_into(pairs: &[(&Tensor, &Tensor)]) -> Result<()> {
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
     b.arg(&t.slots).arg(&t.prefix).arg(&t.n);
-    unsafe { b.launch(t.cfg(8)) }.w()?;
+    unsafe { b.launch(t.resident_cfg(dev, &f)?) }.w()?;
     Ok(())
 }
 
