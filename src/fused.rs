@@ -1257,37 +1257,43 @@ impl CustomOp2 for RowGather {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (rows, cols) = table.dims2()?;
-        let n = idx.elem_count();
-        let dy = dy.to_dtype(table.dtype())?.contiguous()?;
-        let dt = with_storages(&[idx, &dy], |s| {
-            let dev = s[0].0.device.clone();
-            let iv = cview::<u32>(s[0].0, s[0].1)?;
-            let (ni, ci) = (n as i32, cols as i32);
-            let stream = dev.cuda_stream();
-            match table.dtype() {
-                DType::F32 => {
-                    let d = cview::<f32>(s[1].0, s[1].1)?;
-                    let out = dev.alloc_zeros::<f32>(rows * cols)?;
-                    let f = ops_func(&dev, "scatter_add_rows_f32")?;
-                    let mut b = stream.launch_builder(&f);
-                    b.arg(&d).arg(&iv).arg(&out).arg(&ni).arg(&ci);
-                    unsafe { b.launch(grid_cfg(n, 16)) }.w()?;
-                    wrap(out, &dev, (rows, cols), table)
-                }
-                _ => {
-                    let d = cview::<bf16>(s[1].0, s[1].1)?;
-                    let out = dev.alloc_zeros::<bf16>(rows * cols)?;
-                    let f = ops_func(&dev, "scatter_add_rows_bf16")?;
-                    let mut b = stream.launch_builder(&f);
-                    b.arg(&d).arg(&iv).arg(&out).arg(&ni).arg(&ci);
-                    unsafe { b.launch(grid_cfg(n, 16)) }.w()?;
-                    wrap(out, &dev, (rows, cols), table)
-                }
-            }
-        })?;
-        Ok((Some(dt), None))
+        Ok((Some(scatter_rows(table, idx, dy)?), None))
     }
+}
+
+/// The table gradient of a row gather: a zero table of `table`'s shape and dtype with row i of
+/// `dy` added into row `idx[i]` (one atomic per element; repeated indices sum in an unspecified
+/// order). `idx` holds u32, contiguous.
+fn scatter_rows(table: &Tensor, idx: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+    let (rows, cols) = table.dims2()?;
+    let n = idx.elem_count();
+    let dy = dy.to_dtype(table.dtype())?.contiguous()?;
+    with_storages(&[idx, &dy], |s| {
+        let dev = s[0].0.device.clone();
+        let iv = cview::<u32>(s[0].0, s[0].1)?;
+        let (ni, ci) = (n as i32, cols as i32);
+        let stream = dev.cuda_stream();
+        match table.dtype() {
+            DType::F32 => {
+                let d = cview::<f32>(s[1].0, s[1].1)?;
+                let out = dev.alloc_zeros::<f32>(rows * cols)?;
+                let f = ops_func(&dev, "scatter_add_rows_f32")?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&d).arg(&iv).arg(&out).arg(&ni).arg(&ci);
+                unsafe { b.launch(grid_cfg(n, 16)) }.w()?;
+                wrap(out, &dev, (rows, cols), table)
+            }
+            _ => {
+                let d = cview::<bf16>(s[1].0, s[1].1)?;
+                let out = dev.alloc_zeros::<bf16>(rows * cols)?;
+                let f = ops_func(&dev, "scatter_add_rows_bf16")?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&d).arg(&iv).arg(&out).arg(&ni).arg(&ci);
+                unsafe { b.launch(grid_cfg(n, 16)) }.w()?;
+                wrap(out, &dev, (rows, cols), table)
+            }
+        }
+    })
 }
 
 /// `table.index_select(idx, 0)` for a float32 or bf16 table (rows, cols) on CUDA: the same
@@ -1297,4 +1303,10 @@ impl CustomOp2 for RowGather {
 pub fn index_rows(table: &Tensor, idx: &Tensor) -> Result<Tensor> {
     let idx = idx.to_dtype(DType::U32)?.flatten_all()?.contiguous()?;
     Ok(table.contiguous()?.apply_op2(&idx, RowGather)?)
+}
+
+/// The table gradient of [`index_rows`] for `dy` (one row per index), outside the graph.
+pub fn index_rows_grad(table: &Tensor, idx: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let idx = idx.to_dtype(DType::U32)?.flatten_all()?.contiguous()?;
+    Ok(scatter_rows(table, &idx, dy)?)
 }

@@ -159,6 +159,21 @@ pub fn index_rows(table: &Tensor, idx: &Tensor) -> Result<Tensor> {
     Ok(table.index_select(idx, 0)?)
 }
 
+/// The table's gradient of [`index_rows`] for `dy` (one row per index), computed outside the
+/// graph: a zero table with each row of dy added into its table row (repeated indices sum), as
+/// candle's index_select backward makes it (through the fused scatter on CUDA).
+pub fn index_rows_grad(table: &Tensor, idx: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if table.device().is_cuda()
+        && matches!(table.dtype(), DType::F32 | DType::BF16)
+        && table.rank() == 2
+    {
+        return crate::fused::index_rows_grad(table, idx, dy);
+    }
+    let dy = dy.to_dtype(table.dtype())?;
+    Ok(table.zeros_like()?.index_add(&idx.flatten_all()?, &dy, 0)?)
+}
+
 /// Summed (optionally weighted) negative log-likelihood.
 pub fn nll_sum(logits: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
     let per_token = nll(logits, targets)?;

@@ -767,7 +767,10 @@ impl DecoderModel {
     }
 
     fn embed_fwd(&self, ctx: &FwdCtx) -> Result<Tensor> {
-        let mut x = crate::ops::index_rows(&self.embed, &ctx.ids)?;
+        let mut x = match manual::embed_lookup(&self.embed, &ctx.ids)? {
+            Some(x) => x,
+            None => crate::ops::index_rows(&self.embed, &ctx.ids)?,
+        };
         if let Some(pad) = self.spec.padding_idx {
             // transformers' nn.Embedding(padding_idx): the pad row gets no gradient from lookups.
             // Masked on the device: reading the ids back to skip this would stall a GPU every
