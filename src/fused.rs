@@ -1265,35 +1265,37 @@ impl CustomOp2 for RowGather {
 /// `dy` added into row `idx[i]` (one atomic per element; repeated indices sum in an unspecified
 /// order). `idx` holds u32, contiguous.
 fn scatter_rows(table: &Tensor, idx: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
-    let (rows, cols) = table.dims2()?;
-    let n = idx.elem_count();
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+    fn launch<T>(
+        table: &Tensor,
+        idx: &Tensor,
+        dy: &Tensor,
+        kernel: &str,
+    ) -> candle_core::Result<Tensor>
+    where
+        T: candle_core::cuda_backend::CudaDType + DeviceRepr + ValidAsZeroBits,
+    {
+        let (rows, cols) = table.dims2()?;
+        let n = idx.elem_count();
+        with_storages(&[idx, dy], |s| {
+            let dev = s[0].0.device.clone();
+            let (iv, d) = (cview::<u32>(s[0].0, s[0].1)?, cview::<T>(s[1].0, s[1].1)?);
+            let out = dev.alloc_zeros::<T>(rows * cols)?;
+            let f = ops_func(&dev, kernel)?;
+            let (ni, ci) = (n as i32, cols as i32);
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            b.arg(&d).arg(&iv).arg(&out).arg(&ni).arg(&ci);
+            unsafe { b.launch(grid_cfg(n, 16)) }.w()?;
+            wrap(out, &dev, (rows, cols), table)
+        })
+    }
     let dy = dy.to_dtype(table.dtype())?.contiguous()?;
-    with_storages(&[idx, &dy], |s| {
-        let dev = s[0].0.device.clone();
-        let iv = cview::<u32>(s[0].0, s[0].1)?;
-        let (ni, ci) = (n as i32, cols as i32);
-        let stream = dev.cuda_stream();
-        match table.dtype() {
-            DType::F32 => {
-                let d = cview::<f32>(s[1].0, s[1].1)?;
-                let out = dev.alloc_zeros::<f32>(rows * cols)?;
-                let f = ops_func(&dev, "scatter_add_rows_f32")?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(&d).arg(&iv).arg(&out).arg(&ni).arg(&ci);
-                unsafe { b.launch(grid_cfg(n, 16)) }.w()?;
-                wrap(out, &dev, (rows, cols), table)
-            }
-            _ => {
-                let d = cview::<bf16>(s[1].0, s[1].1)?;
-                let out = dev.alloc_zeros::<bf16>(rows * cols)?;
-                let f = ops_func(&dev, "scatter_add_rows_bf16")?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(&d).arg(&iv).arg(&out).arg(&ni).arg(&ci);
-                unsafe { b.launch(grid_cfg(n, 16)) }.w()?;
-                wrap(out, &dev, (rows, cols), table)
-            }
-        }
-    })
+    match table.dtype() {
+        DType::F32 => launch::<f32>(table, idx, &dy, "scatter_add_rows_f32"),
+        DType::BF16 => launch::<bf16>(table, idx, &dy, "scatter_add_rows_bf16"),
+        other => Err(cerr(format!("fused row scatter: {other:?} table"))),
+    }
 }
 
 /// `table.index_select(idx, 0)` for a float32 or bf16 table (rows, cols) on CUDA: the same
