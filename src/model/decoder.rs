@@ -92,13 +92,13 @@ struct Member {
 }
 
 impl CopyVars {
-    /// The copy of member `m` of `var`: the variable itself, or a view of its rows (autograd
-    /// reaches the variable through the view).
-    fn view(var: &Var, m: &Member) -> Result<Tensor> {
-        Ok(if m.row == 0 && m.rows == var.dim(0)? {
-            var.as_tensor().clone()
+    /// Member `m`'s rows of `t` (a copy variable, or its gradient): `t` itself where the member
+    /// is all of it, else a view (autograd reaches the variable through the view).
+    fn rows_of(t: &Tensor, m: &Member) -> Result<Tensor> {
+        Ok(if m.row == 0 && m.rows == t.dim(0)? {
+            t.clone()
         } else {
-            var.as_tensor().narrow(0, m.row, m.rows)?
+            t.narrow(0, m.row, m.rows)?
         })
     }
 
@@ -107,7 +107,7 @@ impl CopyVars {
         let mut out = Vec::new();
         for (var, members) in &self.0 {
             for m in members {
-                out.push((m.param, Self::view(var, m)?));
+                out.push((m.param, Self::rows_of(var.as_tensor(), m)?));
             }
         }
         Ok(out)
@@ -1251,19 +1251,22 @@ impl DecoderModel {
         f: impl FnOnce() -> Result<(LossSum, GradStore)>,
     ) -> Result<(LossSum, GradStore)> {
         let copies = self.compute_copies_now()?;
-        let mut weights = Vec::new();
-        let mut stacked = Vec::new();
-        for (var, members) in &copies.0 {
-            for m in members {
-                weights.push((self.params[m.param].var.id(), CopyVars::view(var, m)?));
-            }
-            if members.len() > 1 {
-                stacked.push((
+        let weights: Vec<_> = copies
+            .views()?
+            .into_iter()
+            .map(|(i, c)| (self.params[i].var.id(), c))
+            .collect();
+        let stacked: Vec<_> = copies
+            .0
+            .iter()
+            .filter(|(_, members)| members.len() > 1)
+            .map(|(var, members)| {
+                (
                     self.params[members[0].param].var.id(),
                     var.as_tensor().clone(),
-                ));
-            }
-        }
+                )
+            })
+            .collect();
         COMPUTE_WEIGHTS.with(|m| {
             let mut m = m.borrow_mut();
             m.clear();
@@ -1285,11 +1288,7 @@ impl DecoderModel {
             let g = g.to_dtype(DType::F32)?;
             for m in members {
                 let master = self.params[m.param].var.as_tensor();
-                let gm = if members.len() > 1 {
-                    g.narrow(0, m.row, m.rows)?
-                } else {
-                    g.clone()
-                };
+                let gm = CopyVars::rows_of(&g, m)?;
                 let gm = match grads.remove(master) {
                     Some(other) => crate::optim::add_grad(&other, &gm)?,
                     None => gm,
