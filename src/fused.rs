@@ -1109,7 +1109,7 @@ pub fn weight_grad_bf16(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
 }
 
 struct CrossEntropy {
-    lse: Mutex<Option<Arc<CudaSlice<f32>>>>,
+    lse: Arc<Mutex<Option<Arc<CudaSlice<f32>>>>>,
 }
 
 impl CustomOp2 for CrossEntropy {
@@ -1192,9 +1192,28 @@ impl CustomOp2 for CrossEntropy {
 pub fn nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let targets = targets.to_dtype(DType::U32)?.contiguous()?;
     let op = CrossEntropy {
-        lse: Mutex::new(None),
+        lse: Arc::new(Mutex::new(None)),
     };
     Ok(logits.contiguous()?.apply_op2(&targets, op)?)
+}
+
+/// [`nll`] outside autograd, with its backward (the per-row loss gradient to the logits'
+/// gradient) as a function: for a graph node that owns the logits, so that autograd never holds
+/// a logits-sized gradient (it would add it into a zero-filled one).
+pub fn nll_with_backward(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Pullback<Tensor>)> {
+    let (logits, targets) = (
+        logits.detach().contiguous()?,
+        targets.to_dtype(DType::U32)?.contiguous()?,
+    );
+    let lse = Arc::new(Mutex::new(None));
+    let op = CrossEntropy { lse: lse.clone() };
+    let nll = logits.apply_op2_no_bwd(&targets, &op)?;
+    let y = nll.clone();
+    let back = move |g: &Tensor| -> Result<Tensor> {
+        let (dx, _) = CrossEntropy { lse }.bwd(&logits, &targets, &y, g)?;
+        dx.ok_or_else(|| Error::Config("cross-entropy backward gave no gradient".into()))
+    };
+    Ok((nll, Box::new(back)))
 }
 
 struct RowGather;

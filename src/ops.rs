@@ -176,7 +176,11 @@ pub fn index_rows_grad(table: &Tensor, idx: &Tensor, dy: &Tensor) -> Result<Tens
 
 /// Summed (optionally weighted) negative log-likelihood.
 pub fn nll_sum(logits: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
-    let per_token = nll(logits, targets)?;
+    weighted_sum(&nll(logits, targets)?, weights)
+}
+
+/// The sum of per-token losses, each times its weight where there are weights.
+pub fn weighted_sum(per_token: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
     Ok(match weights {
         Some(w) => (per_token * w)?.sum_all()?,
         None => per_token.sum_all()?,

@@ -19,7 +19,7 @@ use crate::collator::{Batch, SeqLayout};
 use crate::error::{Error, Result};
 use crate::ops::{
     fast_apply_rope, fast_rms_norm, fast_silu_mul, layer_norm, nll, nll_sum, softmax_last,
-    RopeTable,
+    weighted_sum, RopeTable,
 };
 use crate::optim::add_grads;
 
@@ -1160,7 +1160,11 @@ impl DecoderModel {
     fn loss_inner(&self, batch: &Batch) -> Result<LossSum> {
         let (ctx, x, routers) = self.trunk(batch, true)?;
         // Only positions that carry loss go through the vocabulary projection.
-        let logits = self.head(&x, Some(&batch.target_rows))?;
+        let h = crate::ops::index_rows(&self.final_norm.fwd(&x)?, &batch.target_rows)?;
+        let per_token = match self.lm_head_nll_manual(&self.lm_head, &h, &batch.target_ids)? {
+            Some(nll) => nll,
+            None => nll(&self.logits(&h)?, &batch.target_ids)?,
+        };
         let aux = match self.spec.router_aux_loss_coef {
             Some(coef) => self
                 .router_aux(&routers, &ctx)?
@@ -1169,7 +1173,7 @@ impl DecoderModel {
             None => None,
         };
         Ok(LossSum {
-            sum: nll_sum(&logits, &batch.target_ids, batch.target_weights.as_ref())?,
+            sum: weighted_sum(&per_token, batch.target_weights.as_ref())?,
             n_tokens: batch.n_targets,
             aux,
         })

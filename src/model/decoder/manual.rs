@@ -447,6 +447,39 @@ impl DecoderModel {
         Ok(Some(h.apply_op2(&y, Attach::new(back))?))
     }
 
+    /// The vocabulary projection and the per-row loss (negative log-likelihood of `targets`) as
+    /// one graph node, on the same terms as [`Self::lm_head_manual`] and for unscaled logits:
+    /// autograd then holds only per-row and hidden-sized gradients. As two nodes, it added the
+    /// logits' gradient (rows x vocab) into a zero-filled tensor of that size every step.
+    pub(super) fn lm_head_nll_manual(
+        &self,
+        lin: &Lin,
+        h: &Tensor,
+        targets: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let bf16_cuda = h.device().is_cuda() && h.dtype() == DType::BF16;
+        if !in_scope()
+            || self.compute.autograd_layers
+            || !bf16_cuda
+            || self.spec.logits_scaling != 1.0
+        {
+            return Ok(None);
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let (logits, lin_back) = lin_vjp(lin, &h.detach())?;
+            let (nll, ce_back) = crate::fused::nll_with_backward(&logits, targets)?;
+            drop(logits);
+            let back = move |g: &Tensor| -> Result<Tensor> { lin_back(&ce_back(g)?) };
+            Ok(Some(h.apply_op2(&nll, Attach::new(Box::new(back)))?))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (lin, targets);
+            Ok(None)
+        }
+    }
+
     /// The layer's output for x and its pullback (dx; weight gradients go to the scope).
     fn layer_vjp(&self, layer: &Layer, x: &Tensor, ctx: &FwdCtx) -> Result<(Tensor, Back)> {
         let (h1, n1) = norm_vjp(&layer.norm1, x)?;
