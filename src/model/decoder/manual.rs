@@ -468,8 +468,8 @@ impl DecoderModel {
         #[cfg(feature = "cuda")]
         {
             let (logits, lin_back) = lin_vjp(lin, &h.detach())?;
+            // ce_back keeps the logits for the backward, as the cross-entropy node did.
             let (nll, ce_back) = crate::fused::nll_with_backward(&logits, targets)?;
-            drop(logits);
             let back = move |g: &Tensor| -> Result<Tensor> { lin_back(&ce_back(g)?) };
             Ok(Some(h.apply_op2(&nll, Attach::new(Box::new(back)))?))
         }
