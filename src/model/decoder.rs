@@ -966,12 +966,17 @@ impl DecoderModel {
 
     /// Final norm and the vocabulary projection of the given rows of the pre-norm stream.
     fn head(&self, x: &Tensor, rows: Option<&Tensor>) -> Result<Tensor> {
+        self.logits(&self.head_rows(x, rows)?)
+    }
+
+    /// Final-norm hidden states of `rows` (every position with `None`): what the vocabulary
+    /// projection takes.
+    fn head_rows(&self, x: &Tensor, rows: Option<&Tensor>) -> Result<Tensor> {
         let h = self.final_norm.fwd(x)?;
-        let h = match rows {
+        Ok(match rows {
             Some(r) => crate::ops::index_rows(&h, r)?,
             None => h,
-        };
-        self.logits(&h)
+        })
     }
 
     /// transformers' `load_balancing_loss_func` over the real tokens of the batch, all MoE
@@ -1160,7 +1165,7 @@ impl DecoderModel {
     fn loss_inner(&self, batch: &Batch) -> Result<LossSum> {
         let (ctx, x, routers) = self.trunk(batch, true)?;
         // Only positions that carry loss go through the vocabulary projection.
-        let h = crate::ops::index_rows(&self.final_norm.fwd(&x)?, &batch.target_rows)?;
+        let h = self.head_rows(&x, Some(&batch.target_rows))?;
         let per_token = match self.lm_head_nll_manual(&self.lm_head, &h, &batch.target_ids)? {
             Some(nll) => nll,
             None => nll(&self.logits(&h)?, &batch.target_ids)?,

@@ -438,13 +438,21 @@ impl DecoderModel {
     /// off the GPU's bf16 path, where there is no cast to save and the node's copy of the
     /// float32 logits would cost time and memory.
     pub(super) fn lm_head_manual(&self, lin: &Lin, h: &Tensor) -> Result<Option<Tensor>> {
-        let bf16_cuda = h.device().is_cuda() && h.dtype() == DType::BF16;
-        if !in_scope() || self.compute.autograd_layers || !bf16_cuda {
+        if !self.manual_head(h) {
             return Ok(None);
         }
         let (y, back) = lin_vjp(lin, &h.detach())?;
         let y = y.contiguous()?;
         Ok(Some(h.apply_op2(&y, Attach::new(back))?))
+    }
+
+    /// Whether the vocabulary projection of `h` joins the graph as a node of its own: inside
+    /// [`scope`], with hand-written layers, on the GPU's bf16 path.
+    fn manual_head(&self, h: &Tensor) -> bool {
+        in_scope()
+            && !self.compute.autograd_layers
+            && h.device().is_cuda()
+            && h.dtype() == DType::BF16
     }
 
     /// The vocabulary projection and the per-row loss (negative log-likelihood of `targets`) as
@@ -457,12 +465,7 @@ impl DecoderModel {
         h: &Tensor,
         targets: &Tensor,
     ) -> Result<Option<Tensor>> {
-        let bf16_cuda = h.device().is_cuda() && h.dtype() == DType::BF16;
-        if !in_scope()
-            || self.compute.autograd_layers
-            || !bf16_cuda
-            || self.spec.logits_scaling != 1.0
-        {
+        if !self.manual_head(h) || self.spec.logits_scaling != 1.0 {
             return Ok(None);
         }
         #[cfg(feature = "cuda")]
