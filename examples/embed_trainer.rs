@@ -4,8 +4,8 @@
 //! Run: cargo run --release --example embed_trainer
 
 use candle_core::Device;
-use packsft::trainer::{Trainer, TrainerConfig};
 use packsft::{CompletionOnlyCollator, DecoderModel, Example, Model, TextTokenizer};
+use packsft::{Trainer, TrainerConfig};
 
 fn main() -> packsft::Result<()> {
     let device = Device::Cpu;
@@ -45,7 +45,7 @@ fn main() -> packsft::Result<()> {
         grad_accum: 2,
         max_steps: 40,
         warmup_steps: 4,
-        adamw: packsft::optim::AdamWConfig {
+        adamw: packsft::AdamWConfig {
             lr: 3e-3,
             ..Default::default()
         },

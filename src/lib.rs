@@ -6,44 +6,67 @@
 //! sequence (`cu_seqlens`) so no example sees another.
 //!
 //! The plug points are the [`Collator`] and [`Model`] traits and the [`Trainer`] generic over
-//! both; see `docs/ARCHITECTURE.md` for the data flow from a dataset row to a gradient step.
+//! both: a library user can bring their own collator (building [`Batch`]es with
+//! [`Batch::packed`] / [`Batch::padded`]), their own model, their own [`Callback`]s, or take
+//! [`CompletionOnlyCollator`] and [`DecoderModel`] as the `packsft` command does.
+//!
+//! Logs go through [`tracing`]: install a subscriber (e.g. `tracing_subscriber::fmt().init()`)
+//! to see them. `docs/ARCHITECTURE.md` walks from a dataset row to a gradient step, and each
+//! folder of `src/` has a map (its `README.md`, the module documentation).
+//!
+//! Floors, top to bottom (a module imports only from floors below it, checked by
+//! `tests/architecture.rs`): `cli` → `recipe` → `train` → `model` → `nn` → `collate` → `data` →
+//! `cuda` → `error`, `io`, `device`, `pullback`.
+#![warn(missing_docs)]
 
-pub mod app;
-pub mod attention;
-pub mod bench;
-pub mod callback;
-pub mod checkpoint;
-pub mod collator;
-pub mod data;
-pub mod device;
-pub mod error;
-#[cfg(feature = "flash-attn")]
-pub mod flash;
+pub mod cli;
+mod collate;
 #[cfg(feature = "cuda")]
-pub mod fused;
-pub mod generate;
-pub mod inspect;
-pub mod io;
-pub mod masking;
-pub mod model;
-pub mod ops;
-pub mod optim;
-pub mod plot;
-pub mod pretok;
-pub mod recipe;
-pub mod source;
-pub mod streams;
-pub mod template;
-pub mod tokenizer;
-pub mod trainer;
-pub mod vjp;
+mod cuda;
+mod data;
+mod device;
+mod error;
+mod io;
+mod model;
+mod nn;
+mod pullback;
+mod recipe;
+mod train;
 
-pub use collator::{
+pub use collate::{
     Batch, Collator, CompletionOnlyCollator, HostBatch, LossNormalization, SeqLayout, TrainBatch,
 };
-pub use data::{Dataset, Example, Truncation};
+pub use data::tokenizer::TextTokenizer;
+pub use data::{
+    load_jsonl, DataLimits, DataReport, DataSpec, Dataset, Example, Format, LoadOptions, LossOn,
+    Pipeline, TokenTemplate, Truncation,
+};
+pub use device::open as open_device;
 pub use error::{Error, Result};
-pub use model::{ArchSpec, DecoderModel, LossScale, LossSum, Model, Param};
+pub use model::{
+    ArchSpec, ComputeOptions, DecoderModel, EvalSums, LossScale, LossSum, Model, Param,
+};
+pub use nn::attention::AttentionImpl;
 pub use recipe::Recipe;
-pub use tokenizer::TextTokenizer;
-pub use trainer::{Trainer, TrainerConfig};
+pub use train::{
+    evaluate, AdamWConfig, Callback, Control, EarlyStopping, EvalMetrics, EvalResult, LrSchedule,
+    PendingStep, Schedule, StepGrads, StepMetrics, TrainSummary, Trainer, TrainerConfig,
+    TrainerState,
+};
+
+/// Not part of the API: internals that the project's own integration tests, benches and GPU
+/// checks reach (kernels against their references, checkpoint files, the optimizer alone). No
+/// stability promise; a library user needs none of it.
+#[doc(hidden)]
+pub mod internals {
+    #[cfg(feature = "cuda")]
+    pub use crate::cuda::fused;
+    pub use crate::data::{masking, split_mask, template};
+    /// Device names and CUDA set-up.
+    pub mod device {
+        pub use crate::device::*;
+    }
+    pub use crate::model::{families, weights};
+    pub use crate::nn::{attention, graph, kernels, ops};
+    pub use crate::train::{checkpoint, optimizer};
+}

@@ -172,7 +172,7 @@ fn sigterm_checkpoints_and_resume_from_latest_finishes_the_same_run() {
         "an interrupted run must not report success"
     );
     assert!(stderr.contains("interrupted: saved"), "{stderr}");
-    let (step, ckpt) = packsft::checkpoint::list(&b)
+    let (step, ckpt) = packsft::internals::checkpoint::list(&b)
         .pop()
         .expect("a checkpoint after SIGTERM");
     assert!((5..150).contains(&step), "stopped at {step}");

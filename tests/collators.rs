@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::Device;
-use packsft::data::{DataSpec, LoadOptions, LossOn, Pipeline, TokenTemplate, Truncation};
-use packsft::masking::response_template_mask;
+use packsft::internals::masking::response_template_mask;
 use packsft::{Collator, CompletionOnlyCollator, Example, HostBatch, TextTokenizer};
+use packsft::{DataSpec, LoadOptions, LossOn, Pipeline, TokenTemplate, Truncation};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use packsft::data::{DataSpec, LoadOptions, Pipeline, TokenTemplate, Truncation};
 use packsft::TextTokenizer;
+use packsft::{DataSpec, LoadOptions, Pipeline, TokenTemplate, Truncation};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -284,7 +284,7 @@ fn unreadable_parquet_files_are_named() {
     let e = load_err(
         &m,
         DataSpec {
-            format: packsft::data::Format::Alpaca,
+            format: packsft::Format::Alpaca,
             ..Default::default()
         },
     );

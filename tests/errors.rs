@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use packsft::data::{load_jsonl, LoadOptions, Truncation};
+use packsft::{load_jsonl, LoadOptions, Truncation};
 use packsft::{DecoderModel, Error, Recipe};
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -305,7 +305,7 @@ fn token_ids_outside_the_vocabulary_are_named_before_any_kernel_runs() {
     let model = DecoderModel::new_random(config, 1, &dev).unwrap();
     let good = Example::new(vec![5, 6, 7, 8], vec![false, true, true, true]);
     let bad = Example::new(vec![5, 6, 70, 8], vec![false, true, true, true]);
-    let loss_err = |b: &packsft::Batch| err_text(model.loss(b).map(|l| l.n_tokens));
+    let loss_err = |b: &packsft::Batch| err_text(model.loss(b).map(|l| l.n_targets));
     for padding_free in [true, false] {
         let batch = CompletionOnlyCollator::new(padding_free, 0)
             .collate(&[good.clone(), bad.clone()], &dev)
@@ -321,7 +321,7 @@ fn token_ids_outside_the_vocabulary_are_named_before_any_kernel_runs() {
             e.contains(at) && e.contains("input id 70 is outside the model's vocabulary (size 64)"),
             "{e}"
         );
-        assert!(err_text(model.eval_sums(&batch).map(|s| s.n_tokens)).contains("input id 70"));
+        assert!(err_text(model.eval_sums(&batch).map(|s| s.n_targets)).contains("input id 70"));
     }
     // A pad id past the vocabulary is caught where it pads.
     let short = Example::new(vec![5, 6], vec![false, true]);

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use common::{max_abs_diff, rel_diff, sq_norm, within};
-use packsft::model::LossScale;
-use packsft::optim::{AdamWConfig, Schedule};
-use packsft::trainer::{Trainer, TrainerConfig};
+use packsft::LossScale;
+use packsft::{AdamWConfig, Schedule};
 use packsft::{Collator, CompletionOnlyCollator, DecoderModel, Example, Model};
+use packsft::{Trainer, TrainerConfig};
 
 fn fixtures() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families");
@@ -84,7 +84,7 @@ fn all_fourteen_families_are_covered() {
                 .to_string()
         })
         .collect();
-    let want: std::collections::BTreeSet<String> = packsft::model::families::SUPPORTED
+    let want: std::collections::BTreeSet<String> = packsft::internals::families::SUPPORTED
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -123,12 +123,12 @@ fn logits_loss_and_gradients_match_transformers() {
                 start += ex.len();
             }
             let l = model.loss(&batch).unwrap();
-            let loss = l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_tokens as f64;
+            let loss = l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_targets as f64;
             let want = r.json["loss"].as_f64().unwrap();
             if !within((loss - want).abs() / want, 1e-5) {
                 failures.push(format!("{fam} pf={padding_free}: loss {loss} vs {want}"));
             }
-            let grads = (l.sum / l.n_tokens as f64).unwrap().backward().unwrap();
+            let grads = (l.sum / l.n_targets as f64).unwrap().backward().unwrap();
             let label = format!("{fam} pf={padding_free}");
             compare_grads(&model, &grads, &r, &label, &mut failures);
             let n_ref = r.tensors.keys().filter(|k| k.starts_with("grad.")).count();
@@ -201,13 +201,13 @@ fn hand_written_layer_backward_matches_transformers() {
             let batch = CompletionOnlyCollator::new(padding_free, 0)
                 .collate(&r.examples, &Device::Cpu)
                 .unwrap();
-            let before = packsft::model::decoder::hand_written_backwards();
+            let before = packsft::internals::graph::hand_written_backwards();
             let scale = LossScale {
                 per_unit: 1.0 / batch.n_targets as f64,
                 aux: 0.0,
             };
             let (l, grads) = model.forward_backward(&batch, scale).unwrap();
-            let by_hand = packsft::model::decoder::hand_written_backwards() - before;
+            let by_hand = packsft::internals::graph::hand_written_backwards() - before;
             // Every dense layer by hand; gradient checkpointing recomputes through autograd.
             let want_by_hand = if ckpt { 0 } else { model.spec.layers };
             if !moe && by_hand != want_by_hand {
@@ -215,7 +215,7 @@ fn hand_written_layer_backward_matches_transformers() {
                     "{fam} ckpt={ckpt}: {by_hand} layers differentiated by hand, want {want_by_hand}"
                 ));
             }
-            let loss = l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_tokens as f64;
+            let loss = l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_targets as f64;
             let want = r.json["loss"].as_f64().unwrap();
             if !within((loss - want).abs() / want, 1e-5) {
                 failures.push(format!(

@@ -8,8 +8,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{examples, rel_diff};
-use packsft::attention::{eager_attention, AttentionImpl, AttnPlan};
-use packsft::model::ComputeOptions;
+use packsft::internals::attention::{eager_attention, AttentionImpl, AttnPlan};
+use packsft::ComputeOptions;
 use packsft::{Collator, CompletionOnlyCollator, DecoderModel, SeqLayout};
 
 fn cuda() -> Device {
@@ -421,10 +421,10 @@ fn model_flash_matches_eager_and_padded_matches_packed() {
 #[test]
 fn hand_written_layer_backward_matches_autograd() {
     let flash = gpu_model(AttentionImpl::Flash);
-    let before = packsft::model::decoder::hand_written_backwards();
+    let before = packsft::internals::graph::hand_written_backwards();
     let (lh, gh) = loss_and_grads(&flash, true);
     assert_eq!(
-        packsft::model::decoder::hand_written_backwards() - before,
+        packsft::internals::graph::hand_written_backwards() - before,
         2
     );
     let mut auto = gpu_model(AttentionImpl::Flash);

@@ -2,9 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use packsft::data::{
-    split_mask, DataLimits, DataSpec, Dataset, Format, LoadOptions, LossOn, Pipeline,
-    TokenTemplate, Truncation,
+use packsft::internals::split_mask;
+use packsft::{
+    DataLimits, DataSpec, Dataset, Format, LoadOptions, LossOn, Pipeline, TokenTemplate, Truncation,
 };
 use packsft::{Example, TextTokenizer};
 

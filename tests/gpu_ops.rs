@@ -7,8 +7,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{examples, rel_diff, tiny_config};
-use packsft::model::ComputeOptions;
-use packsft::ops::{apply_rope, rms_norm, RopeTable};
+use packsft::internals::ops::{apply_rope, rms_norm, RopeTable};
+use packsft::ComputeOptions;
 use packsft::{Collator, CompletionOnlyCollator, DecoderModel};
 
 fn cuda() -> Device {
@@ -89,7 +89,7 @@ fn fused_rms_norm_matches_reference() {
         let r = rand(&[37, h], 3, &dev);
         let (fo, fg) = grads(
             &[x.clone(), w.clone()],
-            |t| packsft::fused::rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+            |t| packsft::internals::fused::rms_norm(&t[0], &t[1], 1e-5).unwrap(),
             &r,
         );
         let (eo, eg) = grads(
@@ -120,7 +120,7 @@ fn fused_rope_matches_reference() {
         let r = rand(&[50, 3, d], 5, &dev);
         let (fo, fg) = grads(
             std::slice::from_ref(&x),
-            |t| packsft::fused::apply_rope(&t[0], &cb, &sb).unwrap(),
+            |t| packsft::internals::fused::apply_rope(&t[0], &cb, &sb).unwrap(),
             &r,
         );
         let (eo, eg) = grads(
@@ -159,7 +159,7 @@ fn fused_rope_vector_and_scalar_paths_agree_bit_for_bit() {
         let run = |c: &Tensor, s: &Tensor| {
             grads(
                 std::slice::from_ref(&x),
-                |t| packsft::fused::apply_rope(&t[0], c, s).unwrap(),
+                |t| packsft::internals::fused::apply_rope(&t[0], c, s).unwrap(),
                 &r,
             )
         };
@@ -181,7 +181,7 @@ fn stacked_qkv_split_and_join_match_narrowing_rotating_and_concatenating() {
         let (cb, sb) = rope_rows(n, d, 3, &dev);
         let bf = |shape: &[usize], seed| rand(shape, seed, &dev).to_dtype(DType::BF16).unwrap();
         let y = bf(&[n, (nh + 2 * nkv) * d], 31);
-        let (q, k, v) = packsft::fused::rope_split_stacked(&y, (nh, nkv, d), &cb, &sb)
+        let (q, k, v) = packsft::internals::fused::rope_split_stacked(&y, (nh, nkv, d), &cb, &sb)
             .unwrap()
             .expect("the stacked kernel applies");
         let part = |first: usize, heads: usize| {
@@ -190,7 +190,7 @@ fn stacked_qkv_split_and_join_match_narrowing_rotating_and_concatenating() {
                 .reshape((n, heads, d))
                 .unwrap()
         };
-        let rot = |t: &Tensor| packsft::fused::apply_rope(t, &cb, &sb).unwrap();
+        let rot = |t: &Tensor| packsft::internals::fused::apply_rope(t, &cb, &sb).unwrap();
         assert_eq!(bits(&q), bits(&rot(&part(0, nh))), "q");
         assert_eq!(bits(&k), bits(&rot(&part(nh, nkv))), "k");
         assert_eq!(bits(&v), bits(&part(nh + nkv, nkv)), "v");
@@ -200,9 +200,9 @@ fn stacked_qkv_split_and_join_match_narrowing_rotating_and_concatenating() {
             bf(&[n, nkv, d], 33),
             bf(&[n, nkv, d], 34),
         );
-        let joined = packsft::fused::rope_join_stacked(&dq, &dk, &dv, &cb, &sb).unwrap();
+        let joined = packsft::internals::fused::rope_join_stacked(&dq, &dk, &dv, &cb, &sb).unwrap();
         let back = |g: &Tensor, x: &Tensor| {
-            let (_, pull) = packsft::fused::apply_rope_vjp(x, &cb, &sb).unwrap();
+            let (_, pull) = packsft::internals::fused::apply_rope_vjp(x, &cb, &sb).unwrap();
             pull(g).unwrap().reshape((n, ())).unwrap()
         };
         let want = Tensor::cat(
@@ -229,7 +229,7 @@ fn fused_silu_mul_matches_reference() {
     let r = rand(&[100, 300], 8, &dev);
     let (fo, fg) = grads(
         &[g.clone(), u.clone()],
-        |t| packsft::fused::silu_mul(&t[0], &t[1]).unwrap(),
+        |t| packsft::internals::fused::silu_mul(&t[0], &t[1]).unwrap(),
         &r,
     );
     let (eo, eg) = grads(
@@ -256,7 +256,7 @@ fn fused_silu_mul_vector_and_scalar_paths_agree_bit_for_bit() {
     // one-element path for all of them. Copies of the same values are aligned.
     let unaligned = [g.narrow(0, 1, n).unwrap(), u.narrow(0, 1, n).unwrap()];
     let aligned = [unaligned[0].copy().unwrap(), unaligned[1].copy().unwrap()];
-    let f = |t: &[Tensor]| packsft::fused::silu_mul(&t[0], &t[1]).unwrap();
+    let f = |t: &[Tensor]| packsft::internals::fused::silu_mul(&t[0], &t[1]).unwrap();
     let (ao, ag) = grads(&aligned, f, &r);
     let (uo, ug) = grads(&unaligned, f, &r);
     assert_eq!(bits(&ao), bits(&uo), "silu_mul out");
@@ -305,7 +305,7 @@ fn fused_add_and_cast_match_candle_exactly() {
         let b = rand(&[n + off], 21, &dev).to_dtype(DType::BF16).unwrap();
         let (a, b) = (a.narrow(0, off, n).unwrap(), b.narrow(0, off, n).unwrap());
         let want = (&a + &b).unwrap().to_dtype(DType::F32).unwrap();
-        let got = packsft::fused::add(&a, &b)
+        let got = packsft::internals::fused::add(&a, &b)
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap();
@@ -322,7 +322,7 @@ fn fused_add_and_cast_match_candle_exactly() {
             Tensor::zeros(n, DType::BF16, &dev).unwrap(),
             Tensor::zeros(3 * n, DType::BF16, &dev).unwrap(),
         );
-        packsft::fused::cast_bf16_into(&[(&x, &dst), (&x2, &dst2)]).unwrap();
+        packsft::internals::fused::cast_bf16_into(&[(&x, &dst), (&x2, &dst2)]).unwrap();
         for (src, dst) in [(&x, &dst), (&x2, &dst2)] {
             let want = src
                 .to_dtype(DType::BF16)
@@ -339,7 +339,7 @@ fn fused_add_and_cast_match_candle_exactly() {
     let a = Var::from_tensor(&rand(&[33], 23, &dev).to_dtype(DType::BF16).unwrap()).unwrap();
     let b = Var::from_tensor(&rand(&[33], 24, &dev).to_dtype(DType::BF16).unwrap()).unwrap();
     let r = rand(&[33], 25, &dev).to_dtype(DType::BF16).unwrap();
-    let g = (packsft::fused::add(a.as_tensor(), b.as_tensor()).unwrap() * &r)
+    let g = (packsft::internals::fused::add(a.as_tensor(), b.as_tensor()).unwrap() * &r)
         .unwrap()
         .sum_all()
         .unwrap()
@@ -375,7 +375,7 @@ fn fused_cross_entropy_matches_reference() {
     let r = rand(&[rows], 31, &dev);
     let reference = |x: &Tensor| -> Tensor {
         let x = x.to_dtype(DType::F32).unwrap();
-        let lse = packsft::ops::logsumexp_last(&x)
+        let lse = packsft::internals::ops::logsumexp_last(&x)
             .unwrap()
             .squeeze(1)
             .unwrap();
@@ -389,7 +389,7 @@ fn fused_cross_entropy_matches_reference() {
     let (want, gw) = grads(std::slice::from_ref(&logits), |t| reference(&t[0]), &r);
     let (got, gg) = grads(
         std::slice::from_ref(&logits),
-        |t| packsft::fused::nll(&t[0], &targets).unwrap(),
+        |t| packsft::internals::fused::nll(&t[0], &targets).unwrap(),
         &r,
     );
     assert_close("cross-entropy loss", &got, &want, 1e-6);
@@ -412,7 +412,7 @@ fn fused_row_gather_matches_index_select() {
         );
         let (got, gg) = grads(
             std::slice::from_ref(&table),
-            |t| packsft::fused::index_rows(&t[0], &idx).unwrap(),
+            |t| packsft::internals::fused::index_rows(&t[0], &idx).unwrap(),
             &r,
         );
         let host = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();

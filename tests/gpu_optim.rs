@@ -6,9 +6,9 @@ mod common;
 
 use candle_core::Device;
 use common::{examples, rel_diff, tiny_config};
-use packsft::optim::{AdamWConfig, LrSchedule, Schedule};
-use packsft::trainer::{Trainer, TrainerConfig};
+use packsft::{AdamWConfig, LrSchedule, Schedule};
 use packsft::{CompletionOnlyCollator, DecoderModel, Model};
+use packsft::{Trainer, TrainerConfig};
 
 fn run(dev: &Device) -> (Vec<f64>, Vec<f64>, Vec<candle_core::Tensor>) {
     let model = DecoderModel::new_random(tiny_config(64), 5, dev).unwrap();
@@ -97,8 +97,8 @@ fn start_state(dev: &Device) -> [Vec<candle_core::Tensor>; 4] {
 }
 
 /// The hyper-parameters of the single fused steps below: decay on, clipping at 1.
-fn step_hyper() -> packsft::fused::AdamWStep {
-    packsft::fused::AdamWStep {
+fn step_hyper() -> packsft::internals::fused::AdamWStep {
+    packsft::internals::fused::AdamWStep {
         lr: 1e-2,
         beta1: 0.9,
         beta2: 0.999,
@@ -114,7 +114,7 @@ fn step_hyper() -> packsft::fused::AdamWStep {
 #[test]
 fn fused_step_matches_adamw_on_odd_lengths_and_a_bad_loss_changes_nothing() {
     use candle_core::Tensor;
-    use packsft::fused::{adamw_step, read_norm, AdamWSlot};
+    use packsft::internals::fused::{adamw_step, read_norm, AdamWSlot};
     let dev = Device::new_cuda(0).expect("a CUDA device");
     let h = step_hyper();
     let sizes = SIZES;
@@ -211,7 +211,7 @@ fn fused_step_matches_adamw_on_odd_lengths_and_a_bad_loss_changes_nothing() {
 #[test]
 fn fused_step_on_bf16_gradients_matches_their_float32_widening() {
     use candle_core::{DType, Tensor};
-    use packsft::fused::{adamw_step, read_norm, AdamWSlot};
+    use packsft::internals::fused::{adamw_step, read_norm, AdamWSlot};
     let dev = Device::new_cuda(0).expect("a CUDA device");
     let h = step_hyper();
     let sizes = SIZES;
@@ -397,7 +397,7 @@ fn optimizer_written_weight_copies_match_a_fresh_cast() {
     assert!(kept[4] < kept[0], "{kept:?}");
 }
 
-/// A device from `packsft::device::open` (what the command line and `packsft bench` use) has
+/// A device from `packsft::open_device` (what the command line and `packsft bench` use) has
 /// cudarc's per-buffer events off, so the trainer reads each step's loss and gradient norm
 /// through an event and a copy stream of its own (`streams::Readback`) while the next step is
 /// already enqueued; a device opened through candle directly reads on candle's stream. The
@@ -406,7 +406,7 @@ fn optimizer_written_weight_copies_match_a_fresh_cast() {
 fn steps_read_through_the_copy_stream_match_plain_reads() {
     let bf16 = candle_core::DType::BF16;
     let plain = six_steps(&Device::new_cuda(0).expect("a CUDA device"), bf16, true);
-    let opened = six_steps(&packsft::device::open("cuda").unwrap(), bf16, true);
+    let opened = six_steps(&packsft::open_device("cuda").unwrap(), bf16, true);
     eprintln!("candle's device {plain:?}\ndevice::open {opened:?}");
     assert_eq!(opened.len(), 6);
     for ((la, na), (lb, nb)) in plain.iter().zip(&opened) {

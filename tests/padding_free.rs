@@ -5,8 +5,8 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::{examples, max_abs_diff, rel_diff, sq_norm, tiny_model};
-use packsft::trainer::{Trainer, TrainerConfig};
 use packsft::{Collator, CompletionOnlyCollator, Example, Model, SeqLayout};
+use packsft::{Trainer, TrainerConfig};
 
 #[test]
 fn packed_layout_matches_the_worked_example() {

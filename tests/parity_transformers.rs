@@ -63,8 +63,8 @@ fn check(name: &str) {
         }
 
         let l = model.loss(&batch).unwrap();
-        assert_eq!(l.n_tokens, r.n_targets);
-        let loss = l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_tokens as f64;
+        assert_eq!(l.n_targets, r.n_targets);
+        let loss = l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_targets as f64;
         let rel = (loss - r.loss).abs() / r.loss.abs();
         assert!(
             rel <= 1e-5,
@@ -72,7 +72,7 @@ fn check(name: &str) {
             r.loss
         );
 
-        let grads = (l.sum / l.n_tokens as f64).unwrap().backward().unwrap();
+        let grads = (l.sum / l.n_targets as f64).unwrap().backward().unwrap();
         let mut checked = 0;
         for p in model.params() {
             let want = &r.tensors[&format!("grad.{}", p.name)];

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use minijinja::value::Value;
-use packsft::template::{Template, TemplateKind, SHIPPED};
+use packsft::internals::template::{Template, TemplateKind, SHIPPED};
 
 const FAMILIES: &[&str] = &[
     "llama2",

@@ -8,10 +8,10 @@ use std::sync::atomic::Ordering;
 
 use candle_core::{DType, Device, Tensor};
 use common::{examples, rel_diff, tiny_model};
-use packsft::callback::{Callback, Control, EarlyStopping};
-use packsft::optim::{AdamWConfig, Schedule};
-use packsft::trainer::{EvalMetrics, StepMetrics, Trainer, TrainerConfig};
+use packsft::{AdamWConfig, Schedule};
+use packsft::{Callback, Control, EarlyStopping};
 use packsft::{CompletionOnlyCollator, DecoderModel, Example, LossNormalization, Model};
+use packsft::{EvalMetrics, StepMetrics, Trainer, TrainerConfig};
 
 fn cfg(out: Option<&Path>) -> TrainerConfig {
     TrainerConfig {
@@ -104,7 +104,7 @@ fn sequence_normalisation_is_the_mean_of_per_sequence_means() {
     for ex in &exs {
         let b = packsft::Collator::collate(&tok, std::slice::from_ref(ex), &Device::Cpu).unwrap();
         let l = t.model.loss(&b).unwrap();
-        want += l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_tokens as f64;
+        want += l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_targets as f64;
     }
     want /= exs.len() as f64;
     assert!((got - want).abs() / want < 1e-6, "{got} vs {want}");
@@ -270,7 +270,7 @@ fn checkpoints_are_complete_and_pruned() {
     )
     .unwrap();
     t.train(&exs, None).unwrap();
-    let names: Vec<String> = packsft::checkpoint::list(dir.path())
+    let names: Vec<String> = packsft::internals::checkpoint::list(dir.path())
         .into_iter()
         .map(|(_, p)| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
@@ -488,8 +488,8 @@ fn a_fresh_run_refuses_an_earlier_runs_checkpoints_and_resume_checks_the_run() {
 #[test]
 fn early_stopping_resumes_from_the_saved_best_loss() {
     let mut es = EarlyStopping::new(1, 0.0);
-    let mut state: packsft::checkpoint::TrainerState = serde_json::from_value(serde_json::json!({
-        "format_version": packsft::checkpoint::FORMAT_VERSION, "global_step": 4, "total_steps": 8,
+    let mut state: packsft::TrainerState = serde_json::from_value(serde_json::json!({
+        "format_version": packsft::internals::checkpoint::FORMAT_VERSION, "global_step": 4, "total_steps": 8,
         "epoch": 0, "cursor": 4, "seed": 1, "shuffle": true, "n_train_examples": 8,
         "examples_per_step": 1, "max_tokens_per_batch": null, "group_by_length": false,
         "data_hash": 0, "param_shapes": [], "best_eval_loss": 1.0
@@ -563,7 +563,7 @@ fn bf16_weight_copies_give_the_in_graph_cast_gradients() {
 #[test]
 fn adamw_counts_updates_per_parameter_as_pytorch() {
     use candle_core::Var;
-    use packsft::optim::AdamW;
+    use packsft::internals::optimizer::AdamW;
     use packsft::Param;
     // `b` gets no gradient on the first step (an expert no token was routed to). PyTorch skips
     // it and counts its updates from its own first one: that update is exactly what a fresh
@@ -593,7 +593,7 @@ fn adamw_counts_updates_per_parameter_as_pytorch() {
     // Written now: the state tensors share the optimizer's buffers, which the next step updates.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("optimizer.safetensors");
-    packsft::model::weights::save_safetensors(&opt.state_tensors().unwrap(), &path).unwrap();
+    packsft::internals::weights::save_safetensors(&opt.state_tensors().unwrap(), &path).unwrap();
     opt.step(&grad_of(&[&a, &b]), 0.1).unwrap();
 
     let fresh_b = param("b", &[0.5, 3.0]);
@@ -630,8 +630,8 @@ fn early_stopping_keeps_its_patience_count_across_a_resume() {
         eval_accuracy: None,
         eval_tokens: 1,
     };
-    let state: packsft::checkpoint::TrainerState = serde_json::from_value(serde_json::json!({
-        "format_version": packsft::checkpoint::FORMAT_VERSION, "global_step": 4, "total_steps": 8,
+    let state: packsft::TrainerState = serde_json::from_value(serde_json::json!({
+        "format_version": packsft::internals::checkpoint::FORMAT_VERSION, "global_step": 4, "total_steps": 8,
         "epoch": 0, "cursor": 4, "seed": 1, "shuffle": true, "n_train_examples": 8,
         "examples_per_step": 1, "max_tokens_per_batch": null, "group_by_length": false,
         "data_hash": 0, "param_shapes": [], "best_eval_loss": 1.0
@@ -675,7 +675,7 @@ fn a_resumed_run_calls_on_resume_with_its_checkpoint_before_on_train_begin() {
                 .push(format!("resume {}", dir.display()));
             Ok(())
         }
-        fn on_train_begin(&mut self, s: &packsft::checkpoint::TrainerState) -> packsft::Result<()> {
+        fn on_train_begin(&mut self, s: &packsft::TrainerState) -> packsft::Result<()> {
             self.0
                 .lock()
                 .unwrap()
@@ -744,7 +744,7 @@ fn overlapped_steps_match_sequential_steps() {
     assert_eq!(seq.evals, ovl.evals);
     assert_eq!(seq.evals.len(), 2);
     let names = |d: &Path| -> Vec<usize> {
-        packsft::checkpoint::list(d)
+        packsft::internals::checkpoint::list(d)
             .into_iter()
             .map(|(s, _)| s)
             .collect()

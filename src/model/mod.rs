@@ -3,27 +3,20 @@
 pub mod arch;
 pub mod decoder;
 pub mod families;
+pub mod generate;
 pub mod spec;
 pub mod weights;
 
 use std::path::Path;
 
-use candle_core::{backprop::GradStore, DType, Tensor, Var};
+use candle_core::{backprop::GradStore, DType, Tensor};
 
-use crate::collator::TrainBatch;
+use crate::collate::TrainBatch;
 use crate::error::{Error, Result};
 
+pub use crate::nn::param::Param;
 pub use decoder::{ComputeOptions, DecoderModel};
 pub use spec::ArchSpec;
-
-/// A trainable parameter under its Hugging Face name.
-#[derive(Debug, Clone)]
-pub struct Param {
-    pub name: String,
-    pub var: Var,
-    /// Whether AdamW's weight decay applies (not to biases and norm weights, as in transformers).
-    pub decay: bool,
-}
 
 /// The summed loss of a batch and the number of target tokens it sums over. Summing (not
 /// averaging) lets the trainer normalise by the targets of the whole optimizer step, so padded,
@@ -31,7 +24,7 @@ pub struct Param {
 #[derive(Debug, Clone)]
 pub struct LossSum {
     pub sum: Tensor,
-    pub n_tokens: usize,
+    pub n_targets: usize,
     /// An auxiliary loss of the batch, coefficient included (MoE router load balancing).
     pub aux: Option<Tensor>,
 }
@@ -50,7 +43,7 @@ pub struct LossScale {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct EvalSums {
     pub loss_sum: f64,
-    pub n_tokens: usize,
+    pub n_targets: usize,
     /// Targets whose arg-max prediction is right; `None` when the model does not report it.
     pub n_correct: Option<usize>,
 }
@@ -112,7 +105,7 @@ pub trait Model {
         let l = self.loss(batch)?;
         Ok(EvalSums {
             loss_sum: l.sum.to_dtype(DType::F64)?.to_scalar::<f64>()?,
-            n_tokens: l.n_tokens,
+            n_targets: l.n_targets,
             n_correct: None,
         })
     }

@@ -135,7 +135,7 @@ pub fn sq_norm(t: &Tensor) -> f32 {
 /// CPU), in `model.params()` order.
 pub fn mean_loss_and_grads(model: &DecoderModel, batch: &Batch) -> (f64, Vec<Tensor>) {
     // The training path: hand-written layer backward, compute-dtype weight copies.
-    let scale = packsft::model::LossScale {
+    let scale = packsft::LossScale {
         per_unit: 1.0 / batch.n_targets as f64,
         aux: 0.0,
     };
@@ -146,7 +146,7 @@ pub fn mean_loss_and_grads(model: &DecoderModel, batch: &Batch) -> (f64, Vec<Ten
         .unwrap()
         .to_scalar::<f64>()
         .unwrap()
-        / l.n_tokens as f64;
+        / l.n_targets as f64;
     let grads = model
         .params()
         .iter()

@@ -1,0 +1,87 @@
+//! The `packsft` command line: one file per command group, each a clap `Args` struct and the
+//! function that runs it with the library.
+//!
+//! | file | commands |
+//! |---|---|
+//! | `train.rs` | `train`, `eval`: run a recipe |
+//! | `model.rs` | `arch`, `generate`: look at a checkpoint |
+//! | `inspect.rs` | `inspect`, `bench-data`: the data as the trainer sees it |
+//! | `bench.rs` | `bench`, `bench-attn`: throughput on pre-tokenized data |
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::Result;
+
+mod bench;
+mod inspect;
+mod model;
+mod train;
+
+#[derive(Parser)]
+#[command(
+    name = "packsft",
+    version,
+    about = "Supervised fine-tuning with padding-free packing"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train as a recipe says: packsft train recipes/quickstart.yaml [train.lr=1e-3 ...]
+    Train(train::TrainCmd),
+    /// Loss on the recipe's data.eval; the last stdout line is {"eval_loss": .., "eval_tokens": ..}
+    Eval(train::EvalCmd),
+    /// What packsft understood of a checkpoint: family, sizes, every structural choice
+    Arch(model::ArchCmd),
+    /// Mask audit: the dataset report and the first batches token by token, trained tokens
+    /// highlighted (--json: input_ids, labels, position_ids, cu_seq_lens per batch)
+    Inspect(inspect::InspectCmd),
+    /// Throughput of the data pipeline: the recipe's training rows to padding-free batches
+    BenchData(inspect::BenchDataCmd),
+    /// Attention alone, forward and forward+backward: the lengths of real batches of DATA, or
+    /// `--equal BxL` sequences of L tokens
+    BenchAttn(bench::BenchAttnCmd),
+    /// Greedy continuation of one or more prompts with a saved model directory
+    Generate(model::GenerateCmd),
+    /// Training throughput on pre-tokenized data (shared/bench/make_bench_data.py)
+    Bench(bench::BenchCmd),
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Train(c) => train::train(c),
+        Cmd::Eval(c) => train::eval(c),
+        Cmd::Arch(c) => model::arch(c),
+        Cmd::Inspect(c) => inspect::run_inspect(c),
+        Cmd::BenchData(c) => inspect::run_bench_data(c),
+        Cmd::BenchAttn(c) => bench::run_bench_attn(c),
+        Cmd::Generate(c) => model::generate(c),
+        Cmd::Bench(c) => bench::run_bench(c),
+    }
+}
+
+/// The `packsft` command line: parses the arguments, runs the command, and maps an error to a
+/// message on stderr and a failing exit status. Logs go to stderr through a `tracing`
+/// subscriber (`RUST_LOG` filters them; `info` by default).
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

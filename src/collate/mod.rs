@@ -1,0 +1,3 @@
+mod collator;
+
+pub use collator::*;

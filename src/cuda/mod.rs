@@ -1,0 +1,3 @@
+#[cfg(feature = "flash-attn")]
+pub mod flash;
+pub mod fused;

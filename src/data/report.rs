@@ -1,0 +1,157 @@
+//! What reading a dataset did: rows kept and dropped (and why), truncations, masks that found no
+//! template, and the thresholds that stop a run before anything is written.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// Thresholds on the dataset report that stop a run before training.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DataLimits {
+    /// Most rows that may be dropped (too long, no target, template missing), as a fraction.
+    pub max_dropped_fraction: Option<f64>,
+    pub max_truncated_fraction: Option<f64>,
+    /// Most rows whose response (or instruction) template is missing, as a fraction.
+    pub max_template_missing_fraction: Option<f64>,
+    /// Fewest target tokens per token.
+    pub min_supervised_ratio: Option<f64>,
+}
+
+/// What loading a dataset did, for the log, `packsft inspect` and thresholds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DataReport {
+    pub format: String,
+    pub template: Option<String>,
+    /// `spans` or `response_template`.
+    pub method: String,
+    pub loss_on: String,
+    pub rows: usize,
+    pub examples: usize,
+    pub truncated: usize,
+    pub dropped_too_long: usize,
+    pub dropped_no_target: usize,
+    /// Dropped because the response or instruction template was not found (TRL method).
+    pub dropped_template_missing: usize,
+    pub response_template_missing: usize,
+    pub instruction_template_missing: usize,
+    /// Examples that should end with an EOS target but do not: cut off by `keep_start`
+    /// truncation, masked as the pad id (TRL method with pad == EOS), or no EOS token at all.
+    pub eos_not_target: usize,
+    pub eos_truncated: usize,
+    pub eos_masked_as_pad: usize,
+    pub tokens: usize,
+    pub target_tokens: usize,
+    /// The first few dropped rows, `file:line (reason)`, to look at.
+    pub dropped_rows: Vec<String>,
+}
+
+impl DataReport {
+    pub fn dropped(&self) -> usize {
+        self.dropped_too_long + self.dropped_no_target + self.dropped_template_missing
+    }
+
+    /// Target tokens per token (first tokens of examples included in the count of tokens).
+    pub fn supervised_ratio(&self) -> f64 {
+        self.target_tokens as f64 / self.tokens.max(1) as f64
+    }
+
+    /// Stops with an error naming the dataset when a threshold is crossed.
+    pub fn check(&self, limits: &DataLimits, path: &Path) -> Result<()> {
+        let rows = self.rows.max(1) as f64;
+        let over = |what: &str, n: usize, key: &str, max: Option<f64>| -> Result<()> {
+            match max {
+                Some(m) if n as f64 / rows > m => Err(Error::Dataset {
+                    path: path.to_path_buf(),
+                    msg: format!(
+                        "{n} of {} rows {what} ({:.1}%), more than data.{key} = {m}",
+                        self.rows,
+                        100.0 * n as f64 / rows
+                    ),
+                }),
+                _ => Ok(()),
+            }
+        };
+        over(
+            &format!(
+                "dropped ({} too long, {} without a target token, {} template missing)",
+                self.dropped_too_long, self.dropped_no_target, self.dropped_template_missing
+            ),
+            self.dropped(),
+            "max_dropped_fraction",
+            limits.max_dropped_fraction,
+        )?;
+        over(
+            "truncated",
+            self.truncated,
+            "max_truncated_fraction",
+            limits.max_truncated_fraction,
+        )?;
+        over(
+            "without the response or instruction template",
+            self.response_template_missing
+                .max(self.instruction_template_missing),
+            "max_template_missing_fraction",
+            limits.max_template_missing_fraction,
+        )?;
+        if let Some(min) = limits.min_supervised_ratio {
+            if self.supervised_ratio() < min {
+                return Err(Error::Dataset {
+                    path: path.to_path_buf(),
+                    msg: format!(
+                        "supervised-token ratio {:.4} ({} targets of {} tokens) is below data.min_supervised_ratio = {min}",
+                        self.supervised_ratio(),
+                        self.target_tokens,
+                        self.tokens
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Logs the report, with a warning for each thing that was lost.
+    pub fn log(&self, path: &Path) {
+        tracing::info!(
+            path = %path.display(),
+            format = %self.format,
+            template = %self.template.as_deref().unwrap_or("none"),
+            method = %self.method,
+            loss_on = %self.loss_on,
+            rows = self.rows,
+            examples = self.examples,
+            truncated = self.truncated,
+            dropped = self.dropped(),
+            tokens = self.tokens,
+            target_tokens = self.target_tokens,
+            supervised_ratio = format!("{:.3}", self.supervised_ratio()),
+            "dataset"
+        );
+        if self.dropped() > 0 {
+            tracing::warn!(
+                path = %path.display(),
+                "{} of {} rows dropped: {} longer than max_length (data.truncation: drop), {} without any target token, {} without the response/instruction template; first: {}",
+                self.dropped(),
+                self.rows,
+                self.dropped_too_long,
+                self.dropped_no_target,
+                self.dropped_template_missing,
+                self.dropped_rows.join(", ")
+            );
+        }
+        if self.truncated > 0 {
+            tracing::warn!(path = %path.display(), "{} of {} examples truncated to max_length", self.truncated, self.rows);
+        }
+        if self.eos_not_target > 0 {
+            tracing::warn!(
+                path = %path.display(),
+                "{} examples do not end with an EOS target: {} lost it to keep_start truncation, {} had it masked because pad == EOS under collator.response_template (as TRL does), {} for lack of an EOS token",
+                self.eos_not_target,
+                self.eos_truncated,
+                self.eos_masked_as_pad,
+                self.eos_not_target - self.eos_truncated - self.eos_masked_as_pad
+            );
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! How a dataset is read, as a recipe's `data:` section says it: the row [`Format`], which parts
+//! carry loss ([`LossOn`]), the template, and the field names.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// How the rows of a dataset are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// Decided from the first row's fields (after `data.fields` renaming).
+    #[default]
+    Auto,
+    /// `{"text": ...}`: language modelling (loss on every token unless a response template
+    /// says otherwise).
+    Text,
+    /// `{"prompt": ..., "completion": ...}`.
+    #[serde(alias = "completion")]
+    PromptCompletion,
+    /// `{"messages": [{"role": ..., "content": ...}, ...]}` with system, user, assistant and
+    /// tool roles.
+    #[serde(alias = "chat")]
+    Messages,
+    /// ShareGPT: `{"conversations": [{"from": "human", "value": ...}, ...]}`.
+    #[serde(alias = "conversations")]
+    Sharegpt,
+    /// Alpaca: `instruction`, optional `input`, `output`, through a prompt template (`alpaca`
+    /// unless `data.template` names another).
+    Alpaca,
+    /// Any named columns through a prompt template (its variables are the row's columns).
+    Columns,
+    /// Pre-tokenized: `input_ids` with an optional `completion_mask` (1 = loss), `labels` (-100
+    /// = no loss) or `assistant_masks`.
+    #[serde(alias = "pretokenized", alias = "tokenized")]
+    Tokens,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Auto => "auto",
+            Format::Text => "text",
+            Format::PromptCompletion => "prompt_completion",
+            Format::Messages => "messages",
+            Format::Sharegpt => "sharegpt",
+            Format::Alpaca => "alpaca",
+            Format::Columns => "columns",
+            Format::Tokens => "tokens",
+        }
+    }
+}
+
+/// Which tokens carry loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossOn {
+    /// The completion (prompt/completion, Alpaca, columns; pre-tokenized rows: their mask).
+    Completion,
+    /// Every assistant turn of a conversation.
+    Assistant,
+    /// The last assistant turn only.
+    LastAssistant,
+    /// Every token.
+    All,
+}
+
+impl LossOn {
+    pub fn name(self) -> &'static str {
+        match self {
+            LossOn::Completion => "completion",
+            LossOn::Assistant => "assistant",
+            LossOn::LastAssistant => "last_assistant",
+            LossOn::All => "all",
+        }
+    }
+}
+
+/// A response or instruction template of the TRL-compatible method: text (encoded alone,
+/// without special tokens, as TRL does) or token ids.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenTemplate {
+    Ids(Vec<u32>),
+    Text(String),
+}
+
+/// What a recipe says about turning rows into examples.
+#[derive(Debug, Clone, Default)]
+pub struct DataSpec {
+    pub format: Format,
+    /// A shipped template name, a `.jinja` path, or `tokenizer`.
+    pub template: Option<String>,
+    /// Canonical field (`prompt`, `completion`, `messages`, `instruction`, `role`, ...) → the
+    /// column or key that holds it.
+    pub fields: BTreeMap<String, String>,
+    /// Extra role names → `system`, `user`, `assistant` or `tool` (messages and ShareGPT).
+    pub roles: BTreeMap<String, String>,
+    pub loss_on: Option<LossOn>,
+    /// Set: the TRL-compatible masking method instead of spans.
+    pub response_template: Option<TokenTemplate>,
+    pub instruction_template: Option<TokenTemplate>,
+    /// Strings that end an assistant turn, besides EOS and the usual ones (`<|eot_id|>`, ...).
+    pub end_of_turn: Vec<String>,
+}

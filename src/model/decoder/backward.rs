@@ -1,0 +1,675 @@
+//! The hand-written backward of decoder layers, mirroring `forward.rs` function for function:
+//! `Layer::forward_vjp` is `Layer::forward`, `attention_vjp` is `attention`, `Mlp::forward_vjp` is
+//! `Mlp::forward`. Each returns the piece's output and its pullback: one matrix product per input
+//! gradient and one per weight gradient, each written once, weight gradients handed to the float32
+//! master weights as they come (`nn::graph::side_grad`). Pieces without a backward of their own
+//! (LayerNorm, GELU, eager attention, ...) go through candle's autograd locally
+//! (`through_autograd`), so every layer but the mixture-of-experts ones takes this path (why:
+//! `nn::graph`).
+
+use candle_core::{DType, Tensor};
+
+use super::super::spec::{Act, ArchSpec, Block};
+use super::parts::{activate, head_norm, stacked_qkv, FwdCtx, Layer, Lin, Mlp, Norm, Qkv};
+use crate::error::{Error, Result};
+use crate::nn::graph::{
+    count_hand_backward, hand_weight_grad, hand_weight_grads, in_scope, side_grad, Attach,
+};
+use crate::nn::kernels::{self, add};
+use crate::nn::ops;
+use crate::pullback::{grad_or_zeros, through_autograd, PairGrads, Pullback};
+
+type Back = Pullback<Tensor>;
+
+/// x (N, in) → x W^T (+ b); the pullback returns dx and hands dW = dy^T x (and db) over.
+fn lin_vjp(lin: &Lin, x: &Tensor) -> Result<(Tensor, Back)> {
+    let w = lin.compute_weight(x.dtype())?.detach();
+    let y = x.matmul(&w.t()?)?;
+    let y = match &lin.b {
+        Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?.detach())?,
+        None => y,
+    };
+    let (x, master, bias) = (x.clone(), lin.w.clone(), lin.b.clone());
+    let back = move |dy: &Tensor| -> Result<Tensor> {
+        let dy = dy.to_dtype(x.dtype())?.contiguous()?;
+        hand_weight_grad(&master, &dy, &x)?;
+        if let Some(b) = &bias {
+            side_grad(b, dy.to_dtype(DType::F32)?.sum(0)?)?;
+        }
+        Ok(dy.matmul(&w)?)
+    };
+    Ok((y, Box::new(back)))
+}
+
+/// x (N, in) → y (N, sum of rows) for linear layers of one input whose compute weights `w` are
+/// stacked by rows (a layer's q, k and v): one matrix product forward, and one each for dx and
+/// the weight gradients, instead of one each per layer and the adds of their input gradients
+/// (cuBLAS runs TinyLlama's one (N, 2,560) product faster than a (N, 2,048) and two (N, 256)
+/// ones: benches/gpu/gemm_shapes.py). The pullback takes dy (N, sum of rows).
+fn stacked_lin_vjp(lins: &[&Lin], w: &Tensor, x: &Tensor) -> Result<(Tensor, Back)> {
+    let w = w.detach();
+    let y = x.matmul(&w.t()?)?;
+    let mut masters = Vec::with_capacity(lins.len());
+    let mut row = 0;
+    for l in lins {
+        let rows = l.w.dim(0)?;
+        masters.push((l.w.clone(), row, rows));
+        row += rows;
+    }
+    let y = if lins.iter().any(|l| l.b.is_some()) {
+        let b = lins
+            .iter()
+            .map(|l| match &l.b {
+                Some(b) => b.to_dtype(x.dtype()),
+                None => Tensor::zeros(l.w.dim(0)?, x.dtype(), x.device()),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        y.broadcast_add(&Tensor::cat(&b, 0)?.detach())?
+    } else {
+        y
+    };
+    let biases: Vec<Option<Tensor>> = lins.iter().map(|l| l.b.clone()).collect();
+    let x = x.clone();
+    let back = move |dy: &Tensor| -> Result<Tensor> {
+        let dy = dy.to_dtype(x.dtype())?.contiguous()?;
+        hand_weight_grads(&masters, &dy, &x)?;
+        if biases.iter().any(|b| b.is_some()) {
+            let db = dy.to_dtype(DType::F32)?.sum(0)?;
+            for (b, (_, row, rows)) in biases.iter().zip(&masters) {
+                if let Some(b) = b {
+                    side_grad(b, db.narrow(0, *row, *rows)?)?;
+                }
+            }
+        }
+        Ok(dy.matmul(&w)?)
+    };
+    Ok((y, Box::new(back)))
+}
+
+fn norm_vjp(norm: &Norm, x: &Tensor) -> Result<(Tensor, Back)> {
+    if norm.spec.kind == super::super::spec::NormKind::Rms {
+        let w = norm.w.as_ref().expect("rms weight");
+        if let Some((y, back)) = kernels::rms_norm_vjp(x, w, norm.spec.eps)? {
+            let w = w.clone();
+            let back = move |dy: &Tensor| -> Result<Tensor> {
+                let (dx, dw) = back(dy)?;
+                side_grad(&w, dw)?;
+                Ok(dx)
+            };
+            return Ok((y, Box::new(back)));
+        }
+    }
+    let params: Vec<Tensor> = norm.w.iter().chain(norm.b.iter()).cloned().collect();
+    let mut inputs = vec![x];
+    inputs.extend(params.iter());
+    let (has_w, spec) = (norm.w.is_some(), norm.spec);
+    let (y, back) = through_autograd(&inputs, |t| {
+        let local = Norm {
+            spec,
+            w: if has_w { Some(t[1].clone()) } else { None },
+            b: if has_w { t.get(2).cloned() } else { None },
+        };
+        local.fwd(&t[0])
+    })?;
+    Ok((y, x_then_params(back, x.clone(), params)))
+}
+
+/// The pullback of a piece through autograd whose inputs are `x` and then parameters: returns
+/// dx and hands the parameters' gradients over.
+fn x_then_params(back: Pullback<Vec<Option<Tensor>>>, x: Tensor, params: Vec<Tensor>) -> Back {
+    Box::new(move |dy: &Tensor| -> Result<Tensor> {
+        let mut g = back(dy)?.into_iter();
+        let dx = grad_or_zeros(g.next().flatten(), &x)?;
+        for (p, gp) in params.iter().zip(g) {
+            if let Some(gp) = gp {
+                side_grad(p, gp)?;
+            }
+        }
+        Ok(dx)
+    })
+}
+
+fn rope_vjp(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Back)> {
+    if let Some(fused) = kernels::apply_rope_vjp(x, cos, sin)? {
+        return Ok(fused);
+    }
+    let (y, back) = through_autograd(&[x], |t| ops::apply_rope(&t[0], cos, sin))?;
+    let x = x.clone();
+    let back = move |dy: &Tensor| grad_or_zeros(back(dy)?.pop().flatten(), &x);
+    Ok((y, Box::new(back)))
+}
+
+/// act(g) * u with its pullback (dg, du).
+fn gated_vjp(g: &Tensor, u: &Tensor, act: Act) -> Result<(Tensor, Pullback<PairGrads>)> {
+    if act == Act::Silu {
+        if let Some(fused) = kernels::silu_mul_vjp(g, u)? {
+            return Ok(fused);
+        }
+    }
+    let (y, back) = through_autograd(&[g, u], |t| Ok((activate(&t[0], act)? * &t[1])?))?;
+    let (g, u) = (g.clone(), u.clone());
+    let back = move |dy: &Tensor| -> Result<PairGrads> {
+        let mut r = back(dy)?.into_iter();
+        Ok((
+            grad_or_zeros(r.next().flatten(), &g)?,
+            grad_or_zeros(r.next().flatten(), &u)?,
+        ))
+    };
+    Ok((y, Box::new(back)))
+}
+
+fn act_vjp(a: &Tensor, act: Act) -> Result<(Tensor, Back)> {
+    act_like(a, move |x| activate(x, act))
+}
+
+/// An elementwise piece `f` of one input, through autograd.
+fn act_like(a: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<(Tensor, Back)> {
+    let (y, back) = through_autograd(&[a], |t| f(&t[0]))?;
+    let a = a.clone();
+    let back = move |dy: &Tensor| grad_or_zeros(back(dy)?.pop().flatten(), &a);
+    Ok((y, Box::new(back)))
+}
+
+/// [`head_norm`] with its pullback; the weights' gradients go to their parameters.
+fn head_norm_vjp(x: &Tensor, ws: &[Tensor], eps: f64) -> Result<(Tensor, Back)> {
+    let mut inputs = vec![x];
+    inputs.extend(ws.iter());
+    let (y, back) = through_autograd(&inputs, |t| head_norm(&t[0], &t[1..], eps))?;
+    Ok((y, x_then_params(back, x.clone(), ws.to_vec())))
+}
+
+/// Adds the input gradients of several pullbacks of one input.
+fn sum_backs(backs: Vec<(Back, Tensor)>) -> Result<Tensor> {
+    let mut total: Option<Tensor> = None;
+    for (back, dy) in backs {
+        let d = back(&dy)?;
+        total = Some(match total {
+            Some(t) => add(&t, &d)?,
+            None => d,
+        });
+    }
+    total.ok_or_else(|| Error::Config("no gradient to add".into()))
+}
+
+/// `table.index_select(ids, 0)` as one graph node whose backward hands the table's gradient
+/// (the rows of dy added into a zero table) straight to the scope; `None` outside [`scope`].
+/// Through autograd, candle adds every gradient that reaches a tensor into a zero tensor of its
+/// size: for an embedding table (TinyLlama's 32,000 x 2,048 float32 weights) that is a 262 MB
+/// fill and a 786 MB add a step on top of the scatter's own table, the same in padded and
+/// padding-free steps.
+pub(super) fn embed_lookup(table: &Tensor, ids: &Tensor) -> Result<Option<Tensor>> {
+    if !in_scope() {
+        return Ok(None);
+    }
+    let y = kernels::index_rows(&table.detach(), ids)?;
+    let (t, ids) = (table.clone(), ids.clone());
+    let back: Pullback<Option<Tensor>> = Box::new(move |dy: &Tensor| {
+        side_grad(&t, kernels::index_rows_grad(&t, &ids, dy)?)?;
+        Ok(None)
+    });
+    Ok(Some(table.apply_op2(&y, Attach::for_param(back))?))
+}
+
+impl Layer {
+    /// [`Layer::forward`] with its pullback (dx; weight gradients go to the scope), branch for
+    /// branch.
+    pub(super) fn forward_vjp(
+        &self,
+        spec: &ArchSpec,
+        x: &Tensor,
+        ctx: &FwdCtx,
+    ) -> Result<(Tensor, Back)> {
+        let (h1, n1) = norm_vjp(&self.norm1, x)?;
+        let (a, attn) = self.attention_vjp(spec, &h1, ctx)?;
+        match spec.block {
+            Block::Sequential => {
+                let rm = spec.residual_multiplier;
+                let x2 = add(x, &scale(&a, rm)?)?;
+                let norm2 = self
+                    .norm2
+                    .as_ref()
+                    .expect("sequential blocks have two norms");
+                let (h2, n2) = norm_vjp(norm2, &x2)?;
+                let (m, mlp) = self.mlp.forward_vjp(&h2)?;
+                let y = add(&x2, &scale(&m, rm)?)?;
+                let back = move |dy: &Tensor| -> Result<Tensor> {
+                    let dh2 = mlp(&scale(dy, rm)?)?;
+                    let dx2 = add(dy, &n2(&dh2)?)?;
+                    let dh1 = attn(&scale(&dx2, rm)?)?;
+                    add(&dx2, &n1(&dh1)?)
+                };
+                Ok((y, Box::new(back)))
+            }
+            Block::Parallel { shared_norm } => {
+                let (h2, n2) = if shared_norm {
+                    (h1.clone(), None)
+                } else {
+                    let (h2, n2) = norm_vjp(self.norm2.as_ref().expect("two norms"), x)?;
+                    (h2, Some(n2))
+                };
+                let (m, mlp) = self.mlp.forward_vjp(&h2)?;
+                let y = add(&add(x, &a)?, &m)?;
+                let back = move |dy: &Tensor| -> Result<Tensor> {
+                    let dh1 = attn(dy)?;
+                    let dh2 = mlp(dy)?;
+                    Ok(match n2 {
+                        None => add(dy, &n1(&add(&dh1, &dh2)?)?)?,
+                        Some(n2) => add(&add(dy, &n1(&dh1)?)?, &n2(&dh2)?)?,
+                    })
+                };
+                Ok((y, Box::new(back)))
+            }
+        }
+    }
+
+    /// [`Layer::attention`] with its pullback: h (N, H) → (N, H).
+    fn attention_vjp(&self, s: &ArchSpec, h: &Tensor, ctx: &FwdCtx) -> Result<(Tensor, Back)> {
+        let (n, nh, nkv, d) = (ctx.n, s.heads, s.kv_heads, s.head_dim);
+        let split = s.qkv_split();
+        enum Proj {
+            Separate(Back, Back, Back),
+            /// q, k and v weights stacked: one product; the pullback takes the stacked gradient.
+            Stacked(Back),
+            Fused(Back),
+        }
+        let ((q, k, v), proj) = match &self.qkv {
+            Qkv::Separate(lq, lk, lv) => match stacked_qkv(lq).filter(|w| w.dtype() == h.dtype()) {
+                Some(w) => {
+                    let (y, back) = stacked_lin_vjp(&[lq, lk, lv], &w, h)?;
+                    // Stacked only where nothing comes between projection and rotation
+                    // (`copy_layout`); the pieces below remain for buffers the kernel rejects.
+                    if let Some((o, to_y)) = self.stacked_rope_attention(s, &y, ctx)? {
+                        let back = move |dy: &Tensor| back(&to_y(dy)?);
+                        return Ok((o, Box::new(back)));
+                    }
+                    let qkv = (
+                        y.narrow(1, 0, nh * d)?,
+                        y.narrow(1, nh * d, nkv * d)?,
+                        y.narrow(1, (nh + nkv) * d, nkv * d)?,
+                    );
+                    (qkv, Proj::Stacked(back))
+                }
+                None => {
+                    let (q, bq) = lin_vjp(lq, h)?;
+                    let (k, bk) = lin_vjp(lk, h)?;
+                    let (v, bv) = lin_vjp(lv, h)?;
+                    ((q, k, v), Proj::Separate(bq, bk, bv))
+                }
+            },
+            Qkv::Fused(lin) => {
+                let (y, b) = lin_vjp(lin, h)?;
+                (split.split(&y, n)?, Proj::Fused(b))
+            }
+        };
+        let q = q.reshape((n, nh, d))?;
+        let k = k.reshape((n, nkv, d))?;
+        let v = v.reshape((n, nkv, d))?;
+        // Clipping and q/k norms: small elementwise pieces, through autograd.
+        let mut pre_q: Vec<Back> = Vec::new();
+        let mut pre_k: Vec<Back> = Vec::new();
+        let (mut q, mut k, mut v) = (q, k, v);
+        let mut pre_v: Option<Back> = None;
+        if let Some(c) = s.clip_qkv {
+            let clip = |t: &Tensor| act_like(t, move |x| Ok(x.clamp(-c, c)?));
+            let (cq, bq) = clip(&q)?;
+            let (ck, bk) = clip(&k)?;
+            let (cv, bv) = clip(&v)?;
+            (q, k, v) = (cq, ck, cv);
+            pre_q.push(bq);
+            pre_k.push(bk);
+            pre_v = Some(bv);
+        }
+        if !self.q_norm.is_empty() {
+            let (nq, bq) = head_norm_vjp(&q, &self.q_norm, s.norm.eps)?;
+            let (nk, bk) = head_norm_vjp(&k, &self.k_norm, s.norm.eps)?;
+            (q, k) = (nq, nk);
+            pre_q.push(bq);
+            pre_k.push(bk);
+        }
+        let (q, rq) = rope_vjp(&q, &ctx.cos, &ctx.sin)?;
+        let (k, rk) = rope_vjp(&k, &ctx.cos, &ctx.sin)?;
+        let (a, attend) = ctx.plan.attend_vjp(&q, &k, &v, s.attn_scale)?;
+        let (o, out) = lin_vjp(&self.o, &a)?;
+        let back = move |dy: &Tensor| -> Result<Tensor> {
+            let da = out(dy)?;
+            let (dq, dk, dv) = attend(&da)?;
+            let (mut dq, mut dk) = (rq(&dq)?, rk(&dk)?);
+            for b in pre_q.into_iter().rev() {
+                dq = b(&dq)?;
+            }
+            for b in pre_k.into_iter().rev() {
+                dk = b(&dk)?;
+            }
+            let dv = match pre_v {
+                Some(b) => b(&dv)?,
+                None => dv,
+            };
+            match proj {
+                Proj::Separate(bq, bk, bv) => sum_backs(vec![
+                    (bq, dq.reshape((n, nh * d))?),
+                    (bk, dk.reshape((n, nkv * d))?),
+                    (bv, dv.reshape((n, nkv * d))?),
+                ]),
+                Proj::Stacked(b) => b(&Tensor::cat(
+                    &[
+                        dq.reshape((n, nh * d))?,
+                        dk.reshape((n, nkv * d))?,
+                        dv.reshape((n, nkv * d))?,
+                    ],
+                    1,
+                )?),
+                Proj::Fused(b) => b(&split.join(&dq, &dk, &dv, n)?),
+            }
+        };
+        Ok((o, Box::new(back)))
+    }
+
+    /// The rest of the attention block from a stacked q/k/v product y (N, (heads + 2 kv_heads)
+    /// head_dim) where nothing comes between projection and rotation: q and k rotated, and v
+    /// copied, straight out of y's columns, and their gradients written back into one stacked
+    /// gradient, one pass each (`kernels::rope_split_stacked`) instead of strided copies
+    /// and a concatenation. Returns the block's output and its pullback to dy; `None` (nothing
+    /// done) where that kernel does not apply, and off CUDA.
+    fn stacked_rope_attention(
+        &self,
+        s: &ArchSpec,
+        y: &Tensor,
+        ctx: &FwdCtx,
+    ) -> Result<Option<(Tensor, Back)>> {
+        let dims = (s.heads, s.kv_heads, s.head_dim);
+        let Some((q, k, v)) = kernels::rope_split_stacked(y, dims, &ctx.cos, &ctx.sin)? else {
+            return Ok(None);
+        };
+        let (a, attend) = ctx.plan.attend_vjp(&q, &k, &v, s.attn_scale)?;
+        let (o, out) = lin_vjp(&self.o, &a)?;
+        let (cos, sin) = (ctx.cos.clone(), ctx.sin.clone());
+        let back = move |dy: &Tensor| -> Result<Tensor> {
+            let (dq, dk, dv) = attend(&out(dy)?)?;
+            kernels::rope_join_stacked(&dq, &dk, &dv, &cos, &sin)
+        };
+        Ok(Some((o, Box::new(back))))
+    }
+}
+
+impl Mlp {
+    /// [`Mlp::forward`] with its pullback (dense MLPs only).
+    pub(super) fn forward_vjp(&self, h: &Tensor) -> Result<(Tensor, Back)> {
+        match self {
+            Mlp::Gated {
+                gate,
+                up,
+                down,
+                act,
+            } => {
+                let (g, bg) = lin_vjp(gate, h)?;
+                let (u, bu) = lin_vjp(up, h)?;
+                let (m, gated) = gated_vjp(&g, &u, *act)?;
+                let (y, bd) = lin_vjp(down, &m)?;
+                let back = move |dy: &Tensor| -> Result<Tensor> {
+                    let (dg, du) = gated(&bd(dy)?)?;
+                    sum_backs(vec![(bg, dg), (bu, du)])
+                };
+                Ok((y, Box::new(back)))
+            }
+            Mlp::GatedFused {
+                gate_up,
+                down,
+                act,
+                hidden,
+            } => {
+                let (gu, bgu) = lin_vjp(gate_up, h)?;
+                let f = *hidden;
+                let (m, gated) = gated_vjp(&gu.narrow(1, 0, f)?, &gu.narrow(1, f, f)?, *act)?;
+                let (y, bd) = lin_vjp(down, &m)?;
+                let back = move |dy: &Tensor| -> Result<Tensor> {
+                    let (dg, du) = gated(&bd(dy)?)?;
+                    bgu(&Tensor::cat(&[dg, du], 1)?)
+                };
+                Ok((y, Box::new(back)))
+            }
+            Mlp::Plain { fc1, fc2, act } => {
+                let (a, b1) = lin_vjp(fc1, h)?;
+                let (m, ba) = act_vjp(&a, *act)?;
+                let (y, b2) = lin_vjp(fc2, &m)?;
+                let back = move |dy: &Tensor| -> Result<Tensor> { b1(&ba(&b2(dy)?)?) };
+                Ok((y, Box::new(back)))
+            }
+            Mlp::Moe { .. } => Err(Error::Config(
+                "mixture-of-experts layers keep candle's autograd".into(),
+            )),
+        }
+    }
+}
+
+/// How many of `layers`, from the first, take the hand-written backward here (inside a
+/// `nn::graph::scope`, unless `autograd_layers`): every layer but the mixture-of-experts
+/// ones, which keep candle's autograd; 0: run the first as an autograd graph.
+pub(super) fn hand_written_run(layers: &[Layer], autograd_layers: bool) -> usize {
+    if !in_scope() || autograd_layers {
+        return 0;
+    }
+    layers
+        .iter()
+        .take_while(|l| !matches!(l.mlp, Mlp::Moe { .. }))
+        .count()
+}
+
+/// Consecutive layers as one graph node whose backward runs their pullbacks in reverse: one
+/// graph edge for the whole run, not one per layer (autograd zero-fills, adds and keeps a
+/// copy of the hidden states at every edge). Needs [`hand_written_run`] to cover
+/// `layers`.
+pub(super) fn layers_node(
+    layers: &[Layer],
+    spec: &ArchSpec,
+    x: &Tensor,
+    ctx: &FwdCtx,
+) -> Result<Tensor> {
+    let mut h = x.detach();
+    let mut backs = Vec::with_capacity(layers.len());
+    for layer in layers {
+        let (y, back) = layer.forward_vjp(spec, &h, ctx)?;
+        backs.push(back);
+        h = y;
+    }
+    let back: Back = Box::new(move |dy: &Tensor| -> Result<Tensor> {
+        let mut d = dy.clone();
+        for b in backs.into_iter().rev() {
+            d = b(&d)?;
+            count_hand_backward();
+        }
+        Ok(d)
+    });
+    let y = h.contiguous()?;
+    Ok(x.apply_op2(&y, Attach::new(back))?)
+}
+
+/// The vocabulary projection as one graph node whose backward hands the weight gradient
+/// straight to the master weight (autograd would make a gradient of the weight copy, then
+/// cast and add it); `None` outside [`scope`], with autograd layers, and
+/// off the GPU's bf16 path, where there is no cast to save and the node's copy of the
+/// float32 logits would cost time and memory.
+pub(super) fn lm_head_node(lin: &Lin, h: &Tensor, autograd_layers: bool) -> Result<Option<Tensor>> {
+    if !hand_written_head(h, autograd_layers) {
+        return Ok(None);
+    }
+    let (y, back) = lin_vjp(lin, &h.detach())?;
+    let y = y.contiguous()?;
+    Ok(Some(h.apply_op2(&y, Attach::new(back))?))
+}
+
+/// Whether the vocabulary projection of `h` joins the graph as a node of its own: inside
+/// [`scope`], with hand-written layers, on the GPU's bf16 path.
+fn hand_written_head(h: &Tensor, autograd_layers: bool) -> bool {
+    in_scope() && !autograd_layers && h.device().is_cuda() && h.dtype() == DType::BF16
+}
+
+/// The vocabulary projection and the per-row loss (negative log-likelihood of `targets`) as
+/// one graph node, on the same terms as [`lm_head_node`] and for unscaled logits:
+/// autograd then holds only per-row and hidden-sized gradients. As two nodes, it added the
+/// logits' gradient (rows x vocab) into a zero-filled tensor of that size every step.
+pub(super) fn lm_head_nll_node(
+    lin: &Lin,
+    h: &Tensor,
+    targets: &Tensor,
+    spec: &ArchSpec,
+    autograd_layers: bool,
+) -> Result<Option<Tensor>> {
+    if !hand_written_head(h, autograd_layers) || spec.logits_scaling != 1.0 {
+        return Ok(None);
+    }
+    let (logits, lin_back) = lin_vjp(lin, &h.detach())?;
+    // ce_back keeps the logits for the backward, as the cross-entropy node did.
+    let Some((nll, ce_back)) = kernels::nll_vjp(&logits, targets)? else {
+        return Ok(None);
+    };
+    let back = move |g: &Tensor| -> Result<Tensor> { lin_back(&ce_back(g)?) };
+    Ok(Some(h.apply_op2(&nll, Attach::new(Box::new(back)))?))
+}
+
+fn scale(t: &Tensor, s: f64) -> Result<Tensor> {
+    Ok(if s != 1.0 { (t * s)? } else { t.clone() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::LossSum;
+    use crate::nn::graph::scope;
+    use candle_core::Device;
+
+    fn values(shape: &[usize], seed: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| ((i as f32 + 1.0) * seed).sin()).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// What `f` returns, and the parameter gradients it handed over.
+    fn with_side_grads(f: impl FnOnce() -> Result<Tensor>) -> (Tensor, Vec<(Tensor, Tensor)>) {
+        let (r, side) = crate::nn::graph::with_side_grads(f);
+        (r.unwrap(), side)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Inside a scope the embedding lookup gives index_select's rows, and the table gets the
+    /// gradient autograd gives it (repeated ids summed, unused rows zero) from the scope instead
+    /// of from candle's graph (whose zero-filled table and add are what it avoids); outside a
+    /// scope it steps aside.
+    #[test]
+    fn embedding_lookup_hands_the_table_autograds_gradient() {
+        let table = candle_core::Var::from_tensor(&values(&[5, 3], 0.4)).unwrap();
+        let t = table.as_tensor();
+        let ids = Tensor::new(&[3u32, 1, 3, 0, 3], &Device::Cpu).unwrap();
+        let w = values(&[5, 3], 0.9);
+        assert!(embed_lookup(t, &ids).unwrap().is_none());
+        let reference = t.index_select(&ids, 0).unwrap();
+        let autograd = (&reference * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_ref = autograd.get(t).unwrap();
+        let (_, grads) = scope(|| {
+            let y = embed_lookup(t, &ids)?.expect("inside a scope");
+            assert_eq!(max_diff(&y, &reference), 0.0);
+            let sum = (&y * &w)?.sum_all()?;
+            let graph = sum.backward()?;
+            assert!(
+                graph.get(t).is_none(),
+                "the graph itself gives the table nothing"
+            );
+            Ok((
+                LossSum {
+                    sum,
+                    n_targets: 5,
+                    aux: None,
+                },
+                graph,
+            ))
+        })
+        .unwrap();
+        let g = grads
+            .get(t)
+            .expect("the scope hands the table its gradient");
+        assert_eq!(max_diff(g, g_ref), 0.0);
+        let row_sums = g.abs().unwrap().sum(1).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(row_sums[2], 0.0);
+        assert_eq!(row_sums[4], 0.0);
+        assert!(row_sums[3] > 0.1 && row_sums[0] > 0.1 && row_sums[1] > 0.1);
+    }
+
+    /// A layer's q, k and v through one stacked product (biases on two of them) give the outputs,
+    /// input gradient and weight and bias gradients of three separate products.
+    #[test]
+    fn stacked_projection_matches_separate_ones() {
+        let lins = [
+            Lin {
+                w: values(&[6, 4], 0.3),
+                b: Some(values(&[6], 0.7)),
+            },
+            Lin {
+                w: values(&[2, 4], 0.5),
+                b: None,
+            },
+            Lin {
+                w: values(&[2, 4], 0.9),
+                b: Some(values(&[2], 1.1)),
+            },
+        ];
+        let x = values(&[5, 4], 1.3);
+        let dy = values(&[5, 10], 1.7);
+        let w = Tensor::cat(&[&lins[0].w, &lins[1].w, &lins[2].w], 0).unwrap();
+        let refs: Vec<&Lin> = lins.iter().collect();
+        let (y, back) = stacked_lin_vjp(&refs, &w, &x).unwrap();
+        let (dx, side) = with_side_grads(|| back(&dy));
+
+        let mut col = 0;
+        let mut dx_sep: Option<Tensor> = None;
+        let mut side_sep = Vec::new();
+        for l in &lins {
+            let rows = l.w.dim(0).unwrap();
+            let (yi, bi) = lin_vjp(l, &x).unwrap();
+            assert_eq!(max_diff(&y.narrow(1, col, rows).unwrap(), &yi), 0.0);
+            let (dxi, si) = with_side_grads(|| bi(&dy.narrow(1, col, rows)?));
+            dx_sep = Some(match dx_sep {
+                Some(t) => (t + dxi).unwrap(),
+                None => dxi,
+            });
+            side_sep.extend(si);
+            col += rows;
+        }
+        assert!(max_diff(&dx, &dx_sep.unwrap()) < 1e-5);
+        // Three weight and two bias gradients, each for its own parameter.
+        assert_eq!(side.len(), 5);
+        assert_eq!(side_sep.len(), 5);
+        for (p, g) in &side_sep {
+            let (_, gs) = side
+                .iter()
+                .find(|(q, _)| q.id() == p.id())
+                .expect("the stacked pullback hands every parameter a gradient");
+            assert!(max_diff(gs, g) < 1e-5, "{:?}", p.dims());
+            assert!(
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.1
+            );
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! Where a decoder's parameters come from: a checkpoint's tensors under their Hugging Face names,
+//! or transformers' initialisation (normal(0, initializer_range) for matrices, ones for norm
+//! weights, zeros for biases) from a seeded generator. Every tensor taken becomes a [`Param`].
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::Rng;
+
+use super::super::spec::*;
+use super::super::weights::CheckpointWeights;
+use super::parts::{Experts, Lin, Mlp, Norm};
+use crate::error::{Error, Result};
+use crate::nn::param::Param;
+
+/// Where parameters come from: a checkpoint, or a seeded random initialisation.
+pub(super) enum Source {
+    Checkpoint(CheckpointWeights),
+    Random {
+        rng: rand_chacha::ChaCha8Rng,
+        std: f64,
+    },
+}
+
+#[derive(Clone, Copy)]
+pub(super) enum Init {
+    Normal,
+    Zeros,
+    Ones,
+}
+
+pub(super) struct Builder<'a> {
+    pub(super) src: Source,
+    pub(super) device: &'a Device,
+    pub(super) params: Vec<Param>,
+}
+
+impl Builder<'_> {
+    pub(super) fn take(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        let t = match &mut self.src {
+            Source::Checkpoint(w) => w.get(name, shape, DType::F32, self.device)?,
+            Source::Random { rng, std } => {
+                let n: usize = shape.iter().product();
+                match init {
+                    Init::Normal => Tensor::from_vec(normal_vec(rng, n, *std), shape, self.device)?,
+                    Init::Zeros => Tensor::zeros(shape, DType::F32, self.device)?,
+                    Init::Ones => Tensor::ones(shape, DType::F32, self.device)?,
+                }
+            }
+        };
+        let var = Var::from_tensor(&t)?;
+        let out = var.as_tensor().clone();
+        // transformers decays every matrix and no bias or norm weight.
+        self.params.push(Param {
+            name: name.to_string(),
+            decay: shape.len() >= 2,
+            var,
+        });
+        Ok(out)
+    }
+
+    pub(super) fn lin(&mut self, n: &LinearNames, out: usize, inp: usize) -> Result<Lin> {
+        Ok(Lin {
+            w: self.take(&n.weight, &[out, inp], Init::Normal)?,
+            b: match &n.bias {
+                Some(b) => Some(self.take(b, &[out], Init::Zeros)?),
+                None => None,
+            },
+        })
+    }
+
+    pub(super) fn norm(&mut self, spec: NormSpec, n: &NormNames, dim: usize) -> Result<Norm> {
+        let p = &n.prefix;
+        let (w, b) = match spec.kind {
+            NormKind::Rms => (
+                Some(self.take(&format!("{p}.weight"), &[dim], Init::Ones)?),
+                None,
+            ),
+            // Gemma stores the offset from 1, initialised at 0.
+            NormKind::RmsOneOffset => (
+                Some(self.take(&format!("{p}.weight"), &[dim], Init::Zeros)?),
+                None,
+            ),
+            NormKind::LayerNorm { bias } => (
+                Some(self.take(&format!("{p}.weight"), &[dim], Init::Ones)?),
+                if bias {
+                    Some(self.take(&format!("{p}.bias"), &[dim], Init::Zeros)?)
+                } else {
+                    None
+                },
+            ),
+            NormKind::NonParametric => (None, None),
+        };
+        Ok(Norm { spec, w, b })
+    }
+
+    pub(super) fn mlp(&mut self, spec: &MlpSpec, names: &MlpNames, h: usize) -> Result<Mlp> {
+        Ok(match (spec, names) {
+            (MlpSpec::Gated { hidden, act, .. }, MlpNames::Gated { gate, up, down }) => {
+                Mlp::Gated {
+                    gate: self.lin(gate, *hidden, h)?,
+                    up: self.lin(up, *hidden, h)?,
+                    down: self.lin(down, h, *hidden)?,
+                    act: *act,
+                }
+            }
+            (MlpSpec::Gated { hidden, act, .. }, MlpNames::GatedFused { gate_up, down }) => {
+                Mlp::GatedFused {
+                    gate_up: self.lin(gate_up, 2 * hidden, h)?,
+                    down: self.lin(down, h, *hidden)?,
+                    act: *act,
+                    hidden: *hidden,
+                }
+            }
+            (MlpSpec::Plain { hidden, act, .. }, MlpNames::Plain { fc1, fc2 }) => Mlp::Plain {
+                fc1: self.lin(fc1, *hidden, h)?,
+                fc2: self.lin(fc2, h, *hidden)?,
+                act: *act,
+            },
+            (
+                MlpSpec::Moe(m),
+                MlpNames::Moe {
+                    router,
+                    experts,
+                    shared,
+                },
+            ) => {
+                let f = m.expert_hidden;
+                let router = self.lin(router, m.experts, h)?;
+                let experts = match experts {
+                    ExpertNames::Separate(v) => Experts::Separate(
+                        v.iter()
+                            .map(|(g, u, d)| {
+                                Ok((self.lin(g, f, h)?, self.lin(u, f, h)?, self.lin(d, h, f)?))
+                            })
+                            .collect::<Result<_>>()?,
+                    ),
+                    ExpertNames::Fused { w1, v1, w2 } => Experts::Fused {
+                        w1: self.take(w1, &[m.experts * f, h], Init::Normal)?,
+                        v1: self.take(v1, &[m.experts * f, h], Init::Normal)?,
+                        w2: self.take(w2, &[m.experts * f, h], Init::Normal)?,
+                    },
+                };
+                let shared = match (m.shared_expert, shared) {
+                    (Some(width), Some((names, gate))) => {
+                        let spec = MlpSpec::Gated {
+                            hidden: width,
+                            act: m.act,
+                            bias: false,
+                            fused: false,
+                        };
+                        let mlp = self.mlp(&spec, names, h)?;
+                        Some((Box::new(mlp), self.lin(gate, 1, h)?))
+                    }
+                    _ => None,
+                };
+                Mlp::Moe {
+                    spec: m.clone(),
+                    router,
+                    experts,
+                    shared,
+                }
+            }
+            _ => {
+                return Err(Error::Config(
+                    "internal: MLP spec and names disagree".into(),
+                ))
+            }
+        })
+    }
+}
+
+/// Standard normal samples from a seeded ChaCha stream (Box-Muller), so an initialisation is
+/// the same on every machine.
+pub(super) fn normal_vec(rng: &mut rand_chacha::ChaCha8Rng, n: usize, std: f64) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let u1: f64 = rng.gen_range(f64::MIN_POSITIVE..1.0);
+        let u2: f64 = rng.gen();
+        let r = (-2.0 * u1.ln()).sqrt();
+        let th = 2.0 * std::f64::consts::PI * u2;
+        out.push((r * th.cos() * std) as f32);
+        if out.len() < n {
+            out.push((r * th.sin() * std) as f32);
+        }
+    }
+    out
+}

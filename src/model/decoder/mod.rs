@@ -1,0 +1,667 @@
+//! One decoder for every supported family, configured by an `ArchSpec`. Parameters keep their
+//! Hugging Face names and layouts (fused tensors stay fused), so loading and saving are plain
+//! safetensors reads and writes, and per-token `position_ids` with per-sequence attention make
+//! padded and padding-free batches compute the same thing.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{backprop::GradStore, DType, Device, Tensor, Var, D};
+use rand::SeedableRng;
+use serde_json::Value;
+
+use super::families;
+use super::spec::*;
+use super::weights::{save_safetensors, CheckpointWeights, WEIGHTS_FILE};
+use super::{EvalSums, LossScale, LossSum, Model, Param};
+use crate::collate::{Batch, SeqLayout};
+use crate::error::{Error, Result};
+use crate::nn::attention::{AttentionImpl, AttnPlan};
+use crate::nn::graph;
+use crate::nn::kernels::{self, nll_sum};
+use crate::nn::ops::{weighted_sum, RopeTable};
+use crate::nn::param::add_grads;
+
+mod backward;
+mod copies;
+mod forward;
+mod init;
+mod parts;
+
+use backward::{embed_lookup, hand_written_run, layers_node, lm_head_nll_node, lm_head_node};
+use forward::router_aux;
+use init::{Builder, Init, Source};
+use parts::{CopyVars, FwdCtx, Layer, Lin, Norm, Qkv};
+
+pub const CONFIG_FILE: &str = "config.json";
+
+/// How the forward and backward passes are computed; parameters stay float32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ComputeOptions {
+    /// F32, or BF16 / F16 compute with float32 master weights, norms, softmax and loss.
+    pub dtype: DType,
+    /// Keep only each layer's input in the forward pass and recompute the layer in the
+    /// backward pass: activation memory of one layer instead of all.
+    pub gradient_checkpointing: bool,
+    /// Eager attention, the flash kernels, or whichever can run (`auto`).
+    pub attention: AttentionImpl,
+    /// Differentiate every layer with candle's autograd instead of the hand-written layer
+    /// backward (src/model/decoder/backward.rs): same gradients, slower; kept for checks.
+    pub autograd_layers: bool,
+}
+
+impl Default for ComputeOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            gradient_checkpointing: false,
+            attention: AttentionImpl::Auto,
+            autograd_layers: false,
+        }
+    }
+}
+
+pub struct DecoderModel {
+    pub spec: ArchSpec,
+    /// config.json as read (unknown fields kept), written back on save.
+    raw_config: Value,
+    params: Vec<Param>,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    final_norm: Norm,
+    lm_head: Lin,
+    /// Rows [0, P) the default table; with LongRoPE rows [P, 2P) the long one.
+    rope: RopeTable,
+    device: Device,
+    pub compute: ComputeOptions,
+    /// The compute-dtype copies of the weight matrices on CUDA, kept between steps and
+    /// rewritten in place from the master weights at every forward/backward: no allocation and
+    /// no extra copy to make them variables (see `with_compute_weights`).
+    weight_copies: std::sync::Mutex<Option<CopyVars>>,
+    /// The copies hold bf16 of the current weights (the optimizer wrote them with the update).
+    copies_fresh: std::sync::atomic::AtomicBool,
+}
+
+impl DecoderModel {
+    fn build(raw_config: Value, src: Source, device: &Device) -> Result<Self> {
+        let (spec, names) = families::from_config(&raw_config)?;
+        let mut b = Builder {
+            src,
+            device,
+            params: Vec::new(),
+        };
+        let (h, nh, nkv, d) = (spec.hidden, spec.heads, spec.kv_heads, spec.head_dim);
+        let embed = b.take(&names.embed, &[spec.vocab, h], Init::Normal)?;
+        let mut layers = Vec::with_capacity(spec.layers);
+        for (l, ln) in names.layers.iter().enumerate() {
+            let norm1 = b.norm(spec.norm, &ln.norm1, h)?;
+            let qkv = match &ln.qkv {
+                QkvNames::Separate { q, k, v } => Qkv::Separate(
+                    b.lin(q, nh * d, h)?,
+                    b.lin(k, nkv * d, h)?,
+                    b.lin(v, nkv * d, h)?,
+                ),
+                QkvNames::Fused(n) => {
+                    let rows = match spec.qkv {
+                        QkvLayout::FusedInterleaved => 3 * nh * d,
+                        _ => (nh + 2 * nkv) * d,
+                    };
+                    Qkv::Fused(b.lin(n, rows, h)?)
+                }
+            };
+            let o = b.lin(&ln.o, h, nh * d)?;
+            let q_norm = ln
+                .q_norm
+                .iter()
+                .map(|n| b.take(n, &[d], Init::Ones))
+                .collect::<Result<_>>()?;
+            let k_norm = ln
+                .k_norm
+                .iter()
+                .map(|n| b.take(n, &[d], Init::Ones))
+                .collect::<Result<_>>()?;
+            let norm2 = match &ln.norm2 {
+                Some(n) => Some(b.norm(spec.norm, n, h)?),
+                None => None,
+            };
+            let mlp = b.mlp(&spec.mlp[l], &ln.mlp, h)?;
+            layers.push(Layer {
+                norm1,
+                norm2,
+                qkv,
+                o,
+                q_norm,
+                k_norm,
+                mlp,
+            });
+        }
+        let final_norm = b.norm(spec.norm, &names.final_norm, h)?;
+        let lm_head = if spec.tie_embeddings {
+            Lin {
+                w: embed.clone(),
+                b: match &names.lm_head.bias {
+                    Some(n) if spec.lm_head_bias => Some(b.take(n, &[spec.vocab], Init::Zeros)?),
+                    _ => None,
+                },
+            }
+        } else {
+            let mut n = names.lm_head.clone();
+            if !spec.lm_head_bias {
+                n.bias = None;
+            }
+            b.lin(&n, spec.vocab, h)?
+        };
+        if let Source::Checkpoint(w) = &b.src {
+            let unused: Vec<String> = w
+                .unused()
+                .into_iter()
+                .filter(|n| {
+                    !n.ends_with("rotary_emb.inv_freq")
+                        && !n.ends_with(".masked_bias")
+                        && !n.ends_with(".attn.bias")
+                })
+                .filter(|n| !(spec.tie_embeddings && n == &names.lm_head.weight))
+                .collect();
+            if !unused.is_empty() {
+                return Err(Error::Config(format!(
+                    "checkpoint has weights the {} config does not use: {}",
+                    spec.family,
+                    unused.join(", ")
+                )));
+            }
+        }
+        let scale_table = |t: &Tensor| -> Result<Tensor> { Ok((t * spec.rope.attention_factor)?) };
+        let mut table = RopeTable::new(&spec.rope.inv_freq, spec.max_positions, device)?;
+        if let Some(long) = &spec.rope.long {
+            let lt = RopeTable::new(&long.inv_freq, spec.max_positions, device)?;
+            table.cos = Tensor::cat(&[&table.cos, &lt.cos], 0)?;
+            table.sin = Tensor::cat(&[&table.sin, &lt.sin], 0)?;
+        }
+        table.cos = scale_table(&table.cos)?;
+        table.sin = scale_table(&table.sin)?;
+        Ok(Self {
+            spec,
+            raw_config,
+            params: b.params,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            rope: table,
+            device: device.clone(),
+            compute: ComputeOptions::default(),
+            weight_copies: std::sync::Mutex::new(None),
+            copies_fresh: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// A freshly initialised model from a config.json object (transformers' init: normal(0,
+    /// initializer_range) for matrices, ones for norm weights, zeros for biases).
+    pub fn new_random(mut config: Value, seed: u64, device: &Device) -> Result<Self> {
+        let mt = config
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("llama")
+            .to_string();
+        config["model_type"] = mt.clone().into();
+        config["architectures"] = serde_json::json!([families::architecture(&mt)]);
+        let std = config
+            .get("initializer_range")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.02);
+        let src = Source::Random {
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+            std,
+        };
+        Self::build(config, src, device)
+    }
+
+    /// Loads a Hugging Face checkpoint directory (config.json + safetensors).
+    pub fn from_pretrained(dir: &Path, device: &Device) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::model(dir, "model directory does not exist"));
+        }
+        let cfg_path = dir.join(CONFIG_FILE);
+        if !cfg_path.exists() {
+            return Err(Error::model(dir, "no config.json in the model directory"));
+        }
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let raw: Value = serde_json::from_str(&text).map_err(|e| {
+            Error::model(
+                &cfg_path,
+                format!(
+                    "invalid JSON at line {} column {}: {e}",
+                    e.line(),
+                    e.column()
+                ),
+            )
+        })?;
+        // Validate the config before touching the weights, so its errors come first.
+        families::from_config(&raw).map_err(|e| Error::model(&cfg_path, e.to_string()))?;
+        let w = CheckpointWeights::open(dir)?;
+        Self::build(raw, Source::Checkpoint(w), device).map_err(|e| match e {
+            Error::Config(m) => Error::model(dir, m),
+            e => e,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn raw_config(&self) -> &Value {
+        &self.raw_config
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.spec.max_positions
+    }
+
+    fn ctx(&self, batch: &Batch) -> Result<FwdCtx> {
+        let (lengths, longest): (Vec<usize>, usize) = match &batch.layout {
+            SeqLayout::Packed {
+                cu_seqlens,
+                max_seqlen,
+            } => (
+                cu_seqlens.windows(2).map(|w| w[1] - w[0]).collect(),
+                *max_seqlen,
+            ),
+            SeqLayout::Padded { lengths } => (lengths.clone(), batch.row_len),
+        };
+        if longest > self.spec.max_positions {
+            return Err(Error::Config(format!(
+                "a sequence of {longest} tokens exceeds max_position_embeddings = {} of the model (lower data.max_length)",
+                self.spec.max_positions
+            )));
+        }
+        self.check_token_ids(batch)?;
+        let pos = batch.position_ids.flatten_all()?;
+        // LongRoPE picks its table per sequence by that sequence's own length, as a forward of
+        // the example alone would (not by the padded row length).
+        let pos = match &self.spec.rope.long {
+            None => pos,
+            Some(long) => {
+                // Rows [P, 2P) of the table are the long factors: an offset of P per token of a
+                // long sequence, built from the layout on the host (reading the positions back
+                // would stall a GPU every forward).
+                let p = self.spec.max_positions as u32;
+                let off = |len: usize| if len > long.original_max { p } else { 0 };
+                let offsets: Vec<u32> = match &batch.layout {
+                    SeqLayout::Packed { cu_seqlens, .. } => cu_seqlens
+                        .windows(2)
+                        .flat_map(|w| std::iter::repeat_n(off(w[1] - w[0]), w[1] - w[0]))
+                        .collect(),
+                    SeqLayout::Padded { lengths } => lengths
+                        .iter()
+                        .flat_map(|&len| std::iter::repeat_n(off(len), batch.row_len))
+                        .collect(),
+                };
+                let n = offsets.len();
+                (pos + Tensor::from_vec(offsets, n, &self.device)?)?
+            }
+        };
+        let (cos, sin) = self.rope.gather(&pos, self.compute.dtype)?;
+        let real_rows = match &batch.layout {
+            SeqLayout::Padded { .. } => {
+                let rows: Vec<u32> = lengths
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(b, &len)| (0..len).map(move |t| (b * batch.row_len + t) as u32))
+                    .collect();
+                let n = rows.len();
+                Some(Tensor::from_vec(rows, n, &self.device)?)
+            }
+            SeqLayout::Packed { .. } => None,
+        };
+        Ok(FwdCtx {
+            ids: batch.input_ids.flatten_all()?,
+            cos,
+            sin,
+            plan: AttnPlan::new(
+                &batch.layout,
+                batch.row_len,
+                self.spec.sliding_window,
+                &self.device,
+                self.compute.attention.use_flash(
+                    &self.device,
+                    self.compute.dtype,
+                    self.spec.head_dim,
+                )?,
+            )?,
+            n: batch.rows * batch.row_len,
+            real_rows,
+        })
+    }
+
+    fn embed_fwd(&self, ctx: &FwdCtx) -> Result<Tensor> {
+        let mut x = match embed_lookup(&self.embed, &ctx.ids)? {
+            Some(x) => x,
+            None => kernels::index_rows(&self.embed, &ctx.ids)?,
+        };
+        if let Some(pad) = self.spec.padding_idx {
+            // transformers' nn.Embedding(padding_idx): the pad row gets no gradient from lookups.
+            // Masked on the device: reading the ids back to skip this would stall a GPU every
+            // forward.
+            let mask = ctx.ids.eq(pad)?.unsqueeze(1)?.broadcast_as(x.shape())?;
+            x = mask.where_cond(&x.detach(), &x)?;
+        }
+        let x = x.to_dtype(self.compute.dtype)?;
+        Ok(if self.spec.embedding_multiplier != 1.0 {
+            (x * self.spec.embedding_multiplier)?
+        } else {
+            x
+        })
+    }
+
+    /// Final norm and the vocabulary projection of the given rows of the pre-norm stream.
+    fn head(&self, x: &Tensor, rows: Option<&Tensor>) -> Result<Tensor> {
+        self.logits(&self.head_rows(x, rows)?)
+    }
+
+    /// Final-norm hidden states of `rows` (every position with `None`): what the vocabulary
+    /// projection takes.
+    fn head_rows(&self, x: &Tensor, rows: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.final_norm.fwd(x)?;
+        Ok(match rows {
+            Some(r) => kernels::index_rows(&h, r)?,
+            None => h,
+        })
+    }
+
+    /// Embedding and every layer: the pre-norm residual stream and the MoE router outputs.
+    /// `keep_graph: false` drops the graph after each layer (evaluation keeps no activations).
+    fn trunk(&self, batch: &Batch, keep_graph: bool) -> Result<(FwdCtx, Tensor, Vec<Tensor>)> {
+        let ctx = self.ctx(batch)?;
+        let cut = |t: Tensor| if keep_graph { t } else { t.detach() };
+        let mut x = cut(self.embed_fwd(&ctx)?);
+        let mut routers = Vec::new();
+        let mut i = 0;
+        while i < self.layers.len() {
+            let run = hand_written_run(&self.layers[i..], self.compute.autograd_layers);
+            if run > 0 {
+                x = cut(layers_node(&self.layers[i..i + run], &self.spec, &x, &ctx)?);
+                i += run;
+                continue;
+            }
+            let (y, r) = self.layers[i].forward(&self.spec, &x, &ctx)?;
+            x = cut(y);
+            routers.extend(r);
+            i += 1;
+        }
+        Ok((ctx, x, routers))
+    }
+
+    /// Hidden states after the final norm, every position: (rows * row_len, hidden).
+    pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
+        self.final_norm.fwd(&self.trunk(batch, true)?.1)
+    }
+
+    /// Logits (rows, vocab) of rows of final hidden states (as `hidden_states` returns them).
+    pub fn logits(&self, hidden_rows: &Tensor) -> Result<Tensor> {
+        let logits = match lm_head_node(&self.lm_head, hidden_rows, self.compute.autograd_layers)? {
+            Some(l) => l,
+            None => self.lm_head.fwd(hidden_rows)?,
+        };
+        Ok(if self.spec.logits_scaling != 1.0 {
+            (logits / self.spec.logits_scaling)?
+        } else {
+            logits
+        })
+    }
+
+    /// Logits of every position: (rows * row_len, vocab).
+    pub fn all_logits(&self, batch: &Batch) -> Result<Tensor> {
+        self.head(&self.trunk(batch, true)?.1, None)
+    }
+
+    /// The router auxiliary loss of a batch (without coefficient), for checks.
+    pub fn router_aux_loss(&self, batch: &Batch) -> Result<Option<Tensor>> {
+        let (ctx, _, routers) = self.trunk(batch, true)?;
+        router_aux(&self.spec, &routers, &ctx)
+    }
+
+    /// Every id the embedding lookup indexes must be a row of the vocabulary, and so every
+    /// target, which the collator takes from the next position's id. On CUDA the gather and
+    /// cross-entropy kernels trust their indices (checking on the device would mean reading back
+    /// every forward), so the batch's host copy of its ids is checked here: an id from a
+    /// tokenizer larger than the model (or a pad id past its vocabulary) is an error that names
+    /// it, not a read outside the table.
+    fn check_token_ids(&self, batch: &Batch) -> Result<()> {
+        let v = self.spec.vocab;
+        for (r, row) in batch.host.input_ids.iter().enumerate() {
+            if let Some((c, &id)) = row.iter().enumerate().find(|(_, &id)| id as usize >= v) {
+                return Err(Error::Config(format!(
+                    "batch row {r}, position {c}: input id {id} is outside the model's vocabulary (size {v})"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        self.params
+            .iter()
+            .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
+            .collect()
+    }
+
+    /// Gradient checkpointing: forward keeping only layer inputs (and router outputs), then the
+    /// head's and the router loss's backward, then each layer recomputed from its input and
+    /// back-propagated with the gradients that reached its outputs, last layer first.
+    /// Layers stay autograd graphs here (outside `nn::graph::scope`): a recompute through the
+    /// hand-written backward was tried, ran slower with a higher peak on the CPU, and was not
+    /// kept; it has not been tried on a GPU.
+    fn forward_backward_checkpointed(
+        &self,
+        batch: &Batch,
+        scale: LossScale,
+    ) -> Result<(LossSum, GradStore)> {
+        let ctx = self.ctx(batch)?;
+        let mut xs = vec![self.embed_fwd(&ctx)?.detach()];
+        let mut routers: Vec<Option<Var>> = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let (y, r) = layer.forward(&self.spec, xs.last().unwrap(), &ctx)?;
+            xs.push(y.detach());
+            routers.push(r.map(|r| Var::from_tensor(&r.detach())).transpose()?);
+        }
+        let top = Var::from_tensor(xs.last().unwrap())?;
+        let logits = self.head(top.as_tensor(), Some(&batch.target_rows))?;
+        let sum = nll_sum(&logits, &batch.target_ids, batch.target_weights.as_ref())?;
+        let mut objective = (&sum * scale.per_unit)?;
+        let aux = match self.spec.router_aux_loss_coef {
+            Some(coef) => {
+                let rs: Vec<Tensor> = routers
+                    .iter()
+                    .flatten()
+                    .map(|v| v.as_tensor().clone())
+                    .collect();
+                let aux = router_aux(&self.spec, &rs, &ctx)?
+                    .map(|a| a * coef)
+                    .transpose()?;
+                if let Some(a) = &aux {
+                    objective = (objective + (a * scale.aux)?)?;
+                }
+                aux
+            }
+            None => None,
+        };
+        let mut grads = objective.backward()?;
+        let mut g_out = grads
+            .remove(top.as_tensor())
+            .ok_or_else(|| Error::Training("no gradient reached the last hidden state".into()))?;
+        for (l, layer) in self.layers.iter().enumerate().rev() {
+            let x_in = Var::from_tensor(&xs[l])?;
+            let (out, r) = layer.forward(&self.spec, x_in.as_tensor(), &ctx)?;
+            let mut obj = (out * &g_out)?.sum_all()?;
+            if let (Some(r), Some(rv)) = (r, &routers[l]) {
+                if let Some(g) = grads.remove(rv.as_tensor()) {
+                    obj = (obj + (r * g)?.sum_all()?)?;
+                }
+            }
+            let mut part = obj.backward()?;
+            g_out = part.remove(x_in.as_tensor()).ok_or_else(|| {
+                Error::Training(format!("no gradient reached the input of layer {l}"))
+            })?;
+            add_grads(&mut grads, part, &self.params)?;
+        }
+        let e = self.embed_fwd(&ctx)?;
+        let part = (e * &g_out)?.sum_all()?.backward()?;
+        add_grads(&mut grads, part, &self.params)?;
+        Ok((
+            LossSum {
+                sum,
+                n_targets: batch.n_targets,
+                aux,
+            },
+            grads,
+        ))
+    }
+
+    fn loss_inner(&self, batch: &Batch) -> Result<LossSum> {
+        let (ctx, x, routers) = self.trunk(batch, true)?;
+        // Only positions that carry loss go through the vocabulary projection.
+        let h = self.head_rows(&x, Some(&batch.target_rows))?;
+        let per_token = match lm_head_nll_node(
+            &self.lm_head,
+            &h,
+            &batch.target_ids,
+            &self.spec,
+            self.compute.autograd_layers,
+        )? {
+            Some(nll) => nll,
+            None => kernels::nll(&self.logits(&h)?, &batch.target_ids)?,
+        };
+        let aux = match self.spec.router_aux_loss_coef {
+            Some(coef) => router_aux(&self.spec, &routers, &ctx)?
+                .map(|a| a * coef)
+                .transpose()?,
+            None => None,
+        };
+        Ok(LossSum {
+            sum: weighted_sum(&per_token, batch.target_weights.as_ref())?,
+            n_targets: batch.n_targets,
+            aux,
+        })
+    }
+}
+
+impl Model for DecoderModel {
+    type Batch = Batch;
+
+    fn loss(&self, batch: &Batch) -> Result<LossSum> {
+        if batch.n_targets == 0 {
+            return Ok(LossSum {
+                sum: Tensor::zeros((), DType::F32, &self.device)?,
+                n_targets: 0,
+                aux: None,
+            });
+        }
+        self.loss_inner(batch)
+    }
+
+    fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        let mut raw = self.raw_config.clone();
+        raw["torch_dtype"] = "float32".into();
+        crate::io::write_atomic(
+            &dir.join(CONFIG_FILE),
+            serde_json::to_string_pretty(&raw)
+                .expect("JSON serialises")
+                .as_bytes(),
+        )?;
+        save_safetensors(&self.tensors(), &dir.join(WEIGHTS_FILE))
+    }
+
+    fn forward_backward(&self, batch: &Batch, scale: LossScale) -> Result<(LossSum, GradStore)> {
+        if self.compute.gradient_checkpointing && batch.n_targets > 0 {
+            return self.forward_backward_checkpointed(batch, scale);
+        }
+        if self.compute.dtype != DType::F32 {
+            return self.with_compute_weights(|| self.forward_backward_plain(batch, scale));
+        }
+        self.forward_backward_plain(batch, scale)
+    }
+
+    fn compute_copies(&self) -> Result<Vec<(usize, Tensor)>> {
+        match self.kept_copies()? {
+            Some(kept) => kept.views(),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn set_compute_copies_fresh(&self, fresh: bool) {
+        self.copies_fresh
+            .store(fresh, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn eval_sums(&self, batch: &Batch) -> Result<EvalSums> {
+        if batch.n_targets == 0 {
+            return Ok(EvalSums {
+                loss_sum: 0.0,
+                n_targets: 0,
+                n_correct: Some(0),
+            });
+        }
+        self.eval_sums_inner(batch)
+    }
+}
+
+impl DecoderModel {
+    fn forward_backward_plain(
+        &self,
+        batch: &Batch,
+        scale: LossScale,
+    ) -> Result<(LossSum, GradStore)> {
+        graph::scope(|| self.forward_backward_graph(batch, scale))
+    }
+
+    fn forward_backward_graph(
+        &self,
+        batch: &Batch,
+        scale: LossScale,
+    ) -> Result<(LossSum, GradStore)> {
+        if !crate::device::profiling() {
+            return super::backward_of(self.loss(batch)?, scale);
+        }
+        let t = std::time::Instant::now();
+        let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
+        let l = self.loss(batch)?;
+        let fwd_host = ms(t);
+        self.device.synchronize()?;
+        let fwd = ms(t);
+        let t = std::time::Instant::now();
+        let r = super::backward_of(l, scale)?;
+        let bwd_host = ms(t);
+        self.device.synchronize()?;
+        // Host time is graph building and kernel launches; when it is close to the total,
+        // launch overhead, not the GPU, bounds the step.
+        tracing::info!(
+            "profile forward {fwd:.1} ms (host {fwd_host:.1}), backward {:.1} ms (host {bwd_host:.1})",
+            ms(t)
+        );
+        Ok(r)
+    }
+
+    fn eval_sums_inner(&self, batch: &Batch) -> Result<EvalSums> {
+        let (_, x, _) = self.trunk(batch, false)?;
+        let logits = self.head(&x, Some(&batch.target_rows))?.detach();
+        let loss_sum = kernels::nll(&logits, &batch.target_ids)?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        let pred = logits.argmax(D::Minus1)?;
+        let n_correct = pred
+            .eq(&batch.target_ids)?
+            .to_dtype(DType::U32)?
+            .sum_all()?
+            .to_scalar::<u32>()? as usize;
+        Ok(EvalSums {
+            loss_sum,
+            n_targets: batch.n_targets,
+            n_correct: Some(n_correct),
+        })
+    }
+}

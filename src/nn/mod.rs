@@ -1,0 +1,5 @@
+pub mod attention;
+pub mod graph;
+pub mod kernels;
+pub mod ops;
+pub mod param;

@@ -1,0 +1,401 @@
+//! From a recipe to a run: everything the `train` and `eval` commands do, reusable from Rust.
+//! All inputs are read and checked before anything is written, so bad input leaves no partial
+//! output behind.
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use candle_core::Device;
+
+use crate::collate::CompletionOnlyCollator;
+use crate::data::tokenizer::TextTokenizer;
+use crate::data::{Dataset, LoadOptions, Pipeline};
+use crate::error::{Error, Result};
+use crate::model::{ComputeOptions, DecoderModel, Model};
+use crate::recipe::Recipe;
+use crate::train::callback::{Callback, EarlyStopping};
+use crate::train::AdamWConfig;
+use crate::train::{TrainSummary, Trainer, TrainerConfig};
+
+/// The inputs of a run, loaded and validated.
+pub struct Prepared {
+    pub model: DecoderModel,
+    /// None for a checkpoint without tokenizer files trained on pre-tokenized rows.
+    pub tokenizer: Option<TextTokenizer>,
+    pub train: Dataset,
+    pub eval: Option<Dataset>,
+    pub collator: CompletionOnlyCollator,
+}
+
+/// A recipe's inline `model.config`: a config.json written by hand. The family defaults to
+/// llama; vocabulary and special tokens default to the tokenizer's; a key the family does not
+/// read is a typo and an error, not silently ignored.
+fn inline_config(
+    v: &serde_json::Value,
+    tok: &TextTokenizer,
+    recipe_path: &Path,
+) -> Result<serde_json::Value> {
+    let err = |msg: String| Error::Recipe {
+        path: recipe_path.to_path_buf(),
+        line: None,
+        column: None,
+        msg: format!("model.config: {msg}"),
+    };
+    let mut map = v
+        .as_object()
+        .ok_or_else(|| err("must be a mapping of config.json fields".into()))?
+        .clone();
+    map.entry("model_type").or_insert("llama".into());
+    map.entry("vocab_size").or_insert(tok.vocab_size().into());
+    for (key, id) in [
+        ("bos_token_id", tok.bos_id),
+        ("eos_token_id", tok.eos_id),
+        ("pad_token_id", tok.pad_id),
+    ] {
+        if let Some(id) = id {
+            map.entry(key).or_insert(id.into());
+        }
+    }
+    let cfg = serde_json::Value::Object(map);
+    // Typos first: parse a copy with the structural keys every family requires filled in, so
+    // the keys the family reads are known even when the config is incomplete.
+    let mut probe = cfg.clone();
+    let filler = [
+        ("vocab_size", 8),
+        ("hidden_size", 8),
+        ("intermediate_size", 8),
+        ("num_hidden_layers", 1),
+        ("num_attention_heads", 1),
+        ("d_model", 8),
+        ("n_heads", 1),
+        ("n_layers", 1),
+    ];
+    for (k, v) in filler {
+        probe
+            .as_object_mut()
+            .expect("object")
+            .entry(k)
+            .or_insert(v.into());
+    }
+    if let Ok((_, _, read)) = crate::model::families::from_config_tracked(&probe) {
+        let obj = cfg.as_object().expect("built as an object");
+        if let Some(k) = obj.keys().find(|k| !read.contains(k.as_str())) {
+            let mt = obj["model_type"].as_str().unwrap_or_default();
+            return Err(err(format!(
+                "unknown field `{k}` (a {mt} config does not read it)"
+            )));
+        }
+    }
+    crate::model::families::from_config(&cfg).map_err(|e| err(e.to_string()))?;
+    Ok(cfg)
+}
+
+pub fn prepare(recipe: &Recipe, recipe_path: &Path, device: &Device) -> Result<Prepared> {
+    let tokenizer = recipe_tokenizer(recipe)?;
+    let model = match (&recipe.model.path, &recipe.model.config) {
+        (Some(dir), _) => DecoderModel::from_pretrained(dir, device)?,
+        (None, Some(cfg)) => DecoderModel::new_random(
+            inline_config(
+                cfg,
+                tokenizer
+                    .as_ref()
+                    .expect("recipe validation requires model.tokenizer with model.config"),
+                recipe_path,
+            )?,
+            recipe.train.seed,
+            device,
+        )?,
+        (None, None) => unreachable!("recipe validation requires a model source"),
+    };
+    if let Some(t) = tokenizer
+        .as_ref()
+        .filter(|t| t.vocab_size() > model.spec.vocab)
+    {
+        return Err(Error::Config(format!(
+            "tokenizer {} has {} tokens but the model's vocab_size is {}",
+            t.path.display(),
+            t.vocab_size(),
+            model.spec.vocab
+        )));
+    }
+    let (train, eval) = load_recipe_data(
+        recipe,
+        tokenizer.as_ref(),
+        model.spec.vocab,
+        Some(model.spec.max_positions),
+    )?;
+    let collator = recipe_collator(recipe, tokenizer.as_ref());
+    let mut model = model;
+    model.compute = ComputeOptions {
+        dtype: recipe.train.dtype.dtype(),
+        gradient_checkpointing: recipe.train.gradient_checkpointing,
+        attention: recipe.train.attention,
+        ..Default::default()
+    };
+    Ok(Prepared {
+        model,
+        tokenizer,
+        train,
+        eval,
+        collator,
+    })
+}
+
+pub fn trainer_config(recipe: &Recipe) -> TrainerConfig {
+    let t = &recipe.train;
+    TrainerConfig {
+        batch_size: t.batch_size,
+        grad_accum: t.grad_accum,
+        max_steps: t.max_steps,
+        epochs: t.epochs,
+        adamw: AdamWConfig {
+            lr: t.lr,
+            beta1: t.adam_beta1,
+            beta2: t.adam_beta2,
+            eps: t.adam_epsilon,
+            weight_decay: t.weight_decay,
+        },
+        schedule: t.lr_scheduler,
+        warmup_steps: t.warmup_steps,
+        warmup_ratio: t.warmup_ratio,
+        min_lr_ratio: t.min_lr_ratio,
+        decay_ratio: t.decay_ratio,
+        max_tokens_per_batch: t.max_tokens_per_batch,
+        group_by_length: t.group_by_length,
+        max_grad_norm: t.max_grad_norm,
+        seed: t.seed,
+        shuffle: t.shuffle,
+        logging_steps: t.logging_steps,
+        eval_steps: t.eval_steps,
+        save_steps: t.save_steps,
+        save_total_limit: t.save_total_limit,
+        output_dir: Some(recipe.output_dir.clone()),
+        progress: true,
+        overlap_steps: t.overlap_steps,
+    }
+}
+
+/// Writes the tokenizer and the recipe into every checkpoint, so each is a complete model
+/// directory that `packsft eval`, `generate` and transformers can read.
+struct CheckpointExtras {
+    tokenizer: Option<TextTokenizer>,
+    recipe_yaml: String,
+}
+
+impl Callback for CheckpointExtras {
+    fn on_save(&mut self, dir: &Path, _step: usize) -> Result<()> {
+        if let Some(t) = &self.tokenizer {
+            t.save(dir)?;
+        }
+        crate::io::write_atomic(&dir.join("recipe.yaml"), self.recipe_yaml.as_bytes())
+    }
+}
+
+/// Where `resume_from` points, checked before training starts.
+fn resume_dir(recipe: &Recipe, recipe_path: &Path) -> Result<Option<std::path::PathBuf>> {
+    match recipe.resume_from.as_deref() {
+        None => Ok(None),
+        Some("latest") => Ok(crate::train::checkpoint::latest(&recipe.output_dir)),
+        Some(p) => {
+            let dir = std::path::PathBuf::from(p);
+            if !dir.join(crate::train::checkpoint::STATE_FILE).exists() {
+                return Err(Error::Recipe {
+                    path: recipe_path.to_path_buf(),
+                    line: None,
+                    column: None,
+                    msg: format!(
+                        "resume_from: {p} is not a packsft checkpoint (no {})",
+                        crate::train::checkpoint::STATE_FILE
+                    ),
+                });
+            }
+            Ok(Some(dir))
+        }
+    }
+}
+
+/// Builds the trainer a recipe describes, resumed if the recipe says so.
+pub fn build_trainer(
+    recipe: &Recipe,
+    recipe_path: &Path,
+    device: &Device,
+) -> Result<(Trainer<DecoderModel, CompletionOnlyCollator>, RunData)> {
+    let resume = resume_dir(recipe, recipe_path)?;
+    let p = prepare(recipe, recipe_path, device)?;
+    let mut trainer = Trainer::new(p.model, p.collator, trainer_config(recipe), device.clone())?;
+    trainer.add_callback(Box::new(CheckpointExtras {
+        tokenizer: p.tokenizer.clone(),
+        recipe_yaml: recipe.to_yaml(),
+    }));
+    if recipe.train.early_stopping_patience > 0 {
+        trainer.add_callback(Box::new(EarlyStopping::new(
+            recipe.train.early_stopping_patience,
+            0.0,
+        )));
+    }
+    if let Some(dir) = resume {
+        trainer.resume_from(&dir)?;
+    }
+    Ok((
+        trainer,
+        RunData {
+            tokenizer: p.tokenizer,
+            train: p.train,
+            eval: p.eval,
+        },
+    ))
+}
+
+/// The data and tokenizer of a prepared run, once the model and collator went to the trainer.
+pub struct RunData {
+    pub tokenizer: Option<TextTokenizer>,
+    pub train: Dataset,
+    pub eval: Option<Dataset>,
+}
+
+/// Trains as the recipe says and writes the model, tokenizer, recipe and metrics to
+/// `output_dir` in Hugging Face layout. A stop request (signal) ends with a checkpoint and
+/// without the final model files.
+pub fn train(
+    recipe: &Recipe,
+    recipe_path: &Path,
+    device: &Device,
+    stop: Option<Arc<AtomicBool>>,
+) -> Result<TrainSummary> {
+    let (mut trainer, p) = build_trainer(recipe, recipe_path, device)?;
+    if let Some(stop) = stop {
+        trainer.set_stop_flag(stop);
+    }
+    let eval = p.eval.as_ref().map(|d| d.examples.as_slice());
+    let summary = trainer.train(&p.train.examples, eval)?;
+    if summary.interrupted {
+        return Ok(summary);
+    }
+    let out = &recipe.output_dir;
+    trainer.model.save(out)?;
+    if let Some(t) = &p.tokenizer {
+        t.save(out)?;
+    }
+    crate::io::write_atomic(&out.join("recipe.yaml"), recipe.to_yaml().as_bytes())?;
+    tracing::info!(output_dir = %out.display(), "saved");
+    Ok(summary)
+}
+
+/// Mean loss per target token of the recipe's model on `data.eval`.
+pub fn eval(recipe: &Recipe, recipe_path: &Path, device: &Device) -> Result<(f64, usize)> {
+    if !recipe.data.has_eval() {
+        return Err(Error::Recipe {
+            path: recipe_path.to_path_buf(),
+            line: None,
+            column: None,
+            msg: "neither data.eval nor data.eval_ratio is set: nothing to evaluate".into(),
+        });
+    }
+    let p = prepare(recipe, recipe_path, device)?;
+    let eval = p.eval.expect("data.eval or data.eval_ratio was set");
+    let trainer = Trainer::new(p.model, p.collator, trainer_config(recipe), device.clone())?;
+    let r = trainer.evaluate(&eval.examples)?;
+    Ok((r.loss, r.tokens))
+}
+
+/// The tokenizer a recipe names: `model.tokenizer`, else the one in `model.path` if it holds
+/// one. None only for a checkpoint without tokenizer files, which can still train and evaluate
+/// on pre-tokenized rows (text rows then fail naming the missing tokenizer).
+pub fn recipe_tokenizer(recipe: &Recipe) -> Result<Option<TextTokenizer>> {
+    match (&recipe.model.tokenizer, &recipe.model.path) {
+        (Some(p), _) => TextTokenizer::load(p).map(Some),
+        (None, Some(dir)) if dir.join(crate::data::tokenizer::TOKENIZER_FILE).exists() => {
+            TextTokenizer::load(dir).map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// `recipe_tokenizer` where tokens must be shown or text encoded.
+pub(crate) fn required_tokenizer(recipe: &Recipe) -> Result<TextTokenizer> {
+    recipe_tokenizer(recipe)?.ok_or_else(|| {
+        Error::Config("this command needs a tokenizer: set model.tokenizer (the model directory has no tokenizer.json)".into())
+    })
+}
+
+/// The model's vocabulary size and position limit as its config.json (or the recipe's inline
+/// `model.config`) states them, without loading weights.
+pub fn model_limits(
+    recipe: &Recipe,
+    tok: Option<&TextTokenizer>,
+) -> Result<(usize, Option<usize>)> {
+    let cfg = match (&recipe.model.config, &recipe.model.path) {
+        (Some(c), _) => Some(c.clone()),
+        (None, Some(dir)) => {
+            let p = dir.join("config.json");
+            match std::fs::read_to_string(&p) {
+                Ok(text) => Some(
+                    serde_json::from_str::<serde_json::Value>(&text)
+                        .map_err(|e| Error::model(&p, format!("line {}: {e}", e.line())))?,
+                ),
+                Err(e) => return Err(Error::io(&p, e)),
+            }
+        }
+        (None, None) => None,
+    };
+    let Some(mut cfg) = cfg else {
+        return Ok((tok.map_or(usize::MAX, TextTokenizer::vocab_size), None));
+    };
+    // Read through the family's own defaults (a Mistral without max_position_embeddings allows
+    // 131072 positions), exactly as the model will be built.
+    if let Some(m) = cfg.as_object_mut() {
+        m.entry("model_type").or_insert("llama".into());
+        if let Some(t) = tok {
+            m.entry("vocab_size").or_insert(t.vocab_size().into());
+        }
+    }
+    let (spec, _) =
+        crate::model::families::from_config(&cfg).map_err(|e| match &recipe.model.path {
+            Some(dir) if recipe.model.config.is_none() => {
+                Error::model(dir.join("config.json"), e.to_string())
+            }
+            _ => Error::Config(format!("model.config: {e}")),
+        })?;
+    Ok((spec.vocab, Some(spec.max_positions)))
+}
+
+/// The recipe's datasets: read, encoded, reported (logged) and checked against its thresholds.
+pub fn load_recipe_data(
+    recipe: &Recipe,
+    tok: Option<&TextTokenizer>,
+    vocab_size: usize,
+    max_positions: Option<usize>,
+) -> Result<(Dataset, Option<Dataset>)> {
+    let d = &recipe.data;
+    let opts = LoadOptions {
+        max_length: d.max_length.min(max_positions.unwrap_or(usize::MAX)),
+        truncation: d.truncation,
+        vocab_size,
+    };
+    let pipe = Pipeline::new(tok, recipe.data_spec(), opts)?;
+    let (train, eval) = match (&d.eval, d.eval_ratio > 0.0) {
+        (Some(p), _) => (pipe.load(&d.train)?, Some(pipe.load(p)?)),
+        (None, true) => {
+            let seed = d.split_seed.unwrap_or(recipe.train.seed);
+            let (t, e) = pipe.load_split(&d.train, d.eval_ratio, seed)?;
+            (t, Some(e))
+        }
+        (None, false) => (pipe.load(&d.train)?, None),
+    };
+    let limits = d.limits();
+    for ds in std::iter::once(&train).chain(eval.iter()) {
+        ds.report.log(&ds.path);
+        ds.report.check(&limits, &ds.path)?;
+    }
+    Ok((train, eval))
+}
+
+/// The collator a recipe describes (as `app::prepare` builds it).
+pub fn recipe_collator(recipe: &Recipe, tok: Option<&TextTokenizer>) -> CompletionOnlyCollator {
+    let pad = tok.map_or(0, TextTokenizer::pad_or_eos);
+    let mut c = CompletionOnlyCollator::new(recipe.collator.padding_free, pad);
+    c.pad_to_multiple_of = recipe.collator.pad_to_multiple_of;
+    c.normalization = recipe.train.loss_normalization;
+    c
+}

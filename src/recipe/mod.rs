@@ -1,0 +1,4 @@
+pub mod build;
+mod schema;
+
+pub use schema::*;

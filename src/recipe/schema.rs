@@ -1,0 +1,473 @@
+//! Recipes: YAML files that say what to train on what, typed with serde, unknown keys
+//! rejected, errors located by line and column; `key.path=value` overrides on the command line.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::collate::LossNormalization;
+use crate::data::{DataLimits, DataSpec, Format, LossOn, TokenTemplate, Truncation};
+use crate::error::{Error, Result};
+use crate::train::Schedule;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub collator: CollatorSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    /// Where the trained model, tokenizer, metrics and checkpoints are written.
+    pub output_dir: PathBuf,
+    /// `latest` (the newest checkpoint in output_dir, or a fresh start if there is none) or
+    /// the path of a checkpoint directory.
+    #[serde(default)]
+    pub resume_from: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A Hugging Face checkpoint directory (config.json + safetensors).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// An inline config.json (any supported `model_type`, llama by default) for a freshly
+    /// initialised model.
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
+    /// tokenizer.json or a directory holding it; defaults to `path`.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+fn default_max_length() -> usize {
+    2048
+}
+
+fn default_max_dropped_fraction() -> Option<f64> {
+    Some(0.5)
+}
+
+/// Where the training (and evaluation) data come from and how rows become examples.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// A JSONL, JSON or Parquet file, a directory of them, or a glob.
+    pub train: PathBuf,
+    #[serde(default)]
+    pub eval: Option<PathBuf>,
+    /// Without `eval`: hold out this fraction of the training rows (a seeded draw) for evaluation.
+    #[serde(default)]
+    pub eval_ratio: f64,
+    /// Seed of that draw (default: train.seed).
+    #[serde(default)]
+    pub split_seed: Option<u64>,
+    /// `auto`, `text`, `prompt_completion`, `messages`, `sharegpt`, `alpaca`, `columns`, `tokens`.
+    #[serde(default)]
+    pub format: Format,
+    /// A shipped template name, a `.jinja` file, or `tokenizer` (the model's chat_template).
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Canonical field → the column that holds it, e.g. `{prompt: question, completion: answer}`.
+    #[serde(default)]
+    pub fields: BTreeMap<String, String>,
+    /// Extra role names of messages / ShareGPT `from` → system, user, assistant or tool.
+    #[serde(default)]
+    pub roles: BTreeMap<String, String>,
+    /// `completion`, `assistant`, `last_assistant` or `all` (default: per format).
+    #[serde(default)]
+    pub loss_on: Option<LossOn>,
+    /// Strings that close an assistant turn, besides EOS and the usual ones.
+    #[serde(default)]
+    pub end_of_turn: Vec<String>,
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+    #[serde(default)]
+    pub truncation: Truncation,
+    /// Stop before training when more rows than this are dropped (null: never).
+    #[serde(default = "default_max_dropped_fraction")]
+    pub max_dropped_fraction: Option<f64>,
+    #[serde(default)]
+    pub max_truncated_fraction: Option<f64>,
+    #[serde(default)]
+    pub max_template_missing_fraction: Option<f64>,
+    #[serde(default)]
+    pub min_supervised_ratio: Option<f64>,
+}
+
+impl DataSection {
+    pub fn limits(&self) -> DataLimits {
+        DataLimits {
+            max_dropped_fraction: self.max_dropped_fraction,
+            max_truncated_fraction: self.max_truncated_fraction,
+            max_template_missing_fraction: self.max_template_missing_fraction,
+            min_supervised_ratio: self.min_supervised_ratio,
+        }
+    }
+
+    /// Whether the run has evaluation data (a file, or a held-out share of the training rows).
+    pub fn has_eval(&self) -> bool {
+        self.eval.is_some() || self.eval_ratio > 0.0
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CollatorSection {
+    #[serde(default = "yes")]
+    pub padding_free: bool,
+    #[serde(default)]
+    pub pad_to_multiple_of: Option<usize>,
+    /// TRL-compatible masking: loss only after this template (text, or a list of token ids).
+    #[serde(default)]
+    pub response_template: Option<TokenTemplate>,
+    /// With `response_template`: multi-turn masking from each instruction to the next response.
+    #[serde(default)]
+    pub instruction_template: Option<TokenTemplate>,
+}
+
+impl Default for CollatorSection {
+    fn default() -> Self {
+        Self {
+            padding_free: true,
+            pad_to_multiple_of: None,
+            response_template: None,
+            instruction_template: None,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Optimizer steps; 0 means `epochs` passes over the data.
+    pub max_steps: usize,
+    pub epochs: usize,
+    pub lr: f64,
+    pub lr_scheduler: Schedule,
+    pub warmup_steps: usize,
+    /// Warmup as a fraction of total steps (when warmup_steps is 0).
+    pub warmup_ratio: f64,
+    /// Floor of `cosine_with_min_lr` and `warmup_stable_decay`, as a fraction of `lr`.
+    pub min_lr_ratio: f64,
+    /// `warmup_stable_decay`: fraction of the steps spent decaying.
+    pub decay_ratio: f64,
+    /// `tokens` (mean over the step's target tokens) or `sequences` (mean of per-sequence means).
+    pub loss_normalization: LossNormalization,
+    /// Token budget per micro-batch instead of `batch_size` examples.
+    pub max_tokens_per_batch: Option<usize>,
+    pub group_by_length: bool,
+    /// Global gradient-norm clip; 0 disables clipping.
+    pub max_grad_norm: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub seed: u64,
+    pub shuffle: bool,
+    /// Log a line every this many steps when no progress bar is shown.
+    pub logging_steps: usize,
+    /// Evaluate on `data.eval` every this many steps (0: only at the end).
+    pub eval_steps: usize,
+    /// Save a checkpoint every this many steps (0: only when stopped by a signal or callback).
+    pub save_steps: usize,
+    /// Keep only the newest N checkpoints.
+    pub save_total_limit: Option<usize>,
+    /// Stop when the eval loss has not improved for this many evaluations (0: off).
+    pub early_stopping_patience: usize,
+    /// Recompute each layer in the backward pass instead of keeping its activations.
+    pub gradient_checkpointing: bool,
+    /// Compute dtype: `f32`, or `bf16` / `f16` with float32 master weights.
+    pub dtype: ComputeDtype,
+    /// `auto` (flash attention where it can run), `eager` or `flash`.
+    pub attention: crate::nn::attention::AttentionImpl,
+    /// `cpu`, `cuda` or `cuda:N` (needs a build with `--features cuda`).
+    pub device: String,
+    /// Enqueue each step on the GPU before the previous one is reported (unset: on a GPU).
+    pub overlap_steps: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ComputeDtype {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl ComputeDtype {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            ComputeDtype::F32 => candle_core::DType::F32,
+            ComputeDtype::Bf16 => candle_core::DType::BF16,
+            ComputeDtype::F16 => candle_core::DType::F16,
+        }
+    }
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            batch_size: 8,
+            grad_accum: 1,
+            max_steps: 0,
+            epochs: 1,
+            lr: 2e-5,
+            lr_scheduler: Schedule::Linear,
+            warmup_steps: 0,
+            warmup_ratio: 0.0,
+            min_lr_ratio: 0.0,
+            decay_ratio: 0.1,
+            loss_normalization: LossNormalization::Tokens,
+            max_tokens_per_batch: None,
+            group_by_length: false,
+            max_grad_norm: 1.0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            seed: 42,
+            shuffle: true,
+            logging_steps: 10,
+            eval_steps: 0,
+            save_steps: 0,
+            save_total_limit: None,
+            early_stopping_patience: 0,
+            gradient_checkpointing: false,
+            dtype: ComputeDtype::F32,
+            attention: crate::nn::attention::AttentionImpl::Auto,
+            device: "cpu".into(),
+            overlap_steps: None,
+        }
+    }
+}
+
+fn recipe_err(path: &Path, e: &serde_yaml::Error, prefix: &str) -> Error {
+    let loc = e.location();
+    Error::Recipe {
+        path: path.to_path_buf(),
+        line: loc.as_ref().map(|l| l.line()),
+        column: loc.as_ref().map(|l| l.column()),
+        msg: format!("{prefix}{e}"),
+    }
+}
+
+/// Applies one `a.b.c=value` override to a YAML tree; the value is parsed as YAML, so numbers
+/// and booleans keep their type.
+fn apply_override(root: &mut serde_yaml::Value, spec: &str) -> std::result::Result<(), String> {
+    let (key, value) = spec
+        .split_once('=')
+        .ok_or_else(|| format!("override {spec:?} is not of the form key.path=value"))?;
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(value).map_err(|e| format!("override {spec:?}: bad value: {e}"))?;
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(format!("override {spec:?}: empty key segment"));
+    }
+    let mut node = root;
+    for (i, part) in parts.iter().enumerate() {
+        if node.is_null() {
+            *node = serde_yaml::Value::Mapping(Default::default());
+        }
+        let map = node.as_mapping_mut().ok_or_else(|| {
+            format!(
+                "override {spec:?}: `{}` is not a mapping",
+                parts[..i].join(".")
+            )
+        })?;
+        let k = serde_yaml::Value::String((*part).to_string());
+        if i + 1 == parts.len() {
+            map.insert(k, value);
+            return Ok(());
+        }
+        node = map.entry(k).or_insert(serde_yaml::Value::Null);
+    }
+    unreachable!("the loop returns at the last segment")
+}
+
+impl Recipe {
+    /// Reads a recipe file and applies `overrides` (`key.path=value`).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text, path, overrides)
+    }
+
+    pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Self> {
+        // The file alone first, so its errors carry line and column.
+        let recipe: Recipe = serde_yaml::from_str(text).map_err(|e| recipe_err(path, &e, ""))?;
+        let recipe = if overrides.is_empty() {
+            recipe
+        } else {
+            let mut tree: serde_yaml::Value =
+                serde_yaml::from_str(text).map_err(|e| recipe_err(path, &e, ""))?;
+            for o in overrides {
+                apply_override(&mut tree, o).map_err(|msg| Error::Recipe {
+                    path: path.to_path_buf(),
+                    line: None,
+                    column: None,
+                    msg,
+                })?;
+            }
+            serde_yaml::from_value(tree).map_err(|e| {
+                recipe_err(
+                    path,
+                    &e,
+                    &format!("after overrides {}: ", overrides.join(" ")),
+                )
+            })?
+        };
+        recipe.validate(path)?;
+        Ok(recipe)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |msg: String| {
+            Err(Error::Recipe {
+                path: path.to_path_buf(),
+                line: None,
+                column: None,
+                msg,
+            })
+        };
+        let t = &self.train;
+        match (&self.model.path, &self.model.config) {
+            (Some(_), Some(_)) => {
+                return bad("set one of model.path and model.config, not both".into())
+            }
+            (None, None) => {
+                return bad(
+                    "set model.path (a checkpoint directory) or model.config (fresh init)".into(),
+                )
+            }
+            (None, Some(_)) if self.model.tokenizer.is_none() => {
+                return bad(
+                    "model.config needs model.tokenizer (a tokenizer.json or its directory)".into(),
+                )
+            }
+            _ => {}
+        }
+        if t.batch_size == 0 {
+            return bad("train.batch_size must be at least 1".into());
+        }
+        if t.grad_accum == 0 {
+            return bad("train.grad_accum must be at least 1".into());
+        }
+        if t.max_steps == 0 && t.epochs == 0 {
+            return bad("train.max_steps and train.epochs are both 0: nothing to train".into());
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return bad(format!("train.lr = {} must be a positive number", t.lr));
+        }
+        if t.max_grad_norm < 0.0 || t.weight_decay < 0.0 {
+            return bad("train.max_grad_norm and train.weight_decay must not be negative".into());
+        }
+        if !(0.0..1.0).contains(&t.adam_beta1) || !(0.0..1.0).contains(&t.adam_beta2) {
+            return bad("train.adam_beta1 and train.adam_beta2 must be in [0, 1)".into());
+        }
+        if !(0.0..1.0).contains(&t.warmup_ratio) {
+            return bad(format!(
+                "train.warmup_ratio = {} must be in [0, 1)",
+                t.warmup_ratio
+            ));
+        }
+        if t.warmup_ratio > 0.0 && t.warmup_steps > 0 {
+            return bad("set train.warmup_steps or train.warmup_ratio, not both".into());
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) || !(0.0..=1.0).contains(&t.decay_ratio) {
+            return bad("train.min_lr_ratio and train.decay_ratio must be in [0, 1]".into());
+        }
+        if crate::device::parse(&t.device).is_err() {
+            return bad(format!(
+                "train.device = {:?}: expected cpu, cuda or cuda:N",
+                t.device
+            ));
+        }
+        if t.max_tokens_per_batch == Some(0) {
+            return bad("train.max_tokens_per_batch must be at least 1".into());
+        }
+        if t.save_total_limit == Some(0) {
+            return bad("train.save_total_limit must be at least 1 (or unset)".into());
+        }
+        if t.early_stopping_patience > 0 && !self.data.has_eval() {
+            return bad(
+                "train.early_stopping_patience needs data.eval (or data.eval_ratio)".into(),
+            );
+        }
+        if t.eval_steps > 0 && !self.data.has_eval() {
+            return bad(format!(
+                "train.eval_steps = {} but data.eval (or data.eval_ratio) is not set",
+                t.eval_steps
+            ));
+        }
+        let d = &self.data;
+        if !(0.0..1.0).contains(&d.eval_ratio) {
+            return bad(format!(
+                "data.eval_ratio = {} must be in [0, 1)",
+                d.eval_ratio
+            ));
+        }
+        if d.eval_ratio > 0.0 && d.eval.is_some() {
+            return bad("set data.eval or data.eval_ratio, not both".into());
+        }
+        for (key, v) in [
+            ("max_dropped_fraction", d.max_dropped_fraction),
+            ("max_truncated_fraction", d.max_truncated_fraction),
+            (
+                "max_template_missing_fraction",
+                d.max_template_missing_fraction,
+            ),
+            ("min_supervised_ratio", d.min_supervised_ratio),
+        ] {
+            if let Some(v) = v {
+                if !(0.0..=1.0).contains(&v) {
+                    return bad(format!("data.{key} = {v} must be in [0, 1]"));
+                }
+            }
+        }
+        if self.collator.instruction_template.is_some() && self.collator.response_template.is_none()
+        {
+            return bad("collator.instruction_template needs collator.response_template".into());
+        }
+        if self.data.max_length < 2 {
+            return bad(format!(
+                "data.max_length = {} must be at least 2",
+                self.data.max_length
+            ));
+        }
+        if self.collator.pad_to_multiple_of == Some(0) {
+            return bad("collator.pad_to_multiple_of must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// What the data layer needs of the recipe: format, template, fields, masking.
+    pub fn data_spec(&self) -> DataSpec {
+        let d = &self.data;
+        DataSpec {
+            format: d.format,
+            template: d.template.clone(),
+            fields: d.fields.clone(),
+            roles: d.roles.clone(),
+            loss_on: d.loss_on,
+            response_template: self.collator.response_template.clone(),
+            instruction_template: self.collator.instruction_template.clone(),
+            end_of_turn: d.end_of_turn.clone(),
+        }
+    }
+
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("recipe serialises")
+    }
+}

@@ -1,0 +1,201 @@
+//! What a run reports: each step's and each evaluation's metrics (the lines of
+//! `metrics.jsonl`), the summary `train` returns, the metrics file itself, and the progress bar
+//! or log lines.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// One line of metrics.jsonl.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StepMetrics {
+    /// Optimizer steps done, this one included (1-based).
+    pub step: usize,
+    /// Epochs done, fractional: where the data position stands after this step.
+    pub epoch: f64,
+    /// Mean loss over the step's loss units (target tokens by default).
+    pub loss: f64,
+    /// The learning rate this step used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// MoE router load-balancing loss (coefficient included), added to the objective.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aux_loss: Option<f64>,
+    /// Real (non-pad) tokens of the step.
+    pub tokens: usize,
+    /// Target (supervised) tokens of the step.
+    pub target_tokens: usize,
+    /// Positions computed, pads included.
+    pub positions: usize,
+    /// Examples of the step.
+    pub examples: usize,
+    /// Real tokens per second of this step.
+    pub tokens_per_s: f64,
+    /// Seconds since training started (this process).
+    pub elapsed_s: f64,
+    /// The step's examples had no target token: nothing to learn from, so no update was made
+    /// (loss and gradient norm are 0). Written only when true.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+}
+
+/// One evaluation's line of metrics.jsonl.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EvalMetrics {
+    /// The optimizer step after which the evaluation ran.
+    pub step: usize,
+    /// Mean loss per target token of the eval set.
+    pub eval_loss: f64,
+    /// Arg-max token accuracy, where the model reports it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_accuracy: Option<f64>,
+    /// Target tokens of the eval set.
+    pub eval_tokens: usize,
+}
+
+/// What [`Trainer::train`](super::Trainer::train) did.
+#[derive(Debug, Clone, Default)]
+pub struct TrainSummary {
+    /// Every step's metrics, in order.
+    pub steps: Vec<StepMetrics>,
+    /// Every evaluation's metrics, in order.
+    pub evals: Vec<EvalMetrics>,
+    /// A stop was requested (the stop flag or a callback's `Control::Stop`); the last
+    /// checkpoint holds the state.
+    pub stopped: bool,
+    /// The stop flag ([`Trainer::stop_flag`](super::Trainer::stop_flag); the `packsft` command
+    /// sets it on SIGINT/SIGTERM) ended the run, as opposed to a callback.
+    pub interrupted: bool,
+    /// Steps whose examples had no target token: skipped without an update (see
+    /// [`StepMetrics::skipped`]).
+    pub skipped_steps: usize,
+    /// The newest checkpoint this run wrote.
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+/// metrics.jsonl: created fresh, or on resume cut back to the rows up to the resumed step
+/// (rows a crashed run wrote after its last checkpoint are replayed, not duplicated).
+pub(crate) struct MetricsFile {
+    file: Option<(std::fs::File, PathBuf)>,
+    rows: Vec<serde_json::Value>,
+}
+
+impl MetricsFile {
+    pub fn open(dir: Option<&Path>, keep_up_to: usize) -> Result<Self> {
+        let Some(dir) = dir else {
+            return Ok(Self {
+                file: None,
+                rows: Vec::new(),
+            });
+        };
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let p = dir.join("metrics.jsonl");
+        let mut rows = Vec::new();
+        if keep_up_to > 0 && p.exists() {
+            let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+            rows = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|r| r["step"].as_u64().is_some_and(|s| s as usize <= keep_up_to))
+                .collect();
+            let kept: String = rows.iter().map(|r| format!("{r}\n")).collect();
+            crate::io::write_atomic(&p, kept.as_bytes())?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(keep_up_to > 0)
+            .write(true)
+            .truncate(keep_up_to == 0)
+            .open(&p)
+            .map_err(|e| Error::io(&p, e))?;
+        Ok(Self {
+            file: Some((file, p)),
+            rows,
+        })
+    }
+
+    pub fn write(&mut self, row: &serde_json::Value) -> Result<()> {
+        if let Some((f, p)) = self.file.as_mut() {
+            writeln!(f, "{row}")
+                .and_then(|_| f.flush())
+                .map_err(|e| Error::io(p.clone(), e))?;
+        }
+        self.rows.push(row.clone());
+        Ok(())
+    }
+
+    pub fn rows_of(&self, key: &str) -> Vec<(usize, f64)> {
+        self.rows
+            .iter()
+            .filter(|r| r.get("skipped").is_none())
+            .filter_map(|r| Some((r["step"].as_u64()? as usize, r.get(key)?.as_f64()?)))
+            .collect()
+    }
+}
+
+/// The progress bar (when asked for and stderr is a terminal), else a log line every
+/// `logging_steps` steps and at the last.
+pub(crate) struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    logging_steps: usize,
+    total: usize,
+}
+
+impl Progress {
+    /// Progress of a run of `total` steps, `done` of them already (a resumed run).
+    pub fn new(show_bar: bool, logging_steps: usize, total: usize, done: usize) -> Self {
+        let bar = (show_bar && std::io::stderr().is_terminal()).then(|| {
+            let b = indicatif::ProgressBar::new(total as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+                )
+                .expect("valid template"),
+            );
+            b.set_position(done as u64);
+            b
+        });
+        Self {
+            bar,
+            logging_steps,
+            total,
+        }
+    }
+
+    /// Shows a finished step.
+    pub fn step(&self, m: &StepMetrics) {
+        match &self.bar {
+            Some(b) => {
+                b.set_message(format!("loss {:.4} | {:.0} tok/s", m.loss, m.tokens_per_s));
+                b.inc(1);
+            }
+            None if m.step % self.logging_steps.max(1) == 0 || m.step == self.total => {
+                tracing::info!(
+                    step = m.step,
+                    loss = format!("{:.4}", m.loss),
+                    lr = format!("{:.3e}", m.lr),
+                    grad_norm = format!("{:.3}", m.grad_norm),
+                    tokens_per_s = format!("{:.0}", m.tokens_per_s),
+                    "step"
+                );
+            }
+            None => {}
+        }
+    }
+
+    /// Shows an evaluation.
+    pub fn eval(&self, e: &EvalMetrics) {
+        tracing::info!(step = e.step, eval_loss = format!("{:.4}", e.eval_loss), eval_accuracy = ?e.eval_accuracy, "eval");
+    }
+
+    /// Ends the bar.
+    pub fn finish(self) {
+        if let Some(b) = self.bar {
+            b.finish();
+        }
+    }
+}

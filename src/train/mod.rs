@@ -1,0 +1,24 @@
+mod cadence;
+pub mod callback;
+pub mod checkpoint;
+mod config;
+mod eval;
+mod metrics;
+pub mod optimizer;
+pub mod plot;
+pub mod readback;
+mod sampler;
+mod schedule;
+mod step;
+mod trainer;
+
+pub use callback::{Callback, Control, EarlyStopping};
+pub use checkpoint::TrainerState;
+pub use config::TrainerConfig;
+pub use eval::{evaluate, EvalResult};
+pub use metrics::{EvalMetrics, StepMetrics, TrainSummary};
+pub use optimizer::AdamWConfig;
+pub(crate) use sampler::{epoch_order, step_sizes};
+pub use schedule::{LrSchedule, Schedule};
+pub use step::PendingStep;
+pub use trainer::{StepGrads, Trainer};

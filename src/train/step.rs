@@ -1,0 +1,267 @@
+//! One optimizer step: collate its micro-batches, forward and backward each with the loss
+//! divided by the loss units (target tokens or sequences) of the whole step, accumulate, then
+//! clip and update, all enqueued on the device; [`Stepper::finish`] later reads the loss and
+//! the gradient norm. On a GPU the trainer enqueues step N+1 before it finishes step N, so the
+//! device never waits for the host.
+
+use std::time::Instant;
+
+use candle_core::{backprop::GradStore, DType, Device, Tensor};
+
+use super::metrics::StepMetrics;
+use super::optimizer::{AdamW, PendingUpdate};
+use super::readback::Readback;
+use crate::collate::{Collator, TrainBatch};
+use crate::data::Example;
+use crate::error::{Error, Result};
+use crate::model::{LossScale, Model};
+use crate::nn::param::accumulate;
+
+/// Sizes of one optimizer step's micro-batches, summed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StepSizes {
+    pub loss_units: f64,
+    pub target_tokens: usize,
+    pub tokens: usize,
+    pub positions: usize,
+    pub examples: usize,
+}
+
+/// Gradients of a step whose losses are still on the device.
+pub(crate) struct PendingGrads {
+    pub grads: GradStore,
+    /// Float64 scalars.
+    pub loss_sum: Tensor,
+    pub aux_loss: Option<Tensor>,
+}
+
+/// Collates `micro_batches` and runs each forward/backward with the loss scaled by the step's
+/// loss units, accumulating the gradients; the losses stay on the device (reading them would
+/// make the host wait for the whole backward before it can enqueue the optimizer). `None` for
+/// the gradients when no micro-batch has a target token.
+pub(crate) fn step_grads<M, C>(
+    model: &M,
+    collator: &C,
+    device: &Device,
+    micro_batches: &[&[Example]],
+) -> Result<(StepSizes, Option<PendingGrads>)>
+where
+    M: Model,
+    C: Collator<Batch = M::Batch>,
+{
+    let batches = micro_batches
+        .iter()
+        .map(|mb| collator.collate(mb, device))
+        .collect::<Result<Vec<_>>>()?;
+    let sizes = StepSizes {
+        loss_units: batches.iter().map(|b| b.loss_units()).sum(),
+        target_tokens: batches.iter().map(|b| b.n_targets()).sum(),
+        tokens: batches.iter().map(|b| b.n_tokens()).sum(),
+        positions: batches.iter().map(|b| b.n_positions()).sum(),
+        examples: micro_batches.iter().map(|m| m.len()).sum(),
+    };
+    let mut acc = None;
+    let mut loss_sum: Option<Tensor> = None;
+    let mut aux_loss: Option<Tensor> = None;
+    let f64_sum = |total: Option<Tensor>, x: Tensor| -> Result<_> {
+        let x = x.to_dtype(DType::F64)?;
+        Ok(Some(match total {
+            Some(t) => (t + x)?,
+            None => x,
+        }))
+    };
+    for b in &batches {
+        if b.n_targets() == 0 {
+            continue;
+        }
+        let share = b.n_tokens() as f64 / sizes.tokens as f64;
+        let scale = LossScale {
+            per_unit: 1.0 / sizes.loss_units,
+            aux: share,
+        };
+        let (l, grads) = model.forward_backward(b, scale)?;
+        // Detached: a loss kept for later reading must not keep the graph (every activation of
+        // the step) alive past its backward.
+        loss_sum = f64_sum(loss_sum, l.sum.detach())?;
+        if let Some(a) = l.aux {
+            let a = a.detach().to_dtype(DType::F64)?;
+            aux_loss = f64_sum(aux_loss, (a * share)?)?;
+        }
+        accumulate(&mut acc, grads, model.params())?;
+    }
+    let grads = match (acc, loss_sum) {
+        (Some(grads), Some(loss_sum)) => Some(PendingGrads {
+            grads,
+            loss_sum,
+            aux_loss,
+        }),
+        _ => None,
+    };
+    Ok((sizes, grads))
+}
+
+/// The error of a step that must have targets (a direct gradient computation).
+pub(crate) fn no_targets() -> Error {
+    Error::Training("an optimizer step has no target token in any of its examples".into())
+}
+
+/// An optimizer step enqueued by [`Trainer::enqueue_step`](super::Trainer::enqueue_step), to
+/// hand to [`Trainer::finish_step`](super::Trainer::finish_step).
+#[must_use = "finish the step to learn its loss and whether its update was applied"]
+pub struct PendingStep {
+    step: usize,
+    /// `None` for a step without a target token, which was skipped.
+    update: Option<EnqueuedUpdate>,
+    lr: f64,
+    sizes: StepSizes,
+    t0: Instant,
+}
+
+struct EnqueuedUpdate {
+    /// The summed loss, and the auxiliary loss where the model has one.
+    losses: Readback,
+    has_aux: bool,
+    update: PendingUpdate,
+}
+
+/// The optimizer and the step clock.
+pub(crate) struct Stepper {
+    pub optimizer: AdamW,
+    /// When the last step finished (steps may overlap on a GPU).
+    last_finished: Option<Instant>,
+}
+
+impl Stepper {
+    pub fn new(optimizer: AdamW) -> Self {
+        Self {
+            optimizer,
+            last_finished: None,
+        }
+    }
+
+    /// Enqueues step `step` (0-based) at learning rate `lr`: the gradients (see [`step_grads`]),
+    /// then clip and update, guarded on the device by the loss; with `keep_copies` the update
+    /// also writes the model's compute copies of the new weights (see
+    /// `Model::compute_copies`). A step without a target token is skipped: no update.
+    #[allow(clippy::too_many_arguments)]
+    pub fn enqueue<M, C>(
+        &mut self,
+        model: &M,
+        collator: &C,
+        device: &Device,
+        step: usize,
+        micro_batches: &[&[Example]],
+        lr: f64,
+        max_grad_norm: f64,
+        keep_copies: bool,
+    ) -> Result<PendingStep>
+    where
+        M: Model,
+        C: Collator<Batch = M::Batch>,
+    {
+        let t0 = Instant::now();
+        if !keep_copies {
+            model.set_compute_copies_fresh(false);
+        }
+        let (sizes, grads) = step_grads(model, collator, device, micro_batches)?;
+        let Some(mut g) = grads else {
+            tracing::warn!(
+                step = step + 1,
+                "no target token in this step's examples: step skipped"
+            );
+            return Ok(PendingStep {
+                step,
+                update: None,
+                lr,
+                sizes,
+                t0,
+            });
+        };
+        let t_grads = t0.elapsed();
+        let copies = if keep_copies {
+            model.compute_copies()?
+        } else {
+            Vec::new()
+        };
+        let update = self.optimizer.enqueue_clip_and_step(
+            &mut g.grads,
+            model.params(),
+            max_grad_norm,
+            lr,
+            Some(&g.loss_sum),
+            &copies,
+        )?;
+        model.set_compute_copies_fresh(keep_copies && update.wrote_copies());
+        let has_aux = g.aux_loss.is_some();
+        let losses = Readback::enqueue(std::iter::once(g.loss_sum).chain(g.aux_loss).collect())?;
+        if crate::device::profiling() {
+            tracing::info!(
+                "profile step {} (host enqueue): gradients {:.1} ms, clip + optimizer {:.1} ms",
+                step + 1,
+                t_grads.as_secs_f64() * 1e3,
+                (t0.elapsed() - t_grads).as_secs_f64() * 1e3
+            );
+        }
+        Ok(PendingStep {
+            step,
+            update: Some(EnqueuedUpdate {
+                losses,
+                has_aux,
+                update,
+            }),
+            lr,
+            sizes,
+            t0,
+        })
+    }
+
+    /// Waits for an enqueued step and reports it; a non-finite loss or gradient norm is an
+    /// error (the device left the weights as they were).
+    pub fn finish(&mut self, p: PendingStep) -> Result<StepMetrics> {
+        let skipped = p.update.is_none();
+        let (loss, grad_norm, aux_loss) = match p.update {
+            None => (0.0, 0.0, None),
+            Some(u) => {
+                let losses = u.losses.read();
+                let grad_norm = self.optimizer.settle(u.update)?;
+                let losses = losses?;
+                (
+                    losses[0] / p.sizes.loss_units,
+                    grad_norm,
+                    u.has_aux.then(|| losses[1]),
+                )
+            }
+        };
+        for (what, v) in [("loss", loss), ("gradient norm", grad_norm)] {
+            if !v.is_finite() {
+                return Err(Error::Training(format!(
+                    "step {}: {what} is {v}; the last good checkpoint is kept",
+                    p.step + 1
+                )));
+            }
+        }
+        // With steps overlapping, a step's time runs from the end of the one before it.
+        let now = Instant::now();
+        let since = match self.last_finished {
+            Some(t) if t > p.t0 => t,
+            _ => p.t0,
+        };
+        self.last_finished = Some(now);
+        let dt = (now - since).as_secs_f64();
+        Ok(StepMetrics {
+            step: p.step + 1,
+            epoch: 0.0,
+            loss,
+            lr: p.lr,
+            grad_norm,
+            aux_loss,
+            tokens: p.sizes.tokens,
+            target_tokens: p.sizes.target_tokens,
+            positions: p.sizes.positions,
+            examples: p.sizes.examples,
+            tokens_per_s: p.sizes.tokens as f64 / dt.max(1e-9),
+            elapsed_s: 0.0,
+            skipped,
+        })
+    }
+}
