@@ -39,7 +39,7 @@ fn main() -> packsft::Result<()> {
     });
     let model = DecoderModel::new_random(config, 0, &device)?;
     // padding_free = true: one row per micro-batch, position_ids restarting per example.
-    let collator = CompletionOnlyCollator::new(true, tok.pad_or_eos());
+    let collator = CompletionOnlyCollator::padding_free(tok.pad_or_eos());
     let cfg = TrainerConfig {
         batch_size: 3,
         grad_accum: 2,

@@ -59,8 +59,11 @@ pub use train::{
 /// stability promise; a library user needs none of it.
 #[doc(hidden)]
 pub mod internals {
+    /// The fused CUDA kernels.
     #[cfg(feature = "cuda")]
-    pub use crate::cuda::fused;
+    pub mod fused {
+        pub use crate::cuda::*;
+    }
     pub use crate::data::{masking, split_mask, template};
     /// Device names and CUDA set-up.
     pub mod device {

@@ -307,9 +307,13 @@ fn token_ids_outside_the_vocabulary_are_named_before_any_kernel_runs() {
     let bad = Example::new(vec![5, 6, 70, 8], vec![false, true, true, true]);
     let loss_err = |b: &packsft::Batch| err_text(model.loss(b).map(|l| l.n_targets));
     for padding_free in [true, false] {
-        let batch = CompletionOnlyCollator::new(padding_free, 0)
-            .collate(&[good.clone(), bad.clone()], &dev)
-            .unwrap();
+        let batch = (if padding_free {
+            CompletionOnlyCollator::padding_free(0)
+        } else {
+            CompletionOnlyCollator::padded(0)
+        })
+        .collate(&[good.clone(), bad.clone()], &dev)
+        .unwrap();
         let e = loss_err(&batch);
         // Packed: the second example starts at position 4 of the one row; padded: row 1.
         let at = if padding_free {
@@ -325,13 +329,13 @@ fn token_ids_outside_the_vocabulary_are_named_before_any_kernel_runs() {
     }
     // A pad id past the vocabulary is caught where it pads.
     let short = Example::new(vec![5, 6], vec![false, true]);
-    let batch = CompletionOnlyCollator::new(false, 99)
+    let batch = CompletionOnlyCollator::padded(99)
         .collate(&[good.clone(), short], &dev)
         .unwrap();
     let e = loss_err(&batch);
     assert!(e.contains("batch row 1, position 2: input id 99"), "{e}");
     // With the ids in range, the same pieces go through.
-    let batch = CompletionOnlyCollator::new(false, 0)
+    let batch = CompletionOnlyCollator::padded(0)
         .collate(&[good, Example::new(vec![5, 6], vec![false, true])], &dev)
         .unwrap();
     assert!(model.loss(&batch).is_ok());

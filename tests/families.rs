@@ -100,16 +100,20 @@ fn logits_loss_and_gradients_match_transformers() {
         let model = DecoderModel::from_pretrained(&dir, &Device::Cpu)
             .unwrap_or_else(|e| panic!("{fam}: {e}"));
         for padding_free in [true, false] {
-            let batch = CompletionOnlyCollator::new(padding_free, 0)
-                .collate(&r.examples, &Device::Cpu)
-                .unwrap();
+            let batch = (if padding_free {
+                CompletionOnlyCollator::padding_free(0)
+            } else {
+                CompletionOnlyCollator::padded(0)
+            })
+            .collate(&r.examples, &Device::Cpu)
+            .unwrap();
             let logits = model.all_logits(&batch).unwrap();
             let mut start = 0;
             for (i, ex) in r.examples.iter().enumerate() {
                 let at = if padding_free {
                     start
                 } else {
-                    i * batch.row_len
+                    i * batch.row_len()
                 };
                 let d = max_abs_diff(
                     &logits.narrow(0, at, ex.len()).unwrap(),
@@ -198,12 +202,16 @@ fn hand_written_layer_backward_matches_transformers() {
         // Padding-free and padded; then with gradient checkpointing (layers recomputed).
         for (padding_free, ckpt) in [(true, false), (false, false), (true, true)] {
             model.compute.gradient_checkpointing = ckpt;
-            let batch = CompletionOnlyCollator::new(padding_free, 0)
-                .collate(&r.examples, &Device::Cpu)
-                .unwrap();
+            let batch = (if padding_free {
+                CompletionOnlyCollator::padding_free(0)
+            } else {
+                CompletionOnlyCollator::padded(0)
+            })
+            .collate(&r.examples, &Device::Cpu)
+            .unwrap();
             let before = packsft::internals::graph::hand_written_backwards();
             let scale = LossScale {
-                per_unit: 1.0 / batch.n_targets as f64,
+                per_unit: 1.0 / batch.n_targets() as f64,
                 aux: 0.0,
             };
             let (l, grads) = model.forward_backward(&batch, scale).unwrap();
@@ -279,7 +287,7 @@ fn a_few_steps_lower_the_loss_and_reach_every_parameter() {
         };
         let mut t = Trainer::new(
             model,
-            CompletionOnlyCollator::new(true, 0),
+            CompletionOnlyCollator::padding_free(0),
             cfg,
             Device::Cpu,
         )
@@ -529,7 +537,7 @@ fn trained_models_save_and_reload_with_the_same_loss() {
         };
         let mut t = Trainer::new(
             model,
-            CompletionOnlyCollator::new(true, 0),
+            CompletionOnlyCollator::padding_free(0),
             cfg,
             Device::Cpu,
         )
@@ -541,7 +549,7 @@ fn trained_models_save_and_reload_with_the_same_loss() {
         let again = DecoderModel::from_pretrained(&out, &Device::Cpu).unwrap();
         let t2 = Trainer::new(
             again,
-            CompletionOnlyCollator::new(false, 0),
+            CompletionOnlyCollator::padded(0),
             TrainerConfig {
                 batch_size: 6,
                 progress: false,
@@ -626,7 +634,7 @@ fn the_pad_tokens_embedding_row_gets_no_gradient_from_lookups() {
     );
     let loss_and_embed_grad = |cfg: serde_json::Value| {
         let model = DecoderModel::new_random(cfg, 3, &Device::Cpu).unwrap();
-        let batch = CompletionOnlyCollator::new(true, 0)
+        let batch = CompletionOnlyCollator::padding_free(0)
             .collate(std::slice::from_ref(&ex), &Device::Cpu)
             .unwrap();
         let l = model.loss(&batch).unwrap();

@@ -389,9 +389,13 @@ fn gpu_model(attention: AttentionImpl) -> DecoderModel {
 
 fn loss_and_grads(m: &DecoderModel, padding_free: bool) -> (f64, Vec<Tensor>) {
     let exs = examples(&[300, 17, 1, 90, 64, 65], 512, 11);
-    let batch = CompletionOnlyCollator::new(padding_free, 0)
-        .collate(&exs, &cuda())
-        .unwrap();
+    let batch = (if padding_free {
+        CompletionOnlyCollator::padding_free(0)
+    } else {
+        CompletionOnlyCollator::padded(0)
+    })
+    .collate(&exs, &cuda())
+    .unwrap();
     common::mean_loss_and_grads(m, &batch)
 }
 

@@ -273,7 +273,7 @@ fn loss_and_grads(dev: &Device, dtype: DType) -> (f64, Vec<Tensor>) {
         ..Default::default()
     };
     let exs = examples(&[40, 9, 1, 23], 64, 2);
-    let batch = CompletionOnlyCollator::new(true, 0)
+    let batch = CompletionOnlyCollator::padding_free(0)
         .collate(&exs, dev)
         .unwrap();
     common::mean_loss_and_grads(&m, &batch)

@@ -26,7 +26,7 @@ fn run(dev: &Device) -> (Vec<f64>, Vec<f64>, Vec<candle_core::Tensor>) {
     };
     let mut t = Trainer::new(
         model,
-        CompletionOnlyCollator::new(true, 0),
+        CompletionOnlyCollator::padding_free(0),
         cfg,
         dev.clone(),
     )
@@ -314,7 +314,7 @@ fn six_steps(dev: &Device, dtype: candle_core::DType, overlap: bool) -> Vec<(f64
     };
     let mut t = Trainer::new(
         model,
-        CompletionOnlyCollator::new(true, 0),
+        CompletionOnlyCollator::padding_free(0),
         cfg,
         dev.clone(),
     )
@@ -366,7 +366,7 @@ fn optimizer_written_weight_copies_match_a_fresh_cast() {
         };
         Trainer::new(
             model,
-            CompletionOnlyCollator::new(true, 0),
+            CompletionOnlyCollator::padding_free(0),
             cfg,
             dev.clone(),
         )

@@ -13,72 +13,75 @@ fn packed_layout_matches_the_worked_example() {
     // A = [a0 a1 a2 a3] with loss on a2 a3; B = [b0 b1 b2] with loss on b1 b2.
     let a = Example::new(vec![10, 11, 12, 13], vec![false, false, true, true]);
     let b = Example::new(vec![20, 21, 22], vec![false, true, true]);
-    let batch = CompletionOnlyCollator::new(true, 0)
+    let batch = CompletionOnlyCollator::padding_free(0)
         .collate(&[a.clone(), b.clone()], &Device::Cpu)
         .unwrap();
-    assert_eq!(batch.host.input_ids, vec![vec![10, 11, 12, 13, 20, 21, 22]]);
-    assert_eq!(batch.host.position_ids, vec![vec![0, 1, 2, 3, 0, 1, 2]]);
     assert_eq!(
-        batch.host.labels,
+        batch.host().input_ids,
+        vec![vec![10, 11, 12, 13, 20, 21, 22]]
+    );
+    assert_eq!(batch.host().position_ids, vec![vec![0, 1, 2, 3, 0, 1, 2]]);
+    assert_eq!(
+        batch.host().labels,
         vec![vec![-100, -100, 12, 13, -100, 21, 22]]
     );
-    assert_eq!(batch.host.cu_seq_lens, Some(vec![0, 4, 7]));
+    assert_eq!(batch.host().cu_seq_lens, Some(vec![0, 4, 7]));
     assert_eq!(
-        batch.layout,
+        *batch.layout(),
         SeqLayout::Packed {
             cu_seqlens: vec![0, 4, 7],
             max_seqlen: 4
         }
     );
-    assert!(batch.host.attention_mask.is_none());
+    assert!(batch.host().attention_mask.is_none());
     // Shifted targets: row 1 predicts a2, row 2 predicts a3, row 4 (b0) predicts b1, row 5 b2.
     assert_eq!(
-        batch.target_rows.to_vec1::<u32>().unwrap(),
+        batch.target_rows().to_vec1::<u32>().unwrap(),
         vec![1, 2, 4, 5]
     );
     assert_eq!(
-        batch.target_ids.to_vec1::<u32>().unwrap(),
+        batch.target_ids().to_vec1::<u32>().unwrap(),
         vec![12, 13, 21, 22]
     );
     assert_eq!(
-        batch.cu_seqlens.unwrap().to_vec1::<u32>().unwrap(),
+        batch.cu_seqlens().unwrap().to_vec1::<u32>().unwrap(),
         vec![0, 4, 7]
     );
-    assert_eq!((batch.n_targets, batch.n_tokens), (4, 7));
+    assert_eq!((batch.n_targets(), batch.n_tokens()), (4, 7));
 
     // The first token of an example is never a target even if its mask says so.
     let c = Example::new(vec![30, 31], vec![true, true]);
-    let batch = CompletionOnlyCollator::new(true, 0)
+    let batch = CompletionOnlyCollator::padding_free(0)
         .collate(&[a, c], &Device::Cpu)
         .unwrap();
-    assert_eq!(batch.host.labels[0][4], -100);
-    assert_eq!(batch.host.labels[0][5], 31);
+    assert_eq!(batch.host().labels[0][4], -100);
+    assert_eq!(batch.host().labels[0][5], 31);
 }
 
 #[test]
 fn padded_layout_pads_right_and_never_targets_pads() {
     let a = Example::new(vec![10, 11, 12, 13], vec![false, false, true, true]);
     let b = Example::new(vec![20, 21, 22], vec![false, true, true]);
-    let mut c = CompletionOnlyCollator::new(false, 7);
+    let mut c = CompletionOnlyCollator::padded(7);
     let batch = c.collate(&[a.clone(), b.clone()], &Device::Cpu).unwrap();
     assert_eq!(
-        batch.host.input_ids,
+        batch.host().input_ids,
         vec![vec![10, 11, 12, 13], vec![20, 21, 22, 7]]
     );
     assert_eq!(
-        batch.host.labels,
+        batch.host().labels,
         vec![vec![-100, -100, 12, 13], vec![-100, 21, 22, -100]]
     );
     assert_eq!(
-        batch.host.attention_mask,
+        batch.host().attention_mask,
         Some(vec![vec![1, 1, 1, 1], vec![1, 1, 1, 0]])
     );
     assert_eq!(
-        batch.target_rows.to_vec1::<u32>().unwrap(),
+        batch.target_rows().to_vec1::<u32>().unwrap(),
         vec![1, 2, 4, 5]
     );
     assert_eq!(
-        batch.layout,
+        *batch.layout(),
         SeqLayout::Padded {
             lengths: vec![4, 3]
         }
@@ -86,9 +89,9 @@ fn padded_layout_pads_right_and_never_targets_pads() {
 
     c.pad_to_multiple_of = Some(8);
     let batch = c.collate(&[a, b], &Device::Cpu).unwrap();
-    assert_eq!(batch.row_len, 8);
-    assert_eq!(batch.host.input_ids[1], vec![20, 21, 22, 7, 7, 7, 7, 7]);
-    assert_eq!(batch.n_targets, 4);
+    assert_eq!(batch.row_len(), 8);
+    assert_eq!(batch.host().input_ids[1], vec![20, 21, 22, 7, 7, 7, 7, 7]);
+    assert_eq!(batch.n_targets(), 4);
 }
 
 fn grads_of(model: &packsft::DecoderModel, batch: &packsft::Batch) -> (f64, Vec<(String, Tensor)>) {
@@ -101,10 +104,10 @@ fn grads_of(model: &packsft::DecoderModel, batch: &packsft::Batch) -> (f64, Vec<
 fn padded_and_padding_free_give_the_same_loss_and_gradients() {
     let model = tiny_model(3);
     let exs = examples(&[5, 17, 1, 9, 30, 2, 11], 64, 5);
-    let packed = CompletionOnlyCollator::new(true, 0)
+    let packed = CompletionOnlyCollator::padding_free(0)
         .collate(&exs, &Device::Cpu)
         .unwrap();
-    let padded = CompletionOnlyCollator::new(false, 0)
+    let padded = CompletionOnlyCollator::padded(0)
         .collate(&exs, &Device::Cpu)
         .unwrap();
     let (lp, gp) = grads_of(&model, &packed);
@@ -123,7 +126,7 @@ fn padded_and_padding_free_give_the_same_loss_and_gradients() {
 fn every_parameter_receives_a_nonzero_gradient() {
     let model = tiny_model(4);
     let exs = examples(&[6, 13, 8], 64, 6);
-    let batch = CompletionOnlyCollator::new(true, 0)
+    let batch = CompletionOnlyCollator::padding_free(0)
         .collate(&exs, &Device::Cpu)
         .unwrap();
     let (_, grads) = grads_of(&model, &batch);
@@ -141,7 +144,7 @@ fn every_parameter_receives_a_nonzero_gradient() {
 fn a_packed_forward_equals_the_per_example_forwards() {
     let model = tiny_model(5);
     let exs = examples(&[4, 19, 7, 1, 12], 64, 7);
-    let c = CompletionOnlyCollator::new(true, 0);
+    let c = CompletionOnlyCollator::padding_free(0);
     let packed = model
         .all_logits(&c.collate(&exs, &Device::Cpu).unwrap())
         .unwrap();
@@ -200,7 +203,11 @@ fn accumulation_splits_give_the_same_gradients() {
             };
             let t = Trainer::new(
                 tiny_model(9),
-                CompletionOnlyCollator::new(padding_free, 0),
+                (if padding_free {
+                    CompletionOnlyCollator::padding_free(0)
+                } else {
+                    CompletionOnlyCollator::padded(0)
+                }),
                 cfg,
                 Device::Cpu,
             )

@@ -43,7 +43,11 @@ fn check(name: &str) {
     let r = reference(&dir);
     let model = DecoderModel::from_pretrained(&dir, &Device::Cpu).unwrap();
     for padding_free in [true, false] {
-        let c = CompletionOnlyCollator::new(padding_free, 0);
+        let c = (if padding_free {
+            CompletionOnlyCollator::padding_free(0)
+        } else {
+            CompletionOnlyCollator::padded(0)
+        });
         let batch = c.collate(&r.examples, &Device::Cpu).unwrap();
 
         // Logits of every real position equal transformers' per-example logits.
@@ -52,7 +56,7 @@ fn check(name: &str) {
             let start = if padding_free {
                 r.examples[..i].iter().map(Example::len).sum()
             } else {
-                i * batch.row_len
+                i * batch.row_len()
             };
             let ours = logits.narrow(0, start, ex.len()).unwrap();
             let d = max_abs_diff(&ours, &r.tensors[&format!("logits.{i}")]);

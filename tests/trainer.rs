@@ -56,7 +56,11 @@ fn sixteen_examples_any_split_same_gradients_both_normalisations() {
         let mut reference: Option<Vec<Tensor>> = None;
         for padding_free in [true, false] {
             for (bs, ga) in [(8, 1), (4, 2), (2, 4)] {
-                let mut c = CompletionOnlyCollator::new(padding_free, 0);
+                let mut c = (if padding_free {
+                    CompletionOnlyCollator::padding_free(0)
+                } else {
+                    CompletionOnlyCollator::padded(0)
+                });
                 c.normalization = norm;
                 let tc = TrainerConfig {
                     batch_size: bs,
@@ -88,7 +92,7 @@ fn sixteen_examples_any_split_same_gradients_both_normalisations() {
 fn sequence_normalisation_is_the_mean_of_per_sequence_means() {
     let exs = examples(&[6, 12, 9], 64, 3);
     let model = tiny_model(2);
-    let mut seq = CompletionOnlyCollator::new(true, 0);
+    let mut seq = CompletionOnlyCollator::padding_free(0);
     seq.normalization = LossNormalization::Sequences;
     let tc = TrainerConfig {
         batch_size: 3,
@@ -99,7 +103,7 @@ fn sequence_normalisation_is_the_mean_of_per_sequence_means() {
     let sg = t.step_grads(&exs).unwrap();
     let got = sg.loss_sum / sg.loss_units;
     // Per-sequence mean losses computed one example at a time.
-    let tok = CompletionOnlyCollator::new(true, 0);
+    let tok = CompletionOnlyCollator::padding_free(0);
     let mut want = 0.0;
     for ex in &exs {
         let b = packsft::Collator::collate(&tok, std::slice::from_ref(ex), &Device::Cpu).unwrap();
@@ -135,7 +139,13 @@ fn five_adamw_steps_track_pytorch() {
         progress: false,
         ..Default::default()
     };
-    let mut t = Trainer::new(model, CompletionOnlyCollator::new(true, 0), tc, Device::Cpu).unwrap();
+    let mut t = Trainer::new(
+        model,
+        CompletionOnlyCollator::padding_free(0),
+        tc,
+        Device::Cpu,
+    )
+    .unwrap();
     let schedule = t.schedule(5);
     for (s, want) in fx["steps"].as_array().unwrap().iter().enumerate() {
         let m = t.train_step(s, &exs[2 * s..2 * s + 2], &schedule).unwrap();
@@ -188,7 +198,11 @@ fn trainer(
 ) -> Trainer<DecoderModel, CompletionOnlyCollator> {
     Trainer::new(
         tiny_model(11),
-        CompletionOnlyCollator::new(padding_free, 0),
+        (if padding_free {
+            CompletionOnlyCollator::padding_free(0)
+        } else {
+            CompletionOnlyCollator::padded(0)
+        }),
         cfg(out),
         Device::Cpu,
     )
@@ -264,7 +278,7 @@ fn checkpoints_are_complete_and_pruned() {
     c.save_total_limit = Some(2);
     let mut t = Trainer::new(
         tiny_model(1),
-        CompletionOnlyCollator::new(true, 0),
+        CompletionOnlyCollator::padding_free(0),
         c,
         Device::Cpu,
     )
@@ -303,7 +317,7 @@ fn a_stop_flag_saves_a_checkpoint_and_returns() {
     c.save_steps = 0;
     let mut t = Trainer::new(
         tiny_model(1),
-        CompletionOnlyCollator::new(true, 0),
+        CompletionOnlyCollator::padding_free(0),
         c,
         Device::Cpu,
     )
@@ -327,7 +341,7 @@ fn a_diverging_run_stops_naming_the_step_and_keeps_the_last_checkpoint() {
     c.save_steps = 1;
     let mut t = Trainer::new(
         tiny_model(1),
-        CompletionOnlyCollator::new(true, 0),
+        CompletionOnlyCollator::padding_free(0),
         c,
         Device::Cpu,
     )
@@ -375,7 +389,13 @@ fn trainer_with(
     model: DecoderModel,
     c: TrainerConfig,
 ) -> Trainer<DecoderModel, CompletionOnlyCollator> {
-    Trainer::new(model, CompletionOnlyCollator::new(true, 0), c, Device::Cpu).unwrap()
+    Trainer::new(
+        model,
+        CompletionOnlyCollator::padding_free(0),
+        c,
+        Device::Cpu,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -524,10 +544,10 @@ fn bf16_weight_copies_give_the_in_graph_cast_gradients() {
     model.compute.autograd_layers = true;
     let exs = examples(&[12, 7, 20], 64, 4);
     let batch =
-        packsft::Collator::collate(&CompletionOnlyCollator::new(true, 0), &exs, &Device::Cpu)
+        packsft::Collator::collate(&CompletionOnlyCollator::padding_free(0), &exs, &Device::Cpu)
             .unwrap();
     let scale = packsft::LossScale {
-        per_unit: 1.0 / batch.n_targets as f64,
+        per_unit: 1.0 / batch.n_targets() as f64,
         aux: 1.0,
     };
     let (_, fused) = model.forward_backward(&batch, scale).unwrap();
@@ -721,7 +741,7 @@ fn overlapped_steps_match_sequential_steps() {
         c.overlap_steps = Some(overlap);
         let mut t = Trainer::new(
             tiny_model(11),
-            CompletionOnlyCollator::new(true, 0),
+            CompletionOnlyCollator::padding_free(0),
             c,
             Device::Cpu,
         )
@@ -779,7 +799,7 @@ fn overlapped_steps_match_sequential_steps() {
     c.overlap_steps = Some(true);
     let mut resumed = Trainer::new(
         tiny_model(11),
-        CompletionOnlyCollator::new(true, 0),
+        CompletionOnlyCollator::padding_free(0),
         c,
         Device::Cpu,
     )

@@ -269,8 +269,8 @@ pub fn peak_rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-pub fn run(args: &BenchArgs) -> Result<BenchResult> {
-    let cfg = shape(&args.shape)?;
+/// The benchmark's pre-tokenized examples: enough for (steps + warmup) x bs.
+fn bench_examples(args: &BenchArgs, cfg: &serde_json::Value) -> Result<Vec<crate::data::Example>> {
     let opts = LoadOptions {
         max_length: 4096,
         truncation: Truncation::Error,
@@ -287,16 +287,21 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
             ),
         });
     }
-    let head_dim = (cfg["hidden_size"].as_u64().unwrap_or(0)
-        / cfg["num_attention_heads"].as_u64().unwrap_or(1)) as usize;
-    let flash = args
-        .compute
-        .attention
-        .use_flash(&args.device, args.compute.dtype, head_dim)?;
+    Ok(data.examples)
+}
+
+/// A freshly initialised model of the shape, in a trainer at a constant 1e-5.
+fn bench_trainer(
+    args: &BenchArgs,
+    cfg: serde_json::Value,
+) -> Result<Trainer<DecoderModel, CompletionOnlyCollator>> {
     let mut model = DecoderModel::new_random(cfg, 0, &args.device)?;
     model.compute = args.compute;
-    let n_params: usize = model.params().iter().map(|p| p.var.elem_count()).sum();
-    let collator = CompletionOnlyCollator::new(args.padding_free, 0);
+    let collator = if args.padding_free {
+        CompletionOnlyCollator::padding_free(0)
+    } else {
+        CompletionOnlyCollator::padded(0)
+    };
     let tc = TrainerConfig {
         batch_size: args.bs,
         adamw: AdamWConfig {
@@ -307,8 +312,28 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
         progress: false,
         ..Default::default()
     };
+    Trainer::new(model, collator, tc, args.device.clone())
+}
+
+/// `packsft bench`: tokens per second of training steps after a warmup, on the GPU with each
+/// step enqueued before the previous one is read (as `Trainer::train` runs).
+pub fn run(args: &BenchArgs) -> Result<BenchResult> {
+    let cfg = shape(&args.shape)?;
+    let examples = bench_examples(args, &cfg)?;
+    let head_dim = (cfg["hidden_size"].as_u64().unwrap_or(0)
+        / cfg["num_attention_heads"].as_u64().unwrap_or(1)) as usize;
+    let flash = args
+        .compute
+        .attention
+        .use_flash(&args.device, args.compute.dtype, head_dim)?;
+    let mut trainer = bench_trainer(args, cfg)?;
+    let n_params: usize = trainer
+        .model
+        .params()
+        .iter()
+        .map(|p| p.var.elem_count())
+        .sum();
     let schedule = LrSchedule::new(Schedule::Constant, 1e-5, 0, args.steps + args.warmup);
-    let mut trainer = Trainer::new(model, collator, tc, args.device.clone())?;
     let (mut real, mut slots) = (0usize, 0usize);
     let mut t0 = Instant::now();
     let mut last_loss = f64::NAN;
@@ -328,8 +353,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
         }
         Ok(())
     };
-    for (i, chunk) in data
-        .examples
+    for (i, chunk) in examples
         .chunks(args.bs)
         .take(args.steps + args.warmup)
         .enumerate()

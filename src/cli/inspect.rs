@@ -172,54 +172,12 @@ pub fn inspect(recipe: &Recipe, opts: &InspectOptions, out: &mut dyn Write) -> R
     };
     let io = |e: std::io::Error| Error::io("stdout", e);
     if !opts.json {
-        let r = &ds.report;
-        writeln!(
-            out,
-            "{}: {} rows, format {}, template {}, masking {} (loss on {})",
-            ds.path.display(),
-            r.rows,
-            r.format,
-            r.template.as_deref().unwrap_or("none"),
-            r.method,
-            r.loss_on
-        )
-        .map_err(io)?;
-        writeln!(
-            out,
-            "  examples {} · dropped {} (too long {}, no target {}, template missing {}) · truncated {} · EOS not a target {} · supervised {} of {} tokens ({:.1}%)",
-            r.examples,
-            r.dropped(),
-            r.dropped_too_long,
-            r.dropped_no_target,
-            r.dropped_template_missing,
-            r.truncated,
-            r.eos_not_target,
-            r.target_tokens,
-            r.tokens,
-            100.0 * r.supervised_ratio()
-        )
-        .map_err(io)?;
-        if !r.dropped_rows.is_empty() {
-            writeln!(
-                out,
-                "  dropped rows (first {}): {}",
-                r.dropped_rows.len(),
-                r.dropped_rows.join(", ")
-            )
-            .map_err(io)?;
-        }
-        if !opts.color {
-            writeln!(
-                out,
-                "  trained tokens (those with a label) are between ⟦ and ⟧"
-            )
-            .map_err(io)?;
-        }
+        write_report(out, &ds, opts.color)?;
     }
     for (k, (step, idx)) in batches.iter().take(opts.n).enumerate() {
         let exs: Vec<Example> = idx.iter().map(|&i| ds.examples[i].clone()).collect();
         let b = collator.collate(&exs, &Device::Cpu)?;
-        let host: &HostBatch = &b.host;
+        let host: &HostBatch = &b.host();
         if opts.json {
             let mut v = serde_json::to_value(host).expect("batches serialise");
             let m = v.as_object_mut().expect("an object");
@@ -266,6 +224,55 @@ pub fn inspect(recipe: &Recipe, opts: &InspectOptions, out: &mut dyn Write) -> R
             )
             .map_err(io)?;
         }
+    }
+    Ok(())
+}
+
+/// The dataset report's lines, as `inspect` prints them before the batches.
+fn write_report(out: &mut dyn Write, ds: &crate::data::Dataset, color: bool) -> Result<()> {
+    let io = |e: std::io::Error| Error::io("stdout", e);
+    let r = &ds.report;
+    writeln!(
+        out,
+        "{}: {} rows, format {}, template {}, masking {} (loss on {})",
+        ds.path.display(),
+        r.rows,
+        r.format,
+        r.template.as_deref().unwrap_or("none"),
+        r.method,
+        r.loss_on
+    )
+    .map_err(io)?;
+    writeln!(
+        out,
+        "  examples {} · dropped {} (too long {}, no target {}, template missing {}) · truncated {} · EOS not a target {} · supervised {} of {} tokens ({:.1}%)",
+        r.examples,
+        r.dropped(),
+        r.dropped_too_long,
+        r.dropped_no_target,
+        r.dropped_template_missing,
+        r.truncated,
+        r.eos_not_target,
+        r.target_tokens,
+        r.tokens,
+        100.0 * r.supervised_ratio()
+    )
+    .map_err(io)?;
+    if !r.dropped_rows.is_empty() {
+        writeln!(
+            out,
+            "  dropped rows (first {}): {}",
+            r.dropped_rows.len(),
+            r.dropped_rows.join(", ")
+        )
+        .map_err(io)?;
+    }
+    if !color {
+        writeln!(
+            out,
+            "  trained tokens (those with a label) are between ⟦ and ⟧"
+        )
+        .map_err(io)?;
     }
     Ok(())
 }

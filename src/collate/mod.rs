@@ -1,3 +1,5 @@
+mod batch;
 mod collator;
 
-pub use collator::*;
+pub use batch::{Batch, HostBatch, LossNormalization, SeqLayout, TrainBatch};
+pub use collator::{Collator, CompletionOnlyCollator};

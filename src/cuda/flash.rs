@@ -14,12 +14,12 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 
-use crate::cuda::fused::{cerr, cview, elementwise_cfg, kernel, with_storages, wrap};
+use super::launch::{cerr, cview, elementwise_cfg, kernel, with_storages, wrap};
 use crate::error::{Error, Result};
 use crate::pullback::{Pullback, QkvGrads};
 
@@ -350,30 +350,7 @@ impl CustomOp3 for FlashAttn {
             let (tiles, starts, lens, ftiles) = (u(5)?, u(6)?, u(7)?, u(8)?);
             let stream = dev.cuda_stream();
             let (tokens, heads, kvh, di) = (n as i32, nh as i32, nkv as i32, d as i32);
-            // delta = rowsum(dO * O) per (head, query).
-            let delta = unsafe { dev.alloc::<f32>((nh * n).max(1))? };
-            let wide = d % 8 == 0
-                && ov.device_ptr(&stream).0 % 16 == 0
-                && dov.device_ptr(&stream).0 % 16 == 0;
-            if wide {
-                let lanes = (d / 8).next_power_of_two().min(32);
-                let f = load(&dev, "flash_bwd_delta_x8", 0)?;
-                let mut b = stream.launch_builder(&f);
-                let li = lanes as i32;
-                b.arg(&ov).arg(&dov).arg(&delta);
-                b.arg(&tokens).arg(&heads).arg(&di).arg(&li);
-                unsafe { b.launch(elementwise_cfg(lanes * n * nh)) }.w()?;
-            } else {
-                let f = load(&dev, "flash_bwd_delta", 0)?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(&ov)
-                    .arg(&dov)
-                    .arg(&delta)
-                    .arg(&tokens)
-                    .arg(&heads)
-                    .arg(&di);
-                unsafe { b.launch(elementwise_cfg(32 * n * nh)) }.w()?;
-            }
+            let delta = launch_delta(&dev, &ov, &dov, (n, nh, d))?;
             // Rows outside every sequence (padding) are never written and must read 0.
             let per = n * nh * d;
             let dk_exp = p.alloc::<f32>(&dev, per)?;
@@ -435,4 +412,39 @@ impl CustomOp3 for FlashAttn {
             ))
         })
     }
+}
+
+/// The backward's first kernel: delta = rowsum(dO * O) per (head, query), with 16-byte loads
+/// where the head size and both buffers allow them.
+fn launch_delta(
+    dev: &candle_core::CudaDevice,
+    o: &CudaView<half::bf16>,
+    dout: &CudaView<half::bf16>,
+    (n, nh, d): (usize, usize, usize),
+) -> candle_core::Result<CudaSlice<f32>> {
+    let stream = dev.cuda_stream();
+    let (tokens, heads, di) = (n as i32, nh as i32, d as i32);
+    let delta = unsafe { dev.alloc::<f32>((nh * n).max(1))? };
+    let wide =
+        d % 8 == 0 && o.device_ptr(&stream).0 % 16 == 0 && dout.device_ptr(&stream).0 % 16 == 0;
+    if wide {
+        let lanes = (d / 8).next_power_of_two().min(32);
+        let f = load(dev, "flash_bwd_delta_x8", 0)?;
+        let mut b = stream.launch_builder(&f);
+        let li = lanes as i32;
+        b.arg(o).arg(dout).arg(&delta);
+        b.arg(&tokens).arg(&heads).arg(&di).arg(&li);
+        unsafe { b.launch(elementwise_cfg(lanes * n * nh)) }.w()?;
+    } else {
+        let f = load(dev, "flash_bwd_delta", 0)?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(o)
+            .arg(dout)
+            .arg(&delta)
+            .arg(&tokens)
+            .arg(&heads)
+            .arg(&di);
+        unsafe { b.launch(elementwise_cfg(32 * n * nh)) }.w()?;
+    }
+    Ok(delta)
 }

@@ -215,6 +215,28 @@ impl<'a> Pipeline<'a> {
             }
         }
         let mut ex = Example::new(ids, mask);
+        if !self.fit_length(&mut ex, ends_with_target, &mut out, loc)? {
+            return Ok(out);
+        }
+        if ex.n_targets() == 0 {
+            if !out.template_missing {
+                out.no_target = true;
+            }
+            return Ok(out);
+        }
+        out.example = Some(ex);
+        Ok(out)
+    }
+
+    /// The length policy (`data.truncation`) for an example over `max_length`: cut it (at the
+    /// end or the start), or drop it (`false`), or fail naming the row.
+    fn fit_length(
+        &self,
+        ex: &mut Example,
+        ends_with_target: bool,
+        out: &mut RowOut,
+        loc: &Loc,
+    ) -> Result<bool> {
         if ex.len() > self.opts.max_length {
             match self.opts.truncation {
                 Truncation::KeepStart => {
@@ -235,7 +257,7 @@ impl<'a> Pipeline<'a> {
                 }
                 Truncation::Drop => {
                     out.too_long = true;
-                    return Ok(out);
+                    return Ok(false);
                 }
                 Truncation::Error => {
                     return Err(loc.err(format!(
@@ -246,14 +268,7 @@ impl<'a> Pipeline<'a> {
                 }
             }
         }
-        if ex.n_targets() == 0 {
-            if !out.template_missing {
-                out.no_target = true;
-            }
-            return Ok(out);
-        }
-        out.example = Some(ex);
-        Ok(out)
+        Ok(true)
     }
 
     /// Encodes rows on `self.threads` threads; the error of the earliest bad row wins.

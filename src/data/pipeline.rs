@@ -17,7 +17,7 @@ use minijinja::value::{Value, ValueKind};
 use super::example::*;
 use super::masking::TemplateSearch;
 use super::report::DataReport;
-use super::source::{Loc, SourceFiles};
+use super::source::{Loc, RawRow, SourceFiles};
 use super::spec::*;
 use super::template::{Template, TemplateKind, END_OF_TURN};
 use super::tokenizer::TextTokenizer;
@@ -395,22 +395,7 @@ impl<'a> Pipeline<'a> {
         let first = rows[0].value()?;
         let format = self.detect(&first, &rows[0].loc)?;
         let r = self.resolve(format, &rows[0].loc)?;
-        // A prompt template must render as prompt + completion and nothing else.
-        if let (Some(t), Format::Alpaca | Format::Columns) = (&r.template, format) {
-            let vars = self.vars(&first);
-            if let (Ok(p), Ok(c), Ok(w)) = (
-                t.render_prompt_block(&vars),
-                t.render_completion_block(&vars),
-                t.render_whole(&vars),
-            ) {
-                if w != format!("{p}{c}") {
-                    return Err(cfg_err(format!(
-                        "template {} renders text outside its `prompt` and `completion` blocks (row {}): the whole template must be exactly prompt + completion",
-                        t.name, rows[0].loc
-                    )));
-                }
-            }
-        }
+        self.check_prompt_template(&r, format, &first, &rows[0].loc)?;
         let outs = self.encode_all(&r, &rows)?;
         let is_eval: Vec<bool> = if eval_ratio > 0.0 {
             split_mask(rows.len(), eval_ratio, seed)
@@ -429,6 +414,62 @@ impl<'a> Pipeline<'a> {
             loss_on: r.loss_on.name().to_string(),
             ..Default::default()
         };
+        self.check_templates_found(path, &outs, &rows)?;
+        let mut parts = [
+            (base.clone(), Vec::new(), Vec::new()),
+            (base, Vec::new(), Vec::new()),
+        ];
+        for ((o, raw), &ev) in outs.into_iter().zip(&rows).zip(&is_eval) {
+            let (rep, exs, origins) = &mut parts[usize::from(ev)];
+            if let Some(ex) = count(rep, o, &raw.loc) {
+                exs.push(ex);
+                origins.push(raw.loc.clone());
+            }
+        }
+        let [(mut tr, tex, tor), (mut er, eex, eor)] = parts;
+        tr.examples = tex.len();
+        er.examples = eex.len();
+        let finish =
+            |report, examples, origins, what| dataset(path, report, examples, origins, what);
+        let train = finish(tr, tex, tor, "training")?;
+        let eval = if eval_ratio > 0.0 {
+            Some(finish(er, eex, eor, "evaluation")?)
+        } else {
+            None
+        };
+        Ok((train, eval))
+    }
+
+    /// A prompt template must render as prompt + completion and nothing else (checked on the
+    /// first row).
+    fn check_prompt_template(
+        &self,
+        r: &Resolved,
+        format: Format,
+        first: &Value,
+        loc: &Loc,
+    ) -> Result<()> {
+        if let (Some(t), Format::Alpaca | Format::Columns) = (&r.template, format) {
+            let vars = self.vars(first);
+            if let (Ok(p), Ok(c), Ok(w)) = (
+                t.render_prompt_block(&vars),
+                t.render_completion_block(&vars),
+                t.render_whole(&vars),
+            ) {
+                if w != format!("{p}{c}") {
+                    return Err(cfg_err(format!(
+                        "template {} renders text outside its `prompt` and `completion` blocks (row {}): the whole template must be exactly prompt + completion",
+                        t.name, loc
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A response (or instruction) template that no row contains is an error with a fix, not a
+    /// dataset of dropped rows.
+    fn check_templates_found(&self, path: &Path, outs: &[RowOut], rows: &[RawRow]) -> Result<()> {
         if let Some(ids) = &self.response_ids {
             let missing_r = outs.iter().filter(|o| o.search.response_missing).count();
             let missing_i = outs
@@ -438,7 +479,7 @@ impl<'a> Pipeline<'a> {
             if missing_r == outs.len() {
                 let (o, loc) = outs
                     .iter()
-                    .zip(&rows)
+                    .zip(rows)
                     .map(|(o, r)| (o, &r.loc))
                     .next()
                     .expect("non-empty");
@@ -469,79 +510,7 @@ impl<'a> Pipeline<'a> {
                 });
             }
         }
-        let mut parts = [
-            (base.clone(), Vec::new(), Vec::new()),
-            (base, Vec::new(), Vec::new()),
-        ];
-        for ((o, raw), &ev) in outs.into_iter().zip(&rows).zip(&is_eval) {
-            let (rep, exs, origins) = &mut parts[usize::from(ev)];
-            rep.rows += 1;
-            rep.truncated += usize::from(o.truncated);
-            rep.dropped_too_long += usize::from(o.too_long);
-            rep.dropped_no_target += usize::from(o.no_target);
-            rep.response_template_missing += usize::from(o.search.response_missing);
-            rep.instruction_template_missing += usize::from(o.search.instruction_missing);
-            rep.eos_not_target += usize::from(o.eos_not_target);
-            rep.eos_truncated += usize::from(o.eos_truncated);
-            rep.eos_masked_as_pad += usize::from(o.eos_masked);
-            match o.example {
-                Some(ex) => {
-                    rep.tokens += ex.len();
-                    rep.target_tokens += ex.n_targets();
-                    exs.push(ex);
-                    origins.push(raw.loc.clone());
-                }
-                None => {
-                    let reason = if o.too_long {
-                        "longer than max_length"
-                    } else if o.template_missing {
-                        rep.dropped_template_missing += 1;
-                        "response/instruction template missing"
-                    } else {
-                        "no target token"
-                    };
-                    if rep.dropped_rows.len() < 5 {
-                        rep.dropped_rows.push(format!("{} ({reason})", raw.loc));
-                    }
-                }
-            }
-        }
-        let [(mut tr, tex, tor), (mut er, eex, eor)] = parts;
-        tr.examples = tex.len();
-        er.examples = eex.len();
-        let finish = |report: DataReport,
-                      examples: Vec<Example>,
-                      origins: Vec<Loc>,
-                      what: &str|
-         -> Result<Dataset> {
-            if examples.is_empty() {
-                let msg = if report.rows == 0 {
-                    format!("the {what} split is empty")
-                } else {
-                    format!(
-                        "no usable example among {} rows ({} longer than max_length dropped, {} without any target token, {} without the response/instruction template)",
-                        report.rows, report.dropped_too_long, report.dropped_no_target, report.dropped_template_missing
-                    )
-                };
-                return Err(Error::Dataset {
-                    path: path.to_path_buf(),
-                    msg,
-                });
-            }
-            Ok(Dataset {
-                path: path.to_path_buf(),
-                examples,
-                origins,
-                report,
-            })
-        };
-        let train = finish(tr, tex, tor, "training")?;
-        let eval = if eval_ratio > 0.0 {
-            Some(finish(er, eex, eor, "evaluation")?)
-        } else {
-            None
-        };
-        Ok((train, eval))
+        Ok(())
     }
 
     /// Reads one dataset (a file, a directory of files, or a glob).
@@ -585,4 +554,68 @@ pub fn split_mask(n: usize, ratio: f64, seed: u64) -> Vec<bool> {
 /// template) or pre-tokenized rows with the default settings (format detected, span masking).
 pub fn load_jsonl(path: &Path, tok: Option<&TextTokenizer>, opts: &LoadOptions) -> Result<Dataset> {
     Pipeline::new(tok, DataSpec::default(), opts.clone())?.load(path)
+}
+
+/// A dataset of the examples kept, or an error saying why none was.
+fn dataset(
+    path: &Path,
+    report: DataReport,
+    examples: Vec<Example>,
+    origins: Vec<Loc>,
+    what: &str,
+) -> Result<Dataset> {
+    if examples.is_empty() {
+        let msg = if report.rows == 0 {
+            format!("the {what} split is empty")
+        } else {
+            format!(
+                "no usable example among {} rows ({} longer than max_length dropped, {} without any target token, {} without the response/instruction template)",
+                report.rows, report.dropped_too_long, report.dropped_no_target, report.dropped_template_missing
+            )
+        };
+        return Err(Error::Dataset {
+            path: path.to_path_buf(),
+            msg,
+        });
+    }
+    Ok(Dataset {
+        path: path.to_path_buf(),
+        examples,
+        origins,
+        report,
+    })
+}
+
+/// Counts one encoded row in `rep`; its example if it has one.
+fn count(rep: &mut DataReport, o: RowOut, loc: &Loc) -> Option<Example> {
+    rep.rows += 1;
+    rep.truncated += usize::from(o.truncated);
+    rep.dropped_too_long += usize::from(o.too_long);
+    rep.dropped_no_target += usize::from(o.no_target);
+    rep.response_template_missing += usize::from(o.search.response_missing);
+    rep.instruction_template_missing += usize::from(o.search.instruction_missing);
+    rep.eos_not_target += usize::from(o.eos_not_target);
+    rep.eos_truncated += usize::from(o.eos_truncated);
+    rep.eos_masked_as_pad += usize::from(o.eos_masked);
+    match o.example {
+        Some(ex) => {
+            rep.tokens += ex.len();
+            rep.target_tokens += ex.n_targets();
+            Some(ex)
+        }
+        None => {
+            let reason = if o.too_long {
+                "longer than max_length"
+            } else if o.template_missing {
+                rep.dropped_template_missing += 1;
+                "response/instruction template missing"
+            } else {
+                "no target token"
+            };
+            if rep.dropped_rows.len() < 5 {
+                rep.dropped_rows.push(format!("{loc} ({reason})"));
+            }
+            None
+        }
+    }
 }

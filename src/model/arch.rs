@@ -10,13 +10,17 @@ use super::spec::{ArchSpec, Block, MlpSpec, NormKind, QkvLayout};
 use super::weights::CheckpointWeights;
 use crate::error::{Error, Result};
 
+/// What `packsft arch` prints: the spec a checkpoint's config.json maps to, and its size.
 pub struct ArchReport {
+    /// Every structural choice of the decoder.
     pub spec: ArchSpec,
     /// Parameters in the checkpoint's tensors (None without weights).
     pub n_params: Option<usize>,
+    /// Tensors in the checkpoint (None without weights).
     pub n_tensors: Option<usize>,
 }
 
+/// The report of the checkpoint in `dir`, from its config.json and safetensors headers.
 pub fn describe(dir: &Path) -> Result<ArchReport> {
     let p = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
@@ -61,12 +65,7 @@ impl fmt::Display for ArchReport {
             "attention       {} heads, {} kv heads ({kind}), head_dim {}, scale {:.6}",
             s.heads, s.kv_heads, s.head_dim, s.attn_scale
         )?;
-        let qkv = match s.qkv {
-            QkvLayout::Separate => "separate q/k/v",
-            QkvLayout::FusedConcat => "fused [q | k | v]",
-            QkvLayout::FusedGrouped => "fused, grouped per kv head (falcon new arch)",
-            QkvLayout::FusedInterleaved => "fused, interleaved per head",
-        };
+        let qkv = qkv_desc(s.qkv);
         writeln!(
             f,
             "projections     {qkv}; qkv bias {}, output bias {}",
@@ -117,44 +116,7 @@ impl fmt::Display for ArchReport {
             Block::Parallel { shared_norm: false } => "parallel attention + MLP, two norms",
         };
         writeln!(f, "residual        {block}")?;
-        let mut i = 0;
-        while i < s.mlp.len() {
-            let j = (i..s.mlp.len())
-                .take_while(|&j| s.mlp[j] == s.mlp[i])
-                .last()
-                .unwrap_or(i);
-            let desc = match &s.mlp[i] {
-                MlpSpec::Gated {
-                    hidden,
-                    act,
-                    bias,
-                    fused,
-                } => format!(
-                    "gated {act:?}, width {hidden}, bias {bias}{}",
-                    if *fused { ", fused gate_up" } else { "" }
-                ),
-                MlpSpec::Plain { hidden, act, bias } => {
-                    format!("plain {act:?}, width {hidden}, bias {bias}")
-                }
-                MlpSpec::Moe(m) => format!(
-                    "MoE {} experts top-{} ({:?} routing), expert width {}{}",
-                    m.experts,
-                    m.top_k,
-                    m.routing,
-                    m.expert_hidden,
-                    m.shared_expert.map_or(String::new(), |w| format!(
-                        ", shared expert width {w} with sigmoid gate"
-                    ))
-                ),
-            };
-            writeln!(
-                f,
-                "mlp layers {i}-{j}{:width$}{desc}",
-                "",
-                width = 5usize.saturating_sub(format!("{i}-{j}").len())
-            )?;
-            i = j + 1;
-        }
+        write_mlp_runs(f, &s.mlp)?;
         writeln!(
             f,
             "multipliers     embedding {}, residual {}, logits / {}",
@@ -182,5 +144,58 @@ impl fmt::Display for ArchReport {
                 .map_or("off".into(), |c| format!("coefficient {c}"))
         )?;
         writeln!(f, "max positions   {}", s.max_positions)
+    }
+}
+
+/// One line per run of layers with the same MLP.
+fn write_mlp_runs(f: &mut fmt::Formatter<'_>, mlp: &[MlpSpec]) -> fmt::Result {
+    let mut i = 0;
+    while i < mlp.len() {
+        let j = (i..mlp.len())
+            .take_while(|&j| mlp[j] == mlp[i])
+            .last()
+            .unwrap_or(i);
+        let desc = match &mlp[i] {
+            MlpSpec::Gated {
+                hidden,
+                act,
+                bias,
+                fused,
+            } => format!(
+                "gated {act:?}, width {hidden}, bias {bias}{}",
+                if *fused { ", fused gate_up" } else { "" }
+            ),
+            MlpSpec::Plain { hidden, act, bias } => {
+                format!("plain {act:?}, width {hidden}, bias {bias}")
+            }
+            MlpSpec::Moe(m) => format!(
+                "MoE {} experts top-{} ({:?} routing), expert width {}{}",
+                m.experts,
+                m.top_k,
+                m.routing,
+                m.expert_hidden,
+                m.shared_expert.map_or(String::new(), |w| format!(
+                    ", shared expert width {w} with sigmoid gate"
+                ))
+            ),
+        };
+        writeln!(
+            f,
+            "mlp layers {i}-{j}{:width$}{desc}",
+            "",
+            width = 5usize.saturating_sub(format!("{i}-{j}").len())
+        )?;
+        i = j + 1;
+    }
+    Ok(())
+}
+
+/// The layout of the q/k/v projections, in words.
+fn qkv_desc(q: QkvLayout) -> &'static str {
+    match q {
+        QkvLayout::Separate => "separate q/k/v",
+        QkvLayout::FusedConcat => "fused [q | k | v]",
+        QkvLayout::FusedGrouped => "fused, grouped per kv head (falcon new arch)",
+        QkvLayout::FusedInterleaved => "fused, interleaved per head",
     }
 }

@@ -23,7 +23,7 @@ pub fn greedy(
     }
     ids.extend(tok.encode(prompt)?);
     let prompt_len = ids.len();
-    let collator = CompletionOnlyCollator::new(true, tok.pad_or_eos());
+    let collator = CompletionOnlyCollator::padding_free(tok.pad_or_eos());
     let limit = model.max_positions();
     for _ in 0..max_new_tokens {
         if ids.len() >= limit {

@@ -17,7 +17,7 @@ use crate::pullback::{PairGrads, Pullback};
 /// Whether the fused layer kernels apply to `x`: bf16 on a CUDA device of a `cuda` build.
 pub fn usable(x: &Tensor) -> bool {
     #[cfg(feature = "cuda")]
-    return crate::cuda::fused::usable(x);
+    return crate::cuda::usable(x);
     #[cfg(not(feature = "cuda"))]
     {
         let _ = x;
@@ -40,8 +40,8 @@ fn gather_usable(table: &Tensor) -> bool {
 /// [`ops::rms_norm`].
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if usable(x) && crate::cuda::fused::rms_norm_fits(x) {
-        return crate::cuda::fused::rms_norm(x, weight, eps);
+    if usable(x) && crate::cuda::rms_norm_fits(x) {
+        return crate::cuda::rms_norm(x, weight, eps);
     }
     ops::rms_norm(x, weight, eps)
 }
@@ -50,7 +50,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if usable(x) {
-        return crate::cuda::fused::apply_rope(x, cos, sin);
+        return crate::cuda::apply_rope(x, cos, sin);
     }
     ops::apply_rope(x, cos, sin)
 }
@@ -59,7 +59,7 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if usable(g) && g.dims() == u.dims() {
-        return crate::cuda::fused::silu_mul(g, u);
+        return crate::cuda::silu_mul(g, u);
     }
     Ok((g.silu()? * u)?)
 }
@@ -69,7 +69,7 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 /// the card's bandwidth), candle's add elsewhere.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    return crate::cuda::fused::add(a, b);
+    return crate::cuda::add(a, b);
     #[cfg(not(feature = "cuda"))]
     Ok((a + b)?)
 }
@@ -78,7 +78,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub fn nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if usable(logits) && logits.rank() == 2 {
-        return crate::cuda::fused::nll(logits, targets);
+        return crate::cuda::nll(logits, targets);
     }
     ops::nll(logits, targets)
 }
@@ -92,7 +92,7 @@ pub fn nll_sum(logits: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> R
 pub fn index_rows(table: &Tensor, idx: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if gather_usable(table) {
-        return crate::cuda::fused::index_rows(table, idx);
+        return crate::cuda::index_rows(table, idx);
     }
     let _ = gather_usable;
     ops::index_rows(table, idx)
@@ -102,7 +102,7 @@ pub fn index_rows(table: &Tensor, idx: &Tensor) -> Result<Tensor> {
 pub fn index_rows_grad(table: &Tensor, idx: &Tensor, dy: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if gather_usable(table) {
-        return crate::cuda::fused::index_rows_grad(table, idx, dy);
+        return crate::cuda::index_rows_grad(table, idx, dy);
     }
     ops::index_rows_grad(table, idx, dy)
 }
@@ -115,7 +115,7 @@ pub fn rms_norm_vjp(
 ) -> Result<Option<(Tensor, Pullback<PairGrads>)>> {
     #[cfg(feature = "cuda")]
     if usable(x) {
-        return crate::cuda::fused::rms_norm_vjp(x, w, eps);
+        return crate::cuda::rms_norm_vjp(x, w, eps);
     }
     let _ = (x, w, eps);
     Ok(None)
@@ -129,7 +129,7 @@ pub fn apply_rope_vjp(
 ) -> Result<Option<(Tensor, Pullback<Tensor>)>> {
     #[cfg(feature = "cuda")]
     if usable(x) {
-        return crate::cuda::fused::apply_rope_vjp(x, cos, sin).map(Some);
+        return crate::cuda::apply_rope_vjp(x, cos, sin).map(Some);
     }
     let _ = (x, cos, sin);
     Ok(None)
@@ -139,7 +139,7 @@ pub fn apply_rope_vjp(
 pub fn silu_mul_vjp(g: &Tensor, u: &Tensor) -> Result<Option<(Tensor, Pullback<PairGrads>)>> {
     #[cfg(feature = "cuda")]
     if usable(g) && g.dims() == u.dims() {
-        return crate::cuda::fused::silu_mul_vjp(g, u).map(Some);
+        return crate::cuda::silu_mul_vjp(g, u).map(Some);
     }
     let _ = (g, u);
     Ok(None)
@@ -150,7 +150,7 @@ pub fn silu_mul_vjp(g: &Tensor, u: &Tensor) -> Result<Option<(Tensor, Pullback<P
 pub fn weight_grad(dy: &Tensor, x: &Tensor) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
     if usable(dy) && usable(x) && x.rank() == 2 {
-        return crate::cuda::fused::weight_grad_bf16(dy, x).map(Some);
+        return crate::cuda::weight_grad_bf16(dy, x).map(Some);
     }
     let _ = (dy, x);
     Ok(None)
@@ -161,7 +161,7 @@ pub fn weight_grad(dy: &Tensor, x: &Tensor) -> Result<Option<Tensor>> {
 pub fn nll_vjp(logits: &Tensor, targets: &Tensor) -> Result<Option<(Tensor, Pullback<Tensor>)>> {
     #[cfg(feature = "cuda")]
     if usable(logits) && logits.rank() == 2 {
-        return crate::cuda::fused::nll_with_backward(logits, targets).map(Some);
+        return crate::cuda::nll_with_backward(logits, targets).map(Some);
     }
     let _ = (logits, targets);
     Ok(None)
@@ -177,7 +177,7 @@ pub fn rope_split_stacked(
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     #[cfg(feature = "cuda")]
     if usable(y) {
-        return crate::cuda::fused::rope_split_stacked(y, dims, cos, sin);
+        return crate::cuda::rope_split_stacked(y, dims, cos, sin);
     }
     let _ = (y, dims, cos, sin);
     Ok(None)
@@ -193,7 +193,7 @@ pub fn rope_join_stacked(
     sin: &Tensor,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    return crate::cuda::fused::rope_join_stacked(dq, dk, dv, cos, sin);
+    return crate::cuda::rope_join_stacked(dq, dk, dv, cos, sin);
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (dq, dk, dv, cos, sin);
@@ -206,7 +206,7 @@ pub fn rope_join_stacked(
 /// Writes each `src` (float32) into its `dst` (bf16) copy: one launch for all pairs on CUDA.
 pub fn cast_bf16_into(pairs: &[(&Tensor, &Tensor)]) -> Result<()> {
     #[cfg(feature = "cuda")]
-    return crate::cuda::fused::cast_bf16_into(pairs);
+    return crate::cuda::cast_bf16_into(pairs);
     #[cfg(not(feature = "cuda"))]
     {
         let _ = pairs;
@@ -233,7 +233,7 @@ pub fn copy_cuda(y: &CudaStorage, yl: &Layout) -> candle_core::Result<CudaStorag
             y: &CudaStorage,
             yl: &Layout,
         ) -> candle_core::Result<CudaStorage> {
-            let v = crate::cuda::fused::cview::<T>(y, yl)?;
+            let v = crate::cuda::launch::cview::<T>(y, yl)?;
             let dev = y.device.clone();
             let c = dev.cuda_stream().clone_dtod(&v).w()?;
             Ok(CudaStorage::wrap_cuda_slice(c, dev))

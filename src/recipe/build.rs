@@ -394,8 +394,32 @@ pub fn load_recipe_data(
 /// The collator a recipe describes (as `app::prepare` builds it).
 pub fn recipe_collator(recipe: &Recipe, tok: Option<&TextTokenizer>) -> CompletionOnlyCollator {
     let pad = tok.map_or(0, TextTokenizer::pad_or_eos);
-    let mut c = CompletionOnlyCollator::new(recipe.collator.padding_free, pad);
+    let mut c = if recipe.collator.padding_free {
+        CompletionOnlyCollator::padding_free(pad)
+    } else {
+        CompletionOnlyCollator::padded(pad)
+    };
     c.pad_to_multiple_of = recipe.collator.pad_to_multiple_of;
     c.normalization = recipe.train.loss_normalization;
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One source of training defaults: a recipe that sets no `train:` key trains with the
+    /// library's `TrainerConfig::default()` (TRL's learning rate 2e-5 included).
+    #[test]
+    fn a_recipe_without_train_keys_trains_with_the_library_defaults() {
+        let text = "model: {path: m}\ndata: {train: t.jsonl}\noutput_dir: out\n";
+        let r = Recipe::parse(text, Path::new("r.yaml"), &[]).unwrap();
+        let got = trainer_config(&r);
+        let want = TrainerConfig {
+            output_dir: Some("out".into()),
+            ..TrainerConfig::default()
+        };
+        assert_eq!(format!("{got:?}"), format!("{want:?}"));
+        assert_eq!(got.adamw.lr, 2e-5);
+    }
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::collate::LossNormalization;
 use crate::data::{DataLimits, DataSpec, Format, LossOn, TokenTemplate, Truncation};
 use crate::error::{Error, Result};
-use crate::train::Schedule;
+use crate::train::{Schedule, TrainerConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -218,38 +218,42 @@ impl ComputeDtype {
 }
 
 impl Default for TrainSection {
+    /// The library's training defaults ([`TrainerConfig::default`]), so a recipe key left out
+    /// means what leaving the field out of a `TrainerConfig` means; the keys only a recipe has
+    /// (device, dtype, attention, ...) default here.
     fn default() -> Self {
+        let c = TrainerConfig::default();
         Self {
-            batch_size: 8,
-            grad_accum: 1,
-            max_steps: 0,
-            epochs: 1,
-            lr: 2e-5,
-            lr_scheduler: Schedule::Linear,
-            warmup_steps: 0,
-            warmup_ratio: 0.0,
-            min_lr_ratio: 0.0,
-            decay_ratio: 0.1,
+            batch_size: c.batch_size,
+            grad_accum: c.grad_accum,
+            max_steps: c.max_steps,
+            epochs: c.epochs,
+            lr: c.adamw.lr,
+            lr_scheduler: c.schedule,
+            warmup_steps: c.warmup_steps,
+            warmup_ratio: c.warmup_ratio,
+            min_lr_ratio: c.min_lr_ratio,
+            decay_ratio: c.decay_ratio,
             loss_normalization: LossNormalization::Tokens,
-            max_tokens_per_batch: None,
-            group_by_length: false,
-            max_grad_norm: 1.0,
-            weight_decay: 0.0,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_epsilon: 1e-8,
-            seed: 42,
-            shuffle: true,
-            logging_steps: 10,
-            eval_steps: 0,
-            save_steps: 0,
-            save_total_limit: None,
+            max_tokens_per_batch: c.max_tokens_per_batch,
+            group_by_length: c.group_by_length,
+            max_grad_norm: c.max_grad_norm,
+            weight_decay: c.adamw.weight_decay,
+            adam_beta1: c.adamw.beta1,
+            adam_beta2: c.adamw.beta2,
+            adam_epsilon: c.adamw.eps,
+            seed: c.seed,
+            shuffle: c.shuffle,
+            logging_steps: c.logging_steps,
+            eval_steps: c.eval_steps,
+            save_steps: c.save_steps,
+            save_total_limit: c.save_total_limit,
             early_stopping_patience: 0,
             gradient_checkpointing: false,
             dtype: ComputeDtype::F32,
             attention: crate::nn::attention::AttentionImpl::Auto,
             device: "cpu".into(),
-            overlap_steps: None,
+            overlap_steps: c.overlap_steps,
         }
     }
 }

@@ -29,7 +29,9 @@ impl Control {
     }
 }
 
-pub trait Callback {
+/// Hooks the trainer calls at its events; a callback observes and decides (through [`Control`]),
+/// the trainer acts. `Send`, so a trainer with its callbacks can move to another thread.
+pub trait Callback: Send {
     /// Called when a run resumes from `dir` (a checkpoint this trainer wrote), before
     /// `on_train_begin`: a callback reads back here what its `on_save` wrote.
     fn on_resume(&mut self, _dir: &Path) -> Result<()> {

@@ -7,19 +7,26 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::nn::param::Param;
 
+/// AdamW's hyper-parameters, as `torch.optim.AdamW` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
+    /// Peak learning rate (the schedule scales it).
     pub lr: f64,
+    /// Decay of the first moment.
     pub beta1: f64,
+    /// Decay of the second moment.
     pub beta2: f64,
+    /// Added to the second moment's square root.
     pub eps: f64,
+    /// Decoupled weight decay (not on biases and norm weights).
     pub weight_decay: f64,
 }
 
 impl Default for AdamWConfig {
+    /// TRL's `SFTConfig` defaults (learning rate 2e-5) and PyTorch's AdamW betas and epsilon.
     fn default() -> Self {
         Self {
-            lr: 1e-4,
+            lr: 2e-5,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
@@ -230,7 +237,7 @@ impl AdamW {
         guard: Option<&Tensor>,
         copies: &[(usize, Tensor)],
     ) -> Result<PendingUpdate> {
-        use crate::cuda::fused::{adamw_step, AdamWSlot, AdamWStep};
+        use crate::cuda::{adamw_step, AdamWSlot, AdamWStep};
         let c = self.config;
         let mut copy_of: Vec<Option<&Tensor>> = vec![None; self.slots.len()];
         for (i, t) in copies {

@@ -81,8 +81,8 @@ impl Readback {
             done.synchronize().w()?;
             let mut out = Vec::with_capacity(self.values.len());
             for v in &self.values {
-                let x = crate::cuda::fused::with_storages(&[v], |st| {
-                    let view = crate::cuda::fused::cview::<f64>(st[0].0, st[0].1)?;
+                let x = crate::cuda::launch::with_storages(&[v], |st| {
+                    let view = crate::cuda::launch::cview::<f64>(st[0].0, st[0].1)?;
                     // The copy runs on a stream of its own: on candle's it would queue behind
                     // the work enqueued since.
                     let host = stream.clone_dtoh(&view).w()?;

@@ -136,7 +136,7 @@ pub fn sq_norm(t: &Tensor) -> f32 {
 pub fn mean_loss_and_grads(model: &DecoderModel, batch: &Batch) -> (f64, Vec<Tensor>) {
     // The training path: hand-written layer backward, compute-dtype weight copies.
     let scale = packsft::LossScale {
-        per_unit: 1.0 / batch.n_targets as f64,
+        per_unit: 1.0 / batch.n_targets() as f64,
         aux: 0.0,
     };
     let (l, g) = packsft::Model::forward_backward(model, batch, scale).unwrap();

@@ -258,7 +258,7 @@ impl DecoderModel {
     }
 
     fn ctx(&self, batch: &Batch) -> Result<FwdCtx> {
-        let (lengths, longest): (Vec<usize>, usize) = match &batch.layout {
+        let (lengths, longest): (Vec<usize>, usize) = match batch.layout() {
             SeqLayout::Packed {
                 cu_seqlens,
                 max_seqlen,
@@ -266,7 +266,7 @@ impl DecoderModel {
                 cu_seqlens.windows(2).map(|w| w[1] - w[0]).collect(),
                 *max_seqlen,
             ),
-            SeqLayout::Padded { lengths } => (lengths.clone(), batch.row_len),
+            SeqLayout::Padded { lengths } => (lengths.clone(), batch.row_len()),
         };
         if longest > self.spec.max_positions {
             return Err(Error::Config(format!(
@@ -274,8 +274,11 @@ impl DecoderModel {
                 self.spec.max_positions
             )));
         }
-        self.check_token_ids(batch)?;
-        let pos = batch.position_ids.flatten_all()?;
+        // On CUDA the gather and cross-entropy kernels trust their indices (checking on the device
+        // would mean reading back every forward): an id from a tokenizer larger than the model (or
+        // a pad id past its vocabulary) is an error that names it, not a read outside the table.
+        batch.check_vocab(self.spec.vocab)?;
+        let pos = batch.position_ids().flatten_all()?;
         // LongRoPE picks its table per sequence by that sequence's own length, as a forward of
         // the example alone would (not by the padded row length).
         let pos = match &self.spec.rope.long {
@@ -286,14 +289,14 @@ impl DecoderModel {
                 // would stall a GPU every forward).
                 let p = self.spec.max_positions as u32;
                 let off = |len: usize| if len > long.original_max { p } else { 0 };
-                let offsets: Vec<u32> = match &batch.layout {
+                let offsets: Vec<u32> = match batch.layout() {
                     SeqLayout::Packed { cu_seqlens, .. } => cu_seqlens
                         .windows(2)
                         .flat_map(|w| std::iter::repeat_n(off(w[1] - w[0]), w[1] - w[0]))
                         .collect(),
                     SeqLayout::Padded { lengths } => lengths
                         .iter()
-                        .flat_map(|&len| std::iter::repeat_n(off(len), batch.row_len))
+                        .flat_map(|&len| std::iter::repeat_n(off(len), batch.row_len()))
                         .collect(),
                 };
                 let n = offsets.len();
@@ -301,12 +304,12 @@ impl DecoderModel {
             }
         };
         let (cos, sin) = self.rope.gather(&pos, self.compute.dtype)?;
-        let real_rows = match &batch.layout {
+        let real_rows = match batch.layout() {
             SeqLayout::Padded { .. } => {
                 let rows: Vec<u32> = lengths
                     .iter()
                     .enumerate()
-                    .flat_map(|(b, &len)| (0..len).map(move |t| (b * batch.row_len + t) as u32))
+                    .flat_map(|(b, &len)| (0..len).map(move |t| (b * batch.row_len() + t) as u32))
                     .collect();
                 let n = rows.len();
                 Some(Tensor::from_vec(rows, n, &self.device)?)
@@ -314,12 +317,12 @@ impl DecoderModel {
             SeqLayout::Packed { .. } => None,
         };
         Ok(FwdCtx {
-            ids: batch.input_ids.flatten_all()?,
+            ids: batch.input_ids().flatten_all()?,
             cos,
             sin,
             plan: AttnPlan::new(
-                &batch.layout,
-                batch.row_len,
+                batch.layout(),
+                batch.row_len(),
                 self.spec.sliding_window,
                 &self.device,
                 self.compute.attention.use_flash(
@@ -328,7 +331,7 @@ impl DecoderModel {
                     self.spec.head_dim,
                 )?,
             )?,
-            n: batch.rows * batch.row_len,
+            n: batch.rows() * batch.row_len(),
             real_rows,
         })
     }
@@ -420,24 +423,6 @@ impl DecoderModel {
         router_aux(&self.spec, &routers, &ctx)
     }
 
-    /// Every id the embedding lookup indexes must be a row of the vocabulary, and so every
-    /// target, which the collator takes from the next position's id. On CUDA the gather and
-    /// cross-entropy kernels trust their indices (checking on the device would mean reading back
-    /// every forward), so the batch's host copy of its ids is checked here: an id from a
-    /// tokenizer larger than the model (or a pad id past its vocabulary) is an error that names
-    /// it, not a read outside the table.
-    fn check_token_ids(&self, batch: &Batch) -> Result<()> {
-        let v = self.spec.vocab;
-        for (r, row) in batch.host.input_ids.iter().enumerate() {
-            if let Some((c, &id)) = row.iter().enumerate().find(|(_, &id)| id as usize >= v) {
-                return Err(Error::Config(format!(
-                    "batch row {r}, position {c}: input id {id} is outside the model's vocabulary (size {v})"
-                )));
-            }
-        }
-        Ok(())
-    }
-
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
         self.params
             .iter()
@@ -465,8 +450,8 @@ impl DecoderModel {
             routers.push(r.map(|r| Var::from_tensor(&r.detach())).transpose()?);
         }
         let top = Var::from_tensor(xs.last().unwrap())?;
-        let logits = self.head(top.as_tensor(), Some(&batch.target_rows))?;
-        let sum = nll_sum(&logits, &batch.target_ids, batch.target_weights.as_ref())?;
+        let logits = self.head(top.as_tensor(), Some(batch.target_rows()))?;
+        let sum = nll_sum(&logits, batch.target_ids(), batch.target_weights())?;
         let mut objective = (&sum * scale.per_unit)?;
         let aux = match self.spec.router_aux_loss_coef {
             Some(coef) => {
@@ -510,7 +495,7 @@ impl DecoderModel {
         Ok((
             LossSum {
                 sum,
-                n_targets: batch.n_targets,
+                n_targets: batch.n_targets(),
                 aux,
             },
             grads,
@@ -520,16 +505,16 @@ impl DecoderModel {
     fn loss_inner(&self, batch: &Batch) -> Result<LossSum> {
         let (ctx, x, routers) = self.trunk(batch, true)?;
         // Only positions that carry loss go through the vocabulary projection.
-        let h = self.head_rows(&x, Some(&batch.target_rows))?;
+        let h = self.head_rows(&x, Some(batch.target_rows()))?;
         let per_token = match lm_head_nll_node(
             &self.lm_head,
             &h,
-            &batch.target_ids,
+            batch.target_ids(),
             &self.spec,
             self.compute.autograd_layers,
         )? {
             Some(nll) => nll,
-            None => kernels::nll(&self.logits(&h)?, &batch.target_ids)?,
+            None => kernels::nll(&self.logits(&h)?, batch.target_ids())?,
         };
         let aux = match self.spec.router_aux_loss_coef {
             Some(coef) => router_aux(&self.spec, &routers, &ctx)?
@@ -538,8 +523,8 @@ impl DecoderModel {
             None => None,
         };
         Ok(LossSum {
-            sum: weighted_sum(&per_token, batch.target_weights.as_ref())?,
-            n_targets: batch.n_targets,
+            sum: weighted_sum(&per_token, batch.target_weights())?,
+            n_targets: batch.n_targets(),
             aux,
         })
     }
@@ -549,7 +534,7 @@ impl Model for DecoderModel {
     type Batch = Batch;
 
     fn loss(&self, batch: &Batch) -> Result<LossSum> {
-        if batch.n_targets == 0 {
+        if batch.n_targets() == 0 {
             return Ok(LossSum {
                 sum: Tensor::zeros((), DType::F32, &self.device)?,
                 n_targets: 0,
@@ -576,7 +561,7 @@ impl Model for DecoderModel {
     }
 
     fn forward_backward(&self, batch: &Batch, scale: LossScale) -> Result<(LossSum, GradStore)> {
-        if self.compute.gradient_checkpointing && batch.n_targets > 0 {
+        if self.compute.gradient_checkpointing && batch.n_targets() > 0 {
             return self.forward_backward_checkpointed(batch, scale);
         }
         if self.compute.dtype != DType::F32 {
@@ -598,7 +583,7 @@ impl Model for DecoderModel {
     }
 
     fn eval_sums(&self, batch: &Batch) -> Result<EvalSums> {
-        if batch.n_targets == 0 {
+        if batch.n_targets() == 0 {
             return Ok(EvalSums {
                 loss_sum: 0.0,
                 n_targets: 0,
@@ -647,20 +632,20 @@ impl DecoderModel {
 
     fn eval_sums_inner(&self, batch: &Batch) -> Result<EvalSums> {
         let (_, x, _) = self.trunk(batch, false)?;
-        let logits = self.head(&x, Some(&batch.target_rows))?.detach();
-        let loss_sum = kernels::nll(&logits, &batch.target_ids)?
+        let logits = self.head(&x, Some(batch.target_rows()))?.detach();
+        let loss_sum = kernels::nll(&logits, batch.target_ids())?
             .sum_all()?
             .to_dtype(DType::F64)?
             .to_scalar::<f64>()?;
         let pred = logits.argmax(D::Minus1)?;
         let n_correct = pred
-            .eq(&batch.target_ids)?
+            .eq(batch.target_ids())?
             .to_dtype(DType::U32)?
             .sum_all()?
             .to_scalar::<u32>()? as usize;
         Ok(EvalSums {
             loss_sum,
-            n_targets: batch.n_targets,
+            n_targets: batch.n_targets(),
             n_correct: Some(n_correct),
         })
     }

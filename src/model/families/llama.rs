@@ -1,0 +1,153 @@
+//! Llama 2/3 and Granite (`llama_like`: Granite adds its multipliers), Mistral, Mixtral (transformers 4.46.3 `modeling_llama.py`, `modeling_granite.py`, `modeling_mistral.py`, `modeling_mixtral.py`).
+
+use serde_json::Value;
+
+use super::super::spec::*;
+use super::common::*;
+use crate::error::Result;
+
+pub(super) fn llama_like(c: &Cfg, family: &str) -> Result<(ArchSpec, ModelNames)> {
+    let d = dims(c, None, family == "llama", 2048)?;
+    let act = act(c, &c.str_or("hidden_act", "silu")?, "hidden_act")?;
+    let (ab, mb) = (
+        c.bool_or("attention_bias", false)?,
+        c.bool_or("mlp_bias", false)?,
+    );
+    c.warn_dropout(&["attention_dropout"])?;
+    let rope = rope(c, c.f64_or("rope_theta", 10000.0)?, d.head_dim, true)?;
+    let mlp = vec![
+        MlpSpec::Gated {
+            hidden: d.intermediate,
+            act,
+            bias: mb,
+            fused: false
+        };
+        d.layers
+    ];
+    let mut s = spec(
+        family,
+        &d,
+        NormSpec {
+            kind: NormKind::Rms,
+            eps: c.f64_or("rms_norm_eps", 1e-6)?,
+        },
+        Block::Sequential,
+        QkvLayout::Separate,
+        ab,
+        ab,
+        mlp,
+        rope,
+        c.bool_or("tie_word_embeddings", false)?,
+    );
+    s.padding_idx = c.padding_idx(None)?;
+    if family == "granite" {
+        s.embedding_multiplier = c.f64_or("embedding_multiplier", 1.0)?;
+        s.residual_multiplier = c.f64_or("residual_multiplier", 1.0)?;
+        s.attn_scale = c.f64_or("attention_multiplier", 1.0)?;
+        s.logits_scaling = c.f64_or("logits_scaling", 1.0)?;
+    }
+    Ok((s, llama_gated(d.layers, ab, ab, mb)))
+}
+
+pub(super) fn mistral(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
+    let d = dims(c, Some(8), true, 131072)?;
+    let act = act(c, &c.str_or("hidden_act", "silu")?, "hidden_act")?;
+    c.warn_dropout(&["attention_dropout"])?;
+    let rope = rope(c, c.f64_or("rope_theta", 10000.0)?, d.head_dim, false)?;
+    let mlp = vec![
+        MlpSpec::Gated {
+            hidden: d.intermediate,
+            act,
+            bias: false,
+            fused: false
+        };
+        d.layers
+    ];
+    let mut s = spec(
+        "mistral",
+        &d,
+        NormSpec {
+            kind: NormKind::Rms,
+            eps: c.f64_or("rms_norm_eps", 1e-6)?,
+        },
+        Block::Sequential,
+        QkvLayout::Separate,
+        false,
+        false,
+        mlp,
+        rope,
+        c.bool_or("tie_word_embeddings", false)?,
+    );
+    // An absent key means 4096 in transformers; an explicit null disables the window.
+    let _ = c.get("sliding_window"); // read: a null here is meaningful
+    s.sliding_window = match c.v.get("sliding_window") {
+        None => Some(4096),
+        Some(Value::Null) => None,
+        Some(_) => c.opt_usize("sliding_window")?,
+    };
+    s.padding_idx = c.padding_idx(None)?;
+    Ok((s, llama_gated(d.layers, false, false, false)))
+}
+
+pub(super) fn mixtral(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
+    let d = dims(c, Some(8), false, 131072)?;
+    let act = act(c, &c.str_or("hidden_act", "silu")?, "hidden_act")?;
+    c.warn_dropout(&["attention_dropout"])?;
+    c.reject(
+        c.f64_or("router_jitter_noise", 0.0)? != 0.0,
+        "router_jitter_noise != 0",
+    )?;
+    let rope = rope(c, c.f64_or("rope_theta", 1e6)?, d.head_dim, false)?;
+    let (e, k) = (
+        c.usize_or("num_local_experts", 8)?,
+        c.usize_or("num_experts_per_tok", 2)?,
+    );
+    c.reject(
+        k == 0 || k > e,
+        format!("num_experts_per_tok = {k} with {e} experts"),
+    )?;
+    let moe = MoeSpec {
+        experts: e,
+        top_k: k,
+        expert_hidden: d.intermediate,
+        act,
+        routing: Routing::Renormalize,
+        aux_from_probs: false,
+        fused_experts: false,
+        shared_expert: None,
+    };
+    let mut s = spec(
+        "mixtral",
+        &d,
+        NormSpec {
+            kind: NormKind::Rms,
+            eps: c.f64_or("rms_norm_eps", 1e-5)?,
+        },
+        Block::Sequential,
+        QkvLayout::Separate,
+        false,
+        false,
+        vec![MlpSpec::Moe(moe); d.layers],
+        rope,
+        c.bool_or("tie_word_embeddings", false)?,
+    );
+    s.sliding_window = c.opt_usize("sliding_window")?;
+    s.padding_idx = c.padding_idx(None)?;
+    s.router_aux_loss_coef = aux_coef(c, "router_aux_loss_coef", 0.001)?;
+    let layers = (0..d.layers)
+        .map(|l| {
+            let p = format!("model.layers.{l}.block_sparse_moe");
+            llama_layer(
+                l,
+                false,
+                false,
+                MlpNames::Moe {
+                    router: LinearNames::new(&format!("{p}.gate"), false),
+                    experts: experts_names(&p, e, "w1", "w3", "w2"),
+                    shared: None,
+                },
+            )
+        })
+        .collect();
+    Ok((s, llama_names(layers, false)))
+}
