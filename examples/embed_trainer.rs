@@ -38,7 +38,7 @@ fn main() -> packsft::Result<()> {
         "max_position_embeddings": 128,
     });
     let model = DecoderModel::new_random(config, 0, &device)?;
-    // padding_free = true: one row per micro-batch, position_ids restarting per example.
+    // Padding-free: one row per micro-batch, position_ids restarting per example.
     let collator = CompletionOnlyCollator::padding_free(tok.pad_or_eos());
     let cfg = TrainerConfig {
         batch_size: 3,

@@ -58,6 +58,7 @@ pub use train::{
 /// checks reach (kernels against their references, checkpoint files, the optimizer alone). No
 /// stability promise; a library user needs none of it.
 #[doc(hidden)]
+#[allow(missing_docs)]
 pub mod internals {
     /// The fused CUDA kernels.
     #[cfg(feature = "cuda")]

@@ -103,14 +103,14 @@ fn response_template_masking_equals_trl() {
                 examples.push(Example::new(input, mask));
             }
             let kwargs = &c["kwargs"];
-            let mut col = (if kwargs["padding_free"].as_bool().unwrap() {
+            let mut col = if kwargs["padding_free"].as_bool().unwrap() {
                 CompletionOnlyCollator::padding_free(pad)
             } else {
                 CompletionOnlyCollator::padded(pad)
-            });
+            };
             col.pad_to_multiple_of = kwargs["pad_to_multiple_of"].as_u64().map(|m| m as usize);
             let b = col.collate(&examples, &Device::Cpu).unwrap();
-            assert_same(&b.host(), &case["output"], &name);
+            assert_same(b.host(), &case["output"], &name);
             // TRL's warnings, one per example whose template is missing.
             let warns: Vec<&str> = case["warnings"]
                 .as_array()
@@ -216,7 +216,7 @@ fn flattening_equals_transformers_on_the_quickstart_rows() {
             assert_eq!(ex.input_ids, ids(&e["input_ids"]), "{name}: tokenization");
         }
         let b = col.collate(&examples, &Device::Cpu).unwrap();
-        assert_same(&b.host(), &case["output"], name);
+        assert_same(b.host(), &case["output"], name);
     }
 }
 

@@ -203,11 +203,11 @@ fn accumulation_splits_give_the_same_gradients() {
             };
             let t = Trainer::new(
                 tiny_model(9),
-                (if padding_free {
+                if padding_free {
                     CompletionOnlyCollator::padding_free(0)
                 } else {
                     CompletionOnlyCollator::padded(0)
-                }),
+                },
                 cfg,
                 Device::Cpu,
             )

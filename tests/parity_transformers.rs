@@ -43,11 +43,11 @@ fn check(name: &str) {
     let r = reference(&dir);
     let model = DecoderModel::from_pretrained(&dir, &Device::Cpu).unwrap();
     for padding_free in [true, false] {
-        let c = (if padding_free {
+        let c = if padding_free {
             CompletionOnlyCollator::padding_free(0)
         } else {
             CompletionOnlyCollator::padded(0)
-        });
+        };
         let batch = c.collate(&r.examples, &Device::Cpu).unwrap();
 
         // Logits of every real position equal transformers' per-example logits.

@@ -56,11 +56,11 @@ fn sixteen_examples_any_split_same_gradients_both_normalisations() {
         let mut reference: Option<Vec<Tensor>> = None;
         for padding_free in [true, false] {
             for (bs, ga) in [(8, 1), (4, 2), (2, 4)] {
-                let mut c = (if padding_free {
+                let mut c = if padding_free {
                     CompletionOnlyCollator::padding_free(0)
                 } else {
                     CompletionOnlyCollator::padded(0)
-                });
+                };
                 c.normalization = norm;
                 let tc = TrainerConfig {
                     batch_size: bs,
@@ -198,11 +198,11 @@ fn trainer(
 ) -> Trainer<DecoderModel, CompletionOnlyCollator> {
     Trainer::new(
         tiny_model(11),
-        (if padding_free {
+        if padding_free {
             CompletionOnlyCollator::padding_free(0)
         } else {
             CompletionOnlyCollator::padded(0)
-        }),
+        },
         cfg(out),
         Device::Cpu,
     )

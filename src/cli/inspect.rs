@@ -177,7 +177,7 @@ pub fn inspect(recipe: &Recipe, opts: &InspectOptions, out: &mut dyn Write) -> R
     for (k, (step, idx)) in batches.iter().take(opts.n).enumerate() {
         let exs: Vec<Example> = idx.iter().map(|&i| ds.examples[i].clone()).collect();
         let b = collator.collate(&exs, &Device::Cpu)?;
-        let host: &HostBatch = &b.host();
+        let host: &HostBatch = b.host();
         if opts.json {
             let mut v = serde_json::to_value(host).expect("batches serialise");
             let m = v.as_object_mut().expect("an object");

@@ -1,12 +1,4 @@
-//! The `packsft` command line: one file per command group, each a clap `Args` struct and the
-//! function that runs it with the library.
-//!
-//! | file | commands |
-//! |---|---|
-//! | `train.rs` | `train`, `eval`: run a recipe |
-//! | `model.rs` | `arch`, `generate`: look at a checkpoint |
-//! | `inspect.rs` | `inspect`, `bench-data`: the data as the trainer sees it |
-//! | `bench.rs` | `bench`, `bench-attn`: throughput on pre-tokenized data |
+#![doc = include_str!("README.md")]
 
 use std::process::ExitCode;
 

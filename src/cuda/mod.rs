@@ -1,8 +1,4 @@
-//! This project's CUDA kernels (feature `cuda`; flash attention with `flash-attn`), each measured
-//! against the chain of candle ops it replaces (docs/BENCHMARKS.md) and tested against the
-//! reference formulation in `nn::ops` (tests/gpu_ops.rs, tests/flash_attn.rs, tests/gpu_optim.rs).
-//! Only `nn::kernels` and `nn::attention` choose them; this room imports nothing above the
-//! ground floor.
+#![doc = include_str!("README.md")]
 
 #[cfg(feature = "flash-attn")]
 pub mod flash;

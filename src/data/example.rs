@@ -12,11 +12,14 @@ use super::source::Loc;
 /// `loss_mask[0]` is never used: the first token of an example has nothing to be predicted from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Example {
+    /// Token ids of the whole example, special tokens included.
     pub input_ids: Vec<u32>,
+    /// `true` where the token at that position is a target of the loss; as long as `input_ids`.
     pub loss_mask: Vec<bool>,
 }
 
 impl Example {
+    /// An example from its ids and mask; panics unless they have the same length.
     pub fn new(input_ids: Vec<u32>, loss_mask: Vec<bool>) -> Self {
         assert_eq!(input_ids.len(), loss_mask.len(), "one mask entry per token");
         Self {
@@ -24,9 +27,11 @@ impl Example {
             loss_mask,
         }
     }
+    /// Number of tokens.
     pub fn len(&self) -> usize {
         self.input_ids.len()
     }
+    /// Whether the example has no token.
     pub fn is_empty(&self) -> bool {
         self.input_ids.is_empty()
     }
@@ -52,9 +57,13 @@ pub enum Truncation {
     Error,
 }
 
+/// The length policy and vocabulary bound a dataset is read with.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
+    /// Most tokens per example (`data.max_length`, lowered to the model's
+    /// `max_position_embeddings` when that is smaller).
     pub max_length: usize,
+    /// What happens to an example longer than `max_length`.
     pub truncation: Truncation,
     /// Token ids must be below this (the model's vocabulary size).
     pub vocab_size: usize,
@@ -64,8 +73,10 @@ pub struct LoadOptions {
 pub struct Dataset {
     /// The data path as the recipe gave it (a file, directory or glob).
     pub path: PathBuf,
+    /// The examples kept, in the order of the rows they came from.
     pub examples: Vec<Example>,
     /// The row each example came from.
     pub origins: Vec<Loc>,
+    /// What reading the dataset did: rows kept, dropped and truncated, token counts.
     pub report: DataReport,
 }

@@ -1,3 +1,5 @@
+#![doc = include_str!("README.md")]
+
 mod encode;
 mod example;
 pub mod masking;

@@ -87,6 +87,10 @@ pub(super) fn cfg_err(msg: impl Into<String>) -> Error {
 }
 
 impl<'a> Pipeline<'a> {
+    /// A pipeline for `spec`: loads its template and encodes its response and instruction
+    /// templates. `tok` is needed for all but pre-tokenized rows and templates given as ids.
+    /// Fails on settings that contradict each other (e.g. `loss_on: all` with a response
+    /// template).
     pub fn new(tok: Option<&'a TextTokenizer>, spec: DataSpec, opts: LoadOptions) -> Result<Self> {
         let template = match &spec.template {
             Some(t) => Some(Arc::new(Template::load(t, tok)?)),

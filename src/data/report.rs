@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 pub struct DataLimits {
     /// Most rows that may be dropped (too long, no target, template missing), as a fraction.
     pub max_dropped_fraction: Option<f64>,
+    /// Most rows that may be truncated to `max_length`, as a fraction.
     pub max_truncated_fraction: Option<f64>,
     /// Most rows whose response (or instruction) template is missing, as a fraction.
     pub max_template_missing_fraction: Option<f64>,
@@ -22,32 +23,49 @@ pub struct DataLimits {
 /// What loading a dataset did, for the log, `packsft inspect` and thresholds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct DataReport {
+    /// The row format the dataset was read as (detected or given), by its recipe name.
     pub format: String,
+    /// The name of the prompt or chat template applied; `None`: none was (text, pre-tokenized
+    /// or plain prompt/completion rows).
     pub template: Option<String>,
     /// `spans` or `response_template`.
     pub method: String,
+    /// Which tokens carried loss (`completion`, `assistant`, `last_assistant` or `all`), as
+    /// given or defaulted from the format.
     pub loss_on: String,
+    /// Rows read (of this split, when an eval set is split off).
     pub rows: usize,
+    /// Examples kept: `rows` less the dropped ones.
     pub examples: usize,
+    /// Rows cut to `max_length` (`keep_start` or `keep_end` truncation).
     pub truncated: usize,
+    /// Rows dropped for being longer than `max_length` (`data.truncation: drop`).
     pub dropped_too_long: usize,
+    /// Rows dropped because no token of theirs (after the first) is a target.
     pub dropped_no_target: usize,
     /// Dropped because the response or instruction template was not found (TRL method).
     pub dropped_template_missing: usize,
+    /// Rows in which the response template was not found (TRL method; they are dropped).
     pub response_template_missing: usize,
+    /// Rows in which the instruction template was not found (TRL multi-turn; they are dropped).
     pub instruction_template_missing: usize,
     /// Examples that should end with an EOS target but do not: cut off by `keep_start`
     /// truncation, masked as the pad id (TRL method with pad == EOS), or no EOS token at all.
     pub eos_not_target: usize,
+    /// Of `eos_not_target`: the EOS was cut off by `keep_start` truncation.
     pub eos_truncated: usize,
+    /// Of `eos_not_target`: the EOS was masked because it is also the pad id (TRL method).
     pub eos_masked_as_pad: usize,
+    /// Tokens in the examples kept.
     pub tokens: usize,
+    /// Target tokens in the examples kept (the first token of an example never counts).
     pub target_tokens: usize,
     /// The first few dropped rows, `file:line (reason)`, to look at.
     pub dropped_rows: Vec<String>,
 }
 
 impl DataReport {
+    /// Rows dropped for any reason (too long, no target, template missing).
     pub fn dropped(&self) -> usize {
         self.dropped_too_long + self.dropped_no_target + self.dropped_template_missing
     }

@@ -37,6 +37,7 @@ pub enum Format {
 }
 
 impl Format {
+    /// The name a recipe's `data.format` uses for this format (`auto`, `prompt_completion`, ...).
     pub fn name(self) -> &'static str {
         match self {
             Format::Auto => "auto",
@@ -66,6 +67,7 @@ pub enum LossOn {
 }
 
 impl LossOn {
+    /// The name a recipe's `data.loss_on` uses for this mode (`completion`, `all`, ...).
     pub fn name(self) -> &'static str {
         match self {
             LossOn::Completion => "completion",
@@ -81,13 +83,16 @@ impl LossOn {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum TokenTemplate {
+    /// Token ids, searched for as they are; must not be empty.
     Ids(Vec<u32>),
+    /// Text, encoded with the tokenizer (which must then be given) to the ids searched for.
     Text(String),
 }
 
 /// What a recipe says about turning rows into examples.
 #[derive(Debug, Clone, Default)]
 pub struct DataSpec {
+    /// The row format; `Auto` detects it from the first row.
     pub format: Format,
     /// A shipped template name, a `.jinja` path, or `tokenizer`.
     pub template: Option<String>,
@@ -96,9 +101,14 @@ pub struct DataSpec {
     pub fields: BTreeMap<String, String>,
     /// Extra role names → `system`, `user`, `assistant` or `tool` (messages and ShareGPT).
     pub roles: BTreeMap<String, String>,
+    /// Which tokens carry loss; `None`: the format's default (`all` for text, `assistant` for
+    /// conversations, `completion` otherwise), or with a response template `last_assistant`
+    /// (`assistant` when an instruction template is given too).
     pub loss_on: Option<LossOn>,
     /// Set: the TRL-compatible masking method instead of spans.
     pub response_template: Option<TokenTemplate>,
+    /// With `response_template`: TRL's multi-turn mode, where the stretch from each instruction
+    /// template to the next response template is masked. Needs `response_template`.
     pub instruction_template: Option<TokenTemplate>,
     /// Strings that end an assistant turn, besides EOS and the usual ones (`<|eot_id|>`, ...).
     pub end_of_turn: Vec<String>,

@@ -101,7 +101,9 @@ pub const SHIPPED: &[(&str, &str, &str)] = &[
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TemplateKind {
+    /// Formats one row through its `prompt` and `completion` blocks.
     Prompt,
+    /// A Hugging Face chat template that renders `messages`.
     Chat,
 }
 
@@ -109,8 +111,11 @@ pub enum TemplateKind {
 /// `raise_exception(msg)`, exactly `msg`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenderError {
+    /// The template's name, as `Template::name`.
     pub template: String,
+    /// The line of the template source at fault, when minijinja reports one.
     pub line: Option<usize>,
+    /// What went wrong.
     pub message: String,
 }
 
@@ -132,6 +137,7 @@ pub struct Template {
     env: Environment<'static>,
     /// What the recipe called it: a shipped name, a path, or `tokenizer (<path>)`.
     pub name: String,
+    /// Prompt or chat template, decided from the source.
     pub kind: TemplateKind,
     /// bos_token, eos_token, ..., tools, documents: the globals of every render.
     base: Vec<(String, Value)>,

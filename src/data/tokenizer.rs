@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 
+/// A Hugging Face tokenizer with the special token ids and BOS policy that the data layer needs.
 #[derive(Clone)]
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
@@ -18,8 +19,12 @@ pub struct TextTokenizer {
     pub path: PathBuf,
     /// The tokenizer_config.json that sat next to it, if any, kept verbatim for saving.
     pub config_json: Option<serde_json::Value>,
+    /// Id of `bos_token` from tokenizer_config.json, else of a usual BOS token (`<s>`, ...);
+    /// `None` when the vocabulary has none.
     pub bos_id: Option<u32>,
+    /// Id of `eos_token`, found the same way; `None`: completions get no EOS target.
     pub eos_id: Option<u32>,
+    /// Id of `pad_token`, found the same way; `None`: padding falls back to EOS (`pad_or_eos`).
     pub pad_id: Option<u32>,
     /// Prepend BOS to every example (`add_bos_token`; without it, whether the tokenizer's
     /// post-processor adds BOS).
@@ -123,6 +128,7 @@ impl TextTokenizer {
         })
     }
 
+    /// Number of token ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
@@ -166,6 +172,7 @@ impl TextTokenizer {
         Ok(self.raw_encode(text, false)?.0)
     }
 
+    /// The text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(|e| Error::Tokenizer {
             path: self.path.clone(),
@@ -173,6 +180,7 @@ impl TextTokenizer {
         })
     }
 
+    /// The vocabulary entry of `id` as stored (not decoded), or `<id>` for an unknown id.
     pub fn token_text(&self, id: u32) -> String {
         self.inner
             .id_to_token(id)
@@ -185,6 +193,7 @@ impl TextTokenizer {
         self.pad_id.or(self.eos_id).unwrap_or(0)
     }
 
+    /// The underlying `tokenizers` tokenizer (truncation and padding turned off).
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }

@@ -1,4 +1,4 @@
-//! Models: the `Model` trait the trainer drives, and the decoder implementations.
+#![doc = include_str!("README.md")]
 
 pub mod arch;
 pub mod decoder;
@@ -23,7 +23,10 @@ pub use spec::ArchSpec;
 /// padding-free and accumulated runs agree exactly.
 #[derive(Debug, Clone)]
 pub struct LossSum {
+    /// Scalar tensor: the negative log-likelihood summed over the batch's target tokens (each
+    /// weighted by its target weight under sequence normalisation).
     pub sum: Tensor,
+    /// Number of target tokens in the batch.
     pub n_targets: usize,
     /// An auxiliary loss of the batch, coefficient included (MoE router load balancing).
     pub aux: Option<Tensor>,
@@ -42,7 +45,9 @@ pub struct LossScale {
 /// Summed evaluation statistics of a batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct EvalSums {
+    /// Negative log-likelihood summed over the batch's target tokens, unweighted.
     pub loss_sum: f64,
+    /// Number of target tokens in the batch.
     pub n_targets: usize,
     /// Targets whose arg-max prediction is right; `None` when the model does not report it.
     pub n_correct: Option<usize>,
@@ -60,7 +65,14 @@ pub fn backward_of(l: LossSum, scale: LossScale) -> Result<(LossSum, GradStore)>
 
 /// What the trainer needs of a model. `Batch` is the collated type the model reads: a collator
 /// producing another type does not fit this model, and `Trainer` rejects the pair at compile time.
+///
+/// Only `loss`, `params` and `save` are required. The provided methods are fast paths a model may
+/// override (`DecoderModel` overrides all of them): a model that wraps another must forward
+/// `forward_backward`, `eval_sums`, `compute_copies` and `set_compute_copies_fresh` to the inner
+/// model, or training falls back to the defaults (autograd through `loss`, no token accuracy, no
+/// kept bf16 weight copies) and runs slower, with the same numbers.
 pub trait Model {
+    /// The collated batch type this model reads (`Batch` for `DecoderModel`).
     type Batch: TrainBatch;
     /// Summed negative log-likelihood over the batch's target tokens.
     fn loss(&self, batch: &Self::Batch) -> Result<LossSum>;

@@ -111,19 +111,33 @@ pub struct LongRope {
     pub original_max: usize,
 }
 
+/// Everything the decoder needs to know about one model's architecture, read from its
+/// config.json by `families::from_config`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ArchSpec {
+    /// The config's `model_type` (`llama`, `granite`, `qwen2_moe`, ...).
     pub family: String,
+    /// Vocabulary size: rows of the embedding and of the LM head.
     pub vocab: usize,
+    /// Width of the residual stream (`hidden_size`).
     pub hidden: usize,
+    /// Number of decoder layers.
     pub layers: usize,
+    /// Number of query heads.
     pub heads: usize,
+    /// Number of key/value heads (equal to `heads` without grouped-query attention).
     pub kv_heads: usize,
+    /// Channels per attention head.
     pub head_dim: usize,
+    /// The kind and epsilon of every norm (both per-layer norms and the final one).
     pub norm: NormSpec,
+    /// How attention and MLP are arranged in a layer (sequential or parallel).
     pub block: Block,
+    /// How the query/key/value projections are stored.
     pub qkv: QkvLayout,
+    /// Whether the q/k/v projections have a bias.
     pub qkv_bias: bool,
+    /// Whether the attention output projection has a bias.
     pub o_bias: bool,
     /// Clamp q, k and v to [-c, c] after projection.
     pub clip_qkv: Option<f64>,
@@ -131,17 +145,26 @@ pub struct ArchSpec {
     pub qk_norm: bool,
     /// Query t sees keys t-W < j <= t (transformers' eager semantics).
     pub sliding_window: Option<usize>,
+    /// Factor applied to `q . k` before the softmax: `1 / sqrt(head_dim)`, or Granite's
+    /// `attention_multiplier`.
     pub attn_scale: f64,
     /// One entry per layer (Qwen2-MoE mixes dense and sparse layers).
     pub mlp: Vec<MlpSpec>,
+    /// Rotary position embedding settings.
     pub rope: RopeSpec,
+    /// `max_position_embeddings`: the longest sequence the model accepts, and the rows of the
+    /// rotary tables.
     pub max_positions: usize,
     /// Granite's embedding multiplier, Gemma's sqrt(hidden).
     pub embedding_multiplier: f64,
+    /// In a sequential block, the attention and MLP outputs are multiplied by this before they
+    /// join the residual stream (Granite; 1 otherwise).
     pub residual_multiplier: f64,
     /// Logits are divided by this (Granite).
     pub logits_scaling: f64,
+    /// Whether the LM head reuses the embedding matrix instead of having its own weight.
     pub tie_embeddings: bool,
+    /// Whether the LM head has a bias (Phi).
     pub lm_head_bias: bool,
     /// The embedding's `padding_idx`: that row gets no gradient from input lookups.
     pub padding_idx: Option<u32>,
@@ -150,6 +173,7 @@ pub struct ArchSpec {
 }
 
 impl ArchSpec {
+    /// The number of layers whose MLP is a mixture of experts.
     pub fn moe_layers(&self) -> usize {
         self.mlp
             .iter()

@@ -7,7 +7,9 @@ use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 
+/// The single-file checkpoint in a model directory (what `DecoderModel::save` writes).
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The index of a sharded checkpoint: its `weight_map` names the shard of each tensor.
 pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// The tensors of a checkpoint directory: `model.safetensors`, or the shards listed in
@@ -20,6 +22,8 @@ pub struct CheckpointWeights {
 }
 
 impl CheckpointWeights {
+    /// Memory-maps the checkpoint in `dir`: `model.safetensors` if present, else every shard
+    /// the index lists. A `pytorch_model.bin` alone is an error (it is not read).
     pub fn open(dir: &Path) -> Result<Self> {
         let single = dir.join(WEIGHTS_FILE);
         let index = dir.join(WEIGHTS_INDEX_FILE);
@@ -81,6 +85,7 @@ impl CheckpointWeights {
             .collect()
     }
 
+    /// Whether the checkpoint holds a tensor named `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.names.iter().any(|n| n == name)
     }

@@ -6,7 +6,7 @@
 //! block with a key-padding mask. It is the reference every faster backend is tested against.
 //!
 //! With the `flash-attn` feature, batches on CUDA in bf16 go to this project's variable-length
-//! flash-attention kernels instead ([`crate::cuda::flash`]): same semantics, no score matrices.
+//! flash-attention kernels instead (`cuda::flash`): same semantics, no score matrices.
 
 use std::collections::HashMap;
 #[cfg(feature = "flash-attn")]
@@ -28,6 +28,7 @@ pub enum AttentionImpl {
     /// `flash-attn`), eager attention elsewhere.
     #[default]
     Auto,
+    /// Always the eager backend: differentiable candle ops, the reference implementation.
     Eager,
     /// Flash attention or an error saying why it cannot run.
     Flash,

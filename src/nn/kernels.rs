@@ -1,7 +1,7 @@
 //! The one place that picks this project's CUDA kernels or the reference formulation, op by op
 //! (as candle-nn's `ops.rs` gives one op per-backend bodies). Every function here has the same
 //! meaning in every build: with the `cuda` feature, bf16 tensors on a CUDA device take the fused
-//! kernels of [`crate::cuda`]; everything else takes the differentiable reference of
+//! kernels of the `cuda` room; everything else takes the differentiable reference of
 //! [`super::ops`], which the kernels are tested against (`tests/gpu_ops.rs`). Callers above
 //! (the model) never name a feature.
 //!

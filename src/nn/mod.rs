@@ -1,3 +1,5 @@
+#![doc = include_str!("README.md")]
+
 pub mod attention;
 pub mod graph;
 pub mod kernels;

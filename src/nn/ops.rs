@@ -73,12 +73,16 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
 /// transformers does (`emb = cat(freqs, freqs)`), computed in float32 like transformers.
 #[derive(Debug, Clone)]
 pub struct RopeTable {
+    /// Cosines, float32, one row per position.
     pub cos: Tensor,
+    /// Sines, float32, one row per position.
     pub sin: Tensor,
+    /// Columns of each table: twice the number of inverse frequencies.
     pub rotary_dim: usize,
 }
 
 impl RopeTable {
+    /// The tables of positions `0..max_positions` for the inverse frequencies `inv_freq`.
     pub fn new(inv_freq: &[f32], max_positions: usize, device: &Device) -> Result<Self> {
         let half = inv_freq.len();
         let mut cos = Vec::with_capacity(max_positions * half * 2);

@@ -8,7 +8,10 @@ use crate::error::Result;
 /// A trainable parameter under its Hugging Face name.
 #[derive(Debug, Clone)]
 pub struct Param {
+    /// The tensor name it is loaded and saved under (`model.layers.0.self_attn.q_proj.weight`,
+    /// ...), also the key of its optimizer state.
     pub name: String,
+    /// The tensor the optimizer updates in place (float32 in `DecoderModel`).
     pub var: Var,
     /// Whether AdamW's weight decay applies (not to biases and norm weights, as in transformers).
     pub decay: bool,

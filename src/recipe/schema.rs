@@ -11,13 +11,19 @@ use crate::data::{DataLimits, DataSpec, Format, LossOn, TokenTemplate, Truncatio
 use crate::error::{Error, Result};
 use crate::train::{Schedule, TrainerConfig};
 
+/// A whole recipe file: the model, the data, batching and masking, training settings and where
+/// to write the results.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
+    /// `model:`: the checkpoint or inline config to start from, and the tokenizer.
     pub model: ModelSection,
+    /// `data:`: the training and evaluation data and how rows become examples.
     pub data: DataSection,
+    /// `collator:`: padding-free or padded batches, and TRL-style template masking.
     #[serde(default)]
     pub collator: CollatorSection,
+    /// `train:`: optimizer, schedule, batching, evaluation, checkpoints and compute settings.
     #[serde(default)]
     pub train: TrainSection,
     /// Where the trained model, tokenizer, metrics and checkpoints are written.
@@ -308,6 +314,8 @@ impl Recipe {
         Self::parse(&text, path, overrides)
     }
 
+    /// Parses recipe text read from `path` (named in errors), applies `overrides` and checks
+    /// the settings against each other.
     pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Self> {
         // The file alone first, so its errors carry line and column.
         let recipe: Recipe = serde_yaml::from_str(text).map_err(|e| recipe_err(path, &e, ""))?;
@@ -471,6 +479,7 @@ impl Recipe {
         }
     }
 
+    /// The recipe as YAML, defaults filled in (what a run saves as `recipe.yaml`).
     pub fn to_yaml(&self) -> String {
         serde_yaml::to_string(self).expect("recipe serialises")
     }

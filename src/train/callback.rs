@@ -9,6 +9,7 @@ use crate::error::Result;
 /// What a callback asks of the trainer after an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Control {
+    /// Nothing to do: training goes on.
     #[default]
     Continue,
     /// Save a checkpoint now (if the trainer has an output directory), then continue.
@@ -47,6 +48,7 @@ pub trait Callback: Send {
     fn on_step_end(&mut self, _metrics: &StepMetrics) -> Result<Control> {
         Ok(Control::Continue)
     }
+    /// Called after each evaluation of the eval set during training, with its metrics.
     fn on_eval_end(&mut self, _metrics: &EvalMetrics) -> Result<Control> {
         Ok(Control::Continue)
     }
@@ -63,7 +65,9 @@ pub trait Callback: Send {
 /// where the uninterrupted one would.
 #[derive(Debug, Clone)]
 pub struct EarlyStopping {
+    /// Evaluations in a row without improvement after which training stops.
     pub patience: usize,
+    /// An eval loss must be more than this below the best to count as an improvement.
     pub min_delta: f64,
     best: Option<f64>,
     bad: usize,
@@ -80,6 +84,7 @@ struct EarlyStoppingState {
 pub const EARLY_STOPPING_FILE: &str = "early_stopping.json";
 
 impl EarlyStopping {
+    /// A callback with no best loss yet (a resumed run restores it from the checkpoint).
     pub fn new(patience: usize, min_delta: f64) -> Self {
         Self {
             patience,

@@ -9,31 +9,43 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// The `TrainerState` of a checkpoint, as JSON; its presence marks a checkpoint as complete.
 pub const STATE_FILE: &str = "trainer_state.json";
+/// The AdamW moments and update counts of a checkpoint (`AdamW::state_tensors`).
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The `format_version` this packsft writes; a checkpoint with another one is refused.
 pub const FORMAT_VERSION: u32 = 1;
 
 /// Everything besides weights and moments that resuming needs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainerState {
+    /// Layout version of the checkpoint (`FORMAT_VERSION` when written).
     pub format_version: u32,
     /// Optimizer steps completed.
     pub global_step: usize,
+    /// Optimizer steps of the whole run (the length the lr schedule runs over).
     pub total_steps: usize,
     /// Data position: the epoch being read and how many examples of its order were consumed.
     pub epoch: usize,
+    /// Examples of the current epoch's order already consumed.
     pub cursor: usize,
+    /// Seed of the data order (`TrainerConfig::seed`).
     pub seed: u64,
+    /// Whether the examples are shuffled every epoch.
     pub shuffle: bool,
+    /// Number of training examples.
     pub n_train_examples: usize,
+    /// `batch_size * grad_accum` of the trainer config.
     pub examples_per_step: usize,
     /// Batching that decides the data position of every later step.
     pub max_tokens_per_batch: Option<usize>,
+    /// Whether examples of similar length are batched together (also decides the data order).
     pub group_by_length: bool,
     /// FNV-1a hash of the training examples' token ids: the same data, not only as many rows.
     pub data_hash: u64,
     /// Names and shapes of the model's parameters, to refuse a checkpoint of another model.
     pub param_shapes: Vec<(String, Vec<usize>)>,
+    /// Lowest eval loss reached so far; `None` before the first evaluation.
     pub best_eval_loss: Option<f64>,
 }
 
@@ -117,6 +129,7 @@ impl TrainerState {
     }
 }
 
+/// The directory of the checkpoint after optimizer step `step`: `output_dir/checkpoint-<step>`.
 pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {
     output_dir.join(format!("checkpoint-{step}"))
 }
@@ -138,6 +151,7 @@ pub fn list(output_dir: &Path) -> Vec<(usize, PathBuf)> {
     v
 }
 
+/// The newest complete checkpoint in `output_dir` (highest step), if any.
 pub fn latest(output_dir: &Path) -> Option<PathBuf> {
     list(output_dir).pop().map(|(_, p)| p)
 }
@@ -214,7 +228,8 @@ mod tests {
     #[test]
     fn each_setting_that_moves_the_data_is_named_with_both_values() {
         let saved = state();
-        let cases: Vec<(fn(&mut TrainerState), &str)> = vec![
+        type Change = fn(&mut TrainerState);
+        let cases: Vec<(Change, &str)> = vec![
             (|s| s.seed = 7, "train.seed = 42, this run 7"),
             (
                 |s| s.shuffle = false,

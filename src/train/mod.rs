@@ -1,3 +1,5 @@
+#![doc = include_str!("README.md")]
+
 mod cadence;
 pub mod callback;
 pub mod checkpoint;

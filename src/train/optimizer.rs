@@ -47,13 +47,18 @@ struct Slot {
     t: u64,
 }
 
+/// PyTorch's AdamW over a fixed list of parameters, with one float32 first and second moment
+/// per parameter and a per-parameter update count.
 pub struct AdamW {
+    /// The hyper-parameters; its `lr` is not read here, as every step is given its own
+    /// learning rate (the schedule's).
     pub config: AdamWConfig,
     slots: Vec<Slot>,
     step: usize,
 }
 
 impl AdamW {
+    /// An optimizer for `params` (their order is kept), with zero moments and no step taken.
     pub fn new(params: &[Param], config: AdamWConfig) -> Result<Self> {
         let slots = params
             .iter()

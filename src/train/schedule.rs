@@ -7,9 +7,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Schedule {
+    /// The peak lr after warmup (transformers' `constant_with_warmup`).
     Constant,
+    /// Linear decay from the peak to 0 at `total_steps` (`linear`).
     #[default]
     Linear,
+    /// Half a cosine from the peak to 0 at `total_steps` (`cosine`).
     Cosine,
     /// Cosine down to `min_lr_ratio` x peak (`cosine_with_min_lr`).
     CosineWithMinLr,
@@ -18,18 +21,27 @@ pub enum Schedule {
     WarmupStableDecay,
 }
 
+/// A schedule with its settings: the learning rate of every optimizer step of a run.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LrSchedule {
+    /// The shape of the schedule.
     pub kind: Schedule,
+    /// The learning rate reached at the end of warmup.
     pub peak: f64,
+    /// Optimizer steps of the linear warmup from 0 to `peak` (0: start at the peak).
     pub warmup_steps: usize,
+    /// Optimizer steps of the whole run; the decaying schedules reach their end here.
     pub total_steps: usize,
+    /// The floor as a fraction of `peak` (`cosine_with_min_lr` and warmup-stable-decay; 0 by
+    /// default).
     pub min_lr_ratio: f64,
     /// Warmup-stable-decay only.
     pub decay_steps: usize,
 }
 
 impl LrSchedule {
+    /// A schedule with `min_lr_ratio` and `decay_steps` at 0 (set them for the schedules that
+    /// read them).
     pub fn new(kind: Schedule, peak: f64, warmup_steps: usize, total_steps: usize) -> Self {
         Self {
             kind,

@@ -1,7 +1,4 @@
-//! One decoder for every supported family, configured by an `ArchSpec`. Parameters keep their
-//! Hugging Face names and layouts (fused tensors stay fused), so loading and saving are plain
-//! safetensors reads and writes, and per-token `position_ids` with per-sequence attention make
-//! padded and padding-free batches compute the same thing.
+#![doc = include_str!("README.md")]
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -61,7 +58,10 @@ impl Default for ComputeOptions {
     }
 }
 
+/// A causal decoder of any supported family, with float32 parameters under their Hugging Face
+/// names: built from a checkpoint (`from_pretrained`) or a config (`new_random`).
 pub struct DecoderModel {
+    /// The architecture, derived from config.json.
     pub spec: ArchSpec,
     /// config.json as read (unknown fields kept), written back on save.
     raw_config: Value,
@@ -73,6 +73,7 @@ pub struct DecoderModel {
     /// Rows [0, P) the default table; with LongRoPE rows [P, 2P) the long one.
     rope: RopeTable,
     device: Device,
+    /// How passes are computed; `ComputeOptions::default()` after loading, set by the caller.
     pub compute: ComputeOptions,
     /// The compute-dtype copies of the weight matrices on CUDA, kept between steps and
     /// rewritten in place from the master weights at every forward/backward: no allocation and
@@ -245,14 +246,17 @@ impl DecoderModel {
         })
     }
 
+    /// The device the parameters live on.
     pub fn device(&self) -> &Device {
         &self.device
     }
 
+    /// config.json as read (unknown fields kept); `save` writes it back as float32.
     pub fn raw_config(&self) -> &Value {
         &self.raw_config
     }
 
+    /// The longest sequence the model accepts (`max_position_embeddings`).
     pub fn max_positions(&self) -> usize {
         self.spec.max_positions
     }
@@ -423,6 +427,8 @@ impl DecoderModel {
         router_aux(&self.spec, &routers, &ctx)
     }
 
+    /// Every parameter by its Hugging Face name, as `save` writes them (a tied LM head shares
+    /// the embedding's entry).
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
         self.params
             .iter()

@@ -1,8 +1,4 @@
-//! What each supported family's config.json means: one function per `model_type` (one file per
-//! family or pair of close families) mapping the config onto an `ArchSpec` and transformers'
-//! parameter names. Structural choices come from transformers 4.46.3 (docs/FAMILIES.md);
-//! features packsft does not compute are rejected with an error that names the field, never
-//! ignored.
+#![doc = include_str!("README.md")]
 
 use serde_json::Value;
 
@@ -31,6 +27,7 @@ use qwen2::{qwen2, qwen2_moe};
 use stablelm::stablelm;
 use starcoder2::starcoder2;
 
+/// The config.json `model_type` values that `from_config` accepts.
 pub const SUPPORTED: &[&str] = &[
     "llama",
     "mistral",
