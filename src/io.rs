@@ -6,6 +6,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 
+/// Writes `bytes` to `path` through a flushed temporary sibling renamed over it.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -30,4 +31,16 @@ pub fn tmp_sibling(path: &Path) -> std::path::PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Gives `path` the permissions a file newly created beside it gets (the process umask applied
+/// to 0666): for files written by libraries that create them 0600.
+pub fn match_new_file_mode(path: &Path) -> Result<()> {
+    let probe = path.with_file_name(format!(".mode-probe.tmp-{}", std::process::id()));
+    let perms = std::fs::File::create(&probe)
+        .and_then(|f| f.metadata())
+        .map(|m| m.permissions());
+    let _ = std::fs::remove_file(&probe);
+    let perms = perms.map_err(|e| Error::io(&probe, e))?;
+    std::fs::set_permissions(path, perms).map_err(|e| Error::io(path, e))
 }

@@ -137,10 +137,29 @@ pub trait Model {
                 format!("checkpoint has a weight the model does not: {extra}"),
             ));
         }
+        if let Some(bad) = loaded
+            .iter()
+            .zip(self.params())
+            .find(|(t, _)| !all_finite(t).unwrap_or(false))
+        {
+            return Err(Error::model(
+                dir,
+                format!("weight `{}` holds NaN or infinity", bad.1.name),
+            ));
+        }
         for (p, t) in self.params().iter().zip(loaded) {
             p.var.set(&t)?;
         }
         self.set_compute_copies_fresh(false);
         Ok(())
     }
+}
+
+/// Whether every value of `t` is finite (`sum(t * 0)` is NaN exactly when one is not).
+pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
+    let z = (t * 0.0)?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    Ok(z.is_finite())
 }

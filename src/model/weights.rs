@@ -44,6 +44,20 @@ impl CheckpointWeights {
                 .collect();
             shards.sort();
             shards.dedup();
+            // Shards live in the model directory: a path that leaves it is refused, not read.
+            if let Some(bad) = shards.iter().find(|s| {
+                let p = Path::new(s.as_str());
+                p.is_absolute()
+                    || p.components()
+                        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            }) {
+                return Err(Error::model(
+                    &index,
+                    format!(
+                        "lists shard {bad:?}, which is not a file name inside the model directory"
+                    ),
+                ));
+            }
             let files: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
             if let Some(missing) = files.iter().find(|f| !f.exists()) {
                 return Err(Error::model(
@@ -150,7 +164,10 @@ pub fn save_safetensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Resu
     )
     .map_err(|e| Error::model(path, format!("cannot write safetensors: {e}")))
     .and_then(|_| {
-        // On disk before the rename publishes it, as io::write_atomic does.
+        // safetensors writes through a private temporary file (mode 0600): give the weights the
+        // mode every other output gets, and have them on disk before the rename publishes them,
+        // as io::write_atomic does.
+        crate::io::match_new_file_mode(&tmp)?;
         std::fs::File::open(&tmp)
             .and_then(|f| f.sync_all())
             .map_err(|e| Error::io(&tmp, e))

@@ -51,3 +51,18 @@ pub fn accumulate(acc: &mut Option<GradStore>, src: GradStore, params: &[Param])
     }
     Ok(())
 }
+
+/// The name of the first parameter holding a NaN or an infinity, if any (one reduction per
+/// parameter: `sum(x * 0)` is NaN exactly when some x is not finite).
+pub fn first_non_finite(params: &[Param]) -> Result<Option<String>> {
+    for p in params {
+        let z = (p.var.as_tensor() * 0.0)?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        if !z.is_finite() {
+            return Ok(Some(p.name.clone()));
+        }
+    }
+    Ok(None)
+}

@@ -196,7 +196,9 @@ impl Callback for CheckpointExtras {
 fn resume_dir(recipe: &Recipe, recipe_path: &Path) -> Result<Option<std::path::PathBuf>> {
     match recipe.resume_from.as_deref() {
         None => Ok(None),
-        Some("latest") => Ok(crate::train::checkpoint::latest(&recipe.output_dir)),
+        Some("latest") => Ok(crate::train::checkpoint::latest_complete(
+            &recipe.output_dir,
+        )),
         Some(p) => {
             let dir = std::path::PathBuf::from(p);
             if !dir.join(crate::train::checkpoint::STATE_FILE).exists() {
@@ -268,11 +270,18 @@ pub fn train(
         trainer.set_stop_flag(stop);
     }
     let eval = p.eval.as_ref().map(|d| d.examples.as_slice());
+    // Held until the final files are written: the trainer takes the same lock for its loop.
+    let _lock = crate::train::lock::OutputLock::acquire(&recipe.output_dir)?;
     let summary = trainer.train(&p.train.examples, eval)?;
     if summary.interrupted {
         return Ok(summary);
     }
     let out = &recipe.output_dir;
+    if let Some(name) = crate::nn::param::first_non_finite(trainer.model.params())? {
+        return Err(Error::Training(format!(
+            "parameter {name} holds NaN or infinity after training: the model is not saved"
+        )));
+    }
     trainer.model.save(out)?;
     if let Some(t) = &p.tokenizer {
         t.save(out)?;

@@ -274,14 +274,68 @@ fn recipe_err(path: &Path, e: &serde_yaml::Error, prefix: &str) -> Error {
     }
 }
 
+/// A YAML syntax error on a line `key: value` whose value holds `: ` or ends in `:` (TRL's
+/// templates do: `### Answer:`) is an unquoted string, and says so instead of serde's message.
+fn unquoted_colon(text: &str, path: &Path, e: &serde_yaml::Error) -> Option<Error> {
+    let loc = e.location()?;
+    let line = text.lines().nth(loc.line().checked_sub(1)?)?;
+    let (key, value) = line.split_once(": ")?;
+    let (key, value) = (key.trim().trim_start_matches("- "), value.trim());
+    let quoted = value.starts_with('"') || value.starts_with('\'');
+    if quoted || !(value.ends_with(':') || value.contains(": ")) {
+        return None;
+    }
+    Some(Error::Recipe {
+        path: path.to_path_buf(),
+        line: Some(loc.line()),
+        column: Some(loc.column()),
+        msg: format!(
+            "the value of `{key}` holds a colon: quote it, e.g. {key}: \"{}\"",
+            value.replace('"', "\\\"")
+        ),
+    })
+}
+
+/// Template keys of `tree` that are present but null: in YAML an unquoted value starting with `#`
+/// is a comment (`response_template: ### Answer:` is null), and a null template silently trains
+/// on the default masking.
+fn null_template_keys(tree: &serde_yaml::Value) -> Vec<&'static str> {
+    let keys = [
+        (
+            "collator",
+            "response_template",
+            "collator.response_template",
+        ),
+        (
+            "collator",
+            "instruction_template",
+            "collator.instruction_template",
+        ),
+        ("data", "template", "data.template"),
+    ];
+    keys.into_iter()
+        .filter(|(section, key, _)| {
+            tree.get(section)
+                .and_then(|s| s.as_mapping())
+                .and_then(|m| m.get(*key))
+                .is_some_and(serde_yaml::Value::is_null)
+        })
+        .map(|(_, _, name)| name)
+        .collect()
+}
+
 /// Applies one `a.b.c=value` override to a YAML tree; the value is parsed as YAML, so numbers
 /// and booleans keep their type.
 fn apply_override(root: &mut serde_yaml::Value, spec: &str) -> std::result::Result<(), String> {
     let (key, value) = spec
         .split_once('=')
         .ok_or_else(|| format!("override {spec:?} is not of the form key.path=value"))?;
-    let value: serde_yaml::Value =
-        serde_yaml::from_str(value).map_err(|e| format!("override {spec:?}: bad value: {e}"))?;
+    // A value starting with `#` would be a YAML comment (null): on the command line it is text.
+    let value: serde_yaml::Value = if value.trim_start().starts_with('#') {
+        serde_yaml::Value::String(value.to_string())
+    } else {
+        serde_yaml::from_str(value).map_err(|e| format!("override {spec:?}: bad value: {e}"))?
+    };
     let parts: Vec<&str> = key.split('.').collect();
     if parts.iter().any(|p| p.is_empty()) {
         return Err(format!("override {spec:?}: empty key segment"));
@@ -318,7 +372,18 @@ impl Recipe {
     /// the settings against each other.
     pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Self> {
         // The file alone first, so its errors carry line and column.
-        let recipe: Recipe = serde_yaml::from_str(text).map_err(|e| recipe_err(path, &e, ""))?;
+        let recipe: Recipe = serde_yaml::from_str(text).map_err(|e| {
+            unquoted_colon(text, path, &e).unwrap_or_else(|| recipe_err(path, &e, ""))
+        })?;
+        if let Ok(tree) = serde_yaml::from_str::<serde_yaml::Value>(text) {
+            for key in null_template_keys(&tree) {
+                tracing::warn!(
+                    recipe = %path.display(),
+                    "{key} is null: an unquoted value starting with `#` is a YAML comment; quote it \
+                     (e.g. \"### Answer:\") or remove the key"
+                );
+            }
+        }
         let recipe = if overrides.is_empty() {
             recipe
         } else {
@@ -344,6 +409,78 @@ impl Recipe {
         Ok(recipe)
     }
 
+    /// The `train:` section's ranges and combinations (NaN fails every range).
+    fn check_train(&self) -> std::result::Result<(), String> {
+        let t = &self.train;
+        if t.batch_size == 0 {
+            return Err("train.batch_size must be at least 1".into());
+        }
+        if t.grad_accum == 0 {
+            return Err("train.grad_accum must be at least 1".into());
+        }
+        if t.max_steps == 0 && t.epochs == 0 {
+            return Err("train.max_steps and train.epochs are both 0: nothing to train".into());
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            return Err(format!("train.lr = {} must be a positive number", t.lr));
+        }
+        // Written so that NaN fails every check too.
+        for (key, v) in [
+            ("max_grad_norm", t.max_grad_norm),
+            ("weight_decay", t.weight_decay),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(format!("train.{key} = {v} must be a number >= 0"));
+            }
+        }
+        if !(t.adam_epsilon > 0.0 && t.adam_epsilon.is_finite()) {
+            // 0 divides 0 by 0 for every weight without a gradient: NaN weights at step 1.
+            return Err(format!(
+                "train.adam_epsilon = {} must be a positive number",
+                t.adam_epsilon
+            ));
+        }
+        if !(0.0..1.0).contains(&t.adam_beta1) || !(0.0..1.0).contains(&t.adam_beta2) {
+            return Err("train.adam_beta1 and train.adam_beta2 must be in [0, 1)".into());
+        }
+        if !(0.0..1.0).contains(&t.warmup_ratio) {
+            return Err(format!(
+                "train.warmup_ratio = {} must be in [0, 1)",
+                t.warmup_ratio
+            ));
+        }
+        if t.warmup_ratio > 0.0 && t.warmup_steps > 0 {
+            return Err("set train.warmup_steps or train.warmup_ratio, not both".into());
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) || !(0.0..=1.0).contains(&t.decay_ratio) {
+            return Err("train.min_lr_ratio and train.decay_ratio must be in [0, 1]".into());
+        }
+        if crate::device::parse(&t.device).is_err() {
+            return Err(format!(
+                "train.device = {:?}: expected cpu, cuda or cuda:N",
+                t.device
+            ));
+        }
+        if t.max_tokens_per_batch == Some(0) {
+            return Err("train.max_tokens_per_batch must be at least 1".into());
+        }
+        if t.save_total_limit == Some(0) {
+            return Err("train.save_total_limit must be at least 1 (or unset)".into());
+        }
+        if t.early_stopping_patience > 0 && !self.data.has_eval() {
+            return Err(
+                "train.early_stopping_patience needs data.eval (or data.eval_ratio)".into(),
+            );
+        }
+        if t.eval_steps > 0 && !self.data.has_eval() {
+            return Err(format!(
+                "train.eval_steps = {} but data.eval (or data.eval_ratio) is not set",
+                t.eval_steps
+            ));
+        }
+        Ok(())
+    }
+
     fn validate(&self, path: &Path) -> Result<()> {
         let bad = |msg: String| {
             Err(Error::Recipe {
@@ -353,7 +490,6 @@ impl Recipe {
                 msg,
             })
         };
-        let t = &self.train;
         match (&self.model.path, &self.model.config) {
             (Some(_), Some(_)) => {
                 return bad("set one of model.path and model.config, not both".into())
@@ -370,59 +506,7 @@ impl Recipe {
             }
             _ => {}
         }
-        if t.batch_size == 0 {
-            return bad("train.batch_size must be at least 1".into());
-        }
-        if t.grad_accum == 0 {
-            return bad("train.grad_accum must be at least 1".into());
-        }
-        if t.max_steps == 0 && t.epochs == 0 {
-            return bad("train.max_steps and train.epochs are both 0: nothing to train".into());
-        }
-        if !(t.lr > 0.0 && t.lr.is_finite()) {
-            return bad(format!("train.lr = {} must be a positive number", t.lr));
-        }
-        if t.max_grad_norm < 0.0 || t.weight_decay < 0.0 {
-            return bad("train.max_grad_norm and train.weight_decay must not be negative".into());
-        }
-        if !(0.0..1.0).contains(&t.adam_beta1) || !(0.0..1.0).contains(&t.adam_beta2) {
-            return bad("train.adam_beta1 and train.adam_beta2 must be in [0, 1)".into());
-        }
-        if !(0.0..1.0).contains(&t.warmup_ratio) {
-            return bad(format!(
-                "train.warmup_ratio = {} must be in [0, 1)",
-                t.warmup_ratio
-            ));
-        }
-        if t.warmup_ratio > 0.0 && t.warmup_steps > 0 {
-            return bad("set train.warmup_steps or train.warmup_ratio, not both".into());
-        }
-        if !(0.0..=1.0).contains(&t.min_lr_ratio) || !(0.0..=1.0).contains(&t.decay_ratio) {
-            return bad("train.min_lr_ratio and train.decay_ratio must be in [0, 1]".into());
-        }
-        if crate::device::parse(&t.device).is_err() {
-            return bad(format!(
-                "train.device = {:?}: expected cpu, cuda or cuda:N",
-                t.device
-            ));
-        }
-        if t.max_tokens_per_batch == Some(0) {
-            return bad("train.max_tokens_per_batch must be at least 1".into());
-        }
-        if t.save_total_limit == Some(0) {
-            return bad("train.save_total_limit must be at least 1 (or unset)".into());
-        }
-        if t.early_stopping_patience > 0 && !self.data.has_eval() {
-            return bad(
-                "train.early_stopping_patience needs data.eval (or data.eval_ratio)".into(),
-            );
-        }
-        if t.eval_steps > 0 && !self.data.has_eval() {
-            return bad(format!(
-                "train.eval_steps = {} but data.eval (or data.eval_ratio) is not set",
-                t.eval_steps
-            ));
-        }
+        self.check_train().or_else(bad)?;
         let d = &self.data;
         if !(0.0..1.0).contains(&d.eval_ratio) {
             return bad(format!(
@@ -482,5 +566,58 @@ impl Recipe {
     /// The recipe as YAML, defaults filled in (what a run saves as `recipe.yaml`).
     pub fn to_yaml(&self) -> String {
         serde_yaml::to_string(self).expect("recipe serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "model: {path: m}\ndata: {train: t.jsonl}\noutput_dir: out\n";
+
+    fn template_of(r: &Recipe) -> Option<TokenTemplate> {
+        r.collator.response_template.clone()
+    }
+
+    #[test]
+    fn an_override_value_starting_with_a_hash_is_that_text() {
+        let o = vec!["collator.response_template=### Answer:".to_string()];
+        let r = Recipe::parse(BASE, Path::new("r.yaml"), &o).unwrap();
+        assert_eq!(
+            template_of(&r),
+            Some(TokenTemplate::Text("### Answer:".into()))
+        );
+        let o = vec!["data.template=#chatml".to_string()];
+        let r = Recipe::parse(BASE, Path::new("r.yaml"), &o).unwrap();
+        assert_eq!(r.data.template.as_deref(), Some("#chatml"));
+    }
+
+    #[test]
+    fn an_unquoted_value_with_a_colon_says_to_quote_it() {
+        let text = format!("{BASE}collator:\n  response_template: Answer: here\n");
+        let e = Recipe::parse(&text, Path::new("r.yaml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("r.yaml:5:"), "{e}");
+        assert!(
+            e.contains("`response_template` holds a colon: quote it"),
+            "{e}"
+        );
+        assert!(e.contains("response_template: \"Answer: here\""), "{e}");
+    }
+
+    #[test]
+    fn template_keys_made_null_by_a_comment_are_found() {
+        let text = format!("{BASE}collator:\n  response_template: ### Answer:\n");
+        let tree: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        assert_eq!(null_template_keys(&tree), ["collator.response_template"]);
+        let quoted = format!("{BASE}collator:\n  response_template: \"### Answer:\"\n");
+        let tree: serde_yaml::Value = serde_yaml::from_str(&quoted).unwrap();
+        assert!(null_template_keys(&tree).is_empty());
+        let r = Recipe::parse(&quoted, Path::new("r.yaml"), &[]).unwrap();
+        assert_eq!(
+            template_of(&r),
+            Some(TokenTemplate::Text("### Answer:".into()))
+        );
     }
 }

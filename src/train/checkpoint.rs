@@ -187,11 +187,110 @@ pub fn save(
     if let Some(keep) = keep {
         let all = list(output_dir);
         let excess = all.len().saturating_sub(keep.max(1));
-        for (_, p) in all.into_iter().take(excess) {
-            std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+        for (step, p) in all.into_iter().take(excess) {
+            // Renamed away first, then deleted: a kill while deleting leaves a hidden leftover
+            // (swept at the next start), never a half-deleted `checkpoint-<step>`.
+            let doomed =
+                output_dir.join(format!(".checkpoint-{step}.pruned-{}", std::process::id()));
+            std::fs::rename(&p, &doomed).map_err(|e| Error::io(&p, e))?;
+            std::fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))?;
         }
     }
     Ok(final_dir)
+}
+
+/// Whether `name` is what a run leaves in its output directory while writing: a checkpoint being
+/// written, replaced or pruned (`.checkpoint-<step>.{tmp,old,pruned}-<pid>`), a file being
+/// replaced (`.<name>.tmp-<pid>`), or the safetensors crate's temporary file (`.tmpXXXXXX`).
+fn is_leftover(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix('.') else {
+        return false;
+    };
+    // The safetensors crate's own temporary file (the tempfile crate's `.tmpXXXXXX`).
+    if let Some(r) = rest.strip_prefix("tmp") {
+        if r.len() == 6 && r.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return true;
+        }
+    }
+    [".tmp-", ".old-", ".pruned-"].iter().any(|tag| {
+        rest.rsplit_once(tag)
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
+/// Removes what killed runs left in `output_dir` (see `is_leftover`); a checkpoint directory
+/// being replaced (`.old-`) whose new one never took its name is put back first. Call it with
+/// the directory's lock held (`lock::OutputLock`), so no live run's files are touched. Returns
+/// what it removed.
+pub fn sweep(output_dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return Ok(removed);
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !is_leftover(&name) {
+            continue;
+        }
+        let p = e.path();
+        if let Some(step) = name
+            .strip_prefix(".checkpoint-")
+            .and_then(|r| r.split_once(".old-"))
+            .and_then(|(s, _)| s.parse::<usize>().ok())
+        {
+            let home = checkpoint_dir(output_dir, step);
+            if !home.exists() && p.join(STATE_FILE).exists() {
+                std::fs::rename(&p, &home).map_err(|e| Error::io(&p, e))?;
+                tracing::warn!(checkpoint = %home.display(), "put back a checkpoint a killed run was replacing");
+                continue;
+            }
+        }
+        let r = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        r.map_err(|e| Error::io(&p, e))?;
+        removed.push(p);
+    }
+    if !removed.is_empty() {
+        tracing::warn!(
+            output_dir = %output_dir.display(),
+            n = removed.len(),
+            "removed what an interrupted run left behind"
+        );
+    }
+    Ok(removed)
+}
+
+/// Why the checkpoint in `dir` cannot be resumed from, if it cannot: its state, its weights'
+/// and its optimizer state's safetensors headers must all read.
+pub fn damage(dir: &Path) -> Option<String> {
+    if let Err(e) = TrainerState::load(dir) {
+        return Some(e.to_string());
+    }
+    if let Err(e) = crate::model::weights::CheckpointWeights::open(dir) {
+        return Some(e.to_string());
+    }
+    let opt = dir.join(OPTIMIZER_FILE);
+    // SAFETY: mapped read-only to check the header against the file's length; nothing is kept.
+    unsafe { candle_core::safetensors::MmapedSafetensors::new(&opt) }
+        .err()
+        .map(|e| format!("{}: {e}", opt.display()))
+}
+
+/// The newest checkpoint in `output_dir` that can be resumed from; newer damaged ones are
+/// skipped with a warning naming what is wrong.
+pub fn latest_complete(output_dir: &Path) -> Option<PathBuf> {
+    for (_, p) in list(output_dir).into_iter().rev() {
+        match damage(&p) {
+            None => return Some(p),
+            Some(why) => {
+                tracing::warn!(checkpoint = %p.display(), "skipping a damaged checkpoint: {why}")
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -215,6 +314,52 @@ mod tests {
             param_shapes: vec![("w".into(), vec![2, 3])],
             best_eval_loss: Some(1.5),
         }
+    }
+
+    #[test]
+    fn leftovers_of_killed_runs_are_recognised_and_checkpoints_are_not() {
+        for name in [
+            ".checkpoint-12.tmp-4711",
+            ".checkpoint-3.old-99",
+            ".checkpoint-5.pruned-1",
+            ".metrics.jsonl.tmp-123",
+            ".model.safetensors.tmp-8",
+            ".tmpA1b2C3",
+        ] {
+            assert!(is_leftover(name), "{name}");
+        }
+        for name in [
+            "checkpoint-12",
+            "metrics.jsonl",
+            ".packsft.lock",
+            ".checkpoint-12.tmp-",
+            ".notes.tmp-abc",
+            "model.safetensors",
+        ] {
+            assert!(!is_leftover(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_sweep_removes_leftovers_and_puts_back_a_checkpoint_being_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join(".checkpoint-4.tmp-77")).unwrap();
+        std::fs::write(d.join(".checkpoint-4.tmp-77/model.safetensors"), b"half").unwrap();
+        std::fs::write(d.join(".metrics.jsonl.tmp-77"), b"x").unwrap();
+        std::fs::create_dir_all(d.join(".checkpoint-2.pruned-77")).unwrap();
+        std::fs::create_dir_all(d.join(".checkpoint-6.old-77")).unwrap();
+        std::fs::write(d.join(".checkpoint-6.old-77").join(STATE_FILE), b"{}").unwrap();
+        std::fs::create_dir_all(d.join("checkpoint-8")).unwrap();
+        std::fs::write(d.join("checkpoint-8").join(STATE_FILE), b"{}").unwrap();
+        let removed = sweep(d).unwrap();
+        assert_eq!(removed.len(), 3, "{removed:?}");
+        let mut left: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["checkpoint-6", "checkpoint-8"]);
     }
 
     #[test]

@@ -94,15 +94,29 @@ impl MetricsFile {
         };
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let p = dir.join("metrics.jsonl");
+        // Opening follows links: a link planted here would have its target overwritten.
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(Error::Training(format!(
+                "{} is a symbolic link: refusing to write metrics through it",
+                p.display()
+            )));
+        }
         let mut rows = Vec::new();
         if keep_up_to > 0 && p.exists() {
             let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-            rows = text
-                .lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .filter(|r| r["step"].as_u64().is_some_and(|s| s as usize <= keep_up_to))
-                .collect();
-            let kept: String = rows.iter().map(|r| format!("{r}\n")).collect();
+            // The kept lines go back as they were written (re-serialising the parsed floats
+            // would rewrite some of them a digit off).
+            let mut kept = String::new();
+            for line in text.lines() {
+                let Ok(r) = serde_json::from_str::<serde_json::Value>(line) else {
+                    continue;
+                };
+                if r["step"].as_u64().is_some_and(|s| s as usize <= keep_up_to) {
+                    kept.push_str(line);
+                    kept.push('\n');
+                    rows.push(r);
+                }
+            }
             crate::io::write_atomic(&p, kept.as_bytes())?;
         }
         let file = std::fs::OpenOptions::new()
@@ -197,5 +211,50 @@ impl Progress {
         if let Some(b) = self.bar {
             b.finish();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resumed_file_keeps_its_lines_byte_for_byte_and_drops_later_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = MetricsFile::open(Some(dir.path()), 0).unwrap();
+        // Floats whose shortest form a parse and re-print can change.
+        let mut x = 0.1f64;
+        for step in 1..=200usize {
+            x = (x * 1.618_033_988_749_895 + 0.3).fract() * 7.0 / 3.0;
+            let row = serde_json::json!({"step": step, "loss": x, "lr": x / 3.0});
+            m.write(&row).unwrap();
+        }
+        drop(m);
+        let p = dir.path().join("metrics.jsonl");
+        let before = std::fs::read_to_string(&p).unwrap();
+        let m = MetricsFile::open(Some(dir.path()), 120).unwrap();
+        assert_eq!(m.rows.len(), 120);
+        let after = std::fs::read_to_string(&p).unwrap();
+        let want: String = before.lines().take(120).map(|l| format!("{l}\n")).collect();
+        assert_eq!(after, want);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_planted_symbolic_link_is_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("precious.txt");
+        std::fs::write(&target, "keep me").unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        std::os::unix::fs::symlink(&target, out.join("metrics.jsonl")).unwrap();
+        for keep in [0, 5] {
+            let e = MetricsFile::open(Some(&out), keep)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("is a symbolic link"), "{e}");
+        }
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me");
     }
 }

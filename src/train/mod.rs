@@ -5,6 +5,7 @@ pub mod callback;
 pub mod checkpoint;
 mod config;
 mod eval;
+pub mod lock;
 mod metrics;
 pub mod optimizer;
 pub mod plot;

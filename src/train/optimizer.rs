@@ -22,6 +22,29 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+impl AdamWConfig {
+    /// An error naming the first hyper-parameter out of its range (NaN included): `lr` and
+    /// `weight_decay` >= 0, betas in [0, 1), `eps` > 0 (0 writes NaN into every weight without a
+    /// gradient at the first step).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(crate::error::Error::Config(format!("AdamW: {msg}")));
+        for (name, v) in [("lr", self.lr), ("weight_decay", self.weight_decay)] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return bad(format!("{name} = {v} must be a number >= 0"));
+            }
+        }
+        for (name, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(format!("{name} = {v} must be in [0, 1)"));
+            }
+        }
+        if !(self.eps > 0.0 && self.eps.is_finite()) {
+            return bad(format!("eps = {} must be a positive number", self.eps));
+        }
+        Ok(())
+    }
+}
+
 impl Default for AdamWConfig {
     /// TRL's `SFTConfig` defaults (learning rate 2e-5) and PyTorch's AdamW betas and epsilon.
     fn default() -> Self {
@@ -60,6 +83,7 @@ pub struct AdamW {
 impl AdamW {
     /// An optimizer for `params` (their order is kept), with zero moments and no step taken.
     pub fn new(params: &[Param], config: AdamWConfig) -> Result<Self> {
+        config.validate()?;
         let slots = params
             .iter()
             .map(|p| {

@@ -14,6 +14,7 @@ use super::callback::{Callback, Control};
 use super::checkpoint::{self, TrainerState};
 use super::config::TrainerConfig;
 use super::eval::{evaluate, EvalResult};
+use super::lock::OutputLock;
 use super::metrics::{EvalMetrics, MetricsFile, Progress, StepMetrics, TrainSummary};
 use super::optimizer::AdamW;
 use super::sampler::{data_hash, total_steps, StepPlan};
@@ -23,6 +24,7 @@ use crate::collate::Collator;
 use crate::data::Example;
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::nn::param::first_non_finite;
 
 /// The result of one forward/backward over the examples of an optimizer step.
 pub struct StepGrads {
@@ -282,6 +284,13 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         let Some(out) = self.config.output_dir.clone() else {
             return Ok(None);
         };
+        if let Some(name) = first_non_finite(self.model.params())? {
+            return Err(Error::Training(format!(
+                "step {}: parameter {name} holds NaN or infinity; no checkpoint written, the last \
+                 good one is kept",
+                state.global_step
+            )));
+        }
         let model = &self.model;
         let opt = &self.stepper.optimizer;
         let callbacks = &mut self.callbacks;
@@ -327,7 +336,8 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
     /// overlap), finish a step and report it, evaluate if due, save if due or asked, stop if
     /// asked or done.
     fn train_loop(&mut self, train: &[Example], eval: Option<&[Example]>) -> Result<TrainSummary> {
-        let mut state = self.begin_run(train, eval)?;
+        let _lock = self.lock_output_dir(train, eval)?;
+        let mut state = self.begin_run(train)?;
         let total = state.total_steps;
         let (lengths, schedule) = (lengths_of(train), self.config.schedule(total));
         let cadence = Cadence::new(&self.config, total, eval.is_some());
@@ -438,9 +448,13 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         Ok(summary)
     }
 
-    /// The state a run starts from: fresh, or the resumed checkpoint's after checking that it
-    /// continues this very run (same data, order and batching); callbacks are told.
-    fn begin_run(&mut self, train: &[Example], eval: Option<&[Example]>) -> Result<TrainerState> {
+    /// Checks the run's inputs, then takes the output directory's lock (one run per directory)
+    /// and sweeps what killed runs left there; `None` without an output directory.
+    fn lock_output_dir(
+        &self,
+        train: &[Example],
+        eval: Option<&[Example]>,
+    ) -> Result<Option<OutputLock>> {
         if train.is_empty() {
             return Err(Error::Training("no training examples".into()));
         }
@@ -449,6 +463,17 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                 "eval_steps is set but there is no eval set".into(),
             ));
         }
+        let Some(dir) = &self.config.output_dir else {
+            return Ok(None);
+        };
+        let lock = OutputLock::acquire(dir)?;
+        checkpoint::sweep(dir)?;
+        Ok(Some(lock))
+    }
+
+    /// The state a run starts from: fresh, or the resumed checkpoint's after checking that it
+    /// continues this very run (same data, order and batching); callbacks are told.
+    fn begin_run(&mut self, train: &[Example]) -> Result<TrainerState> {
         let mut state = TrainerState {
             format_version: checkpoint::FORMAT_VERSION,
             global_step: 0,

@@ -240,10 +240,19 @@ impl DecoderModel {
         // Validate the config before touching the weights, so its errors come first.
         families::from_config(&raw).map_err(|e| Error::model(&cfg_path, e.to_string()))?;
         let w = CheckpointWeights::open(dir)?;
-        Self::build(raw, Source::Checkpoint(w), device).map_err(|e| match e {
+        let model = Self::build(raw, Source::Checkpoint(w), device).map_err(|e| match e {
             Error::Config(m) => Error::model(dir, m),
             e => e,
-        })
+        })?;
+        // Non-finite weights would give a NaN loss (`eval`) or nothing (`generate`) later, far
+        // from their cause: name the tensor now (one reduction per tensor).
+        if let Some(name) = crate::nn::param::first_non_finite(&model.params)? {
+            return Err(Error::model(
+                dir,
+                format!("weight `{name}` holds NaN or infinity"),
+            ));
+        }
+        Ok(model)
     }
 
     /// The device the parameters live on.
