@@ -359,3 +359,71 @@ fn thresholds_stop_the_run_before_anything_is_written() {
     assert!(o.status.success(), "{stderr}");
     assert!(stderr.contains("2 of 3 rows dropped"), "{stderr}");
 }
+
+/// A template that comes with a model may be hostile: one that never ends and one that writes
+/// without bound are stopped by the render budget, naming the template and the row, instead of
+/// hanging or exhausting memory.
+#[test]
+fn render_budgets_stop_endless_and_unbounded_templates_naming_them() {
+    let d = tempfile::tempdir().unwrap();
+    let rows = "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}]}\n";
+    let p = write(d.path(), "c.jsonl", &rows.repeat(3));
+    let endless = write(
+        d.path(),
+        "endless.jinja",
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}",
+    );
+    let t0 = std::time::Instant::now();
+    let e = load_err(&p, template(endless.to_str().unwrap()));
+    assert!(
+        e.contains("c.jsonl:1:") && e.contains("endless.jinja") && e.contains("budget"),
+        "{e}"
+    );
+    assert!(t0.elapsed().as_secs() < 60, "took {:?}", t0.elapsed());
+    let huge = write(
+        d.path(),
+        "huge.jinja",
+        "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}",
+    );
+    let e = load_err(&p, template(huge.to_str().unwrap()));
+    assert!(
+        e.contains("c.jsonl:1:") && e.contains("huge.jinja") && e.contains("renders more than"),
+        "{e}"
+    );
+}
+
+/// The stop flag (the first Ctrl-C of `packsft train`) stops data preparation.
+#[test]
+fn a_stop_request_ends_data_preparation() {
+    let d = tempfile::tempdir().unwrap();
+    let rows = "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}]}\n";
+    let p = write(d.path(), "c.jsonl", &rows.repeat(20_000));
+    // Slow but within budget: about a million template steps a row.
+    let slow = write(
+        d.path(),
+        "slow.jinja",
+        "{% for i in range(1000) %}{% for j in range(300) %}{% endfor %}{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}",
+    );
+    let t = tok();
+    let o = LoadOptions {
+        max_length: 512,
+        truncation: Truncation::Error,
+        vocab_size: 313,
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let t0 = std::time::Instant::now();
+    let e = Pipeline::new(Some(&t), template(slow.to_str().unwrap()), o)
+        .unwrap()
+        .with_stop(stop)
+        .load(&p)
+        .err()
+        .expect("stopped")
+        .to_string();
+    assert!(e.contains("interrupted while preparing the data"), "{e}");
+    assert!(t0.elapsed().as_secs() < 20, "took {:?}", t0.elapsed());
+}

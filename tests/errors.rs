@@ -340,3 +340,152 @@ fn token_ids_outside_the_vocabulary_are_named_before_any_kernel_runs() {
         .unwrap();
     assert!(model.loss(&batch).is_ok());
 }
+
+/// A copy of the tiny Llama fixture, with its config edited.
+fn tiny_llama_copy(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_tiny");
+    let d = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), d.path().join(f)).unwrap();
+    }
+    let p = d.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&p, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    d
+}
+
+fn packsft_cli(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_packsft"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+#[test]
+fn a_config_without_model_type_is_named() {
+    let d = tiny_llama_copy(|c| {
+        c.as_object_mut().unwrap().remove("model_type");
+    });
+    let e = err_text(DecoderModel::from_pretrained(
+        d.path(),
+        &candle_core::Device::Cpu,
+    ));
+    assert!(
+        e.contains("config.json") && e.contains("has no `model_type`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn arch_refuses_truncated_weights_and_weights_that_contradict_the_config() {
+    let ok = tiny_llama_copy(|_| {});
+    let (success, stdout, stderr) = packsft_cli(&["arch", &ok.path().display().to_string()]);
+    assert!(success, "{stderr}");
+    assert!(stdout.contains("family          llama"), "{stdout}");
+    let wider = tiny_llama_copy(|c| {
+        c["intermediate_size"] = (c["intermediate_size"].as_u64().unwrap() * 2).into()
+    });
+    let (success, _, stderr) = packsft_cli(&["arch", &wider.path().display().to_string()]);
+    assert!(
+        !success,
+        "arch must not describe weights the config contradicts"
+    );
+    assert!(
+        stderr.contains("has shape") && stderr.contains("config.json implies"),
+        "{stderr}"
+    );
+    let cut = tiny_llama_copy(|_| {});
+    let w = cut.path().join("model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() - 100]).unwrap();
+    let (success, _, stderr) = packsft_cli(&["arch", &cut.path().display().to_string()]);
+    assert!(!success && stderr.contains("model.safetensors"), "{stderr}");
+}
+
+#[test]
+fn data_roles_must_map_onto_roles() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(
+        d.path(),
+        "c.jsonl",
+        "{\"messages\": [{\"role\": \"human\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}]}\n",
+    );
+    let tok = packsft::TextTokenizer::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/quickstart/tokenizer.json"),
+    )
+    .unwrap();
+    let spec = packsft::DataSpec {
+        template: Some("chatml".into()),
+        roles: [("human".to_string(), "person".to_string())].into(),
+        ..Default::default()
+    };
+    let e = err_text(
+        packsft::Pipeline::new(Some(&tok), spec, opts(64, Truncation::Error))
+            .and_then(|pipe| pipe.load(&p)),
+    );
+    assert!(
+        e.contains("data.roles maps `human` to `person`, which is not a role"),
+        "{e}"
+    );
+}
+
+#[test]
+fn generate_names_the_position_limit_and_output_dir_must_be_a_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("m");
+    let out_s = out.display().to_string();
+    let (ok, _, stderr) = packsft_cli(&[
+        "train",
+        "recipes/quickstart.yaml",
+        "train.max_steps=1",
+        "train.eval_steps=0",
+        "data.eval=null",
+        &format!("output_dir={out_s}"),
+    ]);
+    assert!(ok, "{stderr}");
+    // max_position_embeddings is 256: a prompt of 300 letters has more tokens than that.
+    let long = "a ".repeat(300);
+    let (ok, _, stderr) = packsft_cli(&["generate", &out_s, "--prompt", &long]);
+    assert!(
+        !ok && stderr.contains("max_position_embeddings = 256"),
+        "{stderr}"
+    );
+    let near = "a ".repeat(120);
+    let (ok, _, stderr) = packsft_cli(&[
+        "generate",
+        &out_s,
+        "--prompt",
+        &near,
+        "--max-new-tokens",
+        "400",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("generation stopped at the model's max_position_embeddings"),
+        "{stderr}"
+    );
+    // An output_dir that is a file.
+    let file = d.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let (ok, _, stderr) = packsft_cli(&[
+        "train",
+        "recipes/quickstart.yaml",
+        "train.max_steps=1",
+        "train.eval_steps=0",
+        "data.eval=null",
+        &format!("output_dir={}", file.display()),
+    ]);
+    assert!(
+        !ok && stderr.contains("is a file, not a directory"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
+}

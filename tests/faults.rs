@@ -117,19 +117,20 @@ fn kill_during_a_save(child: &mut std::process::Child, out: &Path, fallback: Dur
     }
 }
 
-fn kill_and_resume(kills: usize, seed: u64) {
-    let d = tempfile::tempdir().unwrap();
-    let (straight, crashed) = (d.path().join("straight"), d.path().join("crashed"));
-    let (ok, stderr) = run(&args(&straight, &[]));
-    assert!(ok, "{stderr}");
-    let mut sched = Schedule(seed);
+/// Runs into a fresh directory, killing (SIGKILL) and resuming until a run completes; checks the
+/// completed run against `straight`. Returns how many kills landed.
+fn crash_until_done(
+    straight: &Path,
+    crashed: &Path,
+    sched: &mut Schedule,
+    max_kills: usize,
+) -> usize {
+    let _ = std::fs::remove_dir_all(crashed);
     let mut killed = 0;
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        assert!(attempts < 4 * kills + 10, "no run completed");
-        let mut child = spawn(&args(&crashed, &[]));
-        if killed < kills {
+    for attempt in 0.. {
+        assert!(attempt < 4 * max_kills + 10, "no run completed");
+        let mut child = spawn(&args(crashed, &[]));
+        if killed < max_kills {
             // Even kills at a seeded time, odd ones while a checkpoint is being written.
             let landed = if killed % 2 == 0 {
                 let delay = Duration::from_millis(200 + sched.next() % 2500);
@@ -141,7 +142,7 @@ fn kill_and_resume(kills: usize, seed: u64) {
                 kill9(&mut child);
                 running
             } else {
-                kill_during_a_save(&mut child, &crashed, Duration::from_secs(8))
+                kill_during_a_save(&mut child, crashed, Duration::from_secs(8))
             };
             if landed {
                 killed += 1;
@@ -155,19 +156,33 @@ fn kill_and_resume(kills: usize, seed: u64) {
             break;
         }
     }
-    assert_eq!(killed, kills);
     assert_same_safetensors(
         &straight.join("model.safetensors"),
         &crashed.join("model.safetensors"),
         "the model after kills and resumes",
     );
-    assert_eq!(step_rows(&crashed), step_rows(&straight));
-    assert_eq!(leftovers(&crashed), Vec::<String>::new());
-    let checkpoints = packsft::internals::checkpoint::list(&crashed);
+    assert_eq!(step_rows(crashed), step_rows(straight));
+    assert_eq!(leftovers(crashed), Vec::<String>::new());
+    let checkpoints = packsft::internals::checkpoint::list(crashed);
     assert_eq!(
         checkpoints.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
         [21, 24]
     );
+    killed
+}
+
+/// Kills training `kills` times at seeded points (a run that completes first starts a new cycle
+/// in a fresh directory); every completed run equals the uninterrupted one bit for bit.
+fn kill_and_resume(kills: usize, seed: u64) {
+    let d = tempfile::tempdir().unwrap();
+    let (straight, crashed) = (d.path().join("straight"), d.path().join("crashed"));
+    let (ok, stderr) = run(&args(&straight, &[]));
+    assert!(ok, "{stderr}");
+    let mut sched = Schedule(seed);
+    let mut killed = 0;
+    while killed < kills {
+        killed += crash_until_done(&straight, &crashed, &mut sched, kills - killed);
+    }
 }
 
 #[test]
@@ -188,7 +203,10 @@ fn a_second_run_on_a_directory_in_use_is_refused_and_a_dead_runs_lock_is_taken_o
     let mut first = spawn(&args(&out, &["train.max_steps=2000", "train.save_steps=0"]));
     let t0 = Instant::now();
     while !out.join("metrics.jsonl").exists() {
-        assert!(t0.elapsed() < Duration::from_secs(60), "the first run did not start");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the first run did not start"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let (ok, stderr) = run(&args(&out, &["train.max_steps=2", "resume_from=null"]));
@@ -201,7 +219,10 @@ fn a_second_run_on_a_directory_in_use_is_refused_and_a_dead_runs_lock_is_taken_o
     // The first run's metrics were not touched by the second.
     kill9(&mut first);
     let rows = step_rows(&out);
-    assert!(rows.iter().enumerate().all(|(i, r)| r.starts_with(&format!("{} ", i + 1))));
+    assert!(rows
+        .iter()
+        .enumerate()
+        .all(|(i, r)| r.starts_with(&format!("{} ", i + 1))));
     // Its lock is left behind, and the next run takes it over.
     assert!(out.join(".packsft.lock").exists());
     let fresh = d.path().join("fresh");
@@ -217,27 +238,43 @@ fn a_second_run_on_a_directory_in_use_is_refused_and_a_dead_runs_lock_is_taken_o
 fn leftovers_are_swept_and_a_damaged_newest_checkpoint_is_skipped() {
     let d = tempfile::tempdir().unwrap();
     let (a, b) = (d.path().join("a"), d.path().join("b"));
-    let (ok, stderr) = run(&args(&a, &["train.max_steps=9", "train.save_total_limit=null"]));
+    let (ok, stderr) = run(&args(
+        &a,
+        &["train.max_steps=9", "train.save_total_limit=null"],
+    ));
     assert!(ok, "{stderr}");
     // The same run, then a crash's remains: a truncated newest checkpoint and stray files.
-    let (ok, stderr) = run(&args(&b, &["train.max_steps=9", "train.save_total_limit=null"]));
+    let (ok, stderr) = run(&args(
+        &b,
+        &["train.max_steps=9", "train.save_total_limit=null"],
+    ));
     assert!(ok, "{stderr}");
     std::fs::remove_file(b.join("model.safetensors")).unwrap();
     let newest = b.join("checkpoint-9/model.safetensors");
     let bytes = std::fs::read(&newest).unwrap();
     std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
-    let planted: Vec<PathBuf> = [".checkpoint-12.tmp-4242", ".tmpAbC123", ".recipe.yaml.tmp-17"]
-        .iter()
-        .map(|n| b.join(n))
-        .collect();
+    let planted: Vec<PathBuf> = [
+        ".checkpoint-12.tmp-4242",
+        ".tmpAbC123",
+        ".recipe.yaml.tmp-17",
+    ]
+    .iter()
+    .map(|n| b.join(n))
+    .collect();
     std::fs::create_dir_all(&planted[0]).unwrap();
     std::fs::write(&planted[1], b"x").unwrap();
     std::fs::write(&planted[2], b"x").unwrap();
-    let (ok, stderr) = run(&args(&b, &["train.max_steps=9", "train.save_total_limit=null"]));
+    let (ok, stderr) = run(&args(
+        &b,
+        &["train.max_steps=9", "train.save_total_limit=null"],
+    ));
     assert!(ok, "{stderr}");
     assert!(stderr.contains("skipping a damaged checkpoint"), "{stderr}");
     assert!(stderr.contains("checkpoint-9"), "{stderr}");
-    assert!(stderr.contains("step=6"), "resumed from checkpoint-6: {stderr}");
+    assert!(
+        stderr.contains("step=6"),
+        "resumed from checkpoint-6: {stderr}"
+    );
     assert!(planted.iter().all(|p| !p.exists()));
     assert_same_safetensors(
         &a.join("model.safetensors"),
@@ -254,8 +291,7 @@ fn non_finite_weights_are_named_when_loaded_and_bad_optimizer_settings_refused()
     assert!(ok, "{stderr}");
     // Poison one weight.
     let path = out.join("model.safetensors");
-    let mut tensors =
-        candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
     let name = "model.layers.1.mlp.down_proj.weight";
     let t = &tensors[name];
     let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -272,7 +308,10 @@ fn non_finite_weights_are_named_when_loaded_and_bad_optimizer_settings_refused()
         "model.config=null",
         "model.tokenizer=null",
     ]);
-    assert!(!ok && stderr.contains(name) && stderr.contains("NaN or infinity"), "{stderr}");
+    assert!(
+        !ok && stderr.contains(name) && stderr.contains("NaN or infinity"),
+        "{stderr}"
+    );
     let (ok, _, stderr) = packsft(&["generate", &out_s, "--prompt", "Task: copy"]);
     assert!(!ok && stderr.contains(name), "{stderr}");
     // adam_epsilon 0 divides 0 by 0 for weights without a gradient: refused before training.

@@ -150,7 +150,7 @@ pub struct InspectOptions {
 pub fn inspect(recipe: &Recipe, opts: &InspectOptions, out: &mut dyn Write) -> Result<()> {
     let tok = required_tokenizer(recipe)?;
     let (vocab, max_pos) = model_limits(recipe, Some(&tok))?;
-    let (train, eval) = load_recipe_data(recipe, Some(&tok), vocab, max_pos)?;
+    let (train, eval) = load_recipe_data(recipe, Some(&tok), vocab, max_pos, None)?;
     let ds = if opts.eval {
         eval.ok_or_else(|| {
             Error::Config("--eval: the recipe has no data.eval or data.eval_ratio".into())

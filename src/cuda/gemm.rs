@@ -1,21 +1,11 @@
 //! Weight gradients as one cuBLAS product: bf16 in and out, float32 accumulation (as PyTorch's
 //! autocast makes them).
 
-use std::sync::{Arc, Mutex};
-
-use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaFunction, CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
-};
-use candle_core::cuda_backend::WrapErr;
-use candle_core::{
-    CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape,
-    Storage, Tensor, D,
-};
+use candle_core::{DType, Tensor};
 use half::bf16;
 
 use super::launch::*;
 use crate::error::{Error, Result};
-use crate::pullback::{PairGrads, Pullback};
 
 /// The weight gradient dy^T x of a linear layer, dy (N, out) and x (N, in) bf16 on CUDA, as a
 /// bf16 (out, in) matrix straight from cuBLAS (bf16 products, float32 accumulation): what

@@ -1,20 +1,12 @@
 //! What every kernel launch here shares: loading this project's PTX modules, views of candle's
 //! CUDA buffers, wrapping a kernel's output as a tensor, launch grids.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaFunction, CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
-};
-use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig};
 use candle_core::{
-    CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape,
-    Storage, Tensor, D,
+    CpuStorage, CudaDevice, CudaStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor,
 };
-use half::bf16;
-
-use crate::error::{Error, Result};
-use crate::pullback::{PairGrads, Pullback};
 
 pub(crate) const OPS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused_ops.ptx"));
 

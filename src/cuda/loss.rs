@@ -3,19 +3,14 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaFunction, CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{
-    CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape,
-    Storage, Tensor, D,
-};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use half::bf16;
 
 use super::launch::*;
 use crate::error::{Error, Result};
-use crate::pullback::{PairGrads, Pullback};
+use crate::pullback::Pullback;
 
 struct CrossEntropy {
     lse: Arc<Mutex<Option<Arc<CudaSlice<f32>>>>>,

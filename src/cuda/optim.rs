@@ -3,21 +3,15 @@
 //! weight copies), and the bf16 casts alone; each one launch over all parameters through a device
 //! table of addresses, with only as many blocks as the device holds at once.
 
-use std::sync::{Arc, Mutex};
-
 use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaFunction, CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
+    sys, CudaFunction, CudaSlice, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{
-    CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape,
-    Storage, Tensor, D,
-};
+use candle_core::{CudaDevice, DType, Tensor};
 use half::bf16;
 
 use super::launch::*;
 use crate::error::{Error, Result};
-use crate::pullback::{PairGrads, Pullback};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
 
@@ -26,27 +20,38 @@ const MODULE: &str = "packsft_optim";
 /// One parameter's tensors for [`adamw_step`]: weight, gradient and moments, float32 (the
 /// gradient float32 or bf16), contiguous, on the same CUDA device.
 pub struct AdamWSlot<'a> {
+    /// The float32 weight, updated in place.
     pub param: &'a Tensor,
     /// Read as float32 either way: a bf16 gradient (what cuBLAS writes for a weight matrix in
     /// bf16 compute, as under PyTorch's autocast) is widened exactly, in registers.
     pub grad: &'a Tensor,
+    /// First moment, float32, updated in place.
     pub m: &'a Tensor,
+    /// Second moment, float32, updated in place.
     pub v: &'a Tensor,
     /// A bf16 tensor of the weight's shape to receive bf16(new weight), or none.
     pub copy: Option<&'a Tensor>,
+    /// Whether weight decay applies.
     pub decay: bool,
     /// Bias corrections 1 - beta^t for this parameter's update count t.
     pub bc1: f32,
+    /// The second moment's bias correction.
     pub bc2: f32,
 }
 
 /// Hyper-parameters of one step.
 pub struct AdamWStep {
+    /// Learning rate of this step.
     pub lr: f32,
+    /// Decay of the first moment.
     pub beta1: f32,
+    /// Decay of the second moment.
     pub beta2: f32,
+    /// Added to the second moment's square root.
     pub eps: f32,
+    /// Decoupled weight decay.
     pub weight_decay: f32,
+    /// The global gradient-norm clip, as `TrainerConfig::max_grad_norm`.
     pub max_grad_norm: f32,
 }
 

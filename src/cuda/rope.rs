@@ -1,21 +1,16 @@
 //! Rotary embedding as a custom op with its backward, and the stacked q/k/v forms: q and k rotated
 //! and v copied straight out of one stacked projection, and their gradients joined back.
 
-use std::sync::{Arc, Mutex};
-
-use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaFunction, CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{
-    CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape,
-    Storage, Tensor, D,
+    CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Shape, Tensor, D,
 };
 use half::bf16;
 
 use super::launch::*;
-use crate::error::{Error, Result};
-use crate::pullback::{PairGrads, Pullback};
+use crate::error::Result;
+use crate::pullback::Pullback;
 
 struct Rope;
 

@@ -134,6 +134,7 @@ impl<'a> Pipeline<'a> {
 
     /// One row to an example (or the reason it was dropped).
     pub(super) fn encode_row(&self, r: &Resolved, raw: &RawRow) -> Result<RowOut> {
+        self.check_stop()?;
         let loc = &raw.loc;
         let row = raw.value()?;
         if row.kind() != ValueKind::Map {

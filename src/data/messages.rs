@@ -8,8 +8,6 @@ use super::source::Loc;
 use super::spec::*;
 use crate::error::Result;
 
-pub(super) const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
-
 pub(super) fn sharegpt_role(from: &str) -> Option<&'static str> {
     Some(match from {
         "system" => "system",

@@ -80,6 +80,8 @@ pub struct Pipeline<'a> {
     pub(super) instruction_ids: Option<Vec<u32>>,
     pub(super) markers: Vec<String>,
     pub(super) threads: usize,
+    /// Set (by a signal handler) to stop reading rows.
+    pub(super) stop: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 pub(super) fn cfg_err(msg: impl Into<String>) -> Error {
@@ -92,6 +94,7 @@ impl<'a> Pipeline<'a> {
     /// Fails on settings that contradict each other (e.g. `loss_on: all` with a response
     /// template).
     pub fn new(tok: Option<&'a TextTokenizer>, spec: DataSpec, opts: LoadOptions) -> Result<Self> {
+        spec.check_roles().map_err(cfg_err)?;
         let template = match &spec.template {
             Some(t) => Some(Arc::new(Template::load(t, tok)?)),
             None => None,
@@ -171,6 +174,7 @@ impl<'a> Pipeline<'a> {
             instruction_ids,
             markers,
             threads,
+            stop: None,
         })
     }
 
@@ -178,6 +182,23 @@ impl<'a> Pipeline<'a> {
     pub fn with_threads(mut self, n: usize) -> Self {
         self.threads = n.max(1);
         self
+    }
+
+    /// Stops encoding (with an error) once `flag` is set, e.g. by the first Ctrl-C: data
+    /// preparation of a large dataset can take minutes.
+    pub fn with_stop(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.stop = Some(flag);
+        self
+    }
+
+    /// An error once the stop flag is set.
+    pub(super) fn check_stop(&self) -> Result<()> {
+        match &self.stop {
+            Some(f) if f.load(std::sync::atomic::Ordering::SeqCst) => Err(Error::Training(
+                "interrupted while preparing the data".into(),
+            )),
+            _ => Ok(()),
+        }
     }
 
     pub(super) fn field<'f>(&'f self, name: &'f str) -> &'f str {

@@ -113,3 +113,24 @@ pub struct DataSpec {
     /// Strings that end an assistant turn, besides EOS and the usual ones (`<|eot_id|>`, ...).
     pub end_of_turn: Vec<String>,
 }
+
+/// The roles a message may have after `data.roles` renamed it.
+pub const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
+
+impl DataSpec {
+    /// `data.roles` maps names found in rows onto roles: a target that is not a role would pass
+    /// the message on under a name no chat template knows.
+    pub fn check_roles(&self) -> std::result::Result<(), String> {
+        match self
+            .roles
+            .iter()
+            .find(|(_, to)| !ROLES.contains(&to.as_str()))
+        {
+            Some((from, to)) => Err(format!(
+                "data.roles maps `{from}` to `{to}`, which is not a role (roles: {})",
+                ROLES.join(", ")
+            )),
+            None => Ok(()),
+        }
+    }
+}

@@ -128,6 +128,34 @@ impl std::fmt::Display for RenderError {
     }
 }
 
+/// Template instructions one render may run (minijinja's fuel): chat templates of long
+/// conversations take thousands; a nested loop that never ends is stopped here.
+pub const RENDER_FUEL: u64 = 20_000_000;
+/// Bytes one render may write: far above any example a context window holds.
+pub const RENDER_MAX_BYTES: usize = 64 << 20;
+
+/// The rendered text, cut off (with an error) at `RENDER_MAX_BYTES`.
+#[derive(Default)]
+struct CappedText {
+    text: String,
+    over: bool,
+}
+
+impl std::io::Write for CappedText {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > RENDER_MAX_BYTES {
+            self.over = true;
+            return Err(std::io::Error::other("render budget"));
+        }
+        // minijinja writes whole UTF-8 pieces.
+        self.text.push_str(&String::from_utf8_lossy(buf));
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 const MAIN: &str = "main";
 const PROMPT_ONLY: &str = "__packsft_prompt_block";
 const COMPLETION_ONLY: &str = "__packsft_completion_block";
@@ -550,6 +578,8 @@ impl Template {
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
         env.set_undefined_behavior(UndefinedBehavior::Lenient);
+        // A template can come with a downloaded model: a loop that never ends must end here.
+        env.set_fuel(Some(RENDER_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
@@ -626,6 +656,9 @@ impl Template {
 
     fn err(&self, e: minijinja::Error) -> RenderError {
         let message = match e.kind() {
+            ErrorKind::OutOfFuel => format!(
+                "runs past its budget of {RENDER_FUEL} template steps (a loop that does not end?)"
+            ),
             // raise_exception(msg): the message alone, as transformers reports it.
             ErrorKind::InvalidOperation => e.detail().unwrap_or("error").to_string(),
             _ => match e.detail() {
@@ -646,7 +679,16 @@ impl Template {
 
     fn render_named(&self, which: &str, ctx: Value) -> std::result::Result<String, RenderError> {
         let t = self.env.get_template(which).map_err(|e| self.err(e))?;
-        t.render(ctx).map_err(|e| self.err(e))
+        let mut out = CappedText::default();
+        match t.render_captured_to(ctx, &mut out) {
+            Ok(_) => Ok(out.text),
+            Err(_) if out.over => Err(RenderError {
+                template: self.name.clone(),
+                line: None,
+                message: format!("renders more than {RENDER_MAX_BYTES} bytes (the render budget)"),
+            }),
+            Err(e) => Err(self.err(e)),
+        }
     }
 
     /// A chat template applied to `messages`, as `apply_chat_template(tokenize=False)`.

@@ -27,15 +27,19 @@ pub fn describe(dir: &Path) -> Result<ArchReport> {
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::model(&p, format!("invalid JSON at line {}: {e}", e.line())))?;
     let (spec, _) = families::from_config(&v).map_err(|e| Error::model(&p, e.to_string()))?;
-    let (n_params, n_tensors) = match CheckpointWeights::open(dir) {
-        Ok(w) => {
-            let shapes = w.shapes();
-            (
-                Some(shapes.iter().map(|s| s.iter().product::<usize>()).sum()),
-                Some(shapes.len()),
-            )
-        }
-        Err(_) => (None, None),
+    // Without weights (a config alone) the report is the config's; weights that are present
+    // must open and agree with it, or `arch` would describe a checkpoint that cannot load.
+    let has_weights = dir.join(super::weights::WEIGHTS_FILE).exists()
+        || dir.join(super::weights::WEIGHTS_INDEX_FILE).exists();
+    let (n_params, n_tensors) = if has_weights {
+        let shapes = CheckpointWeights::open(dir)?.shapes();
+        super::decoder::DecoderModel::check_checkpoint(dir)?;
+        (
+            Some(shapes.iter().map(|s| s.iter().product::<usize>()).sum()),
+            Some(shapes.len()),
+        )
+    } else {
+        (None, None)
     };
     Ok(ArchReport {
         spec,

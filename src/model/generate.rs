@@ -5,7 +5,7 @@ use candle_core::D;
 use crate::collate::{Collator, CompletionOnlyCollator};
 use crate::data::tokenizer::TextTokenizer;
 use crate::data::Example;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::DecoderModel;
 
 /// Continues `prompt` greedily for up to `max_new_tokens`, stopping at EOS; returns the new
@@ -25,8 +25,19 @@ pub fn greedy(
     let prompt_len = ids.len();
     let collator = CompletionOnlyCollator::padding_free(tok.pad_or_eos());
     let limit = model.max_positions();
+    if prompt_len >= limit {
+        return Err(Error::Config(format!(
+            "the prompt has {prompt_len} tokens: nothing can follow it within the model's \
+             max_position_embeddings = {limit}"
+        )));
+    }
     for _ in 0..max_new_tokens {
         if ids.len() >= limit {
+            tracing::warn!(
+                "generation stopped at the model's max_position_embeddings = {limit} after {} \
+                 new tokens",
+                ids.len() - prompt_len
+            );
             break;
         }
         let ex = Example::new(ids.clone(), vec![false; ids.len()]);

@@ -132,6 +132,31 @@ impl CheckpointWeights {
         Ok(t.to_dtype(dtype)?)
     }
 
+    /// Checks that `name` exists with `shape` (from the headers, nothing loaded) and counts it
+    /// as read.
+    pub fn check(&mut self, name: &str, shape: &[usize]) -> Result<()> {
+        let found = self
+            .st
+            .tensors()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.shape().to_vec());
+        match found {
+            None => Err(Error::model(
+                &self.dir,
+                format!("weight `{name}` is missing from the checkpoint"),
+            )),
+            Some(s) if s != shape => Err(Error::model(
+                &self.dir,
+                format!("weight `{name}` has shape {s:?}, config.json implies {shape:?}"),
+            )),
+            Some(_) => {
+                self.used.insert(name.to_string());
+                Ok(())
+            }
+        }
+    }
+
     /// Names present in the checkpoint that the model did not read.
     pub fn unused(&self) -> Vec<String> {
         let mut v: Vec<String> = self

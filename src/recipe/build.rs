@@ -91,7 +91,14 @@ fn inline_config(
     Ok(cfg)
 }
 
-pub fn prepare(recipe: &Recipe, recipe_path: &Path, device: &Device) -> Result<Prepared> {
+/// Everything a run needs, read and checked before anything is written: tokenizer, model, data,
+/// collator. `stop` (the CLI's signal flag) interrupts the data preparation.
+pub fn prepare(
+    recipe: &Recipe,
+    recipe_path: &Path,
+    device: &Device,
+    stop: Option<&Arc<AtomicBool>>,
+) -> Result<Prepared> {
     let tokenizer = recipe_tokenizer(recipe)?;
     let model = match (&recipe.model.path, &recipe.model.config) {
         (Some(dir), _) => DecoderModel::from_pretrained(dir, device)?,
@@ -124,6 +131,7 @@ pub fn prepare(recipe: &Recipe, recipe_path: &Path, device: &Device) -> Result<P
         tokenizer.as_ref(),
         model.spec.vocab,
         Some(model.spec.max_positions),
+        stop,
     )?;
     let collator = recipe_collator(recipe, tokenizer.as_ref());
     let mut model = model;
@@ -222,9 +230,10 @@ pub fn build_trainer(
     recipe: &Recipe,
     recipe_path: &Path,
     device: &Device,
+    stop: Option<&Arc<AtomicBool>>,
 ) -> Result<(Trainer<DecoderModel, CompletionOnlyCollator>, RunData)> {
     let resume = resume_dir(recipe, recipe_path)?;
-    let p = prepare(recipe, recipe_path, device)?;
+    let p = prepare(recipe, recipe_path, device, stop)?;
     let mut trainer = Trainer::new(p.model, p.collator, trainer_config(recipe), device.clone())?;
     trainer.add_callback(Box::new(CheckpointExtras {
         tokenizer: p.tokenizer.clone(),
@@ -265,7 +274,7 @@ pub fn train(
     device: &Device,
     stop: Option<Arc<AtomicBool>>,
 ) -> Result<TrainSummary> {
-    let (mut trainer, p) = build_trainer(recipe, recipe_path, device)?;
+    let (mut trainer, p) = build_trainer(recipe, recipe_path, device, stop.as_ref())?;
     if let Some(stop) = stop {
         trainer.set_stop_flag(stop);
     }
@@ -301,7 +310,7 @@ pub fn eval(recipe: &Recipe, recipe_path: &Path, device: &Device) -> Result<(f64
             msg: "neither data.eval nor data.eval_ratio is set: nothing to evaluate".into(),
         });
     }
-    let p = prepare(recipe, recipe_path, device)?;
+    let p = prepare(recipe, recipe_path, device, None)?;
     let eval = p.eval.expect("data.eval or data.eval_ratio was set");
     let trainer = Trainer::new(p.model, p.collator, trainer_config(recipe), device.clone())?;
     let r = trainer.evaluate(&eval.examples)?;
@@ -375,6 +384,7 @@ pub fn load_recipe_data(
     tok: Option<&TextTokenizer>,
     vocab_size: usize,
     max_positions: Option<usize>,
+    stop: Option<&Arc<AtomicBool>>,
 ) -> Result<(Dataset, Option<Dataset>)> {
     let d = &recipe.data;
     let opts = LoadOptions {
@@ -382,7 +392,10 @@ pub fn load_recipe_data(
         truncation: d.truncation,
         vocab_size,
     };
-    let pipe = Pipeline::new(tok, recipe.data_spec(), opts)?;
+    let mut pipe = Pipeline::new(tok, recipe.data_spec(), opts)?;
+    if let Some(flag) = stop {
+        pipe = pipe.with_stop(flag.clone());
+    }
     let (train, eval) = match (&d.eval, d.eval_ratio > 0.0) {
         (Some(p), _) => (pipe.load(&d.train)?, Some(pipe.load(p)?)),
         (None, true) => {

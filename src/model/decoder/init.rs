@@ -14,6 +14,9 @@ use crate::nn::param::Param;
 /// Where parameters come from: a checkpoint, or a seeded random initialisation.
 pub(super) enum Source {
     Checkpoint(CheckpointWeights),
+    /// A checkpoint's headers only: every tensor checked for its name and shape, none loaded
+    /// (the parts hold zero-sized broadcast placeholders; the model is not for computing).
+    Shapes(CheckpointWeights),
     Random {
         rng: rand_chacha::ChaCha8Rng,
         std: f64,
@@ -37,6 +40,11 @@ impl Builder<'_> {
     pub(super) fn take(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         let t = match &mut self.src {
             Source::Checkpoint(w) => w.get(name, shape, DType::F32, self.device)?,
+            Source::Shapes(w) => {
+                w.check(name, shape)?;
+                // A broadcast scalar: the shape without the memory (no variable is made).
+                return Ok(Tensor::zeros(1, DType::F32, self.device)?.broadcast_as(shape)?);
+            }
             Source::Random { rng, std } => {
                 let n: usize = shape.iter().product();
                 match init {

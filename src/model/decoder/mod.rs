@@ -152,7 +152,7 @@ impl DecoderModel {
             }
             b.lin(&n, spec.vocab, h)?
         };
-        if let Source::Checkpoint(w) = &b.src {
+        if let Source::Checkpoint(w) | Source::Shapes(w) = &b.src {
             let unused: Vec<String> = w
                 .unused()
                 .into_iter()
@@ -253,6 +253,24 @@ impl DecoderModel {
             ));
         }
         Ok(model)
+    }
+
+    /// Checks a checkpoint directory against its config.json without loading a weight: every
+    /// tensor the config implies exists with its shape, and none is left over (what
+    /// `from_pretrained` would find, read from the safetensors headers).
+    pub fn check_checkpoint(dir: &Path) -> Result<()> {
+        let cfg_path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let raw: Value = serde_json::from_str(&text).map_err(|e| {
+            Error::model(&cfg_path, format!("invalid JSON at line {}: {e}", e.line()))
+        })?;
+        let w = CheckpointWeights::open(dir)?;
+        Self::build(raw, Source::Shapes(w), &Device::Cpu)
+            .map(|_| ())
+            .map_err(|e| match e {
+                Error::Config(m) => Error::model(dir, m),
+                e => e,
+            })
     }
 
     /// The device the parameters live on.

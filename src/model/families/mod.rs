@@ -56,10 +56,12 @@ pub fn from_config_tracked(
     config: &Value,
 ) -> Result<(ArchSpec, ModelNames, std::collections::BTreeSet<String>)> {
     let read = std::cell::RefCell::new(std::collections::BTreeSet::new());
-    let mt = config
-        .get("model_type")
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    let Some(mt) = config.get("model_type").and_then(Value::as_str) else {
+        return Err(Error::Config(format!(
+            "config.json has no `model_type` (a string, one of: {})",
+            SUPPORTED.join(", ")
+        )));
+    };
     let c = Cfg::new(config, mt, &read);
     let (spec, names) = match mt {
         "llama" | "granite" => llama_like(&c, mt)?,
