@@ -427,3 +427,39 @@ fn a_stop_request_ends_data_preparation() {
     assert!(e.contains("interrupted while preparing the data"), "{e}");
     assert!(t0.elapsed().as_secs() < 20, "took {:?}", t0.elapsed());
 }
+
+/// A byte-order mark is accepted; invalid UTF-8 names its line; compressed files say so.
+#[test]
+fn byte_order_marks_invalid_utf8_and_compressed_files() {
+    let d = tempfile::tempdir().unwrap();
+    let rows = "{\"prompt\": \"a\", \"completion\": \" b\"}\n{\"prompt\": \"c\", \"completion\": \" d\"}\n";
+    let t = tok();
+    let o = || LoadOptions {
+        max_length: 512,
+        truncation: Truncation::Error,
+        vocab_size: 313,
+    };
+    for (name, text) in [
+        ("bom.jsonl", format!("\u{feff}{rows}")),
+        ("bom.json", format!("\u{feff}[{}]", rows.trim().replace('\n', ","))),
+    ] {
+        let p = write(d.path(), name, &text);
+        let ds = Pipeline::new(Some(&t), DataSpec::default(), o())
+            .unwrap()
+            .load(&p)
+            .unwrap();
+        assert_eq!(ds.examples.len(), 2, "{name}");
+    }
+    let p = d.path().join("latin1.jsonl");
+    let mut bytes = rows.as_bytes().to_vec();
+    bytes.extend_from_slice(b"{\"prompt\": \"caf\xe9\", \"completion\": \" x\"}\n");
+    std::fs::write(&p, bytes).unwrap();
+    let e = load_err(&p, DataSpec::default());
+    assert!(e.contains("latin1.jsonl:3:") && e.contains("invalid UTF-8"), "{e}");
+    for (name, magic) in [("a.jsonl.gz", &[0x1f, 0x8b, 8, 0][..]), ("a.jsonl.zst", &[0x28, 0xb5, 0x2f, 0xfd][..])] {
+        let p = d.path().join(name);
+        std::fs::write(&p, magic).unwrap();
+        let e = load_err(&p, DataSpec::default());
+        assert!(e.contains(name) && e.contains("compressed: decompress it first"), "{e}");
+    }
+}

@@ -179,13 +179,42 @@ fn array_elements(text: &str) -> Vec<(usize, usize, usize)> {
     out
 }
 
+/// The text of a JSON or JSONL file: compressed files are named as such, invalid UTF-8 names its
+/// line, and a UTF-8 byte-order mark at the start is dropped (editors on Windows write one).
+fn read_utf8(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let compressed = if bytes.starts_with(&[0x1f, 0x8b]) {
+        Some(("gzip", "gunzip"))
+    } else if bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Some(("zstd", "unzstd"))
+    } else {
+        None
+    };
+    if let Some((kind, tool)) = compressed {
+        return Err(Error::Dataset {
+            path: path.to_path_buf(),
+            msg: format!("the file is {kind}-compressed: decompress it first ({tool})"),
+        });
+    }
+    let mut text = String::from_utf8(bytes).map_err(|e| {
+        let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
+        let column = good.len() - good.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) + 1;
+        Error::Data {
+            path: path.to_path_buf(),
+            line,
+            msg: format!("invalid UTF-8 at byte {column} of the line"),
+        }
+    })?;
+    if text.starts_with('\u{feff}') {
+        text.drain(..'\u{feff}'.len_utf8());
+    }
+    Ok(text)
+}
+
 fn read_json_text(path: &Path) -> Result<Content> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let first = text
-        .trim_start_matches('\u{feff}')
-        .trim_start()
-        .chars()
-        .next();
+    let text = read_utf8(path)?;
+    let first = text.trim_start().chars().next();
     if first == Some('[') {
         // A JSON array: check the whole document, then slice it into its elements.
         if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&text) {
