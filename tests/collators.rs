@@ -204,8 +204,18 @@ fn flattening_equals_transformers_on_the_quickstart_rows() {
                     .load(&q);
                     match ds {
                         Ok(ds) => ds.examples[0].clone(),
-                        // One token can carry no target: packsft drops it; the reference keeps it.
-                        Err(_) => Example::new(ids(&e["input_ids"]), vec![false]),
+                        // One token can carry no target: packsft drops it; the reference keeps
+                        // it. Any other error is a failure.
+                        Err(err) => {
+                            let msg = err.to_string();
+                            assert!(
+                                msg.contains("no usable example")
+                                    && msg.contains("without any target token"),
+                                "{msg}"
+                            );
+                            assert_eq!(e["input_ids"].as_array().unwrap().len(), 1, "{msg}");
+                            Example::new(ids(&e["input_ids"]), vec![false])
+                        }
                     }
                 })
                 .collect()

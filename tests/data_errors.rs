@@ -441,7 +441,10 @@ fn byte_order_marks_invalid_utf8_and_compressed_files() {
     };
     for (name, text) in [
         ("bom.jsonl", format!("\u{feff}{rows}")),
-        ("bom.json", format!("\u{feff}[{}]", rows.trim().replace('\n', ","))),
+        (
+            "bom.json",
+            format!("\u{feff}[{}]", rows.trim().replace('\n', ",")),
+        ),
     ] {
         let p = write(d.path(), name, &text);
         let ds = Pipeline::new(Some(&t), DataSpec::default(), o())
@@ -455,11 +458,20 @@ fn byte_order_marks_invalid_utf8_and_compressed_files() {
     bytes.extend_from_slice(b"{\"prompt\": \"caf\xe9\", \"completion\": \" x\"}\n");
     std::fs::write(&p, bytes).unwrap();
     let e = load_err(&p, DataSpec::default());
-    assert!(e.contains("latin1.jsonl:3:") && e.contains("invalid UTF-8"), "{e}");
-    for (name, magic) in [("a.jsonl.gz", &[0x1f, 0x8b, 8, 0][..]), ("a.jsonl.zst", &[0x28, 0xb5, 0x2f, 0xfd][..])] {
+    assert!(
+        e.contains("latin1.jsonl:3:") && e.contains("invalid UTF-8"),
+        "{e}"
+    );
+    for (name, magic) in [
+        ("a.jsonl.gz", &[0x1f, 0x8b, 8, 0][..]),
+        ("a.jsonl.zst", &[0x28, 0xb5, 0x2f, 0xfd][..]),
+    ] {
         let p = d.path().join(name);
         std::fs::write(&p, magic).unwrap();
         let e = load_err(&p, DataSpec::default());
-        assert!(e.contains(name) && e.contains("compressed: decompress it first"), "{e}");
+        assert!(
+            e.contains(name) && e.contains("compressed: decompress it first"),
+            "{e}"
+        );
     }
 }

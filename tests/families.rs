@@ -15,15 +15,26 @@ use packsft::{AdamWConfig, Schedule};
 use packsft::{Collator, CompletionOnlyCollator, DecoderModel, Example, Model};
 use packsft::{Trainer, TrainerConfig};
 
+/// The tiny family checkpoints: every one must carry its transformers reference (a fixture
+/// without one is an error, not a silent skip), and all 17 (14 families, 3 variants) are there.
 fn fixtures() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families");
     let mut v: Vec<PathBuf> = std::fs::read_dir(root)
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.join("reference.json").exists())
+        .filter(|p| p.is_dir())
         .collect();
     v.sort();
+    let missing: Vec<_> = v
+        .iter()
+        .filter(|p| !p.join("reference.json").exists() || !p.join("reference.safetensors").exists())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "fixtures without a reference: {missing:?}"
+    );
+    assert_eq!(v.len(), 17, "family fixtures: {v:?}");
     v
 }
 

@@ -17,8 +17,10 @@ fn opts() -> LoadOptions {
 }
 
 fn tok() -> TextTokenizer {
-    TextTokenizer::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/quickstart/tokenizer.json"))
-        .unwrap()
+    TextTokenizer::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/quickstart/tokenizer.json"),
+    )
+    .unwrap()
 }
 
 /// Bytes that look like JSON rows more often than uniform bytes would.

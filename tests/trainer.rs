@@ -821,3 +821,69 @@ fn overlapped_steps_match_sequential_steps() {
         assert_eq!(x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap());
     }
 }
+
+/// The PyTorch trajectory's first step runs at lr 0 (warmup), and later steps' losses barely
+/// move with weight decay, so they cannot see it: here one step at lr 1e-2 with and without
+/// decay differ by exactly the decoupled decay, lr * wd * w, on matrices, and not at all on
+/// biases and norm weights.
+#[test]
+fn weight_decay_is_decoupled_and_only_on_matrices() {
+    let exs = common::examples(&[9, 12, 7, 10], 64, 11);
+    let step = |wd: f64| {
+        let tc = TrainerConfig {
+            batch_size: 4,
+            adamw: AdamWConfig {
+                lr: 1e-2,
+                weight_decay: wd,
+                ..Default::default()
+            },
+            schedule: Schedule::Constant,
+            progress: false,
+            ..Default::default()
+        };
+        let mut t = Trainer::new(
+            common::tiny_model(3),
+            CompletionOnlyCollator::padding_free(0),
+            tc,
+            Device::Cpu,
+        )
+        .unwrap();
+        let before: Vec<(String, bool, Tensor)> = t
+            .model
+            .params()
+            .iter()
+            .map(|p| (p.name.clone(), p.decay, p.var.as_tensor().copy().unwrap()))
+            .collect();
+        let schedule = t.schedule(1);
+        t.train_step(0, &exs, &schedule).unwrap();
+        let after: Vec<Tensor> = t
+            .model
+            .params()
+            .iter()
+            .map(|p| p.var.as_tensor().copy().unwrap())
+            .collect();
+        (before, after)
+    };
+    let (w0, with) = step(0.1);
+    let (_, without) = step(0.0);
+    let mut decayed = 0;
+    for ((name, decay, w), (a, b)) in w0.iter().zip(with.iter().zip(&without)) {
+        let diff = (a - b).unwrap();
+        if *decay {
+            decayed += 1;
+            let want = (w * -1e-3).unwrap();
+            let err = common::max_abs_diff(&diff, &want);
+            assert!(
+                err < 1e-8,
+                "{name}: decay differs from lr * wd * w by {err:e}"
+            );
+            assert!(
+                common::max_abs_diff(&diff, &(w * 0.0).unwrap()) > 1e-6,
+                "{name}"
+            );
+        } else {
+            assert_eq!(common::max_abs_diff(a, b), 0.0, "{name} must not decay");
+        }
+    }
+    assert!(decayed > 0 && decayed < w0.len());
+}
