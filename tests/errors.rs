@@ -1,6 +1,8 @@
 //! Bad input gets a clear error that names the file, line, field or value at fault, and leaves
 //! no partial output behind.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -356,18 +358,6 @@ fn tiny_llama_copy(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempD
     d
 }
 
-fn packsft_cli(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_packsft"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
-}
 
 #[test]
 fn a_config_without_model_type_is_named() {
@@ -387,13 +377,13 @@ fn a_config_without_model_type_is_named() {
 #[test]
 fn arch_refuses_truncated_weights_and_weights_that_contradict_the_config() {
     let ok = tiny_llama_copy(|_| {});
-    let (success, stdout, stderr) = packsft_cli(&["arch", &ok.path().display().to_string()]);
+    let (success, stdout, stderr) = common::packsft(&["arch", &ok.path().display().to_string()]);
     assert!(success, "{stderr}");
     assert!(stdout.contains("family          llama"), "{stdout}");
     let wider = tiny_llama_copy(|c| {
         c["intermediate_size"] = (c["intermediate_size"].as_u64().unwrap() * 2).into()
     });
-    let (success, _, stderr) = packsft_cli(&["arch", &wider.path().display().to_string()]);
+    let (success, _, stderr) = common::packsft(&["arch", &wider.path().display().to_string()]);
     assert!(
         !success,
         "arch must not describe weights the config contradicts"
@@ -406,7 +396,7 @@ fn arch_refuses_truncated_weights_and_weights_that_contradict_the_config() {
     let w = cut.path().join("model.safetensors");
     let bytes = std::fs::read(&w).unwrap();
     std::fs::write(&w, &bytes[..bytes.len() - 100]).unwrap();
-    let (success, _, stderr) = packsft_cli(&["arch", &cut.path().display().to_string()]);
+    let (success, _, stderr) = common::packsft(&["arch", &cut.path().display().to_string()]);
     assert!(!success && stderr.contains("model.safetensors"), "{stderr}");
 }
 
@@ -442,7 +432,7 @@ fn generate_names_the_position_limit_and_output_dir_must_be_a_directory() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("m");
     let out_s = out.display().to_string();
-    let (ok, _, stderr) = packsft_cli(&[
+    let (ok, _, stderr) = common::packsft(&[
         "train",
         "recipes/quickstart.yaml",
         "train.max_steps=1",
@@ -453,13 +443,13 @@ fn generate_names_the_position_limit_and_output_dir_must_be_a_directory() {
     assert!(ok, "{stderr}");
     // max_position_embeddings is 256: a prompt of 300 letters has more tokens than that.
     let long = "a ".repeat(300);
-    let (ok, _, stderr) = packsft_cli(&["generate", &out_s, "--prompt", &long]);
+    let (ok, _, stderr) = common::packsft(&["generate", &out_s, "--prompt", &long]);
     assert!(
         !ok && stderr.contains("max_position_embeddings = 256"),
         "{stderr}"
     );
     let near = "a ".repeat(120);
-    let (ok, _, stderr) = packsft_cli(&[
+    let (ok, _, stderr) = common::packsft(&[
         "generate",
         &out_s,
         "--prompt",
@@ -475,7 +465,7 @@ fn generate_names_the_position_limit_and_output_dir_must_be_a_directory() {
     // An output_dir that is a file.
     let file = d.path().join("a-file");
     std::fs::write(&file, "x").unwrap();
-    let (ok, _, stderr) = packsft_cli(&[
+    let (ok, _, stderr) = common::packsft(&[
         "train",
         "recipes/quickstart.yaml",
         "train.max_steps=1",
