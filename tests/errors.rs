@@ -358,7 +358,6 @@ fn tiny_llama_copy(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempD
     d
 }
 
-
 #[test]
 fn a_config_without_model_type_is_named() {
     let d = tiny_llama_copy(|c| {

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use candle_core::{backprop::GradStore, Device};
 
-use super::cadence::Cadence;
+use super::cadence::{Cadence, Due};
 use super::callback::{Callback, Control};
 use super::checkpoint::{self, TrainerState};
 use super::config::TrainerConfig;
@@ -59,6 +59,15 @@ pub struct Trainer<M: Model, C: Collator<Batch = M::Batch>> {
     callbacks: Vec<Box<dyn Callback>>,
     stop: Arc<AtomicBool>,
     resume: Option<(PathBuf, TrainerState)>,
+}
+
+/// What one `train` call reports to and keeps.
+struct Run {
+    metrics: MetricsFile,
+    progress: Progress,
+    summary: TrainSummary,
+    start: Instant,
+    cadence: Cadence,
 }
 
 /// A step on the device, with where the epoch stands once it is done.
@@ -341,18 +350,22 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         let total = state.total_steps;
         let (lengths, schedule) = (lengths_of(train), self.config.schedule(total));
         let cadence = Cadence::new(&self.config, total, eval.is_some());
-        let mut metrics = MetricsFile::open(self.config.output_dir.as_deref(), state.global_step)?;
-        let progress = Progress::new(
-            self.config.progress,
-            self.config.logging_steps,
-            total,
-            state.global_step,
-        );
+        let mut run = Run {
+            metrics: MetricsFile::open(self.config.output_dir.as_deref(), state.global_step)?,
+            progress: Progress::new(
+                self.config.progress,
+                self.config.logging_steps,
+                total,
+                state.global_step,
+            ),
+            summary: TrainSummary::default(),
+            start: Instant::now(),
+            cadence,
+        };
         let overlap = self
             .config
             .overlap_steps
             .unwrap_or_else(|| self.device.is_cuda());
-        let (mut summary, start) = (TrainSummary::default(), Instant::now());
         tracing::info!(
             examples = train.len(),
             steps = total,
@@ -380,7 +393,7 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                 let micro_batches = plan.next_step(&lengths, &self.config);
                 let pending = self.enqueue_planned(next_step, train, &micro_batches, &schedule)?;
                 next_step += 1;
-                let barrier = cadence.after(next_step).is_barrier();
+                let barrier = run.cadence.after(next_step).is_barrier();
                 Some(InFlight {
                     pending,
                     epoch: plan.epoch,
@@ -396,31 +409,9 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                 }
                 continue;
             };
-            let mut m = self.finish_step(done.pending)?;
-            (state.global_step, state.epoch, state.cursor) =
-                (state.global_step + 1, done.epoch, done.cursor);
-            m.epoch = state.epoch as f64 + state.cursor as f64 / train.len() as f64;
-            m.elapsed_s = start.elapsed().as_secs_f64();
-            metrics.write(&serde_json::to_value(&m).expect("metrics serialise"))?;
-            progress.step(&m);
-            summary.skipped_steps += m.skipped as usize;
-            let mut control = Control::Continue;
-            for cb in self.callbacks.iter_mut() {
-                control = control.max(cb.on_step_end(&m)?);
-            }
-            summary.steps.push(m);
-            let due = cadence.after(state.global_step);
-            if let (true, Some(ev)) = (due.eval, eval) {
-                let e = self.evaluate_at(&mut state, ev)?;
-                progress.eval(&e);
-                metrics.write(&serde_json::to_value(&e).expect("metrics serialise"))?;
-                for cb in self.callbacks.iter_mut() {
-                    control = control.max(cb.on_eval_end(&e)?);
-                }
-                summary.evals.push(e);
-            }
+            let (mut control, due) = self.report_step(done, &mut state, &mut run, train, eval)?;
             if self.stop.load(Ordering::SeqCst) {
-                summary.interrupted = true;
+                run.summary.interrupted = true;
                 control = Control::Stop;
             }
             // A request made while the next step is already on the device applies after it:
@@ -432,20 +423,64 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             }
             let control = control.max(std::mem::take(&mut pending_control));
             if due.save || control != Control::Continue {
-                summary.last_checkpoint = self.save_checkpoint(&state)?.or(summary.last_checkpoint);
+                run.summary.last_checkpoint = self
+                    .save_checkpoint(&state)?
+                    .or(run.summary.last_checkpoint);
             }
             if control == Control::Stop {
-                summary.stopped = true;
+                run.summary.stopped = true;
                 tracing::warn!(step = state.global_step, "training stopped on request");
                 break;
             }
         }
-        progress.finish();
+        run.progress.finish();
         if let Some(dir) = &self.config.output_dir {
-            let (train_pts, eval_pts) = (metrics.rows_of("loss"), metrics.rows_of("eval_loss"));
-            crate::train::plot::loss_curve(&dir.join("loss.png"), &train_pts, &eval_pts)?;
+            let rows = |key| run.metrics.rows_of(key);
+            crate::train::plot::loss_curve(
+                &dir.join("loss.png"),
+                &rows("loss"),
+                &rows("eval_loss"),
+            )?;
         }
-        Ok(summary)
+        Ok(run.summary)
+    }
+
+    /// A step is done: its metrics written and shown, the callbacks asked, and the evaluation
+    /// run if it is due. Returns what the callbacks asked for and what is due.
+    fn report_step(
+        &mut self,
+        done: InFlight,
+        state: &mut TrainerState,
+        run: &mut Run,
+        train: &[Example],
+        eval: Option<&[Example]>,
+    ) -> Result<(Control, Due)> {
+        let mut m = self.finish_step(done.pending)?;
+        (state.global_step, state.epoch, state.cursor) =
+            (state.global_step + 1, done.epoch, done.cursor);
+        m.epoch = state.epoch as f64 + state.cursor as f64 / train.len() as f64;
+        m.elapsed_s = run.start.elapsed().as_secs_f64();
+        run.metrics
+            .write(&serde_json::to_value(&m).expect("metrics serialise"))?;
+        run.progress.step(&m);
+        run.summary.skipped_steps += m.skipped as usize;
+        let mut control = Control::Continue;
+        for cb in self.callbacks.iter_mut() {
+            control = control.max(cb.on_step_end(&m)?);
+        }
+        run.summary.steps.push(m);
+        let due = run.cadence.after(state.global_step);
+        if let (true, Some(ev)) = (due.eval, eval) {
+            let e = self.evaluate_at(state, ev)?;
+            run.progress.eval(&e);
+            run.metrics
+                .write(&serde_json::to_value(&e).expect("metrics serialise"))?;
+            for cb in self.callbacks.iter_mut() {
+                control = control.max(cb.on_eval_end(&e)?);
+            }
+            run.summary.evals.push(e);
+        }
+        Ok((control, due))
     }
 
     /// Checks the run's inputs, then takes the output directory's lock (one run per directory)
