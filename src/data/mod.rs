@@ -6,6 +6,7 @@ pub mod masking;
 mod messages;
 mod pipeline;
 pub mod pretok;
+mod pycompat;
 mod render;
 mod report;
 pub mod source;
