@@ -50,8 +50,8 @@ pub use nn::attention::AttentionImpl;
 pub use recipe::Recipe;
 pub use train::{
     evaluate, AdamWConfig, Callback, Control, EarlyStopping, EvalMetrics, EvalResult, LrSchedule,
-    PendingStep, Schedule, StepGrads, StepMetrics, TrainSummary, Trainer, TrainerConfig,
-    TrainerState,
+    PendingStep, Schedule, StepGrads, StepMetrics, TensorBoard, TrainSummary, Trainer,
+    TrainerConfig, TrainerState,
 };
 
 /// Not part of the API: internals that the project's own integration tests, benches and GPU

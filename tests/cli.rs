@@ -336,3 +336,48 @@ fn bench_and_bench_attn_print_one_json_line() {
     let (ok, _, err) = common::packsft(&["bench-attn", "--device", "cpu", "--equal", "2by16"]);
     assert!(!ok && err.contains("2by16"), "{err}");
 }
+
+/// A recipe run logs to TensorBoard in `output_dir/runs`: a version record, the recipe as text,
+/// one event per step and per evaluation (the format itself is pinned against TensorBoard's
+/// reader by `train::tensorboard::tests`).
+#[test]
+fn training_writes_tensorboard_events() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("tb");
+    let (ok, _, stderr) = packsft(&[
+        "train",
+        "recipes/quickstart.yaml",
+        "train.max_steps=3",
+        "train.eval_steps=0",
+        &format!("output_dir={}", out.display()),
+    ]);
+    assert!(ok, "{stderr}");
+    let files: Vec<_> = std::fs::read_dir(out.join("runs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("events.out.tfevents."));
+    let bytes = std::fs::read(&files[0]).unwrap();
+    let (mut at, mut records) = (0, Vec::new());
+    while at < bytes.len() {
+        let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+        records.push(&bytes[at + 12..at + 12 + len]);
+        at += 16 + len;
+    }
+    assert_eq!(at, bytes.len());
+    // Version, recipe, 3 steps, the final evaluation.
+    assert_eq!(records.len(), 6);
+    let has = |r: &[u8], s: &str| r.windows(s.len()).any(|w| w == s.as_bytes());
+    assert!(has(records[0], "brain.Event:2"));
+    assert!(has(records[1], "recipe") && has(records[1], "max_steps: 3"));
+    assert!(records[2..5]
+        .iter()
+        .all(|r| has(r, "train/loss") && has(r, "train/grad_norm")));
+    assert!(has(records[5], "eval/loss") && has(records[5], "eval/accuracy"));
+}

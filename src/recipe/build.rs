@@ -239,6 +239,11 @@ pub fn build_trainer(
         tokenizer: p.tokenizer.clone(),
         recipe_yaml: recipe.to_yaml(),
     }));
+    let runs =
+        (recipe.logging.tensorboard.clone()).unwrap_or_else(|| recipe.output_dir.join("runs"));
+    trainer.add_callback(Box::new(
+        crate::train::TensorBoard::new(runs).with_text("recipe", &recipe.to_yaml()),
+    ));
     if recipe.train.early_stopping_patience > 0 {
         trainer.add_callback(Box::new(EarlyStopping::new(
             recipe.train.early_stopping_patience,

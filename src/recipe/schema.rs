@@ -26,12 +26,25 @@ pub struct Recipe {
     /// `train:`: optimizer, schedule, batching, evaluation, checkpoints and compute settings.
     #[serde(default)]
     pub train: TrainSection,
+    /// `logging:`: where metrics go besides `metrics.jsonl`.
+    #[serde(default)]
+    pub logging: LoggingSection,
     /// Where the trained model, tokenizer, metrics and checkpoints are written.
     pub output_dir: PathBuf,
     /// `latest` (the newest checkpoint in output_dir, or a fresh start if there is none) or
     /// the path of a checkpoint directory.
     #[serde(default)]
     pub resume_from: Option<String>,
+}
+
+/// `logging:`: TensorBoard event files (every `metrics.jsonl` field as a scalar, the resolved
+/// recipe as text).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingSection {
+    /// The directory of the event files; `output_dir/runs` when unset.
+    #[serde(default)]
+    pub tensorboard: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]

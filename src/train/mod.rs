@@ -13,6 +13,7 @@ pub mod readback;
 mod sampler;
 mod schedule;
 mod step;
+pub mod tensorboard;
 mod trainer;
 
 pub use callback::{Callback, Control, EarlyStopping};
@@ -24,4 +25,5 @@ pub use optimizer::AdamWConfig;
 pub(crate) use sampler::{epoch_order, step_sizes};
 pub use schedule::{LrSchedule, Schedule};
 pub use step::PendingStep;
+pub use tensorboard::TensorBoard;
 pub use trainer::{StepGrads, Trainer};
