@@ -16,7 +16,7 @@
 //!
 //! Floors, top to bottom (a module imports only from floors below it, checked by
 //! `tests/architecture.rs`): `cli` → `recipe` → `train` → `model` → `nn` → `collate` → `data` →
-//! `cuda` → `error`, `io`, `device`, `pullback`.
+//! `cuda` → `error`, `io`, `device`, `pullback`, `hub`.
 #![warn(missing_docs)]
 
 pub mod cli;
@@ -26,6 +26,7 @@ mod cuda;
 mod data;
 mod device;
 mod error;
+mod hub;
 mod io;
 mod model;
 mod nn;
@@ -69,6 +70,10 @@ pub mod internals {
     /// Device names and CUDA set-up.
     pub mod device {
         pub use crate::device::*;
+    }
+    /// Hugging Face cache resolution.
+    pub mod hub {
+        pub use crate::hub::*;
     }
     pub use crate::model::{families, weights};
     pub use crate::nn::{attention, graph, kernels, ops};

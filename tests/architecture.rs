@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 /// Floors, bottom first: a room imports only from rooms on lower floors.
 const FLOORS: &[&[&str]] = &[
     &["error"],
-    &["io", "device", "pullback"],
+    &["io", "device", "pullback", "hub"],
     &["cuda"],
     &["data"],
     &["collate"],

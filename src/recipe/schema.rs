@@ -376,9 +376,26 @@ fn apply_override(root: &mut serde_yaml::Value, spec: &str) -> std::result::Resu
 
 impl Recipe {
     /// Reads a recipe file and applies `overrides` (`key.path=value`).
+    /// Reads a recipe file, applies `overrides` (`key.path=value`), and resolves Hugging Face
+    /// repo ids in `model.path` and `model.tokenizer` (`org/name`, `org/name@revision`; a path
+    /// that exists is a path) to their snapshot in the local cache (`hub`).
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::parse(&text, path, overrides)
+        let mut r = Self::parse(&text, path, overrides)?;
+        for (key, p) in [
+            ("model.path", &mut r.model.path),
+            ("model.tokenizer", &mut r.model.tokenizer),
+        ] {
+            if let Some(v) = p.as_mut() {
+                *v = crate::hub::resolve(v).map_err(|e| Error::Recipe {
+                    path: path.to_path_buf(),
+                    line: None,
+                    column: None,
+                    msg: format!("{key}: {e}"),
+                })?;
+            }
+        }
+        Ok(r)
     }
 
     /// Parses recipe text read from `path` (named in errors), applies `overrides` and checks

@@ -1,0 +1,155 @@
+//! Hugging Face Hub repo ids (`org/name`, `org/name@revision`) resolved to a snapshot directory of
+//! the local cache, laid out as `huggingface_hub` writes it:
+//!
+//! ```text
+//! $HF_HUB_CACHE (else $HF_HOME/hub, else ${XDG_CACHE_HOME:-~/.cache}/huggingface/hub)
+//!   models--org--name/
+//!     refs/main              the commit hash a revision name points to
+//!     snapshots/<commit>/    the files (links into blobs/)
+//!     blobs/<sha>
+//! ```
+//!
+//! Offline first: nothing is downloaded. A repo that is not in the cache is an error that says
+//! where it looked and how to fetch it (`huggingface-cli download`). A path that exists locally
+//! is always a path, never an id.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// A repo id with its revision (`main` unless `@revision` names a branch, tag or commit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoId {
+    /// `org/name`.
+    pub repo: String,
+    /// A branch, tag or 40-hex commit.
+    pub revision: String,
+}
+
+impl RepoId {
+    /// `org/name` or `org/name@revision`; `None` for anything else (a path with more parts, an
+    /// absolute or relative path, empty parts).
+    pub fn parse(s: &str) -> Option<Self> {
+        let (repo, revision) = match s.split_once('@') {
+            Some((r, rev)) if !rev.is_empty() => (r, rev),
+            Some(_) => return None,
+            None => (s, "main"),
+        };
+        let ok = |part: &str| {
+            !part.is_empty()
+                && !part.starts_with('.')
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        let (org, name) = repo.split_once('/')?;
+        (ok(org) && ok(name)).then(|| Self {
+            repo: repo.to_string(),
+            revision: revision.to_string(),
+        })
+    }
+
+    /// The repo's folder name in the cache: `models--org--name`.
+    pub fn folder(&self) -> String {
+        format!("models--{}", self.repo.replace('/', "--"))
+    }
+}
+
+/// The cache directory, as `huggingface_hub` picks it: `HF_HUB_CACHE` (or the older
+/// `HUGGINGFACE_HUB_CACHE`), else `HF_HOME/hub`, else `${XDG_CACHE_HOME:-~/.cache}/huggingface/hub`.
+pub fn cache_dir() -> PathBuf {
+    cache_dir_from(|k| std::env::var_os(k))
+}
+
+/// `cache_dir` with the environment read through `env`.
+pub fn cache_dir_from(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
+    let var = |k: &str| env(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(c) = var("HF_HUB_CACHE").or_else(|| var("HUGGINGFACE_HUB_CACHE")) {
+        return c;
+    }
+    if let Some(h) = var("HF_HOME") {
+        return h.join("hub");
+    }
+    let cache = var("XDG_CACHE_HOME")
+        .or_else(|| var("HOME").map(|h| h.join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    cache.join("huggingface").join("hub")
+}
+
+/// The snapshot directory of `id` in the cache at `cache`.
+pub fn snapshot_in(cache: &Path, id: &RepoId) -> Result<PathBuf> {
+    let repo_dir = cache.join(id.folder());
+    let is_commit = id.revision.len() == 40 && id.revision.bytes().all(|b| b.is_ascii_hexdigit());
+    let fetch = format!(
+        "download it with `huggingface-cli download {} --revision {}` (this build does not \
+         download), or set model.path to a local directory",
+        id.repo, id.revision
+    );
+    let commit = if is_commit {
+        id.revision.clone()
+    } else {
+        let r = repo_dir.join("refs").join(&id.revision);
+        match std::fs::read_to_string(&r) {
+            Ok(c) => c.trim().to_string(),
+            Err(_) => {
+                return Err(Error::Config(format!(
+                    "{}@{} is not in the Hugging Face cache (no {}): {fetch}",
+                    id.repo,
+                    id.revision,
+                    r.display()
+                )))
+            }
+        }
+    };
+    let snap = repo_dir.join("snapshots").join(&commit);
+    if !snap.is_dir() {
+        return Err(Error::Config(format!(
+            "{}@{} is not in the Hugging Face cache (no {}): {fetch}",
+            id.repo,
+            id.revision,
+            snap.display()
+        )));
+    }
+    Ok(snap)
+}
+
+/// `p` itself when it exists; else, when it reads as a repo id, its snapshot in the cache; else
+/// `p` (whose absence the caller reports).
+pub fn resolve(p: &Path) -> Result<PathBuf> {
+    if p.exists() {
+        return Ok(p.to_path_buf());
+    }
+    match p.to_str().and_then(RepoId::parse) {
+        Some(id) => snapshot_in(&cache_dir(), &id),
+        None => Ok(p.to_path_buf()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_ids_and_paths_are_told_apart() {
+        let id = RepoId::parse("Qwen/Qwen2.5-0.5B").unwrap();
+        assert_eq!(
+            (id.repo.as_str(), id.revision.as_str()),
+            ("Qwen/Qwen2.5-0.5B", "main")
+        );
+        assert_eq!(id.folder(), "models--Qwen--Qwen2.5-0.5B");
+        let id = RepoId::parse("org/name@v1.2").unwrap();
+        assert_eq!(id.revision, "v1.2");
+        for not_an_id in [
+            "out/quickstart/model",
+            "/abs/path",
+            "./rel",
+            "name",
+            "org/",
+            "/name",
+            "a/b@",
+            "../x",
+        ] {
+            assert_eq!(RepoId::parse(not_an_id), None, "{not_an_id}");
+        }
+    }
+}

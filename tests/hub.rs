@@ -1,0 +1,130 @@
+//! Hugging Face repo ids resolve in a cache laid out as `huggingface_hub` lays it out: the same
+//! answers as the real `huggingface_hub` gave on the same layout and environments
+//! (tests/fixtures/make_hub_fixture.py, pinned; its output is tests/fixtures/hub/resolved.json).
+
+mod common;
+
+use std::path::Path;
+
+use packsft::internals::hub::{cache_dir_from, snapshot_in, RepoId};
+
+fn fixture() -> serde_json::Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hub/resolved.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// The cache the fixture script builds: two snapshots, `refs/main` and `refs/v1`.
+fn build(cache: &Path, fx: &serde_json::Value) {
+    let repo = cache.join("models--org--tiny-model");
+    for commit in [
+        fx["commit"].as_str().unwrap(),
+        fx["tagged"].as_str().unwrap(),
+    ] {
+        let snap = repo.join("snapshots").join(commit);
+        std::fs::create_dir_all(&snap).unwrap();
+        for f in ["config.json", "tokenizer.json"] {
+            std::fs::write(snap.join(f), commit).unwrap();
+        }
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), fx["commit"].as_str().unwrap()).unwrap();
+    std::fs::write(repo.join("refs/v1"), fx["tagged"].as_str().unwrap()).unwrap();
+}
+
+#[test]
+fn revisions_resolve_as_huggingface_hub_resolves_them() {
+    let fx = fixture();
+    let d = tempfile::tempdir().unwrap();
+    build(d.path(), &fx);
+    for (rev, want) in fx["files"].as_object().unwrap() {
+        let id = if rev.contains('/') {
+            RepoId::parse(rev).unwrap()
+        } else {
+            RepoId::parse(&format!("org/tiny-model@{rev}")).unwrap()
+        };
+        let got = snapshot_in(d.path(), &id)
+            .ok()
+            .map(|snap| snap.join("config.json"))
+            .filter(|p| p.exists())
+            .map(|p| p.strip_prefix(d.path()).unwrap().display().to_string());
+        assert_eq!(got.as_deref(), want.as_str(), "{rev}");
+    }
+    let e = snapshot_in(d.path(), &RepoId::parse("org/tiny-model@missing").unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("not in the Hugging Face cache") && e.contains("huggingface-cli download"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_cache_is_where_huggingface_hub_looks() {
+    for case in fixture()["cache_dirs"].as_array().unwrap() {
+        let env = case["env"].as_object().unwrap().clone();
+        let got = cache_dir_from(|k| match k {
+            "HOME" => Some("/c/user".into()),
+            _ => env.get(k).map(|v| v.as_str().unwrap().into()),
+        });
+        assert_eq!(got, Path::new(case["cache"].as_str().unwrap()), "{case}");
+    }
+}
+
+#[test]
+fn a_recipe_reads_a_model_by_repo_id_from_the_cache() {
+    // A tiny model "downloaded" into a cache: the quickstart's tokenizer beside a one-step model.
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base");
+    let (ok, _, stderr) = common::packsft(&[
+        "train",
+        "recipes/quickstart.yaml",
+        "train.max_steps=1",
+        "train.eval_steps=0",
+        "data.eval=null",
+        &format!("output_dir={}", base.display()),
+    ]);
+    assert!(ok, "{stderr}");
+    let cache = d.path().join("hf/hub");
+    let commit = "1111111111111111111111111111111111111111";
+    let snap = cache.join("models--acme--letters/snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(base.join(f), snap.join(f)).unwrap();
+    }
+    std::fs::create_dir_all(cache.join("models--acme--letters/refs")).unwrap();
+    std::fs::write(cache.join("models--acme--letters/refs/main"), commit).unwrap();
+    let run = |model: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_packsft"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("HF_HUB_CACHE", &cache)
+            .args([
+                "eval",
+                "recipes/quickstart.yaml",
+                &format!("model.path={model}"),
+                "model.config=null",
+                "model.tokenizer=null",
+            ])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, by_id, stderr) = run("acme/letters");
+    assert!(ok, "{stderr}");
+    let (ok, by_path, stderr) = run(&base.display().to_string());
+    assert!(ok, "{stderr}");
+    assert_eq!(by_id.lines().last(), by_path.lines().last());
+    let (ok, _, stderr) = run("acme/absent@main");
+    assert!(
+        !ok && stderr.contains("model.path: acme/absent@main is not in the Hugging Face cache"),
+        "{stderr}"
+    );
+}
