@@ -436,8 +436,11 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         run.progress.finish();
         if let Some(dir) = &self.config.output_dir {
             let rows = |key| run.metrics.rows_of(key);
+            // The run's name: its output directory's.
+            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
             crate::train::plot::loss_curve(
                 &dir.join("loss.png"),
+                name.as_deref().unwrap_or("run"),
                 &rows("loss"),
                 &rows("eval_loss"),
             )?;
