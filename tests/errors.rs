@@ -431,14 +431,7 @@ fn generate_names_the_position_limit_and_output_dir_must_be_a_directory() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("m");
     let out_s = out.display().to_string();
-    let (ok, _, stderr) = common::packsft(&[
-        "train",
-        "recipes/quickstart.yaml",
-        "train.max_steps=1",
-        "train.eval_steps=0",
-        "data.eval=null",
-        &format!("output_dir={out_s}"),
-    ]);
+    let (ok, stderr) = common::train_quickstart(&out, 1, &[]);
     assert!(ok, "{stderr}");
     // max_position_embeddings is 256: a prompt of 300 letters has more tokens than that.
     let long = "a ".repeat(300);
@@ -464,14 +457,7 @@ fn generate_names_the_position_limit_and_output_dir_must_be_a_directory() {
     // An output_dir that is a file.
     let file = d.path().join("a-file");
     std::fs::write(&file, "x").unwrap();
-    let (ok, _, stderr) = common::packsft(&[
-        "train",
-        "recipes/quickstart.yaml",
-        "train.max_steps=1",
-        "train.eval_steps=0",
-        "data.eval=null",
-        &format!("output_dir={}", file.display()),
-    ]);
+    let (ok, stderr) = common::train_quickstart(&file, 1, &[]);
     assert!(
         !ok && stderr.contains("is a file, not a directory"),
         "{stderr}"

@@ -75,14 +75,7 @@ fn a_recipe_reads_a_model_by_repo_id_from_the_cache() {
     // A tiny model "downloaded" into a cache: the quickstart's tokenizer beside a one-step model.
     let d = tempfile::tempdir().unwrap();
     let base = d.path().join("base");
-    let (ok, _, stderr) = common::packsft(&[
-        "train",
-        "recipes/quickstart.yaml",
-        "train.max_steps=1",
-        "train.eval_steps=0",
-        "data.eval=null",
-        &format!("output_dir={}", base.display()),
-    ]);
+    let (ok, stderr) = common::train_quickstart(&base, 1, &[]);
     assert!(ok, "{stderr}");
     let cache = d.path().join("hf/hub");
     let commit = "1111111111111111111111111111111111111111";

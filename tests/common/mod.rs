@@ -173,3 +173,23 @@ pub fn assert_same_safetensors(a: &std::path::Path, b: &std::path::Path, what: &
         assert_eq!(max_abs_diff(t, &saved[k]), 0.0, "{what} {k}");
     }
 }
+
+/// `packsft train` on the quickstart recipe for `steps` steps without evaluation into `out`,
+/// plus `extra` overrides: (success, stderr).
+pub fn train_quickstart(out: &std::path::Path, steps: usize, extra: &[&str]) -> (bool, String) {
+    let (steps, out) = (
+        format!("train.max_steps={steps}"),
+        format!("output_dir={}", out.display()),
+    );
+    let mut args = vec![
+        "train",
+        "recipes/quickstart.yaml",
+        &steps,
+        "train.eval_steps=0",
+        "data.eval=null",
+        &out,
+    ];
+    args.extend_from_slice(extra);
+    let (ok, _, stderr) = packsft(&args);
+    (ok, stderr)
+}
