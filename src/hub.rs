@@ -120,7 +120,12 @@ pub fn resolve(p: &Path) -> Result<PathBuf> {
         return Ok(p.to_path_buf());
     }
     match p.to_str().and_then(RepoId::parse) {
-        Some(id) => snapshot_in(&cache_dir(), &id),
+        Some(id) => snapshot_in(&cache_dir(), &id).map_err(|e| {
+            Error::Config(format!(
+                "{} is no local file or directory, and as a Hub repo id: {e}",
+                p.display()
+            ))
+        }),
         None => Ok(p.to_path_buf()),
     }
 }
