@@ -117,7 +117,10 @@ fn a_recipe_reads_a_model_by_repo_id_from_the_cache() {
     assert_eq!(by_id.lines().last(), by_path.lines().last());
     let (ok, _, stderr) = run("acme/absent@main");
     assert!(
-        !ok && stderr.contains("model.path: acme/absent@main is not in the Hugging Face cache"),
+        !ok && stderr.contains(
+            "model.path: acme/absent@main is no local file or directory, and as a Hub repo id: \
+             acme/absent@main is not in the Hugging Face cache"
+        ),
         "{stderr}"
     );
 }
