@@ -381,3 +381,115 @@ fn training_writes_tensorboard_events() {
         .all(|r| has(r, "train/loss") && has(r, "train/grad_norm")));
     assert!(has(records[5], "eval/loss") && has(records[5], "eval/accuracy"));
 }
+
+/// `generate` samples reproducibly by seed, stops at stop strings, and reads prompts and chats
+/// from a JSONL file into one (chats through the tokenizer's chat template).
+#[test]
+fn generate_samples_stops_and_reads_and_writes_files() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("m");
+    let (ok, stderr) = common::train_quickstart(&out, 30, &[]);
+    assert!(ok, "{stderr}");
+    let dir = out.display().to_string();
+    let gen = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            &dir,
+            "--prompt",
+            "Task: sort\nInput: c a b\nOutput:",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, stdout, stderr) = packsft(&args);
+        assert!(ok, "{stderr}");
+        stdout
+    };
+    let greedy = gen(&[]);
+    assert_eq!(gen(&["--temperature", "0"]), greedy);
+    assert_eq!(gen(&["--temperature", "1", "--top-k", "1"]), greedy);
+    let a = gen(&[
+        "--temperature",
+        "1.5",
+        "--seed",
+        "7",
+        "--max-new-tokens",
+        "24",
+    ]);
+    assert_eq!(
+        a,
+        gen(&[
+            "--temperature",
+            "1.5",
+            "--seed",
+            "7",
+            "--max-new-tokens",
+            "24"
+        ])
+    );
+    let others: Vec<String> = (8..12)
+        .map(|s| {
+            gen(&[
+                "--temperature",
+                "1.5",
+                "--seed",
+                &s.to_string(),
+                "--max-new-tokens",
+                "24",
+            ])
+        })
+        .collect();
+    assert!(
+        others.iter().any(|o| *o != a),
+        "seeds should matter: {a:?} {others:?}"
+    );
+    // A stop string that the greedy continuation contains cuts it there.
+    let cont = greedy.trim_end_matches('\n');
+    let cont = &cont["Task: sort\nInput: c a b\nOutput:".len()..];
+    if let Some(ch) = cont.chars().nth(2) {
+        let stop = ch.to_string();
+        let cut = gen(&["--stop", &stop]);
+        let want = &cont[..cont.find(&stop).unwrap()];
+        assert_eq!(
+            cut.trim_end_matches('\n'),
+            format!("Task: sort\nInput: c a b\nOutput:{want}")
+        );
+    }
+    // Files: a prompt row and a chat row (a chat template beside the tokenizer).
+    std::fs::write(
+        out.join("chat_template.jinja"),
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}",
+    )
+    .unwrap();
+    let input = d.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"prompt\": \"Task: copy\\nInput: a b\\nOutput:\"}\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"id\": 7}\n",
+    )
+    .unwrap();
+    let output = d.path().join("out.jsonl");
+    let (ok, _, stderr) = packsft(&[
+        "generate",
+        &dir,
+        "--input",
+        &input.display().to_string(),
+        "--output",
+        &output.display().to_string(),
+        "--max-new-tokens",
+        "6",
+    ]);
+    assert!(ok, "{stderr}");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert!(rows[0]["completion"].is_string() && rows[1]["completion"].is_string());
+    assert_eq!(rows[1]["id"], 7);
+    // A bad row names its line.
+    std::fs::write(&input, "{\"prompt\": \"x\"}\n{\"text\": 1}\n").unwrap();
+    let (ok, _, stderr) = packsft(&["generate", &dir, "--input", &input.display().to_string()]);
+    assert!(
+        !ok && stderr.contains("in.jsonl:2") && stderr.contains("`prompt`"),
+        "{stderr}"
+    );
+}

@@ -1,27 +1,133 @@
-//! Greedy decoding, so a user can see what a model learned.
+//! Decoding, so a user can see what a model learned: greedy (temperature 0) or sampled
+//! (temperature, top-k, top-p, a seed), stopping at EOS, a stop string or the token budget, from
+//! a plain prompt or a chat rendered with the tokenizer's chat template. The whole sequence is
+//! recomputed for each token (no KV cache): this serves spot checks and small models, not
+//! serving.
 
 use candle_core::D;
+use rand::{Rng, SeedableRng};
 
 use crate::collate::{Collator, CompletionOnlyCollator};
+use crate::data::template::{special_tokens, tokenizer_chat_template, Template};
 use crate::data::tokenizer::TextTokenizer;
 use crate::data::Example;
 use crate::error::{Error, Result};
 use crate::model::DecoderModel;
 
-/// Continues `prompt` greedily for up to `max_new_tokens`, stopping at EOS; returns the new
-/// text only. The whole sequence is recomputed each token (no KV cache): this serves small
-/// models and spot checks, not serving.
-pub fn greedy(
-    model: &DecoderModel,
-    tok: &TextTokenizer,
-    prompt: &str,
-    max_new_tokens: usize,
-) -> Result<String> {
+/// How the next token is chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    /// 0: greedy (arg-max, the first of equal maxima); otherwise logits are divided by it.
+    pub temperature: f64,
+    /// Keep only the `k` most likely tokens.
+    pub top_k: Option<usize>,
+    /// Keep the most likely tokens whose probabilities sum to at least `p` (nucleus).
+    pub top_p: Option<f64>,
+    /// Seed of the draws: the same seed, model and prompt give the same text.
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+        }
+    }
+}
+
+/// What `generate` does.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerateOptions {
+    /// New tokens at most.
+    pub max_new_tokens: usize,
+    /// How tokens are chosen.
+    pub sampling: Sampling,
+    /// Stop (and cut the text) where any of these appears in the new text.
+    pub stop: Vec<String>,
+}
+
+/// The token ids of `prompt`: BOS (where the tokenizer adds one) and the encoded text.
+pub fn prompt_ids(tok: &TextTokenizer, prompt: &str) -> Result<Vec<u32>> {
     let mut ids = Vec::new();
     if tok.add_bos {
         ids.extend(tok.bos_id);
     }
     ids.extend(tok.encode(prompt)?);
+    Ok(ids)
+}
+
+/// The token ids of a chat: `messages` (`{role, content}` objects) rendered by the tokenizer's
+/// chat template with the generation prompt, as `apply_chat_template(add_generation_prompt=True)`
+/// (the template writes BOS itself).
+pub fn chat_ids(tok: &TextTokenizer, messages: &[serde_json::Value]) -> Result<Vec<u32>> {
+    let source = tokenizer_chat_template(tok)?;
+    let t = Template::from_source("tokenizer chat_template", &source, special_tokens(tok))?;
+    let msgs: Vec<minijinja::Value> = messages
+        .iter()
+        .map(minijinja::Value::from_serialize)
+        .collect();
+    let text = t
+        .render_chat(&msgs, true)
+        .map_err(|e| Error::Config(e.to_string()))?;
+    tok.encode(&text)
+}
+
+/// Picks the next token from `logits` (float32, one row).
+fn pick(logits: &[f32], s: &Sampling, rng: &mut rand_chacha::ChaCha8Rng) -> u32 {
+    if s.temperature <= 0.0 || s.top_k == Some(1) {
+        let mut best = 0;
+        for (i, &l) in logits.iter().enumerate() {
+            if l > logits[best] {
+                best = i;
+            }
+        }
+        return best as u32;
+    }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if let Some(k) = s.top_k {
+        order.truncate(k.max(1));
+    }
+    let top = logits[order[0]] as f64;
+    let mut p: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logits[i] as f64 - top) / s.temperature).exp())
+        .collect();
+    let total: f64 = p.iter().sum();
+    p.iter_mut().for_each(|x| *x /= total);
+    if let Some(top_p) = s.top_p {
+        let mut acc = 0.0;
+        let keep = p
+            .iter()
+            .position(|&x| {
+                acc += x;
+                acc >= top_p
+            })
+            .map_or(p.len(), |i| i + 1);
+        p.truncate(keep);
+        order.truncate(keep);
+    }
+    let total: f64 = p.iter().sum();
+    let mut u = rng.gen::<f64>() * total;
+    for (&i, &x) in order.iter().zip(&p) {
+        if u < x {
+            return i as u32;
+        }
+        u -= x;
+    }
+    *order.last().expect("at least one token") as u32
+}
+
+/// Continues the token ids `ids` as `opts` says; returns the new text only.
+pub fn generate(
+    model: &DecoderModel,
+    tok: &TextTokenizer,
+    mut ids: Vec<u32>,
+    opts: &GenerateOptions,
+) -> Result<String> {
     let prompt_len = ids.len();
     let collator = CompletionOnlyCollator::padding_free(tok.pad_or_eos());
     let limit = model.max_positions();
@@ -31,7 +137,8 @@ pub fn greedy(
              max_position_embeddings = {limit}"
         )));
     }
-    for _ in 0..max_new_tokens {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.sampling.seed);
+    for _ in 0..opts.max_new_tokens {
         if ids.len() >= limit {
             tracing::warn!(
                 "generation stopped at the model's max_position_embeddings = {limit} after {} \
@@ -44,15 +151,89 @@ pub fn greedy(
         let batch = collator.collate(&[ex], model.device())?;
         let h = model.hidden_states(&batch)?;
         let last = h.narrow(0, ids.len() - 1, 1)?;
-        let next = model
-            .logits(&last)?
-            .argmax(D::Minus1)?
-            .flatten_all()?
-            .to_vec1::<u32>()?[0];
+        let logits = model.logits(&last)?;
+        let next = if opts.sampling.temperature <= 0.0 {
+            // The device's arg-max: the first of equal maxima, nothing copied to the host.
+            logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?[0]
+        } else {
+            let row = logits
+                .to_dtype(candle_core::DType::F32)?
+                .squeeze(0)?
+                .to_vec1::<f32>()?;
+            pick(&row, &opts.sampling, &mut rng)
+        };
         if Some(next) == tok.eos_id {
             break;
         }
         ids.push(next);
+        if !opts.stop.is_empty() {
+            let text = tok.decode(&ids[prompt_len..])?;
+            if let Some(cut) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                return Ok(text[..cut].to_string());
+            }
+        }
     }
     tok.decode(&ids[prompt_len..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rng() -> rand_chacha::ChaCha8Rng {
+        rand_chacha::ChaCha8Rng::seed_from_u64(5)
+    }
+
+    #[test]
+    fn greedy_top_one_and_filters_pick_as_they_say() {
+        let logits = [0.1f32, 2.0, 1.9, -1.0];
+        let greedy = Sampling::default();
+        assert_eq!(pick(&logits, &greedy, &mut rng()), 1);
+        let top1 = Sampling {
+            temperature: 1.0,
+            top_k: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(pick(&logits, &top1, &mut rng()), 1);
+        // top-k 2: only tokens 1 and 2 are ever drawn; with a tiny top-p only token 1.
+        let top2 = Sampling {
+            temperature: 1.0,
+            top_k: Some(2),
+            ..Default::default()
+        };
+        let mut r = rng();
+        let drawn: std::collections::BTreeSet<u32> =
+            (0..200).map(|_| pick(&logits, &top2, &mut r)).collect();
+        assert_eq!(drawn, [1, 2].into());
+        let nucleus = Sampling {
+            temperature: 1.0,
+            top_p: Some(0.1),
+            ..Default::default()
+        };
+        let mut r = rng();
+        assert!((0..50).all(|_| pick(&logits, &nucleus, &mut r) == 1));
+    }
+
+    #[test]
+    fn sampling_follows_the_softmax_at_its_temperature() {
+        // Two tokens whose logits differ by ln 3 at temperature 1: drawn 3:1.
+        let logits = [(3f32).ln(), 0.0];
+        let s = Sampling {
+            temperature: 1.0,
+            ..Default::default()
+        };
+        let mut r = rng();
+        let n = 20_000;
+        let first = (0..n).filter(|_| pick(&logits, &s, &mut r) == 0).count();
+        let share = first as f64 / n as f64;
+        assert!((share - 0.75).abs() < 0.015, "{share}");
+        // At temperature 0.5 the odds square: 9:1.
+        let s = Sampling {
+            temperature: 0.5,
+            ..Default::default()
+        };
+        let first = (0..n).filter(|_| pick(&logits, &s, &mut r) == 0).count();
+        let share = first as f64 / n as f64;
+        assert!((share - 0.9).abs() < 0.015, "{share}");
+    }
 }
