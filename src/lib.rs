@@ -45,7 +45,7 @@ pub use data::{
 pub use device::open as open_device;
 pub use error::{Error, Result};
 pub use model::{
-    ArchSpec, ComputeOptions, DecoderModel, EvalSums, LossScale, LossSum, Model, Param,
+    ArchSpec, ComputeOptions, DecoderModel, EvalSums, KvCache, LossScale, LossSum, Model, Param,
 };
 pub use nn::attention::AttentionImpl;
 pub use recipe::Recipe;

@@ -669,3 +669,46 @@ fn the_pad_tokens_embedding_row_gets_no_gradient_from_lookups() {
     assert_eq!(with_pad, without);
     assert!(sq_norm(&g.get(5).unwrap()) > 0.0);
 }
+
+/// Decoding with a KV cache gives, position by position, the logits of the full forward (the
+/// forward `logits_loss_and_gradients_match_transformers` pins to transformers), for every family
+/// but LongRoPE's, which the cache refuses.
+#[test]
+fn kv_cache_decoding_equals_the_full_forward() {
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for dir in fixtures() {
+        let fam = name(&dir);
+        let r = reference(&dir);
+        let model = DecoderModel::from_pretrained(&dir, &Device::Cpu).unwrap();
+        let ids = r.examples[0].input_ids.clone();
+        let batch = CompletionOnlyCollator::padding_free(0)
+            .collate(
+                &[Example::new(ids.clone(), vec![false; ids.len()])],
+                &Device::Cpu,
+            )
+            .unwrap();
+        let full = model.all_logits(&batch).unwrap();
+        let mut cache = model.kv_cache();
+        if model.spec.rope.long.is_some() {
+            assert!(model.decode(&ids[..1], &mut cache).is_err(), "{fam}");
+            continue;
+        }
+        // A prompt of a third, then one token at a time.
+        let split = (ids.len() / 3).max(1);
+        let mut steps = vec![(0, split)];
+        steps.extend((split..ids.len()).map(|i| (i, i + 1)));
+        for (a, b) in steps {
+            let got = model.decode(&ids[a..b], &mut cache).unwrap();
+            let want = full.narrow(0, b - 1, 1).unwrap();
+            let d = common::max_abs_diff(&got, &want);
+            if d > 1e-4 {
+                failures.push(format!("{fam} position {}: max abs diff {d:e}", b - 1));
+            }
+        }
+        assert_eq!(cache.len(), ids.len());
+        checked += 1;
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(checked, 16, "every fixture but phi3_longrope");
+}

@@ -1,8 +1,8 @@
 //! Decoding, so a user can see what a model learned: greedy (temperature 0) or sampled
 //! (temperature, top-k, top-p, a seed), stopping at EOS, a stop string or the token budget, from
-//! a plain prompt or a chat rendered with the tokenizer's chat template. The whole sequence is
-//! recomputed for each token (no KV cache): this serves spot checks and small models, not
-//! serving.
+//! a plain prompt or a chat rendered with the tokenizer's chat template. The prompt runs once and
+//! each new token one position, through the model's KV cache (`DecoderModel::decode`); LongRoPE
+//! models recompute the sequence for each token.
 
 use candle_core::D;
 use rand::{Rng, SeedableRng};
@@ -138,6 +138,9 @@ pub fn generate(
         )));
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.sampling.seed);
+    // With a KV cache: the prompt once, then one position a token. LongRoPE picks its table by
+    // the whole length, so those models recompute the sequence for each token.
+    let mut cache = model.spec.rope.long.is_none().then(|| model.kv_cache());
     for _ in 0..opts.max_new_tokens {
         if ids.len() >= limit {
             tracing::warn!(
@@ -147,11 +150,18 @@ pub fn generate(
             );
             break;
         }
-        let ex = Example::new(ids.clone(), vec![false; ids.len()]);
-        let batch = collator.collate(&[ex], model.device())?;
-        let h = model.hidden_states(&batch)?;
-        let last = h.narrow(0, ids.len() - 1, 1)?;
-        let logits = model.logits(&last)?;
+        let logits = match cache.as_mut() {
+            Some(c) => {
+                let done = c.len();
+                model.decode(&ids[done..], c)?
+            }
+            None => {
+                let ex = Example::new(ids.clone(), vec![false; ids.len()]);
+                let batch = collator.collate(&[ex], model.device())?;
+                let h = model.hidden_states(&batch)?;
+                model.logits(&h.narrow(0, ids.len() - 1, 1)?)?
+            }
+        };
         let next = if opts.sampling.temperature <= 0.0 {
             // The device's arg-max: the first of equal maxima, nothing copied to the host.
             logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?[0]

@@ -15,7 +15,7 @@ use crate::collate::TrainBatch;
 use crate::error::{Error, Result};
 
 pub use crate::nn::param::Param;
-pub use decoder::{ComputeOptions, DecoderModel};
+pub use decoder::{ComputeOptions, DecoderModel, KvCache};
 pub use spec::ArchSpec;
 
 /// The summed loss of a batch and the number of target tokens it sums over. Summing (not

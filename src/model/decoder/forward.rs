@@ -30,10 +30,21 @@ impl Layer {
         x: &Tensor,
         ctx: &FwdCtx,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        self.forward_with(spec, x, |h| self.attention(spec, h, ctx))
+    }
+
+    /// [`Layer::forward`] with the attention block given: the residual structure is the same
+    /// whether the attention reads the whole sequence or a KV cache (`cache.rs`).
+    pub(super) fn forward_with(
+        &self,
+        spec: &ArchSpec,
+        x: &Tensor,
+        attention: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let rm = spec.residual_multiplier;
         let scaled = |t: Tensor| -> Result<Tensor> { Ok(if rm != 1.0 { (t * rm)? } else { t }) };
         let h1 = self.norm1.fwd(x)?;
-        let a = self.attention(spec, &h1, ctx)?;
+        let a = attention(&h1)?;
         Ok(match spec.block {
             Block::Sequential => {
                 let x = (x + scaled(a)?)?;
@@ -59,6 +70,20 @@ impl Layer {
 
     /// The attention block: h (N, H) → (N, H); every sequence attends only to itself (`ctx.plan`).
     pub(super) fn attention(&self, s: &ArchSpec, h: &Tensor, ctx: &FwdCtx) -> Result<Tensor> {
+        let (q, k, v) = self.qkv(s, h, ctx)?;
+        let a = ctx.plan.attend(&q, &k, &v, s.attn_scale)?;
+        self.o.fwd(&a)
+    }
+
+    /// q, k and v of the attention block for h (N, H): projected, clipped and normed as the
+    /// family does, q and k rotated by the context's positions. (N, heads, d) and
+    /// (N, kv_heads, d) each.
+    pub(super) fn qkv(
+        &self,
+        s: &ArchSpec,
+        h: &Tensor,
+        ctx: &FwdCtx,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (n, nh, nkv, d) = (ctx.n, s.heads, s.kv_heads, s.head_dim);
         let (q, k, v) = match &self.qkv {
             Qkv::Separate(q, k, v) => (q.fwd(h)?, k.fwd(h)?, v.fwd(h)?),
@@ -80,8 +105,7 @@ impl Layer {
         }
         let q = kernels::apply_rope(&q, &ctx.cos, &ctx.sin)?;
         let k = kernels::apply_rope(&k, &ctx.cos, &ctx.sin)?;
-        let a = ctx.plan.attend(&q, &k, &v, s.attn_scale)?;
-        self.o.fwd(&a)
+        Ok((q, k, v))
     }
 }
 

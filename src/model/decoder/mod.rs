@@ -20,12 +20,14 @@ use crate::nn::ops::{weighted_sum, RopeTable};
 use crate::nn::param::add_grads;
 
 mod backward;
+mod cache;
 mod copies;
 mod forward;
 mod init;
 mod parts;
 
 use backward::{embed_lookup, hand_written_run, layers_node, lm_head_nll_node, lm_head_node};
+pub use cache::KvCache;
 use forward::router_aux;
 use init::{Builder, Init, Source};
 use parts::{CopyVars, FwdCtx, Layer, Lin, Norm, Qkv};

@@ -1,0 +1,210 @@
+//! Decoding with a KV cache: each layer keeps the keys (rotated) and values of every position
+//! decoded so far, so a new token costs one position of every layer instead of the whole
+//! sequence. The same layers and the same attention arithmetic as the full forward
+//! (`Layer::forward_with`, `Layer::qkv`): the new queries see the cached keys causally (and within
+//! the sliding window), as the eager attention's mask lets them.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::parts::{FwdCtx, Layer};
+use super::DecoderModel;
+use crate::collate::SeqLayout;
+use crate::error::{Error, Result};
+use crate::model::spec::ArchSpec;
+use crate::nn::attention::AttnPlan;
+use crate::nn::ops::softmax_last;
+
+/// The keys and values of the positions decoded so far, per layer.
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing was decoded yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Attention of `q` (n, heads, d) at positions `start..start + n` against every key of the
+/// cache (T, kv_heads, d), causal and within `window`, with `scale`.
+fn attend_cached(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    start: usize,
+    window: Option<usize>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (n, nh, d) = q.dims3()?;
+    let (t, nkv, _) = k.dims3()?;
+    let group = nh / nkv;
+    let widen = |x: &Tensor| -> Result<Tensor> {
+        Ok(x.to_dtype(DType::F32)?
+            .unsqueeze(2)?
+            .broadcast_as((t, nkv, group, d))?
+            .reshape((t, nh, d))?
+            .transpose(0, 1)?
+            .contiguous()?)
+    };
+    let (k, v) = (widen(k)?, widen(v)?);
+    let q = q.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?;
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let mut mask = vec![0f32; n * t];
+    for i in 0..n {
+        let pos = start + i;
+        for j in 0..t {
+            if j > pos || window.is_some_and(|w| pos - j >= w) {
+                mask[i * t + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    let mask = Tensor::from_vec(mask, (1, n, t), q.device())?;
+    let p = softmax_last(&scores.broadcast_add(&mask)?)?;
+    Ok(p.matmul(&v)?.transpose(0, 1)?.reshape((n, nh * d))?)
+}
+
+impl Layer {
+    /// [`Layer::attention`] for the new positions of `ctx` (starting at `start`), their keys and
+    /// values appended to `slot` first.
+    fn attention_cached(
+        &self,
+        s: &ArchSpec,
+        h: &Tensor,
+        ctx: &FwdCtx,
+        start: usize,
+        slot: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.qkv(s, h, ctx)?;
+        let (k, v) = match slot.take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 0)?, Tensor::cat(&[&pv, &v], 0)?),
+        };
+        let a = attend_cached(&q, &k, &v, start, s.sliding_window, s.attn_scale)?;
+        *slot = Some((k, v));
+        self.o.fwd(&a.to_dtype(h.dtype())?)
+    }
+}
+
+impl DecoderModel {
+    /// An empty cache for this model.
+    pub fn kv_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.layers.len()],
+            len: 0,
+        }
+    }
+
+    /// Runs the tokens `ids` at the positions after those `cache` holds, appending their keys and
+    /// values, and returns the logits (1, vocab) of the last of them. Refused for LongRoPE
+    /// (whose table depends on the whole sequence's length, which a cache cannot know ahead).
+    pub fn decode(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        if self.spec.rope.long.is_some() {
+            return Err(Error::Config(
+                "decoding with a KV cache does not support LongRoPE (phi3 long context); \
+                 recompute the sequence instead"
+                    .into(),
+            ));
+        }
+        let (start, n) = (cache.len, ids.len());
+        if n == 0 {
+            return Err(Error::Config("decode: no token to run".into()));
+        }
+        if start + n > self.spec.max_positions {
+            return Err(Error::Config(format!(
+                "decode: {} positions exceed max_position_embeddings = {}",
+                start + n,
+                self.spec.max_positions
+            )));
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.spec.vocab) {
+            return Err(Error::Config(format!(
+                "decode: token id {id} is outside the model's vocabulary (size {})",
+                self.spec.vocab
+            )));
+        }
+        let dev: &Device = &self.device;
+        let positions: Vec<u32> = (start..start + n).map(|p| p as u32).collect();
+        let (cos, sin) = self
+            .rope
+            .gather(&Tensor::new(positions.as_slice(), dev)?, self.compute.dtype)?;
+        let layout = SeqLayout::Packed {
+            cu_seqlens: vec![0, n],
+            max_seqlen: n,
+        };
+        let ctx = FwdCtx {
+            ids: Tensor::new(ids, dev)?,
+            cos,
+            sin,
+            // Unused by the cached attention; the context carries one.
+            plan: AttnPlan::new(&layout, n, None, dev, false)?,
+            n,
+            real_rows: None,
+        };
+        let mut x = self.embed_fwd(&ctx)?.detach();
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let (y, _) = layer.forward_with(&self.spec, &x, |h| {
+                layer.attention_cached(&self.spec, h, &ctx, start, slot)
+            })?;
+            x = y.detach();
+        }
+        cache.len += n;
+        let last = self.final_norm.fwd(&x.narrow(0, n - 1, 1)?)?;
+        Ok(self.logits(&last)?.detach())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::D;
+
+    /// The cached attention of the last position equals a row of the full causal attention.
+    #[test]
+    fn cached_attention_matches_the_full_causal_attention() {
+        let dev = Device::Cpu;
+        let rand = |shape: (usize, usize, usize), seed: f32| {
+            let n = shape.0 * shape.1 * shape.2;
+            let v: Vec<f32> = (0..n).map(|i| ((i as f32 + 1.0) * seed).sin()).collect();
+            Tensor::from_vec(v, shape, &dev).unwrap()
+        };
+        let (t, nh, nkv, d) = (7, 4, 2, 8);
+        let (q, k, v) = (
+            rand((t, nh, d), 0.3),
+            rand((t, nkv, d), 0.7),
+            rand((t, nkv, d), 1.1),
+        );
+        for window in [None, Some(3)] {
+            let full = attend_cached(&q, &k, &v, 0, window, 0.35).unwrap();
+            for start in [0, 3, 6] {
+                let part = attend_cached(
+                    &q.narrow(0, start, t - start).unwrap(),
+                    &k,
+                    &v,
+                    start,
+                    window,
+                    0.35,
+                )
+                .unwrap();
+                let want = full.narrow(0, start, t - start).unwrap();
+                let diff = (part - want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(D::Minus1)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(diff < 1e-6, "window {window:?} start {start}: {diff}");
+            }
+        }
+    }
+}
