@@ -48,7 +48,7 @@ pub use model::{
     ArchSpec, ComputeOptions, DecoderModel, EvalSums, KvCache, LossScale, LossSum, Model, Param,
 };
 pub use nn::attention::AttentionImpl;
-pub use recipe::Recipe;
+pub use recipe::{MixSource, Recipe, TrainData};
 pub use train::{
     evaluate, AdamWConfig, Callback, Control, EarlyStopping, EvalMetrics, EvalResult, LrSchedule,
     PendingStep, Schedule, StepGrads, StepMetrics, TensorBoard, TrainSummary, Trainer,

@@ -493,3 +493,78 @@ fn generate_samples_stops_and_reads_and_writes_files() {
         "{stderr}"
     );
 }
+
+/// Two sources mixed by weight: a seeded draw in their proportions until the first runs out,
+/// each source read with its own format, the same mix on every load (so a resumed run continues
+/// the same data), and weights checked.
+#[test]
+fn training_sources_mix_by_weight() {
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("a.jsonl");
+    let b = d.path().join("b.jsonl");
+    let rows_a: String = (0..300)
+        .map(|i| {
+            format!(
+                "{{\"prompt\": \"Task: copy\\nInput: a {i}\\nOutput:\", \"completion\": \" a\"}}\n"
+            )
+        })
+        .collect();
+    let rows_b: String = (0..300)
+        .map(|i| format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"b {i}\"}}, {{\"role\": \"assistant\", \"content\": \"b\"}}]}}\n"))
+        .collect();
+    std::fs::write(&a, rows_a).unwrap();
+    std::fs::write(&b, rows_b).unwrap();
+    let recipe = d.path().join("mix.yaml");
+    let base = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/quickstart.yaml"),
+    )
+    .unwrap();
+    let mix = format!(
+        "  train:\n    - {{path: {}, weight: 0.75}}\n    - {{path: {}, weight: 0.25, format: messages, template: qwen2}}\n",
+        a.display(),
+        b.display()
+    );
+    let text = base.replace("  train: recipes/quickstart/train.jsonl\n", &mix);
+    assert_ne!(text, base);
+    std::fs::write(&recipe, text).unwrap();
+    let inspect = || {
+        let (ok, stdout, stderr) = packsft(&[
+            "inspect",
+            &recipe.display().to_string(),
+            "--json",
+            "--n",
+            "1000",
+        ]);
+        assert!(ok, "{stderr}");
+        stdout
+    };
+    let first = inspect();
+    assert_eq!(first, inspect(), "the mix is the same on every load");
+    let rows: Vec<String> = first
+        .lines()
+        .flat_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["rows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let from_a = rows.iter().filter(|r| r.contains("a.jsonl")).count();
+    let from_b = rows.iter().filter(|r| r.contains("b.jsonl")).count();
+    // The first exhausted is a (300 rows at 3/4 of the draws): about 100 from b.
+    assert_eq!(from_a, 300, "{from_a} {from_b}");
+    assert!((60..=140).contains(&from_b), "{from_a} {from_b}");
+    // Bad weights are named.
+    let bad = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("weight: 0.25", "weight: 0");
+    std::fs::write(&recipe, bad).unwrap();
+    let (ok, _, stderr) = packsft(&["inspect", &recipe.display().to_string()]);
+    assert!(
+        !ok && stderr.contains("data.train[1]") && stderr.contains("weight 0"),
+        "{stderr}"
+    );
+}

@@ -13,14 +13,19 @@ fn every_shipped_recipe_parses() {
         }
         let r = packsft::Recipe::load(&p, &[]).unwrap_or_else(|e| panic!("{e}"));
         // Paths in recipes are relative to the repository root (where the README runs them).
-        for f in [
-            Some(&r.data.train),
-            r.data.eval.as_ref(),
-            r.model.tokenizer.as_ref(),
-            r.model.path.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
+        let train = match &r.data.train {
+            packsft::TrainData::Path(p) => vec![p.clone()],
+            packsft::TrainData::Mix(sources) => sources.iter().map(|s| s.path.clone()).collect(),
+        };
+        for f in train
+            .iter()
+            .map(Some)
+            .chain([
+                r.data.eval.as_ref(),
+                r.model.tokenizer.as_ref(),
+                r.model.path.as_ref(),
+            ])
+            .flatten()
         {
             assert!(
                 root.join(f).exists(),

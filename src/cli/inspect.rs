@@ -315,7 +315,12 @@ pub fn bench_data(recipe: &Recipe, repeat: usize, threads: Option<usize>) -> Res
         if let Some(n) = threads {
             pipe = pipe.with_threads(n);
         }
-        let ds = pipe.load(&recipe.data.train)?;
+        let crate::recipe::TrainData::Path(train) = &recipe.data.train else {
+            return Err(Error::Config(
+                "bench-data reads one source: set data.train to a path".into(),
+            ));
+        };
+        let ds = pipe.load(train)?;
         let mut batches = 0;
         for chunk in ds.examples.chunks(bs) {
             let b = collator.collate(chunk, &Device::Cpu)?;

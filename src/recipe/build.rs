@@ -10,10 +10,10 @@ use candle_core::Device;
 
 use crate::collate::CompletionOnlyCollator;
 use crate::data::tokenizer::TextTokenizer;
-use crate::data::{Dataset, LoadOptions, Pipeline};
+use crate::data::{Dataset, Example, LoadOptions, Pipeline};
 use crate::error::{Error, Result};
 use crate::model::{ComputeOptions, DecoderModel, Model};
-use crate::recipe::Recipe;
+use crate::recipe::{Recipe, TrainData};
 use crate::train::callback::{Callback, EarlyStopping};
 use crate::train::AdamWConfig;
 use crate::train::{TrainSummary, Trainer, TrainerConfig};
@@ -397,25 +397,98 @@ pub fn load_recipe_data(
         truncation: d.truncation,
         vocab_size,
     };
-    let mut pipe = Pipeline::new(tok, recipe.data_spec(), opts)?;
-    if let Some(flag) = stop {
-        pipe = pipe.with_stop(flag.clone());
-    }
-    let (train, eval) = match (&d.eval, d.eval_ratio > 0.0) {
-        (Some(p), _) => (pipe.load(&d.train)?, Some(pipe.load(p)?)),
-        (None, true) => {
-            let seed = d.split_seed.unwrap_or(recipe.train.seed);
-            let (t, e) = pipe.load_split(&d.train, d.eval_ratio, seed)?;
-            (t, Some(e))
-        }
-        (None, false) => (pipe.load(&d.train)?, None),
+    let pipeline = |spec| -> Result<Pipeline> {
+        let pipe = Pipeline::new(tok, spec, opts.clone())?;
+        Ok(match stop {
+            Some(flag) => pipe.with_stop(flag.clone()),
+            None => pipe,
+        })
     };
     let limits = d.limits();
-    for ds in std::iter::once(&train).chain(eval.iter()) {
+    let checked = |ds: Dataset| -> Result<Dataset> {
         ds.report.log(&ds.path);
         ds.report.check(&limits, &ds.path)?;
-    }
+        Ok(ds)
+    };
+    let pipe = pipeline(recipe.data_spec())?;
+    let eval = match &d.eval {
+        Some(p) => Some(checked(pipe.load(p)?)?),
+        None => None,
+    };
+    let train = match &d.train {
+        TrainData::Path(p) if d.eval_ratio > 0.0 => {
+            let seed = d.split_seed.unwrap_or(recipe.train.seed);
+            let (t, e) = pipe.load_split(p, d.eval_ratio, seed)?;
+            return Ok((checked(t)?, Some(checked(e)?)));
+        }
+        TrainData::Path(p) => checked(pipe.load(p)?)?,
+        TrainData::Mix(sources) => {
+            let mut parts = Vec::with_capacity(sources.len());
+            for s in sources {
+                let mut spec = recipe.data_spec();
+                spec.format = s.format.unwrap_or(spec.format);
+                spec.template = s.template.clone().or(spec.template);
+                spec.fields = s.fields.clone().unwrap_or(spec.fields);
+                spec.loss_on = s.loss_on.or(spec.loss_on);
+                parts.push((checked(pipeline(spec)?.load(&s.path)?)?, s.weight));
+            }
+            interleave(parts, recipe.train.seed)
+        }
+    };
     Ok((train, eval))
+}
+
+/// Examples drawn from `parts` in proportion to their weights with a seeded generator, each
+/// source in its own order, until a draw falls on a source with none left (the first exhausted);
+/// as `datasets.interleave_datasets(probabilities=..., stopping_strategy="first_exhausted")`. A
+/// pure function of the sources and the seed, so a resumed run rebuilds the same examples.
+pub fn interleave(parts: Vec<(Dataset, f64)>, seed: u64) -> Dataset {
+    use rand::{Rng, SeedableRng};
+    let total: f64 = parts.iter().map(|(_, w)| w).sum();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut next = vec![0usize; parts.len()];
+    let (mut examples, mut origins) = (Vec::new(), Vec::new());
+    loop {
+        let mut u = rng.gen::<f64>() * total;
+        let i = parts
+            .iter()
+            .position(|(_, w)| {
+                u -= w;
+                u < 0.0
+            })
+            .unwrap_or(parts.len() - 1);
+        let ds = &parts[i].0;
+        if next[i] == ds.examples.len() {
+            break;
+        }
+        examples.push(ds.examples[next[i]].clone());
+        origins.push(ds.origins[next[i]].clone());
+        next[i] += 1;
+    }
+    let taken: Vec<String> = parts
+        .iter()
+        .zip(&next)
+        .map(|((ds, _), n)| format!("{} of {} from {}", n, ds.examples.len(), ds.path.display()))
+        .collect();
+    tracing::info!(examples = examples.len(), "mixed: {}", taken.join(", "));
+    let mut report = crate::data::DataReport::default();
+    report.examples = examples.len();
+    report.rows = examples.len();
+    report.tokens = examples.iter().map(Example::len).sum();
+    report.target_tokens = examples.iter().map(Example::n_targets).sum();
+    Dataset {
+        path: std::path::PathBuf::from(format!(
+            "mix of {}",
+            parts
+                .iter()
+                .map(|(d, _)| d.path.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" + ")
+        )),
+        examples,
+        origins,
+        report,
+    }
 }
 
 /// The collator a recipe describes (as `app::prepare` builds it).

@@ -74,8 +74,9 @@ fn default_max_dropped_fraction() -> Option<f64> {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// A JSONL, JSON or Parquet file, a directory of them, or a glob.
-    pub train: PathBuf,
+    /// A JSONL, JSON or Parquet file, a directory of them, or a glob; or several such sources
+    /// mixed by weight (`[{path: a.jsonl, weight: 0.7}, {path: b.jsonl, weight: 0.3}]`).
+    pub train: TrainData,
     #[serde(default)]
     pub eval: Option<PathBuf>,
     /// Without `eval`: hold out this fraction of the training rows (a seeded draw) for evaluation.
@@ -115,6 +116,46 @@ pub struct DataSection {
     pub max_template_missing_fraction: Option<f64>,
     #[serde(default)]
     pub min_supervised_ratio: Option<f64>,
+}
+
+/// `data.train`: one source, or several interleaved by weight.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TrainData {
+    /// One file, directory or glob.
+    Path(PathBuf),
+    /// Sources drawn from in proportion to their weights (a seeded draw, `train.seed`), until
+    /// the first one runs out: `datasets.interleave_datasets(..., probabilities,
+    /// stopping_strategy="first_exhausted")`.
+    Mix(Vec<MixSource>),
+}
+
+/// One source of a mix: where it is, its weight, and how its rows read where they differ from
+/// the `data:` section's.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MixSource {
+    /// A file, directory or glob.
+    pub path: PathBuf,
+    /// Relative weight (> 0).
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// This source's row format (else `data.format`).
+    #[serde(default)]
+    pub format: Option<Format>,
+    /// This source's template (else `data.template`).
+    #[serde(default)]
+    pub template: Option<String>,
+    /// This source's field mapping (else `data.fields`).
+    #[serde(default)]
+    pub fields: Option<BTreeMap<String, String>>,
+    /// What this source trains on (else `data.loss_on`).
+    #[serde(default)]
+    pub loss_on: Option<LossOn>,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl DataSection {
@@ -546,6 +587,27 @@ impl Recipe {
         }
         if d.eval_ratio > 0.0 && d.eval.is_some() {
             return bad("set data.eval or data.eval_ratio, not both".into());
+        }
+        if let TrainData::Mix(sources) = &d.train {
+            if sources.is_empty() {
+                return bad("data.train is an empty list of sources".into());
+            }
+            if d.eval_ratio > 0.0 {
+                return bad(
+                    "data.eval_ratio splits one source: with a mix of sources set data.eval".into(),
+                );
+            }
+            if let Some((i, s)) = sources
+                .iter()
+                .enumerate()
+                .find(|(_, s)| !(s.weight > 0.0 && s.weight.is_finite()))
+            {
+                return bad(format!(
+                    "data.train[{i}] ({}): weight {} must be a positive number",
+                    s.path.display(),
+                    s.weight
+                ));
+            }
         }
         for (key, v) in [
             ("max_dropped_fraction", d.max_dropped_fraction),
