@@ -471,11 +471,13 @@ pub fn interleave(parts: Vec<(Dataset, f64)>, seed: u64) -> Dataset {
         .map(|((ds, _), n)| format!("{} of {} from {}", n, ds.examples.len(), ds.path.display()))
         .collect();
     tracing::info!(examples = examples.len(), "mixed: {}", taken.join(", "));
-    let mut report = crate::data::DataReport::default();
-    report.examples = examples.len();
-    report.rows = examples.len();
-    report.tokens = examples.iter().map(Example::len).sum();
-    report.target_tokens = examples.iter().map(Example::n_targets).sum();
+    let report = crate::data::DataReport {
+        examples: examples.len(),
+        rows: examples.len(),
+        tokens: examples.iter().map(Example::len).sum(),
+        target_tokens: examples.iter().map(Example::n_targets).sum(),
+        ..Default::default()
+    };
     Dataset {
         path: std::path::PathBuf::from(format!(
             "mix of {}",
