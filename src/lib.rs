@@ -40,7 +40,7 @@ pub use collate::{
 pub use data::tokenizer::TextTokenizer;
 pub use data::{
     load_jsonl, DataLimits, DataReport, DataSpec, Dataset, Example, Format, LoadOptions, LossOn,
-    Pipeline, TokenTemplate, Truncation,
+    Pipeline, TokenCache, TokenTemplate, Truncation,
 };
 pub use device::open as open_device;
 pub use error::{Error, Result};

@@ -669,3 +669,55 @@ fn assistant_tool_calls_are_trained_as_the_template_writes_them() {
         "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\", \"unit\": \"C\"}}<|eot_id|>22 C.<|eot_id|></s>"
     );
 }
+
+/// The tokenization cache: a second load of the same data reads the encoded examples back (it
+/// succeeds even with encoding stopped), a changed file or template is encoded again, and a
+/// damaged cache file is rebuilt.
+#[test]
+fn the_tokenization_cache_serves_unchanged_data_and_only_that() {
+    let d = tempfile::tempdir().unwrap();
+    let cache_dir = d.path().join("cache");
+    let p = write(
+        d.path(),
+        "rows.jsonl",
+        "{\"prompt\": \"Task: copy\\nInput: a b\\nOutput:\", \"completion\": \" a b\"}\n{\"prompt\": \"x\", \"completion\": \" y\"}\n",
+    );
+    let t = tok();
+    let pipe = |stopped: bool, spec: DataSpec| {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(stopped));
+        Pipeline::new(Some(&t), spec, opts(64, Truncation::Error))
+            .unwrap()
+            .with_stop(stop)
+            .with_cache(packsft::TokenCache::new(&cache_dir))
+    };
+    let entries = || std::fs::read_dir(&cache_dir).map_or(0, |r| r.count());
+    let first = pipe(false, DataSpec::default()).load(&p).unwrap();
+    assert_eq!(entries(), 1);
+    let again = pipe(true, DataSpec::default()).load(&p).unwrap();
+    assert_eq!(again.examples, first.examples);
+    assert_eq!(again.report, first.report);
+    let origins = |ds: &Dataset| ds.origins.iter().map(|o| o.to_string()).collect::<Vec<_>>();
+    assert_eq!(origins(&again), origins(&first));
+    // Another template: another key, encoded (so a stopped pipeline fails).
+    let e = pipe(true, spec_template("alpaca"))
+        .load(&p)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("interrupted"), "{e}");
+    // A changed file: encoded again, with its new rows.
+    std::fs::write(&p, "{\"prompt\": \"z\", \"completion\": \" w\"}\n").unwrap();
+    let changed = pipe(false, DataSpec::default()).load(&p).unwrap();
+    assert_eq!(changed.examples.len(), 1);
+    assert_eq!(entries(), 2);
+    // A damaged cache file is encoded again and rewritten.
+    for e in std::fs::read_dir(&cache_dir).unwrap() {
+        std::fs::write(e.unwrap().path(), b"PKSFTTC1 but cut").unwrap();
+    }
+    let rebuilt = pipe(false, DataSpec::default()).load(&p).unwrap();
+    assert_eq!(rebuilt.examples, changed.examples);
+    assert_eq!(
+        pipe(true, DataSpec::default()).load(&p).unwrap().examples,
+        changed.examples
+    );
+}

@@ -14,6 +14,9 @@ pub(crate) struct TrainCmd {
     recipe: PathBuf,
     /// Dotted overrides of recipe keys, e.g. train.max_steps=100
     overrides: Vec<String>,
+    /// Encode the data again instead of reading the tokenization cache (data.cache=false)
+    #[arg(long)]
+    no_cache: bool,
 }
 
 #[derive(Args)]
@@ -23,7 +26,11 @@ pub(crate) struct EvalCmd {
 }
 
 pub(crate) fn train(c: TrainCmd) -> Result<()> {
-    let r = Recipe::load(&c.recipe, &c.overrides)?;
+    let mut overrides = c.overrides.clone();
+    if c.no_cache {
+        overrides.push("data.cache=false".into());
+    }
+    let r = Recipe::load(&c.recipe, &overrides)?;
     // First SIGINT/SIGTERM: checkpoint after the current step and exit; a second one exits at
     // once.
     let stop = Arc::new(AtomicBool::new(false));

@@ -1,5 +1,6 @@
 #![doc = include_str!("README.md")]
 
+mod cache;
 mod encode;
 mod example;
 pub mod masking;
@@ -14,6 +15,7 @@ mod spec;
 pub mod template;
 pub mod tokenizer;
 
+pub use cache::TokenCache;
 pub use example::{Dataset, Example, LoadOptions, Truncation};
 pub use pipeline::{load_jsonl, split_mask, Pipeline};
 pub use report::{DataLimits, DataReport};

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use minijinja::value::{Value, ValueKind};
 
+use super::cache::{KeyHasher, TokenCache};
 use super::example::*;
 use super::masking::TemplateSearch;
 use super::report::DataReport;
@@ -82,6 +83,8 @@ pub struct Pipeline<'a> {
     pub(super) threads: usize,
     /// Set (by a signal handler) to stop reading rows.
     pub(super) stop: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Where encoded datasets are kept between runs, if anywhere.
+    pub(super) cache: Option<TokenCache>,
 }
 
 pub(super) fn cfg_err(msg: impl Into<String>) -> Error {
@@ -175,6 +178,7 @@ impl<'a> Pipeline<'a> {
             markers,
             threads,
             stop: None,
+            cache: None,
         })
     }
 
@@ -182,6 +186,42 @@ impl<'a> Pipeline<'a> {
     pub fn with_threads(mut self, n: usize) -> Self {
         self.threads = n.max(1);
         self
+    }
+
+    /// Keeps encoded datasets in `cache`, keyed by everything that decides them: a second load of
+    /// the same files with the same tokenizer, template and settings reads them back instead of
+    /// encoding again.
+    pub fn with_cache(mut self, cache: TokenCache) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// The cache key of loading `path` (split at `eval_ratio` with `seed`) with this pipeline.
+    fn cache_key(&self, path: &Path, eval_ratio: f64, seed: u64) -> Result<String> {
+        let mut h = KeyHasher::default();
+        // This build: encoding may change between commits of one version.
+        h.part(concat!("packsft tokenized ", env!("CARGO_PKG_VERSION")).as_bytes());
+        if let Ok(exe) = std::env::current_exe() {
+            h.file(&exe)?;
+        }
+        for f in super::source::resolve(path)? {
+            h.file(&f)?;
+        }
+        if let Some(t) = self.tok {
+            h.file(&t.path)?;
+            h.part(format!("{:?}", t.config_json).as_bytes());
+        }
+        if let Some(t) = self
+            .spec
+            .template
+            .as_deref()
+            .map(Path::new)
+            .filter(|p| p.is_file())
+        {
+            h.file(t)?;
+        }
+        h.part(format!("{:?} {:?} {eval_ratio} {seed}", self.spec, self.opts).as_bytes());
+        Ok(h.finish())
     }
 
     /// Stops encoding (with an error) once `flag` is set, e.g. by the first Ctrl-C: data
@@ -404,6 +444,32 @@ impl<'a> Pipeline<'a> {
 
     /// Reads and encodes one dataset; `eval_ratio` > 0 also splits off an evaluation set.
     pub(super) fn load_parts(
+        &self,
+        path: &Path,
+        eval_ratio: f64,
+        seed: u64,
+    ) -> Result<(Dataset, Option<Dataset>)> {
+        let Some(cache) = &self.cache else {
+            return self.encode_parts(path, eval_ratio, seed);
+        };
+        let key = self.cache_key(path, eval_ratio, seed)?;
+        if let Some(mut sets) = cache
+            .load(&key)
+            .filter(|s| s.len() == 1 + (eval_ratio > 0.0) as usize)
+        {
+            tracing::info!(data = %path.display(), key, "tokenization cache: read the encoded examples");
+            let eval = (sets.len() == 2).then(|| sets.pop().expect("two"));
+            return Ok((sets.pop().expect("one"), eval));
+        }
+        let (train, eval) = self.encode_parts(path, eval_ratio, seed)?;
+        let sets: Vec<&Dataset> = std::iter::once(&train).chain(eval.as_ref()).collect();
+        cache.store(&key, &sets)?;
+        tracing::info!(data = %path.display(), key, "tokenization cache: encoded and stored");
+        Ok((train, eval))
+    }
+
+    /// Reads, renders, tokenizes and masks the rows of `path`.
+    fn encode_parts(
         &self,
         path: &Path,
         eval_ratio: f64,

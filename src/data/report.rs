@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
@@ -21,7 +21,7 @@ pub struct DataLimits {
 }
 
 /// What loading a dataset did, for the log, `packsft inspect` and thresholds.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataReport {
     /// The row format the dataset was read as (detected or given), by its recipe name.
     pub format: String,

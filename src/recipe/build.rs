@@ -398,7 +398,12 @@ pub fn load_recipe_data(
         vocab_size,
     };
     let pipeline = |spec| -> Result<Pipeline> {
-        let pipe = Pipeline::new(tok, spec, opts.clone())?;
+        let mut pipe = Pipeline::new(tok, spec, opts.clone())?;
+        if d.cache {
+            pipe = pipe.with_cache(crate::data::TokenCache::new(
+                crate::data::TokenCache::default_dir(),
+            ));
+        }
         Ok(match stop {
             Some(flag) => pipe.with_stop(flag.clone()),
             None => pipe,

@@ -116,6 +116,10 @@ pub struct DataSection {
     pub max_template_missing_fraction: Option<f64>,
     #[serde(default)]
     pub min_supervised_ratio: Option<f64>,
+    /// Keep encoded datasets in the tokenization cache (`PACKSFT_CACHE`, else
+    /// `~/.cache/packsft`) and read them back when nothing that decides them changed.
+    #[serde(default = "yes")]
+    pub cache: bool,
 }
 
 /// `data.train`: one source, or several interleaved by weight.
