@@ -115,6 +115,29 @@ fn a_recipe_reads_a_model_by_repo_id_from_the_cache() {
     let (ok, by_path, stderr) = run(&base.display().to_string());
     assert!(ok, "{stderr}");
     assert_eq!(by_id.lines().last(), by_path.lines().last());
+    // `arch` and `generate` take the id too.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_packsft"))
+            .env("HF_HUB_CACHE", &cache)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, arch) = cli(&["arch", "acme/letters"]);
+    assert!(ok && arch.contains("family          llama"), "{arch}");
+    let (ok, text) = cli(&[
+        "generate",
+        "acme/letters",
+        "--prompt",
+        "Task: copy",
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert!(ok && text.starts_with("Task: copy"), "{text}");
     let (ok, _, stderr) = run("acme/absent@main");
     assert!(
         !ok && stderr.contains(

@@ -12,6 +12,7 @@ use crate::model::DecoderModel;
 
 #[derive(Args)]
 pub(crate) struct ArchCmd {
+    /// A model directory, or a Hub repo id in the local cache
     model_dir: PathBuf,
     /// Print the full specification as JSON
     #[arg(long)]
@@ -20,6 +21,7 @@ pub(crate) struct ArchCmd {
 
 #[derive(Args)]
 pub(crate) struct GenerateCmd {
+    /// A model directory, or a Hub repo id in the local cache
     model_dir: PathBuf,
     /// A prompt (repeatable); printed followed by its continuation
     #[arg(long = "prompt", required_unless_present = "input")]
@@ -53,7 +55,7 @@ pub(crate) struct GenerateCmd {
 }
 
 pub(crate) fn arch(c: ArchCmd) -> Result<()> {
-    let report = crate::model::arch::describe(&c.model_dir)?;
+    let report = crate::model::arch::describe(&crate::hub::resolve(&c.model_dir)?)?;
     if c.json {
         println!(
             "{}",
@@ -93,8 +95,9 @@ fn input_rows(path: &PathBuf) -> Result<Vec<serde_json::Value>> {
 
 pub(crate) fn generate(c: GenerateCmd) -> Result<()> {
     let dev = candle_core::Device::Cpu;
-    let model = DecoderModel::from_pretrained(&c.model_dir, &dev)?;
-    let tok = TextTokenizer::load(&c.model_dir)?;
+    let dir = crate::hub::resolve(&c.model_dir)?;
+    let model = DecoderModel::from_pretrained(&dir, &dev)?;
+    let tok = TextTokenizer::load(&dir)?;
     let opts = GenerateOptions {
         max_new_tokens: c.max_new_tokens,
         sampling: Sampling {
