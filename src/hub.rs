@@ -53,6 +53,11 @@ impl RepoId {
     pub fn folder(&self) -> String {
         format!("models--{}", self.repo.replace('/', "--"))
     }
+
+    /// The folder of the dataset repo of this id: `datasets--org--name`.
+    pub fn dataset_folder(&self) -> String {
+        format!("datasets--{}", self.repo.replace('/', "--"))
+    }
 }
 
 /// The cache directory, as `huggingface_hub` picks it: `HF_HUB_CACHE` (or the older
@@ -76,13 +81,22 @@ pub fn cache_dir_from(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> PathB
     cache.join("huggingface").join("hub")
 }
 
-/// The snapshot directory of `id` in the cache at `cache`.
+/// The snapshot directory of the model repo `id` in the cache at `cache`.
 pub fn snapshot_in(cache: &Path, id: &RepoId) -> Result<PathBuf> {
-    let repo_dir = cache.join(id.folder());
+    snapshot_of(cache, id, &id.folder(), "")
+}
+
+/// The snapshot directory of the dataset repo `id` in the cache at `cache`.
+pub fn dataset_snapshot_in(cache: &Path, id: &RepoId) -> Result<PathBuf> {
+    snapshot_of(cache, id, &id.dataset_folder(), " --repo-type dataset")
+}
+
+fn snapshot_of(cache: &Path, id: &RepoId, folder: &str, cli_kind: &str) -> Result<PathBuf> {
+    let repo_dir = cache.join(folder);
     let is_commit = id.revision.len() == 40 && id.revision.bytes().all(|b| b.is_ascii_hexdigit());
     let fetch = format!(
-        "download it with `huggingface-cli download {} --revision {}` (this build does not \
-         download), or set model.path to a local directory",
+        "download it with `huggingface-cli download {}{cli_kind} --revision {}` (this build \
+         does not download), or give a local path",
         id.repo, id.revision
     );
     let commit = if is_commit {
@@ -128,6 +142,32 @@ pub fn resolve(p: &Path) -> Result<PathBuf> {
         }),
         None => Ok(p.to_path_buf()),
     }
+}
+
+/// A data path: `hf://datasets/org/name[@revision]/<path or glob inside the repo>` becomes that
+/// path inside the dataset's snapshot in the cache (so a split or subset is chosen by its files,
+/// e.g. `hf://datasets/org/name/data/train-*.parquet`); anything else is returned as it is.
+pub fn resolve_data(p: &Path) -> Result<PathBuf> {
+    let Some(rest) = p.to_str().and_then(|s| s.strip_prefix("hf://datasets/")) else {
+        return Ok(p.to_path_buf());
+    };
+    let bad = || {
+        Error::Config(format!(
+            "{}: expected hf://datasets/org/name[@revision]/<files inside the repo>",
+            p.display()
+        ))
+    };
+    let mut parts = rest.splitn(3, '/');
+    let (org, name_rev, inside) = (
+        parts.next().ok_or_else(bad)?,
+        parts.next().ok_or_else(bad)?,
+        parts.next().unwrap_or(""),
+    );
+    let id = RepoId::parse(&format!("{org}/{name_rev}")).ok_or_else(bad)?;
+    if inside.is_empty() || inside.split('/').any(|c| c == "..") {
+        return Err(bad());
+    }
+    Ok(dataset_snapshot_in(&cache_dir(), &id)?.join(inside))
 }
 
 #[cfg(test)]

@@ -147,3 +147,68 @@ fn a_recipe_reads_a_model_by_repo_id_from_the_cache() {
         "{stderr}"
     );
 }
+
+#[test]
+fn dataset_files_resolve_as_huggingface_hub_resolves_them_and_a_recipe_reads_them() {
+    let fx = fixture();
+    let d = tempfile::tempdir().unwrap();
+    let cache = d.path().join("hub");
+    let commit = fx["commit"].as_str().unwrap();
+    let snap = cache
+        .join("datasets--org--rows/snapshots")
+        .join(commit)
+        .join("data");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/quickstart/train.jsonl"),
+        snap.join("train-00000-of-00001.jsonl"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(cache.join("datasets--org--rows/refs")).unwrap();
+    std::fs::write(cache.join("datasets--org--rows/refs/main"), commit).unwrap();
+    let got =
+        packsft::internals::hub::dataset_snapshot_in(&cache, &RepoId::parse("org/rows").unwrap())
+            .unwrap()
+            .join("data/train-00000-of-00001.jsonl");
+    assert_eq!(
+        got.strip_prefix(&cache).unwrap().display().to_string(),
+        fx["dataset_file"].as_str().unwrap()
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_packsft"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("HF_HUB_CACHE", &cache)
+        .args([
+            "inspect",
+            "recipes/quickstart.yaml",
+            "data.train=hf://datasets/org/rows/data/train-*.jsonl",
+            "--n",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("4000 rows") && stdout.contains(commit),
+        "{stdout}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_packsft"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("HF_HUB_CACHE", &cache)
+        .args([
+            "inspect",
+            "recipes/quickstart.yaml",
+            "data.train=hf://datasets/org/none/x.jsonl",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--repo-type dataset"),
+        "{stderr}"
+    );
+}

@@ -427,6 +427,26 @@ impl Recipe {
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let mut r = Self::parse(&text, path, overrides)?;
+        let recipe_err = |key: &str, e: Error| Error::Recipe {
+            path: path.to_path_buf(),
+            line: None,
+            column: None,
+            msg: format!("{key}: {e}"),
+        };
+        match &mut r.data.train {
+            TrainData::Path(p) => {
+                *p = crate::hub::resolve_data(p).map_err(|e| recipe_err("data.train", e))?
+            }
+            TrainData::Mix(sources) => {
+                for s in sources.iter_mut() {
+                    s.path = crate::hub::resolve_data(&s.path)
+                        .map_err(|e| recipe_err("data.train", e))?;
+                }
+            }
+        }
+        if let Some(p) = r.data.eval.as_mut() {
+            *p = crate::hub::resolve_data(p).map_err(|e| recipe_err("data.eval", e))?;
+        }
         for (key, p) in [
             ("model.path", &mut r.model.path),
             ("model.tokenizer", &mut r.model.tokenizer),
