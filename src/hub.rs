@@ -43,7 +43,9 @@ impl RepoId {
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         };
         let (org, name) = repo.split_once('/')?;
-        (ok(org) && ok(name)).then(|| Self {
+        // A branch or tag may hold `/` (`refs/pr/1`) but never leave the repo's folders.
+        let rev_ok = revision.split('/').all(ok);
+        (ok(org) && ok(name) && rev_ok).then(|| Self {
             repo: repo.to_string(),
             revision: revision.to_string(),
         })
