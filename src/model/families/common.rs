@@ -319,6 +319,20 @@ pub(super) fn dims(
     })
 }
 
+/// The same gated MLP (`down(act(gate(h)) * up(h))`) in every layer, as most families have;
+/// `fused` marks checkpoints that store gate and up as one `gate_up_proj`.
+pub(super) fn gated_mlps(d: &Dims, act: Act, bias: bool, fused: bool) -> Vec<MlpSpec> {
+    vec![
+        MlpSpec::Gated {
+            hidden: d.intermediate,
+            act,
+            bias,
+            fused,
+        };
+        d.layers
+    ]
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn spec(
     family: &str,

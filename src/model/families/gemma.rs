@@ -31,15 +31,7 @@ pub(super) fn gemma(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
     let ab = c.bool_or("attention_bias", false)?;
     c.warn_dropout(&["attention_dropout"])?;
     let rope = rope(c, c.f64_or("rope_theta", 10000.0)?, d.head_dim, false)?;
-    let mlp = vec![
-        MlpSpec::Gated {
-            hidden: d.intermediate,
-            act,
-            bias: false,
-            fused: false
-        };
-        d.layers
-    ];
+    let mlp = gated_mlps(&d, act, false, false);
     let mut s = spec(
         "gemma",
         &d,

@@ -15,15 +15,7 @@ pub(super) fn llama_like(c: &Cfg, family: &str) -> Result<(ArchSpec, ModelNames)
     );
     c.warn_dropout(&["attention_dropout"])?;
     let rope = rope(c, c.f64_or("rope_theta", 10000.0)?, d.head_dim, true)?;
-    let mlp = vec![
-        MlpSpec::Gated {
-            hidden: d.intermediate,
-            act,
-            bias: mb,
-            fused: false
-        };
-        d.layers
-    ];
+    let mlp = gated_mlps(&d, act, mb, false);
     let mut s = spec(
         family,
         &d,
@@ -54,15 +46,7 @@ pub(super) fn mistral(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
     let act = act(c, &c.str_or("hidden_act", "silu")?, "hidden_act")?;
     c.warn_dropout(&["attention_dropout"])?;
     let rope = rope(c, c.f64_or("rope_theta", 10000.0)?, d.head_dim, false)?;
-    let mlp = vec![
-        MlpSpec::Gated {
-            hidden: d.intermediate,
-            act,
-            bias: false,
-            fused: false
-        };
-        d.layers
-    ];
+    let mlp = gated_mlps(&d, act, false, false);
     let mut s = spec(
         "mistral",
         &d,

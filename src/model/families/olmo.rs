@@ -15,15 +15,7 @@ pub(super) fn olmo(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
         "rope_scaling type \"dynamic\"",
     )?;
     let rope = rope(c, c.f64_or("rope_theta", 10000.0)?, d.head_dim, true)?;
-    let mlp = vec![
-        MlpSpec::Gated {
-            hidden: d.intermediate,
-            act,
-            bias: false,
-            fused: false
-        };
-        d.layers
-    ];
+    let mlp = gated_mlps(&d, act, false, false);
     let mut s = spec(
         "olmo",
         &d,

@@ -116,15 +116,7 @@ pub(super) fn phi3(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
             }
         }
     };
-    let mlp = vec![
-        MlpSpec::Gated {
-            hidden: d.intermediate,
-            act,
-            bias: false,
-            fused: true
-        };
-        d.layers
-    ];
+    let mlp = gated_mlps(&d, act, false, true);
     let mut s = spec(
         "phi3",
         &d,

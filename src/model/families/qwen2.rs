@@ -33,15 +33,7 @@ pub(super) fn qwen2_common(c: &Cfg, family: &str) -> Result<(Dims, RopeSpec, Act
 
 pub(super) fn qwen2(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
     let (d, rope, act, norm) = qwen2_common(c, "qwen2")?;
-    let mlp = vec![
-        MlpSpec::Gated {
-            hidden: d.intermediate,
-            act,
-            bias: false,
-            fused: false
-        };
-        d.layers
-    ];
+    let mlp = gated_mlps(&d, act, false, false);
     let mut s = spec(
         "qwen2",
         &d,

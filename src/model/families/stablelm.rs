@@ -22,15 +22,7 @@ pub(super) fn stablelm(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
     } else {
         Block::Sequential
     };
-    let mlp = vec![
-        MlpSpec::Gated {
-            hidden: d.intermediate,
-            act,
-            bias: false,
-            fused: false
-        };
-        d.layers
-    ];
+    let mlp = gated_mlps(&d, act, false, false);
     let mut s = spec(
         "stablelm",
         &d,
