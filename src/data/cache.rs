@@ -8,6 +8,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use sha2::{Digest, Sha256};
+
 use super::example::{Dataset, Example};
 use super::report::DataReport;
 use super::source::Loc;
@@ -21,25 +23,14 @@ pub struct TokenCache {
     dir: PathBuf,
 }
 
-/// A 128-bit key over byte strings (two FNV-1a 64 hashes with different offsets; each part
-/// length-prefixed so that parts cannot run into each other).
-#[derive(Clone)]
-pub struct KeyHasher([u64; 2]);
-
-impl Default for KeyHasher {
-    fn default() -> Self {
-        Self([0xcbf2_9ce4_8422_2325, 0x6c62_272e_07bb_0142])
-    }
-}
+/// A key over byte strings: SHA-256 of the parts, each length-prefixed so that parts cannot run
+/// into each other; the file name is its first 128 bits.
+#[derive(Clone, Default)]
+pub struct KeyHasher(Sha256);
 
 impl KeyHasher {
     fn eat(&mut self, bytes: &[u8]) {
-        for h in &mut self.0 {
-            for &b in bytes {
-                *h ^= b as u64;
-                *h = h.wrapping_mul(0x0100_0000_01b3);
-            }
-        }
+        self.0.update(bytes);
     }
 
     /// Adds one part.
@@ -58,7 +49,8 @@ impl KeyHasher {
 
     /// The key, as a file name.
     pub fn finish(&self) -> String {
-        format!("{:016x}{:016x}", self.0[0], self.0[1])
+        let digest = self.0.clone().finalize();
+        digest[..16].iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 
