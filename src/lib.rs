@@ -44,8 +44,10 @@ pub use data::{
 };
 pub use device::open as open_device;
 pub use error::{Error, Result};
+pub use model::lora::{merge as merge_lora, LoraConfig, LoraInit, MergeReport, Targets};
 pub use model::{
-    ArchSpec, ComputeOptions, DecoderModel, EvalSums, KvCache, LossScale, LossSum, Model, Param,
+    ArchSpec, ComputeOptions, DecoderModel, EvalSums, KvCache, LoraSetup, LossScale, LossSum,
+    Model, Param,
 };
 pub use nn::attention::AttentionImpl;
 pub use recipe::{MixSource, Recipe, TrainData};
@@ -75,7 +77,7 @@ pub mod internals {
     pub mod hub {
         pub use crate::hub::*;
     }
-    pub use crate::model::{families, weights};
+    pub use crate::model::{families, lora, weights};
     pub use crate::nn::{attention, graph, kernels, ops};
     pub use crate::train::{checkpoint, optimizer};
 }

@@ -4,6 +4,7 @@ pub mod arch;
 pub mod decoder;
 pub mod families;
 pub mod generate;
+pub mod lora;
 pub mod spec;
 pub mod weights;
 
@@ -15,7 +16,7 @@ use crate::collate::TrainBatch;
 use crate::error::{Error, Result};
 
 pub use crate::nn::param::Param;
-pub use decoder::{ComputeOptions, DecoderModel, KvCache};
+pub use decoder::{ComputeOptions, DecoderModel, KvCache, LoraSetup};
 pub use spec::ArchSpec;
 
 /// The summed loss of a batch and the number of target tokens it sums over. Summing (not
@@ -125,9 +126,16 @@ pub trait Model {
     /// Replaces every parameter with the tensor of the same name in `dir` (a directory this
     /// model's `save` wrote), checking names and shapes first so a mismatch changes nothing.
     fn load_params(&self, dir: &Path) -> Result<()> {
+        load_params_from(self, dir)
+    }
+}
+
+/// `Model::load_params`' default: every parameter from `dir`'s safetensors by name.
+pub(crate) fn load_params_from<M: Model + ?Sized>(model: &M, dir: &Path) -> Result<()> {
+    {
         let mut w = weights::CheckpointWeights::open(dir)?;
-        let mut loaded = Vec::with_capacity(self.params().len());
-        for p in self.params() {
+        let mut loaded = Vec::with_capacity(model.params().len());
+        for p in model.params() {
             let t = p.var.as_tensor();
             loaded.push(w.get(&p.name, t.dims(), t.dtype(), t.device())?);
         }
@@ -139,7 +147,7 @@ pub trait Model {
         }
         if let Some(bad) = loaded
             .iter()
-            .zip(self.params())
+            .zip(model.params())
             .find(|(t, _)| !all_finite(t).unwrap_or(false))
         {
             return Err(Error::model(
@@ -147,10 +155,10 @@ pub trait Model {
                 format!("weight `{}` holds NaN or infinity", bad.1.name),
             ));
         }
-        for (p, t) in self.params().iter().zip(loaded) {
+        for (p, t) in model.params().iter().zip(loaded) {
             p.var.set(&t)?;
         }
-        self.set_compute_copies_fresh(false);
+        model.set_compute_copies_fresh(false);
         Ok(())
     }
 }

@@ -263,3 +263,51 @@ pub struct ModelNames {
     pub lm_head: LinearNames,
     pub layers: Vec<LayerNames>,
 }
+
+impl ModelNames {
+    /// The module path of every linear layer but the output projection, in layer order
+    /// (`model.layers.0.self_attn.q_proj`, ...): what LoRA's `all-linear` targets.
+    pub fn linear_modules(&self) -> Vec<String> {
+        fn module(n: &LinearNames) -> String {
+            n.weight.strip_suffix(".weight").unwrap_or(&n.weight).to_string()
+        }
+        fn mlp(m: &MlpNames, out: &mut Vec<String>) {
+            match m {
+                MlpNames::Gated { gate, up, down } => {
+                    out.extend([module(gate), module(up), module(down)])
+                }
+                MlpNames::GatedFused { gate_up, down } => {
+                    out.extend([module(gate_up), module(down)])
+                }
+                MlpNames::Plain { fc1, fc2 } => out.extend([module(fc1), module(fc2)]),
+                MlpNames::Moe {
+                    router,
+                    experts,
+                    shared,
+                } => {
+                    out.push(module(router));
+                    if let ExpertNames::Separate(v) = experts {
+                        for (g, u, d) in v {
+                            out.extend([module(g), module(u), module(d)]);
+                        }
+                    }
+                    if let Some((m, gate)) = shared {
+                        mlp(m, out);
+                        out.push(module(gate));
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for l in &self.layers {
+            match &l.qkv {
+                QkvNames::Separate { q, k, v } => out.extend([module(q), module(k), module(v)]),
+                QkvNames::Fused(n) => out.push(module(n)),
+            }
+            out.push(module(&l.o));
+            mlp(&l.mlp, &mut out);
+        }
+        out
+    }
+}
+

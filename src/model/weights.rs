@@ -77,9 +77,22 @@ impl CheckpointWeights {
                 format!("no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in the model directory{hint}"),
             ));
         };
+        Self::from_files(dir, &files)
+    }
+
+    /// One safetensors file (a PEFT adapter's `adapter_model.safetensors`), named by `path`.
+    pub fn open_file(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::model(path, "file does not exist"));
+        }
+        Self::from_files(path, &[path.to_path_buf()])
+    }
+
+    /// `files` as one checkpoint; errors name `dir`.
+    fn from_files(dir: &Path, files: &[PathBuf]) -> Result<Self> {
         // SAFETY: the files are memory-mapped read-only; a checkpoint modified while training
         // reads it is outside what any loader can guard against.
-        let st = unsafe { MmapedSafetensors::multi(&files) }
+        let st = unsafe { MmapedSafetensors::multi(files) }
             .map_err(|e| Error::model(dir, format!("cannot read safetensors: {e}")))?;
         let names = st.tensors().into_iter().map(|(n, _)| n).collect();
         Ok(Self {
@@ -97,6 +110,23 @@ impl CheckpointWeights {
             .into_iter()
             .map(|(_, v)| v.shape().to_vec())
             .collect()
+    }
+
+    /// Every tensor name, in the files' order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The shape of tensor `name`, from the headers.
+    pub fn shapes_of(&self, name: &str) -> Result<Vec<usize>> {
+        self.st
+            .tensors()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.shape().to_vec())
+            .ok_or_else(|| {
+                Error::model(&self.dir, format!("weight `{name}` is missing from the checkpoint"))
+            })
     }
 
     /// Whether the checkpoint holds a tensor named `name`.

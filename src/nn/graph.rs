@@ -81,8 +81,12 @@ pub fn side_grad(p: &Tensor, g: Tensor) -> Result<()> {
     push_side_grad(p, g.to_dtype(p.dtype())?)
 }
 
-/// Hands `g` over in the dtype it has (see [`hand_weight_grad`]).
+/// Hands `g` over in the dtype it has (see [`hand_weight_grad`]). A tensor that is not a
+/// variable (a frozen weight under LoRA) takes no gradient: it is dropped here.
 fn push_side_grad(p: &Tensor, g: Tensor) -> Result<()> {
+    if !p.is_variable() {
+        return Ok(());
+    }
     SIDE_GRADS.with(|s| match s.borrow_mut().as_mut() {
         Some(v) => {
             v.push((p.clone(), g));

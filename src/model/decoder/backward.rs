@@ -21,7 +21,10 @@ use crate::pullback::{grad_or_zeros, through_autograd, PairGrads, Pullback};
 
 type Back = Pullback<Tensor>;
 
-/// x (N, in) → x W^T (+ b); the pullback returns dx and hands dW = dy^T x (and db) over.
+/// x (N, in) → x W^T (+ b) (+ s · (x_d A^T) B^T with a LoRA adapter, x_d = dropout(x)); the
+/// pullback returns dx and hands dW = dy^T x (and db) over, or with an adapter
+/// dB = dy^T (s · x_d A^T) and dA = (s · dy B)^T x_d. A frozen weight or bias (not a
+/// variable: LoRA's base) gets no gradient product at all.
 fn lin_vjp(lin: &Lin, x: &Tensor) -> Result<(Tensor, Back)> {
     let w = lin.compute_weight(x.dtype())?.detach();
     let y = x.matmul(&w.t()?)?;
@@ -29,14 +32,44 @@ fn lin_vjp(lin: &Lin, x: &Tensor) -> Result<(Tensor, Back)> {
         Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?.detach())?,
         None => y,
     };
+    let (y, adapter) = match &lin.lora {
+        None => (y, None),
+        Some(ad) => {
+            let (a, b) = ad.weights(x.dtype())?;
+            let (a, b) = (a.detach(), b.detach());
+            let mask = ad.mask(x)?;
+            let xd = match &mask {
+                Some(m) => (x * m)?,
+                None => x.clone(),
+            };
+            let us = (xd.matmul(&a.t()?)? * ad.scale)?;
+            let y = (y + us.matmul(&b.t()?)?)?;
+            let masters = (ad.a.clone(), ad.b.clone());
+            (y, Some((masters, a, b, xd, us, mask, ad.scale)))
+        }
+    };
     let (x, master, bias) = (x.clone(), lin.w.clone(), lin.b.clone());
     let back = move |dy: &Tensor| -> Result<Tensor> {
         let dy = dy.to_dtype(x.dtype())?.contiguous()?;
-        hand_weight_grad(&master, &dy, &x)?;
-        if let Some(b) = &bias {
+        if master.is_variable() {
+            hand_weight_grad(&master, &dy, &x)?;
+        }
+        if let Some(b) = bias.as_ref().filter(|b| b.is_variable()) {
             side_grad(b, dy.to_dtype(DType::F32)?.sum(0)?)?;
         }
-        Ok(dy.matmul(&w)?)
+        let dx = dy.matmul(&w)?;
+        let Some(((ma, mb), a, b, xd, us, mask, s)) = &adapter else {
+            return Ok(dx);
+        };
+        hand_weight_grad(mb, &dy, us)?;
+        let du = (dy.matmul(b)? * *s)?;
+        hand_weight_grad(ma, &du, xd)?;
+        let dxa = du.matmul(a)?;
+        let dxa = match mask {
+            Some(m) => (dxa * m)?,
+            None => dxa,
+        };
+        Ok((dx + dxa)?)
     };
     Ok((y, Box::new(back)))
 }
@@ -198,7 +231,7 @@ fn sum_backs(backs: Vec<(Back, Tensor)>) -> Result<Tensor> {
 /// fill and a 786 MB add a step on top of the scatter's own table, the same in padded and
 /// padding-free steps.
 pub(super) fn embed_lookup(table: &Tensor, ids: &Tensor) -> Result<Option<Tensor>> {
-    if !in_scope() {
+    if !in_scope() || !table.is_variable() {
         return Ok(None);
     }
     let y = kernels::index_rows(&table.detach(), ids)?;
@@ -273,7 +306,10 @@ impl Layer {
             Fused(Back),
         }
         let ((q, k, v), proj) = match &self.qkv {
-            Qkv::Separate(lq, lk, lv) => match stacked_qkv(lq).filter(|w| w.dtype() == h.dtype()) {
+            Qkv::Separate(lq, lk, lv) => match stacked_qkv(lq)
+                .filter(|w| w.dtype() == h.dtype())
+                .filter(|_| [lq, lk, lv].iter().all(|l| l.lora.is_none()))
+            {
                 Some(w) => {
                     let (y, back) = stacked_lin_vjp(&[lq, lk, lv], &w, h)?;
                     // Stacked only where nothing comes between projection and rotation
@@ -617,14 +653,17 @@ mod tests {
     fn stacked_projection_matches_separate_ones() {
         let lins = [
             Lin {
+                lora: None,
                 w: values(&[6, 4], 0.3),
                 b: Some(values(&[6], 0.7)),
             },
             Lin {
+                lora: None,
                 w: values(&[2, 4], 0.5),
                 b: None,
             },
             Lin {
+                lora: None,
                 w: values(&[2, 4], 0.9),
                 b: Some(values(&[2], 1.1)),
             },

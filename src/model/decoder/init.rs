@@ -5,9 +5,10 @@
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
 
+use super::super::lora::{self, LoraConfig, LoraInit};
 use super::super::spec::*;
 use super::super::weights::CheckpointWeights;
-use super::parts::{Experts, Lin, Mlp, Norm};
+use super::parts::{Adapter, Experts, Lin, Mlp, Norm};
 use crate::error::{Error, Result};
 use crate::nn::param::Param;
 
@@ -34,12 +35,82 @@ pub(super) struct Builder<'a> {
     pub(super) src: Source,
     pub(super) device: &'a Device,
     pub(super) params: Vec<Param>,
+    /// With LoRA: which modules get adapters, where adapters come from; `None`: every tensor
+    /// is a trainable parameter.
+    pub(super) lora: Option<LoraBuild>,
+    /// Frozen tensors (LoRA's base), by Hugging Face name.
+    pub(super) frozen: Vec<(String, Tensor)>,
+}
+
+/// What the builder needs to freeze the base and attach adapters.
+pub(super) struct LoraBuild {
+    pub(super) cfg: LoraConfig,
+    /// The names a module path is matched against; `None`: every linear module but `lm_head`.
+    pub(super) names: Option<Vec<String>>,
+    /// The output projection's module path (never targeted by `all-linear`).
+    pub(super) lm_head: String,
+    /// The adapter file to take A, B and saved modules from, when continuing an adapter.
+    pub(super) adapter: Option<CheckpointWeights>,
+    pub(super) rng: rand_chacha::ChaCha8Rng,
+    /// The dtype frozen matrices are kept in (bf16 for bf16 compute: no float32 copy).
+    pub(super) frozen_dtype: DType,
+    /// Module paths that got adapters, in build order.
+    pub(super) targeted: Vec<String>,
+    /// Every linear module path seen (for the error of a target that matches none).
+    pub(super) linear: Vec<String>,
+}
+
+impl LoraBuild {
+    /// Whether tensor `name` belongs to a module trained in full (`modules_to_save`).
+    fn saves(&self, name: &str) -> bool {
+        let module = name.rsplit_once('.').map(|(m, _)| m).unwrap_or(name);
+        lora::module_matches(module, &self.cfg.modules_to_save)
+    }
 }
 
 impl Builder<'_> {
     pub(super) fn take(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        if let Some(l) = &mut self.lora {
+            if l.saves(name) {
+                // Trained in full and saved under PEFT's key; continuing an adapter, its copy.
+                let key = lora::saved_key(name);
+                if let Some(a) = l.adapter.as_mut() {
+                    let t = a.get(&key, shape, DType::F32, self.device)?;
+                    return self.param(key, t);
+                }
+                let t = self.read(name, shape, init, DType::F32)?;
+                return self.param(key, t);
+            }
+            let dtype = if shape.len() >= 2 { l.frozen_dtype } else { DType::F32 };
+            let t = self.read(name, shape, init, dtype)?;
+            self.frozen.push((name.to_string(), t.clone()));
+            return Ok(t);
+        }
+        let t = self.read(name, shape, init, DType::F32)?;
+        self.param(name.to_string(), t)
+    }
+
+    /// `t` as a trainable parameter named `name`.
+    fn param(&mut self, name: String, t: Tensor) -> Result<Tensor> {
+        if matches!(self.src, Source::Shapes(_)) {
+            // A header-only placeholder: no variable is made.
+            return Ok(t);
+        }
+        let var = Var::from_tensor(&t)?;
+        let out = var.as_tensor().clone();
+        // transformers decays every matrix and no bias or norm weight.
+        self.params.push(Param {
+            name,
+            decay: t.rank() >= 2,
+            var,
+        });
+        Ok(out)
+    }
+
+    /// Tensor `name` from the source, in `dtype`.
+    fn read(&mut self, name: &str, shape: &[usize], init: Init, dtype: DType) -> Result<Tensor> {
         let t = match &mut self.src {
-            Source::Checkpoint(w) => w.get(name, shape, DType::F32, self.device)?,
+            Source::Checkpoint(w) => w.get(name, shape, dtype, self.device)?,
             Source::Shapes(w) => {
                 w.check(name, shape)?;
                 // A broadcast scalar: the shape without the memory (no variable is made).
@@ -52,27 +123,75 @@ impl Builder<'_> {
                     Init::Zeros => Tensor::zeros(shape, DType::F32, self.device)?,
                     Init::Ones => Tensor::ones(shape, DType::F32, self.device)?,
                 }
+                .to_dtype(dtype)?
             }
         };
-        let var = Var::from_tensor(&t)?;
-        let out = var.as_tensor().clone();
-        // transformers decays every matrix and no bias or norm weight.
-        self.params.push(Param {
-            name: name.to_string(),
-            decay: shape.len() >= 2,
-            var,
-        });
-        Ok(out)
+        Ok(t)
     }
 
     pub(super) fn lin(&mut self, n: &LinearNames, out: usize, inp: usize) -> Result<Lin> {
-        Ok(Lin {
-            w: self.take(&n.weight, &[out, inp], Init::Normal)?,
-            b: match &n.bias {
-                Some(b) => Some(self.take(b, &[out], Init::Zeros)?),
-                None => None,
-            },
-        })
+        let w = self.take(&n.weight, &[out, inp], Init::Normal)?;
+        let b = match &n.bias {
+            Some(b) => Some(self.take(b, &[out], Init::Zeros)?),
+            None => None,
+        };
+        let module = n.weight.strip_suffix(".weight").unwrap_or(&n.weight);
+        let lora = self.adapter(module, out, inp)?;
+        Ok(Lin { w, b, lora })
+    }
+
+    /// The adapter of linear module `module` (out, inp) if the LoRA configuration targets it:
+    /// A and B from the adapter being continued, or newly initialised (B zero, as PEFT).
+    fn adapter(&mut self, module: &str, out: usize, inp: usize) -> Result<Option<Adapter>> {
+        let Some(l) = &mut self.lora else {
+            return Ok(None);
+        };
+        l.linear.push(module.to_string());
+        let targeted = match &l.names {
+            None => module != l.lm_head,
+            Some(names) => lora::module_matches(module, names),
+        };
+        if !targeted || matches!(self.src, Source::Shapes(_)) {
+            return Ok(None);
+        }
+        let r = l.cfg.r;
+        let (ka, kb) = lora::adapter_keys(module);
+        let (a, b) = match l.adapter.as_mut() {
+            Some(w) => (
+                w.get(&ka, &[r, inp], DType::F32, self.device)?,
+                w.get(&kb, &[out, r], DType::F32, self.device)?,
+            ),
+            None => {
+                let a = match l.cfg.init {
+                    // kaiming_uniform_(a=√5): gain √(1/3), bound √3 · gain / √in = 1/√in.
+                    LoraInit::Default => {
+                        let bound = 1.0 / (inp as f64).sqrt();
+                        let v: Vec<f32> = (0..r * inp)
+                            .map(|_| l.rng.gen_range(-bound..bound) as f32)
+                            .collect();
+                        Tensor::from_vec(v, (r, inp), self.device)?
+                    }
+                    LoraInit::Gaussian => Tensor::from_vec(
+                        normal_vec(&mut l.rng, r * inp, 1.0 / r as f64),
+                        (r, inp),
+                        self.device,
+                    )?,
+                };
+                (a, Tensor::zeros((out, r), DType::F32, self.device)?)
+            }
+        };
+        let (scale, dropout) = (l.cfg.scaling(), l.cfg.dropout);
+        let index = l.targeted.len() as u64;
+        l.targeted.push(module.to_string());
+        let a = self.param(ka, a)?;
+        let b = self.param(kb, b)?;
+        Ok(Some(Adapter {
+            a,
+            b,
+            scale,
+            dropout,
+            index,
+        }))
     }
 
     pub(super) fn norm(&mut self, spec: NormSpec, n: &NormNames, dim: usize) -> Result<Norm> {

@@ -8,6 +8,7 @@ use rand::SeedableRng;
 use serde_json::Value;
 
 use super::families;
+use super::lora::{self, LoraConfig, Targets, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
 use super::spec::*;
 use super::weights::{save_safetensors, CheckpointWeights, WEIGHTS_FILE};
 use super::{EvalSums, LossScale, LossSum, Model, Param};
@@ -29,7 +30,7 @@ mod parts;
 use backward::{embed_lookup, hand_written_run, layers_node, lm_head_nll_node, lm_head_node};
 pub use cache::KvCache;
 use forward::router_aux;
-use init::{Builder, Init, Source};
+use init::{Builder, Init, LoraBuild, Source};
 use parts::{CopyVars, FwdCtx, Layer, Lin, Norm, Qkv};
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -83,15 +84,56 @@ pub struct DecoderModel {
     weight_copies: std::sync::Mutex<Option<CopyVars>>,
     /// The copies hold bf16 of the current weights (the optimizer wrote them with the update).
     copies_fresh: std::sync::atomic::AtomicBool,
+    /// LoRA: the configuration, what it targets and the frozen base; `None`: full fine-tuning.
+    lora: Option<LoraState>,
 }
 
+/// A decoder's LoRA adapters: `params` holds only the adapters (and `modules_to_save`).
+struct LoraState {
+    cfg: LoraConfig,
+    /// Module paths with an adapter, in model order.
+    targeted: Vec<String>,
+    /// The frozen base tensors by Hugging Face name.
+    frozen: Vec<(String, Tensor)>,
+    /// `base_model_name_or_path` of the adapter files written.
+    base_model: String,
+    /// Training forward/backward passes so far: with the seed, the key of the dropout masks.
+    calls: std::sync::atomic::AtomicU64,
+}
+
+/// How a decoder is fine-tuned with LoRA: the adapters' configuration and the dtype its frozen
+/// matrices are kept in (bfloat16 for bf16 compute: no float32 copy, no gradient, no
+/// optimizer state for them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSetup {
+    /// The adapters: rank, scaling, targets, dropout, and an adapter to continue.
+    pub config: LoraConfig,
+    /// The dtype of the frozen weight matrices (norms and biases stay float32).
+    pub frozen_dtype: DType,
+}
+
+/// The file a LoRA checkpoint keeps its dropout stream's position in (only with dropout).
+const DROPOUT_STATE_FILE: &str = "lora_dropout_state.json";
+
 impl DecoderModel {
-    fn build(raw_config: Value, src: Source, device: &Device) -> Result<Self> {
+    fn build(
+        raw_config: Value,
+        src: Source,
+        device: &Device,
+        lora: Option<&LoraSetup>,
+    ) -> Result<Self> {
         let (spec, names) = families::from_config(&raw_config)?;
+        let model_type = raw_config["model_type"].as_str().unwrap_or_default();
+        let lora = match lora {
+            Some(setup) => Some(lora_build(setup, model_type, &spec, &names)?),
+            None => None,
+        };
         let mut b = Builder {
             src,
             device,
             params: Vec::new(),
+            lora,
+            frozen: Vec::new(),
         };
         let (h, nh, nkv, d) = (spec.hidden, spec.heads, spec.kv_heads, spec.head_dim);
         let embed = b.take(&names.embed, &[spec.vocab, h], Init::Normal)?;
@@ -146,6 +188,7 @@ impl DecoderModel {
                     Some(n) if spec.lm_head_bias => Some(b.take(n, &[spec.vocab], Init::Zeros)?),
                     _ => None,
                 },
+                lora: None,
             }
         } else {
             let mut n = names.lm_head.clone();
@@ -182,6 +225,10 @@ impl DecoderModel {
         }
         table.cos = scale_table(&table.cos)?;
         table.sin = scale_table(&table.sin)?;
+        let lora = match b.lora.take() {
+            Some(l) => Some(lora_finish(l, std::mem::take(&mut b.frozen), &b.params)?),
+            None => None,
+        };
         Ok(Self {
             spec,
             raw_config,
@@ -195,12 +242,32 @@ impl DecoderModel {
             compute: ComputeOptions::default(),
             weight_copies: std::sync::Mutex::new(None),
             copies_fresh: std::sync::atomic::AtomicBool::new(false),
+            lora,
         })
     }
 
     /// A freshly initialised model from a config.json object (transformers' init: normal(0,
     /// initializer_range) for matrices, ones for norm weights, zeros for biases).
-    pub fn new_random(mut config: Value, seed: u64, device: &Device) -> Result<Self> {
+    pub fn new_random(config: Value, seed: u64, device: &Device) -> Result<Self> {
+        Self::new_random_inner(config, seed, device, None)
+    }
+
+    /// [`Self::new_random`] with LoRA adapters on a frozen base.
+    pub fn new_random_with_lora(
+        config: Value,
+        seed: u64,
+        device: &Device,
+        lora: &LoraSetup,
+    ) -> Result<Self> {
+        Self::new_random_inner(config, seed, device, Some(lora))
+    }
+
+    fn new_random_inner(
+        mut config: Value,
+        seed: u64,
+        device: &Device,
+        lora: Option<&LoraSetup>,
+    ) -> Result<Self> {
         let mt = config
             .get("model_type")
             .and_then(Value::as_str)
@@ -216,11 +283,26 @@ impl DecoderModel {
             rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
             std,
         };
-        Self::build(config, src, device)
+        Self::build(config, src, device, lora)
     }
 
     /// Loads a Hugging Face checkpoint directory (config.json + safetensors).
     pub fn from_pretrained(dir: &Path, device: &Device) -> Result<Self> {
+        Self::from_pretrained_inner(dir, device, None)
+    }
+
+    /// [`Self::from_pretrained`] with LoRA adapters on the frozen checkpoint: new ones, or the
+    /// PEFT adapter `lora.config.adapter` names. `base_model_name_or_path` of the adapter files
+    /// written is `dir` until [`Self::set_base_model_name`].
+    pub fn from_pretrained_with_lora(dir: &Path, device: &Device, lora: &LoraSetup) -> Result<Self> {
+        Self::from_pretrained_inner(dir, device, Some(lora))
+    }
+
+    fn from_pretrained_inner(
+        dir: &Path,
+        device: &Device,
+        lora: Option<&LoraSetup>,
+    ) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::model(dir, "model directory does not exist"));
         }
@@ -242,17 +324,25 @@ impl DecoderModel {
         // Validate the config before touching the weights, so its errors come first.
         families::from_config(&raw).map_err(|e| Error::model(&cfg_path, e.to_string()))?;
         let w = CheckpointWeights::open(dir)?;
-        let model = Self::build(raw, Source::Checkpoint(w), device).map_err(|e| match e {
+        let mut model = Self::build(raw, Source::Checkpoint(w), device, lora).map_err(|e| match e {
             Error::Config(m) => Error::model(dir, m),
             e => e,
         })?;
         // Non-finite weights would give a NaN loss (`eval`) or nothing (`generate`) later, far
         // from their cause: name the tensor now (one reduction per tensor).
-        if let Some(name) = crate::nn::param::first_non_finite(&model.params)? {
+        let frozen = model.lora.as_ref().map(|l| l.frozen.as_slice()).unwrap_or(&[]);
+        if let Some(name) = crate::nn::param::first_non_finite(&model.params)?.or(frozen
+            .iter()
+            .find(|(_, t)| !super::all_finite(t).unwrap_or(false))
+            .map(|(n, _)| n.clone()))
+        {
             return Err(Error::model(
                 dir,
                 format!("weight `{name}` holds NaN or infinity"),
             ));
+        }
+        if let Some(l) = &mut model.lora {
+            l.base_model = dir.display().to_string();
         }
         Ok(model)
     }
@@ -267,7 +357,7 @@ impl DecoderModel {
             Error::model(&cfg_path, format!("invalid JSON at line {}: {e}", e.line()))
         })?;
         let w = CheckpointWeights::open(dir)?;
-        Self::build(raw, Source::Shapes(w), &Device::Cpu)
+        Self::build(raw, Source::Shapes(w), &Device::Cpu, None)
             .map(|_| ())
             .map_err(|e| match e {
                 Error::Config(m) => Error::model(dir, m),
@@ -565,6 +655,243 @@ impl DecoderModel {
     }
 }
 
+/// Checks a LoRA setup against the family's linear modules before any weight is read, and
+/// resolves its targets.
+fn lora_build(
+    setup: &LoraSetup,
+    model_type: &str,
+    spec: &ArchSpec,
+    names: &ModelNames,
+) -> Result<LoraBuild> {
+    use rand::SeedableRng;
+    let cfg = &setup.config;
+    cfg.validate()?;
+    let linear = names.linear_modules();
+    let mut leaves: Vec<&str> = linear.iter().map(|m| lora::leaf(m)).collect();
+    leaves.sort_unstable();
+    leaves.dedup();
+    let leaves = leaves.join(", ");
+    let list = match &cfg.targets {
+        Targets::AllLinear => None,
+        Targets::Names(v) => Some(v.clone()),
+        Targets::FamilyDefault => match lora::peft_default_targets(model_type) {
+            Some(d) => Some(d.iter().map(|s| s.to_string()).collect()),
+            None => {
+                return Err(Error::Config(format!(
+                    "lora.target_modules: PEFT has no default list for {model_type}; name the modules                      to adapt (its linear modules: {leaves}, and lm_head) or give all-linear"
+                )))
+            }
+        },
+    };
+    let lm_head = names.lm_head.weight.strip_suffix(".weight").unwrap_or_default();
+    if let Some(list) = &list {
+        for n in list {
+            let hits_lm_head = !spec.tie_embeddings && lora::module_matches(lm_head, &[n.clone()]);
+            if !hits_lm_head && !linear.iter().any(|m| lora::module_matches(m, &[n.clone()])) {
+                let experts = if matches!(n.as_str(), "w1" | "v1" | "w2") && model_type == "dbrx" {
+                    " (DBRX's experts are parameters, not linear layers: PEFT does not adapt them either)"
+                } else {
+                    ""
+                };
+                return Err(Error::Config(format!(
+                    "lora.target_modules: `{n}` matches no linear module of this {model_type} model{experts};                      its linear modules: {leaves}"
+                )));
+            }
+        }
+    }
+    if spec.tie_embeddings {
+        let tied: Vec<String> = [&names.embed, &names.lm_head.weight]
+            .iter()
+            .map(|n| n.rsplit_once('.').map(|(m, _)| m.to_string()).unwrap_or_default())
+            .collect();
+        if let Some(m) = cfg
+            .modules_to_save
+            .iter()
+            .find(|m| tied.iter().any(|t| lora::module_matches(t, &[m.to_string()])))
+        {
+            return Err(Error::Config(format!(
+                "lora.modules_to_save: `{m}` is tied to the other of embed_tokens / lm_head in this                  model (tie_word_embeddings); training one copy would untie them"
+            )));
+        }
+    }
+    let adapter = match &cfg.adapter {
+        Some(dir) => Some(CheckpointWeights::open_file(&dir.join(ADAPTER_WEIGHTS_FILE))?),
+        None => None,
+    };
+    Ok(LoraBuild {
+        cfg: cfg.clone(),
+        names: list,
+        lm_head: if spec.tie_embeddings {
+            String::new()
+        } else {
+            lm_head.to_string()
+        },
+        adapter,
+        rng: rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed),
+        frozen_dtype: setup.frozen_dtype,
+        targeted: Vec::new(),
+        linear: Vec::new(),
+    })
+}
+
+/// The LoRA state of a built model; every tensor of a continued adapter must have been used
+/// and every `modules_to_save` entry must name a module.
+fn lora_finish(l: LoraBuild, frozen: Vec<(String, Tensor)>, params: &[Param]) -> Result<LoraState> {
+    if let Some(w) = &l.adapter {
+        if let Some(extra) = w.unused().first() {
+            return Err(Error::Config(format!(
+                "adapter tensor `{extra}` matches no module this configuration adapts or saves"
+            )));
+        }
+    }
+    for m in &l.cfg.modules_to_save {
+        let hit = params.iter().any(|p| {
+            let n = p.name.strip_prefix(lora::PEFT_PREFIX).unwrap_or(&p.name);
+            let module = n.rsplit_once('.').map(|(m, _)| m).unwrap_or(n);
+            lora::module_matches(module, &[m.clone()])
+        });
+        if !hit {
+            return Err(Error::Config(format!(
+                "lora.modules_to_save: `{m}` matches no module of the model"
+            )));
+        }
+    }
+    let _ = &l.linear;
+    Ok(LoraState {
+        cfg: l.cfg,
+        targeted: l.targeted,
+        frozen,
+        base_model: String::new(),
+        calls: std::sync::atomic::AtomicU64::new(0),
+    })
+}
+
+impl DecoderModel {
+    /// The LoRA configuration, if the model trains adapters.
+    pub fn lora_config(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref().map(|l| &l.cfg)
+    }
+
+    /// Module paths with a LoRA adapter (empty for full fine-tuning).
+    pub fn lora_targets(&self) -> &[String] {
+        self.lora.as_ref().map(|l| l.targeted.as_slice()).unwrap_or(&[])
+    }
+
+    /// The frozen base tensors by Hugging Face name (empty for full fine-tuning).
+    pub fn frozen_tensors(&self) -> Vec<(String, Tensor)> {
+        self.lora.as_ref().map(|l| l.frozen.clone()).unwrap_or_default()
+    }
+
+    /// Sets `base_model_name_or_path` of the adapter files `save` writes (a Hub id, say).
+    pub fn set_base_model_name(&mut self, name: &str) {
+        if let Some(l) = &mut self.lora {
+            l.base_model = name.to_string();
+        }
+    }
+
+    /// (trainable, total) parameter counts: with LoRA, adapters (and saved modules) against
+    /// everything, the frozen base included.
+    pub fn param_counts(&self) -> (usize, usize) {
+        let trainable: usize = self.params.iter().map(|p| p.var.elem_count()).sum();
+        let frozen: usize = self
+            .lora
+            .as_ref()
+            .map(|l| l.frozen.iter().map(|(_, t)| t.elem_count()).sum())
+            .unwrap_or(0);
+        (trainable, trainable + frozen)
+    }
+
+    /// The adapter files (PEFT's): `adapter_config.json` and `adapter_model.safetensors`, and,
+    /// with dropout, the position of the dropout stream (for a bit-exact resume).
+    fn save_adapter(&self, l: &LoraState, dir: &Path) -> Result<()> {
+        crate::io::write_atomic(
+            &dir.join(ADAPTER_CONFIG_FILE),
+            l.cfg
+                .adapter_config_json(&l.targeted, &l.base_model)
+                .as_bytes(),
+        )?;
+        if !l.cfg.modules_to_save.is_empty() {
+            tracing::warn!(
+                "the adapter in {} holds modules_to_save ({}): PEFT loads it, vLLM refuses it                  (merge it with `packsft merge` to serve it)",
+                dir.display(),
+                l.cfg.modules_to_save.join(", ")
+            );
+        }
+        if l.cfg.dropout > 0.0 {
+            let calls = l.calls.load(std::sync::atomic::Ordering::SeqCst);
+            crate::io::write_atomic(
+                &dir.join(DROPOUT_STATE_FILE),
+                serde_json::json!({ "forward_backward_calls": calls })
+                    .to_string()
+                    .as_bytes(),
+            )?;
+        }
+        save_safetensors(&self.tensors(), &dir.join(ADAPTER_WEIGHTS_FILE))
+    }
+
+    /// Loads the adapter (and saved modules) a LoRA checkpoint in `dir` holds, names and
+    /// shapes checked first, as `Model::load_params` does for full checkpoints.
+    fn load_adapter(&self, l: &LoraState, dir: &Path) -> Result<()> {
+        let path = dir.join(ADAPTER_WEIGHTS_FILE);
+        let mut w = CheckpointWeights::open_file(&path)?;
+        let mut loaded = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            let t = p.var.as_tensor();
+            loaded.push(w.get(&p.name, t.dims(), t.dtype(), t.device())?);
+        }
+        if let Some(extra) = w.unused().first() {
+            return Err(Error::model(
+                &path,
+                format!("adapter has a tensor the model does not: {extra}"),
+            ));
+        }
+        if let Some((_, p)) = loaded
+            .iter()
+            .zip(&self.params)
+            .find(|(t, _)| !super::all_finite(t).unwrap_or(false))
+        {
+            return Err(Error::model(
+                &path,
+                format!("tensor `{}` holds NaN or infinity", p.name),
+            ));
+        }
+        let state = dir.join(DROPOUT_STATE_FILE);
+        let calls = if state.is_file() {
+            let text = std::fs::read_to_string(&state).map_err(|e| Error::io(&state, e))?;
+            serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v["forward_backward_calls"].as_u64())
+                .ok_or_else(|| Error::model(&state, "no integer forward_backward_calls"))?
+        } else {
+            0
+        };
+        for (p, t) in self.params.iter().zip(loaded) {
+            p.var.set(&t)?;
+        }
+        l.calls.store(calls, std::sync::atomic::Ordering::SeqCst);
+        self.set_compute_copies_fresh(false);
+        Ok(())
+    }
+}
+
+/// Sets the dropout key of LoRA adapters for one training forward/backward and clears it after.
+struct DropoutKey;
+
+impl DropoutKey {
+    fn set(model: &DecoderModel) -> Option<Self> {
+        let l = model.lora.as_ref().filter(|l| l.cfg.dropout > 0.0)?;
+        let call = l.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        parts::DROPOUT_KEY.with(|k| k.set(Some((l.cfg.seed, call))));
+        Some(DropoutKey)
+    }
+}
+
+impl Drop for DropoutKey {
+    fn drop(&mut self) {
+        parts::DROPOUT_KEY.with(|k| k.set(None));
+    }
+}
+
 impl Model for DecoderModel {
     type Batch = Batch;
 
@@ -584,6 +911,9 @@ impl Model for DecoderModel {
     }
 
     fn save(&self, dir: &Path) -> Result<()> {
+        if let Some(l) = &self.lora {
+            return self.save_adapter(l, dir);
+        }
         let mut raw = self.raw_config.clone();
         raw["torch_dtype"] = "float32".into();
         crate::io::write_atomic(
@@ -595,7 +925,15 @@ impl Model for DecoderModel {
         save_safetensors(&self.tensors(), &dir.join(WEIGHTS_FILE))
     }
 
+    fn load_params(&self, dir: &Path) -> Result<()> {
+        match &self.lora {
+            Some(l) => self.load_adapter(l, dir),
+            None => super::load_params_from(self, dir),
+        }
+    }
+
     fn forward_backward(&self, batch: &Batch, scale: LossScale) -> Result<(LossSum, GradStore)> {
+        let _dropout = DropoutKey::set(self);
         if self.compute.gradient_checkpointing && batch.n_targets() > 0 {
             return self.forward_backward_checkpointed(batch, scale);
         }

@@ -11,8 +11,75 @@ use crate::nn::kernels;
 use crate::nn::ops::layer_norm;
 
 pub(super) struct Lin {
+    /// The weight: a float32 master variable, or a frozen tensor (not a variable, possibly
+    /// bf16) under LoRA.
     pub(super) w: Tensor,
     pub(super) b: Option<Tensor>,
+    /// A LoRA adapter on this layer: y = x W^T + b + s · (dropout(x) A^T) B^T.
+    pub(super) lora: Option<Adapter>,
+}
+
+/// A LoRA adapter: A (r, in) and B (out, r), float32 master variables.
+pub(super) struct Adapter {
+    pub(super) a: Tensor,
+    pub(super) b: Tensor,
+    /// alpha / r, or alpha / √r with rsLoRA.
+    pub(super) scale: f64,
+    /// Dropout probability on the adapter's input while training.
+    pub(super) dropout: f64,
+    /// The adapter's place in the model, which keys its dropout stream.
+    pub(super) index: u64,
+}
+
+thread_local! {
+    /// (seed, forward/backward count) of the running training forward/backward, which keys the
+    /// adapters' dropout masks; `None` outside one (evaluation, generation: no dropout).
+    pub(super) static DROPOUT_KEY: std::cell::Cell<Option<(u64, u64)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+impl Adapter {
+    /// The dropout mask of input x (N, in) for this adapter, already scaled by 1 / (1 - p), in
+    /// x's dtype; `None` with no dropout or outside training. Drawn on the host from a ChaCha
+    /// stream keyed by (seed, forward/backward count, adapter): the same on every machine,
+    /// again in gradient checkpointing's recomputation, and after a resume.
+    pub(super) fn mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        use rand::{Rng, SeedableRng};
+        let Some((seed, call)) = DROPOUT_KEY.with(|k| k.get()) else {
+            return Ok(None);
+        };
+        if self.dropout == 0.0 {
+            return Ok(None);
+        }
+        let key = seed
+            ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ self.index.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(key);
+        let keep = (1.0 / (1.0 - self.dropout)) as f32;
+        let p = self.dropout as f32;
+        let n = x.elem_count();
+        let v: Vec<f32> = (0..n)
+            .map(|_| if rng.gen::<f32>() < p { 0.0 } else { keep })
+            .collect();
+        Ok(Some(
+            Tensor::from_vec(v, x.shape(), x.device())?.to_dtype(x.dtype())?,
+        ))
+    }
+
+    /// A and B in `dtype`: the step's copies if there are any, else (differentiable) casts.
+    pub(super) fn weights(&self, dtype: DType) -> Result<(Tensor, Tensor)> {
+        Ok((compute_copy(&self.a, dtype)?, compute_copy(&self.b, dtype)?))
+    }
+}
+
+/// `master` in `dtype`: the step's low-precision copy if there is one, else a (differentiable)
+/// cast.
+fn compute_copy(master: &Tensor, dtype: DType) -> Result<Tensor> {
+    let copy = COMPUTE_WEIGHTS.with(|m| m.borrow().get(&master.id()).cloned());
+    Ok(match copy {
+        Some(v) if v.dtype() == dtype => v,
+        _ => master.to_dtype(dtype)?,
+    })
 }
 
 thread_local! {
@@ -72,21 +139,28 @@ impl CopyVars {
 impl Lin {
     /// x (N, in) → (N, out) in x's dtype: through the step's low-precision copy of the weight
     /// if there is one, else a differentiable cast of the f32 master weight.
+    /// With an adapter, PEFT's order: the base layer (bias included), then s · B A dropout(x).
     pub(super) fn fwd(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.matmul(&self.compute_weight(x.dtype())?.t()?)?;
-        Ok(match &self.b {
+        let y = match &self.b {
             Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
             None => y,
-        })
+        };
+        let Some(ad) = &self.lora else {
+            return Ok(y);
+        };
+        let (a, b) = ad.weights(x.dtype())?;
+        let xd = match ad.mask(x)? {
+            Some(m) => (x * m)?,
+            None => x.clone(),
+        };
+        let u = (xd.matmul(&a.t()?)? * ad.scale)?;
+        Ok((y + u.matmul(&b.t()?)?)?)
     }
 
     /// The weight in `dtype`: the step's copy if there is one, else a (differentiable) cast.
     pub(super) fn compute_weight(&self, dtype: DType) -> Result<Tensor> {
-        let copy = COMPUTE_WEIGHTS.with(|m| m.borrow().get(&self.w.id()).cloned());
-        Ok(match copy {
-            Some(v) if v.dtype() == dtype => v,
-            _ => self.w.to_dtype(dtype)?,
-        })
+        compute_copy(&self.w, dtype)
     }
 }
 

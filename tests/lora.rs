@@ -1,0 +1,523 @@
+//! LoRA adapters against PEFT 0.13.2 (fixtures from tests/fixtures/make_lora_fixtures.py, one
+//! adapter on each of the 17 tiny family checkpoints, B initialised non-zero): logits, loss and
+//! every lora_A / lora_B gradient, padded and padding-free, through autograd and the
+//! hand-written layer backward; the modules targeted and the parameter counts; `merge` against
+//! `merge_and_unload()`; saving and reloading; a few training steps that leave the base
+//! untouched; and the errors of configurations PEFT would refuse.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use common::{max_abs_diff, rel_diff, within};
+use packsft::{
+    AdamWConfig, Collator, CompletionOnlyCollator, DecoderModel, Example, LoraConfig, LoraSetup,
+    LossScale, Model, Schedule, Targets, Trainer, TrainerConfig,
+};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The adapter fixtures: one per family checkpoint, none missing.
+fn fixtures() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("lora"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    v.sort();
+    assert_eq!(v.len(), 17, "adapter fixtures: {v:?}");
+    v
+}
+
+struct Reference {
+    json: serde_json::Value,
+    examples: Vec<Example>,
+    tensors: HashMap<String, Tensor>,
+}
+
+fn reference(dir: &Path) -> Reference {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let examples = common::examples_from_json(&json["examples"]);
+    let tensors =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    Reference {
+        json,
+        examples,
+        tensors,
+    }
+}
+
+fn name(dir: &Path) -> String {
+    dir.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+fn base(dir: &Path) -> PathBuf {
+    root().join("families").join(name(dir))
+}
+
+/// The fixture's base with the fixture's PEFT adapter, float32.
+fn load(dir: &Path) -> DecoderModel {
+    let setup = LoraSetup {
+        config: LoraConfig::from_peft_dir(dir).unwrap(),
+        frozen_dtype: DType::F32,
+    };
+    DecoderModel::from_pretrained_with_lora(&base(dir), &Device::Cpu, &setup)
+        .unwrap_or_else(|e| panic!("{}: {e}", name(dir)))
+}
+
+fn collate(examples: &[Example], padding_free: bool) -> packsft::Batch {
+    (if padding_free {
+        CompletionOnlyCollator::padding_free(0)
+    } else {
+        CompletionOnlyCollator::padded(0)
+    })
+    .collate(examples, &Device::Cpu)
+    .unwrap()
+}
+
+/// Every trainable tensor's gradient against PEFT's (relative difference ≤ 1e-4).
+fn compare_grads(
+    model: &DecoderModel,
+    grads: &candle_core::backprop::GradStore,
+    r: &Reference,
+    label: &str,
+    failures: &mut Vec<String>,
+) {
+    for p in model.params() {
+        let Some(want) = r.tensors.get(&format!("grad.{}", p.name)) else {
+            failures.push(format!("{label} {}: PEFT has no such tensor", p.name));
+            continue;
+        };
+        match grads.get(p.var.as_tensor()) {
+            None => failures.push(format!("{label} {}: no gradient", p.name)),
+            Some(g) => {
+                let d = rel_diff(g, want);
+                if !within(d, 1e-4) {
+                    failures.push(format!("{label} {}: gradient rel diff {d:e}", p.name));
+                }
+            }
+        }
+    }
+    let n_ref = r.tensors.keys().filter(|k| k.starts_with("grad.")).count();
+    if n_ref != model.params().len() {
+        failures.push(format!(
+            "{label}: {} trainable tensors, PEFT has {n_ref}",
+            model.params().len()
+        ));
+    }
+}
+
+#[test]
+fn targets_and_parameter_counts_are_pefts() {
+    for dir in fixtures() {
+        let fam = name(&dir);
+        let r = reference(&dir);
+        let model = load(&dir);
+        let mut got: Vec<String> = model.lora_targets().to_vec();
+        got.sort();
+        let want: Vec<String> = r.json["targeted_modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(got, want, "{fam}: targeted modules");
+        let (trainable, total) = model.param_counts();
+        assert_eq!(
+            trainable as u64,
+            r.json["n_trainable"].as_u64().unwrap(),
+            "{fam}: trainable parameters"
+        );
+        assert_eq!(
+            total as u64,
+            r.json["n_total"].as_u64().unwrap(),
+            "{fam}: total parameters"
+        );
+        let scaling = r.json["scaling"].as_f64().unwrap();
+        let cfg = model.lora_config().unwrap();
+        assert!((cfg.scaling() - scaling).abs() < 1e-12, "{fam}: scaling");
+    }
+}
+
+#[test]
+fn logits_loss_and_adapter_gradients_match_peft() {
+    let mut failures = Vec::new();
+    for dir in fixtures() {
+        let fam = name(&dir);
+        let r = reference(&dir);
+        let model = load(&dir);
+        for padding_free in [true, false] {
+            let batch = collate(&r.examples, padding_free);
+            let logits = model.all_logits(&batch).unwrap();
+            let mut start = 0;
+            for (i, ex) in r.examples.iter().enumerate() {
+                let at = if padding_free {
+                    start
+                } else {
+                    i * batch.row_len()
+                };
+                let d = max_abs_diff(
+                    &logits.narrow(0, at, ex.len()).unwrap(),
+                    &r.tensors[&format!("logits.{i}")],
+                );
+                if !within(d, 1e-4) {
+                    failures.push(format!(
+                        "{fam} pf={padding_free} example {i}: logits max |diff| {d:e}"
+                    ));
+                }
+                start += ex.len();
+            }
+            // Autograd through `loss`.
+            let l = model.loss(&batch).unwrap();
+            let loss = l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_targets as f64;
+            let want = r.json["loss"].as_f64().unwrap();
+            if !within((loss - want).abs() / want, 1e-5) {
+                failures.push(format!("{fam} pf={padding_free}: loss {loss} vs {want}"));
+            }
+            let grads = (l.sum / l.n_targets as f64).unwrap().backward().unwrap();
+            compare_grads(
+                &model,
+                &grads,
+                &r,
+                &format!("{fam} pf={padding_free} autograd"),
+                &mut failures,
+            );
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// The training path: the hand-written layer backward (padded and padding-free) and gradient
+/// checkpointing's recomputation give PEFT's adapter gradients.
+#[test]
+fn hand_written_backward_gives_pefts_adapter_gradients() {
+    let mut failures = Vec::new();
+    for dir in fixtures() {
+        let fam = name(&dir);
+        let r = reference(&dir);
+        let mut model = load(&dir);
+        let moe =
+            ["mixtral", "qwen2_moe", "dbrx"].contains(&r.json["model_type"].as_str().unwrap());
+        for (padding_free, ckpt) in [(true, false), (false, false), (true, true)] {
+            model.compute.gradient_checkpointing = ckpt;
+            let batch = collate(&r.examples, padding_free);
+            let before = packsft::internals::graph::hand_written_backwards();
+            let scale = LossScale {
+                per_unit: 1.0 / batch.n_targets() as f64,
+                aux: 0.0,
+            };
+            let (l, grads) = model.forward_backward(&batch, scale).unwrap();
+            let by_hand = packsft::internals::graph::hand_written_backwards() - before;
+            let want_by_hand = if ckpt { 0 } else { model.spec.layers };
+            if !moe && by_hand != want_by_hand {
+                failures.push(format!(
+                    "{fam} ckpt={ckpt}: {by_hand} layers differentiated by hand, want {want_by_hand}"
+                ));
+            }
+            let loss = l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_targets as f64;
+            let want = r.json["loss"].as_f64().unwrap();
+            if !within((loss - want).abs() / want, 1e-5) {
+                failures.push(format!(
+                    "{fam} pf={padding_free} ckpt={ckpt}: loss {loss} vs {want}"
+                ));
+            }
+            let label = format!("{fam} pf={padding_free} ckpt={ckpt}");
+            compare_grads(&model, &grads, &r, &label, &mut failures);
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn merge_equals_pefts_merge_and_unload() {
+    for dir in fixtures() {
+        let fam = name(&dir);
+        let r = reference(&dir);
+        let out = tempfile::tempdir().unwrap();
+        let report = packsft::merge_lora(&base(&dir), &dir, out.path(), DType::F32).unwrap();
+        let merged =
+            candle_core::safetensors::load(out.path().join("model.safetensors"), &Device::Cpu)
+                .unwrap();
+        let want: HashMap<&str, &Tensor> = r
+            .tensors
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("merged.").map(|n| (n, v)))
+            .collect();
+        assert_eq!(merged.len(), want.len(), "{fam}: tensor count");
+        for (n, w) in &want {
+            let got = merged
+                .get(*n)
+                .unwrap_or_else(|| panic!("{fam}: merged lacks {n}"));
+            let d = max_abs_diff(got, w);
+            assert!(d <= 1e-5, "{fam} {n}: merged max |diff| {d:e}");
+        }
+        let n_targets = r.json["targeted_modules"].as_array().unwrap().len();
+        assert_eq!(report.merged, n_targets, "{fam}: matrices merged");
+        // The merged checkpoint is a plain one with the adapter's loss.
+        let m = DecoderModel::from_pretrained(out.path(), &Device::Cpu).unwrap();
+        let batch = collate(&r.examples, true);
+        let l = m.loss(&batch).unwrap();
+        let loss = l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_targets as f64;
+        let want = r.json["loss"].as_f64().unwrap();
+        assert!(within((loss - want).abs() / want, 1e-5), "{fam}: merged loss {loss} vs {want}");
+    }
+}
+
+#[test]
+fn saved_adapters_are_pefts_files_and_reload_with_the_same_loss() {
+    for dir in fixtures() {
+        let fam = name(&dir);
+        let r = reference(&dir);
+        let model = load(&dir);
+        let out = tempfile::tempdir().unwrap();
+        model.save(out.path()).unwrap();
+        // The same tensor names, shapes and values as the adapter PEFT wrote.
+        common::assert_same_safetensors(
+            &dir.join("adapter_model.safetensors"),
+            &out.path().join("adapter_model.safetensors"),
+            &fam,
+        );
+        let ours: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        let peft: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+                .unwrap();
+        for key in [
+            "peft_type",
+            "task_type",
+            "r",
+            "lora_alpha",
+            "lora_dropout",
+            "use_rslora",
+            "modules_to_save",
+            "bias",
+        ] {
+            assert_eq!(ours[key], peft[key], "{fam}: adapter_config.json `{key}`");
+        }
+        let set = |v: &serde_json::Value| {
+            let mut s: Vec<String> = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap().to_string())
+                .collect();
+            s.sort();
+            s
+        };
+        assert_eq!(
+            set(&ours["target_modules"]),
+            set(&peft["target_modules"]),
+            "{fam}: target_modules"
+        );
+        let mut keys: Vec<&String> = ours.as_object().unwrap().keys().collect();
+        let unsorted = keys.clone();
+        keys.sort();
+        assert_eq!(keys, unsorted, "{fam}: keys sorted");
+        let missing: Vec<&String> = peft
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| ours.get(k.as_str()).is_none())
+            .collect();
+        assert!(missing.is_empty(), "{fam}: keys PEFT writes and packsft does not: {missing:?}");
+        // Reloaded as an adapter directory: the same loss.
+        let again = DecoderModel::from_pretrained_with_lora(
+            &base(&dir),
+            &Device::Cpu,
+            &LoraSetup {
+                config: LoraConfig::from_peft_dir(out.path()).unwrap(),
+                frozen_dtype: DType::F32,
+            },
+        )
+        .unwrap();
+        let batch = collate(&r.examples, true);
+        let a = model.loss(&batch).unwrap().sum.to_scalar::<f32>().unwrap();
+        let b = again.loss(&batch).unwrap().sum.to_scalar::<f32>().unwrap();
+        assert_eq!(a, b, "{fam}: reloaded loss");
+    }
+}
+
+/// New adapters (B = 0) leave the model's loss unchanged; a few steps lower it, every adapter
+/// tensor moves, and the frozen base stays bit for bit what was loaded.
+#[test]
+fn training_moves_adapters_only_and_lowers_the_loss() {
+    for fam in ["llama", "phi3", "mixtral", "falcon_new"] {
+        let dir = root().join("lora").join(fam);
+        let r = reference(&dir);
+        let full = DecoderModel::from_pretrained(&base(&dir), &Device::Cpu).unwrap();
+        let setup = LoraSetup {
+            config: LoraConfig {
+                r: 4,
+                alpha: 8.0,
+                targets: Targets::AllLinear,
+                seed: 3,
+                ..Default::default()
+            },
+            frozen_dtype: DType::F32,
+        };
+        let model =
+            DecoderModel::from_pretrained_with_lora(&base(&dir), &Device::Cpu, &setup).unwrap();
+        let batch = collate(&r.examples, true);
+        let l0 = full.loss(&batch).unwrap().sum.to_scalar::<f32>().unwrap();
+        let l1 = model.loss(&batch).unwrap().sum.to_scalar::<f32>().unwrap();
+        assert_eq!(l0, l1, "{fam}: a new adapter changes nothing");
+        let frozen_before = model.frozen_tensors();
+        let start: Vec<Tensor> = model
+            .params()
+            .iter()
+            .map(|p| p.var.as_tensor().copy().unwrap())
+            .collect();
+        let cfg = TrainerConfig {
+            batch_size: 6,
+            max_steps: 8,
+            adamw: AdamWConfig {
+                lr: 1e-2,
+                ..Default::default()
+            },
+            schedule: Schedule::Constant,
+            shuffle: false,
+            progress: false,
+            ..Default::default()
+        };
+        let mut t = Trainer::new(
+            model,
+            CompletionOnlyCollator::padding_free(0),
+            cfg,
+            Device::Cpu,
+        )
+        .unwrap();
+        let before = t.evaluate(&r.examples).unwrap().loss;
+        t.train(&r.examples, None).unwrap();
+        let after = t.evaluate(&r.examples).unwrap().loss;
+        assert!(after < 0.95 * before, "{fam}: loss {before} -> {after}");
+        for (p, s) in t.model.params().iter().zip(&start) {
+            let moved = max_abs_diff(p.var.as_tensor(), s);
+            assert!(moved > 0.0, "{fam} {}: did not move", p.name);
+        }
+        for ((n, a), (_, b)) in frozen_before.iter().zip(t.model.frozen_tensors()) {
+            assert_eq!(max_abs_diff(a, &b), 0.0, "{fam} {n}: frozen weight changed");
+        }
+    }
+}
+
+/// Dropout on the adapters' input: the same masks for the same (seed, pass), so gradient
+/// checkpointing's recomputation gives the plain pass's gradients; none in evaluation.
+#[test]
+fn adapter_dropout_is_seeded_and_training_only() {
+    let dir = root().join("lora").join("llama");
+    let r = reference(&dir);
+    let mut config = LoraConfig::from_peft_dir(&dir).unwrap();
+    config.dropout = 0.3;
+    let setup = LoraSetup {
+        config,
+        frozen_dtype: DType::F32,
+    };
+    let batch = collate(&r.examples, true);
+    let scale = LossScale {
+        per_unit: 1.0 / batch.n_targets() as f64,
+        aux: 0.0,
+    };
+    let grads_of = |ckpt: bool, skip: usize| -> Vec<Tensor> {
+        let mut m =
+            DecoderModel::from_pretrained_with_lora(&base(&dir), &Device::Cpu, &setup).unwrap();
+        m.compute.gradient_checkpointing = ckpt;
+        for _ in 0..skip {
+            m.forward_backward(&batch, scale).unwrap();
+        }
+        let (_, g) = m.forward_backward(&batch, scale).unwrap();
+        m.params()
+            .iter()
+            .map(|p| g.get(p.var.as_tensor()).unwrap().clone())
+            .collect()
+    };
+    let plain = grads_of(false, 0);
+    let again = grads_of(false, 0);
+    let ckpt = grads_of(true, 0);
+    let next = grads_of(false, 1);
+    let max = |a: &[Tensor], b: &[Tensor]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| max_abs_diff(x, y))
+            .fold(0.0, f64::max)
+    };
+    assert_eq!(max(&plain, &again), 0.0, "same seed and pass, same masks");
+    assert!(max(&plain, &ckpt) < 1e-5, "recomputation draws the same masks");
+    assert!(max(&plain, &next) > 1e-4, "the next pass draws new masks");
+    // Evaluation has no dropout: the reference loss exactly as without it.
+    let m = DecoderModel::from_pretrained_with_lora(&base(&dir), &Device::Cpu, &setup).unwrap();
+    let e = m.eval_sums(&batch).unwrap();
+    let want = r.json["loss"].as_f64().unwrap();
+    let got = e.loss_sum / e.n_targets as f64;
+    assert!(within((got - want).abs() / want, 1e-5), "eval loss {got} vs {want}");
+}
+
+fn load_err(fam: &str, config: LoraConfig) -> String {
+    let setup = LoraSetup {
+        config,
+        frozen_dtype: DType::F32,
+    };
+    match DecoderModel::from_pretrained_with_lora(
+        &root().join("families").join(fam),
+        &Device::Cpu,
+        &setup,
+    ) {
+        Ok(_) => panic!("{fam}: loaded"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn configurations_peft_refuses_are_errors_naming_the_value() {
+    // No PEFT default for the family: the error lists its linear modules.
+    let e = load_err("granite", LoraConfig::default());
+    assert!(
+        e.contains("target_modules") && e.contains("granite") && e.contains("q_proj"),
+        "{e}"
+    );
+    // A name that matches nothing.
+    let e = load_err(
+        "llama",
+        LoraConfig {
+            targets: Targets::Names(vec!["query".into()]),
+            ..Default::default()
+        },
+    );
+    assert!(e.contains("`query`") && e.contains("down_proj"), "{e}");
+    // DBRX's experts are parameters, not linear layers.
+    let e = load_err(
+        "dbrx",
+        LoraConfig {
+            targets: Targets::Names(vec!["w1".into()]),
+            ..Default::default()
+        },
+    );
+    assert!(e.contains("`w1`") && e.contains("not linear layers"), "{e}");
+    // A saved module that does not exist.
+    let e = load_err(
+        "mistral",
+        LoraConfig {
+            modules_to_save: vec!["score".into()],
+            ..Default::default()
+        },
+    );
+    assert!(e.contains("modules_to_save") && e.contains("`score`"), "{e}");
+}
