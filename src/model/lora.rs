@@ -286,6 +286,54 @@ pub fn peft_default_targets(model_type: &str) -> Option<&'static [&'static str]>
     })
 }
 
+/// The module paths `cfg` adapts, in model order, among `linear` (every linear module but the
+/// output projection, `ModelNames::linear_modules`) and the output projection `lm_head` (`None`
+/// where it is tied to the embedding, which PEFT leaves alone). Errors name the key: a family
+/// without a PEFT default, a name that matches no linear module.
+pub fn resolve_targets(
+    cfg: &LoraConfig,
+    model_type: &str,
+    linear: &[String],
+    lm_head: Option<&str>,
+) -> Result<Vec<String>> {
+    let mut leaves: Vec<&str> = linear.iter().map(|m| leaf(m)).collect();
+    leaves.sort_unstable();
+    leaves.dedup();
+    let leaves = leaves.join(", ");
+    let names: Vec<String> = match &cfg.targets {
+        Targets::AllLinear => return Ok(linear.to_vec()),
+        Targets::Names(v) => v.clone(),
+        Targets::FamilyDefault => match peft_default_targets(model_type) {
+            Some(d) => d.iter().map(|s| s.to_string()).collect(),
+            None => {
+                return Err(Error::Config(format!(
+                    "lora.target_modules: PEFT has no default list for {model_type}; name the modules \
+                     to adapt (its linear modules: {leaves}, and lm_head) or give all-linear"
+                )))
+            }
+        },
+    };
+    let candidates: Vec<&str> = linear.iter().map(String::as_str).chain(lm_head).collect();
+    for n in &names {
+        if !candidates.iter().any(|m| module_matches(m, std::slice::from_ref(n))) {
+            let experts = if model_type == "dbrx" && matches!(n.as_str(), "w1" | "v1" | "w2") {
+                " (DBRX's experts are parameters, not linear layers: PEFT does not adapt them either)"
+            } else {
+                ""
+            };
+            return Err(Error::Config(format!(
+                "lora.target_modules: `{n}` matches no linear module of this {model_type} model{experts}; \
+                 its linear modules: {leaves}"
+            )));
+        }
+    }
+    Ok(candidates
+        .into_iter()
+        .filter(|m| module_matches(m, &names))
+        .map(str::to_owned)
+        .collect())
+}
+
 /// The last component of a module path (`q_proj` of `model.layers.0.self_attn.q_proj`).
 pub fn leaf(module: &str) -> &str {
     module.rsplit('.').next().unwrap_or(module)

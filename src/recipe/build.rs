@@ -12,7 +12,7 @@ use crate::collate::CompletionOnlyCollator;
 use crate::data::tokenizer::TextTokenizer;
 use crate::data::{Dataset, Example, LoadOptions, Pipeline};
 use crate::error::{Error, Result};
-use crate::model::{ComputeOptions, DecoderModel, Model};
+use crate::model::{ComputeOptions, DecoderModel, LoraSetup, Model};
 use crate::recipe::{Recipe, TrainData};
 use crate::train::callback::{Callback, EarlyStopping};
 use crate::train::AdamWConfig;
@@ -100,21 +100,49 @@ pub fn prepare(
     stop: Option<&Arc<AtomicBool>>,
 ) -> Result<Prepared> {
     let tokenizer = recipe_tokenizer(recipe)?;
-    let model = match (&recipe.model.path, &recipe.model.config) {
-        (Some(dir), _) => DecoderModel::from_pretrained(dir, device)?,
-        (None, Some(cfg)) => DecoderModel::new_random(
-            inline_config(
+    let lora = match &recipe.lora {
+        Some(l) => Some(LoraSetup {
+            config: l.to_config(recipe.train.seed).map_err(|msg| Error::Recipe {
+                path: recipe_path.to_path_buf(),
+                line: None,
+                column: None,
+                msg,
+            })?,
+            // The frozen base in the compute dtype: bf16 compute keeps no float32 copy of it.
+            frozen_dtype: recipe.train.dtype.dtype(),
+        }),
+        None => None,
+    };
+    let model = match (&recipe.model.path, &recipe.model.config, &lora) {
+        (Some(dir), _, None) => DecoderModel::from_pretrained(dir, device)?,
+        (Some(dir), _, Some(setup)) => {
+            DecoderModel::from_pretrained_with_lora(dir, device, setup)?
+        }
+        (None, Some(cfg), _) => {
+            let cfg = inline_config(
                 cfg,
                 tokenizer
                     .as_ref()
                     .expect("recipe validation requires model.tokenizer with model.config"),
                 recipe_path,
-            )?,
-            recipe.train.seed,
-            device,
-        )?,
-        (None, None) => unreachable!("recipe validation requires a model source"),
+            )?;
+            match &lora {
+                None => DecoderModel::new_random(cfg, recipe.train.seed, device)?,
+                Some(setup) => {
+                    DecoderModel::new_random_with_lora(cfg, recipe.train.seed, device, setup)?
+                }
+            }
+        }
+        (None, None, _) => unreachable!("recipe validation requires a model source"),
     };
+    if lora.is_some() {
+        let (trainable, total) = model.param_counts();
+        tracing::info!(
+            "LoRA: {trainable} trainable parameters of {total} ({:.3}%) in {} adapted modules",
+            100.0 * trainable as f64 / total.max(1) as f64,
+            model.lora_targets().len()
+        );
+    }
     if let Some(t) = tokenizer
         .as_ref()
         .filter(|t| t.vocab_size() > model.spec.vocab)
@@ -301,6 +329,18 @@ pub fn train(
         t.save(out)?;
     }
     crate::io::write_atomic(&out.join("recipe.yaml"), recipe.to_yaml().as_bytes())?;
+    if let (Some(l), Some(base)) = (&recipe.lora, &recipe.model.path) {
+        if l.merge {
+            let merged = out.join("merged");
+            let r = crate::model::lora::merge(base, out, &merged, candle_core::DType::F32)?;
+            tracing::info!(
+                merged = %merged.display(),
+                "merged {} adapted matrices into the base ({} tensors)",
+                r.merged,
+                r.tensors
+            );
+        }
+    }
     tracing::info!(output_dir = %out.display(), "saved");
     Ok(summary)
 }

@@ -29,6 +29,9 @@ pub struct Recipe {
     /// `logging:`: where metrics go besides `metrics.jsonl`.
     #[serde(default)]
     pub logging: LoggingSection,
+    /// `lora:`: LoRA adapters on a frozen base instead of full fine-tuning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<super::LoraSection>,
     /// Where the trained model, tokenizer, metrics and checkpoints are written.
     pub output_dir: PathBuf,
     /// `latest` (the newest checkpoint in output_dir, or a fresh start if there is none) or
@@ -660,6 +663,14 @@ impl Recipe {
         }
         if self.collator.pad_to_multiple_of == Some(0) {
             return bad("collator.pad_to_multiple_of must be at least 1".into());
+        }
+        if let Some(l) = &self.lora {
+            if let Err(msg) = l.to_config(self.train.seed) {
+                return bad(msg);
+            }
+            if l.merge && self.model.path.is_none() {
+                return bad("lora.merge needs model.path: the base weights to merge into".into());
+            }
         }
         Ok(())
     }

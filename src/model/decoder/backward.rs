@@ -516,6 +516,13 @@ pub(super) fn layers_node(
         Ok(d)
     });
     let y = h.contiguous()?;
+    // Under LoRA the embedding is frozen and its output is no graph node: the run's node then
+    // hangs from a leaf variable of its own, or candle would never call its backward.
+    let x = if x.track_op() {
+        x.clone()
+    } else {
+        candle_core::Var::from_tensor(x)?.as_tensor().clone()
+    };
     Ok(x.apply_op2(&y, Attach::new(back))?)
 }
 

@@ -45,10 +45,8 @@ pub(super) struct Builder<'a> {
 /// What the builder needs to freeze the base and attach adapters.
 pub(super) struct LoraBuild {
     pub(super) cfg: LoraConfig,
-    /// The names a module path is matched against; `None`: every linear module but `lm_head`.
-    pub(super) names: Option<Vec<String>>,
-    /// The output projection's module path (never targeted by `all-linear`).
-    pub(super) lm_head: String,
+    /// The module paths that get adapters (`lora::resolve_targets`).
+    pub(super) selected: std::collections::HashSet<String>,
     /// The adapter file to take A, B and saved modules from, when continuing an adapter.
     pub(super) adapter: Option<CheckpointWeights>,
     pub(super) rng: rand_chacha::ChaCha8Rng,
@@ -56,8 +54,6 @@ pub(super) struct LoraBuild {
     pub(super) frozen_dtype: DType,
     /// Module paths that got adapters, in build order.
     pub(super) targeted: Vec<String>,
-    /// Every linear module path seen (for the error of a target that matches none).
-    pub(super) linear: Vec<String>,
 }
 
 impl LoraBuild {
@@ -76,6 +72,10 @@ impl Builder<'_> {
                 let key = lora::saved_key(name);
                 if let Some(a) = l.adapter.as_mut() {
                     let t = a.get(&key, shape, DType::F32, self.device)?;
+                    // The base's own tensor is replaced, not left over.
+                    if let Source::Checkpoint(w) = &mut self.src {
+                        w.check(name, shape)?;
+                    }
                     return self.param(key, t);
                 }
                 let t = self.read(name, shape, init, DType::F32)?;
@@ -146,12 +146,7 @@ impl Builder<'_> {
         let Some(l) = &mut self.lora else {
             return Ok(None);
         };
-        l.linear.push(module.to_string());
-        let targeted = match &l.names {
-            None => module != l.lm_head,
-            Some(names) => lora::module_matches(module, names),
-        };
-        if !targeted || matches!(self.src, Source::Shapes(_)) {
+        if !l.selected.contains(module) || matches!(self.src, Source::Shapes(_)) {
             return Ok(None);
         }
         let r = l.cfg.r;

@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use serde_json::Value;
 
 use super::families;
-use super::lora::{self, LoraConfig, Targets, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
+use super::lora::{self, LoraConfig, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
 use super::spec::*;
 use super::weights::{save_safetensors, CheckpointWeights, WEIGHTS_FILE};
 use super::{EvalSums, LossScale, LossSum, Model, Param};
@@ -666,39 +666,13 @@ fn lora_build(
     use rand::SeedableRng;
     let cfg = &setup.config;
     cfg.validate()?;
-    let linear = names.linear_modules();
-    let mut leaves: Vec<&str> = linear.iter().map(|m| lora::leaf(m)).collect();
-    leaves.sort_unstable();
-    leaves.dedup();
-    let leaves = leaves.join(", ");
-    let list = match &cfg.targets {
-        Targets::AllLinear => None,
-        Targets::Names(v) => Some(v.clone()),
-        Targets::FamilyDefault => match lora::peft_default_targets(model_type) {
-            Some(d) => Some(d.iter().map(|s| s.to_string()).collect()),
-            None => {
-                return Err(Error::Config(format!(
-                    "lora.target_modules: PEFT has no default list for {model_type}; name the modules                      to adapt (its linear modules: {leaves}, and lm_head) or give all-linear"
-                )))
-            }
-        },
-    };
     let lm_head = names.lm_head.weight.strip_suffix(".weight").unwrap_or_default();
-    if let Some(list) = &list {
-        for n in list {
-            let hits_lm_head = !spec.tie_embeddings && lora::module_matches(lm_head, &[n.clone()]);
-            if !hits_lm_head && !linear.iter().any(|m| lora::module_matches(m, &[n.clone()])) {
-                let experts = if matches!(n.as_str(), "w1" | "v1" | "w2") && model_type == "dbrx" {
-                    " (DBRX's experts are parameters, not linear layers: PEFT does not adapt them either)"
-                } else {
-                    ""
-                };
-                return Err(Error::Config(format!(
-                    "lora.target_modules: `{n}` matches no linear module of this {model_type} model{experts};                      its linear modules: {leaves}"
-                )));
-            }
-        }
-    }
+    let selected = lora::resolve_targets(
+        cfg,
+        model_type,
+        &names.linear_modules(),
+        (!spec.tie_embeddings).then_some(lm_head),
+    )?;
     if spec.tie_embeddings {
         let tied: Vec<String> = [&names.embed, &names.lm_head.weight]
             .iter()
@@ -710,7 +684,8 @@ fn lora_build(
             .find(|m| tied.iter().any(|t| lora::module_matches(t, &[m.to_string()])))
         {
             return Err(Error::Config(format!(
-                "lora.modules_to_save: `{m}` is tied to the other of embed_tokens / lm_head in this                  model (tie_word_embeddings); training one copy would untie them"
+                "lora.modules_to_save: `{m}` is tied to the other of embed_tokens / lm_head in this \
+                 model (tie_word_embeddings); training one copy would untie them"
             )));
         }
     }
@@ -720,17 +695,11 @@ fn lora_build(
     };
     Ok(LoraBuild {
         cfg: cfg.clone(),
-        names: list,
-        lm_head: if spec.tie_embeddings {
-            String::new()
-        } else {
-            lm_head.to_string()
-        },
+        selected: selected.into_iter().collect(),
         adapter,
         rng: rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed),
         frozen_dtype: setup.frozen_dtype,
         targeted: Vec::new(),
-        linear: Vec::new(),
     })
 }
 
@@ -756,7 +725,6 @@ fn lora_finish(l: LoraBuild, frozen: Vec<(String, Tensor)>, params: &[Param]) ->
             )));
         }
     }
-    let _ = &l.linear;
     Ok(LoraState {
         cfg: l.cfg,
         targeted: l.targeted,
