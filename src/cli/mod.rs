@@ -42,6 +42,9 @@ enum Cmd {
     Generate(model::GenerateCmd),
     /// Training throughput on pre-tokenized data (shared/bench/make_bench_data.py)
     Bench(bench::BenchCmd),
+    /// Merge a PEFT LoRA adapter into its base: a complete Hugging Face checkpoint with
+    /// W + s·B·A (PEFT's merge_and_unload)
+    Merge(model::MergeCmd),
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -54,6 +57,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::BenchAttn(c) => bench::run_bench_attn(c),
         Cmd::Generate(c) => model::generate(c),
         Cmd::Bench(c) => bench::run_bench(c),
+        Cmd::Merge(c) => model::merge(c),
     }
 }
 

@@ -17,6 +17,85 @@ pub(crate) struct ArchCmd {
     /// Print the full specification as JSON
     #[arg(long)]
     json: bool,
+    /// Also show what LoRA of this rank would adapt and train
+    #[arg(long)]
+    lora_r: Option<usize>,
+    /// LoRA targets: all-linear or comma-separated module names (default: PEFT's for the family)
+    #[arg(long)]
+    lora_target_modules: Option<String>,
+    /// LoRA modules trained in full, comma-separated
+    #[arg(long)]
+    lora_modules_to_save: Option<String>,
+    /// A PEFT adapter directory: show what it adapts in this checkpoint
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub(crate) struct MergeCmd {
+    /// The base checkpoint directory (or a Hub repo id in the local cache)
+    base_dir: PathBuf,
+    /// The PEFT adapter directory (adapter_config.json, adapter_model.safetensors)
+    adapter_dir: PathBuf,
+    /// Where the merged checkpoint is written
+    out_dir: PathBuf,
+    /// bf16, f16 or f32
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+}
+
+/// `packsft merge`: the base with W + s·B·A, a complete Hugging Face checkpoint.
+pub(crate) fn merge(c: MergeCmd) -> Result<()> {
+    let dtype = match c.dtype.as_str() {
+        "bf16" | "bfloat16" => candle_core::DType::BF16,
+        "f16" | "float16" => candle_core::DType::F16,
+        "f32" | "float32" => candle_core::DType::F32,
+        other => {
+            return Err(Error::Config(format!(
+                "--dtype {other}: use bf16, f16 or f32"
+            )))
+        }
+    };
+    let base = crate::hub::resolve(&c.base_dir)?;
+    let r = crate::model::lora::merge(&base, &c.adapter_dir, &c.out_dir, dtype)?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "out_dir": c.out_dir.display().to_string(),
+            "merged_matrices": r.merged,
+            "replaced_tensors": r.replaced,
+            "tensors": r.tensors,
+        })
+    );
+    Ok(())
+}
+
+/// The LoRA configuration `arch`'s flags describe, if any.
+fn arch_lora(c: &ArchCmd) -> Result<Option<crate::model::lora::LoraConfig>> {
+    use crate::model::lora::{LoraConfig, Targets};
+    if let Some(dir) = &c.adapter {
+        return LoraConfig::from_peft_dir(dir).map(Some);
+    }
+    if c.lora_r.is_none() && c.lora_target_modules.is_none() && c.lora_modules_to_save.is_none() {
+        return Ok(None);
+    }
+    let list = |s: &str| -> Vec<String> {
+        s.split(',')
+            .map(|x| x.trim().to_string())
+            .filter(|x| !x.is_empty())
+            .collect()
+    };
+    let d = LoraConfig::default();
+    Ok(Some(LoraConfig {
+        r: c.lora_r.unwrap_or(d.r),
+        targets: match c.lora_target_modules.as_deref() {
+            None => Targets::FamilyDefault,
+            Some("all-linear") => Targets::AllLinear,
+            Some(s) => Targets::Names(list(s)),
+        },
+        modules_to_save: c.lora_modules_to_save.as_deref().map(list).unwrap_or_default(),
+        ..d
+    }))
 }
 
 #[derive(Args)]
@@ -55,14 +134,23 @@ pub(crate) struct GenerateCmd {
 }
 
 pub(crate) fn arch(c: ArchCmd) -> Result<()> {
-    let report = crate::model::arch::describe(&crate::hub::resolve(&c.model_dir)?)?;
+    let dir = crate::hub::resolve(&c.model_dir)?;
+    let report = crate::model::arch::describe(&dir)?;
+    let lora = match arch_lora(&c)? {
+        Some(cfg) => Some(crate::model::arch::describe_lora(&dir, &cfg)?),
+        None => None,
+    };
     if c.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report.spec).expect("spec serialises")
-        );
+        let mut v = serde_json::to_value(&report.spec).expect("spec serialises");
+        if let Some(l) = &lora {
+            v["lora"] = serde_json::to_value(l).expect("report serialises");
+        }
+        println!("{}", serde_json::to_string_pretty(&v).expect("JSON serialises"));
     } else {
         print!("{report}");
+        if let Some(l) = &lora {
+            print!("{l}");
+        }
     }
     Ok(())
 }

@@ -203,3 +203,85 @@ fn qkv_desc(q: QkvLayout) -> &'static str {
         QkvLayout::FusedInterleaved => "fused, interleaved per head",
     }
 }
+
+/// What a LoRA configuration adapts in a checkpoint (`packsft arch --lora-...`), from its
+/// config.json and safetensors headers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoraReport {
+    /// Module paths with an adapter, in model order.
+    pub targets: Vec<String>,
+    /// alpha / r (or alpha / √r).
+    pub scaling: f64,
+    /// Adapter parameters plus fully trained (`modules_to_save`) ones.
+    pub trainable: usize,
+    /// The base's parameters plus the adapters'.
+    pub total: usize,
+}
+
+/// The modules `cfg` adapts in the checkpoint in `dir` and the trainable parameter count, as
+/// training would build them (the same target rule), without loading a weight.
+pub fn describe_lora(dir: &Path, cfg: &super::lora::LoraConfig) -> Result<LoraReport> {
+    use super::lora;
+    let p = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::model(&p, format!("invalid JSON at line {}: {e}", e.line())))?;
+    let (spec, names) = families::from_config(&v).map_err(|e| Error::model(&p, e.to_string()))?;
+    cfg.validate()?;
+    let model_type = v["model_type"].as_str().unwrap_or_default();
+    let lm_head = names.lm_head.weight.strip_suffix(".weight").unwrap_or_default();
+    let targets = lora::resolve_targets(
+        cfg,
+        model_type,
+        &names.linear_modules(),
+        (!spec.tie_embeddings).then_some(lm_head),
+    )?;
+    let w = CheckpointWeights::open(dir)?;
+    let base: usize = w.shapes().iter().map(|s| s.iter().product::<usize>()).sum();
+    let mut adapters = 0;
+    for m in &targets {
+        let s = w.shapes_of(&format!("{m}.weight"))?;
+        adapters += cfg.r * (s[0] + s[1]);
+    }
+    let mut saved = 0;
+    for n in w.names() {
+        let module = n.rsplit_once('.').map(|(m, _)| m).unwrap_or(n);
+        if lora::module_matches(module, &cfg.modules_to_save) {
+            saved += w.shapes_of(n)?.iter().product::<usize>();
+        }
+    }
+    Ok(LoraReport {
+        targets,
+        scaling: cfg.scaling(),
+        trainable: adapters + saved,
+        total: base + adapters,
+    })
+}
+
+impl fmt::Display for LoraReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut leaves: Vec<(&str, usize)> = Vec::new();
+        for m in &self.targets {
+            let l = super::lora::leaf(m);
+            match leaves.iter_mut().find(|(n, _)| *n == l) {
+                Some((_, c)) => *c += 1,
+                None => leaves.push((l, 1)),
+            }
+        }
+        let list: Vec<String> = leaves.iter().map(|(n, c)| format!("{n} x{c}")).collect();
+        writeln!(
+            f,
+            "lora targets    {} modules: {}",
+            self.targets.len(),
+            list.join(", ")
+        )?;
+        writeln!(f, "lora scaling    {}", self.scaling)?;
+        writeln!(
+            f,
+            "trainable       {} of {} parameters ({:.3}%)",
+            self.trainable,
+            self.total,
+            100.0 * self.trainable as f64 / self.total.max(1) as f64
+        )
+    }
+}
