@@ -529,3 +529,188 @@ fn configurations_peft_refuses_are_errors_naming_the_value() {
     );
     assert!(e.contains("modules_to_save") && e.contains("`score`"), "{e}");
 }
+
+struct StopAt(usize);
+impl packsft::Callback for StopAt {
+    fn on_step_end(&mut self, m: &packsft::StepMetrics) -> packsft::Result<packsft::Control> {
+        Ok(if m.step == self.0 {
+            packsft::Control::Stop
+        } else {
+            packsft::Control::Continue
+        })
+    }
+}
+
+/// A LoRA run (adapters with dropout, padding-free, accumulation) stopped at a checkpoint and
+/// resumed ends with the uninterrupted run's losses and adapter, bit for bit; checkpoints hold
+/// PEFT's files and the adapters' optimizer state.
+#[test]
+fn resumed_lora_runs_match_an_uninterrupted_run_bit_for_bit() {
+    let exs = common::examples(&[5, 9, 14, 3, 22, 7, 11, 6, 2, 17, 8, 4, 13], 48, 21);
+    let setup = LoraSetup {
+        config: LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.1,
+            targets: Targets::AllLinear,
+            seed: 7,
+            ..Default::default()
+        },
+        frozen_dtype: DType::F32,
+    };
+    let trainer = |out: &Path| {
+        let model = DecoderModel::from_pretrained_with_lora(
+            &root().join("families/llama"),
+            &Device::Cpu,
+            &setup,
+        )
+        .unwrap();
+        let cfg = TrainerConfig {
+            batch_size: 2,
+            grad_accum: 2,
+            max_steps: 8,
+            adamw: AdamWConfig {
+                lr: 3e-3,
+                weight_decay: 0.01,
+                ..Default::default()
+            },
+            schedule: Schedule::Cosine,
+            warmup_steps: 2,
+            save_steps: 3,
+            output_dir: Some(out.to_path_buf()),
+            progress: false,
+            ..Default::default()
+        };
+        Trainer::new(
+            model,
+            CompletionOnlyCollator::padding_free(0),
+            cfg,
+            Device::Cpu,
+        )
+        .unwrap()
+    };
+    let full_dir = tempfile::tempdir().unwrap();
+    let mut full_t = trainer(full_dir.path());
+    let full = full_t.train(&exs, None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = trainer(dir.path());
+    first.add_callback(Box::new(StopAt(5)));
+    let part = first.train(&exs, None).unwrap();
+    assert!(part.stopped && part.steps.len() == 5);
+    let ckpt = dir.path().join("checkpoint-5");
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "optimizer.safetensors",
+        "lora_dropout_state.json",
+    ] {
+        assert!(ckpt.join(f).is_file(), "checkpoint lacks {f}");
+    }
+    assert!(!ckpt.join("model.safetensors").exists());
+    let mut second = trainer(dir.path());
+    second.resume_from(&ckpt).unwrap();
+    let rest = second.train(&exs, None).unwrap();
+    let resumed: Vec<f64> = part
+        .steps
+        .iter()
+        .chain(&rest.steps)
+        .map(|m| m.loss)
+        .collect();
+    let straight: Vec<f64> = full.steps.iter().map(|m| m.loss).collect();
+    assert_eq!(resumed, straight);
+    for (a, b) in second.model.params().iter().zip(full_t.model.params()) {
+        assert_eq!(
+            max_abs_diff(a.var.as_tensor(), b.var.as_tensor()),
+            0.0,
+            "{}",
+            a.name
+        );
+    }
+}
+
+/// `packsft train` with a `lora:` section: PEFT's files in output_dir with the tokenizer and
+/// recipe, the trainable count in the log, the merged model with the adapter's loss, and
+/// `packsft merge` writing the same merged weights.
+#[test]
+fn a_lora_recipe_trains_saves_pefts_files_and_merges() {
+    let base = tempfile::tempdir().unwrap();
+    let (ok, err) = common::train_quickstart(base.path(), 3, &[]);
+    assert!(ok, "{err}");
+    let out = tempfile::tempdir().unwrap();
+    let (ok, err) = common::train_quickstart(
+        out.path(),
+        4,
+        &[
+            &format!("model.path={}", base.path().display()),
+            "model.config=null",
+            "model.tokenizer=null",
+            "lora.r=4",
+            "lora.alpha=16",
+            "lora.target_modules=all-linear",
+            "lora.merge=true",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("trainable parameters of"), "{err}");
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "recipe.yaml",
+        "metrics.jsonl",
+        "merged/model.safetensors",
+        "merged/config.json",
+        "merged/tokenizer.json",
+    ] {
+        assert!(out.path().join(f).is_file(), "output lacks {f}");
+    }
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["lora_alpha"], 16);
+    assert_eq!(cfg["base_model_name_or_path"], base.path().display().to_string());
+    // `packsft merge` in float32 writes what the recipe's merge wrote.
+    let again = tempfile::tempdir().unwrap();
+    let (ok, _, err) = common::packsft(&[
+        "merge",
+        &base.path().display().to_string(),
+        &out.path().display().to_string(),
+        &again.path().display().to_string(),
+        "--dtype",
+        "f32",
+    ]);
+    assert!(ok, "{err}");
+    common::assert_same_safetensors(
+        &out.path().join("merged/model.safetensors"),
+        &again.path().join("model.safetensors"),
+        "merge",
+    );
+    // The adapter on its base and the merged model evaluate alike.
+    let data = root().join("../../recipes/quickstart/eval.jsonl");
+    let eval = |extra: &[&str]| -> f64 {
+        let mut args = vec![
+            "eval".to_string(),
+            "recipes/quickstart.yaml".into(),
+            format!("data.eval={}", data.display()),
+            "model.config=null".into(),
+            "model.tokenizer=null".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, stdout, err) = common::packsft(&refs);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        v["eval_loss"].as_f64().unwrap()
+    };
+    let adapter = eval(&[
+        &format!("model.path={}", base.path().display()),
+        &format!("lora.adapter={}", out.path().display()),
+    ]);
+    let merged = eval(&[&format!("model.path={}", out.path().join("merged").display())]);
+    assert!(
+        (adapter - merged).abs() / merged < 1e-5,
+        "adapter {adapter} vs merged {merged}"
+    );
+}

@@ -12,7 +12,8 @@ use serde::Serialize;
 use crate::collate::CompletionOnlyCollator;
 use crate::data::{load_jsonl, LoadOptions, Truncation};
 use crate::error::{Error, Result};
-use crate::model::{DecoderModel, Model};
+use crate::model::lora::{LoraConfig, Targets};
+use crate::model::{DecoderModel, LoraSetup};
 use crate::train::{AdamWConfig, LrSchedule, Schedule};
 use crate::train::{Trainer, TrainerConfig};
 
@@ -79,6 +80,10 @@ pub(crate) struct BenchCmd {
     /// Read each step's loss before enqueueing the next one (the CPU's way; for comparison)
     #[arg(long)]
     no_overlap: bool,
+    /// LoRA of this rank on every linear layer but lm_head, alpha 2R, on a frozen base in the
+    /// compute dtype (as strong_peer.py --lora R)
+    #[arg(long)]
+    lora: Option<usize>,
 }
 
 pub(crate) fn run_bench_attn(c: BenchAttnCmd) -> Result<()> {
@@ -136,6 +141,7 @@ pub(crate) fn run_bench(c: BenchCmd) -> Result<()> {
         device: crate::device::open(&c.device)?,
         compute,
         overlap: !c.no_overlap,
+        lora: c.lora,
     };
     let r = run(&args)?;
     println!("{}", serde_json::to_string(&r).expect("result serialises"));
@@ -165,6 +171,7 @@ fn compare(c: &BenchCmd) -> Result<()> {
             )
             .args(c.autograd_layers.then_some("--autograd-layers"))
             .args(c.no_overlap.then_some("--no-overlap"))
+            .args(c.lora.iter().flat_map(|r| ["--lora".to_string(), r.to_string()]))
             .stderr(std::process::Stdio::inherit())
             .output()
             .map_err(|e| Error::io(&exe, e))?;
@@ -195,22 +202,24 @@ fn compare(c: &BenchCmd) -> Result<()> {
 
 /// Model shapes for benchmarks (random init), as config.json objects.
 pub fn shape(name: &str) -> Result<serde_json::Value> {
-    let (v, h, i, l, nh, nkv) = match name {
+    let (v, h, i, l, nh, nkv, theta, positions) = match name {
         // TinyLlama-1.1B, as hf_peer.py.
-        "llama-1.1b" => (32000, 2048, 5632, 22, 32, 4),
-        "llama-160m" => (32000, 768, 2048, 12, 12, 12),
+        "llama-1.1b" => (32000, 2048, 5632, 22, 32, 4, 10000.0, 4096),
+        // Llama-3-8B, as hf_peer.py and strong_peer.py.
+        "llama-8b" => (128256, 4096, 14336, 32, 32, 8, 500000.0, 8192),
+        "llama-160m" => (32000, 768, 2048, 12, 12, 12, 10000.0, 4096),
         // A Llama small enough to train on a 2-core CPU in seconds per step.
-        "llama-cpu-tiny" => (32000, 256, 704, 4, 4, 2),
+        "llama-cpu-tiny" => (32000, 256, 704, 4, 4, 2, 10000.0, 4096),
         other => {
             return Err(Error::Config(format!(
-                "unknown shape {other:?} (known: llama-1.1b, llama-160m, llama-cpu-tiny)"
+                "unknown shape {other:?} (known: llama-1.1b, llama-8b, llama-160m, llama-cpu-tiny)"
             )))
         }
     };
     Ok(serde_json::json!({
         "model_type": "llama", "vocab_size": v, "hidden_size": h, "intermediate_size": i,
         "num_hidden_layers": l, "num_attention_heads": nh, "num_key_value_heads": nkv,
-        "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "max_position_embeddings": positions, "rms_norm_eps": 1e-6, "rope_theta": theta,
     }))
 }
 
@@ -226,6 +235,8 @@ pub struct BenchArgs {
     pub compute: crate::model::ComputeOptions,
     /// Enqueue each step before reading the one before it, as `Trainer::train` does on a GPU.
     pub overlap: bool,
+    /// LoRA rank (all-linear, alpha 2R), or full fine-tuning.
+    pub lora: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -254,6 +265,10 @@ pub struct BenchResult {
     /// `step_s` is bound by the host, not the device.
     pub host_enqueue_s: f64,
     pub host_wait_s: f64,
+    /// LoRA rank, or None for full fine-tuning.
+    pub lora_r: Option<usize>,
+    /// Parameters the optimizer updates.
+    pub trainable_params: usize,
 }
 
 /// Peak resident set size of this process (VmHWM), in bytes; 0 where /proc is unavailable.
@@ -295,7 +310,20 @@ fn bench_trainer(
     args: &BenchArgs,
     cfg: serde_json::Value,
 ) -> Result<Trainer<DecoderModel, CompletionOnlyCollator>> {
-    let mut model = DecoderModel::new_random(cfg, 0, &args.device)?;
+    let lora = args.lora.map(|r| LoraSetup {
+        config: LoraConfig {
+            r,
+            alpha: 2.0 * r as f64,
+            targets: Targets::AllLinear,
+            ..Default::default()
+        },
+        frozen_dtype: args.compute.dtype,
+    });
+    // Full fine-tuning keeps the seeded host-side init every earlier number was measured with.
+    let mut model = match &lora {
+        None => DecoderModel::new_random(cfg, 0, &args.device)?,
+        Some(l) => DecoderModel::new_random_for_bench(cfg, &args.device, Some(l))?,
+    };
     model.compute = args.compute;
     let collator = if args.padding_free {
         CompletionOnlyCollator::padding_free(0)
@@ -327,12 +355,10 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
         .attention
         .use_flash(&args.device, args.compute.dtype, head_dim)?;
     let mut trainer = bench_trainer(args, cfg)?;
-    let n_params: usize = trainer
-        .model
-        .params()
-        .iter()
-        .map(|p| p.var.elem_count())
-        .sum();
+    let (trainable, n_params) = trainer.model.param_counts();
+    // Model FLOPs per token: 6N for full fine-tuning; 4N with a frozen base (forward and input
+    // gradient, no weight gradient), as strong_peer.py counts LoRA.
+    let flops_per_param = if args.lora.is_some() { 4.0 } else { 6.0 };
     let schedule = LrSchedule::new(Schedule::Constant, 1e-5, 0, args.steps + args.warmup);
     let (mut real, mut slots) = (0usize, 0usize);
     let mut t0 = Instant::now();
@@ -409,12 +435,14 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
         mfu: args
             .device
             .is_cuda()
-            .then(|| 6.0 * n_params as f64 * tps / 790e12),
+            .then(|| flops_per_param * n_params as f64 * tps / 790e12),
         final_loss: last_loss,
         dtype: format!("{:?}", args.compute.dtype).to_lowercase(),
         gradient_checkpointing: args.compute.gradient_checkpointing,
         host_enqueue_s: enqueue_s / args.steps as f64,
         host_wait_s: wait_s / args.steps as f64,
+        lora_r: args.lora,
+        trainable_params: trainable,
     })
 }
 

@@ -586,6 +586,14 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
+    /// [`values`] as a trainable parameter (a variable: frozen tensors take no gradient).
+    fn param(shape: &[usize], seed: f32) -> Tensor {
+        candle_core::Var::from_tensor(&values(shape, seed))
+            .unwrap()
+            .as_tensor()
+            .clone()
+    }
+
     /// What `f` returns, and the parameter gradients it handed over.
     fn with_side_grads(f: impl FnOnce() -> Result<Tensor>) -> (Tensor, Vec<(Tensor, Tensor)>) {
         let (r, side) = crate::nn::graph::with_side_grads(f);
@@ -661,18 +669,18 @@ mod tests {
         let lins = [
             Lin {
                 lora: None,
-                w: values(&[6, 4], 0.3),
-                b: Some(values(&[6], 0.7)),
+                w: param(&[6, 4], 0.3),
+                b: Some(param(&[6], 0.7)),
             },
             Lin {
                 lora: None,
-                w: values(&[2, 4], 0.5),
+                w: param(&[2, 4], 0.5),
                 b: None,
             },
             Lin {
                 lora: None,
-                w: values(&[2, 4], 0.9),
-                b: Some(values(&[2], 1.1)),
+                w: param(&[2, 4], 0.9),
+                b: Some(param(&[2], 1.1)),
             },
         ];
         let x = values(&[5, 4], 1.3);

@@ -21,6 +21,9 @@ pub(super) enum Source {
     Random {
         rng: rand_chacha::ChaCha8Rng,
         std: f64,
+        /// Draw on the device (its own generator, not reproducible across machines): for
+        /// benchmarks of large shapes, whose host-side draws would take minutes.
+        on_device: bool,
     },
 }
 
@@ -116,9 +119,12 @@ impl Builder<'_> {
                 // A broadcast scalar: the shape without the memory (no variable is made).
                 return Ok(Tensor::zeros(1, DType::F32, self.device)?.broadcast_as(shape)?);
             }
-            Source::Random { rng, std } => {
+            Source::Random { rng, std, on_device } => {
                 let n: usize = shape.iter().product();
                 match init {
+                    Init::Normal if *on_device && !self.device.is_cpu() => {
+                        Tensor::randn(0f32, *std as f32, shape, self.device)?
+                    }
                     Init::Normal => Tensor::from_vec(normal_vec(rng, n, *std), shape, self.device)?,
                     Init::Zeros => Tensor::zeros(shape, DType::F32, self.device)?,
                     Init::Ones => Tensor::ones(shape, DType::F32, self.device)?,

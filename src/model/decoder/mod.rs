@@ -91,6 +91,31 @@ pub struct DecoderModel {
 }
 
 
+/// A checkpoint tensor no part of the model read is an error (a config that does not describe
+/// the weights), but for buffers transformers also ignores and a tied LM head's copy.
+fn check_all_read(src: &Source, spec: &ArchSpec, names: &ModelNames) -> Result<()> {
+    if let Source::Checkpoint(w) | Source::Shapes(w) = src {
+        let unused: Vec<String> = w
+            .unused()
+            .into_iter()
+            .filter(|n| {
+                !n.ends_with("rotary_emb.inv_freq")
+                    && !n.ends_with(".masked_bias")
+                    && !n.ends_with(".attn.bias")
+            })
+            .filter(|n| !(spec.tie_embeddings && n == &names.lm_head.weight))
+            .collect();
+        if !unused.is_empty() {
+            return Err(Error::Config(format!(
+                "checkpoint has weights the {} config does not use: {}",
+                spec.family,
+                unused.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl DecoderModel {
     fn build(
         raw_config: Value,
@@ -173,25 +198,7 @@ impl DecoderModel {
             }
             b.lin(&n, spec.vocab, h)?
         };
-        if let Source::Checkpoint(w) | Source::Shapes(w) = &b.src {
-            let unused: Vec<String> = w
-                .unused()
-                .into_iter()
-                .filter(|n| {
-                    !n.ends_with("rotary_emb.inv_freq")
-                        && !n.ends_with(".masked_bias")
-                        && !n.ends_with(".attn.bias")
-                })
-                .filter(|n| !(spec.tie_embeddings && n == &names.lm_head.weight))
-                .collect();
-            if !unused.is_empty() {
-                return Err(Error::Config(format!(
-                    "checkpoint has weights the {} config does not use: {}",
-                    spec.family,
-                    unused.join(", ")
-                )));
-            }
-        }
+        check_all_read(&b.src, &spec, &names)?;
         let scale_table = |t: &Tensor| -> Result<Tensor> { Ok((t * spec.rope.attention_factor)?) };
         let mut table = RopeTable::new(&spec.rope.inv_freq, spec.max_positions, device)?;
         if let Some(long) = &spec.rope.long {
@@ -225,7 +232,18 @@ impl DecoderModel {
     /// A freshly initialised model from a config.json object (transformers' init: normal(0,
     /// initializer_range) for matrices, ones for norm weights, zeros for biases).
     pub fn new_random(config: Value, seed: u64, device: &Device) -> Result<Self> {
-        Self::new_random_inner(config, seed, device, None)
+        Self::new_random_inner(config, seed, device, None, false)
+    }
+
+    /// A random model drawn on the device's own generator (fast, not reproducible across
+    /// machines), with LoRA if given: what `packsft bench` times.
+    #[doc(hidden)]
+    pub fn new_random_for_bench(
+        config: Value,
+        device: &Device,
+        lora: Option<&LoraSetup>,
+    ) -> Result<Self> {
+        Self::new_random_inner(config, 0, device, lora, true)
     }
 
     /// [`Self::new_random`] with LoRA adapters on a frozen base.
@@ -235,7 +253,7 @@ impl DecoderModel {
         device: &Device,
         lora: &LoraSetup,
     ) -> Result<Self> {
-        Self::new_random_inner(config, seed, device, Some(lora))
+        Self::new_random_inner(config, seed, device, Some(lora), false)
     }
 
     fn new_random_inner(
@@ -243,6 +261,7 @@ impl DecoderModel {
         seed: u64,
         device: &Device,
         lora: Option<&LoraSetup>,
+        on_device: bool,
     ) -> Result<Self> {
         let mt = config
             .get("model_type")
@@ -258,6 +277,7 @@ impl DecoderModel {
         let src = Source::Random {
             rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
             std,
+            on_device,
         };
         Self::build(config, src, device, lora)
     }
