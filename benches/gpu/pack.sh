@@ -17,7 +17,7 @@ tests=(flash_attn gpu_optim gpu_ops)
 cargo test --release --features flash-attn "${tests[@]/#/--test=}" --no-run
 mkdir -p .device
 rm -f .device/packsft .device/*.xz "${tests[@]/#/.device/}"
-cp benches/gpu/*.sh benches/gpu/*.py ../shared/bench/make_bench_data.py ../shared/bench/hf_peer.py .device/
+cp benches/gpu/*.sh benches/gpu/*.py ../shared/bench/make_bench_data.py ../shared/bench/hf_peer.py ../shared/bench/strong_peer.py .device/
 strip -o .device/packsft "$CARGO_TARGET_DIR/release/packsft"
 for t in "${tests[@]}"; do
   strip -o ".device/$t" "$(ls -t "$CARGO_TARGET_DIR"/release/deps/"$t"-* | grep -v '\.d$' | head -1)"

@@ -104,8 +104,30 @@ impl LoraSection {
                 if let Some(a) = self.alpha.filter(|a| *a != c.alpha) {
                     return differs("alpha", a.to_string(), c.alpha.to_string());
                 }
-                if let Some(t) = targets.filter(|t| *t != c.targets) {
-                    return differs("target_modules", format!("{t:?}"), format!("{:?}", c.targets));
+                // The adapter lists the modules it adapts; a recipe list must name the same
+                // ones, and `all-linear` (which PEFT writes out as names) is taken as the list.
+                let sorted = |v: &[String]| {
+                    let mut v = v.to_vec();
+                    v.sort();
+                    v.dedup();
+                    v
+                };
+                match (&targets, &c.targets) {
+                    (Some(Targets::Names(ours)), Targets::Names(theirs))
+                        if sorted(ours) != sorted(theirs) =>
+                    {
+                        return differs(
+                            "target_modules",
+                            format!("{:?}", sorted(ours)),
+                            format!("{:?}", sorted(theirs)),
+                        );
+                    }
+                    (Some(Targets::AllLinear), Targets::Names(theirs)) => tracing::info!(
+                        "lora.target_modules: all-linear; the adapter {} adapts {}",
+                        dir.display(),
+                        theirs.join(", ")
+                    ),
+                    _ => {}
                 }
                 if let Some(u) = self.use_rslora.filter(|u| *u != c.use_rslora) {
                     return differs("use_rslora", u.to_string(), c.use_rslora.to_string());
