@@ -25,6 +25,7 @@ mod collate;
 mod cuda;
 mod data;
 mod device;
+mod dist;
 mod error;
 mod hub;
 mod io;
@@ -43,6 +44,7 @@ pub use data::{
     Pipeline, TokenCache, TokenTemplate, Truncation,
 };
 pub use device::open as open_device;
+pub use dist::{Collective, World, ZeroStage};
 pub use error::{Error, Result};
 pub use model::lora::{merge as merge_lora, LoraConfig, LoraInit, MergeReport, Targets};
 pub use model::{
@@ -52,7 +54,7 @@ pub use model::{
 pub use nn::attention::AttentionImpl;
 pub use recipe::{MixSource, Recipe, TrainData};
 pub use train::{
-    evaluate, AdamWConfig, Callback, Control, EarlyStopping, EvalMetrics, EvalResult, LrSchedule,
+    evaluate, AdamWConfig, Callback, Control, DataParallel, EarlyStopping, EvalMetrics, EvalResult, LrSchedule,
     PendingStep, Schedule, StepGrads, StepMetrics, TensorBoard, TrainSummary, Trainer,
     TrainerConfig, TrainerState,
 };
@@ -69,6 +71,10 @@ pub mod internals {
         pub use crate::cuda::*;
     }
     pub use crate::data::{masking, split_mask, template};
+    /// Transports of multi-process runs.
+    pub mod dist {
+        pub use crate::dist::*;
+    }
     /// Device names and CUDA set-up.
     pub mod device {
         pub use crate::device::*;

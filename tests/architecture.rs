@@ -15,6 +15,7 @@ const FLOORS: &[&[&str]] = &[
     &["error"],
     &["io", "device", "pullback", "hub"],
     &["cuda"],
+    &["dist"],
     &["data"],
     &["collate"],
     &["nn"],

@@ -374,6 +374,13 @@ pub struct PendingUpdate {
 }
 
 impl PendingUpdate {
+    /// The update reporting `norm` as its gradient norm (a norm computed over every rank's
+    /// parameters, where this update covers only the ones this rank owns).
+    pub(crate) fn with_norm(mut self, norm: f64) -> Self {
+        self.norm = PendingNorm::Ready(norm);
+        self
+    }
+
     /// Whether the update also writes the `copies` it was given (if it is applied at all; a
     /// skipped update leaves weights and copies as they were, so they still agree).
     pub fn wrote_copies(&self) -> bool {

@@ -9,10 +9,12 @@ use std::time::Instant;
 use candle_core::{backprop::GradStore, DType, Device, Tensor};
 
 use super::metrics::StepMetrics;
-use super::optimizer::{AdamW, PendingUpdate};
+use super::optimizer::{clip_grad_norm, AdamW, PendingUpdate};
+use super::parallel::DataParallel;
 use super::readback::Readback;
 use crate::collate::{Collator, TrainBatch};
 use crate::data::Example;
+use crate::dist::ZeroStage;
 use crate::error::{Error, Result};
 use crate::model::{LossScale, Model};
 use crate::nn::param::accumulate;
@@ -39,26 +41,47 @@ pub(crate) struct PendingGrads {
 /// loss units, accumulating the gradients; the losses stay on the device (reading them would
 /// make the host wait for the whole backward before it can enqueue the optimizer). `None` for
 /// the gradients when no micro-batch has a target token.
+/// With `dp`, the micro-batches are the whole step's (every rank's): this rank trains on its
+/// share, scales by the step's global loss units, and returns the gradients and losses summed
+/// over ranks with the global sizes.
 pub(crate) fn step_grads<M, C>(
     model: &M,
     collator: &C,
     device: &Device,
     micro_batches: &[&[Example]],
+    dp: Option<&DataParallel>,
 ) -> Result<(StepSizes, Option<PendingGrads>)>
 where
     M: Model,
     C: Collator<Batch = M::Batch>,
 {
-    let batches = micro_batches
+    let shares = dp.map(|d| d.share(micro_batches));
+    let mine: Vec<&[Example]> = match &shares {
+        Some(s) => s.iter().map(Vec::as_slice).filter(|s| !s.is_empty()).collect(),
+        None => micro_batches.to_vec(),
+    };
+    let batches = mine
         .iter()
         .map(|mb| collator.collate(mb, device))
         .collect::<Result<Vec<_>>>()?;
+    let local = [
+        batches.iter().map(|b| b.loss_units()).sum::<f64>(),
+        batches.iter().map(|b| b.n_targets()).sum::<usize>() as f64,
+        batches.iter().map(|b| b.n_tokens()).sum::<usize>() as f64,
+        batches.iter().map(|b| b.n_positions()).sum::<usize>() as f64,
+        mine.iter().map(|m| m.len()).sum::<usize>() as f64,
+    ];
+    // The step's sizes over every rank: host numbers, exchanged without touching the device.
+    let all = match dp {
+        Some(d) => d.sum_host(&local)?,
+        None => local.to_vec(),
+    };
     let sizes = StepSizes {
-        loss_units: batches.iter().map(|b| b.loss_units()).sum(),
-        target_tokens: batches.iter().map(|b| b.n_targets()).sum(),
-        tokens: batches.iter().map(|b| b.n_tokens()).sum(),
-        positions: batches.iter().map(|b| b.n_positions()).sum(),
-        examples: micro_batches.iter().map(|m| m.len()).sum(),
+        loss_units: all[0],
+        target_tokens: all[1] as usize,
+        tokens: all[2] as usize,
+        positions: all[3] as usize,
+        examples: all[4] as usize,
     };
     let mut acc = None;
     let mut loss_sum: Option<Tensor> = None;
@@ -88,6 +111,20 @@ where
             aux_loss = f64_sum(aux_loss, (a * share)?)?;
         }
         accumulate(&mut acc, grads, model.params())?;
+    }
+    if let Some(d) = dp {
+        // Every rank joins every sum, with zeros where it had nothing to add.
+        acc = d.sum_grads(acc, model.params())?;
+        let zero = || Tensor::zeros((), DType::F64, device);
+        let has_aux = d.any(aux_loss.is_some())?;
+        loss_sum = match (&acc, loss_sum) {
+            (None, _) => None,
+            (Some(_), l) => Some(d.sum(&l.map_or_else(zero, Ok)?)?),
+        };
+        aux_loss = match (has_aux && acc.is_some(), aux_loss) {
+            (false, _) => None,
+            (true, a) => Some(d.sum(&a.map_or_else(zero, Ok)?)?),
+        };
     }
     let grads = match (acc, loss_sum) {
         (Some(grads), Some(loss_sum)) => Some(PendingGrads {
@@ -154,6 +191,7 @@ impl Stepper {
         lr: f64,
         max_grad_norm: f64,
         keep_copies: bool,
+        dp: Option<&DataParallel>,
     ) -> Result<PendingStep>
     where
         M: Model,
@@ -163,7 +201,7 @@ impl Stepper {
         if !keep_copies {
             model.set_compute_copies_fresh(false);
         }
-        let (sizes, grads) = step_grads(model, collator, device, micro_batches)?;
+        let (sizes, grads) = step_grads(model, collator, device, micro_batches, dp)?;
         let Some(mut g) = grads else {
             tracing::warn!(
                 step = step + 1,
@@ -178,6 +216,37 @@ impl Stepper {
             });
         };
         let t_grads = t0.elapsed();
+        if let Some(d) = dp.filter(|d| d.zero() == ZeroStage::Zero1) {
+            // Every rank holds the summed gradients: the norm is the global one everywhere;
+            // each rank updates what it owns, then takes every parameter from its owner.
+            let params = model.params();
+            let norm = clip_grad_norm(&mut g.grads, params, max_grad_norm)?;
+            let guard = if norm.is_finite() {
+                g.loss_sum.clone()
+            } else {
+                Tensor::new(f64::NAN, device)?
+            };
+            let update = self
+                .optimizer
+                .enqueue_clip_and_step(&mut g.grads, &d.owned(params), 0.0, lr, Some(&guard), &[])?
+                .with_norm(norm);
+            d.sync_params(params)?;
+            model.set_compute_copies_fresh(false);
+            let has_aux = g.aux_loss.is_some();
+            let losses =
+                Readback::enqueue(std::iter::once(g.loss_sum).chain(g.aux_loss).collect())?;
+            return Ok(PendingStep {
+                step,
+                update: Some(EnqueuedUpdate {
+                    losses,
+                    has_aux,
+                    update,
+                }),
+                lr,
+                sizes,
+                t0,
+            });
+        }
         let copies = if keep_copies {
             model.compute_copies()?
         } else {

@@ -17,6 +17,7 @@ use super::eval::{evaluate, EvalResult};
 use super::lock::OutputLock;
 use super::metrics::{EvalMetrics, MetricsFile, Progress, StepMetrics, TrainSummary};
 use super::optimizer::AdamW;
+use super::parallel::DataParallel;
 use super::sampler::{data_hash, total_steps, StepPlan};
 use super::schedule::LrSchedule;
 use super::step::{no_targets, step_grads, PendingStep, Stepper};
@@ -59,6 +60,8 @@ pub struct Trainer<M: Model, C: Collator<Batch = M::Batch>> {
     callbacks: Vec<Box<dyn Callback>>,
     stop: Arc<AtomicBool>,
     resume: Option<(PathBuf, TrainerState)>,
+    /// The other ranks of a data-parallel run; `None` for one process.
+    dp: Option<DataParallel>,
 }
 
 /// What one `train` call reports to and keeps.
@@ -93,7 +96,29 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             callbacks: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             resume: None,
+            dp: None,
         })
+    }
+
+    /// Trains as one rank of a data-parallel run: `batch_size` (and `max_tokens_per_batch`) are
+    /// per rank, so a step takes `batch_size x ranks x grad_accum` examples, the same plan on
+    /// every rank, each rank its share of every micro-batch. Under ZeRO 1 the optimizer keeps
+    /// state only for the parameters this rank owns. Call before `resume_from`.
+    pub fn set_data_parallel(&mut self, dp: DataParallel) -> Result<()> {
+        self.stepper = Stepper::new(AdamW::new(&dp.owned(self.model.params()), self.config.adamw)?);
+        self.dp = Some(dp);
+        Ok(())
+    }
+
+    /// The configuration the step plan is made with: under data parallelism every rank's
+    /// micro-batches together.
+    fn plan_config(&self) -> TrainerConfig {
+        let mut c = self.config.clone();
+        if let Some(dp) = &self.dp {
+            c.batch_size *= dp.world_size();
+            c.max_tokens_per_batch = c.max_tokens_per_batch.map(|t| t * dp.world_size());
+        }
+        c
     }
 
     /// Adds a callback; callbacks run in the order they were added.
@@ -121,7 +146,7 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
     /// Optimizer steps a run over `examples` takes.
     pub fn total_steps(&self, examples: &[Example]) -> usize {
         let lengths: Vec<usize> = examples.iter().map(Example::len).collect();
-        total_steps(&lengths, &self.config)
+        total_steps(&lengths, &self.plan_config())
     }
 
     /// The learning-rate schedule of a run of `total` steps.
@@ -134,7 +159,13 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
     /// same examples, padded or not, gives the same gradients. An error when no example has a
     /// target token.
     pub fn step_grads_split(&self, micro_batches: &[&[Example]]) -> Result<StepGrads> {
-        let (sizes, grads) = step_grads(&self.model, &self.collator, &self.device, micro_batches)?;
+        let (sizes, grads) = step_grads(
+            &self.model,
+            &self.collator,
+            &self.device,
+            micro_batches,
+            self.dp.as_ref(),
+        )?;
         let mut p = grads.ok_or_else(no_targets)?;
         // In each parameter's dtype: bf16 compute on CUDA leaves the weight matrices' gradients
         // in bf16 for the optimizer, which widens them itself.
@@ -224,6 +255,7 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             schedule.lr(step),
             self.config.max_grad_norm,
             keep_copies,
+            self.dp.as_ref(),
         )
     }
 
@@ -290,6 +322,11 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
     }
 
     fn save_checkpoint(&mut self, state: &TrainerState) -> Result<Option<PathBuf>> {
+        // Every rank joins the gathering of the sharded optimizer state; rank 0 writes.
+        let opt_state = match &self.dp {
+            Some(dp) => dp.gather_state(self.stepper.optimizer.state_tensors()?, self.model.params())?,
+            None => self.stepper.optimizer.state_tensors()?,
+        };
         let Some(out) = self.config.output_dir.clone() else {
             return Ok(None);
         };
@@ -301,7 +338,6 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             )));
         }
         let model = &self.model;
-        let opt = &self.stepper.optimizer;
         let callbacks = &mut self.callbacks;
         let dir = checkpoint::save(
             &out,
@@ -310,7 +346,7 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             |tmp| {
                 model.save(tmp)?;
                 crate::model::weights::save_safetensors(
-                    &opt.state_tensors()?,
+                    &opt_state,
                     &tmp.join(checkpoint::OPTIMIZER_FILE),
                 )?;
                 crate::io::write_atomic(
@@ -349,6 +385,7 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         let mut state = self.begin_run(train)?;
         let total = state.total_steps;
         let (lengths, schedule) = (lengths_of(train), self.config.schedule(total));
+        let plan_config = self.plan_config();
         let cadence = Cadence::new(&self.config, total, eval.is_some());
         let mut run = Run {
             metrics: MetricsFile::open(self.config.output_dir.as_deref(), state.global_step)?,
@@ -362,10 +399,13 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             start: Instant::now(),
             cadence,
         };
+        // Ranks finish every step before the next: a stop request must reach all of them at
+        // the same step.
         let overlap = self
             .config
             .overlap_steps
-            .unwrap_or_else(|| self.device.is_cuda());
+            .unwrap_or_else(|| self.device.is_cuda())
+            && self.dp.is_none();
         tracing::info!(
             examples = train.len(),
             steps = total,
@@ -374,7 +414,7 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         );
         // Where the next step to enqueue starts; `state` only moves when a step finishes, so a
         // checkpoint always describes the weights it holds.
-        let mut plan = StepPlan::at(&lengths, state.epoch, state.cursor, &self.config);
+        let mut plan = StepPlan::at(&lengths, state.epoch, state.cursor, &plan_config);
         let mut next_step = state.global_step;
         let mut in_flight: Option<InFlight> = None;
         let mut stopping = false;
@@ -390,7 +430,7 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                     .as_ref()
                     .is_none_or(|f| overlap && !f.barrier && !self.stop.load(Ordering::SeqCst));
             let enqueued = if may_enqueue {
-                let micro_batches = plan.next_step(&lengths, &self.config);
+                let micro_batches = plan.next_step(&lengths, &plan_config);
                 let pending = self.enqueue_planned(next_step, train, &micro_batches, &schedule)?;
                 next_step += 1;
                 let barrier = run.cadence.after(next_step).is_barrier();
@@ -410,6 +450,12 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                 continue;
             };
             let (mut control, due) = self.report_step(done, &mut state, &mut run, train, eval)?;
+            if let Some(dp) = &self.dp {
+                // A signal reaches the ranks at different moments: stop where any rank would.
+                if dp.any(self.stop.load(Ordering::SeqCst))? {
+                    self.stop.store(true, Ordering::SeqCst);
+                }
+            }
             if self.stop.load(Ordering::SeqCst) {
                 run.summary.interrupted = true;
                 control = Control::Stop;
@@ -521,7 +567,7 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             seed: self.config.seed,
             shuffle: self.config.shuffle,
             n_train_examples: train.len(),
-            examples_per_step: self.config.batch_size * self.config.grad_accum,
+            examples_per_step: self.plan_config().batch_size * self.config.grad_accum,
             max_tokens_per_batch: self.config.max_tokens_per_batch,
             group_by_length: self.config.group_by_length,
             data_hash: data_hash(train),

@@ -1,0 +1,159 @@
+#![doc = include_str!("README.md")]
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+
+pub mod env;
+pub mod tcp;
+pub mod threads;
+
+pub use env::World;
+
+/// The collectives data-parallel training needs, over the ranks of one run. Every rank calls
+/// every collective in the same order with tensors of the same shape and dtype; sums are taken
+/// in rank order, so every rank gets the same bits.
+pub trait Collective: Send {
+    /// This process's rank, 0-based.
+    fn rank(&self) -> usize;
+    /// How many ranks the run has.
+    fn world_size(&self) -> usize;
+    /// The element-wise sum of `t` over all ranks, on every rank.
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
+    /// `root`'s `t`, on every rank.
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor>;
+    /// The element-wise sum of host numbers over all ranks (step sizes, flags): on the CPU for
+    /// every transport, so a GPU run's host never waits for its device to exchange them.
+    fn all_reduce_host(&self, v: &[f64]) -> Result<Vec<f64>> {
+        let t = Tensor::from_slice(v, v.len(), &candle_core::Device::Cpu)?;
+        Ok(self.all_reduce_sum(&t)?.to_vec1::<f64>()?)
+    }
+    /// Waits until every rank has called it.
+    fn barrier(&self) -> Result<()> {
+        let one = Tensor::zeros(1, DType::F32, &candle_core::Device::Cpu)?;
+        self.all_reduce_sum(&one).map(|_| ())
+    }
+}
+
+/// The run of a single process: every collective is the identity.
+pub struct Single;
+
+impl Collective for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+    fn broadcast(&self, t: &Tensor, _root: usize) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+}
+
+/// Splits items of the given costs among `ranks` so that the largest load is small: the
+/// costliest first, each to the least loaded rank (ties to the lowest rank). A pure function
+/// of the costs, so every rank computes the same split; indices keep their order within a
+/// share. A rank may get nothing (fewer items than ranks): it still joins every collective.
+pub fn balanced_shares(costs: &[f64], ranks: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..costs.len()).collect();
+    order.sort_by(|&a, &b| costs[b].total_cmp(&costs[a]).then(a.cmp(&b)));
+    let mut load = vec![0f64; ranks];
+    let mut shares = vec![Vec::new(); ranks];
+    for i in order {
+        let r = (0..ranks)
+            .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b)))
+            .expect("at least one rank");
+        load[r] += costs[i];
+        shares[r].push(i);
+    }
+    for s in &mut shares {
+        s.sort_unstable();
+    }
+    shares
+}
+
+/// The cost of an example of `len` tokens in a step: its tokens, plus attention's quadratic
+/// term (a 4,096-token example costs about twice its length in a 1B model's step).
+pub fn example_cost(len: usize) -> f64 {
+    len as f64 + (len as f64).powi(2) / 4096.0
+}
+
+/// Which rank owns each of the parameters of these sizes (in order) under a sharded optimizer:
+/// N contiguous runs of whole parameters, each close to 1/N of the elements (a boundary never
+/// splits a tensor, so the fused per-tensor update and PyTorch-named state apply unchanged).
+pub fn owners(sizes: &[usize], ranks: usize) -> Vec<usize> {
+    let total: usize = sizes.iter().sum();
+    let mut out = Vec::with_capacity(sizes.len());
+    let mut before = 0usize;
+    for &s in sizes {
+        // The rank whose slice of the flattened space holds this tensor's middle element.
+        let mid = before + s / 2;
+        let r = if total == 0 {
+            0
+        } else {
+            (mid * ranks / total).min(ranks - 1)
+        };
+        out.push(r);
+        before += s;
+    }
+    out
+}
+
+/// Which data-parallel scheme a run uses (`dist.zero`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum ZeroStage {
+    /// Every rank holds the whole optimizer state; gradients are all-reduced.
+    #[default]
+    #[serde(rename = "0")]
+    Zero0,
+    /// The optimizer state is sharded: each rank updates the parameters it owns and broadcasts
+    /// them.
+    #[serde(rename = "1")]
+    Zero1,
+}
+
+/// An error of a collective: the rank and what failed.
+pub(crate) fn comm_err(rank: usize, what: impl std::fmt::Display) -> Error {
+    Error::Training(format!("rank {rank}: {what}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_balance_the_cost_and_cover_every_item_once() {
+        let costs: Vec<f64> = [900, 10, 10, 10, 450, 440, 20, 30]
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
+        let s = balanced_shares(&costs, 2);
+        let load = |v: &Vec<usize>| v.iter().map(|&i| costs[i]).sum::<f64>();
+        assert_eq!(load(&s[0]) + load(&s[1]), costs.iter().sum::<f64>());
+        assert!((load(&s[0]) - load(&s[1])).abs() <= 30.0, "{s:?}");
+        let mut all: Vec<usize> = s.concat();
+        all.sort();
+        assert_eq!(all, (0..8).collect::<Vec<_>>());
+        // Fewer items than ranks: some ranks get nothing.
+        let s = balanced_shares(&[5.0], 3);
+        assert_eq!(s, vec![vec![0], vec![], vec![]]);
+    }
+
+    #[test]
+    fn owners_are_contiguous_runs_close_to_equal() {
+        let sizes = [100, 10, 10, 10, 100, 10, 10, 100, 50];
+        for n in 1..=4 {
+            let o = owners(&sizes, n);
+            assert!(o.windows(2).all(|w| w[0] <= w[1]), "{o:?}");
+            assert_eq!(*o.first().unwrap(), 0);
+            let per: Vec<usize> = (0..n)
+                .map(|r| sizes.iter().zip(&o).filter(|(_, &x)| x == r).map(|(s, _)| s).sum())
+                .collect();
+            let total: usize = sizes.iter().sum();
+            assert!(per.iter().all(|&p| p <= total / n + 100), "{n}: {per:?}");
+        }
+    }
+}

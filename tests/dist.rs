@@ -1,0 +1,205 @@
+//! Data parallelism on the CPU: ranks as threads (`internals::dist::threads`) must compute the
+//! optimizer steps one process computes with the same global batch, under ZeRO 0 and ZeRO 1,
+//! for 2, 3 and 4 ranks, padded and padding-free; a sharded run's checkpoint resumes on another
+//! number of ranks.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use candle_core::{Device, Tensor};
+use common::{examples, max_abs_diff, tiny_model};
+use packsft::internals::dist::threads::group;
+use packsft::{
+    AdamWConfig, Collective, CompletionOnlyCollator, DataParallel, Model, Schedule, Trainer, TrainerConfig,
+    ZeroStage,
+};
+
+const BATCH: usize = 12;
+
+fn cfg(batch_size: usize, out: Option<&Path>) -> TrainerConfig {
+    TrainerConfig {
+        batch_size,
+        grad_accum: 2,
+        max_steps: 4,
+        adamw: AdamWConfig {
+            lr: 1e-2,
+            weight_decay: 0.01,
+            ..Default::default()
+        },
+        schedule: Schedule::Cosine,
+        warmup_steps: 1,
+        max_grad_norm: 0.5,
+        save_steps: 2,
+        output_dir: out.map(Path::to_path_buf),
+        progress: false,
+        ..Default::default()
+    }
+}
+
+fn data() -> Vec<packsft::Example> {
+    examples(
+        &[5, 9, 14, 3, 22, 7, 11, 6, 2, 17, 8, 4, 13, 10, 19, 5, 12, 9, 21, 6, 3, 15, 7, 11],
+        64,
+        21,
+    )
+    .into_iter()
+    .cycle()
+    .take(4 * 2 * BATCH)
+    .collect()
+}
+
+fn collator(padding_free: bool) -> CompletionOnlyCollator {
+    if padding_free {
+        CompletionOnlyCollator::padding_free(0)
+    } else {
+        CompletionOnlyCollator::padded(0)
+    }
+}
+
+/// (per-step losses, final parameters) of one process with the global batch.
+fn single(padding_free: bool) -> (Vec<f64>, Vec<Tensor>) {
+    let mut t = Trainer::new(
+        tiny_model(3),
+        collator(padding_free),
+        cfg(BATCH, None),
+        Device::Cpu,
+    )
+    .unwrap();
+    let s = t.train(&data(), None).unwrap();
+    let params = t
+        .model
+        .params()
+        .iter()
+        .map(|p| p.var.as_tensor().copy().unwrap())
+        .collect();
+    (s.steps.iter().map(|m| m.loss).collect(), params)
+}
+
+/// The same with `n` ranks as threads, each with `BATCH / n` examples a micro-batch.
+fn parallel(n: usize, zero: ZeroStage, padding_free: bool) -> Vec<(Vec<f64>, Vec<Tensor>)> {
+    let comms = group(n, Duration::from_secs(60));
+    let handles: Vec<_> = comms
+        .into_iter()
+        .map(|c| {
+            std::thread::spawn(move || {
+                let model = tiny_model(3);
+                let dp = DataParallel::new(Box::new(c), zero, model.params());
+                let mut t =
+                    Trainer::new(model, collator(padding_free), cfg(BATCH / n, None), Device::Cpu)
+                        .unwrap();
+                t.set_data_parallel(dp).unwrap();
+                let s = t.train(&data(), None).unwrap();
+                let params: Vec<Tensor> = t
+                    .model
+                    .params()
+                    .iter()
+                    .map(|p| p.var.as_tensor().copy().unwrap())
+                    .collect();
+                (s.steps.iter().map(|m| m.loss).collect::<Vec<f64>>(), params)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn assert_close(label: &str, a: &(Vec<f64>, Vec<Tensor>), b: &(Vec<f64>, Vec<Tensor>)) {
+    assert_eq!(a.0.len(), b.0.len(), "{label}: steps");
+    for (x, y) in a.0.iter().zip(&b.0) {
+        assert!((x - y).abs() / y.abs() < 1e-5, "{label}: loss {x} vs {y}");
+    }
+    for (i, (x, y)) in a.1.iter().zip(&b.1).enumerate() {
+        let d = max_abs_diff(x, y);
+        assert!(d < 2e-6, "{label}: parameter {i} differs by {d:e}");
+    }
+}
+
+#[test]
+fn n_ranks_compute_the_steps_of_one_process() {
+    for padding_free in [true, false] {
+        let one = single(padding_free);
+        for zero in [ZeroStage::Zero0, ZeroStage::Zero1] {
+            for n in [2, 3, 4] {
+                let ranks = parallel(n, zero, padding_free);
+                for (r, got) in ranks.iter().enumerate() {
+                    let label = format!("pf={padding_free} {zero:?} n={n} rank {r}");
+                    assert_close(&label, got, &one);
+                    // Every rank holds the same bits.
+                    assert_eq!(
+                        got.1
+                            .iter()
+                            .zip(&ranks[0].1)
+                            .map(|(a, b)| max_abs_diff(a, b))
+                            .fold(0.0, f64::max),
+                        0.0,
+                        "{label}: ranks disagree"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A ZeRO 1 run on 2 ranks saves a checkpoint holding the whole optimizer state; one process
+/// resumes it (with the same global batch) and ends where the uninterrupted run ends.
+#[test]
+fn a_sharded_checkpoint_resumes_on_another_number_of_ranks() {
+    let (one_losses, one_params) = single(true);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_path_buf();
+    let comms = group(2, Duration::from_secs(60));
+    let handles: Vec<_> = comms
+        .into_iter()
+        .map(|c| {
+            let out = out.clone();
+            std::thread::spawn(move || {
+                let model = tiny_model(3);
+                let rank0 = c.rank() == 0;
+                let dp = DataParallel::new(Box::new(c), ZeroStage::Zero1, model.params());
+                let mut config = cfg(BATCH / 2, rank0.then_some(out.as_path()));
+                config.max_steps = 4;
+                let mut t = Trainer::new(model, collator(true), config, Device::Cpu).unwrap();
+                t.set_data_parallel(dp).unwrap();
+                t.add_callback(Box::new(StopAt(2)));
+                t.train(&data(), None).unwrap()
+            })
+        })
+        .collect();
+    let parts: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(parts.iter().all(|p| p.steps.len() == 2 && p.stopped));
+    let ckpt = out.join("checkpoint-2");
+    let state = candle_core::safetensors::load(ckpt.join("optimizer.safetensors"), &Device::Cpu)
+        .unwrap();
+    let model = tiny_model(3);
+    for p in model.params() {
+        assert!(state.contains_key(&format!("exp_avg.{}", p.name)), "{}", p.name);
+    }
+    let mut t = Trainer::new(model, collator(true), cfg(BATCH, Some(&out)), Device::Cpu).unwrap();
+    t.resume_from(&ckpt).unwrap();
+    let rest = t.train(&data(), None).unwrap();
+    let losses: Vec<f64> = parts[0]
+        .steps
+        .iter()
+        .chain(&rest.steps)
+        .map(|m| m.loss)
+        .collect();
+    let params: Vec<Tensor> = t
+        .model
+        .params()
+        .iter()
+        .map(|p| p.var.as_tensor().copy().unwrap())
+        .collect();
+    assert_close("resumed on one rank", &(losses, params), &(one_losses, one_params));
+}
+
+struct StopAt(usize);
+impl packsft::Callback for StopAt {
+    fn on_step_end(&mut self, m: &packsft::StepMetrics) -> packsft::Result<packsft::Control> {
+        Ok(if m.step == self.0 {
+            packsft::Control::Stop
+        } else {
+            packsft::Control::Continue
+        })
+    }
+}
