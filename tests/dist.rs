@@ -203,3 +203,138 @@ impl packsft::Callback for StopAt {
         })
     }
 }
+
+fn final_loss(stdout: &str) -> f64 {
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    v["final_loss"].as_f64().unwrap()
+}
+
+/// `packsft launch` runs ranks as processes over TCP: 2 ranks of 8 examples give the losses of
+/// one process of 16, under ZeRO 0 and 1; only rank 0 writes.
+#[test]
+fn launched_ranks_train_as_one_process_with_the_same_global_batch() {
+    let base = [
+        "recipes/quickstart.yaml",
+        "train.max_steps=5",
+        "train.eval_steps=0",
+        "data.eval=null",
+    ];
+    let one = tempfile::tempdir().unwrap();
+    let mut args = vec!["train"];
+    args.extend(base);
+    let out1 = format!("output_dir={}", one.path().display());
+    args.extend(["train.batch_size=16", &out1]);
+    let (ok, stdout, err) = common::packsft(&args);
+    assert!(ok, "{err}");
+    let want = final_loss(&stdout);
+    for zero in ["0", "1"] {
+        let two = tempfile::tempdir().unwrap();
+        let out2 = format!("output_dir={}", two.path().display());
+        let z = format!("dist.zero={zero}");
+        let mut args = vec!["launch", "--nproc-per-node", "2", "--", "train"];
+        args.extend(base);
+        args.extend(["train.batch_size=8", &out2, &z]);
+        let (ok, stdout, err) = common::packsft(&args);
+        assert!(ok, "{err}");
+        let got = final_loss(&stdout);
+        assert!((got - want).abs() / want < 1e-5, "zero {zero}: {got} vs {want}");
+        let rows = std::fs::read_to_string(two.path().join("metrics.jsonl")).unwrap();
+        assert_eq!(rows.lines().count(), 5, "zero {zero}: one metrics row a step");
+        assert!(two.path().join("model.safetensors").is_file());
+    }
+}
+
+/// Ranks started with different recipes meet and refuse to train together, naming the hash.
+#[test]
+fn a_rank_of_another_recipe_is_refused_at_the_rendezvous() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let spawn = move |rank: usize, lr: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_packsft"))
+            .args([
+                "train",
+                "recipes/quickstart.yaml",
+                "train.max_steps=2",
+                "train.eval_steps=0",
+                "data.eval=null",
+                "dist.timeout_s=30",
+                &format!("output_dir={}", root.join(rank.to_string()).display()),
+                &format!("train.lr={lr}"),
+            ])
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", "2")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .output()
+            .unwrap()
+    };
+    let first = spawn.clone();
+    let r0 = std::thread::spawn(move || first(0, "1e-3"));
+    let r1 = spawn(1, "2e-3");
+    let r0 = r0.join().unwrap();
+    for (rank, o) in [(0, &r0), (1, &r1)] {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "rank {rank} trained: {err}");
+        assert!(
+            err.contains("another recipe, data or binary"),
+            "rank {rank}: {err}"
+        );
+    }
+}
+
+/// A rank killed mid-run: the launcher stops the others and exits non-zero naming the rank.
+#[test]
+fn a_killed_rank_stops_the_run_and_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let launcher = std::process::Command::new(env!("CARGO_BIN_EXE_packsft"))
+        .args([
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--grace-s",
+            "5",
+            "--",
+            "train",
+            "recipes/quickstart.yaml",
+            "train.max_steps=100000",
+            "train.eval_steps=0",
+            "data.eval=null",
+            &format!("output_dir={}", dir.path().display()),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let children_file = format!("/proc/{0}/task/{0}/children", launcher.id());
+    // Wait until both ranks are training (metrics rows appear).
+    let start = std::time::Instant::now();
+    while !dir.path().join("metrics.jsonl").exists() {
+        assert!(start.elapsed().as_secs() < 120, "the run never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let children: Vec<i32> = std::fs::read_to_string(&children_file)
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(children.len(), 2, "{children:?}");
+    std::process::Command::new("kill")
+        .args(["-9", &children[1].to_string()])
+        .status()
+        .unwrap();
+    let out = launcher.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("rank 1 failed") && err.contains("signal: 9"), "{err}");
+    // Nothing is left running.
+    for pid in children {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists() || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.contains(") Z ")
+        });
+    }
+}

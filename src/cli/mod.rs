@@ -8,6 +8,7 @@ use crate::error::Result;
 
 mod bench;
 mod inspect;
+mod launch;
 mod model;
 mod train;
 
@@ -45,6 +46,9 @@ enum Cmd {
     /// Merge a PEFT LoRA adapter into its base: a complete Hugging Face checkpoint with
     /// W + s·B·A (PEFT's merge_and_unload)
     Merge(model::MergeCmd),
+    /// Run a command on several ranks (one process per GPU) with torchrun's variables:
+    /// packsft launch --nproc-per-node 8 -- train recipe.yaml
+    Launch(launch::LaunchCmd),
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -58,6 +62,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Generate(c) => model::generate(c),
         Cmd::Bench(c) => bench::run_bench(c),
         Cmd::Merge(c) => model::merge(c),
+        Cmd::Launch(c) => launch::launch(c),
     }
 }
 

@@ -39,7 +39,12 @@ pub(crate) fn train(c: TrainCmd) -> Result<()> {
             .and_then(|_| signal_hook::flag::register(sig, stop.clone()))
             .map_err(|e| Error::io("signal handler", e))?;
     }
-    let dev = crate::device::open(&r.train.device)?;
+    // A rank of a multi-process run takes its node's GPU by LOCAL_RANK.
+    let device = match crate::dist::World::from_env()? {
+        Some(w) if r.train.device == "cuda" => format!("cuda:{}", w.local_rank),
+        _ => r.train.device.clone(),
+    };
+    let dev = crate::device::open(&device)?;
     let summary = build::train(&r, &c.recipe, &dev, Some(stop))?;
     if summary.interrupted {
         let at = summary

@@ -102,17 +102,36 @@ pub fn owners(sizes: &[usize], ranks: usize) -> Vec<usize> {
     out
 }
 
-/// Which data-parallel scheme a run uses (`dist.zero`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+/// Which data-parallel scheme a run uses (`dist.zero: 0 | 1` in a recipe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ZeroStage {
     /// Every rank holds the whole optimizer state; gradients are all-reduced.
     #[default]
-    #[serde(rename = "0")]
     Zero0,
     /// The optimizer state is sharded: each rank updates the parameters it owns and broadcasts
     /// them.
-    #[serde(rename = "1")]
     Zero1,
+}
+
+impl serde::Serialize for ZeroStage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_u64(match self {
+            ZeroStage::Zero0 => 0,
+            ZeroStage::Zero1 => 1,
+        })
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ZeroStage {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        match u64::deserialize(d)? {
+            0 => Ok(ZeroStage::Zero0),
+            1 => Ok(ZeroStage::Zero1),
+            n => Err(serde::de::Error::custom(format!(
+                "dist.zero {n}: packsft has ZeRO stages 0 and 1"
+            ))),
+        }
+    }
 }
 
 /// An error of a collective: the rank and what failed.

@@ -16,7 +16,7 @@ use crate::model::{ComputeOptions, DecoderModel, LoraSetup, Model};
 use crate::recipe::{Recipe, TrainData};
 use crate::train::callback::{Callback, EarlyStopping};
 use crate::train::AdamWConfig;
-use crate::train::{TrainSummary, Trainer, TrainerConfig};
+use crate::train::{DataParallel, TrainSummary, Trainer, TrainerConfig};
 
 /// The inputs of a run, loaded and validated.
 pub struct Prepared {
@@ -262,16 +262,45 @@ pub fn build_trainer(
 ) -> Result<(Trainer<DecoderModel, CompletionOnlyCollator>, RunData)> {
     let resume = resume_dir(recipe, recipe_path)?;
     let p = prepare(recipe, recipe_path, device, stop)?;
-    let mut trainer = Trainer::new(p.model, p.collator, trainer_config(recipe), device.clone())?;
-    trainer.add_callback(Box::new(CheckpointExtras {
-        tokenizer: p.tokenizer.clone(),
-        recipe_yaml: recipe.to_yaml(),
-    }));
-    let runs =
-        (recipe.logging.tensorboard.clone()).unwrap_or_else(|| recipe.output_dir.join("runs"));
-    trainer.add_callback(Box::new(
-        crate::train::TensorBoard::new(runs).with_text("recipe", &recipe.to_yaml()),
-    ));
+    // A rank of a multi-process run (packsft launch, torchrun, Slurm): only rank 0 writes.
+    let world = crate::dist::World::from_env()?;
+    let rank0 = world.as_ref().is_none_or(|w| w.rank == 0);
+    let mut config = trainer_config(recipe);
+    if !rank0 {
+        config.output_dir = None;
+        config.progress = false;
+    }
+    let dp = match &world {
+        Some(w) => {
+            let hash = run_hash(recipe, &p.train)?;
+            let timeout = std::time::Duration::from_secs(recipe.dist.timeout_s);
+            let comm = crate::dist::tcp::connect(w, hash, timeout)?;
+            tracing::info!(
+                rank = w.rank,
+                world_size = w.size,
+                zero = ?recipe.dist.zero,
+                "data parallel: {} examples a step",
+                recipe.train.batch_size * w.size * recipe.train.grad_accum
+            );
+            Some(DataParallel::new(Box::new(comm), recipe.dist.zero, p.model.params()))
+        }
+        None => None,
+    };
+    let mut trainer = Trainer::new(p.model, p.collator, config, device.clone())?;
+    if let Some(dp) = dp {
+        trainer.set_data_parallel(dp)?;
+    }
+    if rank0 {
+        trainer.add_callback(Box::new(CheckpointExtras {
+            tokenizer: p.tokenizer.clone(),
+            recipe_yaml: recipe.to_yaml(),
+        }));
+        let runs =
+            (recipe.logging.tensorboard.clone()).unwrap_or_else(|| recipe.output_dir.join("runs"));
+        trainer.add_callback(Box::new(
+            crate::train::TensorBoard::new(runs).with_text("recipe", &recipe.to_yaml()),
+        ));
+    }
     if recipe.train.early_stopping_patience > 0 {
         trainer.add_callback(Box::new(EarlyStopping::new(
             recipe.train.early_stopping_patience,
@@ -312,10 +341,14 @@ pub fn train(
         trainer.set_stop_flag(stop);
     }
     let eval = p.eval.as_ref().map(|d| d.examples.as_slice());
+    let rank0 = trainer.rank() == 0;
     // Held until the final files are written: the trainer takes the same lock for its loop.
-    let _lock = crate::train::lock::OutputLock::acquire(&recipe.output_dir)?;
+    let _lock = match rank0 {
+        true => Some(crate::train::lock::OutputLock::acquire(&recipe.output_dir)?),
+        false => None,
+    };
     let summary = trainer.train(&p.train.examples, eval)?;
-    if summary.interrupted {
+    if summary.interrupted || !rank0 {
         return Ok(summary);
     }
     let out = &recipe.output_dir;
@@ -569,4 +602,19 @@ mod tests {
         assert_eq!(format!("{got:?}"), format!("{want:?}"));
         assert_eq!(got.adamw.lr, 2e-5);
     }
+}
+
+/// What every rank of a run must agree on before training together: the resolved recipe, the
+/// training data and the binary (SHA-256). A rank of another recipe or build is refused at the
+/// rendezvous instead of hanging in a collective of another shape.
+fn run_hash(recipe: &Recipe, train: &Dataset) -> Result<u64> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(recipe.to_yaml().as_bytes());
+    h.update(crate::train::data_hash(&train.examples).to_le_bytes());
+    let exe = std::env::current_exe().map_err(|e| Error::io("current executable", e))?;
+    let bytes = std::fs::read(&exe).map_err(|e| Error::io(&exe, e))?;
+    h.update(&bytes);
+    let d = h.finalize();
+    Ok(u64::from_le_bytes(d[..8].try_into().expect("8 bytes")))
 }

@@ -32,6 +32,9 @@ pub struct Recipe {
     /// `lora:`: LoRA adapters on a frozen base instead of full fine-tuning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<super::LoraSection>,
+    /// `dist:`: how the ranks of a multi-process run share the work.
+    #[serde(default)]
+    pub dist: super::DistSection,
     /// Where the trained model, tokenizer, metrics and checkpoints are written.
     pub output_dir: PathBuf,
     /// `latest` (the newest checkpoint in output_dir, or a fresh start if there is none) or

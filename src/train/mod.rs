@@ -24,6 +24,7 @@ pub use eval::{evaluate, EvalResult};
 pub use metrics::{EvalMetrics, StepMetrics, TrainSummary};
 pub use optimizer::AdamWConfig;
 pub use parallel::DataParallel;
+pub(crate) use sampler::data_hash;
 pub(crate) use sampler::{epoch_order, step_sizes};
 pub use schedule::{LrSchedule, Schedule};
 pub use step::PendingStep;

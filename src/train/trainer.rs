@@ -110,6 +110,11 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         Ok(())
     }
 
+    /// This process's rank in a data-parallel run (0 for a run of one).
+    pub fn rank(&self) -> usize {
+        self.dp.as_ref().map_or(0, DataParallel::rank)
+    }
+
     /// The configuration the step plan is made with: under data parallelism every rank's
     /// micro-batches together.
     fn plan_config(&self) -> TrainerConfig {

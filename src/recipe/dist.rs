@@ -1,0 +1,33 @@
+//! The recipe's `dist:` section: how the ranks of a multi-process run (`packsft launch`,
+//! torchrun, Slurm) share the work. Read only when the environment says this process is a rank.
+
+use serde::{Deserialize, Serialize};
+
+use crate::dist::ZeroStage;
+
+/// `dist:`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DistSection {
+    /// `0`: every rank keeps the whole optimizer state; `1`: the state is sharded over the
+    /// ranks (each updates the parameters it owns and broadcasts them).
+    #[serde(default)]
+    pub zero: ZeroStage,
+    /// Seconds a rank waits for the others (at the rendezvous and in every exchange) before it
+    /// gives up with an error naming them.
+    #[serde(default = "default_timeout")]
+    pub timeout_s: u64,
+}
+
+fn default_timeout() -> u64 {
+    600
+}
+
+impl Default for DistSection {
+    fn default() -> Self {
+        Self {
+            zero: ZeroStage::default(),
+            timeout_s: default_timeout(),
+        }
+    }
+}
