@@ -16,7 +16,7 @@
 //!
 //! Floors, top to bottom (a module imports only from floors below it, checked by
 //! `tests/architecture.rs`): `cli` → `recipe` → `train` → `model` → `nn` → `collate` → `data` →
-//! `cuda` → `error`, `io`, `device`, `pullback`, `hub`.
+//! `dist` → `cuda` → `error`, `io`, `device`, `pullback`, `hub`.
 #![warn(missing_docs)]
 
 pub mod cli;

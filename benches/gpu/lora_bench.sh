@@ -3,6 +3,7 @@
 # strong_peer.py --lora 16 (compiled PyTorch, bf16 frozen base, varlen packing) and hf_peer.py
 # --lora 16 (transformers + PEFT). Prints each run's JSON line under a `## command` header and keeps
 # the full logs in $OUT. Usage (on the GPU machine, after benches/gpu/pack.sh here):
+#   PART=all bash .device/lora_bench.sh     # the headline runs of both shapes, most important first
 #   PART=small bash .device/lora_bench.sh   # llama-1.1b, bs 8, FLAN-like and OrcaMath-like
 #   PART=large bash .device/lora_bench.sh   # llama-8b: bs 4 beside the strong peer, bs 8 without
 #                                           # checkpointing, ~32k-token packed rows with it
@@ -25,6 +26,20 @@ run() {
 }
 pk() { run ./packsft bench "$@" --device cuda --dtype bf16 --lora 16; }
 case ${PART:-small} in
+all)
+  # Most important first: a call that runs out of time still returns what it measured.
+  for d in flan orca; do
+    pk $d.jsonl --shape llama-1.1b --bs 8 --padding-free
+    run python3 strong_peer.py $d.jsonl --shape llama-1.1b --bs 8 --lora 16 --mode packed
+  done
+  pk flan.jsonl --shape llama-8b --bs 4 --padding-free
+  run python3 strong_peer.py flan.jsonl --shape llama-8b --bs 4 --lora 16 --mode packed
+  pk flan.jsonl --shape llama-8b --bs 8 --padding-free
+  pk orca600.jsonl --shape llama-8b --bs 76 --padding-free --gradient-checkpointing --steps 5 --warmup 2
+  run python3 hf_peer.py flan.jsonl --shape llama-1.1b --bs 8 --lora 16 --modes packed
+  pk orca.jsonl --shape llama-8b --bs 4 --padding-free
+  run python3 strong_peer.py orca.jsonl --shape llama-8b --bs 4 --lora 16 --mode packed
+  ;;
 small)
   for d in flan orca; do
     pk $d.jsonl --shape llama-1.1b --bs 8 --padding-free
