@@ -5,7 +5,9 @@
 # peak_gib: packsft reports the CUDA allocator's high-water mark, the peer torch's
 # max_memory_allocated.
 set -u
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+# Builds with `nccl` link libnccl.so.2: PyTorch's copy on the GPU machine.
+NCCL_LIB=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${NCCL_LIB}:${LD_LIBRARY_PATH:-}
 cd "$(dirname "$0")"
 [ -x packsft ] || xz -d -k packsft.xz
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -5,7 +5,9 @@
 # with `bash benches/gpu/pack.sh`, then `bash .device/gpu_profile.sh [data] [mode]` there.
 # Writes $OUT/ncu_<data>_<mode>.csv when OUT is set, else to the current folder.
 set -u
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+# Builds with `nccl` link libnccl.so.2: PyTorch's copy on the GPU machine.
+NCCL_LIB=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${NCCL_LIB}:${LD_LIBRARY_PATH:-}
 cd "$(dirname "$0")"
 [ -x packsft ] || xz -d -k packsft.xz
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)

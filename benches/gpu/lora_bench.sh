@@ -8,7 +8,9 @@
 #   PART=large bash .device/lora_bench.sh   # llama-8b: bs 4 beside the strong peer, bs 8 without
 #                                           # checkpointing, ~32k-token packed rows with it
 set -uo pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+# The nccl build links libnccl.so.2: PyTorch's copy on the GPU machine.
+NCCL_LIB=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${NCCL_LIB}:${LD_LIBRARY_PATH:-}
 cd "$(dirname "$0")"
 OUT=${OUT:-/tmp/lora_bench}
 mkdir -p "$OUT"

@@ -12,9 +12,9 @@ source ../shared/gpu/setup-cuda.sh >/dev/null || true
 command -v nvcc >/dev/null || { echo "pack.sh: ../shared/gpu/setup-cuda.sh did not provide nvcc" >&2; exit 1; }
 ln -sf libcudart.so.13 "$CUDA_HOME/lib/libcudart.so"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target-cuda}
-cargo build --release --features flash-attn
+cargo build --release --features flash-attn,nccl
 tests=(flash_attn gpu_optim gpu_ops)
-cargo test --release --features flash-attn "${tests[@]/#/--test=}" --no-run
+cargo test --release --features flash-attn,nccl "${tests[@]/#/--test=}" --no-run
 mkdir -p .device
 rm -f .device/packsft .device/*.xz "${tests[@]/#/.device/}"
 cp benches/gpu/*.sh benches/gpu/*.py ../shared/bench/make_bench_data.py ../shared/bench/hf_peer.py ../shared/bench/strong_peer.py .device/

@@ -5,6 +5,8 @@ use candle_core::{DType, Tensor};
 use crate::error::{Error, Result};
 
 pub mod env;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod tcp;
 pub mod threads;
 

@@ -274,7 +274,8 @@ pub fn build_trainer(
         Some(w) => {
             let hash = run_hash(recipe, &p.train)?;
             let timeout = std::time::Duration::from_secs(recipe.dist.timeout_s);
-            let comm = crate::dist::tcp::connect(w, hash, timeout)?;
+            let host = crate::dist::tcp::connect(w, hash, timeout)?;
+            let comm = connect_devices(host, device)?;
             tracing::info!(
                 rank = w.rank,
                 world_size = w.size,
@@ -282,7 +283,7 @@ pub fn build_trainer(
                 "data parallel: {} examples a step",
                 recipe.train.batch_size * w.size * recipe.train.grad_accum
             );
-            Some(DataParallel::new(Box::new(comm), recipe.dist.zero, p.model.params()))
+            Some(DataParallel::new(comm, recipe.dist.zero, p.model.params()))
         }
         None => None,
     };
@@ -617,4 +618,20 @@ fn run_hash(recipe: &Recipe, train: &Dataset) -> Result<u64> {
     h.update(&bytes);
     let d = h.finalize();
     Ok(u64::from_le_bytes(d[..8].try_into().expect("8 bytes")))
+}
+
+/// The transport of a rank's tensors: NCCL on a GPU of an `nccl` build, else the TCP channel
+/// (CPU runs; GPU runs of a build without NCCL, through host copies, with a warning).
+fn connect_devices(
+    host: crate::dist::tcp::TcpComm,
+    device: &Device,
+) -> Result<Box<dyn crate::dist::Collective>> {
+    #[cfg(feature = "nccl")]
+    if device.is_cuda() {
+        return Ok(Box::new(crate::dist::nccl::connect(host, device)?));
+    }
+    if device.is_cuda() {
+        tracing::warn!("this build has no NCCL (feature `nccl`): GPU ranks exchange through host copies over TCP");
+    }
+    Ok(Box::new(host))
 }

@@ -1,0 +1,141 @@
+//! NCCL through cudarc (candle's `nccl` feature): the collectives of GPU runs, on candle's own
+//! stream, so they queue behind the backward that made the gradients without the host
+//! waiting. Host numbers (step sizes, flags) and NCCL's unique id go over the run's TCP
+//! channel ([`TcpComm`]), which also did the rendezvous and its hash check.
+
+use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+
+use super::tcp::TcpComm;
+use super::{comm_err, Collective};
+use crate::error::Result;
+
+/// A cudarc communicator that one thread at a time uses (the trainer's).
+struct OwnedComm(Comm);
+// SAFETY: an NCCL communicator may be used from any thread as long as calls on it do not
+// overlap; `NcclComm` is only ever driven by the one thread that owns the trainer.
+unsafe impl Send for OwnedComm {}
+// SAFETY: as above; shared references are only used by that thread.
+unsafe impl Sync for OwnedComm {}
+
+/// The GPU transport of a rank: NCCL for device tensors, TCP for host numbers.
+pub struct NcclComm {
+    comm: OwnedComm,
+    host: TcpComm,
+}
+
+/// Joins the NCCL communicator of the ranks `host` connects, on `device` (this rank's GPU):
+/// rank 0 makes the unique id and sends it over the TCP channel.
+pub fn connect(host: TcpComm, device: &Device) -> Result<NcclComm> {
+    let Device::Cuda(dev) = device else {
+        return Err(comm_err(host.rank(), "NCCL needs a CUDA device"));
+    };
+    let id = if host.rank() == 0 {
+        Id::new().map_err(|e| comm_err(0, format!("NCCL unique id: {e:?} (is libnccl.so.2 on LD_LIBRARY_PATH?)")))?
+    } else {
+        Id::uninit([0; 128])
+    };
+    let raw: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
+    let raw = host.broadcast_bytes(&raw, 0)?;
+    let mut internal = [0 as std::ffi::c_char; 128];
+    for (d, s) in internal.iter_mut().zip(&raw) {
+        *d = *s as std::ffi::c_char;
+    }
+    let comm = Comm::from_rank(dev.cuda_stream(), host.rank(), host.world_size(), Id::uninit(internal))
+        .map_err(|e| comm_err(host.rank(), format!("NCCL init: {e:?}")))?;
+    Ok(NcclComm {
+        comm: OwnedComm(comm),
+        host,
+    })
+}
+
+/// One collective on a CUDA tensor, as a candle op (its output a new buffer).
+struct Op<'a> {
+    comm: &'a Comm,
+    /// `None`: all-reduce (sum); `Some(root)`: broadcast from `root`.
+    root: Option<usize>,
+}
+
+impl Op<'_> {
+    fn run<T>(&self, src: &CudaSlice<T>, s: &CudaStorage, n: usize) -> candle_core::Result<CudaStorage>
+    where
+        T: candle_core::cuda_backend::CudaDType
+            + candle_core::cuda_backend::cudarc::nccl::NcclType
+            + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+    {
+        let dev = s.device().clone();
+        // SAFETY: every element is written by the collective before anything reads it.
+        let mut dst = unsafe { dev.alloc::<T>(n)? };
+        let r = match self.root {
+            None => self.comm.all_reduce(src, &mut dst, &ReduceOp::Sum),
+            Some(root) => self.comm.broadcast(Some(src), &mut dst, root as i32),
+        };
+        r.map_err(|e| candle_core::Error::Cuda(format!("NCCL: {e:?}").into()))?;
+        Ok(CudaStorage::wrap_cuda_slice(dst, dev))
+    }
+}
+
+impl CustomOp1 for Op<'_> {
+    fn name(&self) -> &'static str {
+        "packsft-nccl"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("NCCL collectives run on CUDA tensors")
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        if !l.is_contiguous() || l.start_offset() != 0 {
+            candle_core::bail!("NCCL collectives take whole contiguous tensors");
+        }
+        let n = l.shape().elem_count();
+        let out = match s.dtype() {
+            DType::F32 => self.run(s.as_cuda_slice::<f32>()?, s, n)?,
+            DType::F64 => self.run(s.as_cuda_slice::<f64>()?, s, n)?,
+            DType::BF16 => self.run(s.as_cuda_slice::<half::bf16>()?, s, n)?,
+            dt => candle_core::bail!("NCCL collective of {dt:?}"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+}
+
+impl NcclComm {
+    fn collective(&self, t: &Tensor, root: Option<usize>) -> Result<Tensor> {
+        if !t.device().is_cuda() {
+            return match root {
+                None => self.host.all_reduce_sum(t),
+                Some(r) => self.host.broadcast(t, r),
+            };
+        }
+        // A fresh contiguous buffer: the collective must not see a view of a larger one.
+        let t = t.contiguous()?.copy()?;
+        Ok(t.apply_op1_no_bwd(&Op {
+            comm: &self.comm.0,
+            root,
+        })?)
+    }
+}
+
+impl Collective for NcclComm {
+    fn rank(&self) -> usize {
+        self.host.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.host.world_size()
+    }
+
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        self.collective(t, None)
+    }
+
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        self.collective(t, Some(root))
+    }
+
+    fn all_reduce_host(&self, v: &[f64]) -> Result<Vec<f64>> {
+        self.host.all_reduce_host(v)
+    }
+}
