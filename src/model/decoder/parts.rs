@@ -241,6 +241,9 @@ pub(super) struct Layer {
     pub(super) q_norm: Vec<Tensor>,
     pub(super) k_norm: Vec<Tensor>,
     pub(super) mlp: Mlp,
+    /// Under LoRA, the frozen q, k and v weights stacked by rows (`q.w`, `k.w`, `v.w` are views
+    /// of it): one product for the three in the hand-written backward.
+    pub(super) frozen_qkv: Option<Tensor>,
 }
 
 /// The per-head q/k norm (StableLM's qk_layernorm) of x (N, heads, D): LayerNorm without
