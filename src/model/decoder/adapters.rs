@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use super::super::lora::{self, LoraConfig, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
 use super::super::spec::{ArchSpec, ModelNames};
+use super::parts::{Layer, Qkv};
 use super::super::weights::{save_safetensors, CheckpointWeights};
 use super::super::{Model, Param};
 use super::init::LoraBuild;
@@ -250,3 +251,46 @@ impl Drop for DropoutKey {
     }
 }
 
+/// Under LoRA, stacks each layer's frozen q, k and v weights by rows where the hand-written
+/// layer can take one product for the three (nothing between projection and a whole-head
+/// rotation, adapters on all three or none, no adapter dropout): the layer keeps the stack and
+/// q, k and v become views of it, as do their entries in `frozen` (no second copy).
+pub(super) fn stack_frozen_qkv(
+    spec: &ArchSpec,
+    layers: &mut [Layer],
+    frozen: &mut [(String, Tensor)],
+) -> Result<()> {
+    let plain_rope = spec.clip_qkv.is_none() && spec.rope.rotary_dim == spec.head_dim;
+    for layer in layers.iter_mut() {
+        let Qkv::Separate(q, k, v) = &mut layer.qkv else {
+            continue;
+        };
+        let lins = [&*q, &*k, &*v];
+        let n_adapters = lins.iter().filter(|l| l.lora.is_some()).count();
+        let stackable = plain_rope
+            && layer.q_norm.is_empty()
+            && lins.iter().all(|l| !l.w.is_variable() && l.w.dtype() == q.w.dtype())
+            && lins.iter().all(|l| l.w.dim(1).ok() == q.w.dim(1).ok())
+            && (n_adapters == 0 || n_adapters == 3)
+            && lins
+                .iter()
+                .filter_map(|l| l.lora.as_ref())
+                .all(|a| a.dropout == 0.0 && Some(a.scale) == q.lora.as_ref().map(|x| x.scale));
+        if !stackable {
+            continue;
+        }
+        let stacked = Tensor::cat(&[&q.w, &k.w, &v.w], 0)?;
+        let mut row = 0;
+        for lin in [&mut *q, &mut *k, &mut *v] {
+            let rows = lin.w.dim(0)?;
+            let view = stacked.narrow(0, row, rows)?;
+            if let Some(entry) = frozen.iter_mut().find(|(_, t)| t.id() == lin.w.id()) {
+                entry.1 = view.clone();
+            }
+            lin.w = view;
+            row += rows;
+        }
+        layer.frozen_qkv = Some(stacked);
+    }
+    Ok(())
+}

@@ -26,9 +26,10 @@ mod copies;
 mod forward;
 mod init;
 mod parts;
+mod stacked;
 
 pub use adapters::LoraSetup;
-use adapters::{lora_build, lora_finish, DropoutKey, LoraState};
+use adapters::{lora_build, lora_finish, stack_frozen_qkv, DropoutKey, LoraState};
 use backward::{embed_lookup, hand_written_run, layers_node, lm_head_nll_node, lm_head_node};
 pub use cache::KvCache;
 use forward::router_aux;
@@ -112,50 +113,6 @@ fn check_all_read(src: &Source, spec: &ArchSpec, names: &ModelNames) -> Result<(
                 unused.join(", ")
             )));
         }
-    }
-    Ok(())
-}
-
-/// Under LoRA, stacks each layer's frozen q, k and v weights by rows where the hand-written
-/// layer can take one product for the three (nothing between projection and a whole-head
-/// rotation, adapters on all three or none, no adapter dropout): the layer keeps the stack and
-/// q, k and v become views of it, as do their entries in `frozen` (no second copy).
-fn stack_frozen_qkv(
-    spec: &ArchSpec,
-    layers: &mut [Layer],
-    frozen: &mut [(String, Tensor)],
-) -> Result<()> {
-    let plain_rope = spec.clip_qkv.is_none() && spec.rope.rotary_dim == spec.head_dim;
-    for layer in layers.iter_mut() {
-        let Qkv::Separate(q, k, v) = &mut layer.qkv else {
-            continue;
-        };
-        let lins = [&*q, &*k, &*v];
-        let n_adapters = lins.iter().filter(|l| l.lora.is_some()).count();
-        let stackable = plain_rope
-            && layer.q_norm.is_empty()
-            && lins.iter().all(|l| !l.w.is_variable() && l.w.dtype() == q.w.dtype())
-            && lins.iter().all(|l| l.w.dim(1).ok() == q.w.dim(1).ok())
-            && (n_adapters == 0 || n_adapters == 3)
-            && lins
-                .iter()
-                .filter_map(|l| l.lora.as_ref())
-                .all(|a| a.dropout == 0.0 && Some(a.scale) == q.lora.as_ref().map(|x| x.scale));
-        if !stackable {
-            continue;
-        }
-        let stacked = Tensor::cat(&[&q.w, &k.w, &v.w], 0)?;
-        let mut row = 0;
-        for lin in [&mut *q, &mut *k, &mut *v] {
-            let rows = lin.w.dim(0)?;
-            let view = stacked.narrow(0, row, rows)?;
-            if let Some(entry) = frozen.iter_mut().find(|(_, t)| t.id() == lin.w.id()) {
-                entry.1 = view.clone();
-            }
-            lin.w = view;
-            row += rows;
-        }
-        layer.frozen_qkv = Some(stacked);
     }
     Ok(())
 }
