@@ -4,6 +4,7 @@
 # --lora 16 (transformers + PEFT). Prints each run's JSON line under a `## command` header and keeps
 # the full logs in $OUT. Usage (on the GPU machine, after benches/gpu/pack.sh here):
 #   PART=all bash .device/lora_bench.sh     # the headline runs of both shapes, most important first
+#   PART=pair bash .device/lora_bench.sh    # packsft beside the strong peer only, llama-8b first
 #   PART=small bash .device/lora_bench.sh   # llama-1.1b, bs 8, FLAN-like and OrcaMath-like
 #   PART=large bash .device/lora_bench.sh   # llama-8b: bs 4 beside the strong peer, bs 8 without
 #                                           # checkpointing, ~32k-token packed rows with it
@@ -29,6 +30,17 @@ run() {
 }
 pk() { run ./packsft bench "$@" --device cuda --dtype bf16 --lora 16; }
 case ${PART:-small} in
+pair)
+  # The headline comparisons only, llama-8b first.
+  for d in flan orca; do
+    pk $d.jsonl --shape llama-8b --bs 4 --padding-free
+    run python3 strong_peer.py $d.jsonl --shape llama-8b --bs 4 --lora 16 --mode packed
+  done
+  for d in flan orca; do
+    pk $d.jsonl --shape llama-1.1b --bs 8 --padding-free
+    run python3 strong_peer.py $d.jsonl --shape llama-1.1b --bs 8 --lora 16 --mode packed
+  done
+  ;;
 all)
   # Most important first: a call that runs out of time still returns what it measured.
   for d in flan orca; do
