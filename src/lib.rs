@@ -54,8 +54,8 @@ pub use model::{
 pub use nn::attention::AttentionImpl;
 pub use recipe::{MixSource, Recipe, TrainData};
 pub use train::{
-    evaluate, AdamWConfig, Callback, Control, DataParallel, EarlyStopping, EvalMetrics, EvalResult, LrSchedule,
-    PendingStep, Schedule, StepGrads, StepMetrics, TensorBoard, TrainSummary, Trainer,
+    evaluate, AdamWConfig, Callback, Control, DataParallel, EarlyStopping, EvalMetrics, EvalResult,
+    LrSchedule, PendingStep, Schedule, StepGrads, StepMetrics, TensorBoard, TrainSummary, Trainer,
     TrainerConfig, TrainerState,
 };
 

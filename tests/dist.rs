@@ -12,8 +12,8 @@ use candle_core::{Device, Tensor};
 use common::{examples, max_abs_diff, tiny_model};
 use packsft::internals::dist::threads::group;
 use packsft::{
-    AdamWConfig, Collective, CompletionOnlyCollator, DataParallel, Model, Schedule, Trainer, TrainerConfig,
-    ZeroStage,
+    AdamWConfig, Collective, CompletionOnlyCollator, DataParallel, Model, Schedule, Trainer,
+    TrainerConfig, ZeroStage,
 };
 
 const BATCH: usize = 12;
@@ -40,7 +40,9 @@ fn cfg(batch_size: usize, out: Option<&Path>) -> TrainerConfig {
 
 fn data() -> Vec<packsft::Example> {
     examples(
-        &[5, 9, 14, 3, 22, 7, 11, 6, 2, 17, 8, 4, 13, 10, 19, 5, 12, 9, 21, 6, 3, 15, 7, 11],
+        &[
+            5, 9, 14, 3, 22, 7, 11, 6, 2, 17, 8, 4, 13, 10, 19, 5, 12, 9, 21, 6, 3, 15, 7, 11,
+        ],
         64,
         21,
     )
@@ -86,9 +88,13 @@ fn parallel(n: usize, zero: ZeroStage, padding_free: bool) -> Vec<(Vec<f64>, Vec
             std::thread::spawn(move || {
                 let model = tiny_model(3);
                 let dp = DataParallel::new(Box::new(c), zero, model.params());
-                let mut t =
-                    Trainer::new(model, collator(padding_free), cfg(BATCH / n, None), Device::Cpu)
-                        .unwrap();
+                let mut t = Trainer::new(
+                    model,
+                    collator(padding_free),
+                    cfg(BATCH / n, None),
+                    Device::Cpu,
+                )
+                .unwrap();
                 t.set_data_parallel(dp).unwrap();
                 let s = t.train(&data(), None).unwrap();
                 let params: Vec<Tensor> = t
@@ -169,11 +175,15 @@ fn a_sharded_checkpoint_resumes_on_another_number_of_ranks() {
     let parts: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     assert!(parts.iter().all(|p| p.steps.len() == 2 && p.stopped));
     let ckpt = out.join("checkpoint-2");
-    let state = candle_core::safetensors::load(ckpt.join("optimizer.safetensors"), &Device::Cpu)
-        .unwrap();
+    let state =
+        candle_core::safetensors::load(ckpt.join("optimizer.safetensors"), &Device::Cpu).unwrap();
     let model = tiny_model(3);
     for p in model.params() {
-        assert!(state.contains_key(&format!("exp_avg.{}", p.name)), "{}", p.name);
+        assert!(
+            state.contains_key(&format!("exp_avg.{}", p.name)),
+            "{}",
+            p.name
+        );
     }
     let mut t = Trainer::new(model, collator(true), cfg(BATCH, Some(&out)), Device::Cpu).unwrap();
     t.resume_from(&ckpt).unwrap();
@@ -190,7 +200,11 @@ fn a_sharded_checkpoint_resumes_on_another_number_of_ranks() {
         .iter()
         .map(|p| p.var.as_tensor().copy().unwrap())
         .collect();
-    assert_close("resumed on one rank", &(losses, params), &(one_losses, one_params));
+    assert_close(
+        "resumed on one rank",
+        &(losses, params),
+        &(one_losses, one_params),
+    );
 }
 
 struct StopAt(usize);
@@ -237,9 +251,16 @@ fn launched_ranks_train_as_one_process_with_the_same_global_batch() {
         let (ok, stdout, err) = common::packsft(&args);
         assert!(ok, "{err}");
         let got = final_loss(&stdout);
-        assert!((got - want).abs() / want < 1e-5, "zero {zero}: {got} vs {want}");
+        assert!(
+            (got - want).abs() / want < 1e-5,
+            "zero {zero}: {got} vs {want}"
+        );
         let rows = std::fs::read_to_string(two.path().join("metrics.jsonl")).unwrap();
-        assert_eq!(rows.lines().count(), 5, "zero {zero}: one metrics row a step");
+        assert_eq!(
+            rows.lines().count(),
+            5,
+            "zero {zero}: one metrics row a step"
+        );
         assert!(two.path().join("model.safetensors").is_file());
     }
 }
@@ -329,12 +350,17 @@ fn a_killed_rank_stops_the_run_and_is_named() {
     let out = launcher.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("rank 1 failed") && err.contains("signal: 9"), "{err}");
+    assert!(
+        err.contains("rank 1 failed") && err.contains("signal: 9"),
+        "{err}"
+    );
     // Nothing is left running.
     for pid in children {
-        assert!(!Path::new(&format!("/proc/{pid}")).exists() || {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            stat.contains(") Z ")
-        });
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists() || {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                stat.contains(") Z ")
+            }
+        );
     }
 }

@@ -284,7 +284,10 @@ fn merge_equals_pefts_merge_and_unload() {
         let l = m.loss(&batch).unwrap();
         let loss = l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_targets as f64;
         let want = r.json["loss"].as_f64().unwrap();
-        assert!(within((loss - want).abs() / want, 1e-5), "{fam}: merged loss {loss} vs {want}");
+        assert!(
+            within((loss - want).abs() / want, 1e-5),
+            "{fam}: merged loss {loss} vs {want}"
+        );
     }
 }
 
@@ -306,9 +309,10 @@ fn saved_adapters_are_pefts_files_and_reload_with_the_same_loss() {
             &std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap(),
         )
         .unwrap();
-        let peft: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
-                .unwrap();
+        let peft: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
         for key in [
             "peft_type",
             "task_type",
@@ -346,7 +350,10 @@ fn saved_adapters_are_pefts_files_and_reload_with_the_same_loss() {
             .keys()
             .filter(|k| ours.get(k.as_str()).is_none())
             .collect();
-        assert!(missing.is_empty(), "{fam}: keys PEFT writes and packsft does not: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "{fam}: keys PEFT writes and packsft does not: {missing:?}"
+        );
         // Reloaded as an adapter directory: the same loss.
         let again = DecoderModel::from_pretrained_with_lora(
             &base(&dir),
@@ -468,14 +475,20 @@ fn adapter_dropout_is_seeded_and_training_only() {
             .fold(0.0, f64::max)
     };
     assert_eq!(max(&plain, &again), 0.0, "same seed and pass, same masks");
-    assert!(max(&plain, &ckpt) < 1e-5, "recomputation draws the same masks");
+    assert!(
+        max(&plain, &ckpt) < 1e-5,
+        "recomputation draws the same masks"
+    );
     assert!(max(&plain, &next) > 1e-4, "the next pass draws new masks");
     // Evaluation has no dropout: the reference loss exactly as without it.
     let m = DecoderModel::from_pretrained_with_lora(&base(&dir), &Device::Cpu, &setup).unwrap();
     let e = m.eval_sums(&batch).unwrap();
     let want = r.json["loss"].as_f64().unwrap();
     let got = e.loss_sum / e.n_targets as f64;
-    assert!(within((got - want).abs() / want, 1e-5), "eval loss {got} vs {want}");
+    assert!(
+        within((got - want).abs() / want, 1e-5),
+        "eval loss {got} vs {want}"
+    );
 }
 
 fn load_err(fam: &str, config: LoraConfig) -> String {
@@ -527,7 +540,10 @@ fn configurations_peft_refuses_are_errors_naming_the_value() {
             ..Default::default()
         },
     );
-    assert!(e.contains("modules_to_save") && e.contains("`score`"), "{e}");
+    assert!(
+        e.contains("modules_to_save") && e.contains("`score`"),
+        "{e}"
+    );
 }
 
 struct StopAt(usize);
@@ -670,7 +686,10 @@ fn a_lora_recipe_trains_saves_pefts_files_and_merges() {
     .unwrap();
     assert_eq!(cfg["r"], 4);
     assert_eq!(cfg["lora_alpha"], 16);
-    assert_eq!(cfg["base_model_name_or_path"], base.path().display().to_string());
+    assert_eq!(
+        cfg["base_model_name_or_path"],
+        base.path().display().to_string()
+    );
     // `packsft merge` in float32 writes what the recipe's merge wrote.
     let again = tempfile::tempdir().unwrap();
     let (ok, _, err) = common::packsft(&[
@@ -708,7 +727,10 @@ fn a_lora_recipe_trains_saves_pefts_files_and_merges() {
         &format!("model.path={}", base.path().display()),
         &format!("lora.adapter={}", out.path().display()),
     ]);
-    let merged = eval(&[&format!("model.path={}", out.path().join("merged").display())]);
+    let merged = eval(&[&format!(
+        "model.path={}",
+        out.path().join("merged").display()
+    )]);
     assert!(
         (adapter - merged).abs() / merged < 1e-5,
         "adapter {adapter} vs merged {merged}"
@@ -753,7 +775,10 @@ fn a_bf16_frozen_base_tracks_float32() {
                 l16.sum.to_scalar::<f32>().unwrap() as f64,
                 l32.sum.to_scalar::<f32>().unwrap() as f64,
             );
-            assert!((a - b).abs() / b < 0.02, "{fam} pf={padding_free}: {a} vs {b}");
+            assert!(
+                (a - b).abs() / b < 0.02,
+                "{fam} pf={padding_free}: {a} vs {b}"
+            );
             for (p, q) in bf16.params().iter().zip(f32m.params()) {
                 let x = g16
                     .get(p.var.as_tensor())
@@ -763,11 +788,20 @@ fn a_bf16_frozen_base_tracks_float32() {
                     .flatten_all()
                     .unwrap();
                 let y = g32.get(q.var.as_tensor()).unwrap().flatten_all().unwrap();
-                let dot = (&x * &y).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                let dot = (&x * &y)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 let nx = common::sq_norm(&x).sqrt();
                 let ny = common::sq_norm(&y).sqrt();
                 let cos = dot / (nx * ny);
-                assert!(cos >= 0.99, "{fam} pf={padding_free} {}: cosine {cos}", p.name);
+                assert!(
+                    cos >= 0.99,
+                    "{fam} pf={padding_free} {}: cosine {cos}",
+                    p.name
+                );
             }
         }
     }

@@ -171,7 +171,11 @@ fn compare(c: &BenchCmd) -> Result<()> {
             )
             .args(c.autograd_layers.then_some("--autograd-layers"))
             .args(c.no_overlap.then_some("--no-overlap"))
-            .args(c.lora.iter().flat_map(|r| ["--lora".to_string(), r.to_string()]))
+            .args(
+                c.lora
+                    .iter()
+                    .flat_map(|r| ["--lora".to_string(), r.to_string()]),
+            )
             .stderr(std::process::Stdio::inherit())
             .output()
             .map_err(|e| Error::io(&exe, e))?;

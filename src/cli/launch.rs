@@ -42,7 +42,9 @@ pub(crate) struct LaunchCmd {
 /// A port nothing listens on now (the OS's pick), for a one-node run's rendezvous.
 fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("a free port", e))?;
-    Ok(l.local_addr().map_err(|e| Error::io("a free port", e))?.port())
+    Ok(l.local_addr()
+        .map_err(|e| Error::io("a free port", e))?
+        .port())
 }
 
 /// Sends `sig` to a child (SIGTERM: checkpoint and exit; SIGKILL).
@@ -63,13 +65,18 @@ pub(crate) fn launch(c: LaunchCmd) -> Result<()> {
     let port = match (c.master_port, c.nnodes) {
         (Some(p), _) => p,
         (None, 1) => free_port()?,
-        (None, _) => return Err(Error::Config("--master-port is required with several nodes".into())),
+        (None, _) => {
+            return Err(Error::Config(
+                "--master-port is required with several nodes".into(),
+            ))
+        }
     };
     let world = c.nproc_per_node * c.nnodes;
     let exe = std::env::current_exe().map_err(|e| Error::io("current executable", e))?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone()).map_err(|e| Error::io("signal handler", e))?;
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| Error::io("signal handler", e))?;
     }
     let mut children: Vec<(usize, Child)> = Vec::with_capacity(c.nproc_per_node);
     for local in 0..c.nproc_per_node {
@@ -86,7 +93,12 @@ pub(crate) fn launch(c: LaunchCmd) -> Result<()> {
             .map_err(|e| Error::io(&exe, e))?;
         children.push((rank, child));
     }
-    tracing::info!(world_size = world, port, "launched {} ranks", c.nproc_per_node);
+    tracing::info!(
+        world_size = world,
+        port,
+        "launched {} ranks",
+        c.nproc_per_node
+    );
     let mut failed: Option<(usize, String)> = None;
     let mut forwarded = false;
     let mut deadline: Option<Instant> = None;
@@ -136,9 +148,9 @@ pub(crate) fn launch(c: LaunchCmd) -> Result<()> {
         Some((rank, status)) => Err(Error::Training(format!(
             "rank {rank} failed ({status}); the other ranks were stopped"
         ))),
-        None if stop.load(Ordering::SeqCst) => {
-            Err(Error::Training("interrupted: every rank was asked to checkpoint and stop".into()))
-        }
+        None if stop.load(Ordering::SeqCst) => Err(Error::Training(
+            "interrupted: every rank was asked to checkpoint and stop".into(),
+        )),
         None => {
             let codes: Vec<String> = children
                 .iter_mut()

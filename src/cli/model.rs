@@ -93,7 +93,11 @@ fn arch_lora(c: &ArchCmd) -> Result<Option<crate::model::lora::LoraConfig>> {
             Some("all-linear") => Targets::AllLinear,
             Some(s) => Targets::Names(list(s)),
         },
-        modules_to_save: c.lora_modules_to_save.as_deref().map(list).unwrap_or_default(),
+        modules_to_save: c
+            .lora_modules_to_save
+            .as_deref()
+            .map(list)
+            .unwrap_or_default(),
         ..d
     }))
 }
@@ -145,7 +149,10 @@ pub(crate) fn arch(c: ArchCmd) -> Result<()> {
         if let Some(l) = &lora {
             v["lora"] = serde_json::to_value(l).expect("report serialises");
         }
-        println!("{}", serde_json::to_string_pretty(&v).expect("JSON serialises"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("JSON serialises")
+        );
     } else {
         print!("{report}");
         if let Some(l) = &lora {

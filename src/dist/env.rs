@@ -76,7 +76,9 @@ impl World {
         let master_port = match var("MASTER_PORT") {
             None => 29500,
             Some(p) => p.trim().parse().map_err(|_| {
-                Error::Config(format!("environment variable MASTER_PORT={p:?} is not a port"))
+                Error::Config(format!(
+                    "environment variable MASTER_PORT={p:?} is not a port"
+                ))
             })?,
         };
         Ok(Some(World {
@@ -128,10 +130,17 @@ mod tests {
         .unwrap();
         assert_eq!((w.rank, w.size, w.local_rank), (5, 8, 1));
         // A one-task Slurm job is a plain run.
-        assert_eq!(world(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1")]).unwrap(), None);
-        let e = world(&[("RANK", "4"), ("WORLD_SIZE", "4")]).unwrap_err().to_string();
+        assert_eq!(
+            world(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1")]).unwrap(),
+            None
+        );
+        let e = world(&[("RANK", "4"), ("WORLD_SIZE", "4")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("RANK 4"), "{e}");
-        let e = world(&[("RANK", "x"), ("WORLD_SIZE", "4")]).unwrap_err().to_string();
+        let e = world(&[("RANK", "x"), ("WORLD_SIZE", "4")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("RANK=\"x\""), "{e}");
         let e = world(&[("RANK", "0")]).unwrap_err().to_string();
         assert!(e.contains("WORLD_SIZE"), "{e}");

@@ -93,11 +93,7 @@ pub fn owners(sizes: &[usize], ranks: usize) -> Vec<usize> {
     for &s in sizes {
         // The rank whose slice of the flattened space holds this tensor's middle element.
         let mid = before + s / 2;
-        let r = if total == 0 {
-            0
-        } else {
-            (mid * ranks / total).min(ranks - 1)
-        };
+        let r = (mid * ranks).checked_div(total).unwrap_or(0).min(ranks - 1);
         out.push(r);
         before += s;
     }
@@ -171,7 +167,14 @@ mod tests {
             assert!(o.windows(2).all(|w| w[0] <= w[1]), "{o:?}");
             assert_eq!(*o.first().unwrap(), 0);
             let per: Vec<usize> = (0..n)
-                .map(|r| sizes.iter().zip(&o).filter(|(_, &x)| x == r).map(|(s, _)| s).sum())
+                .map(|r| {
+                    sizes
+                        .iter()
+                        .zip(&o)
+                        .filter(|(_, &x)| x == r)
+                        .map(|(s, _)| s)
+                        .sum()
+                })
                 .collect();
             let total: usize = sizes.iter().sum();
             assert!(per.iter().all(|&p| p <= total / n + 100), "{n}: {per:?}");

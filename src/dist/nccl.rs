@@ -3,9 +3,9 @@
 //! waiting. Host numbers (step sizes, flags) and NCCL's unique id go over the run's TCP
 //! channel ([`TcpComm`]), which also did the rendezvous and its hash check.
 
-use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
-use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 use super::tcp::TcpComm;
@@ -33,7 +33,12 @@ pub fn connect(host: TcpComm, device: &Device) -> Result<NcclComm> {
         return Err(comm_err(host.rank(), "NCCL needs a CUDA device"));
     };
     let id = if host.rank() == 0 {
-        Id::new().map_err(|e| comm_err(0, format!("NCCL unique id: {e:?} (is libnccl.so.2 on LD_LIBRARY_PATH?)")))?
+        Id::new().map_err(|e| {
+            comm_err(
+                0,
+                format!("NCCL unique id: {e:?} (is libnccl.so.2 on LD_LIBRARY_PATH?)"),
+            )
+        })?
     } else {
         Id::uninit([0; 128])
     };
@@ -43,8 +48,13 @@ pub fn connect(host: TcpComm, device: &Device) -> Result<NcclComm> {
     for (d, s) in internal.iter_mut().zip(&raw) {
         *d = *s as std::ffi::c_char;
     }
-    let comm = Comm::from_rank(dev.cuda_stream(), host.rank(), host.world_size(), Id::uninit(internal))
-        .map_err(|e| comm_err(host.rank(), format!("NCCL init: {e:?}")))?;
+    let comm = Comm::from_rank(
+        dev.cuda_stream(),
+        host.rank(),
+        host.world_size(),
+        Id::uninit(internal),
+    )
+    .map_err(|e| comm_err(host.rank(), format!("NCCL init: {e:?}")))?;
     Ok(NcclComm {
         comm: OwnedComm(comm),
         host,
@@ -59,7 +69,12 @@ struct Op<'a> {
 }
 
 impl Op<'_> {
-    fn run<T>(&self, src: &CudaSlice<T>, s: &CudaStorage, n: usize) -> candle_core::Result<CudaStorage>
+    fn run<T>(
+        &self,
+        src: &CudaSlice<T>,
+        s: &CudaStorage,
+        n: usize,
+    ) -> candle_core::Result<CudaStorage>
     where
         T: candle_core::cuda_backend::CudaDType
             + candle_core::cuda_backend::cudarc::nccl::NcclType

@@ -34,7 +34,9 @@ pub fn connect(world: &World, run_hash: u64, timeout: Duration) -> Result<TcpCom
     if rank == 0 {
         let listener = TcpListener::bind(("0.0.0.0", world.master_port))
             .map_err(|e| err(format!("cannot listen on port {}: {e}", world.master_port)))?;
-        listener.set_nonblocking(true).map_err(|e| err(e.to_string()))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| err(e.to_string()))?;
         let mut peers: Vec<Option<Mutex<TcpStream>>> = (0..world.size).map(|_| None).collect();
         let mut refused = Vec::new();
         let mut joined = 1;
@@ -44,13 +46,20 @@ pub fn connect(world: &World, run_hash: u64, timeout: Duration) -> Result<TcpCom
                     s.set_nonblocking(false).map_err(|e| err(e.to_string()))?;
                     set_timeouts(&s, timeout).map_err(|e| err(e.to_string()))?;
                     let hello = read_u64s(&mut s, 4).map_err(|e| err(format!("handshake: {e}")))?;
-                    let (magic, r, size, hash) = (hello[0] as u32, hello[1] as usize, hello[2] as usize, hello[3]);
+                    let (magic, r, size, hash) = (
+                        hello[0] as u32,
+                        hello[1] as usize,
+                        hello[2] as usize,
+                        hello[3],
+                    );
                     let problem = if magic != MAGIC {
                         Some("is not a packsft rank".to_string())
                     } else if size != world.size {
                         Some(format!("has WORLD_SIZE {size}, rank 0 has {}", world.size))
                     } else if r == 0 || r >= world.size || peers[r].is_some() {
-                        Some(format!("announced rank {r}, which is taken or out of range"))
+                        Some(format!(
+                            "announced rank {r}, which is taken or out of range"
+                        ))
                     } else if hash != run_hash {
                         Some(format!(
                             "runs another recipe, data or binary (hash {hash:016x}, rank 0 has {run_hash:016x})"
@@ -95,7 +104,11 @@ pub fn connect(world: &World, run_hash: u64, timeout: Duration) -> Result<TcpCom
                 let _ = e;
                 std::thread::sleep(Duration::from_millis(50));
             }
-            Err(e) => return Err(err(format!("cannot reach rank 0 at {addr} within {timeout:?}: {e}"))),
+            Err(e) => {
+                return Err(err(format!(
+                    "cannot reach rank 0 at {addr} within {timeout:?}: {e}"
+                )))
+            }
         }
     };
     set_timeouts(&s, timeout).map_err(|e| err(e.to_string()))?;
@@ -151,7 +164,11 @@ fn read_frame(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 fn encode(t: &Tensor) -> Result<Vec<u8>> {
     let t = t.to_device(&Device::Cpu)?.flatten_all()?;
     Ok(match t.dtype() {
-        DType::F64 => t.to_vec1::<f64>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::F64 => t
+            .to_vec1::<f64>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
         _ => t
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?
@@ -165,11 +182,17 @@ fn encode(t: &Tensor) -> Result<Vec<u8>> {
 fn decode(b: &[u8], like: &Tensor) -> Result<Tensor> {
     let t = match like.dtype() {
         DType::F64 => {
-            let v: Vec<f64> = b.chunks(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect();
+            let v: Vec<f64> = b
+                .chunks(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect();
             Tensor::from_vec(v, like.shape(), &Device::Cpu)?
         }
         dt => {
-            let v: Vec<f32> = b.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            let v: Vec<f32> = b
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
             Tensor::from_vec(v, like.shape(), &Device::Cpu)?.to_dtype(dt)?
         }
     };
@@ -179,15 +202,27 @@ fn decode(b: &[u8], like: &Tensor) -> Result<Tensor> {
 impl TcpComm {
     fn send(&self, to: usize, b: &[u8]) -> Result<()> {
         let slot = if self.rank == 0 { to } else { 0 };
-        let mut s = self.peers[slot].as_ref().expect("a connection").lock().unwrap();
-        write_frame(&mut s, b).map_err(|e| comm_err(self.rank, format!("sending to rank {to}: {e}")))
+        let mut s = self.peers[slot]
+            .as_ref()
+            .expect("a connection")
+            .lock()
+            .unwrap();
+        write_frame(&mut s, b)
+            .map_err(|e| comm_err(self.rank, format!("sending to rank {to}: {e}")))
     }
 
     fn recv(&self, from: usize) -> Result<Vec<u8>> {
         let slot = if self.rank == 0 { from } else { 0 };
-        let mut s = self.peers[slot].as_ref().expect("a connection").lock().unwrap();
+        let mut s = self.peers[slot]
+            .as_ref()
+            .expect("a connection")
+            .lock()
+            .unwrap();
         read_frame(&mut s).map_err(|e| {
-            comm_err(self.rank, format!("lost rank {from} (it died, stalled or timed out): {e}"))
+            comm_err(
+                self.rank,
+                format!("lost rank {from} (it died, stalled or timed out): {e}"),
+            )
         })
     }
 
@@ -197,7 +232,11 @@ impl TcpComm {
             return Ok(b.to_vec());
         }
         if self.rank == 0 {
-            let v = if root == 0 { b.to_vec() } else { self.recv(root)? };
+            let v = if root == 0 {
+                b.to_vec()
+            } else {
+                self.recv(root)?
+            };
             for r in 1..self.size {
                 if r != root {
                     self.send(r, &v)?;

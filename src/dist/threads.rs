@@ -34,10 +34,7 @@ pub fn group(n: usize, timeout: Duration) -> Vec<ThreadComm> {
         timeout,
     });
     (0..n)
-        .map(|rank| ThreadComm {
-            rank,
-            s: s.clone(),
-        })
+        .map(|rank| ThreadComm { rank, s: s.clone() })
         .collect()
 }
 
@@ -83,7 +80,9 @@ impl Collective for ThreadComm {
         self.wait()?;
         let sum = {
             let slots = self.s.slots.lock().unwrap();
-            let mut it = slots.iter().map(|s| s.as_ref().expect("every rank deposited"));
+            let mut it = slots
+                .iter()
+                .map(|s| s.as_ref().expect("every rank deposited"));
             let mut acc = it.next().expect("one rank").clone();
             for x in it {
                 acc = (acc + x)?;

@@ -229,7 +229,11 @@ pub fn describe_lora(dir: &Path, cfg: &super::lora::LoraConfig) -> Result<LoraRe
     let (spec, names) = families::from_config(&v).map_err(|e| Error::model(&p, e.to_string()))?;
     cfg.validate()?;
     let model_type = v["model_type"].as_str().unwrap_or_default();
-    let lm_head = names.lm_head.weight.strip_suffix(".weight").unwrap_or_default();
+    let lm_head = names
+        .lm_head
+        .weight
+        .strip_suffix(".weight")
+        .unwrap_or_default();
     let targets = lora::resolve_targets(
         cfg,
         model_type,

@@ -129,9 +129,8 @@ impl LoraConfig {
             ));
         }
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| {
-            Error::model(&path, format!("invalid JSON at line {}: {e}", e.line()))
-        })?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::model(&path, format!("invalid JSON at line {}: {e}", e.line())))?;
         let err = |msg: String| Error::model(&path, msg);
         let peft_type = v.get("peft_type").and_then(Value::as_str).unwrap_or("");
         if peft_type != "LORA" {
@@ -307,15 +306,18 @@ pub fn resolve_targets(
             Some(d) => d.iter().map(|s| s.to_string()).collect(),
             None => {
                 return Err(Error::Config(format!(
-                    "lora.target_modules: PEFT has no default list for {model_type}; name the modules \
+                "lora.target_modules: PEFT has no default list for {model_type}; name the modules \
                      to adapt (its linear modules: {leaves}, and lm_head) or give all-linear"
-                )))
+            )))
             }
         },
     };
     let candidates: Vec<&str> = linear.iter().map(String::as_str).chain(lm_head).collect();
     for n in &names {
-        if !candidates.iter().any(|m| module_matches(m, std::slice::from_ref(n))) {
+        if !candidates
+            .iter()
+            .any(|m| module_matches(m, std::slice::from_ref(n)))
+        {
             let experts = if model_type == "dbrx" && matches!(n.as_str(), "w1" | "v1" | "w2") {
                 " (DBRX's experts are parameters, not linear layers: PEFT does not adapt them either)"
             } else {
@@ -384,7 +386,12 @@ const SIDE_FILES: &[&str] = &[
 /// every adapted matrix, computed in float32; `modules_to_save` tensors replaced) into
 /// `out_dir` as a complete Hugging Face checkpoint in `dtype`: PEFT's `merge_and_unload()`
 /// followed by `save_pretrained`. Every tensor of the adapter must be used.
-pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: DType) -> Result<MergeReport> {
+pub fn merge(
+    base_dir: &Path,
+    adapter_dir: &Path,
+    out_dir: &Path,
+    dtype: DType,
+) -> Result<MergeReport> {
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
         return Err(Error::Config(format!(
             "merge writes float32, bfloat16 or float16, not {dtype:?}"
@@ -426,7 +433,10 @@ pub fn merge(base_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: DType) 
     if let Some(extra) = adapter.unused().first() {
         return Err(Error::model(
             adapter_dir.join(ADAPTER_WEIGHTS_FILE),
-            format!("tensor `{extra}` matches no weight of the base model {}", base_dir.display()),
+            format!(
+                "tensor `{extra}` matches no weight of the base model {}",
+                base_dir.display()
+            ),
         ));
     }
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
@@ -500,9 +510,21 @@ mod tests {
     #[test]
     fn ranges_are_checked_naming_the_field() {
         let bad = |c: LoraConfig| c.validate().unwrap_err().to_string();
-        assert!(bad(LoraConfig { r: 0, ..Default::default() }).contains("lora.r"));
-        assert!(bad(LoraConfig { dropout: 1.0, ..Default::default() }).contains("lora.dropout"));
-        assert!(bad(LoraConfig { alpha: -1.0, ..Default::default() }).contains("lora.alpha"));
+        assert!(bad(LoraConfig {
+            r: 0,
+            ..Default::default()
+        })
+        .contains("lora.r"));
+        assert!(bad(LoraConfig {
+            dropout: 1.0,
+            ..Default::default()
+        })
+        .contains("lora.dropout"));
+        assert!(bad(LoraConfig {
+            alpha: -1.0,
+            ..Default::default()
+        })
+        .contains("lora.alpha"));
         assert!(bad(LoraConfig {
             targets: Targets::Names(vec![]),
             ..Default::default()
@@ -547,7 +569,12 @@ mod tests {
         let mut v2 = v.clone();
         v2["use_dora"] = json!(true);
         std::fs::write(dir.path().join(ADAPTER_CONFIG_FILE), v2.to_string()).unwrap();
-        let e = LoraConfig::from_peft_dir(dir.path()).unwrap_err().to_string();
-        assert!(e.contains("use_dora") && e.contains(ADAPTER_CONFIG_FILE), "{e}");
+        let e = LoraConfig::from_peft_dir(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("use_dora") && e.contains(ADAPTER_CONFIG_FILE),
+            "{e}"
+        );
     }
 }

@@ -269,7 +269,10 @@ impl ModelNames {
     /// (`model.layers.0.self_attn.q_proj`, ...): what LoRA's `all-linear` targets.
     pub fn linear_modules(&self) -> Vec<String> {
         fn module(n: &LinearNames) -> String {
-            n.weight.strip_suffix(".weight").unwrap_or(&n.weight).to_string()
+            n.weight
+                .strip_suffix(".weight")
+                .unwrap_or(&n.weight)
+                .to_string()
         }
         fn mlp(m: &MlpNames, out: &mut Vec<String>) {
             match m {
@@ -310,4 +313,3 @@ impl ModelNames {
         out
     }
 }
-

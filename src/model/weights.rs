@@ -125,7 +125,10 @@ impl CheckpointWeights {
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.shape().to_vec())
             .ok_or_else(|| {
-                Error::model(&self.dir, format!("weight `{name}` is missing from the checkpoint"))
+                Error::model(
+                    &self.dir,
+                    format!("weight `{name}` is missing from the checkpoint"),
+                )
             })
     }
 

@@ -102,12 +102,14 @@ pub fn prepare(
     let tokenizer = recipe_tokenizer(recipe)?;
     let lora = match &recipe.lora {
         Some(l) => Some(LoraSetup {
-            config: l.to_config(recipe.train.seed).map_err(|msg| Error::Recipe {
-                path: recipe_path.to_path_buf(),
-                line: None,
-                column: None,
-                msg,
-            })?,
+            config: l
+                .to_config(recipe.train.seed)
+                .map_err(|msg| Error::Recipe {
+                    path: recipe_path.to_path_buf(),
+                    line: None,
+                    column: None,
+                    msg,
+                })?,
             // The frozen base in the compute dtype: bf16 compute keeps no float32 copy of it.
             frozen_dtype: recipe.train.dtype.dtype(),
         }),
@@ -115,9 +117,7 @@ pub fn prepare(
     };
     let model = match (&recipe.model.path, &recipe.model.config, &lora) {
         (Some(dir), _, None) => DecoderModel::from_pretrained(dir, device)?,
-        (Some(dir), _, Some(setup)) => {
-            DecoderModel::from_pretrained_with_lora(dir, device, setup)?
-        }
+        (Some(dir), _, Some(setup)) => DecoderModel::from_pretrained_with_lora(dir, device, setup)?,
         (None, Some(cfg), _) => {
             let cfg = inline_config(
                 cfg,
@@ -585,26 +585,6 @@ pub fn recipe_collator(recipe: &Recipe, tok: Option<&TextTokenizer>) -> Completi
     c
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// One source of training defaults: a recipe that sets no `train:` key trains with the
-    /// library's `TrainerConfig::default()` (TRL's learning rate 2e-5 included).
-    #[test]
-    fn a_recipe_without_train_keys_trains_with_the_library_defaults() {
-        let text = "model: {path: m}\ndata: {train: t.jsonl}\noutput_dir: out\n";
-        let r = Recipe::parse(text, Path::new("r.yaml"), &[]).unwrap();
-        let got = trainer_config(&r);
-        let want = TrainerConfig {
-            output_dir: Some("out".into()),
-            ..TrainerConfig::default()
-        };
-        assert_eq!(format!("{got:?}"), format!("{want:?}"));
-        assert_eq!(got.adamw.lr, 2e-5);
-    }
-}
-
 /// What every rank of a run must agree on before training together: the resolved recipe, the
 /// training data and the binary (SHA-256). A rank of another recipe or build is refused at the
 /// rendezvous instead of hanging in a collective of another shape.
@@ -634,4 +614,24 @@ fn connect_devices(
         tracing::warn!("this build has no NCCL (feature `nccl`): GPU ranks exchange through host copies over TCP");
     }
     Ok(Box::new(host))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One source of training defaults: a recipe that sets no `train:` key trains with the
+    /// library's `TrainerConfig::default()` (TRL's learning rate 2e-5 included).
+    #[test]
+    fn a_recipe_without_train_keys_trains_with_the_library_defaults() {
+        let text = "model: {path: m}\ndata: {train: t.jsonl}\noutput_dir: out\n";
+        let r = Recipe::parse(text, Path::new("r.yaml"), &[]).unwrap();
+        let got = trainer_config(&r);
+        let want = TrainerConfig {
+            output_dir: Some("out".into()),
+            ..TrainerConfig::default()
+        };
+        assert_eq!(format!("{got:?}"), format!("{want:?}"));
+        assert_eq!(got.adamw.lr, 2e-5);
+    }
 }

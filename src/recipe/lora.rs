@@ -132,9 +132,16 @@ impl LoraSection {
                 if let Some(u) = self.use_rslora.filter(|u| *u != c.use_rslora) {
                     return differs("use_rslora", u.to_string(), c.use_rslora.to_string());
                 }
-                if let Some(m) = self.modules_to_save.as_ref().filter(|m| **m != c.modules_to_save)
+                if let Some(m) = self
+                    .modules_to_save
+                    .as_ref()
+                    .filter(|m| **m != c.modules_to_save)
                 {
-                    return differs("modules_to_save", format!("{m:?}"), format!("{:?}", c.modules_to_save));
+                    return differs(
+                        "modules_to_save",
+                        format!("{m:?}"),
+                        format!("{:?}", c.modules_to_save),
+                    );
                 }
                 if let Some(d) = self.dropout {
                     c.dropout = d;
@@ -185,14 +192,22 @@ mod tests {
         let c = section("{target_modules: [q_proj, v_proj], init: gaussian}")
             .to_config(0)
             .unwrap();
-        assert_eq!(c.targets, Targets::Names(vec!["q_proj".into(), "v_proj".into()]));
+        assert_eq!(
+            c.targets,
+            Targets::Names(vec!["q_proj".into(), "v_proj".into()])
+        );
         assert_eq!(c.init, LoraInit::Gaussian);
     }
 
     #[test]
     fn bad_values_name_the_key() {
-        let e = section("{target_modules: q_proj}").to_config(0).unwrap_err();
-        assert!(e.contains("lora.target_modules") && e.contains("[q_proj]"), "{e}");
+        let e = section("{target_modules: q_proj}")
+            .to_config(0)
+            .unwrap_err();
+        assert!(
+            e.contains("lora.target_modules") && e.contains("[q_proj]"),
+            "{e}"
+        );
         let e = section("{r: 0}").to_config(0).unwrap_err();
         assert!(e.contains("lora.r"), "{e}");
         let e = section("{dropout: 1.5}").to_config(0).unwrap_err();

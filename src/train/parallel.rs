@@ -148,13 +148,23 @@ impl DataParallel {
         params: &[Param],
     ) -> Result<BTreeMap<String, Tensor>> {
         if self.zero == ZeroStage::Zero0 {
-            return Ok(if self.rank() == 0 { mine } else { BTreeMap::new() });
+            return Ok(if self.rank() == 0 {
+                mine
+            } else {
+                BTreeMap::new()
+            });
         }
         let mut all = BTreeMap::new();
         for (p, &o) in params.iter().zip(&self.owners) {
             for (key, like) in [
-                (format!("exp_avg.{}", p.name), p.var.as_tensor().zeros_like()?),
-                (format!("exp_avg_sq.{}", p.name), p.var.as_tensor().zeros_like()?),
+                (
+                    format!("exp_avg.{}", p.name),
+                    p.var.as_tensor().zeros_like()?,
+                ),
+                (
+                    format!("exp_avg_sq.{}", p.name),
+                    p.var.as_tensor().zeros_like()?,
+                ),
                 (
                     format!("step.{}", p.name),
                     Tensor::zeros(1, DType::F64, &candle_core::Device::Cpu)?,

@@ -57,7 +57,11 @@ where
 {
     let shares = dp.map(|d| d.share(micro_batches));
     let mine: Vec<&[Example]> = match &shares {
-        Some(s) => s.iter().map(Vec::as_slice).filter(|s| !s.is_empty()).collect(),
+        Some(s) => s
+            .iter()
+            .map(Vec::as_slice)
+            .filter(|s| !s.is_empty())
+            .collect(),
         None => micro_batches.to_vec(),
     };
     let batches = mine

@@ -105,7 +105,10 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
     /// every rank, each rank its share of every micro-batch. Under ZeRO 1 the optimizer keeps
     /// state only for the parameters this rank owns. Call before `resume_from`.
     pub fn set_data_parallel(&mut self, dp: DataParallel) -> Result<()> {
-        self.stepper = Stepper::new(AdamW::new(&dp.owned(self.model.params()), self.config.adamw)?);
+        self.stepper = Stepper::new(AdamW::new(
+            &dp.owned(self.model.params()),
+            self.config.adamw,
+        )?);
         self.dp = Some(dp);
         Ok(())
     }
@@ -329,7 +332,9 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
     fn save_checkpoint(&mut self, state: &TrainerState) -> Result<Option<PathBuf>> {
         // Every rank joins the gathering of the sharded optimizer state; rank 0 writes.
         let opt_state = match &self.dp {
-            Some(dp) => dp.gather_state(self.stepper.optimizer.state_tensors()?, self.model.params())?,
+            Some(dp) => {
+                dp.gather_state(self.stepper.optimizer.state_tensors()?, self.model.params())?
+            }
             None => self.stepper.optimizer.state_tensors()?,
         };
         let Some(out) = self.config.output_dir.clone() else {

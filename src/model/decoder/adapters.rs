@@ -12,10 +12,10 @@ use serde_json::Value;
 
 use super::super::lora::{self, LoraConfig, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
 use super::super::spec::{ArchSpec, ModelNames};
-use super::parts::{Layer, Qkv};
 use super::super::weights::{save_safetensors, CheckpointWeights};
 use super::super::{Model, Param};
 use super::init::LoraBuild;
+use super::parts::{Layer, Qkv};
 use super::{parts, DecoderModel};
 use crate::error::{Error, Result};
 
@@ -57,7 +57,11 @@ pub(super) fn lora_build(
     use rand::SeedableRng;
     let cfg = &setup.config;
     cfg.validate()?;
-    let lm_head = names.lm_head.weight.strip_suffix(".weight").unwrap_or_default();
+    let lm_head = names
+        .lm_head
+        .weight
+        .strip_suffix(".weight")
+        .unwrap_or_default();
     let selected = lora::resolve_targets(
         cfg,
         model_type,
@@ -67,13 +71,16 @@ pub(super) fn lora_build(
     if spec.tie_embeddings {
         let tied: Vec<String> = [&names.embed, &names.lm_head.weight]
             .iter()
-            .map(|n| n.rsplit_once('.').map(|(m, _)| m.to_string()).unwrap_or_default())
+            .map(|n| {
+                n.rsplit_once('.')
+                    .map(|(m, _)| m.to_string())
+                    .unwrap_or_default()
+            })
             .collect();
-        if let Some(m) = cfg
-            .modules_to_save
-            .iter()
-            .find(|m| tied.iter().any(|t| lora::module_matches(t, &[m.to_string()])))
-        {
+        if let Some(m) = cfg.modules_to_save.iter().find(|m| {
+            tied.iter()
+                .any(|t| lora::module_matches(t, &[m.to_string()]))
+        }) {
             return Err(Error::Config(format!(
                 "lora.modules_to_save: `{m}` is tied to the other of embed_tokens / lm_head in this \
                  model (tie_word_embeddings); training one copy would untie them"
@@ -81,7 +88,9 @@ pub(super) fn lora_build(
         }
     }
     let adapter = match &cfg.adapter {
-        Some(dir) => Some(CheckpointWeights::open_file(&dir.join(ADAPTER_WEIGHTS_FILE))?),
+        Some(dir) => Some(CheckpointWeights::open_file(
+            &dir.join(ADAPTER_WEIGHTS_FILE),
+        )?),
         None => None,
     };
     Ok(LoraBuild {
@@ -96,7 +105,11 @@ pub(super) fn lora_build(
 
 /// The LoRA state of a built model; every tensor of a continued adapter must have been used
 /// and every `modules_to_save` entry must name a module.
-pub(super) fn lora_finish(l: LoraBuild, frozen: Vec<(String, Tensor)>, params: &[Param]) -> Result<LoraState> {
+pub(super) fn lora_finish(
+    l: LoraBuild,
+    frozen: Vec<(String, Tensor)>,
+    params: &[Param],
+) -> Result<LoraState> {
     if let Some(w) = &l.adapter {
         if let Some(extra) = w.unused().first() {
             return Err(Error::Config(format!(
@@ -108,7 +121,7 @@ pub(super) fn lora_finish(l: LoraBuild, frozen: Vec<(String, Tensor)>, params: &
         let hit = params.iter().any(|p| {
             let n = p.name.strip_prefix(lora::PEFT_PREFIX).unwrap_or(&p.name);
             let module = n.rsplit_once('.').map(|(m, _)| m).unwrap_or(n);
-            lora::module_matches(module, &[m.clone()])
+            lora::module_matches(module, std::slice::from_ref(m))
         });
         if !hit {
             return Err(Error::Config(format!(
@@ -133,12 +146,18 @@ impl DecoderModel {
 
     /// Module paths with a LoRA adapter (empty for full fine-tuning).
     pub fn lora_targets(&self) -> &[String] {
-        self.lora.as_ref().map(|l| l.targeted.as_slice()).unwrap_or(&[])
+        self.lora
+            .as_ref()
+            .map(|l| l.targeted.as_slice())
+            .unwrap_or(&[])
     }
 
     /// The frozen base tensors by Hugging Face name (empty for full fine-tuning).
     pub fn frozen_tensors(&self) -> Vec<(String, Tensor)> {
-        self.lora.as_ref().map(|l| l.frozen.clone()).unwrap_or_default()
+        self.lora
+            .as_ref()
+            .map(|l| l.frozen.clone())
+            .unwrap_or_default()
     }
 
     /// Sets `base_model_name_or_path` of the adapter files `save` writes (a Hub id, say).
@@ -269,7 +288,9 @@ pub(super) fn stack_frozen_qkv(
         let n_adapters = lins.iter().filter(|l| l.lora.is_some()).count();
         let stackable = plain_rope
             && layer.q_norm.is_empty()
-            && lins.iter().all(|l| !l.w.is_variable() && l.w.dtype() == q.w.dtype())
+            && lins
+                .iter()
+                .all(|l| !l.w.is_variable() && l.w.dtype() == q.w.dtype())
             && lins.iter().all(|l| l.w.dim(1).ok() == q.w.dim(1).ok())
             && (n_adapters == 0 || n_adapters == 3)
             && lins

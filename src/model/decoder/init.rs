@@ -84,7 +84,11 @@ impl Builder<'_> {
                 let t = self.read(name, shape, init, DType::F32)?;
                 return self.param(key, t);
             }
-            let dtype = if shape.len() >= 2 { l.frozen_dtype } else { DType::F32 };
+            let dtype = if shape.len() >= 2 {
+                l.frozen_dtype
+            } else {
+                DType::F32
+            };
             let t = self.read(name, shape, init, dtype)?;
             self.frozen.push((name.to_string(), t.clone()));
             return Ok(t);
@@ -119,7 +123,11 @@ impl Builder<'_> {
                 // A broadcast scalar: the shape without the memory (no variable is made).
                 return Ok(Tensor::zeros(1, DType::F32, self.device)?.broadcast_as(shape)?);
             }
-            Source::Random { rng, std, on_device } => {
+            Source::Random {
+                rng,
+                std,
+                on_device,
+            } => {
                 let n: usize = shape.iter().product();
                 match init {
                     Init::Normal if *on_device && !self.device.is_cpu() => {

@@ -91,7 +91,6 @@ pub struct DecoderModel {
     lora: Option<LoraState>,
 }
 
-
 /// A checkpoint tensor no part of the model read is an error (a config that does not describe
 /// the weights), but for buffers transformers also ignores and a tied LM head's copy.
 fn check_all_read(src: &Source, spec: &ArchSpec, names: &ModelNames) -> Result<()> {
@@ -296,7 +295,11 @@ impl DecoderModel {
     /// [`Self::from_pretrained`] with LoRA adapters on the frozen checkpoint: new ones, or the
     /// PEFT adapter `lora.config.adapter` names. `base_model_name_or_path` of the adapter files
     /// written is `dir` until [`Self::set_base_model_name`].
-    pub fn from_pretrained_with_lora(dir: &Path, device: &Device, lora: &LoraSetup) -> Result<Self> {
+    pub fn from_pretrained_with_lora(
+        dir: &Path,
+        device: &Device,
+        lora: &LoraSetup,
+    ) -> Result<Self> {
         Self::from_pretrained_inner(dir, device, Some(lora))
     }
 
@@ -326,13 +329,18 @@ impl DecoderModel {
         // Validate the config before touching the weights, so its errors come first.
         families::from_config(&raw).map_err(|e| Error::model(&cfg_path, e.to_string()))?;
         let w = CheckpointWeights::open(dir)?;
-        let mut model = Self::build(raw, Source::Checkpoint(w), device, lora).map_err(|e| match e {
-            Error::Config(m) => Error::model(dir, m),
-            e => e,
-        })?;
+        let mut model =
+            Self::build(raw, Source::Checkpoint(w), device, lora).map_err(|e| match e {
+                Error::Config(m) => Error::model(dir, m),
+                e => e,
+            })?;
         // Non-finite weights would give a NaN loss (`eval`) or nothing (`generate`) later, far
         // from their cause: name the tensor now (one reduction per tensor).
-        let frozen = model.lora.as_ref().map(|l| l.frozen.as_slice()).unwrap_or(&[]);
+        let frozen = model
+            .lora
+            .as_ref()
+            .map(|l| l.frozen.as_slice())
+            .unwrap_or(&[]);
         if let Some(name) = crate::nn::param::first_non_finite(&model.params)?.or(frozen
             .iter()
             .find(|(_, t)| !super::all_finite(t).unwrap_or(false))

@@ -31,7 +31,9 @@ impl StackedAdapters {
             return Ok(None);
         }
         if ads.len() != lins.len()
-            || ads.iter().any(|a| a.dropout != 0.0 || a.scale != ads[0].scale)
+            || ads
+                .iter()
+                .any(|a| a.dropout != 0.0 || a.scale != ads[0].scale)
         {
             return Err(Error::Config(
                 "internal: stacked projections with adapters of different kinds".into(),
@@ -54,7 +56,11 @@ impl StackedAdapters {
             }
             cols.push(b.detach());
             if i + 1 < n {
-                cols.push(Tensor::zeros((out, r * (n - 1 - i)), x.dtype(), x.device())?);
+                cols.push(Tensor::zeros(
+                    (out, r * (n - 1 - i)),
+                    x.dtype(),
+                    x.device(),
+                )?);
             }
             b_rows.push(Tensor::cat(&cols, 1)?);
             rows.push((out, row));
@@ -98,4 +104,3 @@ impl StackedAdapters {
         Ok(du.matmul(&self.a)?)
     }
 }
-
