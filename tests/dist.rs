@@ -167,7 +167,7 @@ fn a_sharded_checkpoint_resumes_on_another_number_of_ranks() {
                 config.max_steps = 4;
                 let mut t = Trainer::new(model, collator(true), config, Device::Cpu).unwrap();
                 t.set_data_parallel(dp).unwrap();
-                t.add_callback(Box::new(StopAt(2)));
+                t.add_callback(Box::new(common::StopAt(2)));
                 t.train(&data(), None).unwrap()
             })
         })
@@ -205,17 +205,6 @@ fn a_sharded_checkpoint_resumes_on_another_number_of_ranks() {
         &(losses, params),
         &(one_losses, one_params),
     );
-}
-
-struct StopAt(usize);
-impl packsft::Callback for StopAt {
-    fn on_step_end(&mut self, m: &packsft::StepMetrics) -> packsft::Result<packsft::Control> {
-        Ok(if m.step == self.0 {
-            packsft::Control::Stop
-        } else {
-            packsft::Control::Continue
-        })
-    }
 }
 
 fn final_loss(stdout: &str) -> f64 {

@@ -546,17 +546,6 @@ fn configurations_peft_refuses_are_errors_naming_the_value() {
     );
 }
 
-struct StopAt(usize);
-impl packsft::Callback for StopAt {
-    fn on_step_end(&mut self, m: &packsft::StepMetrics) -> packsft::Result<packsft::Control> {
-        Ok(if m.step == self.0 {
-            packsft::Control::Stop
-        } else {
-            packsft::Control::Continue
-        })
-    }
-}
-
 /// A LoRA run (adapters with dropout, padding-free, accumulation) stopped at a checkpoint and
 /// resumed ends with the uninterrupted run's losses and adapter, bit for bit; checkpoints hold
 /// PEFT's files and the adapters' optimizer state.
@@ -610,7 +599,7 @@ fn resumed_lora_runs_match_an_uninterrupted_run_bit_for_bit() {
     let full = full_t.train(&exs, None).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut first = trainer(dir.path());
-    first.add_callback(Box::new(StopAt(5)));
+    first.add_callback(Box::new(common::StopAt(5)));
     let part = first.train(&exs, None).unwrap();
     assert!(part.stopped && part.steps.len() == 5);
     let ckpt = dir.path().join("checkpoint-5");

@@ -11,7 +11,7 @@ use common::{examples, rel_diff, tiny_model};
 use packsft::{AdamWConfig, Schedule};
 use packsft::{Callback, Control, EarlyStopping};
 use packsft::{CompletionOnlyCollator, DecoderModel, Example, LossNormalization, Model};
-use packsft::{EvalMetrics, StepMetrics, Trainer, TrainerConfig};
+use packsft::{EvalMetrics, Trainer, TrainerConfig};
 
 fn cfg(out: Option<&Path>) -> TrainerConfig {
     TrainerConfig {
@@ -176,21 +176,6 @@ fn five_adamw_steps_track_pytorch() {
 }
 
 /// Stops the run after `at` steps, as a signal handler would.
-struct StopAt(usize);
-impl Callback for StopAt {
-    fn on_step_end(&mut self, m: &StepMetrics) -> packsft::Result<Control> {
-        Ok(if m.step == self.at() {
-            Control::Stop
-        } else {
-            Control::Continue
-        })
-    }
-}
-impl StopAt {
-    fn at(&self) -> usize {
-        self.0
-    }
-}
 
 fn trainer(
     out: Option<&Path>,
@@ -221,7 +206,7 @@ fn resumed_runs_match_an_uninterrupted_run_bit_for_bit() {
 
         let dir = tempfile::tempdir().unwrap();
         let mut first = trainer(Some(dir.path()), padding_free);
-        first.add_callback(Box::new(StopAt(5)));
+        first.add_callback(Box::new(common::StopAt(5)));
         let part = first.train(&exs, Some(&eval)).unwrap();
         assert!(part.stopped && part.steps.len() == 5);
         assert_eq!(
@@ -747,7 +732,7 @@ fn overlapped_steps_match_sequential_steps() {
         )
         .unwrap();
         if let Some(s) = stop_at {
-            t.add_callback(Box::new(StopAt(s)));
+            t.add_callback(Box::new(common::StopAt(s)));
         }
         let summary = t.train(&exs, Some(&eval)).unwrap();
         (dir, t, summary)

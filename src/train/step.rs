@@ -220,51 +220,50 @@ impl Stepper {
             });
         };
         let t_grads = t0.elapsed();
-        if let Some(d) = dp.filter(|d| d.zero() == ZeroStage::Zero1) {
+        let update = match dp.filter(|d| d.zero() == ZeroStage::Zero1) {
             // Every rank holds the summed gradients: the norm is the global one everywhere;
             // each rank updates what it owns, then takes every parameter from its owner.
-            let params = model.params();
-            let norm = clip_grad_norm(&mut g.grads, params, max_grad_norm)?;
-            let guard = if norm.is_finite() {
-                g.loss_sum.clone()
-            } else {
-                Tensor::new(f64::NAN, device)?
-            };
-            let update = self
-                .optimizer
-                .enqueue_clip_and_step(&mut g.grads, &d.owned(params), 0.0, lr, Some(&guard), &[])?
-                .with_norm(norm);
-            d.sync_params(params)?;
-            model.set_compute_copies_fresh(false);
-            let has_aux = g.aux_loss.is_some();
-            let losses =
-                Readback::enqueue(std::iter::once(g.loss_sum).chain(g.aux_loss).collect())?;
-            return Ok(PendingStep {
-                step,
-                update: Some(EnqueuedUpdate {
-                    losses,
-                    has_aux,
-                    update,
-                }),
-                lr,
-                sizes,
-                t0,
-            });
-        }
-        let copies = if keep_copies {
-            model.compute_copies()?
-        } else {
-            Vec::new()
+            Some(d) => {
+                let params = model.params();
+                let norm = clip_grad_norm(&mut g.grads, params, max_grad_norm)?;
+                let guard = if norm.is_finite() {
+                    g.loss_sum.clone()
+                } else {
+                    Tensor::new(f64::NAN, device)?
+                };
+                let update = self
+                    .optimizer
+                    .enqueue_clip_and_step(
+                        &mut g.grads,
+                        &d.owned(params),
+                        0.0,
+                        lr,
+                        Some(&guard),
+                        &[],
+                    )?
+                    .with_norm(norm);
+                d.sync_params(params)?;
+                model.set_compute_copies_fresh(false);
+                update
+            }
+            None => {
+                let copies = if keep_copies {
+                    model.compute_copies()?
+                } else {
+                    Vec::new()
+                };
+                let update = self.optimizer.enqueue_clip_and_step(
+                    &mut g.grads,
+                    model.params(),
+                    max_grad_norm,
+                    lr,
+                    Some(&g.loss_sum),
+                    &copies,
+                )?;
+                model.set_compute_copies_fresh(keep_copies && update.wrote_copies());
+                update
+            }
         };
-        let update = self.optimizer.enqueue_clip_and_step(
-            &mut g.grads,
-            model.params(),
-            max_grad_norm,
-            lr,
-            Some(&g.loss_sum),
-            &copies,
-        )?;
-        model.set_compute_copies_fresh(keep_copies && update.wrote_copies());
         let has_aux = g.aux_loss.is_some();
         let losses = Readback::enqueue(std::iter::once(g.loss_sum).chain(g.aux_loss).collect())?;
         if crate::device::profiling() {

@@ -193,3 +193,16 @@ pub fn train_quickstart(out: &std::path::Path, steps: usize, extra: &[&str]) -> 
     let (ok, _, stderr) = packsft(&args);
     (ok, stderr)
 }
+
+/// A callback that stops training after step `.0` (a run interrupted there, to resume).
+pub struct StopAt(pub usize);
+
+impl packsft::Callback for StopAt {
+    fn on_step_end(&mut self, m: &packsft::StepMetrics) -> packsft::Result<packsft::Control> {
+        Ok(if m.step == self.0 {
+            packsft::Control::Stop
+        } else {
+            packsft::Control::Continue
+        })
+    }
+}
