@@ -175,8 +175,6 @@ fn five_adamw_steps_track_pytorch() {
     }
 }
 
-/// Stops the run after `at` steps, as a signal handler would.
-
 fn trainer(
     out: Option<&Path>,
     padding_free: bool,
