@@ -724,6 +724,20 @@ fn a_lora_recipe_trains_saves_pefts_files_and_merges() {
         (adapter - merged).abs() / merged < 1e-5,
         "adapter {adapter} vs merged {merged}"
     );
+    // `generate` reads an adapter directory (on the base it names) as the merged model.
+    let generate = |dir: &Path| -> String {
+        let (ok, stdout, err) = common::packsft(&[
+            "generate",
+            &dir.display().to_string(),
+            "--prompt",
+            "Task: reverse\nInput: a b c\nOutput:",
+            "--max-new-tokens",
+            "6",
+        ]);
+        assert!(ok, "{err}");
+        stdout
+    };
+    assert_eq!(generate(out.path()), generate(&out.path().join("merged")));
 }
 
 /// bf16 compute over a bf16 frozen base (what the GPU runs) tracks float32: the loss within 2%

@@ -191,7 +191,7 @@ fn input_rows(path: &PathBuf) -> Result<Vec<serde_json::Value>> {
 pub(crate) fn generate(c: GenerateCmd) -> Result<()> {
     let dev = candle_core::Device::Cpu;
     let dir = crate::hub::resolve(&c.model_dir)?;
-    let model = DecoderModel::from_pretrained(&dir, &dev)?;
+    let model = load_model_or_adapter(&dir, &dev)?;
     let tok = TextTokenizer::load(&dir)?;
     let opts = GenerateOptions {
         max_new_tokens: c.max_new_tokens,
@@ -248,4 +248,31 @@ pub(crate) fn generate(c: GenerateCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The model in `dir`: a checkpoint, or a PEFT adapter directory on the base its
+/// `adapter_config.json` names (`base_model_name_or_path`: a directory or a Hub id in the local
+/// cache).
+fn load_model_or_adapter(dir: &std::path::Path, dev: &candle_core::Device) -> Result<DecoderModel> {
+    use crate::model::lora::{LoraConfig, ADAPTER_CONFIG_FILE};
+    if !dir.join(ADAPTER_CONFIG_FILE).is_file() {
+        return DecoderModel::from_pretrained(dir, dev);
+    }
+    let path = dir.join(ADAPTER_CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::model(&path, format!("invalid JSON at line {}: {e}", e.line())))?;
+    let base = v["base_model_name_or_path"].as_str().unwrap_or_default();
+    if base.is_empty() {
+        return Err(Error::model(
+            &path,
+            "no base_model_name_or_path: which model is this an adapter of?",
+        ));
+    }
+    let base = crate::hub::resolve(std::path::Path::new(base))?;
+    let setup = crate::model::LoraSetup {
+        config: LoraConfig::from_peft_dir(dir)?,
+        frozen_dtype: candle_core::DType::F32,
+    };
+    DecoderModel::from_pretrained_with_lora(&base, dev, &setup)
 }
