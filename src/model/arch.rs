@@ -4,10 +4,10 @@
 use std::fmt;
 use std::path::Path;
 
-use super::decoder::CONFIG_FILE;
 use super::families;
 use super::spec::{ArchSpec, Block, MlpSpec, NormKind, QkvLayout};
 use super::weights::CheckpointWeights;
+use super::weights::CONFIG_FILE;
 use crate::error::{Error, Result};
 
 /// What `packsft arch` prints: the spec a checkpoint's config.json maps to, and its size.

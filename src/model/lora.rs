@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
-use super::weights::{save_safetensors, CheckpointWeights, WEIGHTS_FILE};
+use super::weights::{save_safetensors, CheckpointWeights, CONFIG_FILE, WEIGHTS_FILE};
 use crate::error::{Error, Result};
 
 /// PEFT's adapter configuration file.
@@ -440,7 +440,7 @@ pub fn merge(
         ));
     }
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
-    let cfg_path = base_dir.join(super::decoder::CONFIG_FILE);
+    let cfg_path = base_dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let mut config: Value = serde_json::from_str(&text)
         .map_err(|e| Error::model(&cfg_path, format!("invalid JSON at line {}: {e}", e.line())))?;
@@ -450,7 +450,7 @@ pub fn merge(
         _ => "float32",
     });
     crate::io::write_atomic(
-        &out_dir.join(super::decoder::CONFIG_FILE),
+        &out_dir.join(CONFIG_FILE),
         serde_json::to_string_pretty(&config)
             .expect("JSON serialises")
             .as_bytes(),

@@ -7,6 +7,8 @@ use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 
+/// A checkpoint's configuration file.
+pub const CONFIG_FILE: &str = "config.json";
 /// The single-file checkpoint in a model directory (what `DecoderModel::save` writes).
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// The index of a sharded checkpoint: its `weight_map` names the shard of each tensor.

@@ -36,7 +36,7 @@ use forward::router_aux;
 use init::{Builder, Init, Source};
 use parts::{CopyVars, FwdCtx, Layer, Lin, Norm, Qkv};
 
-pub const CONFIG_FILE: &str = "config.json";
+pub use super::weights::CONFIG_FILE;
 
 /// How the forward and backward passes are computed; parameters stay float32 either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
