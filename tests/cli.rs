@@ -140,10 +140,14 @@ fn train_eval_generate_on_the_quickstart() {
     assert!(Path::new(&out_s).join("model.safetensors").exists());
 }
 
+/// The (step, loss) rows of `metrics.jsonl`, read while a run may be writing it: only the
+/// lines already ended (the last one may be half written).
 fn metric_losses(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let complete = text.rfind('\n').map_or("", |i| &text[..=i]);
+    complete
         .lines()
+        .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|r| r.get("loss").is_some())
         .map(|r| format!("{} {}", r["step"], r["loss"]))

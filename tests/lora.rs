@@ -809,3 +809,25 @@ fn a_bf16_frozen_base_tracks_float32() {
         }
     }
 }
+
+/// packsft's table of PEFT's per-family default targets is PEFT 0.13.2's (as the pinned fixture
+/// script read it from `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
+#[test]
+fn family_default_targets_are_pefts() {
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("lora/peft_defaults.json")).unwrap(),
+    )
+    .unwrap();
+    let map = v["default_target_modules"].as_object().unwrap();
+    assert_eq!(map.len(), 14);
+    for (model_type, want) in map {
+        let got = packsft::internals::lora::peft_default_targets(model_type)
+            .map(|v| v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let want = want.as_array().map(|a| {
+            a.iter()
+                .map(|s| s.as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(got, want, "{model_type}");
+    }
+}

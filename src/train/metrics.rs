@@ -134,7 +134,9 @@ impl MetricsFile {
 
     pub fn write(&mut self, row: &serde_json::Value) -> Result<()> {
         if let Some((f, p)) = self.file.as_mut() {
-            writeln!(f, "{row}")
+            // One write of the whole line: a reader following the file (a test, `tail -f`)
+            // never sees a row cut in two by the formatter's piecewise writes.
+            f.write_all(format!("{row}\n").as_bytes())
                 .and_then(|_| f.flush())
                 .map_err(|e| Error::io(p.clone(), e))?;
         }
