@@ -37,24 +37,6 @@ pub trait Collective: Send {
     }
 }
 
-/// The run of a single process: every collective is the identity.
-pub struct Single;
-
-impl Collective for Single {
-    fn rank(&self) -> usize {
-        0
-    }
-    fn world_size(&self) -> usize {
-        1
-    }
-    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        Ok(t.clone())
-    }
-    fn broadcast(&self, t: &Tensor, _root: usize) -> Result<Tensor> {
-        Ok(t.clone())
-    }
-}
-
 /// Splits items of the given costs among `ranks` so that the largest load is small: the
 /// costliest first, each to the least loaded rank (ties to the lowest rank). A pure function
 /// of the costs, so every rank computes the same split; indices keep their order within a

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use serde_json::{json, Value};
 
 use super::weights::{save_safetensors, CheckpointWeights, CONFIG_FILE, WEIGHTS_FILE};
@@ -471,13 +471,6 @@ pub fn merge(
         replaced,
         tensors: out.len(),
     })
-}
-
-/// A tensor of the adapter, by key, on the CPU in float32 (tests and reports).
-pub fn read_adapter_tensor(dir: &Path, key: &str) -> Result<Tensor> {
-    let mut w = CheckpointWeights::open_file(&dir.join(ADAPTER_WEIGHTS_FILE))?;
-    let shape = w.shapes_of(key)?;
-    w.get(key, &shape, DType::F32, &Device::Cpu)
 }
 
 #[cfg(test)]

@@ -132,35 +132,44 @@ pub trait Model {
 
 /// `Model::load_params`' default: every parameter from `dir`'s safetensors by name.
 pub(crate) fn load_params_from<M: Model + ?Sized>(model: &M, dir: &Path) -> Result<()> {
-    {
-        let mut w = weights::CheckpointWeights::open(dir)?;
-        let mut loaded = Vec::with_capacity(model.params().len());
-        for p in model.params() {
-            let t = p.var.as_tensor();
-            loaded.push(w.get(&p.name, t.dims(), t.dtype(), t.device())?);
-        }
-        if let Some(extra) = w.unused().first() {
-            return Err(Error::model(
-                dir,
-                format!("checkpoint has a weight the model does not: {extra}"),
-            ));
-        }
-        if let Some(bad) = loaded
-            .iter()
-            .zip(model.params())
-            .find(|(t, _)| !all_finite(t).unwrap_or(false))
-        {
-            return Err(Error::model(
-                dir,
-                format!("weight `{}` holds NaN or infinity", bad.1.name),
-            ));
-        }
-        for (p, t) in model.params().iter().zip(loaded) {
-            p.var.set(&t)?;
-        }
-        model.set_compute_copies_fresh(false);
-        Ok(())
+    let mut w = weights::CheckpointWeights::open(dir)?;
+    let loaded = read_params(model.params(), &mut w, dir)?;
+    for (p, t) in model.params().iter().zip(loaded) {
+        p.var.set(&t)?;
     }
+    model.set_compute_copies_fresh(false);
+    Ok(())
+}
+
+/// Every parameter's tensor from `w` (named `path` in errors), checked before anything changes:
+/// each present with its shape, nothing left over, every value finite.
+pub(crate) fn read_params(
+    params: &[Param],
+    w: &mut weights::CheckpointWeights,
+    path: &Path,
+) -> Result<Vec<Tensor>> {
+    let mut loaded = Vec::with_capacity(params.len());
+    for p in params {
+        let t = p.var.as_tensor();
+        loaded.push(w.get(&p.name, t.dims(), t.dtype(), t.device())?);
+    }
+    if let Some(extra) = w.unused().first() {
+        return Err(Error::model(
+            path,
+            format!("checkpoint has a weight the model does not: {extra}"),
+        ));
+    }
+    if let Some(bad) = loaded
+        .iter()
+        .zip(params)
+        .find(|(t, _)| !all_finite(t).unwrap_or(false))
+    {
+        return Err(Error::model(
+            path,
+            format!("weight `{}` holds NaN or infinity", bad.1.name),
+        ));
+    }
+    Ok(loaded)
 }
 
 /// Whether every value of `t` is finite (`sum(t * 0)` is NaN exactly when one is not).

@@ -212,27 +212,7 @@ impl DecoderModel {
     pub(super) fn load_adapter(&self, l: &LoraState, dir: &Path) -> Result<()> {
         let path = dir.join(ADAPTER_WEIGHTS_FILE);
         let mut w = CheckpointWeights::open_file(&path)?;
-        let mut loaded = Vec::with_capacity(self.params.len());
-        for p in &self.params {
-            let t = p.var.as_tensor();
-            loaded.push(w.get(&p.name, t.dims(), t.dtype(), t.device())?);
-        }
-        if let Some(extra) = w.unused().first() {
-            return Err(Error::model(
-                &path,
-                format!("adapter has a tensor the model does not: {extra}"),
-            ));
-        }
-        if let Some((_, p)) = loaded
-            .iter()
-            .zip(&self.params)
-            .find(|(t, _)| !super::super::all_finite(t).unwrap_or(false))
-        {
-            return Err(Error::model(
-                &path,
-                format!("tensor `{}` holds NaN or infinity", p.name),
-            ));
-        }
+        let loaded = super::super::read_params(&self.params, &mut w, &path)?;
         let state = dir.join(DROPOUT_STATE_FILE);
         let calls = if state.is_file() {
             let text = std::fs::read_to_string(&state).map_err(|e| Error::io(&state, e))?;

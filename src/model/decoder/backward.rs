@@ -680,6 +680,38 @@ mod tests {
 
     /// A layer's q, k and v through one stacked product (biases on two of them) give the outputs,
     /// input gradient and weight and bias gradients of three separate products.
+    /// What the stacked projection of `lins` and the separate ones give for the same x and dy:
+    /// each layer's (stacked columns, separate output), the input gradients (stacked,
+    /// separate) and the handed-over parameter gradients (stacked, separate).
+    type Grads = Vec<(Tensor, Tensor)>;
+
+    fn stacked_and_separate(lins: &[Lin]) -> (Grads, Tensor, Tensor, Grads, Grads) {
+        let x = values(&[5, 4], 1.3);
+        let dy = values(&[5, 10], 1.7);
+        let ws: Vec<&Tensor> = lins.iter().map(|l| &l.w).collect();
+        let w = Tensor::cat(&ws, 0).unwrap();
+        let refs: Vec<&Lin> = lins.iter().collect();
+        let (y, back) = stacked_lin_vjp(&refs, &w, &x).unwrap();
+        let (dx, side) = with_side_grads(|| back(&dy));
+        let mut col = 0;
+        let mut outputs = Vec::new();
+        let mut dx_sep: Option<Tensor> = None;
+        let mut side_sep = Vec::new();
+        for l in lins {
+            let rows = l.w.dim(0).unwrap();
+            let (yi, bi) = lin_vjp(l, &x).unwrap();
+            outputs.push((y.narrow(1, col, rows).unwrap(), yi));
+            let (dxi, si) = with_side_grads(|| bi(&dy.narrow(1, col, rows)?));
+            dx_sep = Some(match dx_sep {
+                Some(t) => (t + dxi).unwrap(),
+                None => dxi,
+            });
+            side_sep.extend(si);
+            col += rows;
+        }
+        (outputs, dx, dx_sep.unwrap(), side, side_sep)
+    }
+
     #[test]
     fn stacked_projection_matches_separate_ones() {
         let lins = [
@@ -699,29 +731,11 @@ mod tests {
                 b: Some(param(&[2], 1.1)),
             },
         ];
-        let x = values(&[5, 4], 1.3);
-        let dy = values(&[5, 10], 1.7);
-        let w = Tensor::cat(&[&lins[0].w, &lins[1].w, &lins[2].w], 0).unwrap();
-        let refs: Vec<&Lin> = lins.iter().collect();
-        let (y, back) = stacked_lin_vjp(&refs, &w, &x).unwrap();
-        let (dx, side) = with_side_grads(|| back(&dy));
-
-        let mut col = 0;
-        let mut dx_sep: Option<Tensor> = None;
-        let mut side_sep = Vec::new();
-        for l in &lins {
-            let rows = l.w.dim(0).unwrap();
-            let (yi, bi) = lin_vjp(l, &x).unwrap();
-            assert_eq!(max_diff(&y.narrow(1, col, rows).unwrap(), &yi), 0.0);
-            let (dxi, si) = with_side_grads(|| bi(&dy.narrow(1, col, rows)?));
-            dx_sep = Some(match dx_sep {
-                Some(t) => (t + dxi).unwrap(),
-                None => dxi,
-            });
-            side_sep.extend(si);
-            col += rows;
+        let (outputs, dx, dx_sep, side, side_sep) = stacked_and_separate(&lins);
+        for (y, yi) in &outputs {
+            assert_eq!(max_diff(y, yi), 0.0);
         }
-        assert!(max_diff(&dx, &dx_sep.unwrap()) < 1e-5);
+        assert!(max_diff(&dx, &dx_sep) < 1e-5);
         // Three weight and two bias gradients, each for its own parameter.
         assert_eq!(side.len(), 5);
         assert_eq!(side_sep.len(), 5);
@@ -761,28 +775,11 @@ mod tests {
             }),
         };
         let lins = [lin(6, 0.3, 0), lin(2, 0.5, 1), lin(2, 0.9, 2)];
-        let x = values(&[5, 4], 1.3);
-        let dy = values(&[5, 10], 1.7);
-        let w = Tensor::cat(&[&lins[0].w, &lins[1].w, &lins[2].w], 0).unwrap();
-        let refs: Vec<&Lin> = lins.iter().collect();
-        let (y, back) = stacked_lin_vjp(&refs, &w, &x).unwrap();
-        let (dx, side) = with_side_grads(|| back(&dy));
-        let mut col = 0;
-        let mut dx_sep: Option<Tensor> = None;
-        let mut side_sep = Vec::new();
-        for l in &lins {
-            let rows = l.w.dim(0).unwrap();
-            let (yi, bi) = lin_vjp(l, &x).unwrap();
-            assert!(max_diff(&y.narrow(1, col, rows).unwrap(), &yi) < 1e-5);
-            let (dxi, si) = with_side_grads(|| bi(&dy.narrow(1, col, rows)?));
-            dx_sep = Some(match dx_sep {
-                Some(t) => (t + dxi).unwrap(),
-                None => dxi,
-            });
-            side_sep.extend(si);
-            col += rows;
+        let (outputs, dx, dx_sep, side, side_sep) = stacked_and_separate(&lins);
+        for (y, yi) in &outputs {
+            assert!(max_diff(y, yi) < 1e-5);
         }
-        assert!(max_diff(&dx, &dx_sep.unwrap()) < 1e-5);
+        assert!(max_diff(&dx, &dx_sep) < 1e-5);
         // Three A and three B gradients, none for the frozen weights.
         assert_eq!(side.len(), 6);
         assert_eq!(side_sep.len(), 6);

@@ -341,11 +341,12 @@ impl DecoderModel {
             .as_ref()
             .map(|l| l.frozen.as_slice())
             .unwrap_or(&[]);
-        if let Some(name) = crate::nn::param::first_non_finite(&model.params)?.or(frozen
-            .iter()
-            .find(|(_, t)| !super::all_finite(t).unwrap_or(false))
-            .map(|(n, _)| n.clone()))
-        {
+        if let Some(name) = crate::nn::param::first_non_finite(&model.params)?.or_else(|| {
+            frozen
+                .iter()
+                .find(|(_, t)| !super::all_finite(t).unwrap_or(false))
+                .map(|(n, _)| n.clone())
+        }) {
             return Err(Error::model(
                 dir,
                 format!("weight `{name}` holds NaN or infinity"),
