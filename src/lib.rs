@@ -85,5 +85,5 @@ pub mod internals {
     }
     pub use crate::model::{families, lora, weights};
     pub use crate::nn::{attention, graph, kernels, ops};
-    pub use crate::train::{checkpoint, optimizer};
+    pub use crate::train::{checkpoint, optimizer, parallel};
 }

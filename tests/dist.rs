@@ -1,5 +1,5 @@
 //! Data parallelism on the CPU: ranks as threads (`internals::dist::threads`) must compute the
-//! optimizer steps one process computes with the same global batch, under ZeRO 0 and ZeRO 1,
+//! optimizer steps one process computes with the same global batch, under ZeRO 0, 1 and 2,
 //! for 2, 3 and 4 ranks, padded and padding-free; a sharded run's checkpoint resumes on another
 //! number of ranks.
 
@@ -87,7 +87,9 @@ fn parallel(n: usize, zero: ZeroStage, padding_free: bool) -> Vec<(Vec<f64>, Vec
         .map(|c| {
             std::thread::spawn(move || {
                 let model = tiny_model(3);
-                let dp = DataParallel::new(Box::new(c), zero, model.params());
+                // Buckets of about one weight matrix: several reduced during each backward.
+                let dp = DataParallel::new(Box::new(c), zero, model.params())
+                    .with_bucket_elements(model.params(), 4096);
                 let mut t = Trainer::new(
                     model,
                     collator(padding_free),
@@ -96,7 +98,16 @@ fn parallel(n: usize, zero: ZeroStage, padding_free: bool) -> Vec<(Vec<f64>, Vec
                 )
                 .unwrap();
                 t.set_data_parallel(dp).unwrap();
+                let before = packsft::internals::parallel::zero2_buckets_reduced_in_backward();
                 let s = t.train(&data(), None).unwrap();
+                let during = packsft::internals::parallel::zero2_buckets_reduced_in_backward();
+                // ZeRO 2 reduces buckets while the backward runs; the others after it.
+                assert_eq!(
+                    during > before,
+                    zero == ZeroStage::Zero2,
+                    "{zero:?}: {} buckets reduced during backward passes",
+                    during - before
+                );
                 let params: Vec<Tensor> = t
                     .model
                     .params()
@@ -125,7 +136,7 @@ fn assert_close(label: &str, a: &(Vec<f64>, Vec<Tensor>), b: &(Vec<f64>, Vec<Ten
 fn n_ranks_compute_the_steps_of_one_process() {
     for padding_free in [true, false] {
         let one = single(padding_free);
-        for zero in [ZeroStage::Zero0, ZeroStage::Zero1] {
+        for zero in [ZeroStage::Zero0, ZeroStage::Zero1, ZeroStage::Zero2] {
             for n in [2, 3, 4] {
                 let ranks = parallel(n, zero, padding_free);
                 for (r, got) in ranks.iter().enumerate() {
@@ -147,10 +158,16 @@ fn n_ranks_compute_the_steps_of_one_process() {
     }
 }
 
-/// A ZeRO 1 run on 2 ranks saves a checkpoint holding the whole optimizer state; one process
-/// resumes it (with the same global batch) and ends where the uninterrupted run ends.
+/// A ZeRO 1 or 2 run on 2 ranks saves a checkpoint holding the whole optimizer state; one
+/// process resumes it (with the same global batch) and ends where the uninterrupted run ends.
 #[test]
 fn a_sharded_checkpoint_resumes_on_another_number_of_ranks() {
+    for zero in [ZeroStage::Zero1, ZeroStage::Zero2] {
+        sharded_checkpoint_resumes(zero);
+    }
+}
+
+fn sharded_checkpoint_resumes(zero: ZeroStage) {
     let (one_losses, one_params) = single(true);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().to_path_buf();
@@ -162,7 +179,7 @@ fn a_sharded_checkpoint_resumes_on_another_number_of_ranks() {
             std::thread::spawn(move || {
                 let model = tiny_model(3);
                 let rank0 = c.rank() == 0;
-                let dp = DataParallel::new(Box::new(c), ZeroStage::Zero1, model.params());
+                let dp = DataParallel::new(Box::new(c), zero, model.params());
                 let mut config = cfg(BATCH / 2, rank0.then_some(out.as_path()));
                 config.max_steps = 4;
                 let mut t = Trainer::new(model, collator(true), config, Device::Cpu).unwrap();
@@ -213,7 +230,7 @@ fn final_loss(stdout: &str) -> f64 {
 }
 
 /// `packsft launch` runs ranks as processes over TCP: 2 ranks of 8 examples give the losses of
-/// one process of 16, under ZeRO 0 and 1; only rank 0 writes.
+/// one process of 16, under ZeRO 0, 1 and 2; only rank 0 writes.
 #[test]
 fn launched_ranks_train_as_one_process_with_the_same_global_batch() {
     let base = [
@@ -230,7 +247,7 @@ fn launched_ranks_train_as_one_process_with_the_same_global_batch() {
     let (ok, stdout, err) = common::packsft(&args);
     assert!(ok, "{err}");
     let want = final_loss(&stdout);
-    for zero in ["0", "1"] {
+    for zero in ["0", "1", "2"] {
         let two = tempfile::tempdir().unwrap();
         let out2 = format!("output_dir={}", two.path().display());
         let z = format!("dist.zero={zero}");

@@ -139,7 +139,7 @@ fn fused_step_matches_adamw_on_odd_lengths_and_a_bad_loss_changes_nothing() {
         |ts: &[Tensor]| -> Vec<Vec<f32>> { ts.iter().map(|x| x.to_vec1().unwrap()).collect() };
     let before = (host(&params), host(&ms), host(&vs));
     let bad = Tensor::new(&[f64::INFINITY], &dev).unwrap();
-    let norm = read_norm(&adamw_step(&slots(()), &h, Some(&bad)).unwrap()).unwrap();
+    let norm = read_norm(&adamw_step(&slots(()), &h, Some(&bad), None).unwrap()).unwrap();
     assert!(!norm.is_finite(), "{norm}");
     assert_eq!((host(&params), host(&ms), host(&vs)), before);
     let zeros = |t: &Tensor| {
@@ -156,7 +156,7 @@ fn fused_step_matches_adamw_on_odd_lengths_and_a_bad_loss_changes_nothing() {
     );
 
     let good = Tensor::new(&[2.5f64], &dev).unwrap();
-    let norm = read_norm(&adamw_step(&slots(()), &h, Some(&good)).unwrap()).unwrap();
+    let norm = read_norm(&adamw_step(&slots(()), &h, Some(&good), None).unwrap()).unwrap();
     let g_all: Vec<f32> = sizes.iter().flat_map(|&n| pattern(n, 2)).collect();
     let want_norm = g_all
         .iter()
@@ -241,7 +241,7 @@ fn fused_step_on_bf16_gradients_matches_their_float32_widening() {
                 bc2: 1.0 - 0.999f32.powi(2),
             })
             .collect();
-        let norm = read_norm(&adamw_step(&slots, &h, None).unwrap()).unwrap();
+        let norm = read_norm(&adamw_step(&slots, &h, None, None).unwrap()).unwrap();
         let mut out = Vec::new();
         for ts in [&params, &ms, &vs, &copies] {
             for x in ts.iter() {
@@ -293,6 +293,81 @@ fn fused_step_on_bf16_gradients_matches_their_float32_widening() {
         worst < 1e-5,
         "unaligned bf16 gradients: worst rel diff {worst:.2e}"
     );
+}
+
+/// A data-parallel gradient bucket: bf16 (aligned and one element off the grid) and float32
+/// tensors widened and laid end to end in one launch give what casts and a concatenation give.
+#[test]
+fn flattened_buckets_match_casts_and_a_concatenation() {
+    use candle_core::{DType, Tensor};
+    use packsft::internals::fused::flatten_f32;
+    let dev = Device::new_cuda(0).expect("a CUDA device");
+    let t = |v: Vec<f32>| Tensor::from_vec(v.clone(), v.len(), &dev).unwrap();
+    let parts = vec![
+        t(pattern(40_003, 1)).to_dtype(DType::BF16).unwrap(),
+        t(pattern(17, 2))
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .narrow(0, 1, 16)
+            .unwrap(),
+        t(pattern(33_000, 3)).reshape((100, 330)).unwrap(),
+        t(pattern(5, 4)),
+    ];
+    let refs: Vec<&Tensor> = parts.iter().collect();
+    let got = flatten_f32(&refs).unwrap().to_vec1::<f32>().unwrap();
+    let want: Vec<f32> = parts
+        .iter()
+        .flat_map(|p| {
+            p.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(got.len(), 40_003 + 16 + 33_000 + 5);
+    assert!(got == want, "the flattened bucket differs from the casts");
+}
+
+/// A sharded optimizer's norm: the squared norm summed over ranks (here: a stand-in sum that
+/// quadruples it) is the one the step clips with and reports.
+#[test]
+fn the_summed_squared_norm_is_the_one_the_step_clips_with() {
+    use candle_core::Tensor;
+    use packsft::internals::fused::{adamw_step, read_norm, AdamWSlot};
+    let dev = Device::new_cuda(0).expect("a CUDA device");
+    let h = step_hyper();
+    let t = |v: Vec<f32>| Tensor::from_vec(v.clone(), v.len(), &dev).unwrap();
+    let run = |sum: Option<packsft::internals::fused::SumSquares<'_>>| {
+        let [params, ms, vs, _] = start_state(&dev);
+        let grads: Vec<Tensor> = SIZES.iter().map(|&n| t(pattern(n, 7))).collect();
+        let slots: Vec<AdamWSlot<'_>> = (0..SIZES.len())
+            .map(|i| AdamWSlot {
+                param: &params[i],
+                grad: &grads[i],
+                m: &ms[i],
+                v: &vs[i],
+                copy: None,
+                decay: true,
+                bc1: 1.0 - 0.9f32.powi(2),
+                bc2: 1.0 - 0.999f32.powi(2),
+            })
+            .collect();
+        let norm = read_norm(&adamw_step(&slots, &h, None, sum).unwrap()).unwrap();
+        let p: Vec<Vec<f32>> = params.iter().map(|p| p.to_vec1().unwrap()).collect();
+        (norm, p)
+    };
+    let (plain, p_plain) = run(None);
+    let four = |x: &Tensor| -> packsft::Result<Tensor> { Ok((x * 4.0)?) };
+    let (summed, p_summed) = run(Some(&four));
+    assert!(plain > 1.0, "clipping not exercised: norm {plain}");
+    assert!(
+        (summed - 2.0 * plain).abs() < 1e-9 * plain,
+        "{summed} vs {plain}"
+    );
+    // Clipped by a norm twice as large: a different update.
+    assert!(p_plain != p_summed);
 }
 
 /// (loss, gradient norm) of six `Trainer::train` steps of the tiny model on `dev`: lr 3e-3 and

@@ -15,5 +15,7 @@ pub use gemm::weight_grad_bf16;
 pub use launch::usable;
 pub use layers::{add, rms_norm, rms_norm_fits, rms_norm_vjp, silu_mul, silu_mul_vjp};
 pub use loss::{nll, nll_with_backward};
-pub use optim::{adamw_step, cast_bf16_into, read_norm, AdamWSlot, AdamWStep};
+pub use optim::{
+    adamw_step, cast_bf16_into, flatten_f32, read_norm, AdamWSlot, AdamWStep, SumSquares,
+};
 pub use rope::{apply_rope, apply_rope_vjp, rope_join_stacked, rope_split_stacked};

@@ -163,11 +163,13 @@ fn address<T: candle_core::cuda_backend::CudaDType>(t: &Tensor) -> Result<u64> {
 /// all parameters. Returns the squared norm before clipping as a float64 device tensor of one
 /// element (read it with [`read_norm`]); if it is not finite nothing was changed. A `guard` (a
 /// float64 scalar on the device, e.g. the step's loss) that is not finite makes the squared
-/// norm NaN and so also stops the update.
+/// norm NaN and so also stops the update. With `sum_squares`, the norm is that of every rank's
+/// gradients (see [`SumSquares`]).
 pub fn adamw_step(
     slots: &[AdamWSlot<'_>],
     h: &AdamWStep,
     guard: Option<&Tensor>,
+    sum_squares: Option<SumSquares<'_>>,
 ) -> Result<Tensor> {
     let Some(first) = slots.first() else {
         return Ok(Tensor::zeros(1, DType::F64, &candle_core::Device::Cpu)?);
@@ -256,17 +258,31 @@ pub fn adamw_step(
     // Each block ends with one atomic add to the shared sum: ~1,000 of them are nothing, and a
     // full SM (8 blocks of 256 threads at 30 registers) keeps more loads in flight than 4 did.
     unsafe { b.launch(t.resident_cfg(dev, &f)?) }.w()?;
+    let mut sumsq = wrap(sumsq, dev, 1, first.param)?;
+    if let Some(sum) = sum_squares {
+        // A sharded optimizer's ranks each summed the squares of their own gradients: the
+        // global norm is the sum over ranks, on the device, before anyone clips.
+        sumsq = sum(&sumsq)?.contiguous()?;
+    }
     let f = kernel(dev, MODULE, PTX, "adamw_multi")?;
-    let mut b = stream.launch_builder(&f);
-    b.arg(&t.slots).arg(&t.prefix).arg(&t.n).arg(&sumsq);
-    b.arg(&h.max_grad_norm)
-        .arg(&h.lr)
-        .arg(&h.beta1)
-        .arg(&h.beta2)
-        .arg(&h.eps);
-    unsafe { b.launch(t.resident_cfg(dev, &f)?) }.w()?;
-    Ok(wrap(sumsq, dev, 1, first.param)?)
+    with_storages(&[&sumsq], |st| {
+        let norm = cview::<f64>(st[0].0, st[0].1)?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&t.slots).arg(&t.prefix).arg(&t.n).arg(&norm);
+        b.arg(&h.max_grad_norm)
+            .arg(&h.lr)
+            .arg(&h.beta1)
+            .arg(&h.beta2)
+            .arg(&h.eps);
+        unsafe { b.launch(t.resident_cfg(dev, &f)?) }.w()?;
+        Ok(())
+    })?;
+    Ok(sumsq)
 }
+
+/// Sums a squared gradient norm (a float64 scalar tensor) over the ranks of a sharded
+/// optimizer, each of which holds the gradients of the parameters it owns.
+pub type SumSquares<'a> = &'a dyn Fn(&Tensor) -> Result<Tensor>;
 
 /// The gradient norm from [`adamw_step`]'s squared norm (waits for the device).
 pub fn read_norm(sumsq: &Tensor) -> Result<f64> {
@@ -317,4 +333,55 @@ pub fn cast_bf16_into(pairs: &[(&Tensor, &Tensor)]) -> Result<()> {
     b.arg(&t.slots).arg(&t.prefix).arg(&t.n);
     unsafe { b.launch(t.resident_cfg(dev, &f)?) }.w()?;
     Ok(())
+}
+
+/// The tensors (float32 or bf16, contiguous, on one CUDA device) widened to float32 and laid
+/// end to end in one new flat tensor, in one launch: a data-parallel gradient bucket.
+pub fn flatten_f32(tensors: &[&Tensor]) -> Result<Tensor> {
+    let Some(first) = tensors.first() else {
+        return Err(Error::Training("flatten_f32: no tensors".into()));
+    };
+    let candle_core::Device::Cuda(dev) = first.device() else {
+        return Err(Error::Training("flatten_f32 needs a CUDA device".into()));
+    };
+    let total: usize = tensors.iter().map(|t| t.elem_count()).sum();
+    let out = Tensor::zeros(total, DType::F32, first.device())?;
+    let base = address::<f32>(&out)?;
+    let mut table = Vec::with_capacity(tensors.len());
+    let mut at = 0u64;
+    for t in tensors {
+        let g_bf16 = match t.dtype() {
+            DType::BF16 => true,
+            DType::F32 => false,
+            dt => {
+                return Err(Error::Training(format!(
+                    "flatten_f32: float32 or bf16 tensors expected, got {dt:?}"
+                )))
+            }
+        };
+        if !t.is_contiguous() {
+            return Err(Error::Training(
+                "flatten_f32: contiguous tensors expected".into(),
+            ));
+        }
+        table.push(Slot {
+            p: base + at * 4,
+            g: if g_bf16 {
+                address::<bf16>(t)?
+            } else {
+                address::<f32>(t)?
+            },
+            n: t.elem_count() as u64,
+            g_bf16: g_bf16 as u32,
+            ..Default::default()
+        });
+        at += t.elem_count() as u64;
+    }
+    let t = SlotTable::upload(dev, &table)?;
+    let f = kernel(dev, MODULE, PTX, "widen_into_multi")?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&t.slots).arg(&t.prefix).arg(&t.n);
+    unsafe { b.launch(t.resident_cfg(dev, &f)?) }.w()?;
+    Ok(out)
 }

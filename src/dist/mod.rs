@@ -24,6 +24,18 @@ pub trait Collective: Send {
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
     /// `root`'s `t`, on every rank.
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor>;
+    /// [`Collective::all_reduce_sum`] of a tensor this rank made and nothing else reads (a
+    /// gradient bucket): a transport may sum in its buffer instead of a new one.
+    fn all_reduce_sum_owned(&self, t: Tensor) -> Result<Tensor> {
+        self.all_reduce_sum(&t)
+    }
+    /// The element-wise sum of `t` over all ranks, on `root` (`None` on the other ranks, which
+    /// give their `t` up): the sharded optimizer's reduction of a bucket to the rank that owns
+    /// it, half the traffic of an all-reduce.
+    fn reduce_sum_owned(&self, t: Tensor, root: usize) -> Result<Option<Tensor>> {
+        let s = self.all_reduce_sum(&t)?;
+        Ok((self.rank() == root).then_some(s))
+    }
     /// The element-wise sum of host numbers over all ranks (step sizes, flags): on the CPU for
     /// every transport, so a GPU run's host never waits for its device to exchange them.
     fn all_reduce_host(&self, v: &[f64]) -> Result<Vec<f64>> {
@@ -82,15 +94,18 @@ pub fn owners(sizes: &[usize], ranks: usize) -> Vec<usize> {
     out
 }
 
-/// Which data-parallel scheme a run uses (`dist.zero: 0 | 1` in a recipe).
+/// Which data-parallel scheme a run uses (`dist.zero: 0 | 1 | 2` in a recipe).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ZeroStage {
     /// Every rank holds the whole optimizer state; gradients are all-reduced.
     #[default]
     Zero0,
-    /// The optimizer state is sharded: each rank updates the parameters it owns and broadcasts
-    /// them.
+    /// The optimizer state is sharded: the step's gradients are reduced to each parameter's
+    /// owner, which updates it and sends it to the other ranks.
     Zero1,
+    /// As `Zero1`, and the gradients are reduced to their owners bucket by bucket during the
+    /// backward: a rank keeps only the gradients it owns.
+    Zero2,
 }
 
 impl serde::Serialize for ZeroStage {
@@ -98,6 +113,7 @@ impl serde::Serialize for ZeroStage {
         s.serialize_u64(match self {
             ZeroStage::Zero0 => 0,
             ZeroStage::Zero1 => 1,
+            ZeroStage::Zero2 => 2,
         })
     }
 }
@@ -107,8 +123,9 @@ impl<'de> serde::Deserialize<'de> for ZeroStage {
         match u64::deserialize(d)? {
             0 => Ok(ZeroStage::Zero0),
             1 => Ok(ZeroStage::Zero1),
+            2 => Ok(ZeroStage::Zero2),
             n => Err(serde::de::Error::custom(format!(
-                "dist.zero {n}: packsft has ZeRO stages 0 and 1"
+                "dist.zero {n}: packsft has ZeRO stages 0, 1 and 2"
             ))),
         }
     }

@@ -6,7 +6,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, DType, Device, InplaceOp1, Layout, Shape, Tensor,
+};
 
 use super::tcp::TcpComm;
 use super::{comm_err, Collective};
@@ -116,6 +118,57 @@ impl CustomOp1 for Op<'_> {
     }
 }
 
+/// A sum over ranks in a tensor's own buffer (a bucket this rank made and nothing else
+/// reads): to every rank (all-reduce) or to one (reduce), without a second buffer or copy.
+struct InPlace<'a> {
+    comm: &'a Comm,
+    /// `None`: all-reduce; `Some(root)`: reduce to `root`.
+    root: Option<usize>,
+}
+
+impl InPlace<'_> {
+    fn run<T>(&self, s: &mut CudaStorage, l: &Layout) -> candle_core::Result<()>
+    where
+        T: candle_core::cuda_backend::CudaDType
+            + candle_core::cuda_backend::cudarc::nccl::NcclType
+            + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+    {
+        let (at, n) = (l.start_offset(), l.shape().elem_count());
+        let slice = s.as_cuda_slice_mut::<T>()?;
+        let mut view = slice.slice_mut(at..at + n);
+        let r = match self.root {
+            None => self.comm.all_reduce_in_place(&mut view, &ReduceOp::Sum),
+            Some(root) => self
+                .comm
+                .reduce_in_place(&mut view, &ReduceOp::Sum, root as i32),
+        };
+        r.map(|_| ())
+            .map_err(|e| candle_core::Error::Cuda(format!("NCCL: {e:?}").into()))
+    }
+}
+
+impl InplaceOp1 for InPlace<'_> {
+    fn name(&self) -> &'static str {
+        "packsft-nccl-in-place"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        candle_core::bail!("NCCL collectives run on CUDA tensors")
+    }
+
+    fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> candle_core::Result<()> {
+        if !l.is_contiguous() {
+            candle_core::bail!("NCCL collectives take contiguous tensors");
+        }
+        match s.dtype() {
+            DType::F32 => self.run::<f32>(s, l),
+            DType::F64 => self.run::<f64>(s, l),
+            DType::BF16 => self.run::<half::bf16>(s, l),
+            dt => candle_core::bail!("NCCL collective of {dt:?}"),
+        }
+    }
+}
+
 impl NcclComm {
     fn collective(&self, t: &Tensor, root: Option<usize>) -> Result<Tensor> {
         if !t.device().is_cuda() {
@@ -152,5 +205,28 @@ impl Collective for NcclComm {
 
     fn all_reduce_host(&self, v: &[f64]) -> Result<Vec<f64>> {
         self.host.all_reduce_host(v)
+    }
+
+    fn all_reduce_sum_owned(&self, t: Tensor) -> Result<Tensor> {
+        if !t.device().is_cuda() || !t.is_contiguous() {
+            return self.all_reduce_sum(&t);
+        }
+        t.inplace_op1(&InPlace {
+            comm: &self.comm.0,
+            root: None,
+        })?;
+        Ok(t)
+    }
+
+    fn reduce_sum_owned(&self, t: Tensor, root: usize) -> Result<Option<Tensor>> {
+        if !t.device().is_cuda() || !t.is_contiguous() {
+            let s = self.all_reduce_sum(&t)?;
+            return Ok((self.rank() == root).then_some(s));
+        }
+        t.inplace_op1(&InPlace {
+            comm: &self.comm.0,
+            root: Some(root),
+        })?;
+        Ok((self.rank() == root).then_some(t))
     }
 }

@@ -87,6 +87,21 @@ fn push_side_grad(p: &Tensor, g: Tensor) -> Result<()> {
     if !p.is_variable() {
         return Ok(());
     }
+    let g = match GRAD_SINK.with(|s| s.take()) {
+        None => g,
+        Some(sink) => {
+            // SAFETY: `with_grad_sink` set the pointer from a `&mut` that outlives the call it
+            // wraps, on this thread, and takes it back before returning (also on a panic);
+            // it is taken out of the cell while the sink runs, so the sink is never entered
+            // twice.
+            let r = unsafe { (*sink)(p, g) };
+            GRAD_SINK.with(|s| s.set(Some(sink)));
+            match r? {
+                None => return Ok(()),
+                Some(g) => g,
+            }
+        }
+    };
     SIDE_GRADS.with(|s| match s.borrow_mut().as_mut() {
         Some(v) => {
             v.push((p.clone(), g));
@@ -96,6 +111,34 @@ fn push_side_grad(p: &Tensor, g: Tensor) -> Result<()> {
             "a hand-written layer backward ran outside its forward/backward scope".into(),
         )),
     })
+}
+
+/// Where the hand-written backward passes hand parameter gradients while [`with_grad_sink`]
+/// runs: a sink that takes a gradient (returns `None`) or gives it back for the scope's list.
+pub type GradSink<'a> = dyn FnMut(&Tensor, Tensor) -> Result<Option<Tensor>> + 'a;
+
+type StaticSink = *mut GradSink<'static>;
+
+thread_local! {
+    /// The running [`with_grad_sink`]'s sink; `None` outside one.
+    static GRAD_SINK: std::cell::Cell<Option<StaticSink>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` (a forward/backward) with the parameter gradients of its hand-written backward
+/// passes handed to `sink` as each is made, instead of collected for the end of the scope: a
+/// data-parallel step reduces them while the rest of the backward runs (ZeRO 2).
+pub fn with_grad_sink<T>(sink: &mut GradSink<'_>, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    struct Restore(Option<StaticSink>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GRAD_SINK.with(|s| s.set(self.0));
+        }
+    }
+    // SAFETY: only the lifetime is erased; the pointer is used (by `push_side_grad`) only
+    // until `Restore` takes it back when this function returns or unwinds.
+    let ptr: StaticSink = unsafe { std::mem::transmute(sink as *mut GradSink<'_>) };
+    let _restore = Restore(GRAD_SINK.with(|s| s.replace(Some(ptr))));
+    f()
 }
 
 /// The graph node of a layer: output `y` (computed outside the graph) for input `x`; its

@@ -216,6 +216,22 @@ pub fn cast_bf16_into(pairs: &[(&Tensor, &Tensor)]) -> Result<()> {
     }
 }
 
+/// The tensors widened to float32 and laid end to end in one flat tensor (a data-parallel
+/// gradient bucket): one launch on CUDA, casts and a concatenation elsewhere.
+pub fn flatten_f32(tensors: &[&Tensor]) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if tensors.first().is_some_and(|t| t.device().is_cuda())
+        && tensors.iter().all(|t| t.is_contiguous())
+    {
+        return crate::cuda::flatten_f32(tensors);
+    }
+    let flat = tensors
+        .iter()
+        .map(|t| t.to_dtype(DType::F32)?.flatten_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&flat, 0)?)
+}
+
 /// A contiguous copy of `y` (what a custom op's forward returns as its output), on the CPU.
 pub fn copy_cpu(y: &CpuStorage, yl: &Layout) -> candle_core::Result<CpuStorage> {
     use candle_core::backend::BackendStorage;

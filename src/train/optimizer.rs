@@ -194,7 +194,7 @@ impl AdamW {
         max_norm: f64,
         lr: f64,
     ) -> Result<f64> {
-        let pending = self.enqueue_clip_and_step(grads, params, max_norm, lr, None, &[])?;
+        let pending = self.enqueue_clip_and_step(grads, params, max_norm, lr, None, &[], None)?;
         self.settle(pending)
     }
 
@@ -203,7 +203,10 @@ impl AdamW {
     /// `guard` (a scalar, e.g. the step's loss) that is not finite stops the update as a
     /// non-finite norm does, also on the device. `copies` (index into `params`, bf16 tensor of
     /// that parameter's shape) receive the updated weights in the same pass where the fused path
-    /// runs ([`PendingUpdate::wrote_copies`]).
+    /// runs ([`PendingUpdate::wrote_copies`]). With `sum_squares` (a sharded optimizer: each
+    /// rank holds the gradients of the parameters it owns) the clipping norm is that of every
+    /// rank's gradients.
+    #[allow(clippy::too_many_arguments)]
     pub fn enqueue_clip_and_step(
         &mut self,
         grads: &mut GradStore,
@@ -212,12 +215,13 @@ impl AdamW {
         lr: f64,
         guard: Option<&Tensor>,
         copies: &[(usize, Tensor)],
+        sum_squares: Option<SumSquares<'_>>,
     ) -> Result<PendingUpdate> {
         #[cfg(feature = "cuda")]
         if self.slots.first().is_some_and(|s| s.var.device().is_cuda())
             && self.slots.iter().all(|s| s.var.dtype() == DType::F32)
         {
-            return self.fused_step(grads, max_norm, lr, guard, copies);
+            return self.fused_step(grads, max_norm, lr, guard, copies, sum_squares);
         }
         let _ = copies;
         let ready = |norm: f64| PendingUpdate {
@@ -231,7 +235,7 @@ impl AdamW {
                 return Ok(ready(f64::NAN));
             }
         }
-        let norm = clip_grad_norm(grads, params, max_norm)?;
+        let norm = clip_grad_norm_summed(grads, params, max_norm, sum_squares)?;
         if norm.is_finite() {
             self.step(grads, lr)?;
         }
@@ -265,6 +269,7 @@ impl AdamW {
         lr: f64,
         guard: Option<&Tensor>,
         copies: &[(usize, Tensor)],
+        sum_squares: Option<SumSquares<'_>>,
     ) -> Result<PendingUpdate> {
         use crate::cuda::{adamw_step, AdamWSlot, AdamWStep};
         let c = self.config;
@@ -313,6 +318,7 @@ impl AdamW {
                 max_grad_norm: max_norm as f32,
             },
             guard,
+            sum_squares,
         )?;
         drop(slots);
         // Read later without waiting for work enqueued after this step (the next step).
@@ -374,13 +380,6 @@ pub struct PendingUpdate {
 }
 
 impl PendingUpdate {
-    /// The update reporting `norm` as its gradient norm (a norm computed over every rank's
-    /// parameters, where this update covers only the ones this rank owns).
-    pub(crate) fn with_norm(mut self, norm: f64) -> Self {
-        self.norm = PendingNorm::Ready(norm);
-        self
-    }
-
     /// Whether the update also writes the `copies` it was given (if it is applied at all; a
     /// skipped update leaves weights and copies as they were, so they still agree).
     pub fn wrote_copies(&self) -> bool {
@@ -399,6 +398,21 @@ enum PendingNorm {
 /// by `max_norm / (norm + 1e-6)` as `torch.nn.utils.clip_grad_norm_` does. Returns the norm
 /// before clipping.
 pub fn clip_grad_norm(grads: &mut GradStore, params: &[Param], max_norm: f64) -> Result<f64> {
+    clip_grad_norm_summed(grads, params, max_norm, None)
+}
+
+/// Sums a squared gradient norm (a float64 scalar tensor) over the ranks of a sharded
+/// optimizer, each of which holds the gradients of the parameters it owns.
+pub type SumSquares<'a> = &'a dyn Fn(&Tensor) -> Result<Tensor>;
+
+/// [`clip_grad_norm`] where `grads` may be one rank's share: the squared norm is summed over
+/// the ranks by `sum_squares` before anything is clipped.
+pub(crate) fn clip_grad_norm_summed(
+    grads: &mut GradStore,
+    params: &[Param],
+    max_norm: f64,
+    sum_squares: Option<SumSquares<'_>>,
+) -> Result<f64> {
     let mut total = 0f64;
     for p in params {
         if let Some(g) = grads.get(p.var.as_tensor()) {
@@ -408,6 +422,10 @@ pub fn clip_grad_norm(grads: &mut GradStore, params: &[Param], max_norm: f64) ->
                 .sum_all()?
                 .to_scalar::<f32>()? as f64;
         }
+    }
+    if let Some(sum) = sum_squares {
+        let t = Tensor::new(&[total], &candle_core::Device::Cpu)?;
+        total = sum(&t)?.to_vec1::<f64>()?[0];
     }
     let norm = total.sqrt();
     if !norm.is_finite() {

@@ -1,22 +1,41 @@
 //! Data parallelism: every rank computes the same global step plan, trains on its share of each
 //! micro-batch (balanced by cost), and normalises by the step's global loss units, so N ranks
 //! compute the optimizer step one process computes with the same global batch (up to the order
-//! of the gradient sums). ZeRO 0: gradients summed on every rank, every rank updates every
-//! parameter. ZeRO 1: the optimizer state is sharded; each rank updates the parameters it owns
-//! (contiguous runs of whole tensors, `dist::owners`) and broadcasts them.
+//! of the gradient sums).
+//!
+//! - ZeRO 0: the step's gradients are all-reduced; every rank updates every parameter.
+//! - ZeRO 1: the optimizer state is sharded. Each parameter has an owner (contiguous runs of
+//!   whole tensors, `dist::owners`); after the step's last backward its gradient is reduced to
+//!   the owner only, the clipping norm is one scalar sum, each rank updates what it owns and the
+//!   owners' new weights go to every rank.
+//! - ZeRO 2: as ZeRO 1, but each micro-batch's gradients are reduced to their owners bucket by
+//!   bucket while its backward runs (as the hand-written layer backward hands them over, see
+//!   [`Zero2Step`]), and a rank keeps only the gradients it owns.
+//!
+//! Gradients travel in buckets: whole tensors widened to float32 and laid end to end by one
+//! kernel (`nn::kernels::flatten_f32`), one collective a bucket, summed in the bucket's own
+//! buffer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use candle_core::{backprop::GradStore, DType, Tensor};
+use candle_core::{backprop::GradStore, DType, Tensor, TensorId};
 
 use crate::data::Example;
 use crate::dist::{balanced_shares, example_cost, owners, Collective, ZeroStage};
 use crate::error::Result;
 use crate::model::Param;
+use crate::nn::graph;
+use crate::nn::kernels::flatten_f32;
+use crate::nn::param::add_grad;
 
-/// Gradient elements summed in one collective (64 Mi float32: 256 MiB, NCCL's sweet spot and a
-/// bounded extra copy for large models).
+/// Gradient elements summed in one collective after the backward (ZeRO 0 and 1): 64 Mi float32,
+/// 256 MiB, NCCL's sweet spot and a bounded extra buffer for large models.
 const BUCKET_ELEMENTS: usize = 64 << 20;
+
+/// Gradient elements of one ZeRO 2 bucket, reduced while the backward goes on: 16 Mi float32
+/// (64 MiB), so that a rank holds little more than the buckets in flight (an 8B model's layer
+/// is about 13 buckets; a larger tensor is a bucket of its own).
+const ZERO2_BUCKET_ELEMENTS: usize = 16 << 20;
 
 /// A trainer's ranks: the collective, the stage, and who owns which parameter.
 pub struct DataParallel {
@@ -24,6 +43,9 @@ pub struct DataParallel {
     zero: ZeroStage,
     /// The owning rank of each parameter (index into `Model::params`).
     owners: Vec<usize>,
+    /// ZeRO 2's buckets: runs of parameter indices with one owner, in the order the backward
+    /// produces them (the last parameters first).
+    buckets: Vec<Vec<usize>>,
 }
 
 impl DataParallel {
@@ -31,7 +53,22 @@ impl DataParallel {
     pub fn new(comm: Box<dyn Collective>, zero: ZeroStage, params: &[Param]) -> Self {
         let sizes: Vec<usize> = params.iter().map(|p| p.var.elem_count()).collect();
         let owners = owners(&sizes, comm.world_size());
-        Self { comm, zero, owners }
+        let buckets = zero2_buckets(&sizes, &owners, ZERO2_BUCKET_ELEMENTS);
+        Self {
+            comm,
+            zero,
+            owners,
+            buckets,
+        }
+    }
+
+    /// ZeRO 2 buckets of at most `elements` gradient elements (a larger tensor is a bucket of
+    /// its own): smaller buckets hold less memory in flight and start reducing earlier in the
+    /// backward, larger ones make fewer collectives.
+    pub fn with_bucket_elements(mut self, params: &[Param], elements: usize) -> Self {
+        let sizes: Vec<usize> = params.iter().map(|p| p.var.elem_count()).collect();
+        self.buckets = zero2_buckets(&sizes, &self.owners, elements);
+        self
     }
 
     /// This process's rank.
@@ -49,7 +86,13 @@ impl DataParallel {
         self.zero
     }
 
-    /// This rank's examples of each micro-batch of a step every rank planned alike.
+    /// Whether each rank updates only the parameters it owns (ZeRO 1 and 2).
+    pub(crate) fn sharded(&self) -> bool {
+        self.zero != ZeroStage::Zero0
+    }
+
+    /// This rank's examples of each micro-batch of a step every rank planned alike (empty where
+    /// it has none: it still joins that micro-batch's collectives).
     pub(crate) fn share(&self, micro_batches: &[&[Example]]) -> Vec<Vec<Example>> {
         micro_batches
             .iter()
@@ -71,119 +114,186 @@ impl DataParallel {
         Ok(self.sum_host(&[yes as u8 as f64])?[0] > 0.0)
     }
 
-    /// The sum of a device tensor (a loss) over ranks.
+    /// The sum of a tensor (a loss, a squared norm) over ranks.
     pub(crate) fn sum(&self, t: &Tensor) -> Result<Tensor> {
         self.comm.all_reduce_sum(t)
     }
 
-    /// The gradients summed over ranks. A parameter gets a gradient if some rank has one (a
-    /// rank without contributes zeros), and none where no rank has (an expert no token was
-    /// routed to anywhere: AdamW then skips it, as one process would).
-    pub(crate) fn sum_grads(
+    /// For each parameter, how many ranks have a gradient for it (`local` is this rank's).
+    fn presence(&self, local: Option<&GradStore>, params: &[Param]) -> Result<Vec<f64>> {
+        let mine: Vec<f64> = params
+            .iter()
+            .map(|p| local.and_then(|g| g.get(p.var.as_tensor())).is_some() as u8 as f64)
+            .collect();
+        self.sum_host(&mine)
+    }
+
+    /// The step's gradients after the last backward: summed over ranks on every rank (ZeRO 0),
+    /// or on each parameter's owner only, the other ranks keeping none (ZeRO 1). A parameter
+    /// gets a gradient if some rank has one (a rank without contributes zeros), and none where
+    /// no rank has (an expert no token was routed to anywhere: AdamW then skips it, as one
+    /// process would). `None` when no rank has any gradient.
+    pub(crate) fn reduce_grads(
         &self,
         local: Option<GradStore>,
         params: &[Param],
     ) -> Result<Option<GradStore>> {
-        let presence: Vec<f64> = params
-            .iter()
-            .map(|p| {
-                local
-                    .as_ref()
-                    .and_then(|g| g.get(p.var.as_tensor()))
-                    .is_some() as u8 as f64
-            })
-            .collect();
-        let anywhere = self.sum_host(&presence)?;
+        let anywhere = self.presence(local.as_ref(), params)?;
         if anywhere.iter().all(|&x| x == 0.0) {
             return Ok(None);
         }
-        let mut out = match local {
-            Some(g) => g,
-            None => {
-                // An empty store: the gradients of a scalar that depends on nothing.
-                let z = Tensor::zeros((), DType::F32, params[0].var.device())?;
-                z.backward()?
+        let mut local = local.map_or_else(empty_store, Ok)?;
+        let mut out = empty_store()?;
+        let mut flush = |items: Vec<(usize, Tensor)>, owner: Option<usize>| -> Result<()> {
+            for (i, g) in self.reduce_bucket(items, owner)? {
+                out.insert(params[i].var.as_tensor(), g);
             }
+            Ok(())
         };
-        // Summed in buckets of whole tensors, flattened and joined: one collective a bucket
-        // instead of one a parameter (each NCCL call and TCP exchange has a fixed cost).
-        let mut bucket: Vec<(&Param, Tensor)> = Vec::new();
+        // Buckets of whole tensors in parameter order, each within one owner under ZeRO 1.
+        let mut bucket: Vec<(usize, Tensor)> = Vec::new();
         let mut filled = 0;
-        for (p, n) in params.iter().zip(&anywhere) {
-            if *n == 0.0 {
+        for (i, p) in params.iter().enumerate() {
+            if anywhere[i] == 0.0 {
                 continue;
             }
-            let t = p.var.as_tensor();
-            let g = match out.remove(t) {
-                Some(g) => g.to_dtype(DType::F32)?,
-                None => t.to_dtype(DType::F32)?.zeros_like()?,
+            let owner = self.sharded().then_some(self.owners[i]);
+            let last_owner = bucket.last().map(|(j, _)| self.owners[*j]);
+            if self.sharded() && last_owner.is_some_and(|o| o != self.owners[i]) {
+                flush(std::mem::take(&mut bucket), last_owner)?;
+                filled = 0;
+            }
+            let g = match local.remove(p.var.as_tensor()) {
+                Some(g) => g,
+                None => zeros_of(p)?,
             };
             filled += g.elem_count();
-            bucket.push((p, g));
+            bucket.push((i, g));
             if filled >= BUCKET_ELEMENTS {
-                self.sum_bucket(std::mem::take(&mut bucket), &mut out)?;
+                flush(std::mem::take(&mut bucket), owner)?;
                 filled = 0;
             }
         }
-        self.sum_bucket(bucket, &mut out)?;
+        let last_owner = bucket.last().map(|(j, _)| self.owners[*j]);
+        flush(bucket, last_owner.filter(|_| self.sharded()))?;
         Ok(Some(out))
     }
 
-    /// Sums the gradients of one bucket over ranks as one flat tensor and puts each back.
-    fn sum_bucket(&self, bucket: Vec<(&Param, Tensor)>, out: &mut GradStore) -> Result<()> {
-        if bucket.is_empty() {
-            return Ok(());
+    /// Sums one bucket over ranks, to every rank (`owner` `None`) or to `owner` only, and
+    /// returns each item's sum in its shape (nothing on a rank that is not the owner).
+    fn reduce_bucket(
+        &self,
+        items: Vec<(usize, Tensor)>,
+        owner: Option<usize>,
+    ) -> Result<Vec<(usize, Tensor)>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
         }
-        let flat: Vec<Tensor> = bucket
+        let grads: Vec<Tensor> = items
             .iter()
-            .map(|(_, g)| g.flatten_all())
+            .map(|(_, g)| g.contiguous())
             .collect::<candle_core::Result<_>>()?;
-        let summed = self.comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
+        let flat = flatten_f32(&grads.iter().collect::<Vec<_>>())?;
+        drop(grads);
+        let summed = match owner {
+            None => Some(self.comm.all_reduce_sum_owned(flat)?),
+            Some(o) => self.comm.reduce_sum_owned(flat, o)?,
+        };
+        let Some(summed) = summed else {
+            return Ok(Vec::new());
+        };
         let mut at = 0;
-        for (p, g) in bucket {
+        let mut out = Vec::with_capacity(items.len());
+        for (i, g) in items {
             let n = g.elem_count();
-            out.insert(
-                p.var.as_tensor(),
-                summed.narrow(0, at, n)?.reshape(g.shape())?,
-            );
+            out.push((i, summed.narrow(0, at, n)?.reshape(g.shape())?));
             at += n;
         }
-        Ok(())
+        Ok(out)
     }
 
-    /// The parameters this rank updates: all of them, or under ZeRO 1 its own.
+    /// A ZeRO 2 step's gradient reduction, fed by the micro-batches' backward passes.
+    pub(crate) fn zero2_step<'a>(&'a self, params: &'a [Param]) -> Zero2Step<'a> {
+        let mut bucket_of = vec![0; params.len()];
+        for (b, members) in self.buckets.iter().enumerate() {
+            for &i in members {
+                bucket_of[i] = b;
+            }
+        }
+        Zero2Step {
+            dp: self,
+            params,
+            index: params
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p.var.as_tensor().id(), i))
+                .collect(),
+            bucket_of,
+            pending: vec![None; params.len()],
+            flushed: 0,
+            late: vec![None; params.len()],
+            owned: vec![None; params.len()],
+            present: vec![0.0; params.len()],
+        }
+    }
+
+    /// The parameters this rank updates: all of them, or under ZeRO 1 and 2 its own.
     pub(crate) fn owned(&self, params: &[Param]) -> Vec<Param> {
         params
             .iter()
             .zip(&self.owners)
-            .filter(|(_, &o)| self.zero == ZeroStage::Zero0 || o == self.rank())
+            .filter(|(_, &o)| !self.sharded() || o == self.rank())
             .map(|(p, _)| p.clone())
             .collect()
     }
 
-    /// Under ZeRO 1, every parameter from its owner after the owners' updates.
+    /// Under ZeRO 1 and 2, every parameter from its owner after the owners' updates: each
+    /// owner's parameters in one flat broadcast (together an all-gather).
     pub(crate) fn sync_params(&self, params: &[Param]) -> Result<()> {
-        if self.zero == ZeroStage::Zero0 {
+        if !self.sharded() {
             return Ok(());
         }
-        for (p, &o) in params.iter().zip(&self.owners) {
-            let t = self.comm.broadcast(p.var.as_tensor(), o)?;
-            if o != self.rank() {
-                p.var.set(&t)?;
+        for owner in 0..self.world_size() {
+            let mine: Vec<&Param> = params
+                .iter()
+                .zip(&self.owners)
+                .filter(|(_, &o)| o == owner)
+                .map(|(p, _)| p)
+                .collect();
+            let Some(first) = mine.first() else {
+                continue;
+            };
+            let total: usize = mine.iter().map(|p| p.var.elem_count()).sum();
+            let flat = if owner == self.rank() {
+                let ts: Vec<&Tensor> = mine.iter().map(|p| p.var.as_tensor()).collect();
+                flatten_f32(&ts)?
+            } else {
+                Tensor::zeros(total, DType::F32, first.var.device())?
+            };
+            let flat = self.comm.broadcast(&flat, owner)?;
+            if owner == self.rank() {
+                continue;
+            }
+            let mut at = 0;
+            for p in mine {
+                let n = p.var.elem_count();
+                let t = flat.narrow(0, at, n)?.reshape(p.var.shape())?;
+                p.var.set(&t.to_dtype(p.var.dtype())?)?;
+                at += n;
             }
         }
         Ok(())
     }
 
     /// The whole optimizer state on rank 0 (the other ranks get an empty map): under ZeRO 1
-    /// each parameter's moments and count come from its owner, so a checkpoint holds what one
-    /// process would have written and resumes on any number of ranks.
+    /// and 2 each parameter's moments and count come from its owner, so a checkpoint holds
+    /// what one process would have written and resumes on any number of ranks.
     pub(crate) fn gather_state(
         &self,
         mine: BTreeMap<String, Tensor>,
         params: &[Param],
     ) -> Result<BTreeMap<String, Tensor>> {
-        if self.zero == ZeroStage::Zero0 {
+        if !self.sharded() {
             return Ok(if self.rank() == 0 {
                 mine
             } else {
@@ -218,4 +328,208 @@ impl DataParallel {
         }
         Ok(all)
     }
+}
+
+/// ZeRO 2's reduction of one optimizer step. The backward hands each parameter gradient to
+/// [`Zero2Step::push`] as it is made; when a bucket (`DataParallel::buckets`) has all of its
+/// gradients, it and every bucket before it still open are reduced to their owners, in bucket
+/// order, with zeros where this rank has no gradient yet: every rank reduces the same buckets
+/// in the same order whatever its data, so the collectives match. At the end of a micro-batch
+/// (also one this rank had no examples for) the buckets still open are reduced. A gradient
+/// that arrives after its bucket went (one the graph's own backward returns at the end, such as
+/// a final norm's, or a tied embedding's second part) waits for the step's end, where such late
+/// gradients are reduced for every parameter any rank has one for. Only the owner keeps a sum.
+pub(crate) struct Zero2Step<'a> {
+    dp: &'a DataParallel,
+    params: &'a [Param],
+    index: HashMap<TensorId, usize>,
+    bucket_of: Vec<usize>,
+    /// This micro-batch's gradients whose bucket is still open.
+    pending: Vec<Option<Tensor>>,
+    /// Buckets reduced in this micro-batch.
+    flushed: usize,
+    /// Gradients that came after their bucket was reduced, summed over the step.
+    late: Vec<Option<Tensor>>,
+    /// The sums over ranks and micro-batches of the parameters this rank owns.
+    owned: Vec<Option<Tensor>>,
+    /// 1 where this rank had a gradient in some micro-batch.
+    present: Vec<f64>,
+}
+
+impl Zero2Step<'_> {
+    /// Takes the gradient `g` of `p` if `p` is a parameter (`Some(g)` back otherwise), and
+    /// reduces every bucket that is complete.
+    pub(crate) fn push(&mut self, p: &Tensor, g: Tensor) -> Result<Option<Tensor>> {
+        let Some(&i) = self.index.get(&p.id()) else {
+            return Ok(Some(g));
+        };
+        self.push_index(i, g)?;
+        Ok(None)
+    }
+
+    fn push_index(&mut self, i: usize, g: Tensor) -> Result<()> {
+        self.present[i] = 1.0;
+        let slot = if self.bucket_of[i] < self.flushed {
+            &mut self.late[i]
+        } else {
+            &mut self.pending[i]
+        };
+        *slot = Some(match slot.take() {
+            Some(prev) => add_grad(&prev, &g)?,
+            None => g,
+        });
+        let b = self.bucket_of[i];
+        if b >= self.flushed
+            && self.dp.buckets[b]
+                .iter()
+                .all(|&j| self.pending[j].is_some())
+        {
+            // The buckets before it go too, in order, whatever they hold: every rank reduces
+            // the same buckets in the same order, and what comes for them later is late.
+            while self.flushed <= b {
+                self.flush_next()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reduces the next bucket to its owner (zeros where this rank has no gradient).
+    fn flush_next(&mut self) -> Result<()> {
+        if graph::in_scope() {
+            BUCKETS_IN_BACKWARD.with(|c| c.set(c.get() + 1));
+        }
+        let members = &self.dp.buckets[self.flushed];
+        let items = members
+            .iter()
+            .map(|&i| {
+                let g = match self.pending[i].take() {
+                    Some(g) => g,
+                    None => zeros_of(&self.params[i])?,
+                };
+                Ok((i, g))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let owner = self.dp.owners[members[0]];
+        for (i, g) in self.dp.reduce_bucket(items, Some(owner))? {
+            add_into(&mut self.owned[i], g)?;
+        }
+        self.flushed += 1;
+        Ok(())
+    }
+
+    /// Ends a micro-batch: the gradients its backward returned through the graph (`None` for
+    /// a micro-batch this rank had nothing to compute for), then every bucket still open.
+    pub(crate) fn end_micro_batch(&mut self, mut rest: Option<GradStore>) -> Result<()> {
+        if let Some(store) = &mut rest {
+            for (i, p) in self.params.iter().enumerate() {
+                if let Some(g) = store.remove(p.var.as_tensor()) {
+                    self.push_index(i, g)?;
+                }
+            }
+        }
+        while self.flushed < self.dp.buckets.len() {
+            self.flush_next()?;
+        }
+        self.flushed = 0;
+        Ok(())
+    }
+
+    /// The step's gradients of the parameters this rank owns, summed over ranks and
+    /// micro-batches; as in [`DataParallel::reduce_grads`], none for a parameter no rank has a
+    /// gradient for, and `None` when no rank has any.
+    pub(crate) fn finish(mut self) -> Result<Option<GradStore>> {
+        let dp = self.dp;
+        let mut flags = self.present.clone();
+        flags.extend(self.late.iter().map(|g| g.is_some() as u8 as f64));
+        let counts = dp.sum_host(&flags)?;
+        let (anywhere, late) = counts.split_at(self.params.len());
+        if anywhere.iter().all(|&x| x == 0.0) {
+            return Ok(None);
+        }
+        // Late gradients: one bucket per owner run, for every parameter some rank has one for.
+        let mut run: Vec<(usize, Tensor)> = Vec::new();
+        for i in 0..self.params.len() {
+            if late[i] == 0.0 {
+                continue;
+            }
+            if run
+                .last()
+                .is_some_and(|(j, _)| dp.owners[*j] != dp.owners[i])
+            {
+                let owner = dp.owners[run[0].0];
+                for (k, g) in dp.reduce_bucket(std::mem::take(&mut run), Some(owner))? {
+                    add_into(&mut self.owned[k], g)?;
+                }
+            }
+            let g = match self.late[i].take() {
+                Some(g) => g,
+                None => zeros_of(&self.params[i])?,
+            };
+            run.push((i, g));
+        }
+        if let Some(owner) = run.first().map(|(j, _)| dp.owners[*j]) {
+            for (k, g) in dp.reduce_bucket(run, Some(owner))? {
+                add_into(&mut self.owned[k], g)?;
+            }
+        }
+        let mut out = empty_store()?;
+        for (i, g) in self.owned.into_iter().enumerate() {
+            if let Some(g) = g.filter(|_| anywhere[i] > 0.0) {
+                out.insert(self.params[i].var.as_tensor(), g);
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
+thread_local! {
+    /// ZeRO 2 buckets this thread reduced while a backward was still running.
+    static BUCKETS_IN_BACKWARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many ZeRO 2 buckets this thread reduced while a backward was still running (for tests
+/// that must know the reduction overlapped the backward, not waited for its end).
+#[doc(hidden)]
+pub fn zero2_buckets_reduced_in_backward() -> usize {
+    BUCKETS_IN_BACKWARD.with(|c| c.get())
+}
+
+/// ZeRO 2's buckets: runs of parameter indices with one owner and at most `elements` elements
+/// (or one larger tensor), in the order the backward produces them (the last parameters first).
+fn zero2_buckets(sizes: &[usize], owners: &[usize], elements: usize) -> Vec<Vec<usize>> {
+    let mut buckets: Vec<Vec<usize>> = Vec::new();
+    let mut filled = 0;
+    for i in (0..sizes.len()).rev() {
+        let joins = buckets
+            .last()
+            .is_some_and(|b| owners[b[0]] == owners[i] && filled + sizes[i] <= elements);
+        if joins {
+            buckets.last_mut().expect("a bucket").push(i);
+            filled += sizes[i];
+        } else {
+            buckets.push(vec![i]);
+            filled = sizes[i];
+        }
+    }
+    buckets
+}
+
+/// An empty gradient store: the gradients of a scalar that depends on nothing.
+fn empty_store() -> Result<GradStore> {
+    Ok(Tensor::zeros((), DType::F32, &candle_core::Device::Cpu)?.backward()?)
+}
+
+/// A zero float32 gradient of `p`'s shape, on its device: a rank's part of a sum it has no
+/// gradient for.
+fn zeros_of(p: &Param) -> Result<Tensor> {
+    Ok(Tensor::zeros(p.var.shape(), DType::F32, p.var.device())?)
+}
+
+/// `acc += g`.
+fn add_into(acc: &mut Option<Tensor>, g: Tensor) -> Result<()> {
+    *acc = Some(match acc.take() {
+        Some(prev) => add_grad(&prev, &g)?,
+        None => g,
+    });
+    Ok(())
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use candle_core::{backprop::GradStore, DType, Device, Tensor};
 
 use super::metrics::StepMetrics;
-use super::optimizer::{clip_grad_norm, AdamW, PendingUpdate};
+use super::optimizer::{AdamW, PendingUpdate};
 use super::parallel::DataParallel;
 use super::readback::Readback;
 use crate::collate::{Collator, TrainBatch};
@@ -17,6 +17,7 @@ use crate::data::Example;
 use crate::dist::ZeroStage;
 use crate::error::{Error, Result};
 use crate::model::{LossScale, Model};
+use crate::nn::graph::with_grad_sink;
 use crate::nn::param::accumulate;
 
 /// Sizes of one optimizer step's micro-batches, summed.
@@ -55,25 +56,29 @@ where
     M: Model,
     C: Collator<Batch = M::Batch>,
 {
+    // One entry per micro-batch of the step: `None` where this rank has no examples in it
+    // (it still joins that micro-batch's collectives).
     let shares = dp.map(|d| d.share(micro_batches));
     let mine: Vec<&[Example]> = match &shares {
-        Some(s) => s
-            .iter()
-            .map(Vec::as_slice)
-            .filter(|s| !s.is_empty())
-            .collect(),
+        Some(s) => s.iter().map(Vec::as_slice).collect(),
         None => micro_batches.to_vec(),
     };
-    let batches = mine
+    let batches: Vec<Option<M::Batch>> = mine
         .iter()
-        .map(|mb| collator.collate(mb, device))
-        .collect::<Result<Vec<_>>>()?;
+        .map(|s| {
+            (!s.is_empty())
+                .then(|| collator.collate(s, device))
+                .transpose()
+        })
+        .collect::<Result<_>>()?;
+    let n_examples: usize = mine.iter().map(|s| s.len()).sum();
+    let mine = || batches.iter().flatten();
     let local = [
-        batches.iter().map(|b| b.loss_units()).sum::<f64>(),
-        batches.iter().map(|b| b.n_targets()).sum::<usize>() as f64,
-        batches.iter().map(|b| b.n_tokens()).sum::<usize>() as f64,
-        batches.iter().map(|b| b.n_positions()).sum::<usize>() as f64,
-        mine.iter().map(|m| m.len()).sum::<usize>() as f64,
+        mine().map(|b| b.loss_units()).sum::<f64>(),
+        mine().map(|b| b.n_targets()).sum::<usize>() as f64,
+        mine().map(|b| b.n_tokens()).sum::<usize>() as f64,
+        mine().map(|b| b.n_positions()).sum::<usize>() as f64,
+        n_examples as f64,
     ];
     // The step's sizes over every rank: host numbers, exchanged without touching the device.
     let all = match dp {
@@ -97,16 +102,36 @@ where
             None => x,
         }))
     };
+    // ZeRO 2 reduces each micro-batch's gradients while its backward runs.
+    let mut zero2 = dp
+        .filter(|d| d.zero() == ZeroStage::Zero2)
+        .map(|d| d.zero2_step(model.params()));
     for b in &batches {
-        if b.n_targets() == 0 {
+        let Some(b) = b.as_ref().filter(|b| b.n_targets() > 0) else {
+            if let Some(z) = &mut zero2 {
+                z.end_micro_batch(None)?;
+            }
             continue;
-        }
+        };
         let share = b.n_tokens() as f64 / sizes.tokens as f64;
         let scale = LossScale {
             per_unit: 1.0 / sizes.loss_units,
             aux: share,
         };
-        let (l, grads) = model.forward_backward(b, scale)?;
+        let l = match &mut zero2 {
+            Some(z) => {
+                let (l, rest) = with_grad_sink(&mut |p, g| z.push(p, g), || {
+                    model.forward_backward(b, scale)
+                })?;
+                z.end_micro_batch(Some(rest))?;
+                l
+            }
+            None => {
+                let (l, grads) = model.forward_backward(b, scale)?;
+                accumulate(&mut acc, grads, model.params())?;
+                l
+            }
+        };
         // Detached: a loss kept for later reading must not keep the graph (every activation of
         // the step) alive past its backward.
         loss_sum = f64_sum(loss_sum, l.sum.detach())?;
@@ -114,11 +139,13 @@ where
             let a = a.detach().to_dtype(DType::F64)?;
             aux_loss = f64_sum(aux_loss, (a * share)?)?;
         }
-        accumulate(&mut acc, grads, model.params())?;
     }
     if let Some(d) = dp {
         // Every rank joins every sum, with zeros where it had nothing to add.
-        acc = d.sum_grads(acc, model.params())?;
+        acc = match zero2 {
+            Some(z) => z.finish()?,
+            None => d.reduce_grads(acc, model.params())?,
+        };
         let zero = || Tensor::zeros((), DType::F64, device);
         let has_aux = d.any(aux_loss.is_some())?;
         loss_sum = match (&acc, loss_sum) {
@@ -220,28 +247,22 @@ impl Stepper {
             });
         };
         let t_grads = t0.elapsed();
-        let update = match dp.filter(|d| d.zero() == ZeroStage::Zero1) {
-            // Every rank holds the summed gradients: the norm is the global one everywhere;
-            // each rank updates what it owns, then takes every parameter from its owner.
+        let update = match dp.filter(|d| d.sharded()) {
+            // Each rank holds the summed gradients of the parameters it owns: it updates those,
+            // clipped by the norm over every rank's (one scalar sum), then takes every other
+            // parameter from its owner.
             Some(d) => {
                 let params = model.params();
-                let norm = clip_grad_norm(&mut g.grads, params, max_grad_norm)?;
-                let guard = if norm.is_finite() {
-                    g.loss_sum.clone()
-                } else {
-                    Tensor::new(f64::NAN, device)?
-                };
-                let update = self
-                    .optimizer
-                    .enqueue_clip_and_step(
-                        &mut g.grads,
-                        &d.owned(params),
-                        0.0,
-                        lr,
-                        Some(&guard),
-                        &[],
-                    )?
-                    .with_norm(norm);
+                let sum = |sumsq: &Tensor| d.sum(sumsq);
+                let update = self.optimizer.enqueue_clip_and_step(
+                    &mut g.grads,
+                    &d.owned(params),
+                    max_grad_norm,
+                    lr,
+                    Some(&g.loss_sum),
+                    &[],
+                    Some(&sum),
+                )?;
                 d.sync_params(params)?;
                 model.set_compute_copies_fresh(false);
                 update
@@ -259,6 +280,7 @@ impl Stepper {
                     lr,
                     Some(&g.loss_sum),
                     &copies,
+                    None,
                 )?;
                 model.set_compute_copies_fresh(keep_copies && update.wrote_copies());
                 update

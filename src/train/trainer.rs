@@ -409,13 +409,10 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             start: Instant::now(),
             cadence,
         };
-        // Ranks finish every step before the next: a stop request must reach all of them at
-        // the same step.
         let overlap = self
             .config
             .overlap_steps
-            .unwrap_or_else(|| self.device.is_cuda())
-            && self.dp.is_none();
+            .unwrap_or_else(|| self.device.is_cuda());
         tracing::info!(
             examples = train.len(),
             steps = total,
@@ -431,6 +428,7 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         // A save or stop asked for while the next step was already enqueued.
         let mut pending_control = Control::Continue;
         loop {
+            let stop_asked = self.agreed_stop()?;
             // A barrier step (eval, save, the end) is finished before the next one is enqueued;
             // otherwise the next one is enqueued first, so the device never waits for the host.
             let may_enqueue = next_step < total
@@ -438,7 +436,7 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                 && pending_control == Control::Continue
                 && in_flight
                     .as_ref()
-                    .is_none_or(|f| overlap && !f.barrier && !self.stop.load(Ordering::SeqCst));
+                    .is_none_or(|f| overlap && !f.barrier && !stop_asked);
             let enqueued = if may_enqueue {
                 let micro_batches = plan.next_step(&lengths, &plan_config);
                 let pending = self.enqueue_planned(next_step, train, &micro_batches, &schedule)?;
@@ -460,13 +458,7 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
                 continue;
             };
             let (mut control, due) = self.report_step(done, &mut state, &mut run, train, eval)?;
-            if let Some(dp) = &self.dp {
-                // A signal reaches the ranks at different moments: stop where any rank would.
-                if dp.any(self.stop.load(Ordering::SeqCst))? {
-                    self.stop.store(true, Ordering::SeqCst);
-                }
-            }
-            if self.stop.load(Ordering::SeqCst) {
+            if self.agreed_stop()? {
                 run.summary.interrupted = true;
                 control = Control::Stop;
             }
@@ -502,6 +494,21 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             )?;
         }
         Ok(run.summary)
+    }
+
+    /// Whether a stop was asked for. A signal reaches the ranks of a data-parallel run at
+    /// different moments, so they agree (any rank's request counts) at the same points of the
+    /// loop, and every rank enqueues and stops at the same step.
+    fn agreed_stop(&self) -> Result<bool> {
+        let asked = self.stop.load(Ordering::SeqCst);
+        let Some(dp) = &self.dp else {
+            return Ok(asked);
+        };
+        let agreed = dp.any(asked)?;
+        if agreed {
+            self.stop.store(true, Ordering::SeqCst);
+        }
+        Ok(agreed)
     }
 
     /// A step is done: its metrics written and shown, the callbacks asked, and the evaluation

@@ -199,3 +199,20 @@ extern "C" __global__ void cast_bf16_multi(const Slot* __restrict__ slots, const
         for (uint64_t i = vend + threadIdx.x; i < end; i += blockDim.x) y[i] = __float2bfloat16_rn(x[i]);
     }
 }
+
+// p[i] = float(g[i]) for every slot: gradients (bf16 or float32) widened into one flat float32
+// buffer (each slot's p points at its place in it), in one launch, so that a data-parallel
+// bucket costs one kernel and one collective instead of a cast and a copy per parameter.
+extern "C" __global__ void widen_into_multi(const Slot* __restrict__ slots, const uint32_t* __restrict__ prefix,
+                                            int nslots) {
+    const uint32_t chunks = prefix[nslots];
+    for (uint32_t c = blockIdx.x; c < chunks; c += gridDim.x) {
+        uint64_t start, end;
+        const Slot& s = chunk_range(slots, prefix, nslots, c, start, end);
+        float* y = s.p;
+        const uint64_t vend = grad_vec(s) && aligned16(y) ? start + (end - start) / 4 * 4 : start;
+        for (uint64_t i = start + 4 * threadIdx.x; i < vend; i += 4 * blockDim.x)
+            *reinterpret_cast<float4*>(y + i) = grad4(s, i);
+        for (uint64_t i = vend + threadIdx.x; i < end; i += blockDim.x) y[i] = grad1(s, i);
+    }
+}
