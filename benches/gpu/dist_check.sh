@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One GPU, the NCCL path end to end (issue 21): `packsft launch --nproc-per-node 1` (world size 1,
-# NCCL communicator, ZeRO 0 and 1) against plain `packsft train` on the same recipe: the same
+# NCCL communicator, ZeRO 0, 1 and 2) against plain `packsft train` on the same recipe: the same
 # losses, and tokens/s. Run from the repository root: `bash .device/dist_check.sh`.
+# SHAPE=small: the quickstart model at hidden 256 (a step of a few ms: every host cost shows);
+# SHAPE=1b: the quickstart recipe at TinyLlama-1.1B's shape (hidden 2048, 22 layers).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 NCCL_LIB=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null \
@@ -10,19 +12,30 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${NCCL_LIB}:${LD_LIBRARY_PATH:-}
 D=$(cd "$(dirname "$0")" && pwd)
 [ -x $D/packsft ] || (cd $D && xz -d -k packsft.xz)
 STEPS=${STEPS:-60}
+SHAPE=${SHAPE:-small}
+case $SHAPE in
+  small) MODEL="model.config.hidden_size=256 model.config.intermediate_size=704" ;;
+  1b) MODEL="model.config.hidden_size=2048 model.config.intermediate_size=5632 model.config.num_hidden_layers=22
+        model.config.num_attention_heads=32 model.config.num_key_value_heads=4 train.batch_size=16" ;;
+esac
 ARGS="recipes/quickstart.yaml train.device=cuda train.dtype=bf16 train.max_steps=$STEPS train.eval_steps=0 data.eval=null
-  train.logging_steps=10 model.config.hidden_size=256 model.config.intermediate_size=704"
-$D/packsft train $ARGS output_dir=/tmp/d-plain 2>/tmp/d-plain.err | tail -1
-for z in 0 1; do
-  $D/packsft launch --nproc-per-node 1 -- train $ARGS output_dir=/tmp/d-z$z dist.zero=$z 2>/tmp/d-z$z.err | tail -1
-  grep -E "error|NCCL|data parallel" /tmp/d-z$z.err | head -5
+  train.logging_steps=10 train.save_steps=0 $MODEL"
+$D/packsft train $ARGS output_dir=/tmp/d-$SHAPE-plain 2>/tmp/d-$SHAPE-plain.err | tail -1
+grep -iE "error" /tmp/d-$SHAPE-plain.err | head -5
+for z in 0 1 2; do
+  $D/packsft launch --nproc-per-node 1 -- train $ARGS output_dir=/tmp/d-$SHAPE-z$z dist.zero=$z 2>/tmp/d-$SHAPE-z$z.err | tail -1
+  grep -iE "error|data parallel" /tmp/d-$SHAPE-z$z.err | head -5
 done
-python3 - <<'PY'
-import json
-runs = {k: [json.loads(l) for l in open(f"/tmp/d-{k}/metrics.jsonl") if '"loss"' in l] for k in ("plain", "z0", "z1")}
-for k in ("z0", "z1"):
+SHAPE=$SHAPE python3 - <<'PY'
+import json, os
+shape = os.environ["SHAPE"]
+runs = {k: [json.loads(l) for l in open(f"/tmp/d-{shape}-{k}/metrics.jsonl") if '"loss"' in l]
+        for k in ("plain", "z0", "z1", "z2")}
+tps = lambda rs: sum(r["tokens_per_s"] for r in rs[2:]) / len(rs[2:])
+for k in ("z0", "z1", "z2"):
     worst = max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(runs[k], runs["plain"]))
-    tps = lambda rs: sum(r["tokens_per_s"] for r in rs[5:]) / len(rs[5:])
-    print(f"{k}: steps {len(runs[k])}, worst loss rel diff vs plain {worst:.2e}, "
+    same_as_z0 = all(a["loss"] == b["loss"] for a, b in zip(runs[k], runs["z0"]))
+    print(f"{shape} {k}: steps {len(runs[k])}, worst loss rel diff vs plain {worst:.2e}, "
+          f"losses identical to z0: {same_as_z0}, "
           f"tokens/s {tps(runs[k]):.0f} vs plain {tps(runs['plain']):.0f} ({tps(runs[k]) / tps(runs['plain']):.3f}x)")
 PY

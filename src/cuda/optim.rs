@@ -265,6 +265,7 @@ pub fn adamw_step(
         sumsq = sum(&sumsq)?.contiguous()?;
     }
     let f = kernel(dev, MODULE, PTX, "adamw_multi")?;
+    let cfg = t.resident_cfg(dev, &f)?;
     with_storages(&[&sumsq], |st| {
         let norm = cview::<f64>(st[0].0, st[0].1)?;
         let mut b = stream.launch_builder(&f);
@@ -274,7 +275,7 @@ pub fn adamw_step(
             .arg(&h.beta1)
             .arg(&h.beta2)
             .arg(&h.eps);
-        unsafe { b.launch(t.resident_cfg(dev, &f)?) }.w()?;
+        unsafe { b.launch(cfg) }.w()?;
         Ok(())
     })?;
     Ok(sumsq)

@@ -9,6 +9,7 @@ pub mod env;
 pub mod nccl;
 pub mod tcp;
 pub mod threads;
+pub mod watchdog;
 
 pub use env::World;
 

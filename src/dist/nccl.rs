@@ -1,7 +1,10 @@
 //! NCCL through cudarc (candle's `nccl` feature): the collectives of GPU runs, on candle's own
 //! stream, so they queue behind the backward that made the gradients without the host
 //! waiting. Host numbers (step sizes, flags) and NCCL's unique id go over the run's TCP
-//! channel ([`TcpComm`]), which also did the rendezvous and its hash check.
+//! channel ([`TcpComm`]), which also did the rendezvous and its hash check. A [`Watchdog`]
+//! follows the initialisation and every collective: one that has not completed within
+//! `dist.timeout_s` (a rank died or hangs) ends this process with an error naming it, and the
+//! launcher then stops the others.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
@@ -11,6 +14,9 @@ use candle_core::{
 };
 
 use super::tcp::TcpComm;
+use super::watchdog::Watchdog;
+use std::time::Duration;
+
 use super::{comm_err, Collective};
 use crate::error::Result;
 
@@ -26,14 +32,34 @@ unsafe impl Sync for OwnedComm {}
 pub struct NcclComm {
     comm: OwnedComm,
     host: TcpComm,
+    device: candle_core::CudaDevice,
+    watchdog: Watchdog,
 }
 
 /// Joins the NCCL communicator of the ranks `host` connects, on `device` (this rank's GPU):
 /// rank 0 makes the unique id and sends it over the TCP channel.
-pub fn connect(host: TcpComm, device: &Device) -> Result<NcclComm> {
+pub fn connect(host: TcpComm, device: &Device, timeout: Duration) -> Result<NcclComm> {
     let Device::Cuda(dev) = device else {
         return Err(comm_err(host.rank(), "NCCL needs a CUDA device"));
     };
+    let rank = host.rank();
+    // The process cannot go on: the host would wait for the device forever. Exiting releases
+    // the GPU and its communicator; the launcher sees the status and stops the other ranks.
+    let watchdog = Watchdog::new(
+        timeout,
+        Duration::from_millis(200),
+        Box::new(move |what| {
+            tracing::error!("{what}; exiting");
+            eprintln!("packsft: {what}; exiting");
+            std::process::exit(3);
+        }),
+    );
+    let initialised = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = initialised.clone();
+    watchdog.watch(
+        format!("rank {rank}: NCCL initialisation"),
+        Box::new(move || flag.load(std::sync::atomic::Ordering::SeqCst)),
+    );
     let id = if host.rank() == 0 {
         Id::new().map_err(|e| {
             comm_err(
@@ -57,9 +83,12 @@ pub fn connect(host: TcpComm, device: &Device) -> Result<NcclComm> {
         Id::uninit(internal),
     )
     .map_err(|e| comm_err(host.rank(), format!("NCCL init: {e:?}")))?;
+    initialised.store(true, std::sync::atomic::Ordering::SeqCst);
     Ok(NcclComm {
         comm: OwnedComm(comm),
         host,
+        device: dev.clone(),
+        watchdog,
     })
 }
 
@@ -170,6 +199,22 @@ impl InplaceOp1 for InPlace<'_> {
 }
 
 impl NcclComm {
+    /// Follows the collective just enqueued (`what`, of `n` elements) until the stream
+    /// passes it.
+    fn watch(&self, what: &str, n: usize) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+        let stream = self.device.cuda_stream();
+        let event = stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+            .map_err(|e| comm_err(self.rank(), format!("CUDA event: {e:?}")))?;
+        let ctx = stream.context().clone();
+        self.watchdog.watch(
+            format!("rank {}: NCCL {what} of {n} elements", self.rank()),
+            Box::new(move || ctx.bind_to_thread().is_ok() && event.is_complete()),
+        );
+        Ok(())
+    }
+
     fn collective(&self, t: &Tensor, root: Option<usize>) -> Result<Tensor> {
         if !t.device().is_cuda() {
             return match root {
@@ -179,10 +224,16 @@ impl NcclComm {
         }
         // A fresh contiguous buffer: the collective must not see a view of a larger one.
         let t = t.contiguous()?.copy()?;
-        Ok(t.apply_op1_no_bwd(&Op {
+        let out = t.apply_op1_no_bwd(&Op {
             comm: &self.comm.0,
             root,
-        })?)
+        })?;
+        let what = match root {
+            None => "all-reduce".to_string(),
+            Some(r) => format!("broadcast from rank {r}"),
+        };
+        self.watch(&what, t.elem_count())?;
+        Ok(out)
     }
 }
 
@@ -215,6 +266,7 @@ impl Collective for NcclComm {
             comm: &self.comm.0,
             root: None,
         })?;
+        self.watch("all-reduce", t.elem_count())?;
         Ok(t)
     }
 
@@ -227,6 +279,7 @@ impl Collective for NcclComm {
             comm: &self.comm.0,
             root: Some(root),
         })?;
+        self.watch(&format!("reduce to rank {root}"), t.elem_count())?;
         Ok((self.rank() == root).then_some(t))
     }
 }

@@ -275,7 +275,7 @@ pub fn build_trainer(
             let hash = run_hash(recipe, &p.train)?;
             let timeout = std::time::Duration::from_secs(recipe.dist.timeout_s);
             let host = crate::dist::tcp::connect(w, hash, timeout)?;
-            let comm = connect_devices(host, device)?;
+            let comm = connect_devices(host, device, timeout)?;
             tracing::info!(
                 rank = w.rank,
                 world_size = w.size,
@@ -605,11 +605,13 @@ fn run_hash(recipe: &Recipe, train: &Dataset) -> Result<u64> {
 fn connect_devices(
     host: crate::dist::tcp::TcpComm,
     device: &Device,
+    timeout: std::time::Duration,
 ) -> Result<Box<dyn crate::dist::Collective>> {
     #[cfg(feature = "nccl")]
     if device.is_cuda() {
-        return Ok(Box::new(crate::dist::nccl::connect(host, device)?));
+        return Ok(Box::new(crate::dist::nccl::connect(host, device, timeout)?));
     }
+    let _ = timeout;
     if device.is_cuda() {
         tracing::warn!("this build has no NCCL (feature `nccl`): GPU ranks exchange through host copies over TCP");
     }
