@@ -3,7 +3,8 @@
 # has ncu but no nsys): one warm-up and one timed step of `packsft bench`, every kernel timed once
 # (gpu__time_duration, no replay, clocks left alone), summed per kernel name. Assemble .device/
 # with `bash benches/gpu/pack.sh`, then `bash .device/gpu_profile.sh [data] [mode]` there.
-# Writes $OUT/ncu_<data>_<mode>.csv when OUT is set, else to the current folder.
+# Writes $OUT/ncu_<data>_<mode>.csv when OUT is set, else to the current folder. SHAPE picks the
+# shape (llama-1.1b), EXTRA adds bench flags (e.g. EXTRA="--lora 16 --bs 4").
 set -u
 # Builds with `nccl` link libnccl.so.2: PyTorch's copy on the GPU machine.
 NCCL_LIB=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null \
@@ -21,7 +22,7 @@ for data in ${1:-flan}; do
     "$NCU" --clock-control none --cache-control none --metrics gpu__time_duration.sum \
       --print-summary per-kernel --print-units base --csv \
       ./packsft bench $data.jsonl --shape ${SHAPE:-llama-1.1b} --device cuda --dtype bf16 $mode \
-      --steps 1 --warmup 1 > "$f" 2>"$f.err"
+      --steps 1 --warmup 1 ${EXTRA:-} > "$f" 2>"$f.err"
     python3 - "$f" <<'PY'
 import csv, sys, collections
 rows = list(csv.reader(open(sys.argv[1])))
