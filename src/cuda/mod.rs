@@ -11,7 +11,7 @@ mod optim;
 mod rope;
 
 pub use gather::{index_rows, index_rows_grad};
-pub use gemm::weight_grad_bf16;
+pub use gemm::{matmul_bf16, weight_grad_bf16, weight_grad_bf16_scaled};
 pub use launch::usable;
 pub use layers::{add, rms_norm, rms_norm_fits, rms_norm_vjp, silu_mul, silu_mul_vjp};
 pub use loss::{nll, nll_with_backward};

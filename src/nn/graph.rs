@@ -212,6 +212,15 @@ pub fn hand_weight_grad(master: &Tensor, dy: &Tensor, x: &Tensor) -> Result<()> 
     hand_weight_grads(&[(master.clone(), 0, dy.dim(1)?)], dy, x)
 }
 
+/// [`hand_weight_grad`] of `alpha` dy^T x: the factor applied inside the product on CUDA (a LoRA
+/// B's gradient, `scale` dy^T (x A^T), without a pass to scale it).
+pub fn hand_weight_grad_scaled(master: &Tensor, dy: &Tensor, x: &Tensor, alpha: f64) -> Result<()> {
+    if let Some(dw) = kernels::weight_grad_scaled(dy, x, alpha)? {
+        return push_side_grad(master, dw);
+    }
+    side_grad(master, (dy.t()?.matmul(x)? * alpha)?)
+}
+
 /// [`hand_weight_grad`] for several masters whose rows are stacked in dy's columns, as
 /// (master, first row, rows): one product, each master's rows handed over as a view of it.
 pub fn hand_weight_grads(

@@ -156,6 +156,43 @@ pub fn weight_grad(dy: &Tensor, x: &Tensor) -> Result<Option<Tensor>> {
     Ok(None)
 }
 
+/// [`weight_grad`] times `alpha` (the factor in the product's accumulator on CUDA); `None` where
+/// the kernel does not apply.
+pub fn weight_grad_scaled(dy: &Tensor, x: &Tensor, alpha: f64) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if usable(dy) && usable(x) && x.rank() == 2 {
+        return crate::cuda::weight_grad_bf16_scaled(dy, x, alpha as f32).map(Some);
+    }
+    let _ = (dy, x, alpha);
+    Ok(None)
+}
+
+/// `alpha` · a · op(b), plus `acc` when given: a (M, K); b (N, K) with `b_transposed` (op(b) =
+/// b^T), else (K, N). In bf16 on CUDA one cuBLAS call, the factor in its accumulator and the sum
+/// written into acc's own buffer, so `acc` must be a tensor nothing else holds (a product the
+/// caller just made); elsewhere candle's matmul, a scale and an add.
+pub fn scaled_matmul(
+    a: &Tensor,
+    b: &Tensor,
+    b_transposed: bool,
+    alpha: f64,
+    acc: Option<Tensor>,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if usable(a) && usable(b) && a.rank() == 2 && b.rank() == 2 && acc.as_ref().is_none_or(usable) {
+        return crate::cuda::matmul_bf16(a, b, b_transposed, alpha as f32, acc);
+    }
+    let p = match b_transposed {
+        true => a.matmul(&b.t()?)?,
+        false => a.matmul(b)?,
+    };
+    let p = if alpha == 1.0 { p } else { (p * alpha)? };
+    Ok(match acc {
+        Some(c) => (c + p)?,
+        None => p,
+    })
+}
+
 /// The per-row negative log-likelihood of bf16 `logits` (rows, vocab) with a pullback from its
 /// gradient to the logits' gradient; `None` where the fused kernel does not apply.
 pub fn nll_vjp(logits: &Tensor, targets: &Tensor) -> Result<Option<(Tensor, Pullback<Tensor>)>> {

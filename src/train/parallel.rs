@@ -448,10 +448,7 @@ impl Zero2Step<'_> {
         }
         // Late gradients: one bucket per owner run, for every parameter some rank has one for.
         let mut run: Vec<(usize, Tensor)> = Vec::new();
-        for i in 0..self.params.len() {
-            if late[i] == 0.0 {
-                continue;
-            }
+        for (i, _) in late.iter().enumerate().filter(|(_, &n)| n > 0.0) {
             if run
                 .last()
                 .is_some_and(|(j, _)| dp.owners[*j] != dp.owners[i])

@@ -14,7 +14,8 @@ use super::parts::{activate, head_norm, stacked_qkv, FwdCtx, Layer, Lin, Mlp, No
 use super::stacked::StackedAdapters;
 use crate::error::{Error, Result};
 use crate::nn::graph::{
-    count_hand_backward, hand_weight_grad, hand_weight_grads, in_scope, side_grad, Attach,
+    count_hand_backward, hand_weight_grad, hand_weight_grad_scaled, hand_weight_grads, in_scope,
+    side_grad, Attach,
 };
 use crate::nn::kernels::{self, add};
 use crate::nn::ops;
@@ -43,10 +44,12 @@ fn lin_vjp(lin: &Lin, x: &Tensor) -> Result<(Tensor, Back)> {
                 Some(m) => (x * m)?,
                 None => x.clone(),
             };
-            let us = (xd.matmul(&a.t()?)? * ad.scale)?;
-            let y = (y + us.matmul(&b.t()?)?)?;
+            // u = dropout(x) A^T unscaled; y += s u B^T in the product's own pass (y is the
+            // base product just made, held nowhere else).
+            let u = xd.matmul(&a.t()?)?;
+            let y = kernels::scaled_matmul(&u, &b, true, ad.scale, Some(y))?;
             let masters = (ad.a.clone(), ad.b.clone());
-            (y, Some((masters, a, b, xd, us, mask, ad.scale)))
+            (y, Some((masters, a, b, xd, u, mask, ad.scale)))
         }
     };
     let (x, master, bias) = (x.clone(), lin.w.clone(), lin.b.clone());
@@ -59,18 +62,17 @@ fn lin_vjp(lin: &Lin, x: &Tensor) -> Result<(Tensor, Back)> {
             side_grad(b, dy.to_dtype(DType::F32)?.sum(0)?)?;
         }
         let dx = dy.matmul(&w)?;
-        let Some(((ma, mb), a, b, xd, us, mask, s)) = &adapter else {
+        let Some(((ma, mb), a, b, xd, u, mask, s)) = &adapter else {
             return Ok(dx);
         };
-        hand_weight_grad(mb, &dy, us)?;
-        let du = (dy.matmul(b)? * *s)?;
+        // dB = s dy^T u, du = s dy B, dA = du^T dropout(x), dx += du A (into the dx just made).
+        hand_weight_grad_scaled(mb, &dy, u, *s)?;
+        let du = kernels::scaled_matmul(&dy, b, false, *s, None)?;
         hand_weight_grad(ma, &du, xd)?;
-        let dxa = du.matmul(a)?;
-        let dxa = match mask {
-            Some(m) => (dxa * m)?,
-            None => dxa,
-        };
-        Ok((dx + dxa)?)
+        Ok(match mask {
+            Some(m) => (dx + (du.matmul(a)? * m)?)?,
+            None => kernels::scaled_matmul(&du, a, false, 1.0, Some(dx))?,
+        })
     };
     Ok((y, Box::new(back)))
 }
@@ -103,10 +105,7 @@ fn stacked_lin_vjp(lins: &[&Lin], w: &Tensor, x: &Tensor) -> Result<(Tensor, Bac
         y
     };
     let (y, adapters) = match StackedAdapters::new(lins, x)? {
-        Some(sa) => {
-            let y = (y + sa.forward(x)?)?;
-            (y, Some(sa))
-        }
+        Some(sa) => (sa.forward_into(x, y)?, Some(sa)),
         None => (y, None),
     };
     let trainable = lins.iter().all(|l| l.w.is_variable());
@@ -127,7 +126,7 @@ fn stacked_lin_vjp(lins: &[&Lin], w: &Tensor, x: &Tensor) -> Result<(Tensor, Bac
         }
         let dx = dy.matmul(&w)?;
         Ok(match &adapters {
-            Some(sa) => (dx + sa.backward(&dy, &x)?)?,
+            Some(sa) => sa.backward_into(&dy, &x, dx)?,
             None => dx,
         })
     };

@@ -20,8 +20,8 @@ pub(super) struct StackedAdapters {
     a: Tensor,
     b: Tensor,
     scale: f64,
-    /// s · x A^T, kept for B's gradient.
-    us: std::cell::OnceCell<Tensor>,
+    /// x A^T, kept for B's gradient.
+    u: std::cell::OnceCell<Tensor>,
 }
 
 impl StackedAdapters {
@@ -73,26 +73,28 @@ impl StackedAdapters {
             a: Tensor::cat(&a_parts, 0)?,
             b: Tensor::cat(&b_rows, 0)?,
             scale: ads[0].scale,
-            us: std::cell::OnceCell::new(),
+            u: std::cell::OnceCell::new(),
         }))
     }
 
-    /// s · (x A^T) B^T: (N, rows).
-    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let us = (x.matmul(&self.a.t()?)? * self.scale)?;
-        let y = us.matmul(&self.b.t()?)?;
-        let _ = self.us.set(us);
+    /// y + s · (x A^T) B^T, y (N, rows) the stacked base product (held by the caller alone:
+    /// on CUDA the adapters' product is added in its buffer, the factor in the product's pass).
+    pub(super) fn forward_into(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let u = x.matmul(&self.a.t()?)?;
+        let y = kernels::scaled_matmul(&u, &self.b, true, self.scale, Some(y))?;
+        let _ = self.u.set(u);
         Ok(y)
     }
 
-    /// Hands over every A's and B's gradient; returns x's gradient through the adapters.
-    pub(super) fn backward(&self, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
-        let us = self.us.get().expect("forward ran");
-        let db = match kernels::weight_grad(dy, us)? {
+    /// Hands over every A's and B's gradient; returns `dx` (held by the caller alone) plus x's
+    /// gradient through the adapters.
+    pub(super) fn backward_into(&self, dy: &Tensor, x: &Tensor, dx: Tensor) -> Result<Tensor> {
+        let u = self.u.get().expect("forward ran");
+        let db = match kernels::weight_grad_scaled(dy, u, self.scale)? {
             Some(g) => g,
-            None => dy.t()?.matmul(us)?,
+            None => (dy.t()?.matmul(u)? * self.scale)?,
         };
-        let du = (dy.matmul(&self.b)? * self.scale)?;
+        let du = kernels::scaled_matmul(dy, &self.b, false, self.scale, None)?;
         let da = match kernels::weight_grad(&du, x)? {
             Some(g) => g,
             None => du.t()?.matmul(x)?,
@@ -101,6 +103,6 @@ impl StackedAdapters {
             side_grad(mb, db.narrow(0, *row, *out)?.narrow(1, self.r * i, self.r)?)?;
             side_grad(ma, da.narrow(0, self.r * i, self.r)?)?;
         }
-        Ok(du.matmul(&self.a)?)
+        kernels::scaled_matmul(&du, &self.a, false, 1.0, Some(dx))
     }
 }
