@@ -421,3 +421,53 @@ fn fused_row_gather_matches_index_select() {
         assert_close(&format!("{dtype:?} table gradient"), &gg[0], &gw[0], tol);
     }
 }
+
+/// The LoRA products through cuBLAS (factor in the product, sum into an existing buffer) against
+/// candle's bf16 matmul, scale and add: both transposes, with and without the accumulator, and
+/// the scaled weight gradient; what the CPU computes the same way up to bf16 rounding.
+#[test]
+fn scaled_products_match_matmul_scale_and_add() {
+    use packsft::internals::kernels::{scaled_matmul, weight_grad, weight_grad_scaled};
+    let dev = cuda();
+    let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+    let (n, k, out) = (37, 16, 96);
+    let u = bf(rand(&[n, k], 1, &dev));
+    let b_nt = bf(rand(&[out, k], 2, &dev)); // (out, r): used transposed
+    let b_kn = bf(rand(&[k, out], 3, &dev)); // (r, out): used as it is
+    let acc = bf(rand(&[n, out], 4, &dev));
+    for (b, transposed) in [(&b_nt, true), (&b_kn, false)] {
+        let plain = if transposed {
+            u.matmul(&b.t().unwrap()).unwrap()
+        } else {
+            u.matmul(b).unwrap()
+        };
+        let want = (acc.to_dtype(DType::F32).unwrap()
+            + (plain.to_dtype(DType::F32).unwrap() * 2.0).unwrap())
+        .unwrap();
+        let fresh = acc.copy().unwrap();
+        let got = scaled_matmul(&u, b, transposed, 2.0, Some(fresh)).unwrap();
+        assert_close(
+            &format!("acc + 2 u op(b), transposed {transposed}"),
+            &got.to_dtype(DType::F32).unwrap(),
+            &want,
+            2e-2,
+        );
+        let alone = scaled_matmul(&u, b, transposed, 0.5, None).unwrap();
+        assert_close(
+            &format!("0.5 u op(b), transposed {transposed}"),
+            &alone.to_dtype(DType::F32).unwrap(),
+            &(plain.to_dtype(DType::F32).unwrap() * 0.5).unwrap(),
+            2e-2,
+        );
+    }
+    let dy = bf(rand(&[n, out], 5, &dev));
+    let g1 = weight_grad(&dy, &u).unwrap().expect("the CUDA kernel");
+    let g2 = weight_grad_scaled(&dy, &u, 2.0)
+        .unwrap()
+        .expect("the CUDA kernel");
+    // Times 2 is exact in bf16: the same bits.
+    assert_eq!(
+        bits(&(g1.to_dtype(DType::F32).unwrap() * 2.0).unwrap()),
+        bits(&g2.to_dtype(DType::F32).unwrap())
+    );
+}
