@@ -5,7 +5,7 @@ use candle_core::Tensor;
 
 use super::parts::{Adapter, Lin};
 use crate::error::{Error, Result};
-use crate::nn::graph::side_grad;
+use crate::nn::graph::{hand_weight_grads, side_grad};
 use crate::nn::kernels;
 
 /// The LoRA adapters of linear layers whose weights are stacked by rows (a layer's q, k and v),
@@ -95,13 +95,14 @@ impl StackedAdapters {
             None => (dy.t()?.matmul(u)? * self.scale)?,
         };
         let du = kernels::scaled_matmul(dy, &self.b, false, self.scale, None)?;
-        let da = match kernels::weight_grad(&du, x)? {
-            Some(g) => g,
-            None => du.t()?.matmul(x)?,
-        };
-        for (i, ((ma, mb), (out, row))) in self.masters.iter().zip(&self.rows).enumerate() {
+        // The A's rows of one product, each handed over as its row view (bf16 on CUDA, read
+        // as it is by the fused optimizer); B's blocks of the block-diagonal gradient.
+        let a_rows: Vec<(Tensor, usize, usize)> = (self.masters.iter().enumerate())
+            .map(|(i, (ma, _))| (ma.clone(), self.r * i, self.r))
+            .collect();
+        hand_weight_grads(&a_rows, &du, x)?;
+        for (i, ((_, mb), (out, row))) in self.masters.iter().zip(&self.rows).enumerate() {
             side_grad(mb, db.narrow(0, *row, *out)?.narrow(1, self.r * i, self.r)?)?;
-            side_grad(ma, da.narrow(0, self.r * i, self.r)?)?;
         }
         kernels::scaled_matmul(&du, &self.a, false, 1.0, Some(dx))
     }
