@@ -125,11 +125,45 @@ fn pick(logits: &[f32], s: &Sampling, rng: &mut rand_chacha::ChaCha8Rng) -> u32 
 pub fn generate(
     model: &DecoderModel,
     tok: &TextTokenizer,
-    mut ids: Vec<u32>,
+    ids: Vec<u32>,
     opts: &GenerateOptions,
 ) -> Result<String> {
+    let mut cut = None;
+    let new = generate_ids(
+        model,
+        ids,
+        opts.max_new_tokens,
+        &opts.sampling,
+        tok.eos_id,
+        |new| {
+            if opts.stop.is_empty() {
+                return Ok(false);
+            }
+            let text = tok.decode(new)?;
+            cut = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min();
+            Ok(cut.is_some())
+        },
+    )?;
+    let text = tok.decode(&new)?;
+    Ok(match cut {
+        Some(c) => text[..c].to_string(),
+        None => text,
+    })
+}
+
+/// The token ids that continue `ids`: at most `max_new_tokens`, chosen as `sampling` says,
+/// ending before `eos` and after the token for which `stop` (given the new ids so far) says yes.
+/// With a KV cache: the prompt once, then one position a token.
+pub fn generate_ids(
+    model: &DecoderModel,
+    mut ids: Vec<u32>,
+    max_new_tokens: usize,
+    sampling: &Sampling,
+    eos: Option<u32>,
+    mut stop: impl FnMut(&[u32]) -> Result<bool>,
+) -> Result<Vec<u32>> {
     let prompt_len = ids.len();
-    let collator = CompletionOnlyCollator::padding_free(tok.pad_or_eos());
+    let collator = CompletionOnlyCollator::padding_free(eos.unwrap_or(0));
     let limit = model.max_positions();
     if prompt_len >= limit {
         return Err(Error::Config(format!(
@@ -137,11 +171,11 @@ pub fn generate(
              max_position_embeddings = {limit}"
         )));
     }
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.sampling.seed);
-    // With a KV cache: the prompt once, then one position a token. LongRoPE picks its table by
-    // the whole length, so those models recompute the sequence for each token.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed);
+    // LongRoPE picks its table by the whole length, so those models recompute the sequence for
+    // each token.
     let mut cache = model.spec.rope.long.is_none().then(|| model.kv_cache());
-    for _ in 0..opts.max_new_tokens {
+    for _ in 0..max_new_tokens {
         if ids.len() >= limit {
             tracing::warn!(
                 "generation stopped at the model's max_position_embeddings = {limit} after {} \
@@ -162,7 +196,7 @@ pub fn generate(
                 model.logits(&h.narrow(0, ids.len() - 1, 1)?)?
             }
         };
-        let next = if opts.sampling.temperature <= 0.0 {
+        let next = if sampling.temperature <= 0.0 {
             // The device's arg-max: the first of equal maxima, nothing copied to the host.
             logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?[0]
         } else {
@@ -170,20 +204,17 @@ pub fn generate(
                 .to_dtype(candle_core::DType::F32)?
                 .squeeze(0)?
                 .to_vec1::<f32>()?;
-            pick(&row, &opts.sampling, &mut rng)
+            pick(&row, sampling, &mut rng)
         };
-        if Some(next) == tok.eos_id {
+        if Some(next) == eos {
             break;
         }
         ids.push(next);
-        if !opts.stop.is_empty() {
-            let text = tok.decode(&ids[prompt_len..])?;
-            if let Some(cut) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                return Ok(text[..cut].to_string());
-            }
+        if stop(&ids[prompt_len..])? {
+            break;
         }
     }
-    tok.decode(&ids[prompt_len..])
+    Ok(ids.split_off(prompt_len))
 }
 
 #[cfg(test)]

@@ -56,42 +56,7 @@ where
     M: Model,
     C: Collator<Batch = M::Batch>,
 {
-    // One entry per micro-batch of the step: `None` where this rank has no examples in it
-    // (it still joins that micro-batch's collectives).
-    let shares = dp.map(|d| d.share(micro_batches));
-    let mine: Vec<&[Example]> = match &shares {
-        Some(s) => s.iter().map(Vec::as_slice).collect(),
-        None => micro_batches.to_vec(),
-    };
-    let batches: Vec<Option<M::Batch>> = mine
-        .iter()
-        .map(|s| {
-            (!s.is_empty())
-                .then(|| collator.collate(s, device))
-                .transpose()
-        })
-        .collect::<Result<_>>()?;
-    let n_examples: usize = mine.iter().map(|s| s.len()).sum();
-    let mine = || batches.iter().flatten();
-    let local = [
-        mine().map(|b| b.loss_units()).sum::<f64>(),
-        mine().map(|b| b.n_targets()).sum::<usize>() as f64,
-        mine().map(|b| b.n_tokens()).sum::<usize>() as f64,
-        mine().map(|b| b.n_positions()).sum::<usize>() as f64,
-        n_examples as f64,
-    ];
-    // The step's sizes over every rank: host numbers, exchanged without touching the device.
-    let all = match dp {
-        Some(d) => d.sum_host(&local)?,
-        None => local.to_vec(),
-    };
-    let sizes = StepSizes {
-        loss_units: all[0],
-        target_tokens: all[1] as usize,
-        tokens: all[2] as usize,
-        positions: all[3] as usize,
-        examples: all[4] as usize,
-    };
+    let (batches, sizes) = collate_step(collator, device, micro_batches, dp)?;
     let mut acc = None;
     let mut loss_sum: Option<Tensor> = None;
     let mut aux_loss: Option<Tensor> = None;
@@ -166,6 +131,53 @@ where
         _ => None,
     };
     Ok((sizes, grads))
+}
+
+/// This rank's collated micro-batches of a step (one entry per micro-batch of the step: `None`
+/// where this rank has no examples in it; it still joins that micro-batch's collectives) and the
+/// step's sizes over every rank.
+#[allow(clippy::type_complexity)]
+fn collate_step<C: Collator>(
+    collator: &C,
+    device: &Device,
+    micro_batches: &[&[Example]],
+    dp: Option<&DataParallel>,
+) -> Result<(Vec<Option<C::Batch>>, StepSizes)> {
+    let shares = dp.map(|d| d.share(micro_batches));
+    let mine: Vec<&[Example]> = match &shares {
+        Some(s) => s.iter().map(Vec::as_slice).collect(),
+        None => micro_batches.to_vec(),
+    };
+    let batches: Vec<Option<C::Batch>> = mine
+        .iter()
+        .map(|s| {
+            (!s.is_empty())
+                .then(|| collator.collate(s, device))
+                .transpose()
+        })
+        .collect::<Result<_>>()?;
+    let n_examples: usize = mine.iter().map(|s| s.len()).sum();
+    let mine = || batches.iter().flatten();
+    let local = [
+        mine().map(|b| b.loss_units()).sum::<f64>(),
+        mine().map(|b| b.n_targets()).sum::<usize>() as f64,
+        mine().map(|b| b.n_tokens()).sum::<usize>() as f64,
+        mine().map(|b| b.n_positions()).sum::<usize>() as f64,
+        n_examples as f64,
+    ];
+    // The step's sizes over every rank: host numbers, exchanged without touching the device.
+    let all = match dp {
+        Some(d) => d.sum_host(&local)?,
+        None => local.to_vec(),
+    };
+    let sizes = StepSizes {
+        loss_units: all[0],
+        target_tokens: all[1] as usize,
+        tokens: all[2] as usize,
+        positions: all[3] as usize,
+        examples: all[4] as usize,
+    };
+    Ok((batches, sizes))
 }
 
 /// The error of a step that must have targets (a direct gradient computation).
