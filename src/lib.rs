@@ -56,8 +56,8 @@ pub use nn::attention::AttentionImpl;
 pub use recipe::{MixSource, Recipe, TrainData};
 pub use train::{
     evaluate, AdamWConfig, Callback, Control, DataParallel, EarlyStopping, EvalMetrics, EvalResult,
-    LrSchedule, PendingStep, Schedule, StepGrads, StepMetrics, TensorBoard, TrainSummary, Trainer,
-    TrainerConfig, TrainerState,
+    EvalSample, EvalSampler, LrSchedule, PendingStep, Schedule, StepGrads, StepMetrics,
+    TensorBoard, TrainSummary, Trainer, TrainerConfig, TrainerState,
 };
 
 /// Not part of the API: internals that the project's own integration tests, benches and GPU

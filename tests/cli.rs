@@ -33,6 +33,8 @@ fn train_eval_generate_on_the_quickstart() {
         "train.max_steps=60",
         "train.warmup_steps=5",
         "train.eval_steps=30",
+        "logging.eval_samples=2",
+        "logging.eval_sample_tokens=8",
         &format!("output_dir={out_s}"),
     ]);
     assert!(ok, "{stderr}");
@@ -70,10 +72,22 @@ fn train_eval_generate_on_the_quickstart() {
             assert!(r[k].is_number(), "metrics row {i} lacks {k}");
         }
     }
-    assert_eq!(
-        rows.iter().filter(|r| r.get("eval_loss").is_some()).count(),
-        2
-    );
+    let evals: Vec<&serde_json::Value> = rows
+        .iter()
+        .filter(|r| r.get("eval_loss").is_some())
+        .collect();
+    assert_eq!(evals.len(), 2);
+    // Each evaluation logs two eval prompts continued by the model (logging.eval_samples),
+    // decoded with the recipe's tokenizer, beside the eval set's answers.
+    for e in &evals {
+        let samples = e["samples"].as_array().expect("eval samples");
+        assert_eq!(samples.len(), 2);
+        for s in samples {
+            assert!(s["prompt"].as_str().unwrap().contains("Task:"), "{s}");
+            assert!(!s["reference"].as_str().unwrap().trim().is_empty(), "{s}");
+            assert!(s["completion"].is_string(), "{s}");
+        }
+    }
 
     // eval of the trained directory: a lower loss than the untrained model's, same token count.
     let (ok, stdout, stderr) = packsft(&[

@@ -389,6 +389,7 @@ fn early_stopping_stops_after_patience_evals_without_improvement() {
         eval_loss,
         eval_accuracy: None,
         eval_tokens: 1,
+        samples: Vec::new(),
     };
     assert_eq!(es.on_eval_end(&ev(1, 2.0)).unwrap(), Control::Continue);
     assert_eq!(es.on_eval_end(&ev(2, 1.5)).unwrap(), Control::Continue);
@@ -504,6 +505,7 @@ fn early_stopping_resumes_from_the_saved_best_loss() {
         eval_loss: 1.2,
         eval_accuracy: None,
         eval_tokens: 1,
+        samples: Vec::new(),
     };
     // Worse than the best before the resume: with patience 1 that stops at once.
     assert_eq!(es.on_eval_end(&ev).unwrap(), Control::Stop);
@@ -632,6 +634,7 @@ fn early_stopping_keeps_its_patience_count_across_a_resume() {
         eval_loss,
         eval_accuracy: None,
         eval_tokens: 1,
+        samples: Vec::new(),
     };
     let state: packsft::TrainerState = serde_json::from_value(serde_json::json!({
         "format_version": packsft::internals::checkpoint::FORMAT_VERSION, "global_step": 4, "total_steps": 8,
@@ -869,4 +872,62 @@ fn weight_decay_is_decoupled_and_only_on_matrices() {
         }
     }
     assert!(decayed > 0 && decayed < w0.len());
+}
+
+/// Eval samples: at each evaluation the first eval prompts are continued greedily by the model
+/// as it stands after that step; the last evaluation's continuations are the trained model's own
+/// greedy `generate_ids`, and prompt and reference are the example's two parts.
+#[test]
+fn eval_samples_are_the_models_greedy_continuations_of_the_eval_prompts() {
+    let eval = examples(&[9, 12, 7], 64, 5);
+    let mut c = cfg(None);
+    c.eval_steps = 4;
+    let mut t = Trainer::new(
+        tiny_model(11),
+        CompletionOnlyCollator::padding_free(0),
+        c,
+        Device::Cpu,
+    )
+    .unwrap();
+    let show = |ids: &[u32]| -> packsft::Result<String> {
+        Ok(ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" "))
+    };
+    t.set_eval_sampler(packsft::EvalSampler {
+        prompts: 2,
+        max_new_tokens: 5,
+        eos: None,
+        decode: Box::new(show),
+    });
+    let s = t.train(&data(), Some(&eval)).unwrap();
+    assert_eq!(s.evals.len(), 2, "evaluations after steps 4 and 8");
+    let last = s.evals.last().unwrap();
+    assert_eq!(last.samples.len(), 2);
+    for (sample, ex) in last.samples.iter().zip(&eval) {
+        let first = ex.loss_mask.iter().position(|&m| m).unwrap();
+        let prompt = &ex.input_ids[..first];
+        let want = packsft::generate_ids(
+            &t.model,
+            prompt.to_vec(),
+            5,
+            &packsft::Sampling::default(),
+            None,
+            |_| Ok(false),
+        )
+        .unwrap();
+        assert_eq!(sample.prompt, show(prompt).unwrap());
+        assert_eq!(sample.completion, show(&want).unwrap());
+        assert_eq!(sample.completion.split(' ').count(), 5);
+        let reference: Vec<u32> = ex.input_ids[first..].to_vec();
+        assert_eq!(sample.reference, show(&reference).unwrap());
+    }
+    // The first evaluation sampled a model 4 steps less trained: its own continuations, also
+    // written to metrics rows by `serde` (the `samples` key only when there are some).
+    let row = serde_json::to_value(&s.evals[0]).unwrap();
+    assert_eq!(row["samples"].as_array().unwrap().len(), 2);
+    let plain = serde_json::to_value(EvalMetrics {
+        samples: Vec::new(),
+        ..s.evals[0].clone()
+    })
+    .unwrap();
+    assert!(plain.get("samples").is_none());
 }

@@ -123,6 +123,17 @@ pub trait Model {
         })
     }
 
+    /// The greedy continuation of `prompt` (at most `max_new_tokens`, ending before `eos`), for
+    /// the trainer's eval samples; `None` where the model cannot generate (the default).
+    fn greedy_continuation(
+        &self,
+        _prompt: &[u32],
+        _max_new_tokens: usize,
+        _eos: Option<u32>,
+    ) -> Result<Option<Vec<u32>>> {
+        Ok(None)
+    }
+
     /// Replaces every parameter with the tensor of the same name in `dir` (a directory this
     /// model's `save` wrote), checking names and shapes first so a mismatch changes nothing.
     fn load_params(&self, dir: &Path) -> Result<()> {

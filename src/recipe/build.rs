@@ -16,7 +16,7 @@ use crate::model::{ComputeOptions, DecoderModel, LoraSetup, Model};
 use crate::recipe::{Recipe, TrainData};
 use crate::train::callback::{Callback, EarlyStopping};
 use crate::train::AdamWConfig;
-use crate::train::{DataParallel, TrainSummary, Trainer, TrainerConfig};
+use crate::train::{DataParallel, EvalSampler, TrainSummary, Trainer, TrainerConfig};
 
 /// The inputs of a run, loaded and validated.
 pub struct Prepared {
@@ -290,6 +290,15 @@ pub fn build_trainer(
     let mut trainer = Trainer::new(p.model, p.collator, config, device.clone())?;
     if let Some(dp) = dp {
         trainer.set_data_parallel(dp)?;
+    }
+    if let (true, Some(tok)) = (recipe.logging.eval_samples > 0, &p.tokenizer) {
+        let t = tok.clone();
+        trainer.set_eval_sampler(EvalSampler {
+            prompts: recipe.logging.eval_samples,
+            max_new_tokens: recipe.logging.eval_sample_tokens,
+            eos: tok.eos_id,
+            decode: Box::new(move |ids| t.decode(ids)),
+        });
     }
     if rank0 {
         trainer.add_callback(Box::new(CheckpointExtras {

@@ -44,13 +44,34 @@ pub struct Recipe {
 }
 
 /// `logging:`: TensorBoard event files (every `metrics.jsonl` field as a scalar, the resolved
-/// recipe as text).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+/// recipe as text), and eval-time samples.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LoggingSection {
     /// The directory of the event files; `output_dir/runs` when unset.
     #[serde(default)]
     pub tensorboard: Option<PathBuf>,
+    /// At each evaluation, this many eval prompts (the first ones) continued greedily and logged
+    /// with the eval metrics; 0: none.
+    #[serde(default)]
+    pub eval_samples: usize,
+    /// New tokens at most per eval sample.
+    #[serde(default = "default_sample_tokens")]
+    pub eval_sample_tokens: usize,
+}
+
+fn default_sample_tokens() -> usize {
+    64
+}
+
+impl Default for LoggingSection {
+    fn default() -> Self {
+        Self {
+            tensorboard: None,
+            eval_samples: 0,
+            eval_sample_tokens: default_sample_tokens(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]

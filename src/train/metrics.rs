@@ -55,6 +55,21 @@ pub struct EvalMetrics {
     pub eval_accuracy: Option<f64>,
     /// Target tokens of the eval set.
     pub eval_tokens: usize,
+    /// Greedy continuations of the first eval prompts (`Trainer::set_eval_sampler`); written
+    /// only when there are some.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<EvalSample>,
+}
+
+/// One eval prompt continued greedily by the model being trained, beside the eval set's answer.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EvalSample {
+    /// The example's tokens before its first target, decoded.
+    pub prompt: String,
+    /// What the model writes after it (greedy, up to the sampler's token budget or EOS).
+    pub completion: String,
+    /// The example's own target tokens, decoded.
+    pub reference: String,
 }
 
 /// What [`Trainer::train`](super::Trainer::train) did.

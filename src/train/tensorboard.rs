@@ -262,6 +262,21 @@ impl Callback for TensorBoard {
     fn on_eval_end(&mut self, e: &EvalMetrics) -> Result<Control> {
         let row = serde_json::to_value(e).expect("metrics serialise");
         self.log("eval", e.step, &row)?;
+        if !e.samples.is_empty() {
+            // Markdown: one block per sample (prompt, the model's continuation, the answer).
+            let md: Vec<String> = e
+                .samples
+                .iter()
+                .map(|s| {
+                    format!(
+                        "**prompt**\n```\n{}\n```\n**model**\n```\n{}\n```\n**reference**\n```\n{}\n```",
+                        s.prompt, s.completion, s.reference
+                    )
+                })
+                .collect();
+            self.writer()?
+                .text(e.step, "eval/samples", &md.join("\n\n---\n\n"))?;
+        }
         Ok(Control::Continue)
     }
 }

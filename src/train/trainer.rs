@@ -15,7 +15,7 @@ use super::checkpoint::{self, TrainerState};
 use super::config::TrainerConfig;
 use super::eval::{evaluate, EvalResult};
 use super::lock::OutputLock;
-use super::metrics::{EvalMetrics, MetricsFile, Progress, StepMetrics, TrainSummary};
+use super::metrics::{EvalMetrics, EvalSample, MetricsFile, Progress, StepMetrics, TrainSummary};
 use super::optimizer::AdamW;
 use super::parallel::DataParallel;
 use super::sampler::{data_hash, total_steps, StepPlan};
@@ -62,6 +62,20 @@ pub struct Trainer<M: Model, C: Collator<Batch = M::Batch>> {
     resume: Option<(PathBuf, TrainerState)>,
     /// The other ranks of a data-parallel run; `None` for one process.
     dp: Option<DataParallel>,
+    sampler: Option<EvalSampler>,
+}
+
+/// What [`Trainer::set_eval_sampler`] samples at each evaluation during training.
+pub struct EvalSampler {
+    /// How many eval examples, from the first: each one's prompt (its tokens before the first
+    /// target) is continued greedily.
+    pub prompts: usize,
+    /// New tokens at most per prompt.
+    pub max_new_tokens: usize,
+    /// Generation ends before this token.
+    pub eos: Option<u32>,
+    /// Token ids to text (the tokenizer's decoding).
+    pub decode: Box<dyn Fn(&[u32]) -> Result<String> + Send>,
 }
 
 /// What one `train` call reports to and keeps.
@@ -97,6 +111,7 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             stop: Arc::new(AtomicBool::new(false)),
             resume: None,
             dp: None,
+            sampler: None,
         })
     }
 
@@ -649,7 +664,46 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             eval_loss: r.loss,
             eval_accuracy: r.accuracy,
             eval_tokens: r.tokens,
+            samples: self.eval_samples(eval)?,
         })
+    }
+
+    /// At each evaluation during training, greedy continuations of the first `prompts` eval
+    /// examples' prompts, logged with the eval metrics (metrics.jsonl, TensorBoard text), as a
+    /// look at what the model writes beside what the loss says. Only rank 0 of a data-parallel
+    /// run samples (it is the one that writes); a model that cannot generate logs none.
+    pub fn set_eval_sampler(&mut self, sampler: EvalSampler) {
+        self.sampler = Some(sampler);
+    }
+
+    fn eval_samples(&self, eval: &[Example]) -> Result<Vec<EvalSample>> {
+        let Some(s) = self.sampler.as_ref().filter(|_| self.rank() == 0) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for ex in eval.iter().take(s.prompts) {
+            // An example whose first token is already a target has no prompt to continue.
+            let Some(first) = ex.loss_mask.iter().position(|&t| t).filter(|&f| f > 0) else {
+                continue;
+            };
+            let prompt = &ex.input_ids[..first];
+            let Some(new) = self
+                .model
+                .greedy_continuation(prompt, s.max_new_tokens, s.eos)?
+            else {
+                return Ok(Vec::new());
+            };
+            let reference: Vec<u32> = (ex.input_ids.iter().zip(&ex.loss_mask))
+                .filter(|(_, &t)| t)
+                .map(|(&id, _)| id)
+                .collect();
+            out.push(EvalSample {
+                prompt: (s.decode)(prompt)?,
+                completion: (s.decode)(&new)?,
+                reference: (s.decode)(&reference)?,
+            });
+        }
+        Ok(out)
     }
 }
 

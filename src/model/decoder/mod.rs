@@ -669,6 +669,24 @@ impl DecoderModel {
 impl Model for DecoderModel {
     type Batch = Batch;
 
+    fn greedy_continuation(
+        &self,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        eos: Option<u32>,
+    ) -> Result<Option<Vec<u32>>> {
+        let greedy = crate::model::generate::Sampling::default();
+        crate::model::generate::generate_ids(
+            self,
+            prompt.to_vec(),
+            max_new_tokens,
+            &greedy,
+            eos,
+            |_| Ok(false),
+        )
+        .map(Some)
+    }
+
     fn loss(&self, batch: &Batch) -> Result<LossSum> {
         if batch.n_targets() == 0 {
             return Ok(LossSum {
