@@ -75,8 +75,11 @@ pub struct EvalSampler {
     /// Generation ends before this token.
     pub eos: Option<u32>,
     /// Token ids to text (the tokenizer's decoding).
-    pub decode: Box<dyn Fn(&[u32]) -> Result<String> + Send>,
+    pub decode: Decode,
 }
+
+/// Token ids to text, for [`EvalSampler`].
+pub type Decode = Box<dyn Fn(&[u32]) -> Result<String> + Send>;
 
 /// What one `train` call reports to and keeps.
 struct Run {
