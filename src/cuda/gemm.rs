@@ -8,6 +8,8 @@ use half::bf16;
 
 use super::launch::*;
 use crate::error::{Error, Result};
+use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
+use sys::cublasOperation_t as Op;
 
 /// The weight gradient dy^T x of a linear layer, dy (N, out) and x (N, in) bf16 on CUDA, as a
 /// bf16 (out, in) matrix straight from cuBLAS (bf16 products, float32 accumulation): what
@@ -20,7 +22,6 @@ pub fn weight_grad_bf16(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
 
 /// `alpha` · [`weight_grad_bf16`], the factor applied in the product's float32 accumulator.
 pub fn weight_grad_bf16_scaled(dy: &Tensor, x: &Tensor, alpha: f32) -> Result<Tensor> {
-    use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let (n, out) = dy.dims2()?;
     let (n2, inp) = x.dims2()?;
@@ -48,27 +49,17 @@ pub fn weight_grad_bf16_scaled(dy: &Tensor, x: &Tensor, alpha: f32) -> Result<Te
             let (pc, _gc) = dw.device_ptr(&stream);
             let beta = 0f32;
             // Column-major view of the row-major product: dW^T (in, out) = x^T (in, N) · dy (N, out).
+            // SAFETY: the pointers are the live buffers of x, dy and the new dw, of the shapes
+            // checked above.
             unsafe {
-                gemm_ex(
-                    *dev.cublas_handle().handle(),
-                    sys::cublasOperation_t::CUBLAS_OP_N,
-                    sys::cublasOperation_t::CUBLAS_OP_T,
-                    inp as i32,
-                    out as i32,
-                    n as i32,
-                    &alpha as *const f32 as *const _,
-                    pa as *const _,
-                    sys::cudaDataType::CUDA_R_16BF,
-                    inp as i32,
-                    pb as *const _,
-                    sys::cudaDataType::CUDA_R_16BF,
-                    out as i32,
-                    &beta as *const f32 as *const _,
-                    pc as *mut _,
-                    sys::cudaDataType::CUDA_R_16BF,
-                    inp as i32,
-                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                gemm_bf16(
+                    &dev,
+                    (Op::CUBLAS_OP_N, Op::CUBLAS_OP_T),
+                    (inp, out, n),
+                    (alpha, beta),
+                    (pa, inp),
+                    (pb, out),
+                    (pc, inp),
                 )
             }
             .map_err(|e| cerr(format!("cublas weight gradient: {e:?}")))?;
@@ -88,7 +79,6 @@ pub fn matmul_bf16(
     alpha: f32,
     acc: Option<Tensor>,
 ) -> Result<Tensor> {
-    use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let (m, k) = a.dims2()?;
     let (n, k2) = match b_transposed {
@@ -144,32 +134,20 @@ pub fn matmul_bf16(
         // Column-major view of the row-major C (M, N) = A op(B): C^T (N, M) = op(B)^T · A^T,
         // where row-major A is column-major A^T (K, M) and row-major b is its own transpose.
         let (op_b, ldb) = match b_transposed {
-            true => (sys::cublasOperation_t::CUBLAS_OP_T, k),
-            false => (sys::cublasOperation_t::CUBLAS_OP_N, n),
+            true => (Op::CUBLAS_OP_T, k),
+            false => (Op::CUBLAS_OP_N, n),
         };
         // SAFETY: the pointers are the live buffers of `a`, `b` and the output with the shapes
         // checked above; the output is a fresh buffer or an `acc` its caller holds alone.
         unsafe {
-            gemm_ex(
-                *dev.cublas_handle().handle(),
-                op_b,
-                sys::cublasOperation_t::CUBLAS_OP_N,
-                n as i32,
-                m as i32,
-                k as i32,
-                &alpha as *const f32 as *const _,
-                pb as *const _,
-                sys::cudaDataType::CUDA_R_16BF,
-                ldb as i32,
-                pa as *const _,
-                sys::cudaDataType::CUDA_R_16BF,
-                k as i32,
-                &beta as *const f32 as *const _,
-                pc as *mut _,
-                sys::cudaDataType::CUDA_R_16BF,
-                n as i32,
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            gemm_bf16(
+                &dev,
+                (op_b, Op::CUBLAS_OP_N),
+                (n, m, k),
+                (alpha, beta),
+                (pb, ldb),
+                (pa, k),
+                (pc, n),
             )
         }
         .map_err(|e| cerr(format!("cublas scaled product: {e:?}")))?;
@@ -181,4 +159,44 @@ pub fn matmul_bf16(
         Some(t) => t,
         None => acc.expect("an accumulator"),
     })
+}
+
+/// One column-major cuBLAS product C = alpha op_a(A) op_b(B) + beta C of bf16 matrices with
+/// float32 accumulation: `mnk` are cuBLAS's m, n, k; each matrix is (device address, leading
+/// dimension).
+///
+/// # Safety
+/// The addresses must be live device buffers on the cuBLAS handle's stream, large enough for the
+/// shapes and leading dimensions given, and C written by nothing else meanwhile.
+unsafe fn gemm_bf16(
+    dev: &candle_core::CudaDevice,
+    (op_a, op_b): (Op, Op),
+    (m, n, k): (usize, usize, usize),
+    (alpha, beta): (f32, f32),
+    (a, lda): (u64, usize),
+    (b, ldb): (u64, usize),
+    (c, ldc): (u64, usize),
+) -> std::result::Result<(), candle_core::cuda_backend::cudarc::cublas::result::CublasError> {
+    let bf16 = sys::cudaDataType::CUDA_R_16BF;
+    gemm_ex(
+        *dev.cublas_handle().handle(),
+        op_a,
+        op_b,
+        m as i32,
+        n as i32,
+        k as i32,
+        &alpha as *const f32 as *const _,
+        a as *const _,
+        bf16,
+        lda as i32,
+        b as *const _,
+        bf16,
+        ldb as i32,
+        &beta as *const f32 as *const _,
+        c as *mut _,
+        bf16,
+        ldc as i32,
+        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+    )
 }
