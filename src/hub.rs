@@ -146,16 +146,28 @@ pub fn resolve(p: &Path) -> Result<PathBuf> {
     }
 }
 
+/// Which files of a Hub dataset a data path without a file part means: a split (the first of
+/// `splits` the dataset has) of a subset (a configuration), as `datasets.load_dataset(repo,
+/// subset, split=...)` picks them.
+#[derive(Debug, Clone, Copy)]
+pub struct DataSplit<'a> {
+    /// The configuration's folder, where the dataset has several.
+    pub subset: Option<&'a str>,
+    /// Split names in order of preference (`train`; for evaluation `validation`, then `test`).
+    pub splits: &'a [&'a str],
+}
+
 /// A data path: `hf://datasets/org/name[@revision]/<path or glob inside the repo>` becomes that
-/// path inside the dataset's snapshot in the cache (so a split or subset is chosen by its files,
-/// e.g. `hf://datasets/org/name/data/train-*.parquet`); anything else is returned as it is.
-pub fn resolve_data(p: &Path) -> Result<PathBuf> {
+/// path inside the dataset's snapshot in the cache; `hf://datasets/org/name[@revision]` alone
+/// becomes the files of the split `select` names (see [`split_files`]); anything else is
+/// returned as it is.
+pub fn resolve_data(p: &Path, select: DataSplit<'_>) -> Result<PathBuf> {
     let Some(rest) = p.to_str().and_then(|s| s.strip_prefix("hf://datasets/")) else {
         return Ok(p.to_path_buf());
     };
     let bad = || {
         Error::Config(format!(
-            "{}: expected hf://datasets/org/name[@revision]/<files inside the repo>",
+            "{}: expected hf://datasets/org/name[@revision][/<files inside the repo>]",
             p.display()
         ))
     };
@@ -166,10 +178,85 @@ pub fn resolve_data(p: &Path) -> Result<PathBuf> {
         parts.next().unwrap_or(""),
     );
     let id = RepoId::parse(&format!("{org}/{name_rev}")).ok_or_else(bad)?;
-    if inside.is_empty() || inside.split('/').any(|c| c == "..") {
+    if inside.split('/').any(|c| c == "..") {
         return Err(bad());
     }
-    Ok(dataset_snapshot_in(&cache_dir(), &id)?.join(inside))
+    let snap = dataset_snapshot_in(&cache_dir(), &id)?;
+    if inside.is_empty() {
+        return split_files(&snap, select).map_err(|e| {
+            Error::Config(format!(
+                "{}: {e} (or name the files: hf://datasets/{}/<path or glob>)",
+                p.display(),
+                id.repo
+            ))
+        });
+    }
+    Ok(snap.join(inside))
+}
+
+/// The glob of a split's files in a dataset snapshot, in the layouts the Hub's datasets use:
+/// `[data/]<split>-*.<ext>` (what `push_to_hub` writes), `[data/]<split>.<ext>`, and
+/// `<split>/*.<ext>` (the Parquet conversion), under `<subset>/` or `data/<subset>/` when a
+/// subset is named; extensions `parquet`, `jsonl`, `json`. The first split of `select.splits`
+/// with files wins; the first layout with files within it.
+pub fn split_files(snap: &Path, select: DataSplit<'_>) -> Result<PathBuf> {
+    let prefixes: Vec<String> = match select.subset {
+        None => vec![String::new(), "data/".into()],
+        Some(s) => vec![format!("{s}/"), format!("data/{s}/")],
+    };
+    for split in select.splits {
+        for prefix in &prefixes {
+            for ext in ["parquet", "jsonl", "json"] {
+                for pattern in [
+                    format!("{prefix}{split}-*.{ext}"),
+                    format!("{prefix}{split}.{ext}"),
+                    format!("{prefix}{split}/*.{ext}"),
+                ] {
+                    let full = snap.join(&pattern);
+                    let found = glob::glob(&full.to_string_lossy())
+                        .map(|mut g| g.next().is_some())
+                        .unwrap_or(false);
+                    if found {
+                        return Ok(full);
+                    }
+                }
+            }
+        }
+    }
+    // What there is, so the user can pick: the data files, relative to the snapshot.
+    let mut files: Vec<String> = glob::glob(&snap.join("**/*").to_string_lossy())
+        .map(|g| {
+            g.flatten()
+                .filter(|f| {
+                    f.extension()
+                        .is_some_and(|e| e == "parquet" || e == "jsonl" || e == "json")
+                })
+                .filter_map(|f| f.strip_prefix(snap).ok().map(|r| r.display().to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    let more = files.len().saturating_sub(10);
+    files.truncate(10);
+    Err(Error::Config(format!(
+        "no files of split {}{} in {}; data files there: {}{}",
+        select.splits.join(" or "),
+        select
+            .subset
+            .map(|s| format!(" of subset {s}"))
+            .unwrap_or_default(),
+        snap.display(),
+        if files.is_empty() {
+            "none".to_string()
+        } else {
+            files.join(", ")
+        },
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        }
+    )))
 }
 
 #[cfg(test)]

@@ -212,3 +212,64 @@ fn dataset_files_resolve_as_huggingface_hub_resolves_them_and_a_recipe_reads_the
         "{stderr}"
     );
 }
+
+/// A Hub dataset named without its files (`hf://datasets/org/name`) reads the recipe's split:
+/// `train` by default, `data.split` to choose, a subset's folder with `data.subset`; a split
+/// the dataset lacks is an error that lists the files there.
+#[test]
+fn a_dataset_without_its_files_reads_the_split_the_recipe_names() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = d.path().join("hub");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snap = cache.join("datasets--org--splits/snapshots").join(commit);
+    let q = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/quickstart");
+    for (from, to) in [
+        ("train.jsonl", "data/train-00000-of-00001.jsonl"),
+        ("eval.jsonl", "data/test-00000-of-00001.jsonl"),
+        ("eval.jsonl", "alt/train.jsonl"),
+    ] {
+        std::fs::create_dir_all(snap.join(to).parent().unwrap()).unwrap();
+        std::fs::copy(q.join(from), snap.join(to)).unwrap();
+    }
+    std::fs::create_dir_all(cache.join("datasets--org--splits/refs")).unwrap();
+    std::fs::write(cache.join("datasets--org--splits/refs/main"), commit).unwrap();
+    let inspect = |extra: &[&str]| {
+        let mut args = vec![
+            "inspect",
+            "recipes/quickstart.yaml",
+            "data.train=hf://datasets/org/splits",
+            "--n",
+            "1",
+        ];
+        args.extend(extra);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_packsft"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("HF_HUB_CACHE", &cache)
+            .args(&args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, stderr) = inspect(&[]);
+    assert!(ok && stdout.contains("4000 rows"), "{stdout}{stderr}");
+    let (ok, stdout, stderr) = inspect(&["data.split=test"]);
+    assert!(ok && stdout.contains("200 rows"), "{stdout}{stderr}");
+    let (ok, stdout, stderr) = inspect(&["data.subset=alt"]);
+    assert!(
+        ok && stdout.contains("200 rows") && stdout.contains("alt/train.jsonl"),
+        "{stdout}{stderr}"
+    );
+    let (ok, _, stderr) = inspect(&["data.split=validation"]);
+    assert!(!ok, "{stderr}");
+    for part in [
+        "data.train:",
+        "no files of split validation",
+        "alt/train.jsonl, data/test-00000-of-00001.jsonl, data/train-00000-of-00001.jsonl",
+    ] {
+        assert!(stderr.contains(part), "{part}: {stderr}");
+    }
+}

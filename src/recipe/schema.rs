@@ -106,6 +106,16 @@ pub struct DataSection {
     pub train: TrainData,
     #[serde(default)]
     pub eval: Option<PathBuf>,
+    /// The split a Hub dataset named without its files (`hf://datasets/org/name`) trains on;
+    /// `train` when unset.
+    #[serde(default)]
+    pub split: Option<String>,
+    /// The split such an eval dataset evaluates on; `validation`, else `test`, when unset.
+    #[serde(default)]
+    pub eval_split: Option<String>,
+    /// The subset (configuration) of such datasets, where they have several.
+    #[serde(default)]
+    pub subset: Option<String>,
     /// Without `eval`: hold out this fraction of the training rows (a seeded draw) for evaluation.
     #[serde(default)]
     pub eval_ratio: f64,
@@ -460,19 +470,34 @@ impl Recipe {
             column: None,
             msg: format!("{key}: {e}"),
         };
+        // A Hub dataset named without its files: the split (and subset) the recipe says.
+        let subset = r.data.subset.clone();
+        let train_split = [r.data.split.as_deref().unwrap_or("train")];
+        let train = crate::hub::DataSplit {
+            subset: subset.as_deref(),
+            splits: &train_split,
+        };
+        let eval_splits: Vec<&str> = match r.data.eval_split.as_deref() {
+            Some(s) => vec![s],
+            None => vec!["validation", "test"],
+        };
+        let eval = crate::hub::DataSplit {
+            subset: subset.as_deref(),
+            splits: &eval_splits,
+        };
         match &mut r.data.train {
             TrainData::Path(p) => {
-                *p = crate::hub::resolve_data(p).map_err(|e| recipe_err("data.train", e))?
+                *p = crate::hub::resolve_data(p, train).map_err(|e| recipe_err("data.train", e))?
             }
             TrainData::Mix(sources) => {
                 for s in sources.iter_mut() {
-                    s.path = crate::hub::resolve_data(&s.path)
+                    s.path = crate::hub::resolve_data(&s.path, train)
                         .map_err(|e| recipe_err("data.train", e))?;
                 }
             }
         }
         if let Some(p) = r.data.eval.as_mut() {
-            *p = crate::hub::resolve_data(p).map_err(|e| recipe_err("data.eval", e))?;
+            *p = crate::hub::resolve_data(p, eval).map_err(|e| recipe_err("data.eval", e))?;
         }
         for (key, p) in [
             ("model.path", &mut r.model.path),
