@@ -1,4 +1,4 @@
-//! The 14 families against transformers 4.46.3 (fixtures from
+//! The 15 families against transformers 4.46.3, Qwen3 against 4.51.3 (fixtures from
 //! tests/fixtures/make_family_fixtures.py): logits, loss and every parameter's gradient, padded
 //! and padding-free, against per-example forwards; the MoE router loss and its gradient; save
 //! round trips; and a few training steps that lower the loss.
@@ -16,7 +16,7 @@ use packsft::{Collator, CompletionOnlyCollator, DecoderModel, Example, Model};
 use packsft::{Trainer, TrainerConfig};
 
 /// The tiny family checkpoints: every one must carry its transformers reference (a fixture
-/// without one is an error, not a silent skip), and all 17 (14 families, 3 variants) are there.
+/// without one is an error, not a silent skip), and all 18 (15 families, 3 variants) are there.
 fn fixtures() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families");
     let mut v: Vec<PathBuf> = std::fs::read_dir(root)
@@ -34,7 +34,7 @@ fn fixtures() -> Vec<PathBuf> {
         missing.is_empty(),
         "fixtures without a reference: {missing:?}"
     );
-    assert_eq!(v.len(), 17, "family fixtures: {v:?}");
+    assert_eq!(v.len(), 18, "family fixtures: {v:?}");
     v
 }
 
@@ -85,7 +85,7 @@ fn compare_grads(
 }
 
 #[test]
-fn all_fourteen_families_are_covered() {
+fn every_supported_family_is_covered() {
     let types: std::collections::BTreeSet<String> = fixtures()
         .iter()
         .map(|d| {
@@ -521,7 +521,15 @@ fn arch_prints_what_was_understood() {
         v["rope"]["rotary_dim"].as_u64().unwrap() * 4,
         v["head_dim"].as_u64().unwrap()
     );
-    assert_eq!(v["qk_norm"], true);
+    assert_eq!(v["qk_norm"], "PerHeadLayerNorm");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_packsft"))
+        .args(["arch", "--json"])
+        .arg(fixture("qwen3"))
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["qk_norm"], "SharedRms");
+    assert_eq!(v["head_dim"], 12);
 }
 
 /// Trains each family a few steps and saves it under target/family-saves/<fixture>/ with the
@@ -710,5 +718,5 @@ fn kv_cache_decoding_equals_the_full_forward() {
         checked += 1;
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    assert_eq!(checked, 16, "every fixture but phi3_longrope");
+    assert_eq!(checked, 17, "every fixture but phi3_longrope");
 }

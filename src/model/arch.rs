@@ -5,7 +5,7 @@ use std::fmt;
 use std::path::Path;
 
 use super::families;
-use super::spec::{ArchSpec, Block, MlpSpec, NormKind, QkvLayout};
+use super::spec::{ArchSpec, Block, MlpSpec, NormKind, QkNorm, QkvLayout};
 use super::weights::CheckpointWeights;
 use super::weights::CONFIG_FILE;
 use crate::error::{Error, Result};
@@ -83,10 +83,10 @@ impl fmt::Display for ArchReport {
         writeln!(
             f,
             "qk norm         {}",
-            if s.qk_norm {
-                "per-head layer norm"
-            } else {
-                "none"
+            match s.qk_norm {
+                Some(QkNorm::PerHeadLayerNorm) => "per-head layer norm",
+                Some(QkNorm::SharedRms) => "RMS norm over head_dim, one weight for every head",
+                None => "none",
             }
         )?;
         writeln!(

@@ -141,8 +141,9 @@ pub struct ArchSpec {
     pub o_bias: bool,
     /// Clamp q, k and v to [-c, c] after projection.
     pub clip_qkv: Option<f64>,
-    /// StableLM: per-head LayerNorm (no bias) of q and k before RoPE.
-    pub qk_norm: bool,
+    /// A norm of each head of q and k before RoPE: StableLM's per-head LayerNorm, Qwen3's
+    /// RMSNorm over head_dim with one weight for every head.
+    pub qk_norm: Option<QkNorm>,
     /// Query t sees keys t-W < j <= t (transformers' eager semantics).
     pub sliding_window: Option<usize>,
     /// Factor applied to `q . k` before the softmax: `1 / sqrt(head_dim)`, or Granite's
@@ -180,6 +181,15 @@ impl ArchSpec {
             .filter(|m| matches!(m, MlpSpec::Moe(_)))
             .count()
     }
+}
+
+/// How q and k are normalised per head before RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum QkNorm {
+    /// A LayerNorm without bias for each head, each with its own weight (StableLM).
+    PerHeadLayerNorm,
+    /// One RMSNorm over head_dim whose weight every head shares (Qwen3).
+    SharedRms,
 }
 
 /// Hugging Face parameter names of a linear layer.

@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::super::spec::{Act, ArchSpec, Block};
+use super::super::spec::{Act, ArchSpec, Block, QkNorm};
 use super::parts::{activate, head_norm, stacked_qkv, FwdCtx, Layer, Lin, Mlp, Norm, Qkv};
 use super::stacked::StackedAdapters;
 use crate::error::{Error, Result};
@@ -218,10 +218,10 @@ fn act_like(a: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<(Te
 }
 
 /// [`head_norm`] with its pullback; the weights' gradients go to their parameters.
-fn head_norm_vjp(x: &Tensor, ws: &[Tensor], eps: f64) -> Result<(Tensor, Back)> {
+fn head_norm_vjp(x: &Tensor, ws: &[Tensor], eps: f64, kind: QkNorm) -> Result<(Tensor, Back)> {
     let mut inputs = vec![x];
     inputs.extend(ws.iter());
-    let (y, back) = through_autograd(&inputs, |t| head_norm(&t[0], &t[1..], eps))?;
+    let (y, back) = through_autograd(&inputs, |t| head_norm(&t[0], &t[1..], eps, kind))?;
     Ok((y, x_then_params(back, x.clone(), ws.to_vec())))
 }
 
@@ -370,9 +370,9 @@ impl Layer {
             pre_k.push(bk);
             pre_v = Some(bv);
         }
-        if !self.q_norm.is_empty() {
-            let (nq, bq) = head_norm_vjp(&q, &self.q_norm, s.norm.eps)?;
-            let (nk, bk) = head_norm_vjp(&k, &self.k_norm, s.norm.eps)?;
+        if let (Some(kind), false) = (s.qk_norm, self.q_norm.is_empty()) {
+            let (nq, bq) = head_norm_vjp(&q, &self.q_norm, s.norm.eps, kind)?;
+            let (nk, bk) = head_norm_vjp(&k, &self.k_norm, s.norm.eps, kind)?;
             (q, k) = (nq, nk);
             pre_q.push(bq);
             pre_k.push(bk);

@@ -99,9 +99,9 @@ impl Layer {
             k = k.clamp(-c, c)?;
             v = v.clamp(-c, c)?;
         }
-        if !self.q_norm.is_empty() {
-            q = head_norm(&q, &self.q_norm, s.norm.eps)?;
-            k = head_norm(&k, &self.k_norm, s.norm.eps)?;
+        if let (Some(kind), false) = (s.qk_norm, self.q_norm.is_empty()) {
+            q = head_norm(&q, &self.q_norm, s.norm.eps, kind)?;
+            k = head_norm(&k, &self.k_norm, s.norm.eps, kind)?;
         }
         let q = kernels::apply_rope(&q, &ctx.cos, &ctx.sin)?;
         let k = kernels::apply_rope(&k, &ctx.cos, &ctx.sin)?;

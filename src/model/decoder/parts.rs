@@ -8,7 +8,7 @@ use super::super::spec::*;
 use crate::error::Result;
 use crate::nn::attention::AttnPlan;
 use crate::nn::kernels;
-use crate::nn::ops::layer_norm;
+use crate::nn::ops::{layer_norm, rms_norm};
 
 pub(super) struct Lin {
     /// The weight: a float32 master variable, or a frozen tensor (not a variable, possibly
@@ -248,9 +248,16 @@ pub(super) struct Layer {
 
 /// The per-head q/k norm (StableLM's qk_layernorm) of x (N, heads, D): LayerNorm without
 /// parameters, then each head's weight.
-pub(super) fn head_norm(x: &Tensor, ws: &[Tensor], eps: f64) -> Result<Tensor> {
-    let w = Tensor::stack(ws, 0)?.to_dtype(x.dtype())?;
-    Ok(layer_norm(x, None, None, eps)?.broadcast_mul(&w)?)
+/// q or k (N, heads, head_dim) normalised per head: a LayerNorm with each head's weight of `ws`
+/// (StableLM), or an RMSNorm with the one weight `ws[0]` (Qwen3).
+pub(super) fn head_norm(x: &Tensor, ws: &[Tensor], eps: f64, kind: QkNorm) -> Result<Tensor> {
+    Ok(match kind {
+        QkNorm::PerHeadLayerNorm => {
+            let w = Tensor::stack(ws, 0)?.to_dtype(x.dtype())?;
+            layer_norm(x, None, None, eps)?.broadcast_mul(&w)?
+        }
+        QkNorm::SharedRms => rms_norm(x, &ws[0], eps)?,
+    })
 }
 
 pub(super) fn activate(x: &Tensor, act: Act) -> Result<Tensor> {

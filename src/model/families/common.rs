@@ -360,7 +360,7 @@ pub(super) fn spec(
         qkv_bias,
         o_bias,
         clip_qkv: None,
-        qk_norm: false,
+        qk_norm: None,
         sliding_window: None,
         attn_scale: 1.0 / (d.head_dim as f64).sqrt(),
         mlp,

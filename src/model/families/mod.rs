@@ -13,6 +13,7 @@ mod llama;
 mod olmo;
 mod phi;
 mod qwen2;
+mod qwen3;
 mod stablelm;
 mod starcoder2;
 
@@ -24,6 +25,7 @@ use llama::{llama_like, mistral, mixtral};
 use olmo::olmo;
 use phi::{phi, phi3};
 use qwen2::{qwen2, qwen2_moe};
+use qwen3::qwen3;
 use stablelm::stablelm;
 use starcoder2::starcoder2;
 
@@ -41,6 +43,7 @@ pub const SUPPORTED: &[&str] = &[
     "phi3",
     "qwen2",
     "qwen2_moe",
+    "qwen3",
     "stablelm",
     "starcoder2",
 ];
@@ -75,6 +78,7 @@ pub fn from_config_tracked(
         "phi3" => phi3(&c)?,
         "qwen2" => qwen2(&c)?,
         "qwen2_moe" => qwen2_moe(&c)?,
+        "qwen3" => qwen3(&c)?,
         "stablelm" => stablelm(&c)?,
         "starcoder2" => starcoder2(&c)?,
         other => {
@@ -119,6 +123,7 @@ pub fn architecture(model_type: &str) -> &'static str {
         "phi3" => "Phi3ForCausalLM",
         "qwen2" => "Qwen2ForCausalLM",
         "qwen2_moe" => "Qwen2MoeForCausalLM",
+        "qwen3" => "Qwen3ForCausalLM",
         "stablelm" => "StableLmForCausalLM",
         "starcoder2" => "Starcoder2ForCausalLM",
         _ => "",

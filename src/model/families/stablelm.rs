@@ -35,7 +35,7 @@ pub(super) fn stablelm(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
         rope,
         c.bool_or("tie_word_embeddings", false)?,
     );
-    s.qk_norm = qk_norm;
+    s.qk_norm = qk_norm.then_some(QkNorm::PerHeadLayerNorm);
     s.padding_idx = c.padding_idx(None)?;
     let layers = (0..d.layers)
         .map(|l| {
