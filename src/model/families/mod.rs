@@ -25,7 +25,7 @@ use llama::{llama_like, mistral, mixtral};
 use olmo::olmo;
 use phi::{phi, phi3};
 use qwen2::{qwen2, qwen2_moe};
-use qwen3::qwen3;
+use qwen3::{qwen3, qwen3_moe};
 use stablelm::stablelm;
 use starcoder2::starcoder2;
 
@@ -44,6 +44,7 @@ pub const SUPPORTED: &[&str] = &[
     "qwen2",
     "qwen2_moe",
     "qwen3",
+    "qwen3_moe",
     "stablelm",
     "starcoder2",
 ];
@@ -79,6 +80,7 @@ pub fn from_config_tracked(
         "qwen2" => qwen2(&c)?,
         "qwen2_moe" => qwen2_moe(&c)?,
         "qwen3" => qwen3(&c)?,
+        "qwen3_moe" => qwen3_moe(&c)?,
         "stablelm" => stablelm(&c)?,
         "starcoder2" => starcoder2(&c)?,
         other => {
@@ -124,6 +126,7 @@ pub fn architecture(model_type: &str) -> &'static str {
         "qwen2" => "Qwen2ForCausalLM",
         "qwen2_moe" => "Qwen2MoeForCausalLM",
         "qwen3" => "Qwen3ForCausalLM",
+        "qwen3_moe" => "Qwen3MoeForCausalLM",
         "stablelm" => "StableLmForCausalLM",
         "starcoder2" => "Starcoder2ForCausalLM",
         _ => "",

@@ -52,9 +52,47 @@ pub(super) fn qwen2(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
 
 pub(super) fn qwen2_moe(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
     let (d, rope, act, norm) = qwen2_common(c, "qwen2_moe")?;
+    let moe = qwen_moe(c, &d, act, (60, 4, 1408), true)?;
+    let mut s = spec(
+        "qwen2_moe",
+        &d,
+        norm,
+        Block::Sequential,
+        QkvLayout::Separate,
+        true,
+        false,
+        moe.mlp,
+        rope,
+        c.bool_or("tie_word_embeddings", false)?,
+    );
+    s.padding_idx = c.padding_idx(None)?;
+    s.router_aux_loss_coef = moe.aux_coef;
+    let layers = (moe.names.into_iter().enumerate())
+        .map(|(l, mlp)| llama_layer(l, true, false, mlp))
+        .collect();
+    Ok((s, llama_names(layers, false)))
+}
+
+/// The MLPs of a Qwen mixture-of-experts model (Qwen2-MoE, Qwen3-MoE), per layer with their
+/// names: layer `l` is sparse iff `l` is not in `mlp_only_layers`, there are experts and
+/// `(l + 1) % decoder_sparse_step == 0`; otherwise a dense GLU of `intermediate_size`. Qwen2-MoE
+/// adds a shared expert with a sigmoid gate (`shared`).
+pub(super) struct QwenMoe {
+    pub(super) mlp: Vec<MlpSpec>,
+    pub(super) names: Vec<MlpNames>,
+    pub(super) aux_coef: Option<f64>,
+}
+
+pub(super) fn qwen_moe(
+    c: &Cfg,
+    d: &Dims,
+    act: Act,
+    (experts_default, top_k_default, width_default): (usize, usize, usize),
+    shared: bool,
+) -> Result<QwenMoe> {
     let (e, k) = (
-        c.usize_or("num_experts", 60)?,
-        c.usize_or("num_experts_per_tok", 4)?,
+        c.usize_or("num_experts", experts_default)?,
+        c.usize_or("num_experts_per_tok", top_k_default)?,
     );
     let step = c.usize_or("decoder_sparse_step", 1)?;
     let only: Vec<usize> = c
@@ -66,10 +104,14 @@ pub(super) fn qwen2_moe(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
                 .collect()
         })
         .unwrap_or_default();
+    let shared_width = match shared {
+        true => Some(c.usize_or("shared_expert_intermediate_size", 5632)?),
+        false => None,
+    };
     let moe = MoeSpec {
         experts: e,
         top_k: k,
-        expert_hidden: c.usize_or("moe_intermediate_size", 1408)?,
+        expert_hidden: c.usize_or("moe_intermediate_size", width_default)?,
         act,
         routing: if c.bool_or("norm_topk_prob", false)? {
             Routing::Renormalize
@@ -78,58 +120,42 @@ pub(super) fn qwen2_moe(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
         },
         aux_from_probs: false,
         fused_experts: false,
-        shared_expert: Some(c.usize_or("shared_expert_intermediate_size", 5632)?),
+        shared_expert: shared_width,
     };
     let sparse = |l: usize| !only.contains(&l) && e > 0 && step > 0 && (l + 1) % step == 0;
     c.reject(
         e > 0 && (k == 0 || k > e),
         format!("num_experts_per_tok = {k} with {e} experts"),
     )?;
-    let mlp = (0..d.layers)
-        .map(|l| {
-            if sparse(l) {
-                MlpSpec::Moe(moe.clone())
-            } else {
-                MlpSpec::Gated {
-                    hidden: d.intermediate,
-                    act,
-                    bias: false,
-                    fused: false,
-                }
-            }
-        })
-        .collect();
-    let mut s = spec(
-        "qwen2_moe",
-        &d,
-        norm,
-        Block::Sequential,
-        QkvLayout::Separate,
-        true,
-        false,
-        mlp,
-        rope,
-        c.bool_or("tie_word_embeddings", false)?,
-    );
-    s.padding_idx = c.padding_idx(None)?;
-    s.router_aux_loss_coef = aux_coef(c, "router_aux_loss_coef", 0.001)?;
-    let layers = (0..d.layers)
-        .map(|l| {
-            let p = format!("model.layers.{l}.mlp");
-            let mlp = if sparse(l) {
-                MlpNames::Moe {
-                    router: LinearNames::new(&format!("{p}.gate"), false),
-                    experts: experts_names(&p, e, "gate_proj", "up_proj", "down_proj"),
-                    shared: Some((
+    let mut mlp = Vec::with_capacity(d.layers);
+    let mut names = Vec::with_capacity(d.layers);
+    for l in 0..d.layers {
+        let p = format!("model.layers.{l}.mlp");
+        if sparse(l) {
+            mlp.push(MlpSpec::Moe(moe.clone()));
+            names.push(MlpNames::Moe {
+                router: LinearNames::new(&format!("{p}.gate"), false),
+                experts: experts_names(&p, e, "gate_proj", "up_proj", "down_proj"),
+                shared: shared.then(|| {
+                    (
                         Box::new(gated_names(&format!("{p}.shared_expert"), false)),
                         LinearNames::new(&format!("{p}.shared_expert_gate"), false),
-                    )),
-                }
-            } else {
-                gated_names(&p, false)
-            };
-            llama_layer(l, true, false, mlp)
-        })
-        .collect();
-    Ok((s, llama_names(layers, false)))
+                    )
+                }),
+            });
+        } else {
+            mlp.push(MlpSpec::Gated {
+                hidden: d.intermediate,
+                act,
+                bias: false,
+                fused: false,
+            });
+            names.push(gated_names(&p, false));
+        }
+    }
+    Ok(QwenMoe {
+        mlp,
+        names,
+        aux_coef: aux_coef(c, "router_aux_loss_coef", 0.001)?,
+    })
 }
