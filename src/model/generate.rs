@@ -151,6 +151,13 @@ pub fn generate(
     })
 }
 
+/// The greedy continuation of `ids` (at most `n` new tokens, ending before `eos`).
+pub fn greedy(model: &DecoderModel, ids: &[u32], n: usize, eos: Option<u32>) -> Result<Vec<u32>> {
+    generate_ids(model, ids.to_vec(), n, &Sampling::default(), eos, |_| {
+        Ok(false)
+    })
+}
+
 /// The token ids that continue `ids`: at most `max_new_tokens`, chosen as `sampling` says,
 /// ending before `eos` and after the token for which `stop` (given the new ids so far) says yes.
 /// With a KV cache: the prompt once, then one position a token.

@@ -320,3 +320,28 @@ pub(super) fn normal_vec(rng: &mut rand_chacha::ChaCha8Rng, n: usize, std: f64) 
     }
     out
 }
+
+/// A checkpoint tensor no part of the model read is an error (a config that does not describe
+/// the weights), but for buffers transformers also ignores and a tied LM head's copy.
+pub(super) fn check_all_read(src: &Source, spec: &ArchSpec, names: &ModelNames) -> Result<()> {
+    if let Source::Checkpoint(w) | Source::Shapes(w) = src {
+        let unused: Vec<String> = w
+            .unused()
+            .into_iter()
+            .filter(|n| {
+                !n.ends_with("rotary_emb.inv_freq")
+                    && !n.ends_with(".masked_bias")
+                    && !n.ends_with(".attn.bias")
+            })
+            .filter(|n| !(spec.tie_embeddings && n == &names.lm_head.weight))
+            .collect();
+        if !unused.is_empty() {
+            return Err(Error::Config(format!(
+                "checkpoint has weights the {} config does not use: {}",
+                spec.family,
+                unused.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}

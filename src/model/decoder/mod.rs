@@ -33,7 +33,7 @@ use adapters::{lora_build, lora_finish, stack_frozen_qkv, DropoutKey, LoraState}
 use backward::{embed_lookup, hand_written_run, layers_node, lm_head_nll_node, lm_head_node};
 pub use cache::KvCache;
 use forward::router_aux;
-use init::{Builder, Init, Source};
+use init::{check_all_read, Builder, Init, Source};
 use parts::{CopyVars, FwdCtx, Layer, Lin, Norm, Qkv};
 
 pub use super::weights::CONFIG_FILE;
@@ -89,31 +89,6 @@ pub struct DecoderModel {
     copies_fresh: std::sync::atomic::AtomicBool,
     /// LoRA: the configuration, what it targets and the frozen base; `None`: full fine-tuning.
     lora: Option<LoraState>,
-}
-
-/// A checkpoint tensor no part of the model read is an error (a config that does not describe
-/// the weights), but for buffers transformers also ignores and a tied LM head's copy.
-fn check_all_read(src: &Source, spec: &ArchSpec, names: &ModelNames) -> Result<()> {
-    if let Source::Checkpoint(w) | Source::Shapes(w) = src {
-        let unused: Vec<String> = w
-            .unused()
-            .into_iter()
-            .filter(|n| {
-                !n.ends_with("rotary_emb.inv_freq")
-                    && !n.ends_with(".masked_bias")
-                    && !n.ends_with(".attn.bias")
-            })
-            .filter(|n| !(spec.tie_embeddings && n == &names.lm_head.weight))
-            .collect();
-        if !unused.is_empty() {
-            return Err(Error::Config(format!(
-                "checkpoint has weights the {} config does not use: {}",
-                spec.family,
-                unused.join(", ")
-            )));
-        }
-    }
-    Ok(())
 }
 
 impl DecoderModel {
@@ -671,20 +646,11 @@ impl Model for DecoderModel {
 
     fn greedy_continuation(
         &self,
-        prompt: &[u32],
-        max_new_tokens: usize,
+        ids: &[u32],
+        n: usize,
         eos: Option<u32>,
     ) -> Result<Option<Vec<u32>>> {
-        let greedy = crate::model::generate::Sampling::default();
-        crate::model::generate::generate_ids(
-            self,
-            prompt.to_vec(),
-            max_new_tokens,
-            &greedy,
-            eos,
-            |_| Ok(false),
-        )
-        .map(Some)
+        super::generate::greedy(self, ids, n, eos).map(Some)
     }
 
     fn loss(&self, batch: &Batch) -> Result<LossSum> {
