@@ -346,7 +346,14 @@ pub fn flatten_f32(tensors: &[&Tensor]) -> Result<Tensor> {
         return Err(Error::Training("flatten_f32 needs a CUDA device".into()));
     };
     let total: usize = tensors.iter().map(|t| t.elem_count()).sum();
-    let out = Tensor::zeros(total, DType::F32, first.device())?;
+    // SAFETY: the launch below writes every element before anything reads the buffer (one
+    // stream), so it needs no zero fill first.
+    let out = wrap(
+        unsafe { dev.alloc::<f32>(total.max(1))? },
+        dev,
+        total,
+        first,
+    )?;
     let base = address::<f32>(&out)?;
     let mut table = Vec::with_capacity(tensors.len());
     let mut at = 0u64;

@@ -37,6 +37,11 @@ pub trait Collective: Send {
         let s = self.all_reduce_sum(&t)?;
         Ok((self.rank() == root).then_some(s))
     }
+    /// [`Collective::broadcast`] of a tensor this rank made and nothing else reads (the other
+    /// ranks' is the buffer to receive into): a transport may broadcast in its buffer.
+    fn broadcast_owned(&self, t: Tensor, root: usize) -> Result<Tensor> {
+        self.broadcast(&t, root)
+    }
     /// The element-wise sum of host numbers over all ranks (step sizes, flags): on the CPU for
     /// every transport, so a GPU run's host never waits for its device to exchange them.
     fn all_reduce_host(&self, v: &[f64]) -> Result<Vec<f64>> {

@@ -147,12 +147,18 @@ impl CustomOp1 for Op<'_> {
     }
 }
 
-/// A sum over ranks in a tensor's own buffer (a bucket this rank made and nothing else
-/// reads): to every rank (all-reduce) or to one (reduce), without a second buffer or copy.
+/// A collective in a tensor's own buffer (one this rank made and nothing else reads): a sum to
+/// every rank or to one, or a broadcast, without a second buffer or copy.
 struct InPlace<'a> {
     comm: &'a Comm,
-    /// `None`: all-reduce; `Some(root)`: reduce to `root`.
-    root: Option<usize>,
+    kind: InPlaceKind,
+}
+
+#[derive(Clone, Copy)]
+enum InPlaceKind {
+    AllReduce,
+    ReduceTo(usize),
+    BroadcastFrom(usize),
 }
 
 impl InPlace<'_> {
@@ -165,11 +171,15 @@ impl InPlace<'_> {
         let (at, n) = (l.start_offset(), l.shape().elem_count());
         let slice = s.as_cuda_slice_mut::<T>()?;
         let mut view = slice.slice_mut(at..at + n);
-        let r = match self.root {
-            None => self.comm.all_reduce_in_place(&mut view, &ReduceOp::Sum),
-            Some(root) => self
-                .comm
-                .reduce_in_place(&mut view, &ReduceOp::Sum, root as i32),
+        let r = match self.kind {
+            InPlaceKind::AllReduce => self.comm.all_reduce_in_place(&mut view, &ReduceOp::Sum),
+            InPlaceKind::ReduceTo(root) => {
+                self.comm
+                    .reduce_in_place(&mut view, &ReduceOp::Sum, root as i32)
+            }
+            InPlaceKind::BroadcastFrom(root) => {
+                self.comm.broadcast_in_place(&mut view, root as i32)
+            }
         };
         r.map(|_| ())
             .map_err(|e| candle_core::Error::Cuda(format!("NCCL: {e:?}").into()))
@@ -213,6 +223,31 @@ impl NcclComm {
             Box::new(move || ctx.bind_to_thread().is_ok() && event.is_complete()),
         );
         Ok(())
+    }
+
+    /// `kind` in `t`'s own buffer (see [`InPlace`]); through [`Self::collective`] where `t`
+    /// is not a contiguous CUDA tensor.
+    fn in_place(&self, t: Tensor, kind: InPlaceKind) -> Result<Tensor> {
+        if !t.device().is_cuda() || !t.is_contiguous() {
+            return self.collective(
+                &t,
+                match kind {
+                    InPlaceKind::AllReduce | InPlaceKind::ReduceTo(_) => None,
+                    InPlaceKind::BroadcastFrom(r) => Some(r),
+                },
+            );
+        }
+        t.inplace_op1(&InPlace {
+            comm: &self.comm.0,
+            kind,
+        })?;
+        let what = match kind {
+            InPlaceKind::AllReduce => "all-reduce".to_string(),
+            InPlaceKind::ReduceTo(r) => format!("reduce to rank {r}"),
+            InPlaceKind::BroadcastFrom(r) => format!("broadcast from rank {r}"),
+        };
+        self.watch(&what, t.elem_count())?;
+        Ok(t)
     }
 
     fn collective(&self, t: &Tensor, root: Option<usize>) -> Result<Tensor> {
@@ -259,27 +294,15 @@ impl Collective for NcclComm {
     }
 
     fn all_reduce_sum_owned(&self, t: Tensor) -> Result<Tensor> {
-        if !t.device().is_cuda() || !t.is_contiguous() {
-            return self.all_reduce_sum(&t);
-        }
-        t.inplace_op1(&InPlace {
-            comm: &self.comm.0,
-            root: None,
-        })?;
-        self.watch("all-reduce", t.elem_count())?;
-        Ok(t)
+        self.in_place(t, InPlaceKind::AllReduce)
     }
 
     fn reduce_sum_owned(&self, t: Tensor, root: usize) -> Result<Option<Tensor>> {
-        if !t.device().is_cuda() || !t.is_contiguous() {
-            let s = self.all_reduce_sum(&t)?;
-            return Ok((self.rank() == root).then_some(s));
-        }
-        t.inplace_op1(&InPlace {
-            comm: &self.comm.0,
-            root: Some(root),
-        })?;
-        self.watch(&format!("reduce to rank {root}"), t.elem_count())?;
+        let t = self.in_place(t, InPlaceKind::ReduceTo(root))?;
         Ok((self.rank() == root).then_some(t))
+    }
+
+    fn broadcast_owned(&self, t: Tensor, root: usize) -> Result<Tensor> {
+        self.in_place(t, InPlaceKind::BroadcastFrom(root))
     }
 }

@@ -143,40 +143,49 @@ impl DataParallel {
             return Ok(None);
         }
         let mut local = local.map_or_else(empty_store, Ok)?;
+        let items = params
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| anywhere[*i] > 0.0)
+            .map(|(i, p)| match local.remove(p.var.as_tensor()) {
+                Some(g) => Ok((i, g)),
+                None => Ok((i, zeros_of(p)?)),
+            });
         let mut out = empty_store()?;
-        let mut flush = |items: Vec<(usize, Tensor)>, owner: Option<usize>| -> Result<()> {
-            for (i, g) in self.reduce_bucket(items, owner)? {
-                out.insert(params[i].var.as_tensor(), g);
-            }
-            Ok(())
+        for (i, g) in self.reduce_buckets(items)? {
+            out.insert(params[i].var.as_tensor(), g);
+        }
+        Ok(Some(out))
+    }
+
+    /// Sums `items` (parameter index and gradient, in parameter order) over ranks in buckets of
+    /// whole tensors of about `BUCKET_ELEMENTS`: to every rank, or under ZeRO 1 and 2 to each
+    /// parameter's owner (a bucket never spans two owners). Returns the sums this rank receives;
+    /// the items are taken as they come, so a bucket's gradients are freed once it is summed.
+    fn reduce_buckets(
+        &self,
+        items: impl Iterator<Item = Result<(usize, Tensor)>>,
+    ) -> Result<Vec<(usize, Tensor)>> {
+        let flush = |bucket: Vec<(usize, Tensor)>| {
+            let owner = bucket.first().map(|(i, _)| self.owners[*i]);
+            self.reduce_bucket(bucket, owner.filter(|_| self.sharded()))
         };
-        // Buckets of whole tensors in parameter order, each within one owner under ZeRO 1.
+        let mut out = Vec::new();
         let mut bucket: Vec<(usize, Tensor)> = Vec::new();
         let mut filled = 0;
-        for (i, p) in params.iter().enumerate() {
-            if anywhere[i] == 0.0 {
-                continue;
-            }
-            let owner = self.sharded().then_some(self.owners[i]);
-            let last_owner = bucket.last().map(|(j, _)| self.owners[*j]);
-            if self.sharded() && last_owner.is_some_and(|o| o != self.owners[i]) {
-                flush(std::mem::take(&mut bucket), last_owner)?;
+        for item in items {
+            let (i, g) = item?;
+            let other_owner =
+                (bucket.last()).is_some_and(|(j, _)| self.owners[*j] != self.owners[i]);
+            if filled >= BUCKET_ELEMENTS || (self.sharded() && other_owner) {
+                out.extend(flush(std::mem::take(&mut bucket))?);
                 filled = 0;
             }
-            let g = match local.remove(p.var.as_tensor()) {
-                Some(g) => g,
-                None => zeros_of(p)?,
-            };
             filled += g.elem_count();
             bucket.push((i, g));
-            if filled >= BUCKET_ELEMENTS {
-                flush(std::mem::take(&mut bucket), owner)?;
-                filled = 0;
-            }
         }
-        let last_owner = bucket.last().map(|(j, _)| self.owners[*j]);
-        flush(bucket, last_owner.filter(|_| self.sharded()))?;
-        Ok(Some(out))
+        out.extend(flush(bucket)?);
+        Ok(out)
     }
 
     /// Sums one bucket over ranks, to every rank (`owner` `None`) or to `owner` only, and
@@ -270,7 +279,7 @@ impl DataParallel {
             } else {
                 Tensor::zeros(total, DType::F32, first.var.device())?
             };
-            let flat = self.comm.broadcast(&flat, owner)?;
+            let flat = self.comm.broadcast_owned(flat, owner)?;
             if owner == self.rank() {
                 continue;
             }
@@ -446,28 +455,16 @@ impl Zero2Step<'_> {
         if anywhere.iter().all(|&x| x == 0.0) {
             return Ok(None);
         }
-        // Late gradients: one bucket per owner run, for every parameter some rank has one for.
-        let mut run: Vec<(usize, Tensor)> = Vec::new();
-        for (i, _) in late.iter().enumerate().filter(|(_, &n)| n > 0.0) {
-            if run
-                .last()
-                .is_some_and(|(j, _)| dp.owners[*j] != dp.owners[i])
-            {
-                let owner = dp.owners[run[0].0];
-                for (k, g) in dp.reduce_bucket(std::mem::take(&mut run), Some(owner))? {
-                    add_into(&mut self.owned[k], g)?;
-                }
-            }
-            let g = match self.late[i].take() {
-                Some(g) => g,
-                None => zeros_of(&self.params[i])?,
-            };
-            run.push((i, g));
-        }
-        if let Some(owner) = run.first().map(|(j, _)| dp.owners[*j]) {
-            for (k, g) in dp.reduce_bucket(run, Some(owner))? {
-                add_into(&mut self.owned[k], g)?;
-            }
+        // Late gradients, for every parameter some rank has one for (zeros where this has none).
+        let items = (0..self.params.len())
+            .filter(|&i| late[i] > 0.0)
+            .map(|i| match self.late[i].take() {
+                Some(g) => Ok((i, g)),
+                None => Ok((i, zeros_of(&self.params[i])?)),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (k, g) in dp.reduce_buckets(items.into_iter().map(Ok))? {
+            add_into(&mut self.owned[k], g)?;
         }
         let mut out = empty_store()?;
         for (i, g) in self.owned.into_iter().enumerate() {
