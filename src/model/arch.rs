@@ -86,6 +86,7 @@ impl fmt::Display for ArchReport {
             match s.qk_norm {
                 Some(QkNorm::PerHeadLayerNorm) => "per-head layer norm",
                 Some(QkNorm::SharedRms) => "RMS norm over head_dim, one weight for every head",
+                Some(QkNorm::WholeRms) => "RMS norm over the whole projection (all heads)",
                 None => "none",
             }
         )?;
@@ -118,6 +119,8 @@ impl fmt::Display for ArchReport {
             Block::Sequential => "sequential",
             Block::Parallel { shared_norm: true } => "parallel attention + MLP, one shared norm",
             Block::Parallel { shared_norm: false } => "parallel attention + MLP, two norms",
+            Block::PostNorm => "norms after attention and after the MLP (none before)",
+            Block::Sandwich => "norms before and after attention and the MLP",
         };
         writeln!(f, "residual        {block}")?;
         write_mlp_runs(f, &s.mlp)?;

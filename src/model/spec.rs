@@ -36,6 +36,10 @@ pub enum Block {
     Sequential,
     /// `x += attn(norm1(x)) + mlp(norm1(x))` with one shared norm, or with `norm2(x)`.
     Parallel { shared_norm: bool },
+    /// OLMo 2: `x += norm1(attn(x)); x += norm2(mlp(x))`, no norm before either.
+    PostNorm,
+    /// Gemma 2 and 3: `x += post1(attn(norm1(x))); x += post2(mlp(norm2(x)))`.
+    Sandwich,
 }
 
 /// How the query/key/value projections are stored.
@@ -69,7 +73,8 @@ pub struct MoeSpec {
     pub routing: Routing,
     /// DBRX: the router's softmax probabilities (not logits) feed the auxiliary loss.
     pub aux_from_probs: bool,
-    /// DBRX: experts stored as three (E * F, H) tensors.
+    /// DBRX: experts stored as three (E * F, H) tensors; Granite MoE: as two stacks (see
+    /// `ExpertNames`).
     pub fused_experts: bool,
     /// Qwen2-MoE: a shared expert of this width with a sigmoid gate.
     pub shared_expert: Option<usize>,
@@ -190,6 +195,9 @@ pub enum QkNorm {
     PerHeadLayerNorm,
     /// One RMSNorm over head_dim whose weight every head shares (Qwen3).
     SharedRms,
+    /// One RMSNorm over the whole projection, all heads together (OLMo 2's `q_norm` of width
+    /// heads * head_dim, `k_norm` of kv_heads * head_dim).
+    WholeRms,
 }
 
 /// Hugging Face parameter names of a linear layer.
@@ -251,6 +259,8 @@ pub enum MlpNames {
 pub enum ExpertNames {
     Separate(Vec<(LinearNames, LinearNames, LinearNames)>),
     Fused { w1: String, v1: String, w2: String },
+    /// Granite MoE: `gate_up` (E, 2F, H), gate rows first, and `down` (E, H, F).
+    Stacked { gate_up: String, down: String },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -263,6 +273,8 @@ pub struct LayerNames {
     /// Per-head q / k norm weights (StableLM qk_layernorm).
     pub q_norm: Vec<String>,
     pub k_norm: Vec<String>,
+    /// `Block::Sandwich`: the norms after attention and after the MLP.
+    pub post_norms: Option<(NormNames, NormNames)>,
     pub mlp: MlpNames,
 }
 

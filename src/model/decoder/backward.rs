@@ -266,17 +266,14 @@ impl Layer {
         x: &Tensor,
         ctx: &FwdCtx,
     ) -> Result<(Tensor, Back)> {
-        let (h1, n1) = norm_vjp(&self.norm1, x)?;
-        let (a, attn) = self.attention_vjp(spec, &h1, ctx)?;
+        let norm2 = || self.norm2.as_ref().expect("this block has two norms");
         match spec.block {
             Block::Sequential => {
                 let rm = spec.residual_multiplier;
+                let (h1, n1) = norm_vjp(&self.norm1, x)?;
+                let (a, attn) = self.attention_vjp(spec, &h1, ctx)?;
                 let x2 = add(x, &scale(&a, rm)?)?;
-                let norm2 = self
-                    .norm2
-                    .as_ref()
-                    .expect("sequential blocks have two norms");
-                let (h2, n2) = norm_vjp(norm2, &x2)?;
+                let (h2, n2) = norm_vjp(norm2(), &x2)?;
                 let (m, mlp) = self.mlp.forward_vjp(&h2)?;
                 let y = add(&x2, &scale(&m, rm)?)?;
                 let back = move |dy: &Tensor| -> Result<Tensor> {
@@ -288,10 +285,12 @@ impl Layer {
                 Ok((y, Box::new(back)))
             }
             Block::Parallel { shared_norm } => {
+                let (h1, n1) = norm_vjp(&self.norm1, x)?;
+                let (a, attn) = self.attention_vjp(spec, &h1, ctx)?;
                 let (h2, n2) = if shared_norm {
                     (h1.clone(), None)
                 } else {
-                    let (h2, n2) = norm_vjp(self.norm2.as_ref().expect("two norms"), x)?;
+                    let (h2, n2) = norm_vjp(norm2(), x)?;
                     (h2, Some(n2))
                 };
                 let (m, mlp) = self.mlp.forward_vjp(&h2)?;
@@ -303,6 +302,35 @@ impl Layer {
                         None => add(dy, &n1(&add(&dh1, &dh2)?)?)?,
                         Some(n2) => add(&add(dy, &n1(&dh1)?)?, &n2(&dh2)?)?,
                     })
+                };
+                Ok((y, Box::new(back)))
+            }
+            Block::PostNorm => {
+                let (a, attn) = self.attention_vjp(spec, x, ctx)?;
+                let (na, n1) = norm_vjp(&self.norm1, &a)?;
+                let x2 = add(x, &na)?;
+                let (m, mlp) = self.mlp.forward_vjp(&x2)?;
+                let (nm, n2) = norm_vjp(norm2(), &m)?;
+                let y = add(&x2, &nm)?;
+                let back = move |dy: &Tensor| -> Result<Tensor> {
+                    let dx2 = add(dy, &mlp(&n2(dy)?)?)?;
+                    add(&dx2, &attn(&n1(&dx2)?)?)
+                };
+                Ok((y, Box::new(back)))
+            }
+            Block::Sandwich => {
+                let (post1, post2) = self.post_norms.as_ref().expect("sandwich post-norms");
+                let (h1, n1) = norm_vjp(&self.norm1, x)?;
+                let (a, attn) = self.attention_vjp(spec, &h1, ctx)?;
+                let (pa, p1) = norm_vjp(post1, &a)?;
+                let x2 = add(x, &pa)?;
+                let (h2, n2) = norm_vjp(norm2(), &x2)?;
+                let (m, mlp) = self.mlp.forward_vjp(&h2)?;
+                let (pm, p2) = norm_vjp(post2, &m)?;
+                let y = add(&x2, &pm)?;
+                let back = move |dy: &Tensor| -> Result<Tensor> {
+                    let dx2 = add(dy, &n2(&mlp(&p2(dy)?)?)?)?;
+                    add(&dx2, &n1(&attn(&p1(&dx2)?)?)?)
                 };
                 Ok((y, Box::new(back)))
             }

@@ -11,7 +11,7 @@ use crate::nn::kernels;
 use crate::nn::ops::softmax_last;
 
 impl Layer {
-    /// One decoder layer: x (N, H) → (N, H), plus the router output of a MoE layer. The two
+    /// One decoder layer: x (N, H) → (N, H), plus the router output of a MoE layer. The
     /// residual variants (`Block`), with `rm` the residual multiplier (Granite; 1 elsewhere):
     ///
     /// ```text
@@ -21,6 +21,13 @@ impl Layer {
     ///       └─ norm1 ─ attention ─ ×rm ┘          ├─ norm1 ─ attention ────────(+)
     ///  x2 ──┬──────────────────────(+)─ y         └─ norm2 ─ mlp ──────────────(+)
     ///       └─ norm2 ─ mlp ─────── ×rm ┘          (shared_norm: mlp reads norm1's output)
+    ///
+    /// PostNorm (OLMo 2):                    Sandwich (Gemma 2 and 3):
+    ///
+    ///   x ──┬──────────────────────(+)─ x2    x ──┬───────────────────────────────(+)─ x2
+    ///       └─ attention ─ norm1 ──────┘          └─ norm1 ─ attention ─ post1 ───┘
+    ///  x2 ──┬──────────────────────(+)─ y    x2 ──┬───────────────────────────────(+)─ y
+    ///       └─ mlp ─ norm2 ────────────┘          └─ norm2 ─ mlp ─ post2 ─────────┘
     /// ```
     ///
     /// The hand-written backward (`backward.rs`, `Layer::forward_vjp`) mirrors each branch.
@@ -43,27 +50,32 @@ impl Layer {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let rm = spec.residual_multiplier;
         let scaled = |t: Tensor| -> Result<Tensor> { Ok(if rm != 1.0 { (t * rm)? } else { t }) };
-        let h1 = self.norm1.fwd(x)?;
-        let a = attention(&h1)?;
+        let norm2 = || self.norm2.as_ref().expect("this block has two norms");
         Ok(match spec.block {
             Block::Sequential => {
+                let a = attention(&self.norm1.fwd(x)?)?;
                 let x = (x + scaled(a)?)?;
-                let h2 = self
-                    .norm2
-                    .as_ref()
-                    .expect("sequential blocks have two norms")
-                    .fwd(&x)?;
-                let (m, r) = self.mlp.forward(&h2)?;
+                let (m, r) = self.mlp.forward(&norm2().fwd(&x)?)?;
                 ((x + scaled(m)?)?, r)
             }
             Block::Parallel { shared_norm } => {
-                let h2 = if shared_norm {
-                    h1
-                } else {
-                    self.norm2.as_ref().expect("two norms").fwd(x)?
-                };
+                let h1 = self.norm1.fwd(x)?;
+                let a = attention(&h1)?;
+                let h2 = if shared_norm { h1 } else { norm2().fwd(x)? };
                 let (m, r) = self.mlp.forward(&h2)?;
                 (((x + a)? + m)?, r)
+            }
+            Block::PostNorm => {
+                let x = (x + self.norm1.fwd(&attention(x)?)?)?;
+                let (m, r) = self.mlp.forward(&x)?;
+                ((&x + norm2().fwd(&m)?)?, r)
+            }
+            Block::Sandwich => {
+                let (post1, post2) = self.post_norms.as_ref().expect("sandwich post-norms");
+                let a = attention(&self.norm1.fwd(x)?)?;
+                let x = (x + post1.fwd(&a)?)?;
+                let (m, r) = self.mlp.forward(&norm2().fwd(&x)?)?;
+                ((&x + post2.fwd(&m)?)?, r)
             }
         })
     }
@@ -220,6 +232,12 @@ fn moe_forward(
                 );
                 let inter = (activate(&xe.matmul(&w1.t()?)?, spec.act)? * xe.matmul(&v1.t()?)?)?;
                 inter.matmul(&w2)?
+            }
+            Experts::Stacked { gate_up, down } => {
+                let dt = xe.dtype();
+                let y = xe.matmul(&gate_up.get(e)?.to_dtype(dt)?.t()?)?;
+                let inter = (activate(&y.narrow(1, 0, f)?, spec.act)? * y.narrow(1, f, f)?)?;
+                inter.matmul(&down.get(e)?.to_dtype(dt)?.t()?)?
             }
         };
         let we = w_flat.index_select(&slots, 0)?.unsqueeze(1)?;

@@ -274,6 +274,10 @@ impl Builder<'_> {
                         v1: self.take(v1, &[m.experts * f, h], Init::Normal)?,
                         w2: self.take(w2, &[m.experts * f, h], Init::Normal)?,
                     },
+                    ExpertNames::Stacked { gate_up, down } => Experts::Stacked {
+                        gate_up: self.take(gate_up, &[m.experts, 2 * f, h], Init::Normal)?,
+                        down: self.take(down, &[m.experts, h, f], Init::Normal)?,
+                    },
                 };
                 let shared = match (m.shared_expert, shared) {
                     (Some(width), Some((names, gate))) => {

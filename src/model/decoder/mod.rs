@@ -131,24 +131,27 @@ impl DecoderModel {
                 }
             };
             let o = b.lin(&ln.o, h, nh * d)?;
-            let q_norm = ln
-                .q_norm
-                .iter()
-                .map(|n| b.take(n, &[d], Init::Ones))
+            // OLMo 2 norms the whole projection, the others each head.
+            let whole = spec.qk_norm == Some(QkNorm::WholeRms);
+            let q_norm = (ln.q_norm.iter())
+                .map(|n| b.take(n, &[if whole { nh * d } else { d }], Init::Ones))
                 .collect::<Result<_>>()?;
-            let k_norm = ln
-                .k_norm
-                .iter()
-                .map(|n| b.take(n, &[d], Init::Ones))
+            let k_norm = (ln.k_norm.iter())
+                .map(|n| b.take(n, &[if whole { nkv * d } else { d }], Init::Ones))
                 .collect::<Result<_>>()?;
             let norm2 = match &ln.norm2 {
                 Some(n) => Some(b.norm(spec.norm, n, h)?),
+                None => None,
+            };
+            let post_norms = match &ln.post_norms {
+                Some((p1, p2)) => Some((b.norm(spec.norm, p1, h)?, b.norm(spec.norm, p2, h)?)),
                 None => None,
             };
             let mlp = b.mlp(&spec.mlp[l], &ln.mlp, h)?;
             layers.push(Layer {
                 norm1,
                 norm2,
+                post_norms,
                 qkv,
                 o,
                 q_norm,
@@ -595,9 +598,15 @@ impl DecoderModel {
                 }
             }
             let mut part = obj.backward()?;
-            g_out = part.remove(x_in.as_tensor()).ok_or_else(|| {
-                Error::Training(format!("no gradient reached the input of layer {l}"))
-            })?;
+            // candle detaches the gradients of inner nodes but not of a leaf: where the layer's
+            // first op on its input is a product with a weight (OLMo 2 attends to x itself),
+            // x's gradient `dy W` stays a graph over W, and the next layer's backward would
+            // differentiate through it again (doubling W's gradient).
+            g_out = (part.remove(x_in.as_tensor()))
+                .ok_or_else(|| {
+                    Error::Training(format!("no gradient reached the input of layer {l}"))
+                })?
+                .detach();
             add_grads(&mut grads, part, &self.params)?;
         }
         let e = self.embed_fwd(&ctx)?;

@@ -205,6 +205,8 @@ pub(super) enum Experts {
         v1: Tensor,
         w2: Tensor,
     },
+    /// (E, 2F, H) with gate rows first, and (E, H, F): Granite MoE's stacks.
+    Stacked { gate_up: Tensor, down: Tensor },
 }
 
 pub(super) enum Mlp {
@@ -236,6 +238,8 @@ pub(super) enum Mlp {
 pub(super) struct Layer {
     pub(super) norm1: Norm,
     pub(super) norm2: Option<Norm>,
+    /// `Block::Sandwich`: the norms after attention and after the MLP.
+    pub(super) post_norms: Option<(Norm, Norm)>,
     pub(super) qkv: Qkv,
     pub(super) o: Lin,
     pub(super) q_norm: Vec<Tensor>,
@@ -257,6 +261,10 @@ pub(super) fn head_norm(x: &Tensor, ws: &[Tensor], eps: f64, kind: QkNorm) -> Re
             layer_norm(x, None, None, eps)?.broadcast_mul(&w)?
         }
         QkNorm::SharedRms => rms_norm(x, &ws[0], eps)?,
+        QkNorm::WholeRms => {
+            let (n, h, d) = x.dims3()?;
+            rms_norm(&x.reshape((n, h * d))?, &ws[0], eps)?.reshape((n, h, d))?
+        }
     })
 }
 

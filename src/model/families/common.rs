@@ -223,6 +223,7 @@ pub(super) fn llama_layer(l: usize, qkv_bias: bool, o_bias: bool, mlp: MlpNames)
         o: LinearNames::new(&format!("{p}.self_attn.o_proj"), o_bias),
         q_norm: vec![],
         k_norm: vec![],
+        post_norms: None,
         mlp,
     }
 }

@@ -94,6 +94,7 @@ pub(super) fn dbrx(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
                 o: LinearNames::new(&format!("{p}.norm_attn_norm.attn.out_proj"), false),
                 q_norm: vec![],
                 k_norm: vec![],
+                post_norms: None,
                 mlp: MlpNames::Moe {
                     router: LinearNames::new(&format!("{p}.ffn.router.layer"), false),
                     experts: ExpertNames::Fused {

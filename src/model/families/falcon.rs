@@ -94,6 +94,7 @@ pub(super) fn falcon(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
                 o: LinearNames::new(&format!("{p}.self_attention.dense"), bias),
                 q_norm: vec![],
                 k_norm: vec![],
+                post_norms: None,
                 mlp: MlpNames::Plain {
                     fc1: LinearNames::new(&format!("{p}.mlp.dense_h_to_4h"), bias),
                     fc2: LinearNames::new(&format!("{p}.mlp.dense_4h_to_h"), bias),

@@ -1,4 +1,4 @@
-//! Llama 2/3 and Granite (`llama_like`: Granite adds its multipliers), Mistral, Mixtral (transformers 4.46.3 `modeling_llama.py`, `modeling_granite.py`, `modeling_mistral.py`, `modeling_mixtral.py`).
+//! Llama 2/3 and Granite (`llama_like`: Granite adds its multipliers), Mistral, Mixtral (transformers 4.46.3 `modeling_llama.py`, `modeling_granite.py`, `modeling_mistral.py`, `modeling_mixtral.py`); Granite MoE (4.51.3 `modeling_granitemoe.py`).
 
 use serde_json::Value;
 
@@ -33,12 +33,87 @@ pub(super) fn llama_like(c: &Cfg, family: &str) -> Result<(ArchSpec, ModelNames)
     );
     s.padding_idx = c.padding_idx(None)?;
     if family == "granite" {
-        s.embedding_multiplier = c.f64_or("embedding_multiplier", 1.0)?;
-        s.residual_multiplier = c.f64_or("residual_multiplier", 1.0)?;
-        s.attn_scale = c.f64_or("attention_multiplier", 1.0)?;
-        s.logits_scaling = c.f64_or("logits_scaling", 1.0)?;
+        granite_multipliers(c, &mut s)?;
     }
     Ok((s, llama_gated(d.layers, ab, ab, mb)))
+}
+
+/// Granite's four multipliers: of the embedding, of each branch joining the residual stream,
+/// of `q . k` (instead of 1 / sqrt(head_dim)), and the logits' divisor.
+fn granite_multipliers(c: &Cfg, s: &mut ArchSpec) -> Result<()> {
+    s.embedding_multiplier = c.f64_or("embedding_multiplier", 1.0)?;
+    s.residual_multiplier = c.f64_or("residual_multiplier", 1.0)?;
+    s.attn_scale = c.f64_or("attention_multiplier", 1.0)?;
+    s.logits_scaling = c.f64_or("logits_scaling", 1.0)?;
+    Ok(())
+}
+
+/// Granite MoE (transformers 4.51.3 `modeling_granitemoe.py`): Granite's layer and multipliers
+/// with a top-k mixture of experts for every MLP. The router takes the softmax of the k largest
+/// logits, which equals the top-k probabilities renormalised (`Routing::Renormalize`); the
+/// experts are two stacks (`input_linear` (E, 2F, H), gate rows first; `output_linear`
+/// (E, H, F)); the auxiliary loss is Mixtral's.
+pub(super) fn granitemoe(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
+    let d = dims(c, None, false, 2048)?;
+    let act = act(c, &c.str_or("hidden_act", "silu")?, "hidden_act")?;
+    let ab = c.bool_or("attention_bias", false)?;
+    c.warn_dropout(&["attention_dropout"])?;
+    let rope = rope(c, c.f64_or("rope_theta", 10000.0)?, d.head_dim, true)?;
+    let (e, k) = (
+        c.usize_or("num_local_experts", 8)?,
+        c.usize_or("num_experts_per_tok", 2)?,
+    );
+    c.reject(
+        k == 0 || k > e,
+        format!("num_experts_per_tok = {k} with {e} experts"),
+    )?;
+    let moe = MoeSpec {
+        experts: e,
+        top_k: k,
+        expert_hidden: d.intermediate,
+        act,
+        routing: Routing::Renormalize,
+        aux_from_probs: false,
+        fused_experts: true,
+        shared_expert: None,
+    };
+    let mut s = spec(
+        "granitemoe",
+        &d,
+        NormSpec {
+            kind: NormKind::Rms,
+            eps: c.f64_or("rms_norm_eps", 1e-6)?,
+        },
+        Block::Sequential,
+        QkvLayout::Separate,
+        ab,
+        ab,
+        vec![MlpSpec::Moe(moe); d.layers],
+        rope,
+        c.bool_or("tie_word_embeddings", false)?,
+    );
+    granite_multipliers(c, &mut s)?;
+    s.padding_idx = c.padding_idx(None)?;
+    s.router_aux_loss_coef = aux_coef(c, "router_aux_loss_coef", 0.001)?;
+    let layers = (0..d.layers)
+        .map(|l| {
+            let p = format!("model.layers.{l}.block_sparse_moe");
+            llama_layer(
+                l,
+                ab,
+                ab,
+                MlpNames::Moe {
+                    router: LinearNames::new(&format!("{p}.router.layer"), false),
+                    experts: ExpertNames::Stacked {
+                        gate_up: format!("{p}.input_linear.weight"),
+                        down: format!("{p}.output_linear.weight"),
+                    },
+                    shared: None,
+                },
+            )
+        })
+        .collect();
+    Ok((s, llama_names(layers, false)))
 }
 
 pub(super) fn mistral(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {

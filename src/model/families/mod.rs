@@ -21,8 +21,8 @@ use common::Cfg;
 use dbrx::dbrx;
 use falcon::falcon;
 use gemma::gemma;
-use llama::{llama_like, mistral, mixtral};
-use olmo::olmo;
+use llama::{granitemoe, llama_like, mistral, mixtral};
+use olmo::{olmo, olmo2};
 use phi::{phi, phi3};
 use qwen2::{qwen2, qwen2_moe};
 use qwen3::{qwen3, qwen3_moe};
@@ -35,10 +35,12 @@ pub const SUPPORTED: &[&str] = &[
     "mistral",
     "mixtral",
     "granite",
+    "granitemoe",
     "dbrx",
     "falcon",
     "gemma",
     "olmo",
+    "olmo2",
     "phi",
     "phi3",
     "qwen2",
@@ -71,10 +73,12 @@ pub fn from_config_tracked(
         "llama" | "granite" => llama_like(&c, mt)?,
         "mistral" => mistral(&c)?,
         "mixtral" => mixtral(&c)?,
+        "granitemoe" => granitemoe(&c)?,
         "dbrx" => dbrx(&c)?,
         "falcon" => falcon(&c)?,
         "gemma" => gemma(&c)?,
         "olmo" => olmo(&c)?,
+        "olmo2" => olmo2(&c)?,
         "phi" => phi(&c)?,
         "phi3" => phi3(&c)?,
         "qwen2" => qwen2(&c)?,
@@ -117,10 +121,12 @@ pub fn architecture(model_type: &str) -> &'static str {
         "mistral" => "MistralForCausalLM",
         "mixtral" => "MixtralForCausalLM",
         "granite" => "GraniteForCausalLM",
+        "granitemoe" => "GraniteMoeForCausalLM",
         "dbrx" => "DbrxForCausalLM",
         "falcon" => "FalconForCausalLM",
         "gemma" => "GemmaForCausalLM",
         "olmo" => "OlmoForCausalLM",
+        "olmo2" => "Olmo2ForCausalLM",
         "phi" => "PhiForCausalLM",
         "phi3" => "Phi3ForCausalLM",
         "qwen2" => "Qwen2ForCausalLM",
