@@ -258,9 +258,16 @@ pub enum MlpNames {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ExpertNames {
     Separate(Vec<(LinearNames, LinearNames, LinearNames)>),
-    Fused { w1: String, v1: String, w2: String },
+    Fused {
+        w1: String,
+        v1: String,
+        w2: String,
+    },
     /// Granite MoE: `gate_up` (E, 2F, H), gate rows first, and `down` (E, H, F).
-    Stacked { gate_up: String, down: String },
+    Stacked {
+        gate_up: String,
+        down: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -26,6 +26,7 @@ mod copies;
 mod forward;
 mod init;
 mod parts;
+mod pullbacks;
 mod stacked;
 
 pub use adapters::LoraSetup;

@@ -206,7 +206,10 @@ pub(super) enum Experts {
         w2: Tensor,
     },
     /// (E, 2F, H) with gate rows first, and (E, H, F): Granite MoE's stacks.
-    Stacked { gate_up: Tensor, down: Tensor },
+    Stacked {
+        gate_up: Tensor,
+        down: Tensor,
+    },
 }
 
 pub(super) enum Mlp {
