@@ -16,7 +16,7 @@ use packsft::{Collator, CompletionOnlyCollator, DecoderModel, Example, Model};
 use packsft::{Trainer, TrainerConfig};
 
 /// The tiny family checkpoints: every one must carry its transformers reference (a fixture
-/// without one is an error, not a silent skip), and all 21 (18 families, 3 variants) are there.
+/// without one is an error, not a silent skip), and all 23 (20 families, 3 variants) are there.
 fn fixtures() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families");
     let mut v: Vec<PathBuf> = std::fs::read_dir(root)
@@ -34,7 +34,7 @@ fn fixtures() -> Vec<PathBuf> {
         missing.is_empty(),
         "fixtures without a reference: {missing:?}"
     );
-    assert_eq!(v.len(), 21, "family fixtures: {v:?}");
+    assert_eq!(v.len(), 23, "family fixtures: {v:?}");
     v
 }
 
@@ -718,5 +718,5 @@ fn kv_cache_decoding_equals_the_full_forward() {
         checked += 1;
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    assert_eq!(checked, 20, "every fixture but phi3_longrope");
+    assert_eq!(checked, 22, "every fixture but phi3_longrope");
 }

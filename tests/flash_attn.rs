@@ -127,7 +127,7 @@ fn compare(c: &Case) -> [(f64, f64); 4] {
             Var::from_tensor(&k.to_dtype(dt).unwrap()).unwrap(),
             Var::from_tensor(&v.to_dtype(dt).unwrap()).unwrap(),
         );
-        let plan = AttnPlan::new(&layout, row_len, c.window, &dev, flash).unwrap();
+        let plan = AttnPlan::new(&layout, row_len, c.window, None, &dev, flash).unwrap();
         let out = if flash {
             plan.attend(&qv, &kv, &vv, scale).unwrap()
         } else {
@@ -527,19 +527,19 @@ fn hand_written_layer_backward_matches_autograd() {
 #[test]
 fn flash_refuses_what_it_cannot_run() {
     let err = AttentionImpl::Flash
-        .use_flash(&Device::Cpu, DType::BF16, 64)
+        .use_flash(&Device::Cpu, DType::BF16, 64, None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("cpu"), "{err}");
     let err = AttentionImpl::Flash
-        .use_flash(&cuda(), DType::BF16, 48)
+        .use_flash(&cuda(), DType::BF16, 48, None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("head_dim 48"), "{err}");
     assert!(!AttentionImpl::Auto
-        .use_flash(&cuda(), DType::F32, 64)
+        .use_flash(&cuda(), DType::F32, 64, None)
         .unwrap());
     assert!(AttentionImpl::Auto
-        .use_flash(&cuda(), DType::BF16, 64)
+        .use_flash(&cuda(), DType::BF16, 64, None)
         .unwrap());
 }

@@ -87,23 +87,46 @@ impl fmt::Display for ArchReport {
                 Some(QkNorm::PerHeadLayerNorm) => "per-head layer norm",
                 Some(QkNorm::SharedRms) => "RMS norm over head_dim, one weight for every head",
                 Some(QkNorm::WholeRms) => "RMS norm over the whole projection (all heads)",
+                Some(QkNorm::SharedRmsOneOffset) => {
+                    "RMS norm (1 + w) over head_dim, one weight for every head"
+                }
                 None => "none",
             }
         )?;
+        let window = match (s.sliding_window, &s.local_layers) {
+            (None, _) => "none".to_string(),
+            (Some(w), None) => format!("{w} keys"),
+            (Some(w), Some(local)) => {
+                let ids: Vec<String> = (local.iter().enumerate())
+                    .filter(|(_, &is)| is)
+                    .map(|(l, _)| l.to_string())
+                    .collect();
+                format!(
+                    "{w} keys in the local layers ({}), none in the others",
+                    ids.join(", ")
+                )
+            }
+        };
+        writeln!(f, "sliding window  {window}")?;
+        let cap = |c: Option<f64>| c.map_or("none".into(), |c| format!("{c} tanh(x / {c})"));
         writeln!(
             f,
-            "sliding window  {}",
-            s.sliding_window
-                .map_or("none".into(), |w| format!("{w} keys"))
+            "soft-capping    attention scores {}, logits {}",
+            cap(s.attn_softcap),
+            cap(s.final_softcap)
         )?;
         let long = if s.rope.long.is_some() {
             ", LongRoPE"
         } else {
             ""
         };
+        let local = match &s.local_rope {
+            Some(r) => format!(" (local layers: theta {})", r.theta),
+            None => String::new(),
+        };
         writeln!(
             f,
-            "rope            theta {}, rotary dim {} of {}{long}",
+            "rope            theta {}, rotary dim {} of {}{long}{local}",
             s.rope.theta, s.rope.rotary_dim, s.head_dim
         )?;
         let norm = match s.norm.kind {

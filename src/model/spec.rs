@@ -149,8 +149,18 @@ pub struct ArchSpec {
     /// A norm of each head of q and k before RoPE: StableLM's per-head LayerNorm, Qwen3's
     /// RMSNorm over head_dim with one weight for every head.
     pub qk_norm: Option<QkNorm>,
-    /// Query t sees keys t-W < j <= t (transformers' eager semantics).
+    /// Query t sees keys t-W < j <= t (transformers' eager semantics), in every layer or, with
+    /// `local_layers`, in the local ones.
     pub sliding_window: Option<usize>,
+    /// Gemma 2 and 3: which layers are local (attend within `sliding_window`; the others see
+    /// every earlier key). `None`: the window, if any, applies to every layer.
+    pub local_layers: Option<Vec<bool>>,
+    /// Gemma 3: the rotary settings of the local layers (their own base, no scaling).
+    pub local_rope: Option<RopeSpec>,
+    /// Gemma 2: attention scores become `c * tanh(s / c)` before the mask and the softmax.
+    pub attn_softcap: Option<f64>,
+    /// Gemma 2: logits become `c * tanh(l / c)` (after `logits_scaling`).
+    pub final_softcap: Option<f64>,
     /// Factor applied to `q . k` before the softmax: `1 / sqrt(head_dim)`, or Granite's
     /// `attention_multiplier`.
     pub attn_scale: f64,
@@ -179,6 +189,19 @@ pub struct ArchSpec {
 }
 
 impl ArchSpec {
+    /// Whether layer `l` attends within `sliding_window` while others do not (Gemma 2 and 3).
+    pub fn is_local_layer(&self, l: usize) -> bool {
+        self.local_layers.as_ref().is_some_and(|v| v[l])
+    }
+
+    /// The window layer `l` attends within (None: every earlier key).
+    pub fn window_of(&self, l: usize) -> Option<usize> {
+        match &self.local_layers {
+            None => self.sliding_window,
+            Some(v) => self.sliding_window.filter(|_| v[l]),
+        }
+    }
+
     /// The number of layers whose MLP is a mixture of experts.
     pub fn moe_layers(&self) -> usize {
         self.mlp
@@ -198,6 +221,9 @@ pub enum QkNorm {
     /// One RMSNorm over the whole projection, all heads together (OLMo 2's `q_norm` of width
     /// heads * head_dim, `k_norm` of kv_heads * head_dim).
     WholeRms,
+    /// Gemma 3: one RMSNorm over head_dim, every head sharing its weight, computed as Gemma's
+    /// norms are (float32, `(1 + w)`).
+    SharedRmsOneOffset,
 }
 
 /// Hugging Face parameter names of a linear layer.

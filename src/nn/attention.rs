@@ -49,8 +49,37 @@ impl std::str::FromStr for AttentionImpl {
 }
 
 impl AttentionImpl {
-    /// Whether to use the flash kernels for this device, compute dtype and head dimension.
-    pub fn use_flash(self, device: &Device, dtype: DType, head_dim: usize) -> Result<bool> {
+    /// Whether to use the flash kernels for this device, compute dtype and head dimension, for
+    /// a model with (`softcap`) or without attention soft-capping, which the kernels lack:
+    /// `Auto` then takes the eager attention (logged once), `Flash` is an error naming it.
+    pub fn use_flash(
+        self,
+        device: &Device,
+        dtype: DType,
+        head_dim: usize,
+        softcap: Option<f64>,
+    ) -> Result<bool> {
+        if let Some(c) = softcap {
+            return match self {
+                Self::Flash => Err(Error::Config(format!(
+                    "attention: flash cannot run this model: its attention scores are \
+                     soft-capped (attn_logit_softcapping = {c}), which the flash kernels do not \
+                     compute; use attention: auto or eager"
+                ))),
+                Self::Auto => {
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| {
+                        tracing::warn!(
+                            "attention: eager, not flash: the model soft-caps its attention \
+                             scores (attn_logit_softcapping = {c}), which the flash kernels do \
+                             not compute"
+                        )
+                    });
+                    Ok(false)
+                }
+                Self::Eager => Ok(false),
+            };
+        }
         #[cfg(feature = "flash-attn")]
         let ok = crate::cuda::flash::supported(device, dtype, head_dim);
         #[cfg(not(feature = "flash-attn"))]
@@ -78,6 +107,8 @@ pub struct AttnPlan {
     blocks: Vec<Block>,
     #[cfg_attr(not(feature = "flash-attn"), allow(dead_code))]
     window: Option<usize>,
+    /// Scores become `c * tanh(s / c)` before the mask (Gemma 2); eager attention only.
+    softcap: Option<f64>,
     #[cfg(feature = "flash-attn")]
     flash: Option<Arc<crate::cuda::flash::FlashPlan>>,
 }
@@ -120,14 +151,21 @@ fn causal_mask(
 }
 
 impl AttnPlan {
-    /// Eager attention (`flash`: false) or the flash kernels.
+    /// Eager attention (`flash`: false) or the flash kernels, which have no soft-capping
+    /// (`softcap` with `flash` is an error: [`AttentionImpl::use_flash`] says no first).
     pub fn new(
         layout: &SeqLayout,
         row_len: usize,
         window: Option<usize>,
+        softcap: Option<f64>,
         device: &Device,
         flash: bool,
     ) -> Result<Self> {
+        if flash && softcap.is_some() {
+            return Err(Error::Config(
+                "the flash attention kernels have no score soft-capping".into(),
+            ));
+        }
         if flash {
             #[cfg(feature = "flash-attn")]
             {
@@ -149,6 +187,7 @@ impl AttnPlan {
                 return Ok(Self {
                     blocks: Vec::new(),
                     window,
+                    softcap,
                     flash: Some(Arc::new(plan)),
                 });
             }
@@ -190,6 +229,7 @@ impl AttnPlan {
         Ok(Self {
             blocks,
             window,
+            softcap,
             #[cfg(feature = "flash-attn")]
             flash: None,
         })
@@ -276,7 +316,12 @@ pub fn eager_attention(
         let kt = kb.transpose(2, 3)?.contiguous()?; // (r, nkv, hd, l)
         let scores = qb.matmul(&kt)?.reshape((r, nkv, g, l, l))?;
         // Softmax in float32 whatever the compute dtype, as transformers' eager attention.
-        let scores = scores.to_dtype(DType::F32)?.broadcast_add(&blk.mask)?;
+        let scores = scores.to_dtype(DType::F32)?;
+        let scores = match plan.softcap {
+            Some(c) => ((scores / c)?.tanh()? * c)?,
+            None => scores,
+        };
+        let scores = scores.broadcast_add(&blk.mask)?;
         let probs = softmax_last(&scores)?
             .to_dtype(vb.dtype())?
             .reshape((r, nkv, g * l, l))?;

@@ -187,9 +187,10 @@ impl Layer {
             pre_q.push(bq);
             pre_k.push(bk);
         }
-        let (q, rq) = rope_vjp(&q, &ctx.cos, &ctx.sin)?;
-        let (k, rk) = rope_vjp(&k, &ctx.cos, &ctx.sin)?;
-        let (a, attend) = ctx.plan.attend_vjp(&q, &k, &v, s.attn_scale)?;
+        let (plan, cos, sin) = ctx.for_layer(self.local);
+        let (q, rq) = rope_vjp(&q, cos, sin)?;
+        let (k, rk) = rope_vjp(&k, cos, sin)?;
+        let (a, attend) = plan.attend_vjp(&q, &k, &v, s.attn_scale)?;
         let (o, out) = lin_vjp(&self.o, &a)?;
         let back = move |dy: &Tensor| -> Result<Tensor> {
             let da = out(dy)?;
@@ -238,12 +239,13 @@ impl Layer {
         ctx: &FwdCtx,
     ) -> Result<Option<(Tensor, Back)>> {
         let dims = (s.heads, s.kv_heads, s.head_dim);
-        let Some((q, k, v)) = kernels::rope_split_stacked(y, dims, &ctx.cos, &ctx.sin)? else {
+        let (plan, cos, sin) = ctx.for_layer(self.local);
+        let Some((q, k, v)) = kernels::rope_split_stacked(y, dims, cos, sin)? else {
             return Ok(None);
         };
-        let (a, attend) = ctx.plan.attend_vjp(&q, &k, &v, s.attn_scale)?;
+        let (a, attend) = plan.attend_vjp(&q, &k, &v, s.attn_scale)?;
         let (o, out) = lin_vjp(&self.o, &a)?;
-        let (cos, sin) = (ctx.cos.clone(), ctx.sin.clone());
+        let (cos, sin) = (cos.clone(), sin.clone());
         let back = move |dy: &Tensor| -> Result<Tensor> {
             let (dq, dk, dv) = attend(&out(dy)?)?;
             kernels::rope_join_stacked(&dq, &dk, &dv, &cos, &sin)
@@ -382,7 +384,11 @@ pub(super) fn lm_head_nll_node(
     spec: &ArchSpec,
     autograd_layers: bool,
 ) -> Result<Option<Tensor>> {
-    if !hand_written_head(h, autograd_layers) || spec.logits_scaling != 1.0 {
+    // Scaled or soft-capped logits take `DecoderModel::logits` and the cross-entropy kernel.
+    if !hand_written_head(h, autograd_layers)
+        || spec.logits_scaling != 1.0
+        || spec.final_softcap.is_some()
+    {
         return Ok(None);
     }
     let (logits, lin_back) = lin_vjp(lin, &h.detach())?;

@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::parts::{FwdCtx, Layer};
+use super::parts::{FwdCtx, Layer, LocalCtx};
 use super::DecoderModel;
 use crate::collate::SeqLayout;
 use crate::error::{Error, Result};
@@ -41,6 +41,7 @@ fn attend_cached(
     start: usize,
     window: Option<usize>,
     scale: f64,
+    softcap: Option<f64>,
 ) -> Result<Tensor> {
     let (n, nh, d) = q.dims3()?;
     let (t, nkv, _) = k.dims3()?;
@@ -56,6 +57,10 @@ fn attend_cached(
     let (k, v) = (widen(k)?, widen(v)?);
     let q = q.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?;
     let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = match softcap {
+        Some(c) => ((scores / c)?.tanh()? * c)?,
+        None => scores,
+    };
     let mut mask = vec![0f32; n * t];
     for i in 0..n {
         let pos = start + i;
@@ -86,7 +91,11 @@ impl Layer {
             None => (k, v),
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 0)?, Tensor::cat(&[&pv, &v], 0)?),
         };
-        let a = attend_cached(&q, &k, &v, start, s.sliding_window, s.attn_scale)?;
+        let window = match s.local_layers {
+            None => s.sliding_window,
+            Some(_) => s.sliding_window.filter(|_| self.local),
+        };
+        let a = attend_cached(&q, &k, &v, start, window, s.attn_scale, s.attn_softcap)?;
         *slot = Some((k, v));
         self.o.fwd(&a.to_dtype(h.dtype())?)
     }
@@ -131,21 +140,36 @@ impl DecoderModel {
         }
         let dev: &Device = &self.device;
         let positions: Vec<u32> = (start..start + n).map(|p| p as u32).collect();
-        let (cos, sin) = self
-            .rope
-            .gather(&Tensor::new(positions.as_slice(), dev)?, self.compute.dtype)?;
+        let positions = Tensor::new(positions.as_slice(), dev)?;
+        let (cos, sin) = self.rope.gather(&positions, self.compute.dtype)?;
         let layout = SeqLayout::Packed {
             cu_seqlens: vec![0, n],
             max_seqlen: n,
+        };
+        // The plans are unused by the cached attention; the context carries them.
+        let plan = || AttnPlan::new(&layout, n, None, None, dev, false);
+        let local = match (&self.spec.local_layers, &self.local_rope) {
+            (None, _) => None,
+            (Some(_), table) => {
+                let (cos, sin) = match table {
+                    Some(t) => t.gather(&positions, self.compute.dtype)?,
+                    None => (cos.clone(), sin.clone()),
+                };
+                Some(LocalCtx {
+                    plan: plan()?,
+                    cos,
+                    sin,
+                })
+            }
         };
         let ctx = FwdCtx {
             ids: Tensor::new(ids, dev)?,
             cos,
             sin,
-            // Unused by the cached attention; the context carries one.
-            plan: AttnPlan::new(&layout, n, None, dev, false)?,
+            plan: plan()?,
             n,
             real_rows: None,
+            local,
         };
         let mut x = self.embed_fwd(&ctx)?.detach();
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {

@@ -83,7 +83,10 @@ impl Layer {
     /// The attention block: h (N, H) → (N, H); every sequence attends only to itself (`ctx.plan`).
     pub(super) fn attention(&self, s: &ArchSpec, h: &Tensor, ctx: &FwdCtx) -> Result<Tensor> {
         let (q, k, v) = self.qkv(s, h, ctx)?;
-        let a = ctx.plan.attend(&q, &k, &v, s.attn_scale)?;
+        let a = ctx
+            .for_layer(self.local)
+            .0
+            .attend(&q, &k, &v, s.attn_scale)?;
         self.o.fwd(&a)
     }
 
@@ -115,8 +118,9 @@ impl Layer {
             q = head_norm(&q, &self.q_norm, s.norm.eps, kind)?;
             k = head_norm(&k, &self.k_norm, s.norm.eps, kind)?;
         }
-        let q = kernels::apply_rope(&q, &ctx.cos, &ctx.sin)?;
-        let k = kernels::apply_rope(&k, &ctx.cos, &ctx.sin)?;
+        let (_, cos, sin) = ctx.for_layer(self.local);
+        let q = kernels::apply_rope(&q, cos, sin)?;
+        let k = kernels::apply_rope(&k, cos, sin)?;
         Ok((q, k, v))
     }
 }

@@ -35,7 +35,7 @@ use backward::{embed_lookup, hand_written_run, layers_node, lm_head_nll_node, lm
 pub use cache::KvCache;
 use forward::router_aux;
 use init::{check_all_read, Builder, Init, Source};
-use parts::{CopyVars, FwdCtx, Layer, Lin, Norm, Qkv};
+use parts::{CopyVars, FwdCtx, Layer, Lin, LocalCtx, Norm, Qkv};
 
 pub use super::weights::CONFIG_FILE;
 
@@ -79,6 +79,8 @@ pub struct DecoderModel {
     lm_head: Lin,
     /// Rows [0, P) the default table; with LongRoPE rows [P, 2P) the long one.
     rope: RopeTable,
+    /// Gemma 3: the local layers' rotary table (`ArchSpec::local_rope`).
+    local_rope: Option<RopeTable>,
     device: Device,
     /// How passes are computed; `ComputeOptions::default()` after loading, set by the caller.
     pub compute: ComputeOptions,
@@ -153,6 +155,7 @@ impl DecoderModel {
                 norm1,
                 norm2,
                 post_norms,
+                local: spec.is_local_layer(l),
                 qkv,
                 o,
                 q_norm,
@@ -188,6 +191,10 @@ impl DecoderModel {
         }
         table.cos = scale_table(&table.cos)?;
         table.sin = scale_table(&table.sin)?;
+        let local_rope = match &spec.local_rope {
+            Some(r) => Some(RopeTable::new(&r.inv_freq, spec.max_positions, device)?),
+            None => None,
+        };
         let lora = match b.lora.take() {
             Some(l) => {
                 let mut frozen = std::mem::take(&mut b.frozen);
@@ -205,6 +212,7 @@ impl DecoderModel {
             final_norm,
             lm_head,
             rope: table,
+            local_rope,
             device: device.clone(),
             compute: ComputeOptions::default(),
             weight_copies: std::sync::Mutex::new(None),
@@ -429,23 +437,38 @@ impl DecoderModel {
             }
             SeqLayout::Packed { .. } => None,
         };
+        let s = &self.spec;
+        let flash = (self.compute.attention).use_flash(
+            &self.device,
+            self.compute.dtype,
+            s.head_dim,
+            s.attn_softcap,
+        )?;
+        let plan = |window| -> Result<AttnPlan> {
+            let (layout, row_len) = (batch.layout(), batch.row_len());
+            AttnPlan::new(layout, row_len, window, s.attn_softcap, &self.device, flash)
+        };
+        // Local and global layers mixed (Gemma 2 and 3): a plan for each, and the local
+        // layers' own rotary rows where they have their own base (Gemma 3).
+        let (global_window, local) = match &s.local_layers {
+            None => (s.sliding_window, None),
+            Some(_) => {
+                let (cos, sin) = match &self.local_rope {
+                    Some(t) => t.gather(&pos, self.compute.dtype)?,
+                    None => (cos.clone(), sin.clone()),
+                };
+                let plan = plan(s.sliding_window)?;
+                (None, Some(LocalCtx { plan, cos, sin }))
+            }
+        };
         Ok(FwdCtx {
             ids: batch.input_ids().flatten_all()?,
             cos,
             sin,
-            plan: AttnPlan::new(
-                batch.layout(),
-                batch.row_len(),
-                self.spec.sliding_window,
-                &self.device,
-                self.compute.attention.use_flash(
-                    &self.device,
-                    self.compute.dtype,
-                    self.spec.head_dim,
-                )?,
-            )?,
+            plan: plan(global_window)?,
             n: batch.rows() * batch.row_len(),
             real_rows,
+            local,
         })
     }
 
@@ -518,10 +541,14 @@ impl DecoderModel {
             Some(l) => l,
             None => self.lm_head.fwd(hidden_rows)?,
         };
-        Ok(if self.spec.logits_scaling != 1.0 {
+        let logits = if self.spec.logits_scaling != 1.0 {
             (logits / self.spec.logits_scaling)?
         } else {
             logits
+        };
+        Ok(match self.spec.final_softcap {
+            Some(c) => ((logits / c)?.tanh()? * c)?,
+            None => logits,
         })
     }
 

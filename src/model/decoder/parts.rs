@@ -243,6 +243,9 @@ pub(super) struct Layer {
     pub(super) norm2: Option<Norm>,
     /// `Block::Sandwich`: the norms after attention and after the MLP.
     pub(super) post_norms: Option<(Norm, Norm)>,
+    /// Attends within the sliding window while other layers do not (`ArchSpec::local_layers`):
+    /// reads the context's `local` plan and rotary rows.
+    pub(super) local: bool,
     pub(super) qkv: Qkv,
     pub(super) o: Lin,
     pub(super) q_norm: Vec<Tensor>,
@@ -264,6 +267,14 @@ pub(super) fn head_norm(x: &Tensor, ws: &[Tensor], eps: f64, kind: QkNorm) -> Re
             layer_norm(x, None, None, eps)?.broadcast_mul(&w)?
         }
         QkNorm::SharedRms => rms_norm(x, &ws[0], eps)?,
+        QkNorm::SharedRmsOneOffset => {
+            let xf = x.to_dtype(DType::F32)?;
+            let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+                .sqrt()?
+                .recip()?;
+            let w = (ws[0].to_dtype(DType::F32)? + 1.0)?;
+            (xf.broadcast_mul(&inv)?.broadcast_mul(&w)?).to_dtype(x.dtype())?
+        }
         QkNorm::WholeRms => {
             let (n, h, d) = x.dims3()?;
             rms_norm(&x.reshape((n, h * d))?, &ws[0], eps)?.reshape((n, h, d))?
@@ -288,6 +299,26 @@ pub(super) struct FwdCtx {
     pub(super) n: usize,
     /// Flattened indices of real (non-pad) tokens, for the router loss of padded batches.
     pub(super) real_rows: Option<Tensor>,
+    /// Gemma 2 and 3: the plan with the sliding window and the rotary rows of the local layers
+    /// (`plan`, `cos`, `sin` are then the global layers').
+    pub(super) local: Option<LocalCtx>,
+}
+
+/// What a forward shares among the local layers of a model that mixes local and global ones.
+pub(super) struct LocalCtx {
+    pub(super) plan: AttnPlan,
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
+}
+
+impl FwdCtx {
+    /// The attention plan and rotary rows (cos, sin) of a layer (`Layer::local`).
+    pub(super) fn for_layer(&self, local: bool) -> (&AttnPlan, &Tensor, &Tensor) {
+        match (&self.local, local) {
+            (Some(l), true) => (&l.plan, &l.cos, &l.sin),
+            _ => (&self.plan, &self.cos, &self.sin),
+        }
+    }
 }
 
 /// How a fused q/k/v projection's rows split into q, k and v (plain data, cheap to copy into a

@@ -20,7 +20,7 @@ mod starcoder2;
 use common::Cfg;
 use dbrx::dbrx;
 use falcon::falcon;
-use gemma::gemma;
+use gemma::{gemma, gemma2, gemma3_text};
 use llama::{granitemoe, llama_like, mistral, mixtral};
 use olmo::{olmo, olmo2};
 use phi::{phi, phi3};
@@ -39,6 +39,8 @@ pub const SUPPORTED: &[&str] = &[
     "dbrx",
     "falcon",
     "gemma",
+    "gemma2",
+    "gemma3_text",
     "olmo",
     "olmo2",
     "phi",
@@ -77,6 +79,8 @@ pub fn from_config_tracked(
         "dbrx" => dbrx(&c)?,
         "falcon" => falcon(&c)?,
         "gemma" => gemma(&c)?,
+        "gemma2" => gemma2(&c)?,
+        "gemma3_text" => gemma3_text(&c)?,
         "olmo" => olmo(&c)?,
         "olmo2" => olmo2(&c)?,
         "phi" => phi(&c)?,
@@ -125,6 +129,8 @@ pub fn architecture(model_type: &str) -> &'static str {
         "dbrx" => "DbrxForCausalLM",
         "falcon" => "FalconForCausalLM",
         "gemma" => "GemmaForCausalLM",
+        "gemma2" => "Gemma2ForCausalLM",
+        "gemma3_text" => "Gemma3ForCausalLM",
         "olmo" => "OlmoForCausalLM",
         "olmo2" => "Olmo2ForCausalLM",
         "phi" => "PhiForCausalLM",
