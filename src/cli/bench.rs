@@ -207,6 +207,28 @@ fn compare(c: &BenchCmd) -> Result<()> {
 /// Model shapes for benchmarks (random init), as config.json objects.
 pub fn shape(name: &str) -> Result<serde_json::Value> {
     let (v, h, i, l, nh, nkv, theta, positions) = match name {
+        // Qwen3-8B's config.json (head_dim 128, q/k norms, untied), as benches/gpu/family_peer.py.
+        "qwen3-8b" => {
+            return Ok(serde_json::json!({
+                "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 4096,
+                "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
+                "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": false,
+            }))
+        }
+        // Gemma-2-2B's config.json (head_dim 256 != hidden / heads, sandwich norms, scores and
+        // logits soft-capped, even layers local), as benches/gpu/family_peer.py.
+        "gemma2-2b" => {
+            return Ok(serde_json::json!({
+                "model_type": "gemma2", "vocab_size": 256000, "hidden_size": 2304,
+                "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
+                "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 8192,
+                "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "query_pre_attn_scalar": 256,
+                "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+                "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh",
+                "tie_word_embeddings": true,
+            }))
+        }
         // TinyLlama-1.1B, as hf_peer.py.
         "llama-1.1b" => (32000, 2048, 5632, 22, 32, 4, 10000.0, 4096),
         // Llama-3-8B, as hf_peer.py and strong_peer.py.
@@ -216,7 +238,8 @@ pub fn shape(name: &str) -> Result<serde_json::Value> {
         "llama-cpu-tiny" => (32000, 256, 704, 4, 4, 2, 10000.0, 4096),
         other => {
             return Err(Error::Config(format!(
-                "unknown shape {other:?} (known: llama-1.1b, llama-8b, llama-160m, llama-cpu-tiny)"
+                "unknown shape {other:?} (known: llama-1.1b, llama-8b, llama-160m, llama-cpu-tiny, \
+                 qwen3-8b, gemma2-2b)"
             )))
         }
     };
@@ -352,8 +375,9 @@ fn bench_trainer(
 pub fn run(args: &BenchArgs) -> Result<BenchResult> {
     let cfg = shape(&args.shape)?;
     let examples = bench_examples(args, &cfg)?;
-    let head_dim = (cfg["hidden_size"].as_u64().unwrap_or(0)
-        / cfg["num_attention_heads"].as_u64().unwrap_or(1)) as usize;
+    let head_dim = cfg["head_dim"].as_u64().unwrap_or(
+        cfg["hidden_size"].as_u64().unwrap_or(0) / cfg["num_attention_heads"].as_u64().unwrap_or(1),
+    ) as usize;
     let flash = args.compute.attention.use_flash(
         &args.device,
         args.compute.dtype,
@@ -583,4 +607,38 @@ pub fn attn_bench(args: &AttnBenchArgs) -> Result<AttnBenchResult> {
         fwd_tflops: fwd_flops / fwd / 1e12,
         fwd_bwd_tflops: 3.5 * fwd_flops / both / 1e12,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shape;
+    use crate::model::families::from_config;
+
+    /// Every bench shape is a config the decoder accepts, with the family's own choices (a
+    /// shape that fell back to Llama's would measure the wrong model).
+    #[test]
+    fn every_bench_shape_is_a_model_the_decoder_builds() {
+        for name in ["llama-1.1b", "llama-8b", "llama-160m", "llama-cpu-tiny"] {
+            let (s, _) = from_config(&shape(name).unwrap()).unwrap();
+            assert_eq!(s.family, "llama", "{name}");
+        }
+        let (q, _) = from_config(&shape("qwen3-8b").unwrap()).unwrap();
+        assert_eq!(
+            (q.family.as_str(), q.layers, q.head_dim),
+            ("qwen3", 36, 128)
+        );
+        assert!(q.qk_norm.is_some() && !q.tie_embeddings);
+        let (g, _) = from_config(&shape("gemma2-2b").unwrap()).unwrap();
+        assert_eq!(
+            (g.family.as_str(), g.layers, g.head_dim),
+            ("gemma2", 26, 256)
+        );
+        assert_eq!((g.attn_softcap, g.final_softcap), (Some(50.0), Some(30.0)));
+        let local = g.local_layers.as_ref().unwrap();
+        assert_eq!(local.iter().filter(|&&l| l).count(), 13);
+        assert!(shape("gemma-7b")
+            .unwrap_err()
+            .to_string()
+            .contains("gemma2-2b"));
+    }
 }

@@ -339,3 +339,28 @@ pub fn eager_attention(
         Tensor::cat(&outs, 0)?
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A soft-capped model never reaches the flash kernels: `flash` names the reason, `auto`
+    /// takes the eager attention, and a plan asked for both is refused.
+    #[test]
+    fn soft_capping_keeps_flash_off_and_says_why() {
+        let err = AttentionImpl::Flash
+            .use_flash(&Device::Cpu, DType::BF16, 64, Some(50.0))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("attn_logit_softcapping = 50"), "{err}");
+        for a in [AttentionImpl::Auto, AttentionImpl::Eager] {
+            assert!(!a.use_flash(&Device::Cpu, DType::BF16, 64, Some(50.0)).unwrap());
+        }
+        let layout = SeqLayout::Packed {
+            cu_seqlens: vec![0, 4],
+            max_seqlen: 4,
+        };
+        let refused = AttnPlan::new(&layout, 4, None, Some(50.0), &Device::Cpu, true);
+        assert!(refused.is_err());
+    }
+}

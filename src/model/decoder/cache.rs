@@ -189,7 +189,16 @@ mod tests {
     use super::*;
     use candle_core::D;
 
-    /// The cached attention of the last position equals a row of the full causal attention.
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        ((a - b).unwrap().abs().unwrap().flatten_all().unwrap())
+            .max(D::Minus1)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// The cached attention of the new positions equals their rows of the full causal attention
+    /// (the training path's eager attention), with and without a window and soft-capping.
     #[test]
     fn cached_attention_matches_the_full_causal_attention() {
         let dev = Device::Cpu;
@@ -204,31 +213,34 @@ mod tests {
             rand((t, nkv, d), 0.7),
             rand((t, nkv, d), 1.1),
         );
+        let layout = SeqLayout::Packed {
+            cu_seqlens: vec![0, t],
+            max_seqlen: t,
+        };
         for window in [None, Some(3)] {
-            let full = attend_cached(&q, &k, &v, 0, window, 0.35).unwrap();
-            for start in [0, 3, 6] {
-                let part = attend_cached(
-                    &q.narrow(0, start, t - start).unwrap(),
-                    &k,
-                    &v,
-                    start,
-                    window,
-                    0.35,
-                )
-                .unwrap();
-                let want = full.narrow(0, start, t - start).unwrap();
-                let diff = (part - want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(D::Minus1)
-                    .unwrap()
-                    .to_scalar::<f32>()
+            for softcap in [None, Some(0.5)] {
+                let plan = AttnPlan::new(&layout, t, window, softcap, &dev, false).unwrap();
+                let full = crate::nn::attention::eager_attention(&q, &k, &v, &plan, 0.35).unwrap();
+                for start in [0, 3, 6] {
+                    let part = attend_cached(
+                        &q.narrow(0, start, t - start).unwrap(),
+                        &k,
+                        &v,
+                        start,
+                        window,
+                        0.35,
+                        softcap,
+                    )
                     .unwrap();
-                assert!(diff < 1e-6, "window {window:?} start {start}: {diff}");
+                    let want = full.narrow(0, start, t - start).unwrap();
+                    let diff = max_diff(&part, &want);
+                    assert!(diff < 1e-6, "window {window:?} cap {softcap:?} start {start}: {diff}");
+                }
             }
         }
+        // Soft-capping at 0.5 changes these scores (so the loop above checked it).
+        let plan = |c| AttnPlan::new(&layout, t, None, c, &dev, false).unwrap();
+        let eager = |c| crate::nn::attention::eager_attention(&q, &k, &v, &plan(c), 0.35).unwrap();
+        assert!(max_diff(&eager(None), &eager(Some(0.5))) > 1e-3);
     }
 }
