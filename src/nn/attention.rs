@@ -59,6 +59,13 @@ impl AttentionImpl {
         head_dim: usize,
         softcap: Option<f64>,
     ) -> Result<bool> {
+        #[cfg(feature = "flash-attn")]
+        let ok = crate::cuda::flash::supported(device, dtype, head_dim);
+        #[cfg(not(feature = "flash-attn"))]
+        let ok = {
+            let _ = (device, dtype, head_dim);
+            false
+        };
         if let Some(c) = softcap {
             return match self {
                 Self::Flash => Err(Error::Config(format!(
@@ -66,7 +73,7 @@ impl AttentionImpl {
                      soft-capped (attn_logit_softcapping = {c}), which the flash kernels do not \
                      compute; use attention: auto or eager"
                 ))),
-                Self::Auto => {
+                Self::Auto if ok => {
                     static SAID: std::sync::Once = std::sync::Once::new();
                     SAID.call_once(|| {
                         tracing::warn!(
@@ -77,16 +84,9 @@ impl AttentionImpl {
                     });
                     Ok(false)
                 }
-                Self::Eager => Ok(false),
+                Self::Auto | Self::Eager => Ok(false),
             };
         }
-        #[cfg(feature = "flash-attn")]
-        let ok = crate::cuda::flash::supported(device, dtype, head_dim);
-        #[cfg(not(feature = "flash-attn"))]
-        let ok = {
-            let _ = (device, dtype, head_dim);
-            false
-        };
         match self {
             Self::Eager => Ok(false),
             Self::Auto => Ok(ok),
