@@ -123,6 +123,9 @@ fn chat_templates_train_assistant_turns_and_their_closing_tokens() {
         ("llama2", " Hi. </s> a b c </s>"),
         ("granite", "Hi.<|end_of_text|>a b c<|end_of_text|></s>"),
         ("starcoder2", "Hi.</s>a b c</s>"),
+        ("qwen3", "Hi.<|im_end|>a b c<|im_end|></s>"),
+        ("gemma3", "Hi.<end_of_turn>a b c<end_of_turn></s>"),
+        ("olmo2", "Hi.</s>a b c</s>"),
     ];
     for (name, want) in cases {
         let ds = load(&format!("{CONV}\n"), spec_template(name));

@@ -95,6 +95,21 @@ pub const SHIPPED: &[(&str, &str, &str)] = &[
         "chat/starcoder2.jinja",
         include_str!("../../templates/chat/starcoder2.jinja"),
     ),
+    (
+        "qwen3",
+        "chat/qwen3.jinja",
+        include_str!("../../templates/chat/qwen3.jinja"),
+    ),
+    (
+        "gemma3",
+        "chat/gemma3.jinja",
+        include_str!("../../templates/chat/gemma3.jinja"),
+    ),
+    (
+        "olmo2",
+        "chat/olmo2.jinja",
+        include_str!("../../templates/chat/olmo2.jinja"),
+    ),
 ];
 
 /// Which kind a template is, decided from its source: prompt templates define the blocks
