@@ -415,6 +415,28 @@ fn unsupported_config_features_are_named_not_ignored() {
             Box::new(|c| c["hidden_size"] = "big".into()),
             "`hidden_size` must be a non-negative integer",
         ),
+        (
+            "gemma2",
+            Box::new(|c| c["attn_logit_softcapping"] = (-1.0).into()),
+            "attn_logit_softcapping = Some(-1.0)",
+        ),
+        (
+            "gemma3_text",
+            Box::new(|c| c["sliding_window_pattern"] = 0.into()),
+            "sliding_window_pattern = 0",
+        ),
+        (
+            "gemma3_text",
+            Box::new(|c| {
+                c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 8.0})
+            }),
+            "rope_scaling type \"yarn\"",
+        ),
+        (
+            "granitemoe",
+            Box::new(|c| c["num_experts_per_tok"] = 5.into()),
+            "num_experts_per_tok = 5 with 4 experts",
+        ),
     ];
     for (fam, edit, want) in cases {
         let d = edited(fam, edit);
@@ -719,4 +741,68 @@ fn kv_cache_decoding_equals_the_full_forward() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert_eq!(checked, 22, "every fixture but phi3_longrope");
+}
+
+/// Llama 3.2 and 3.3 and Phi-4 are not new families: their published config.json files
+/// (meta-llama/Llama-3.2-1B, meta-llama/Llama-3.3-70B-Instruct, microsoft/phi-4) load as
+/// `llama` and `phi3`, every key understood (a key the family does not compute would be an
+/// error naming it).
+#[test]
+fn llama_3_2_and_3_3_and_phi_4_load_as_llama_and_phi3() {
+    let llama3_rope = |factor: f64| {
+        serde_json::json!({"factor": factor, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192, "rope_type": "llama3"})
+    };
+    let llama_3_2_1b = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+        "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu",
+        "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+        "max_position_embeddings": 131072, "mlp_bias": false, "model_type": "llama",
+        "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": llama3_rope(32.0),
+        "rope_theta": 500000.0, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+        "transformers_version": "4.45.0.dev0", "use_cache": true, "vocab_size": 128256
+    });
+    let llama_3_3_70b = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+        "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "head_dim": 128,
+        "hidden_act": "silu", "hidden_size": 8192, "initializer_range": 0.02,
+        "intermediate_size": 28672, "max_position_embeddings": 131072, "mlp_bias": false,
+        "model_type": "llama", "num_attention_heads": 64, "num_hidden_layers": 80,
+        "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": llama3_rope(8.0), "rope_theta": 500000.0, "tie_word_embeddings": false,
+        "torch_dtype": "bfloat16", "transformers_version": "4.47.0.dev0", "use_cache": true,
+        "vocab_size": 128256
+    });
+    let phi_4 = serde_json::json!({
+        "architectures": ["Phi3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+        "bos_token_id": 100257, "embd_pdrop": 0.0, "eos_token_id": 100265, "hidden_act": "silu",
+        "hidden_size": 5120, "initializer_range": 0.02, "intermediate_size": 17920,
+        "max_position_embeddings": 16384, "model_type": "phi3", "num_attention_heads": 40,
+        "num_hidden_layers": 40, "num_key_value_heads": 10,
+        "original_max_position_embeddings": 16384, "pad_token_id": 100349, "resid_pdrop": 0.0,
+        "rms_norm_eps": 1e-05, "rope_scaling": null, "rope_theta": 250000, "sliding_window": null,
+        "tie_word_embeddings": false, "torch_dtype": "bfloat16", "transformers_version": "4.47.0",
+        "use_cache": true, "vocab_size": 100352
+    });
+    let (s, _) = packsft::internals::families::from_config(&llama_3_2_1b).unwrap();
+    assert_eq!(
+        (s.family.as_str(), s.head_dim, s.tie_embeddings),
+        ("llama", 64, true)
+    );
+    // Llama-3 RoPE scaling: the lowest frequencies divided by the factor, the highest kept.
+    let base = 1.0 / 500000f64.powf(62.0 / 64.0);
+    assert!((s.rope.inv_freq[31] as f64 - base / 32.0).abs() < 1e-3 * base / 32.0);
+    assert_eq!(s.rope.inv_freq[0], 1.0);
+    let (s, _) = packsft::internals::families::from_config(&llama_3_3_70b).unwrap();
+    assert_eq!(
+        (s.layers, s.heads, s.kv_heads, s.head_dim),
+        (80, 64, 8, 128)
+    );
+    let (s, _) = packsft::internals::families::from_config(&phi_4).unwrap();
+    assert_eq!(
+        (s.family.as_str(), s.kv_heads, s.head_dim),
+        ("phi3", 10, 128)
+    );
+    assert_eq!((s.sliding_window, s.rope.long.is_none()), (None, true));
 }

@@ -354,7 +354,9 @@ mod tests {
             .to_string();
         assert!(err.contains("attn_logit_softcapping = 50"), "{err}");
         for a in [AttentionImpl::Auto, AttentionImpl::Eager] {
-            assert!(!a.use_flash(&Device::Cpu, DType::BF16, 64, Some(50.0)).unwrap());
+            assert!(!a
+                .use_flash(&Device::Cpu, DType::BF16, 64, Some(50.0))
+                .unwrap());
         }
         let layout = SeqLayout::Packed {
             cu_seqlens: vec![0, 4],

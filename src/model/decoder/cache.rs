@@ -234,7 +234,10 @@ mod tests {
                     .unwrap();
                     let want = full.narrow(0, start, t - start).unwrap();
                     let diff = max_diff(&part, &want);
-                    assert!(diff < 1e-6, "window {window:?} cap {softcap:?} start {start}: {diff}");
+                    assert!(
+                        diff < 1e-6,
+                        "window {window:?} cap {softcap:?} start {start}: {diff}"
+                    );
                 }
             }
         }
