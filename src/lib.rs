@@ -46,7 +46,9 @@ pub use data::{
 pub use device::open as open_device;
 pub use dist::{Collective, World, ZeroStage};
 pub use error::{Error, Result};
-pub use model::generate::{generate, generate_ids, GenerateOptions, Sampling};
+pub use model::generate::{
+    generate, generate_batch, generate_batch_ids, generate_ids, GenerateOptions, Sampling,
+};
 pub use model::lora::{merge as merge_lora, LoraConfig, LoraInit, MergeReport, Targets};
 pub use model::{
     ArchSpec, ComputeOptions, DecoderModel, EvalSums, KvCache, LoraSetup, LossScale, LossSum,

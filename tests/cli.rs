@@ -503,6 +503,38 @@ fn generate_samples_stops_and_reads_and_writes_files() {
     assert_eq!(rows.len(), 2);
     assert!(rows[0]["completion"].is_string() && rows[1]["completion"].is_string());
     assert_eq!(rows[1]["id"], 7);
+    // Prompts decoded together give what they give one at a time (greedy, and sampled with a
+    // stop string), in batches of any size.
+    std::fs::write(
+        &input,
+        "{\"prompt\": \"Task: copy\\nInput: a b\\nOutput:\"}\n{\"prompt\": \"Task: sort\\nInput: c a b\\nOutput:\"}\n{\"prompt\": \"Task\"}\n{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n{\"prompt\": \"Task: reverse\\nInput: x y z w\\nOutput:\"}\n",
+    )
+    .unwrap();
+    let batched = |batch: &str, sample: &[&str]| {
+        let mut args = vec![
+            "generate",
+            &dir,
+            "--input",
+            input.to_str().unwrap(),
+            "--max-new-tokens",
+            "12",
+            "--batch-size",
+            batch,
+            "--output",
+            output.to_str().unwrap(),
+        ];
+        args.extend_from_slice(sample);
+        let (ok, _, stderr) = packsft(&args);
+        assert!(ok, "{stderr}");
+        std::fs::read_to_string(&output).unwrap()
+    };
+    let sampled = ["--temperature", "1.3", "--seed", "3", "--stop", "a"];
+    for sample in [&[][..], &sampled[..]] {
+        let one = batched("1", sample);
+        assert_eq!(one.lines().count(), 5, "{one}");
+        assert_eq!(batched("2", sample), one);
+        assert_eq!(batched("8", sample), one);
+    }
     // A bad row names its line.
     std::fs::write(&input, "{\"prompt\": \"x\"}\n{\"text\": 1}\n").unwrap();
     let (ok, _, stderr) = packsft(&["generate", &dir, "--input", &input.display().to_string()]);

@@ -2,12 +2,13 @@
 //! `generate_ids` (KV cache: the prompt once, then one position a token; LongRoPE recomputing)
 //! chooses the tokens `model.generate(do_sample=False)` chose, for prompts of 1, 6 and 13 tokens
 //! (fixtures from tests/fixtures/make_generate_fixtures.py, each with the transformers release its
-//! family fixture is pinned to: 4.46.3, or 4.51.3 for qwen3).
+//! family fixture is pinned to: 4.46.3, or 4.51.3 for the newer families); and batched decoding
+//! against one prompt at a time.
 
 use std::path::Path;
 
 use candle_core::Device;
-use packsft::{generate_ids, DecoderModel, Sampling};
+use packsft::{generate_batch_ids, generate_ids, DecoderModel, Sampling};
 
 #[test]
 fn greedy_generation_chooses_transformers_tokens_in_every_family() {
@@ -55,4 +56,55 @@ fn greedy_generation_chooses_transformers_tokens_in_every_family() {
         checked.push(name);
     }
     assert_eq!(checked.len(), 23, "families checked: {checked:?}");
+}
+
+/// Decoding several prompts together gives each the continuation it gets alone: greedy and
+/// sampled (each prompt's own seeded stream), a prompt leaving the batch at its EOS while the
+/// others go on, in families with sliding windows, local and global layers, soft-capping, MoE
+/// routing and post-norms.
+#[test]
+fn batched_generation_equals_one_prompt_at_a_time() {
+    let prompts: Vec<Vec<u32>> = vec![vec![5, 9, 3, 17, 22, 8, 30], vec![11], vec![40, 2, 7, 7]];
+    let samplings = [
+        Sampling::default(),
+        Sampling {
+            temperature: 0.9,
+            top_k: Some(20),
+            top_p: Some(0.95),
+            seed: 7,
+        },
+    ];
+    for name in ["mistral", "gemma2", "gemma3_text", "granitemoe", "olmo2"] {
+        let model = DecoderModel::from_pretrained(
+            &Path::new("tests/fixtures/families").join(name),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for s in &samplings {
+            let alone: Vec<Vec<u32>> = (prompts.iter())
+                .map(|p| generate_ids(&model, p.clone(), 10, s, None, |_| Ok(false)).unwrap())
+                .collect();
+            let together =
+                generate_batch_ids(&model, prompts.clone(), 10, s, None, |_, _| Ok(false)).unwrap();
+            assert_eq!(together, alone, "{name} {s:?}");
+            // The second prompt's fourth token as EOS: that prompt (and any other that draws it)
+            // stops there, the rest go on as before.
+            let eos = alone[1][3];
+            let cut = |v: &Vec<u32>| {
+                v.iter()
+                    .take_while(|&&t| t != eos)
+                    .copied()
+                    .collect::<Vec<_>>()
+            };
+            let want: Vec<Vec<u32>> = alone.iter().map(cut).collect();
+            let got =
+                generate_batch_ids(&model, prompts.clone(), 10, s, Some(eos), |_, _| Ok(false))
+                    .unwrap();
+            assert_eq!(got, want, "{name} {s:?} eos {eos}");
+            assert!(
+                got[1].len() <= 3,
+                "{name}: the second prompt stopped at its EOS"
+            );
+        }
+    }
 }

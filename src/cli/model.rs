@@ -7,7 +7,9 @@ use clap::Args;
 
 use crate::data::tokenizer::TextTokenizer;
 use crate::error::{Error, Result};
-use crate::model::generate::{chat_ids, generate as decode, prompt_ids, GenerateOptions, Sampling};
+use crate::model::generate::{
+    chat_ids, generate_batch as decode_batch, prompt_ids, GenerateOptions, Sampling,
+};
 use crate::model::DecoderModel;
 
 #[derive(Args)]
@@ -135,6 +137,12 @@ pub(crate) struct GenerateCmd {
     /// Stop where this text appears (repeatable)
     #[arg(long)]
     stop: Vec<String>,
+    /// Prompts decoded together (each step runs one token of each as one batch)
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// `cpu`, `cuda` or `cuda:N` (float32 either way)
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub(crate) fn arch(c: ArchCmd) -> Result<()> {
@@ -189,7 +197,10 @@ fn input_rows(path: &PathBuf) -> Result<Vec<serde_json::Value>> {
 }
 
 pub(crate) fn generate(c: GenerateCmd) -> Result<()> {
-    let dev = candle_core::Device::Cpu;
+    if c.batch_size == 0 {
+        return Err(Error::Config("--batch-size must be at least 1".into()));
+    }
+    let dev = crate::device::open(&c.device)?;
     let dir = crate::hub::resolve(&c.model_dir)?;
     let model = load_model_or_adapter(&dir, &dev)?;
     let tok = TextTokenizer::load(&dir)?;
@@ -216,21 +227,29 @@ pub(crate) fn generate(c: GenerateCmd) -> Result<()> {
             .map(|p| serde_json::json!({"prompt": p}))
             .collect(),
     };
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        let ids = match (
-            row.get("prompt").and_then(|p| p.as_str()),
-            row.get("messages"),
-        ) {
-            (Some(p), _) => prompt_ids(&tok, p)?,
-            (None, Some(m)) => chat_ids(&tok, m.as_array().expect("checked"))?,
-            (None, None) => unreachable!("rows are checked"),
-        };
-        let completion = decode(&model, &tok, ids, &opts)?;
-        let mut row = row;
-        row["completion"] = completion.into();
-        out.push(row);
+    let mut ids = Vec::with_capacity(rows.len());
+    for row in &rows {
+        ids.push(
+            match (
+                row.get("prompt").and_then(|p| p.as_str()),
+                row.get("messages"),
+            ) {
+                (Some(p), _) => prompt_ids(&tok, p)?,
+                (None, Some(m)) => chat_ids(&tok, m.as_array().expect("checked"))?,
+                (None, None) => unreachable!("rows are checked"),
+            },
+        );
     }
+    let mut completions = Vec::with_capacity(rows.len());
+    for chunk in ids.chunks(c.batch_size) {
+        completions.extend(decode_batch(&model, &tok, chunk.to_vec(), &opts)?);
+    }
+    let out: Vec<serde_json::Value> = (rows.into_iter().zip(completions))
+        .map(|(mut row, completion)| {
+            row["completion"] = completion.into();
+            row
+        })
+        .collect();
     match &c.output {
         Some(path) => {
             let text: String = out.iter().map(|r| format!("{r}\n")).collect();

@@ -12,7 +12,7 @@ use crate::data::template::{special_tokens, tokenizer_chat_template, Template};
 use crate::data::tokenizer::TextTokenizer;
 use crate::data::Example;
 use crate::error::{Error, Result};
-use crate::model::DecoderModel;
+use crate::model::{DecoderModel, KvCache};
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -128,27 +128,44 @@ pub fn generate(
     ids: Vec<u32>,
     opts: &GenerateOptions,
 ) -> Result<String> {
-    let mut cut = None;
-    let new = generate_ids(
+    Ok(generate_batch(model, tok, vec![ids], opts)?
+        .pop()
+        .expect("one prompt, one text"))
+}
+
+/// [`generate`] for several prompts decoded together ([`generate_batch_ids`]); the texts in
+/// prompt order, each cut at its first stop string.
+pub fn generate_batch(
+    model: &DecoderModel,
+    tok: &TextTokenizer,
+    prompts: Vec<Vec<u32>>,
+    opts: &GenerateOptions,
+) -> Result<Vec<String>> {
+    let mut cuts = vec![None; prompts.len()];
+    let new = generate_batch_ids(
         model,
-        ids,
+        prompts,
         opts.max_new_tokens,
         &opts.sampling,
         tok.eos_id,
-        |new| {
+        |i, new| {
             if opts.stop.is_empty() {
                 return Ok(false);
             }
             let text = tok.decode(new)?;
-            cut = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min();
-            Ok(cut.is_some())
+            cuts[i] = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min();
+            Ok(cuts[i].is_some())
         },
     )?;
-    let text = tok.decode(&new)?;
-    Ok(match cut {
-        Some(c) => text[..c].to_string(),
-        None => text,
-    })
+    (new.iter().zip(cuts))
+        .map(|(ids, cut)| {
+            let text = tok.decode(ids)?;
+            Ok(match cut {
+                Some(c) => text[..c].to_string(),
+                None => text,
+            })
+        })
+        .collect()
 }
 
 /// The greedy continuation of `ids` (at most `n` new tokens, ending before `eos`).
@@ -163,6 +180,112 @@ pub fn greedy(model: &DecoderModel, ids: &[u32], n: usize, eos: Option<u32>) -> 
 /// With a KV cache: the prompt once, then one position a token.
 pub fn generate_ids(
     model: &DecoderModel,
+    ids: Vec<u32>,
+    max_new_tokens: usize,
+    sampling: &Sampling,
+    eos: Option<u32>,
+    mut stop: impl FnMut(&[u32]) -> Result<bool>,
+) -> Result<Vec<u32>> {
+    let mut out = generate_batch_ids(model, vec![ids], max_new_tokens, sampling, eos, |_, new| {
+        stop(new)
+    })?;
+    Ok(out.pop().expect("one prompt, one continuation"))
+}
+
+/// [`generate_ids`] for several prompts decoded together: each step runs the next token of
+/// every unfinished prompt as one batch through the model (`DecoderModel::decode_batch`), and a
+/// prompt leaves the batch at its EOS, stop or budget. `stop` is given the prompt's index and
+/// its new ids so far. Each prompt draws from its own stream seeded by `sampling.seed`, so its
+/// continuation is the same alone or in any batch.
+pub fn generate_batch_ids(
+    model: &DecoderModel,
+    prompts: Vec<Vec<u32>>,
+    max_new_tokens: usize,
+    sampling: &Sampling,
+    eos: Option<u32>,
+    mut stop: impl FnMut(usize, &[u32]) -> Result<bool>,
+) -> Result<Vec<Vec<u32>>> {
+    let limit = model.max_positions();
+    for (i, p) in prompts.iter().enumerate() {
+        if p.len() >= limit {
+            return Err(Error::Config(format!(
+                "prompt {} has {} tokens: nothing can follow it within the model's \
+                 max_position_embeddings = {limit}",
+                i + 1,
+                p.len()
+            )));
+        }
+    }
+    // LongRoPE picks its table by the whole length: those models recompute each sequence.
+    if model.spec.rope.long.is_some() {
+        return (prompts.into_iter().enumerate())
+            .map(|(i, p)| recompute_ids(model, p, max_new_tokens, sampling, eos, |n| stop(i, n)))
+            .collect();
+    }
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let mut ids = prompts;
+    let mut rngs: Vec<_> = (0..ids.len())
+        .map(|_| rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed))
+        .collect();
+    let mut caches: Vec<KvCache> = (0..ids.len()).map(|_| model.kv_cache()).collect();
+    let mut active: Vec<usize> = (0..ids.len()).collect();
+    for _ in 0..max_new_tokens {
+        active.retain(|&i| {
+            let full = ids[i].len() >= limit;
+            if full {
+                tracing::warn!(
+                    "generation of prompt {} stopped at the model's max_position_embeddings = \
+                     {limit} after {} new tokens",
+                    i + 1,
+                    ids[i].len() - lens[i]
+                );
+            }
+            !full
+        });
+        if active.is_empty() {
+            break;
+        }
+        let mut batch: Vec<KvCache> = active
+            .iter()
+            .map(|&i| std::mem::take(&mut caches[i]))
+            .collect();
+        let new: Vec<&[u32]> = (active.iter().zip(&batch))
+            .map(|(&i, c)| &ids[i][c.len()..])
+            .collect();
+        let logits = model.decode_batch(&new, &mut batch)?;
+        for (&i, c) in active.iter().zip(batch) {
+            caches[i] = c;
+        }
+        let next: Vec<u32> = if sampling.temperature <= 0.0 {
+            // The device's arg-max: the first of equal maxima, one id per prompt read back.
+            logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?
+        } else {
+            let rows = logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+            (active.iter().zip(&rows))
+                .map(|(&i, row)| pick(row, sampling, &mut rngs[i]))
+                .collect()
+        };
+        let mut finished = Vec::new();
+        for (&i, t) in active.iter().zip(next) {
+            if Some(t) == eos {
+                finished.push(i);
+                continue;
+            }
+            ids[i].push(t);
+            if stop(i, &ids[i][lens[i]..])? {
+                finished.push(i);
+            }
+        }
+        active.retain(|i| !finished.contains(i));
+    }
+    Ok((ids.into_iter().zip(lens))
+        .map(|(mut v, n)| v.split_off(n))
+        .collect())
+}
+
+/// [`generate_ids`] without a cache: the whole sequence recomputed for each token (LongRoPE).
+fn recompute_ids(
+    model: &DecoderModel,
     mut ids: Vec<u32>,
     max_new_tokens: usize,
     sampling: &Sampling,
@@ -172,16 +295,7 @@ pub fn generate_ids(
     let prompt_len = ids.len();
     let collator = CompletionOnlyCollator::padding_free(eos.unwrap_or(0));
     let limit = model.max_positions();
-    if prompt_len >= limit {
-        return Err(Error::Config(format!(
-            "the prompt has {prompt_len} tokens: nothing can follow it within the model's \
-             max_position_embeddings = {limit}"
-        )));
-    }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed);
-    // LongRoPE picks its table by the whole length, so those models recompute the sequence for
-    // each token.
-    let mut cache = model.spec.rope.long.is_none().then(|| model.kv_cache());
     for _ in 0..max_new_tokens {
         if ids.len() >= limit {
             tracing::warn!(
@@ -191,28 +305,15 @@ pub fn generate_ids(
             );
             break;
         }
-        let logits = match cache.as_mut() {
-            Some(c) => {
-                let done = c.len();
-                model.decode(&ids[done..], c)?
-            }
-            None => {
-                let ex = Example::new(ids.clone(), vec![false; ids.len()]);
-                let batch = collator.collate(&[ex], model.device())?;
-                let h = model.hidden_states(&batch)?;
-                model.logits(&h.narrow(0, ids.len() - 1, 1)?)?
-            }
-        };
-        let next = if sampling.temperature <= 0.0 {
-            // The device's arg-max: the first of equal maxima, nothing copied to the host.
-            logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?[0]
-        } else {
-            let row = logits
-                .to_dtype(candle_core::DType::F32)?
-                .squeeze(0)?
-                .to_vec1::<f32>()?;
-            pick(&row, sampling, &mut rng)
-        };
+        let ex = Example::new(ids.clone(), vec![false; ids.len()]);
+        let batch = collator.collate(&[ex], model.device())?;
+        let h = model.hidden_states(&batch)?;
+        let logits = model.logits(&h.narrow(0, ids.len() - 1, 1)?)?;
+        let row = logits
+            .to_dtype(candle_core::DType::F32)?
+            .squeeze(0)?
+            .to_vec1::<f32>()?;
+        let next = pick(&row, sampling, &mut rng);
         if Some(next) == eos {
             break;
         }

@@ -15,6 +15,7 @@ use crate::nn::attention::AttnPlan;
 use crate::nn::ops::softmax_last;
 
 /// The keys and values of the positions decoded so far, per layer.
+#[derive(Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
@@ -75,28 +76,61 @@ fn attend_cached(
     Ok(p.matmul(&v)?.transpose(0, 1)?.reshape((n, nh * d))?)
 }
 
+/// Where one sequence's new tokens sit in a decoding batch: the first row among the batch's
+/// flattened tokens, how many, and the position of the first (the length its cache holds).
+#[derive(Clone, Copy)]
+struct Segment {
+    row: usize,
+    n: usize,
+    start: usize,
+}
+
 impl Layer {
-    /// [`Layer::attention`] for the new positions of `ctx` (starting at `start`), their keys and
-    /// values appended to `slot` first.
+    /// [`Layer::attention`] for the new positions of every sequence of a decoding batch: the
+    /// projections of all of them in one product each, then each sequence's keys and values
+    /// appended to its cache (`caches[i].layers[l]`) and its queries attending to that cache.
     fn attention_cached(
         &self,
         s: &ArchSpec,
         h: &Tensor,
         ctx: &FwdCtx,
-        start: usize,
-        slot: &mut Option<(Tensor, Tensor)>,
+        segments: &[Segment],
+        caches: &mut [KvCache],
+        l: usize,
     ) -> Result<Tensor> {
         let (q, k, v) = self.qkv(s, h, ctx)?;
-        let (k, v) = match slot.take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 0)?, Tensor::cat(&[&pv, &v], 0)?),
-        };
         let window = match s.local_layers {
             None => s.sliding_window,
             Some(_) => s.sliding_window.filter(|_| self.local),
         };
-        let a = attend_cached(&q, &k, &v, start, window, s.attn_scale, s.attn_softcap)?;
-        *slot = Some((k, v));
+        let single = segments.len() == 1;
+        let mut outs = Vec::with_capacity(segments.len());
+        for (seg, cache) in segments.iter().zip(caches.iter_mut()) {
+            // A sequence's own rows, copied out of a batch's so its cache does not keep the
+            // whole batch's keys alive.
+            let own = |t: &Tensor| -> Result<Tensor> {
+                Ok(if single {
+                    t.clone()
+                } else {
+                    t.narrow(0, seg.row, seg.n)?.copy()?
+                })
+            };
+            let (kn, vn) = (own(&k)?, own(&v)?);
+            let slot = &mut cache.layers[l];
+            let (kc, vc) = match slot.take() {
+                None => (kn, vn),
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &kn], 0)?, Tensor::cat(&[&pv, &vn], 0)?),
+            };
+            let qn = q.narrow(0, seg.row, seg.n)?;
+            let (scale, cap) = (s.attn_scale, s.attn_softcap);
+            outs.push(attend_cached(&qn, &kc, &vc, seg.start, window, scale, cap)?);
+            *slot = Some((kc, vc));
+        }
+        let a = if single {
+            outs.pop().expect("one")
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
         self.o.fwd(&a.to_dtype(h.dtype())?)
     }
 }
@@ -114,6 +148,14 @@ impl DecoderModel {
     /// values, and returns the logits (1, vocab) of the last of them. Refused for LongRoPE
     /// (whose table depends on the whole sequence's length, which a cache cannot know ahead).
     pub fn decode(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        self.decode_batch(&[ids], std::slice::from_mut(cache))
+    }
+
+    /// [`DecoderModel::decode`] for several sequences at once, each with its own cache: their
+    /// new tokens go through every projection and MLP as one batch of rows (the products a
+    /// single decoding step leaves one row wide), and each attends to its own cache. Returns
+    /// the logits (sequences, vocab) of each sequence's last new token.
+    pub fn decode_batch(&self, new: &[&[u32]], caches: &mut [KvCache]) -> Result<Tensor> {
         if self.spec.rope.long.is_some() {
             return Err(Error::Config(
                 "decoding with a KV cache does not support LongRoPE (phi3 long context); \
@@ -121,32 +163,69 @@ impl DecoderModel {
                     .into(),
             ));
         }
-        let (start, n) = (cache.len, ids.len());
-        if n == 0 {
-            return Err(Error::Config("decode: no token to run".into()));
-        }
-        if start + n > self.spec.max_positions {
+        if new.len() != caches.len() || new.is_empty() {
             return Err(Error::Config(format!(
-                "decode: {} positions exceed max_position_embeddings = {}",
-                start + n,
-                self.spec.max_positions
+                "decode: {} sequences of new tokens for {} caches",
+                new.len(),
+                caches.len()
             )));
         }
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.spec.vocab) {
-            return Err(Error::Config(format!(
-                "decode: token id {id} is outside the model's vocabulary (size {})",
-                self.spec.vocab
-            )));
+        let (mut ids, mut positions, mut segments) = (Vec::new(), Vec::new(), Vec::new());
+        for (seq, cache) in new.iter().zip(caches.iter()) {
+            let (start, n) = (cache.len, seq.len());
+            if n == 0 {
+                return Err(Error::Config("decode: no token to run".into()));
+            }
+            if start + n > self.spec.max_positions {
+                return Err(Error::Config(format!(
+                    "decode: {} positions exceed max_position_embeddings = {}",
+                    start + n,
+                    self.spec.max_positions
+                )));
+            }
+            if let Some(&id) = seq.iter().find(|&&id| id as usize >= self.spec.vocab) {
+                return Err(Error::Config(format!(
+                    "decode: token id {id} is outside the model's vocabulary (size {})",
+                    self.spec.vocab
+                )));
+            }
+            segments.push(Segment {
+                row: ids.len(),
+                n,
+                start,
+            });
+            ids.extend_from_slice(seq);
+            positions.extend((start..start + n).map(|p| p as u32));
         }
+        let ctx = self.decode_ctx(&ids, &positions)?;
+        let mut x = self.embed_fwd(&ctx)?.detach();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let (y, _) = layer.forward_with(&self.spec, &x, |h| {
+                layer.attention_cached(&self.spec, h, &ctx, &segments, caches, l)
+            })?;
+            x = y.detach();
+        }
+        for (seg, cache) in segments.iter().zip(caches.iter_mut()) {
+            cache.len += seg.n;
+        }
+        let last: Vec<u32> = segments.iter().map(|s| (s.row + s.n - 1) as u32).collect();
+        let last = Tensor::new(last.as_slice(), &self.device)?;
+        let last = self.final_norm.fwd(&x.index_select(&last, 0)?)?;
+        Ok(self.logits(&last)?.detach())
+    }
+
+    /// The forward context of decoding `ids` at `positions`: their rotary rows (and the local
+    /// layers' own); the attention plans it carries are unused (the cached attention reads the
+    /// caches).
+    fn decode_ctx(&self, ids: &[u32], positions: &[u32]) -> Result<FwdCtx> {
         let dev: &Device = &self.device;
-        let positions: Vec<u32> = (start..start + n).map(|p| p as u32).collect();
-        let positions = Tensor::new(positions.as_slice(), dev)?;
+        let n = ids.len();
+        let positions = Tensor::new(positions, dev)?;
         let (cos, sin) = self.rope.gather(&positions, self.compute.dtype)?;
         let layout = SeqLayout::Packed {
             cu_seqlens: vec![0, n],
             max_seqlen: n,
         };
-        // The plans are unused by the cached attention; the context carries them.
         let plan = || AttnPlan::new(&layout, n, None, None, dev, false);
         let local = match (&self.spec.local_layers, &self.local_rope) {
             (None, _) => None,
@@ -162,7 +241,7 @@ impl DecoderModel {
                 })
             }
         };
-        let ctx = FwdCtx {
+        Ok(FwdCtx {
             ids: Tensor::new(ids, dev)?,
             cos,
             sin,
@@ -170,17 +249,7 @@ impl DecoderModel {
             n,
             real_rows: None,
             local,
-        };
-        let mut x = self.embed_fwd(&ctx)?.detach();
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let (y, _) = layer.forward_with(&self.spec, &x, |h| {
-                layer.attention_cached(&self.spec, h, &ctx, start, slot)
-            })?;
-            x = y.detach();
-        }
-        cache.len += n;
-        let last = self.final_norm.fwd(&x.narrow(0, n - 1, 1)?)?;
-        Ok(self.logits(&last)?.detach())
+        })
     }
 }
 
