@@ -618,3 +618,33 @@ fn training_sources_mix_by_weight() {
         "{stderr}"
     );
 }
+
+/// `packsft bench-generate` times batched greedy decoding at a bench shape and reports new
+/// tokens per second; every prompt runs its whole budget.
+#[test]
+fn bench_generate_reports_new_tokens_per_second() {
+    let (ok, stdout, stderr) = packsft(&[
+        "bench-generate",
+        "--batch-size",
+        "3",
+        "--prompt-len",
+        "5",
+        "--new-tokens",
+        "4",
+        "--repeats",
+        "1",
+    ]);
+    assert!(ok, "{stderr}");
+    let r: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (r["batch_size"].as_u64(), r["new_tokens"].as_u64()),
+        (Some(3), Some(4))
+    );
+    let (secs, tps) = (
+        r["seconds"].as_f64().unwrap(),
+        r["new_tokens_per_s"].as_f64().unwrap(),
+    );
+    assert!(secs > 0.0 && (tps * secs - 12.0).abs() < 1e-6, "{r}");
+    let (ok, _, stderr) = packsft(&["bench-generate", "--batch-size", "0"]);
+    assert!(!ok && stderr.contains("--batch-size"), "{stderr}");
+}

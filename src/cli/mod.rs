@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use crate::error::Result;
 
 mod bench;
+mod bench_generate;
 mod inspect;
 mod launch;
 mod model;
@@ -39,8 +40,10 @@ enum Cmd {
     /// Attention alone, forward and forward+backward: the lengths of real batches of DATA, or
     /// `--equal BxL` sequences of L tokens
     BenchAttn(bench::BenchAttnCmd),
-    /// Greedy continuation of one or more prompts with a saved model directory
+    /// Continuation of one or more prompts with a saved model directory (greedy or sampled)
     Generate(model::GenerateCmd),
+    /// Decoding throughput: random prompts through a random model at a bench shape
+    BenchGenerate(bench_generate::BenchGenerateCmd),
     /// Training throughput on pre-tokenized data (shared/bench/make_bench_data.py)
     Bench(bench::BenchCmd),
     /// Merge a PEFT LoRA adapter into its base: a complete Hugging Face checkpoint with
@@ -60,6 +63,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::BenchData(c) => inspect::run_bench_data(c),
         Cmd::BenchAttn(c) => bench::run_bench_attn(c),
         Cmd::Generate(c) => model::generate(c),
+        Cmd::BenchGenerate(c) => bench_generate::run(c),
         Cmd::Bench(c) => bench::run_bench(c),
         Cmd::Merge(c) => model::merge(c),
         Cmd::Launch(c) => launch::launch(c),
