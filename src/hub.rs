@@ -9,9 +9,11 @@
 //!     blobs/<sha>
 //! ```
 //!
-//! Offline first: nothing is downloaded. A repo that is not in the cache is an error that says
-//! where it looked and how to fetch it (`huggingface-cli download`). A path that exists locally
-//! is always a path, never an id.
+//! Offline first: what the cache holds is used without asking the Hub. A repo (or a dataset
+//! split) that is not there is downloaded into it, in that layout, with the `hf-hub` crate
+//! (`HF_ENDPOINT`, `HF_TOKEN` or the token file honoured, a progress bar on a terminal), unless
+//! `HF_HUB_OFFLINE` is set: then it is an error that says where it looked and how to fetch it.
+//! A path that exists locally is always a path, never an id.
 
 use std::path::{Path, PathBuf};
 
@@ -97,8 +99,8 @@ fn snapshot_of(cache: &Path, id: &RepoId, folder: &str, cli_kind: &str) -> Resul
     let repo_dir = cache.join(folder);
     let is_commit = id.revision.len() == 40 && id.revision.bytes().all(|b| b.is_ascii_hexdigit());
     let fetch = format!(
-        "download it with `huggingface-cli download {}{cli_kind} --revision {}` (this build \
-         does not download), or give a local path",
+        "download it with `huggingface-cli download {}{cli_kind} --revision {}` (or let packsft \
+         download it: leave HF_HUB_OFFLINE unset), or give a local path",
         id.repo, id.revision
     );
     let commit = if is_commit {
@@ -129,21 +131,143 @@ fn snapshot_of(cache: &Path, id: &RepoId, folder: &str, cli_kind: &str) -> Resul
     Ok(snap)
 }
 
-/// `p` itself when it exists; else, when it reads as a repo id, its snapshot in the cache; else
-/// `p` (whose absence the caller reports).
+/// Whether the Hub must not be asked: `HF_HUB_OFFLINE` set to 1, ON, YES or TRUE (as
+/// `huggingface_hub` reads it).
+pub fn offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| {
+        matches!(
+            v.trim().to_ascii_uppercase().as_str(),
+            "1" | "ON" | "YES" | "TRUE"
+        )
+    })
+}
+
+/// The files of a model repo that loading, training and generation read: the configs, the
+/// tokenizer's files, chat templates, the weights (single or sharded) and a PEFT adapter's
+/// files, at the repo's top level (not `original/` copies, ONNX exports and the like).
+fn model_files(names: &[String]) -> Vec<String> {
+    let wanted = |n: &str| {
+        !n.contains('/')
+            && (n.ends_with(".json")
+                || n.ends_with(".safetensors")
+                || n.ends_with(".jinja")
+                || n == "tokenizer.model")
+    };
+    names.iter().filter(|n| wanted(n)).cloned().collect()
+}
+
+/// `p` itself when it exists; else, when it reads as a repo id, its snapshot in the cache,
+/// downloaded there first when the cache lacks it (unless offline); else `p` (whose absence the
+/// caller reports).
 pub fn resolve(p: &Path) -> Result<PathBuf> {
     if p.exists() {
         return Ok(p.to_path_buf());
     }
-    match p.to_str().and_then(RepoId::parse) {
-        Some(id) => snapshot_in(&cache_dir(), &id).map_err(|e| {
-            Error::Config(format!(
-                "{} is no local file or directory, and as a Hub repo id: {e}",
-                p.display()
-            ))
-        }),
-        None => Ok(p.to_path_buf()),
+    let Some(id) = p.to_str().and_then(RepoId::parse) else {
+        return Ok(p.to_path_buf());
+    };
+    let cache = cache_dir();
+    let cached = snapshot_in(&cache, &id);
+    let complete = |snap: &PathBuf| {
+        snap.join("config.json").exists() || snap.join("adapter_config.json").exists()
+    };
+    let named = |e: Error| {
+        Error::Config(format!(
+            "{} is no local file or directory, and as a Hub repo id: {e}",
+            p.display()
+        ))
+    };
+    match cached {
+        Ok(snap) if complete(&snap) => Ok(snap),
+        Ok(_) | Err(_) if !offline() => {
+            download(&cache, &id, Kind::Model, |names| Ok(model_files(names))).map_err(named)
+        }
+        Ok(snap) => Ok(snap),
+        Err(e) => Err(named(Error::Config(format!("{e} (HF_HUB_OFFLINE is set)")))),
     }
+}
+
+/// A repo of models or of datasets.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Model,
+    Dataset,
+}
+
+/// Downloads the files of `id` that `pick` chooses among the repo's files into the cache at
+/// `cache` (what is there already is not fetched again) and returns the snapshot directory.
+fn download(
+    cache: &Path,
+    id: &RepoId,
+    kind: Kind,
+    pick: impl FnOnce(&[String]) -> Result<Vec<String>>,
+) -> Result<PathBuf> {
+    use hf_hub::api::sync::ApiBuilder;
+    let mut builder = ApiBuilder::from_env()
+        .with_cache_dir(cache.to_path_buf())
+        .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if let Some(t) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
+        builder = builder.with_token(Some(t));
+    }
+    let hub_err = |what: &str, e: hf_hub::api::sync::ApiError| {
+        let hint = match &e {
+            hf_hub::api::sync::ApiError::RequestError(r)
+                if matches!(**r, ureq::Error::Status(401 | 403, _)) =>
+            {
+                " (a gated or private repo: set HF_TOKEN, or log in with `huggingface-cli login`)"
+            }
+            hf_hub::api::sync::ApiError::RequestError(r)
+                if matches!(**r, ureq::Error::Status(404, _)) =>
+            {
+                " (no such repo, revision or file on the Hub)"
+            }
+            _ => "",
+        };
+        Error::Config(format!(
+            "{}@{}: {what} from the Hub failed: {e}{hint}; set HF_HUB_OFFLINE=1 to use only the \
+             local cache ({})",
+            id.repo,
+            id.revision,
+            cache.display()
+        ))
+    };
+    let api = builder.build().map_err(|e| hub_err("connecting", e))?;
+    let repo_type = match kind {
+        Kind::Model => hf_hub::RepoType::Model,
+        Kind::Dataset => hf_hub::RepoType::Dataset,
+    };
+    let repo = api.repo(hf_hub::Repo::with_revision(
+        id.repo.clone(),
+        repo_type,
+        id.revision.clone(),
+    ));
+    let info = repo.info().map_err(|e| hub_err("listing the files", e))?;
+    let names: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
+    let files = pick(&names)?;
+    if files.is_empty() {
+        return Err(Error::Config(format!(
+            "{}@{}: none of the repo's files is one packsft reads (it has: {})",
+            id.repo,
+            id.revision,
+            names.join(", ")
+        )));
+    }
+    tracing::info!(
+        "downloading {} file(s) of {}@{} into {}",
+        files.len(),
+        id.repo,
+        id.revision,
+        cache.display()
+    );
+    for f in &files {
+        repo.get(f)
+            .map_err(|e| hub_err(&format!("downloading {f}"), e))?;
+    }
+    let folder = match kind {
+        Kind::Model => id.folder(),
+        Kind::Dataset => id.dataset_folder(),
+    };
+    Ok(cache.join(folder).join("snapshots").join(&info.sha))
 }
 
 /// Which files of a Hub dataset a data path without a file part means: a split (the first of
@@ -181,17 +305,57 @@ pub fn resolve_data(p: &Path, select: DataSplit<'_>) -> Result<PathBuf> {
     if inside.split('/').any(|c| c == "..") {
         return Err(bad());
     }
-    let snap = dataset_snapshot_in(&cache_dir(), &id)?;
-    if inside.is_empty() {
-        return split_files(&snap, select).map_err(|e| {
-            Error::Config(format!(
-                "{}: {e} (or name the files: hf://datasets/{}/<path or glob>)",
-                p.display(),
-                id.repo
-            ))
-        });
+    let cache = cache_dir();
+    let named = |e: Error| {
+        Error::Config(format!(
+            "{}: {e} (or name the files: hf://datasets/{}/<path or glob>)",
+            p.display(),
+            id.repo
+        ))
+    };
+    // What the cache holds answers first; the Hub is asked only for what it lacks.
+    if let Ok(snap) = dataset_snapshot_in(&cache, &id) {
+        let found = if inside.is_empty() {
+            split_files(&snap, select).ok()
+        } else {
+            let full = snap.join(inside);
+            let any = glob::glob(&full.to_string_lossy()).is_ok_and(|mut g| g.next().is_some());
+            any.then_some(full)
+        };
+        match found {
+            Some(f) => return Ok(f),
+            None if offline() => {
+                return match inside.is_empty() {
+                    true => split_files(&snap, select).map_err(named),
+                    false => Ok(snap.join(inside)),
+                }
+            }
+            None => {}
+        }
     }
-    Ok(snap.join(inside))
+    if offline() {
+        return Err(named(Error::Config(format!(
+            "{} (HF_HUB_OFFLINE is set)",
+            dataset_snapshot_in(&cache, &id).unwrap_err()
+        ))));
+    }
+    let mut chosen = String::new();
+    let snap = download(&cache, &id, Kind::Dataset, |names| {
+        chosen = if inside.is_empty() {
+            split_pattern(names, select).ok_or_else(|| split_missing(names, select))?
+        } else {
+            inside.to_string()
+        };
+        let pattern = glob::Pattern::new(&chosen)
+            .map_err(|e| Error::Config(format!("{chosen}: not a glob: {e}")))?;
+        Ok(names
+            .iter()
+            .filter(|n| pattern.matches(n))
+            .cloned()
+            .collect())
+    })
+    .map_err(named)?;
+    Ok(snap.join(chosen))
 }
 
 /// The glob of a split's files in a dataset snapshot, in the layouts the Hub's datasets use:
@@ -200,9 +364,35 @@ pub fn resolve_data(p: &Path, select: DataSplit<'_>) -> Result<PathBuf> {
 /// subset is named; extensions `parquet`, `jsonl`, `json`. The first split of `select.splits`
 /// with files wins; the first layout with files within it.
 pub fn split_files(snap: &Path, select: DataSplit<'_>) -> Result<PathBuf> {
+    // The snapshot's files, relative to it (links into blobs/ included).
+    let names: Vec<String> = glob::glob(&snap.join("**/*").to_string_lossy())
+        .map(|g| {
+            g.flatten()
+                .filter(|f| f.is_file())
+                .filter_map(|f| f.strip_prefix(snap).ok().map(|r| r.display().to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    match split_pattern(&names, select) {
+        Some(pattern) => Ok(snap.join(pattern)),
+        None => Err(Error::Config(format!(
+            "{} in {}",
+            split_missing(&names, select),
+            snap.display()
+        ))),
+    }
+}
+
+/// The glob (relative to a snapshot) of the split `select` names among a dataset repo's files
+/// `names`, by the rules of [`split_files`]; `None` when no split has files.
+fn split_pattern(names: &[String], select: DataSplit<'_>) -> Option<String> {
     let prefixes: Vec<String> = match select.subset {
         None => vec![String::new(), "data/".into()],
         Some(s) => vec![format!("{s}/"), format!("data/{s}/")],
+    };
+    let opts = glob::MatchOptions {
+        require_literal_separator: true,
+        ..Default::default()
     };
     for split in select.splits {
         for prefix in &prefixes {
@@ -212,40 +402,35 @@ pub fn split_files(snap: &Path, select: DataSplit<'_>) -> Result<PathBuf> {
                     format!("{prefix}{split}.{ext}"),
                     format!("{prefix}{split}/*.{ext}"),
                 ] {
-                    let full = snap.join(&pattern);
-                    let found = glob::glob(&full.to_string_lossy())
-                        .map(|mut g| g.next().is_some())
-                        .unwrap_or(false);
-                    if found {
-                        return Ok(full);
+                    let Ok(p) = glob::Pattern::new(&pattern) else {
+                        continue;
+                    };
+                    if names.iter().any(|n| p.matches_with(n, opts)) {
+                        return Some(pattern);
                     }
                 }
             }
         }
     }
-    // What there is, so the user can pick: the data files, relative to the snapshot.
-    let mut files: Vec<String> = glob::glob(&snap.join("**/*").to_string_lossy())
-        .map(|g| {
-            g.flatten()
-                .filter(|f| {
-                    f.extension()
-                        .is_some_and(|e| e == "parquet" || e == "jsonl" || e == "json")
-                })
-                .filter_map(|f| f.strip_prefix(snap).ok().map(|r| r.display().to_string()))
-                .collect()
-        })
-        .unwrap_or_default();
+    None
+}
+
+/// The error of a split with no files: which split, and the data files there are instead.
+fn split_missing(names: &[String], select: DataSplit<'_>) -> Error {
+    let mut files: Vec<String> = (names.iter())
+        .filter(|n| n.ends_with(".parquet") || n.ends_with(".jsonl") || n.ends_with(".json"))
+        .cloned()
+        .collect();
     files.sort();
     let more = files.len().saturating_sub(10);
     files.truncate(10);
-    Err(Error::Config(format!(
-        "no files of split {}{} in {}; data files there: {}{}",
+    Error::Config(format!(
+        "no files of split {}{}; data files there: {}{}",
         select.splits.join(" or "),
         select
             .subset
             .map(|s| format!(" of subset {s}"))
             .unwrap_or_default(),
-        snap.display(),
         if files.is_empty() {
             "none".to_string()
         } else {
@@ -256,7 +441,7 @@ pub fn split_files(snap: &Path, select: DataSplit<'_>) -> Result<PathBuf> {
         } else {
             String::new()
         }
-    )))
+    ))
 }
 
 #[cfg(test)]

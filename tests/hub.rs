@@ -1,6 +1,7 @@
 //! Hugging Face repo ids resolve in a cache laid out as `huggingface_hub` lays it out: the same
 //! answers as the real `huggingface_hub` gave on the same layout and environments
 //! (tests/fixtures/make_hub_fixture.py, pinned; its output is tests/fixtures/hub/resolved.json).
+//! Each run sets `HF_HUB_OFFLINE=1`: these read the cache; downloads are tests/hub_download.rs's.
 
 mod common;
 
@@ -95,6 +96,7 @@ fn a_recipe_reads_a_model_by_repo_id_from_the_cache() {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_packsft"))
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
             .args([
                 "eval",
                 "recipes/quickstart.yaml",
@@ -119,6 +121,7 @@ fn a_recipe_reads_a_model_by_repo_id_from_the_cache() {
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_packsft"))
             .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
             .args(args)
             .output()
             .unwrap();
@@ -177,6 +180,7 @@ fn dataset_files_resolve_as_huggingface_hub_resolves_them_and_a_recipe_reads_the
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_packsft"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("HF_HUB_CACHE", &cache)
+        .env("HF_HUB_OFFLINE", "1")
         .args([
             "inspect",
             "recipes/quickstart.yaml",
@@ -199,6 +203,7 @@ fn dataset_files_resolve_as_huggingface_hub_resolves_them_and_a_recipe_reads_the
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_packsft"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("HF_HUB_CACHE", &cache)
+        .env("HF_HUB_OFFLINE", "1")
         .args([
             "inspect",
             "recipes/quickstart.yaml",
@@ -245,6 +250,7 @@ fn a_dataset_without_its_files_reads_the_split_the_recipe_names() {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_packsft"))
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
             .args(&args)
             .output()
             .unwrap();
