@@ -44,7 +44,7 @@ pub use data::{
     Pipeline, TokenCache, TokenTemplate, Truncation,
 };
 pub use device::open as open_device;
-pub use dist::{Collective, World, ZeroStage};
+pub use dist::{Collective, ReduceDtype, World, ZeroStage};
 pub use error::{Error, Result};
 pub use model::generate::{
     generate, generate_batch, generate_batch_ids, generate_ids, GenerateOptions, Sampling,

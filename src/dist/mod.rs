@@ -100,6 +100,18 @@ pub fn owners(sizes: &[usize], ranks: usize) -> Vec<usize> {
     out
 }
 
+/// The dtype gradient buckets are summed over ranks in (`dist.reduce_dtype`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReduceDtype {
+    /// float32: the sums of one process, up to the order of additions.
+    #[default]
+    F32,
+    /// bf16: half the bytes on the wire; each rank's gradient and each partial sum rounded to
+    /// bf16.
+    Bf16,
+}
+
 /// Which data-parallel scheme a run uses (`dist.zero: 0 | 1 | 2` in a recipe).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ZeroStage {

@@ -280,10 +280,14 @@ pub fn build_trainer(
                 rank = w.rank,
                 world_size = w.size,
                 zero = ?recipe.dist.zero,
+                reduce_dtype = ?recipe.dist.reduce_dtype,
                 "data parallel: {} examples a step",
                 recipe.train.batch_size * w.size * recipe.train.grad_accum
             );
-            Some(DataParallel::new(comm, recipe.dist.zero, p.model.params()))
+            Some(
+                DataParallel::new(comm, recipe.dist.zero, p.model.params())
+                    .with_reduce_dtype(recipe.dist.reduce_dtype),
+            )
         }
         None => None,
     };

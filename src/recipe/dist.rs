@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::dist::ZeroStage;
+use crate::dist::{ReduceDtype, ZeroStage};
 
 /// `dist:`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -13,6 +13,11 @@ pub struct DistSection {
     /// ranks (each updates the parameters it owns and broadcasts them).
     #[serde(default)]
     pub zero: ZeroStage,
+    /// The dtype gradients are summed over ranks in: `f32` (exact to float32 rounding), or
+    /// `bf16` (half the traffic; each sum rounded to bf16's 8 bits of mantissa before the
+    /// optimizer widens it back).
+    #[serde(default)]
+    pub reduce_dtype: ReduceDtype,
     /// Seconds a rank waits for the others (at the rendezvous and in every exchange) before it
     /// gives up with an error naming them.
     #[serde(default = "default_timeout")]
@@ -27,6 +32,7 @@ impl Default for DistSection {
     fn default() -> Self {
         Self {
             zero: ZeroStage::default(),
+            reduce_dtype: ReduceDtype::default(),
             timeout_s: default_timeout(),
         }
     }

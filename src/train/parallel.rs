@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::{backprop::GradStore, DType, Tensor, TensorId};
 
 use crate::data::Example;
-use crate::dist::{balanced_shares, example_cost, owners, Collective, ZeroStage};
+use crate::dist::{balanced_shares, example_cost, owners, Collective, ReduceDtype, ZeroStage};
 use crate::error::Result;
 use crate::model::Param;
 use crate::nn::graph;
@@ -46,6 +46,8 @@ pub struct DataParallel {
     /// ZeRO 2's buckets: runs of parameter indices with one owner, in the order the backward
     /// produces them (the last parameters first).
     buckets: Vec<Vec<usize>>,
+    /// What gradient buckets travel in (`dist.reduce_dtype`).
+    reduce_dtype: ReduceDtype,
 }
 
 impl DataParallel {
@@ -59,7 +61,15 @@ impl DataParallel {
             zero,
             owners,
             buckets,
+            reduce_dtype: ReduceDtype::F32,
         }
+    }
+
+    /// Gradient buckets summed in `dtype`: bf16 halves the bytes each collective moves; the
+    /// sums are widened back to float32 for the optimizer.
+    pub fn with_reduce_dtype(mut self, dtype: ReduceDtype) -> Self {
+        self.reduce_dtype = dtype;
+        self
     }
 
     /// ZeRO 2 buckets of at most `elements` gradient elements (a larger tensor is a bucket of
@@ -204,6 +214,10 @@ impl DataParallel {
             .collect::<candle_core::Result<_>>()?;
         let flat = flatten_f32(&grads.iter().collect::<Vec<_>>())?;
         drop(grads);
+        let flat = match self.reduce_dtype {
+            ReduceDtype::F32 => flat,
+            ReduceDtype::Bf16 => flat.to_dtype(DType::BF16)?,
+        };
         let summed = match owner {
             None => Some(self.comm.all_reduce_sum_owned(flat)?),
             Some(o) => self.comm.reduce_sum_owned(flat, o)?,
@@ -211,6 +225,7 @@ impl DataParallel {
         let Some(summed) = summed else {
             return Ok(Vec::new());
         };
+        let summed = summed.to_dtype(DType::F32)?;
         let mut at = 0;
         let mut out = Vec::with_capacity(items.len());
         for (i, g) in items {
