@@ -80,41 +80,7 @@ impl fmt::Display for ArchReport {
             "clip_qkv        {}",
             s.clip_qkv.map_or("none".into(), |c| c.to_string())
         )?;
-        writeln!(
-            f,
-            "qk norm         {}",
-            match s.qk_norm {
-                Some(QkNorm::PerHeadLayerNorm) => "per-head layer norm",
-                Some(QkNorm::SharedRms) => "RMS norm over head_dim, one weight for every head",
-                Some(QkNorm::WholeRms) => "RMS norm over the whole projection (all heads)",
-                Some(QkNorm::SharedRmsOneOffset) => {
-                    "RMS norm (1 + w) over head_dim, one weight for every head"
-                }
-                None => "none",
-            }
-        )?;
-        let window = match (s.sliding_window, &s.local_layers) {
-            (None, _) => "none".to_string(),
-            (Some(w), None) => format!("{w} keys"),
-            (Some(w), Some(local)) => {
-                let ids: Vec<String> = (local.iter().enumerate())
-                    .filter(|(_, &is)| is)
-                    .map(|(l, _)| l.to_string())
-                    .collect();
-                format!(
-                    "{w} keys in the local layers ({}), none in the others",
-                    ids.join(", ")
-                )
-            }
-        };
-        writeln!(f, "sliding window  {window}")?;
-        let cap = |c: Option<f64>| c.map_or("none".into(), |c| format!("{c} tanh(x / {c})"));
-        writeln!(
-            f,
-            "soft-capping    attention scores {}, logits {}",
-            cap(s.attn_softcap),
-            cap(s.final_softcap)
-        )?;
+        write_attention_extras(f, s)?;
         let long = if s.rope.long.is_some() {
             ", LongRoPE"
         } else {
@@ -175,6 +141,47 @@ impl fmt::Display for ArchReport {
         )?;
         writeln!(f, "max positions   {}", s.max_positions)
     }
+}
+
+/// The attention's per-family extras: q/k norms, sliding windows (and which layers have
+/// them), soft-capping.
+fn write_attention_extras(f: &mut fmt::Formatter<'_>, s: &ArchSpec) -> fmt::Result {
+    writeln!(
+        f,
+        "qk norm         {}",
+        match s.qk_norm {
+            Some(QkNorm::PerHeadLayerNorm) => "per-head layer norm",
+            Some(QkNorm::SharedRms) => "RMS norm over head_dim, one weight for every head",
+            Some(QkNorm::WholeRms) => "RMS norm over the whole projection (all heads)",
+            Some(QkNorm::SharedRmsOneOffset) => {
+                "RMS norm (1 + w) over head_dim, one weight for every head"
+            }
+            None => "none",
+        }
+    )?;
+    let window = match (s.sliding_window, &s.local_layers) {
+        (None, _) => "none".to_string(),
+        (Some(w), None) => format!("{w} keys"),
+        (Some(w), Some(local)) => {
+            let ids: Vec<String> = (local.iter().enumerate())
+                .filter(|(_, &is)| is)
+                .map(|(l, _)| l.to_string())
+                .collect();
+            format!(
+                "{w} keys in the local layers ({}), none in the others",
+                ids.join(", ")
+            )
+        }
+    };
+    writeln!(f, "sliding window  {window}")?;
+    let cap = |c: Option<f64>| c.map_or("none".into(), |c| format!("{c} tanh(x / {c})"));
+    writeln!(
+        f,
+        "soft-capping    attention scores {}, logits {}",
+        cap(s.attn_softcap),
+        cap(s.final_softcap)
+    )?;
+    Ok(())
 }
 
 /// One line per run of layers with the same MLP.

@@ -8,7 +8,7 @@ use rand::Rng;
 use super::super::lora::{self, LoraConfig, LoraInit};
 use super::super::spec::*;
 use super::super::weights::CheckpointWeights;
-use super::parts::{Adapter, Experts, Lin, Mlp, Norm};
+use super::parts::{Adapter, Experts, Layer, Lin, Mlp, Norm, Qkv};
 use crate::error::{Error, Result};
 use crate::nn::param::Param;
 
@@ -141,6 +141,57 @@ impl Builder<'_> {
             }
         };
         Ok(t)
+    }
+
+    /// Layer `l` under its names `ln`: norms (and the sandwich's post-norms), the attention's
+    /// projections and q/k norms, the MLP.
+    pub(super) fn layer(&mut self, spec: &ArchSpec, l: usize, ln: &LayerNames) -> Result<Layer> {
+        let (h, nh, nkv, d) = (spec.hidden, spec.heads, spec.kv_heads, spec.head_dim);
+        let norm1 = self.norm(spec.norm, &ln.norm1, h)?;
+        let qkv = match &ln.qkv {
+            QkvNames::Separate { q, k, v } => Qkv::Separate(
+                self.lin(q, nh * d, h)?,
+                self.lin(k, nkv * d, h)?,
+                self.lin(v, nkv * d, h)?,
+            ),
+            QkvNames::Fused(n) => {
+                let rows = match spec.qkv {
+                    QkvLayout::FusedInterleaved => 3 * nh * d,
+                    _ => (nh + 2 * nkv) * d,
+                };
+                Qkv::Fused(self.lin(n, rows, h)?)
+            }
+        };
+        let o = self.lin(&ln.o, h, nh * d)?;
+        // OLMo 2 norms the whole projection, the others each head.
+        let whole = spec.qk_norm == Some(QkNorm::WholeRms);
+        let q_norm = (ln.q_norm.iter())
+            .map(|n| self.take(n, &[if whole { nh * d } else { d }], Init::Ones))
+            .collect::<Result<_>>()?;
+        let k_norm = (ln.k_norm.iter())
+            .map(|n| self.take(n, &[if whole { nkv * d } else { d }], Init::Ones))
+            .collect::<Result<_>>()?;
+        let norm2 = match &ln.norm2 {
+            Some(n) => Some(self.norm(spec.norm, n, h)?),
+            None => None,
+        };
+        let post_norms = match &ln.post_norms {
+            Some((p1, p2)) => Some((self.norm(spec.norm, p1, h)?, self.norm(spec.norm, p2, h)?)),
+            None => None,
+        };
+        let mlp = self.mlp(&spec.mlp[l], &ln.mlp, h)?;
+        Ok(Layer {
+            norm1,
+            norm2,
+            post_norms,
+            local: spec.is_local_layer(l),
+            qkv,
+            o,
+            q_norm,
+            k_norm,
+            mlp,
+            frozen_qkv: None,
+        })
     }
 
     pub(super) fn lin(&mut self, n: &LinearNames, out: usize, inp: usize) -> Result<Lin> {

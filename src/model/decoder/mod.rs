@@ -35,7 +35,7 @@ use backward::{embed_lookup, hand_written_run, layers_node, lm_head_nll_node, lm
 pub use cache::KvCache;
 use forward::router_aux;
 use init::{check_all_read, Builder, Init, Source};
-use parts::{CopyVars, FwdCtx, Layer, Lin, LocalCtx, Norm, Qkv};
+use parts::{CopyVars, FwdCtx, Layer, Lin, LocalCtx, Norm};
 
 pub use super::weights::CONFIG_FILE;
 
@@ -114,56 +114,11 @@ impl DecoderModel {
             lora,
             frozen: Vec::new(),
         };
-        let (h, nh, nkv, d) = (spec.hidden, spec.heads, spec.kv_heads, spec.head_dim);
+        let h = spec.hidden;
         let embed = b.take(&names.embed, &[spec.vocab, h], Init::Normal)?;
-        let mut layers = Vec::with_capacity(spec.layers);
-        for (l, ln) in names.layers.iter().enumerate() {
-            let norm1 = b.norm(spec.norm, &ln.norm1, h)?;
-            let qkv = match &ln.qkv {
-                QkvNames::Separate { q, k, v } => Qkv::Separate(
-                    b.lin(q, nh * d, h)?,
-                    b.lin(k, nkv * d, h)?,
-                    b.lin(v, nkv * d, h)?,
-                ),
-                QkvNames::Fused(n) => {
-                    let rows = match spec.qkv {
-                        QkvLayout::FusedInterleaved => 3 * nh * d,
-                        _ => (nh + 2 * nkv) * d,
-                    };
-                    Qkv::Fused(b.lin(n, rows, h)?)
-                }
-            };
-            let o = b.lin(&ln.o, h, nh * d)?;
-            // OLMo 2 norms the whole projection, the others each head.
-            let whole = spec.qk_norm == Some(QkNorm::WholeRms);
-            let q_norm = (ln.q_norm.iter())
-                .map(|n| b.take(n, &[if whole { nh * d } else { d }], Init::Ones))
-                .collect::<Result<_>>()?;
-            let k_norm = (ln.k_norm.iter())
-                .map(|n| b.take(n, &[if whole { nkv * d } else { d }], Init::Ones))
-                .collect::<Result<_>>()?;
-            let norm2 = match &ln.norm2 {
-                Some(n) => Some(b.norm(spec.norm, n, h)?),
-                None => None,
-            };
-            let post_norms = match &ln.post_norms {
-                Some((p1, p2)) => Some((b.norm(spec.norm, p1, h)?, b.norm(spec.norm, p2, h)?)),
-                None => None,
-            };
-            let mlp = b.mlp(&spec.mlp[l], &ln.mlp, h)?;
-            layers.push(Layer {
-                norm1,
-                norm2,
-                post_norms,
-                local: spec.is_local_layer(l),
-                qkv,
-                o,
-                q_norm,
-                k_norm,
-                mlp,
-                frozen_qkv: None,
-            });
-        }
+        let mut layers = (names.layers.iter().enumerate())
+            .map(|(l, ln)| b.layer(&spec, l, ln))
+            .collect::<Result<Vec<_>>>()?;
         let final_norm = b.norm(spec.norm, &names.final_norm, h)?;
         let lm_head = if spec.tie_embeddings {
             Lin {
