@@ -142,23 +142,41 @@ pub fn offline() -> bool {
     })
 }
 
-/// The files of a model repo that loading, training and generation read: the configs, the
-/// tokenizer's files, chat templates, the weights (single or sharded) and a PEFT adapter's
-/// files, at the repo's top level (not `original/` copies, ONNX exports and the like).
-fn model_files(names: &[String]) -> Vec<String> {
-    let wanted = |n: &str| {
-        !n.contains('/')
-            && (n.ends_with(".json")
-                || n.ends_with(".safetensors")
-                || n.ends_with(".jinja")
-                || n == "tokenizer.model")
+/// Whether a cached model snapshot has what loading reads: a config (or an adapter's), and
+/// its weights whole (every shard its index names).
+fn model_complete(snap: &Path) -> bool {
+    let config = snap.join("config.json").is_file() || snap.join("adapter_config.json").is_file();
+    let index = snap.join("model.safetensors.index.json");
+    let weights = if index.is_file() {
+        shards_of(&index).is_ok_and(|s| s.iter().all(|f| snap.join(f).is_file()))
+    } else {
+        snap.join("model.safetensors").is_file() || snap.join("adapter_model.safetensors").is_file()
     };
-    names.iter().filter(|n| wanted(n)).cloned().collect()
+    config && weights
 }
 
-/// `p` itself when it exists; else, when it reads as a repo id, its snapshot in the cache,
-/// downloaded there first when the cache lacks it (unless offline); else `p` (whose absence the
-/// caller reports).
+/// The shard files a `model.safetensors.index.json` names, each once, sorted.
+fn shards_of(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Config(format!("{}: invalid JSON: {e}", index.display())))?;
+    let map = v["weight_map"]
+        .as_object()
+        .ok_or_else(|| Error::Config(format!("{}: no `weight_map` object", index.display())))?;
+    let mut shards: Vec<String> = map
+        .values()
+        .filter_map(|f| f.as_str())
+        .map(String::from)
+        .collect();
+    shards.sort();
+    shards.dedup();
+    Ok(shards)
+}
+
+/// `p` itself when it exists; else, when it reads as a repo id, its snapshot in the cache, with
+/// what the cache lacks downloaded first (unless offline; when the Hub cannot be reached, a
+/// complete cached snapshot is used with a warning, as `huggingface_hub` does); else `p`
+/// (whose absence the caller reports).
 pub fn resolve(p: &Path) -> Result<PathBuf> {
     if p.exists() {
         return Ok(p.to_path_buf());
@@ -167,23 +185,25 @@ pub fn resolve(p: &Path) -> Result<PathBuf> {
         return Ok(p.to_path_buf());
     };
     let cache = cache_dir();
-    let cached = snapshot_in(&cache, &id);
-    let complete = |snap: &PathBuf| {
-        snap.join("config.json").exists() || snap.join("adapter_config.json").exists()
-    };
     let named = |e: Error| {
         Error::Config(format!(
             "{} is no local file or directory, and as a Hub repo id: {e}",
             p.display()
         ))
     };
-    match cached {
-        Ok(snap) if complete(&snap) => Ok(snap),
-        Ok(_) | Err(_) if !offline() => {
-            download(&cache, &id, Kind::Model, |names| Ok(model_files(names))).map_err(named)
-        }
+    if offline() {
+        return snapshot_in(&cache, &id)
+            .map_err(|e| named(Error::Config(format!("{e} (HF_HUB_OFFLINE is set)"))));
+    }
+    match download_model(&cache, &id) {
         Ok(snap) => Ok(snap),
-        Err(e) => Err(named(Error::Config(format!("{e} (HF_HUB_OFFLINE is set)")))),
+        Err(e) => match snapshot_in(&cache, &id) {
+            Ok(snap) if model_complete(&snap) => {
+                tracing::warn!("{e}; using the cached snapshot {}", snap.display());
+                Ok(snap)
+            }
+            _ => Err(named(e)),
+        },
     }
 }
 
@@ -194,14 +214,13 @@ enum Kind {
     Dataset,
 }
 
-/// Downloads the files of `id` that `pick` chooses among the repo's files into the cache at
-/// `cache` (what is there already is not fetched again) and returns the snapshot directory.
-fn download(
+/// The Hub's handle on the repo `id` and its file list at the revision (one request), with the
+/// cache at `cache` to download into.
+fn open_repo(
     cache: &Path,
     id: &RepoId,
     kind: Kind,
-    pick: impl FnOnce(&[String]) -> Result<Vec<String>>,
-) -> Result<PathBuf> {
+) -> Result<(hf_hub::api::sync::ApiRepo, hf_hub::api::RepoInfo)> {
     use hf_hub::api::sync::ApiBuilder;
     let mut builder = ApiBuilder::from_env()
         .with_cache_dir(cache.to_path_buf())
@@ -209,29 +228,9 @@ fn download(
     if let Some(t) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
         builder = builder.with_token(Some(t));
     }
-    let hub_err = |what: &str, e: hf_hub::api::sync::ApiError| {
-        let hint = match &e {
-            hf_hub::api::sync::ApiError::RequestError(r)
-                if matches!(**r, ureq::Error::Status(401 | 403, _)) =>
-            {
-                " (a gated or private repo: set HF_TOKEN, or log in with `huggingface-cli login`)"
-            }
-            hf_hub::api::sync::ApiError::RequestError(r)
-                if matches!(**r, ureq::Error::Status(404, _)) =>
-            {
-                " (no such repo, revision or file on the Hub)"
-            }
-            _ => "",
-        };
-        Error::Config(format!(
-            "{}@{}: {what} from the Hub failed: {e}{hint}; set HF_HUB_OFFLINE=1 to use only the \
-             local cache ({})",
-            id.repo,
-            id.revision,
-            cache.display()
-        ))
-    };
-    let api = builder.build().map_err(|e| hub_err("connecting", e))?;
+    let api = builder
+        .build()
+        .map_err(|e| hub_err(cache, id, "connecting", e))?;
     let repo_type = match kind {
         Kind::Model => hf_hub::RepoType::Model,
         Kind::Dataset => hf_hub::RepoType::Dataset,
@@ -241,33 +240,156 @@ fn download(
         repo_type,
         id.revision.clone(),
     ));
-    let info = repo.info().map_err(|e| hub_err("listing the files", e))?;
-    let names: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
-    let files = pick(&names)?;
-    if files.is_empty() {
-        return Err(Error::Config(format!(
-            "{}@{}: none of the repo's files is one packsft reads (it has: {})",
-            id.repo,
-            id.revision,
-            names.join(", ")
-        )));
+    let info = repo
+        .info()
+        .map_err(|e| hub_err(cache, id, "listing the files", e))?;
+    Ok((repo, info))
+}
+
+/// An error of the Hub client, naming the repo, what was being done, and the likely cause.
+fn hub_err(cache: &Path, id: &RepoId, what: &str, e: hf_hub::api::sync::ApiError) -> Error {
+    use hf_hub::api::sync::ApiError;
+    let hint = match &e {
+        ApiError::RequestError(r) if matches!(**r, ureq::Error::Status(401 | 403, _)) => {
+            " (a gated or private repo: set HF_TOKEN, or log in with `huggingface-cli login`)"
+        }
+        ApiError::RequestError(r) if matches!(**r, ureq::Error::Status(404, _)) => {
+            " (no such repo, revision or file on the Hub)"
+        }
+        _ => "",
+    };
+    Error::Config(format!(
+        "{}@{}: {what} from the Hub failed: {e}{hint}; set HF_HUB_OFFLINE=1 to use only the \
+         local cache ({})",
+        id.repo,
+        id.revision,
+        cache.display()
+    ))
+}
+
+/// Downloads `files` of the repo into the cache (what is there already is not fetched again).
+fn fetch(
+    repo: &hf_hub::api::sync::ApiRepo,
+    cache: &Path,
+    id: &RepoId,
+    files: &[String],
+) -> Result<()> {
+    for f in files {
+        repo.get(f)
+            .map_err(|e| hub_err(cache, id, &format!("downloading {f}"), e))?;
     }
+    Ok(())
+}
+
+/// The snapshot of the model repo `id`, downloaded into the cache: the top-level configs,
+/// tokenizer files and chat templates, then the weights: the shards the index names, or
+/// `model.safetensors`, or a PEFT adapter's `adapter_model.safetensors` (never a second copy
+/// such as `consolidated.safetensors`, nor `original/` or ONNX exports).
+fn download_model(cache: &Path, id: &RepoId) -> Result<PathBuf> {
+    let (repo, info) = open_repo(cache, id, Kind::Model)?;
+    let names: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
+    let has = |f: &str| names.iter().any(|n| n == f);
+    let meta: Vec<String> = (names.iter())
+        .filter(|n| {
+            !n.contains('/')
+                && (n.ends_with(".json") || n.ends_with(".jinja") || *n == "tokenizer.model")
+        })
+        .cloned()
+        .collect();
     tracing::info!(
-        "downloading {} file(s) of {}@{} into {}",
-        files.len(),
+        "{}@{}: fetching into {}",
         id.repo,
         id.revision,
         cache.display()
     );
-    for f in &files {
-        repo.get(f)
-            .map_err(|e| hub_err(&format!("downloading {f}"), e))?;
-    }
-    let folder = match kind {
-        Kind::Model => id.folder(),
-        Kind::Dataset => id.dataset_folder(),
+    fetch(&repo, cache, id, &meta)?;
+    let snap = cache.join(id.folder()).join("snapshots").join(&info.sha);
+    let weights = if has("model.safetensors.index.json") {
+        shards_of(&snap.join("model.safetensors.index.json"))?
+    } else if has("model.safetensors") {
+        vec!["model.safetensors".to_string()]
+    } else if has("adapter_model.safetensors") {
+        vec!["adapter_model.safetensors".to_string()]
+    } else {
+        return Err(Error::Config(format!(
+            "{}@{}: no safetensors weights on the Hub (model.safetensors, its sharded index, or \
+             a PEFT adapter's adapter_model.safetensors); the repo has: {}",
+            id.repo,
+            id.revision,
+            names.join(", ")
+        )));
     };
-    Ok(cache.join(folder).join("snapshots").join(&info.sha))
+    fetch(&repo, cache, id, &weights)?;
+    Ok(snap)
+}
+
+/// The files of a dataset repo that `inside` names (a path, a glob whose `*` stays within a
+/// folder as a file-system glob's does, or a folder: its data files), or, with `inside` empty,
+/// those of the split `select` names; downloaded into the cache. Returns the path in the
+/// snapshot that the data loader reads.
+fn download_dataset(
+    cache: &Path,
+    id: &RepoId,
+    inside: &str,
+    select: DataSplit<'_>,
+) -> Result<PathBuf> {
+    let (repo, info) = open_repo(cache, id, Kind::Dataset)?;
+    let names: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
+    let data =
+        |n: &&String| n.ends_with(".parquet") || n.ends_with(".jsonl") || n.ends_with(".json");
+    let chosen = if inside.is_empty() {
+        split_pattern(&names, select).ok_or_else(|| split_missing(&names, select))?
+    } else {
+        inside.trim_end_matches('/').to_string()
+    };
+    let folder = format!("{chosen}/");
+    let files: Vec<String> = if names.iter().any(|n| n.starts_with(&folder)) {
+        names
+            .iter()
+            .filter(|n| n.starts_with(&folder))
+            .filter(data)
+            .cloned()
+            .collect()
+    } else {
+        let pattern = glob::Pattern::new(&chosen)
+            .map_err(|e| Error::Config(format!("{chosen}: not a glob: {e}")))?;
+        let opts = glob::MatchOptions {
+            require_literal_separator: true,
+            ..Default::default()
+        };
+        names
+            .iter()
+            .filter(|n| pattern.matches_with(n, opts))
+            .cloned()
+            .collect()
+    };
+    if files.is_empty() {
+        let mut listed: Vec<&String> = names.iter().filter(data).collect();
+        listed.truncate(10);
+        return Err(Error::Config(format!(
+            "{}@{}: no file of the repo matches {chosen} (data files there: {})",
+            id.repo,
+            id.revision,
+            listed
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    tracing::info!(
+        "{}@{}: fetching {} file(s) into {}",
+        id.repo,
+        id.revision,
+        files.len(),
+        cache.display()
+    );
+    fetch(&repo, cache, id, &files)?;
+    let snap = cache
+        .join(id.dataset_folder())
+        .join("snapshots")
+        .join(&info.sha);
+    Ok(snap.join(chosen))
 }
 
 /// Which files of a Hub dataset a data path without a file part means: a split (the first of
@@ -313,49 +435,30 @@ pub fn resolve_data(p: &Path, select: DataSplit<'_>) -> Result<PathBuf> {
             id.repo
         ))
     };
-    // What the cache holds answers first; the Hub is asked only for what it lacks.
-    if let Ok(snap) = dataset_snapshot_in(&cache, &id) {
-        let found = if inside.is_empty() {
-            split_files(&snap, select).ok()
+    // What the cache holds, for offline runs and when the Hub cannot be reached.
+    let cached = || -> Result<PathBuf> {
+        let snap = dataset_snapshot_in(&cache, &id)?;
+        if inside.is_empty() {
+            split_files(&snap, select)
         } else {
-            let full = snap.join(inside);
-            let any = glob::glob(&full.to_string_lossy()).is_ok_and(|mut g| g.next().is_some());
-            any.then_some(full)
-        };
-        match found {
-            Some(f) => return Ok(f),
-            None if offline() => {
-                return match inside.is_empty() {
-                    true => split_files(&snap, select).map_err(named),
-                    false => Ok(snap.join(inside)),
-                }
-            }
-            None => {}
+            Ok(snap.join(inside))
         }
-    }
+    };
     if offline() {
-        return Err(named(Error::Config(format!(
-            "{} (HF_HUB_OFFLINE is set)",
-            dataset_snapshot_in(&cache, &id).unwrap_err()
-        ))));
+        return cached().map_err(|e| named(Error::Config(format!("{e} (HF_HUB_OFFLINE is set)"))));
     }
-    let mut chosen = String::new();
-    let snap = download(&cache, &id, Kind::Dataset, |names| {
-        chosen = if inside.is_empty() {
-            split_pattern(names, select).ok_or_else(|| split_missing(names, select))?
-        } else {
-            inside.to_string()
-        };
-        let pattern = glob::Pattern::new(&chosen)
-            .map_err(|e| Error::Config(format!("{chosen}: not a glob: {e}")))?;
-        Ok(names
-            .iter()
-            .filter(|n| pattern.matches(n))
-            .cloned()
-            .collect())
-    })
-    .map_err(named)?;
-    Ok(snap.join(chosen))
+    match download_dataset(&cache, &id, inside, select) {
+        Ok(path) => Ok(path),
+        Err(e) => match cached() {
+            Ok(path)
+                if glob::glob(&path.to_string_lossy()).is_ok_and(|mut g| g.next().is_some()) =>
+            {
+                tracing::warn!("{e}; using the cached files {}", path.display());
+                Ok(path)
+            }
+            _ => Err(named(e)),
+        },
+    }
 }
 
 /// The glob of a split's files in a dataset snapshot, in the layouts the Hub's datasets use:

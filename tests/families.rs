@@ -418,7 +418,12 @@ fn unsupported_config_features_are_named_not_ignored() {
         (
             "gemma2",
             Box::new(|c| c["attn_logit_softcapping"] = (-1.0).into()),
-            "attn_logit_softcapping = Some(-1.0)",
+            "attn_logit_softcapping = -1 (must be positive",
+        ),
+        (
+            "gemma3_text",
+            Box::new(|c| c["final_logit_softcapping"] = 0.0.into()),
+            "final_logit_softcapping = 0 (must be positive",
         ),
         (
             "gemma3_text",

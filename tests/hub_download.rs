@@ -149,6 +149,7 @@ fn a_model_and_a_dataset_split_download_into_the_cache_once() {
     // Files a trainer never reads stay on the Hub.
     model.insert("original/consolidated.pth".into(), b"not wanted".to_vec());
     model.insert("README.md".into(), b"# tiny".to_vec());
+    model.insert("consolidated.safetensors".into(), b"a second copy".to_vec());
     let q = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/quickstart");
     let mut rows = BTreeMap::new();
     rows.insert(
@@ -200,7 +201,9 @@ fn a_model_and_a_dataset_split_download_into_the_cache_once() {
             target.display()
         );
     }
-    assert!(!snap.join("original").exists() && !snap.join("README.md").exists());
+    for f in ["original", "README.md", "consolidated.safetensors"] {
+        assert!(!snap.join(f).exists(), "{f} was fetched");
+    }
 
     // A dataset split, by a recipe.
     let (ok, stdout, stderr) = packsft(
@@ -221,7 +224,8 @@ fn a_model_and_a_dataset_split_download_into_the_cache_once() {
         "only the split read"
     );
 
-    // Then the cache answers: no request, even with the Hub offline.
+    // Then the cache answers: with the Hub unreachable (a warning, and the cached snapshot),
+    // or offline (no request at all).
     let before = served.load(Ordering::SeqCst);
     let (ok, text, stderr) = packsft(
         &[
@@ -238,6 +242,7 @@ fn a_model_and_a_dataset_split_download_into_the_cache_once() {
         ],
     );
     assert!(ok && text.starts_with("Task: copy"), "{text}{stderr}");
+    assert!(stderr.contains("using the cached snapshot"), "{stderr}");
     let (ok, stdout, stderr) = packsft(
         &[("HF_HUB_CACHE", cache_s.as_str()), ("HF_HUB_OFFLINE", "1")],
         &[

@@ -819,7 +819,7 @@ fn family_default_targets_are_pefts() {
     )
     .unwrap();
     let map = v["default_target_modules"].as_object().unwrap();
-    assert_eq!(map.len(), 14);
+    assert_eq!(map.len(), 20);
     for (model_type, want) in map {
         let got = packsft::internals::lora::peft_default_targets(model_type)
             .map(|v| v.iter().map(|s| s.to_string()).collect::<Vec<_>>());

@@ -240,6 +240,19 @@ pub(crate) fn generate(c: GenerateCmd) -> Result<()> {
             },
         );
     }
+    // Checked here, with the row's number: the batches below number their prompts from 1.
+    let limit = model.max_positions();
+    if let Some((i, p)) = ids.iter().enumerate().find(|(_, p)| p.len() >= limit) {
+        let row = match &c.input {
+            Some(path) => format!("{} row {}", path.display(), i + 1),
+            None => format!("--prompt {}", i + 1),
+        };
+        return Err(Error::Config(format!(
+            "{row}: {} tokens leave no room to generate within the model's \
+             max_position_embeddings = {limit}",
+            p.len()
+        )));
+    }
     let mut completions = Vec::with_capacity(rows.len());
     for chunk in ids.chunks(c.batch_size) {
         completions.extend(decode_batch(&model, &tok, chunk.to_vec(), &opts)?);

@@ -107,7 +107,7 @@ pub enum ReduceDtype {
     /// float32: the sums of one process, up to the order of additions.
     #[default]
     F32,
-    /// bf16: half the bytes on the wire; each rank's gradient and each partial sum rounded to
+    /// bf16: half the bytes NCCL moves; each rank's gradient and each partial sum rounded to
     /// bf16.
     Bf16,
 }

@@ -234,9 +234,9 @@ pub fn generate_batch_ids(
             let full = ids[i].len() >= limit;
             if full {
                 tracing::warn!(
-                    "generation of prompt {} stopped at the model's max_position_embeddings = \
-                     {limit} after {} new tokens",
-                    i + 1,
+                    "generation of a prompt of {} tokens stopped at the model's \
+                     max_position_embeddings = {limit} after {} new tokens",
+                    lens[i],
                     ids[i].len() - lens[i]
                 );
             }
@@ -247,7 +247,7 @@ pub fn generate_batch_ids(
         }
         let mut batch: Vec<KvCache> = active
             .iter()
-            .map(|&i| std::mem::take(&mut caches[i]))
+            .map(|&i| std::mem::replace(&mut caches[i], model.kv_cache()))
             .collect();
         let new: Vec<&[u32]> = (active.iter().zip(&batch))
             .map(|(&i, c)| &ids[i][c.len()..])

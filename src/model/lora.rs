@@ -278,7 +278,9 @@ fn json_number(x: f64) -> Value {
 /// `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`); `None` where PEFT has none.
 pub fn peft_default_targets(model_type: &str) -> Option<&'static [&'static str]> {
     Some(match model_type {
-        "llama" | "mistral" | "mixtral" | "gemma" | "qwen2" | "stablelm" => &["q_proj", "v_proj"],
+        "llama" | "mistral" | "mixtral" | "gemma" | "gemma2" | "qwen2" | "stablelm" => {
+            &["q_proj", "v_proj"]
+        }
         "falcon" => &["query_key_value"],
         "phi" => &["q_proj", "v_proj", "fc1", "fc2"],
         _ => return None,

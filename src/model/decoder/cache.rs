@@ -15,7 +15,6 @@ use crate::nn::attention::AttnPlan;
 use crate::nn::ops::softmax_last;
 
 /// The keys and values of the positions decoded so far, per layer.
-#[derive(Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
@@ -99,10 +98,7 @@ impl Layer {
         l: usize,
     ) -> Result<Tensor> {
         let (q, k, v) = self.qkv(s, h, ctx)?;
-        let window = match s.local_layers {
-            None => s.sliding_window,
-            Some(_) => s.sliding_window.filter(|_| self.local),
-        };
+        let window = s.window_of(l);
         let single = segments.len() == 1;
         let mut outs = Vec::with_capacity(segments.len());
         for (seg, cache) in segments.iter().zip(caches.iter_mut()) {
@@ -222,11 +218,13 @@ impl DecoderModel {
         let n = ids.len();
         let positions = Tensor::new(positions, dev)?;
         let (cos, sin) = self.rope.gather(&positions, self.compute.dtype)?;
+        // A one-token plan: never read (the cached attention reads the caches), and one of all
+        // n tokens would build an n x n mask on the host for nothing (a batch's prefill).
         let layout = SeqLayout::Packed {
-            cu_seqlens: vec![0, n],
-            max_seqlen: n,
+            cu_seqlens: vec![0, 1],
+            max_seqlen: 1,
         };
-        let plan = || AttnPlan::new(&layout, n, None, None, dev, false);
+        let plan = || AttnPlan::new(&layout, 1, None, None, dev, false);
         let local = match (&self.spec.local_layers, &self.local_rope) {
             (None, _) => None,
             (Some(_), table) => {

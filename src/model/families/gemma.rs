@@ -38,8 +38,8 @@ pub(super) fn gemma2(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
     let (d, act, ab) = gemma_common(c, 4, 8192)?;
     let rope = rope(c, c.f64_or("rope_theta", 10000.0)?, d.head_dim, true)?;
     let mut s = sandwich(c, "gemma2", &d, act, ab, rope)?;
-    s.attn_softcap = softcap(c, "attn_logit_softcapping", 50.0)?;
-    s.final_softcap = softcap(c, "final_logit_softcapping", 30.0)?;
+    s.attn_softcap = softcap(c, "attn_logit_softcapping", Some(50.0))?;
+    s.final_softcap = softcap(c, "final_logit_softcapping", Some(30.0))?;
     s.local_layers = Some((0..d.layers).map(|l| l % 2 == 0).collect());
     Ok((s, sandwich_names(d.layers, ab)))
 }
@@ -51,8 +51,8 @@ pub(super) fn gemma3_text(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
     let (d, act, ab) = gemma_common(c, 4, 131072)?;
     let rope = rope(c, c.f64_or("rope_theta", 1e6)?, d.head_dim, true)?;
     let mut s = sandwich(c, "gemma3_text", &d, act, ab, rope)?;
-    s.attn_softcap = c.opt_f64("attn_logit_softcapping")?;
-    s.final_softcap = c.opt_f64("final_logit_softcapping")?;
+    s.attn_softcap = softcap(c, "attn_logit_softcapping", None)?;
+    s.final_softcap = softcap(c, "final_logit_softcapping", None)?;
     let pattern = c.usize_or("sliding_window_pattern", 6)?;
     c.reject(pattern == 0, "sliding_window_pattern = 0")?;
     s.local_layers = Some((0..d.layers).map(|l| (l + 1) % pattern != 0).collect());
@@ -149,18 +149,18 @@ fn sandwich(
     Ok(s)
 }
 
-/// A soft-capping value: `default` when the key is absent, off when it is null.
-fn softcap(c: &Cfg, key: &str, default: f64) -> Result<Option<f64>> {
+/// A soft-capping value: `default` when the key is absent, off when it is null; a value that
+/// is not positive is an error (it would divide by zero or flip the scores).
+fn softcap(c: &Cfg, key: &str, default: Option<f64>) -> Result<Option<f64>> {
     let _ = c.get(key); // read: a null here is meaningful
     let cap = match c.v.get(key) {
-        None => Some(default),
+        None => default,
         Some(Value::Null) => None,
         Some(_) => c.opt_f64(key)?,
     };
-    c.reject(
-        cap.is_some_and(|x| x <= 0.0),
-        format!("{key} = {cap:?} (must be positive or null)"),
-    )?;
+    if let Some(x) = cap.filter(|&x| x <= 0.0 || !x.is_finite()) {
+        return Err(c.err(format!("{key} = {x} (must be positive, or null for none)")));
+    }
     Ok(cap)
 }
 
