@@ -85,22 +85,27 @@ fn batched_generation_equals_one_prompt_at_a_time() {
                 .map(|p| generate_ids(&model, p.clone(), 10, s, None, |_| Ok(false)).unwrap())
                 .collect();
             let together =
-                generate_batch_ids(&model, prompts.clone(), 10, s, None, |_, _| Ok(false)).unwrap();
+                generate_batch_ids(&model, prompts.clone(), 10, s, &[], |_, _| Ok(false)).unwrap();
             assert_eq!(together, alone, "{name} {s:?}");
             // The second prompt's fourth token as EOS: that prompt (and any other that draws it)
             // stops there, the rest go on as before.
-            let eos = alone[1][3];
+            // Two end-of-sequence ids (EOS and an end of turn): the second prompt's fourth
+            // token and the first prompt's third; each prompt stops at whichever comes first.
+            let eos = [alone[1][3], alone[0][2]];
             let cut = |v: &Vec<u32>| {
                 v.iter()
-                    .take_while(|&&t| t != eos)
+                    .take_while(|t| !eos.contains(t))
                     .copied()
                     .collect::<Vec<_>>()
             };
             let want: Vec<Vec<u32>> = alone.iter().map(cut).collect();
             let got =
-                generate_batch_ids(&model, prompts.clone(), 10, s, Some(eos), |_, _| Ok(false))
-                    .unwrap();
-            assert_eq!(got, want, "{name} {s:?} eos {eos}");
+                generate_batch_ids(&model, prompts.clone(), 10, s, &eos, |_, _| Ok(false)).unwrap();
+            assert_eq!(got, want, "{name} {s:?} eos {eos:?}");
+            assert!(
+                got[0].len() <= 2,
+                "{name}: the first prompt stopped at its end of turn"
+            );
             assert!(
                 got[1].len() <= 3,
                 "{name}: the second prompt stopped at its EOS"

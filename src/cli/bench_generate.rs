@@ -67,7 +67,7 @@ pub(crate) fn run(c: BenchGenerateCmd) -> Result<()> {
     let greedy = Sampling::default();
     let run = |n: usize| -> Result<f64> {
         let t = Instant::now();
-        let out = generate_batch_ids(&model, prompts.clone(), n, &greedy, None, |_, _| Ok(false))?;
+        let out = generate_batch_ids(&model, prompts.clone(), n, &greedy, &[], |_, _| Ok(false))?;
         device.synchronize()?;
         let secs = t.elapsed().as_secs_f64();
         if out.iter().any(|o| o.len() != n) {

@@ -8,7 +8,8 @@ use clap::Args;
 use crate::data::tokenizer::TextTokenizer;
 use crate::error::{Error, Result};
 use crate::model::generate::{
-    chat_ids, generate_batch as decode_batch, prompt_ids, GenerateOptions, Sampling,
+    chat_ids, generate_batch as decode_batch, generation_config_eos, prompt_ids, GenerateOptions,
+    Sampling,
 };
 use crate::model::DecoderModel;
 
@@ -213,6 +214,8 @@ pub(crate) fn generate(c: GenerateCmd) -> Result<()> {
             seed: c.seed,
         },
         stop: c.stop.clone(),
+        // A chat model's end of turn (Llama 3's <|eot_id|>, Gemma's <end_of_turn>) beside EOS.
+        eos_ids: generation_config_eos(&dir)?,
     };
     let rows: Vec<serde_json::Value> = match &c.input {
         Some(path) => input_rows(path)?,

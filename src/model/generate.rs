@@ -47,6 +47,39 @@ pub struct GenerateOptions {
     pub sampling: Sampling,
     /// Stop (and cut the text) where any of these appears in the new text.
     pub stop: Vec<String>,
+    /// End-of-sequence ids besides the tokenizer's EOS: a chat model's end of turn
+    /// (`generation_config.json`'s `eos_token_id`, [`generation_config_eos`]). Not part of the
+    /// text.
+    pub eos_ids: Vec<u32>,
+}
+
+/// The end-of-sequence ids of `generation_config.json` in `dir` (`eos_token_id`: one id or a
+/// list, as transformers' `generate` reads it); none without the file or the key.
+pub fn generation_config_eos(dir: &std::path::Path) -> Result<Vec<u32>> {
+    let path = dir.join("generation_config.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::model(&path, format!("invalid JSON at line {}: {e}", e.line())))?;
+    let bad = |x: &serde_json::Value| {
+        Error::model(
+            &path,
+            format!("eos_token_id: expected a token id or a list of them, got {x}"),
+        )
+    };
+    let id = |x: &serde_json::Value| -> Result<u32> {
+        x.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| bad(x))
+    };
+    match &v["eos_token_id"] {
+        serde_json::Value::Null => Ok(Vec::new()),
+        serde_json::Value::Array(a) => a.iter().map(id).collect(),
+        x => Ok(vec![id(x)?]),
+    }
 }
 
 /// The token ids of `prompt`: BOS (where the tokenizer adds one) and the encoded text.
@@ -142,12 +175,17 @@ pub fn generate_batch(
     opts: &GenerateOptions,
 ) -> Result<Vec<String>> {
     let mut cuts = vec![None; prompts.len()];
+    let eos: Vec<u32> = tok
+        .eos_id
+        .into_iter()
+        .chain(opts.eos_ids.iter().copied())
+        .collect();
     let new = generate_batch_ids(
         model,
         prompts,
         opts.max_new_tokens,
         &opts.sampling,
-        tok.eos_id,
+        &eos,
         |i, new| {
             if opts.stop.is_empty() {
                 return Ok(false);
@@ -186,15 +224,21 @@ pub fn generate_ids(
     eos: Option<u32>,
     mut stop: impl FnMut(&[u32]) -> Result<bool>,
 ) -> Result<Vec<u32>> {
-    let mut out = generate_batch_ids(model, vec![ids], max_new_tokens, sampling, eos, |_, new| {
-        stop(new)
-    })?;
+    let eos: Vec<u32> = eos.into_iter().collect();
+    let mut out = generate_batch_ids(
+        model,
+        vec![ids],
+        max_new_tokens,
+        sampling,
+        &eos,
+        |_, new| stop(new),
+    )?;
     Ok(out.pop().expect("one prompt, one continuation"))
 }
 
 /// [`generate_ids`] for several prompts decoded together: each step runs the next token of
 /// every unfinished prompt as one batch through the model (`DecoderModel::decode_batch`), and a
-/// prompt leaves the batch at its EOS, stop or budget. `stop` is given the prompt's index and
+/// prompt leaves the batch at any of the `eos` ids (not returned), its stop or its budget. `stop` is given the prompt's index and
 /// its new ids so far. Each prompt draws from its own stream seeded by `sampling.seed`, so its
 /// continuation is the same alone or in any batch.
 pub fn generate_batch_ids(
@@ -202,7 +246,7 @@ pub fn generate_batch_ids(
     prompts: Vec<Vec<u32>>,
     max_new_tokens: usize,
     sampling: &Sampling,
-    eos: Option<u32>,
+    eos: &[u32],
     mut stop: impl FnMut(usize, &[u32]) -> Result<bool>,
 ) -> Result<Vec<Vec<u32>>> {
     let limit = model.max_positions();
@@ -267,7 +311,7 @@ pub fn generate_batch_ids(
         };
         let mut finished = Vec::new();
         for (&i, t) in active.iter().zip(next) {
-            if Some(t) == eos {
+            if eos.contains(&t) {
                 finished.push(i);
                 continue;
             }
@@ -289,11 +333,11 @@ fn recompute_ids(
     mut ids: Vec<u32>,
     max_new_tokens: usize,
     sampling: &Sampling,
-    eos: Option<u32>,
+    eos: &[u32],
     mut stop: impl FnMut(&[u32]) -> Result<bool>,
 ) -> Result<Vec<u32>> {
     let prompt_len = ids.len();
-    let collator = CompletionOnlyCollator::padding_free(eos.unwrap_or(0));
+    let collator = CompletionOnlyCollator::padding_free(eos.first().copied().unwrap_or(0));
     let limit = model.max_positions();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed);
     for _ in 0..max_new_tokens {
@@ -314,7 +358,7 @@ fn recompute_ids(
             .squeeze(0)?
             .to_vec1::<f32>()?;
         let next = pick(&row, sampling, &mut rng);
-        if Some(next) == eos {
+        if eos.contains(&next) {
             break;
         }
         ids.push(next);
@@ -328,6 +372,28 @@ fn recompute_ids(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `generation_config.json`'s `eos_token_id`, one id or a list; none without it; a value
+    /// that is not an id names the file and the key.
+    #[test]
+    fn generation_config_eos_ids_are_read_as_transformers_reads_them() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(generation_config_eos(d.path()).unwrap(), Vec::<u32>::new());
+        let write = |v: &str| std::fs::write(d.path().join("generation_config.json"), v).unwrap();
+        write(r#"{"bos_token_id": 1, "eos_token_id": [128001, 128008, 128009]}"#);
+        assert_eq!(
+            generation_config_eos(d.path()).unwrap(),
+            vec![128001, 128008, 128009]
+        );
+        write(r#"{"eos_token_id": 1}"#);
+        assert_eq!(generation_config_eos(d.path()).unwrap(), vec![1]);
+        write(r#"{"eos_token_id": "</s>"}"#);
+        let e = generation_config_eos(d.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("generation_config.json") && e.contains("eos_token_id"),
+            "{e}"
+        );
+    }
 
     fn rng() -> rand_chacha::ChaCha8Rng {
         rand_chacha::ChaCha8Rng::seed_from_u64(5)
