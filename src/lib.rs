@@ -47,7 +47,8 @@ pub use device::open as open_device;
 pub use dist::{Collective, ReduceDtype, World, ZeroStage};
 pub use error::{Error, Result};
 pub use model::generate::{
-    generate, generate_batch, generate_batch_ids, generate_ids, GenerateOptions, Sampling,
+    generate, generate_batch, generate_batch_ids, generate_ids, generation_config_eos,
+    GenerateOptions, Sampling,
 };
 pub use model::lora::{merge as merge_lora, LoraConfig, LoraInit, MergeReport, Targets};
 pub use model::{
