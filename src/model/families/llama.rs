@@ -59,24 +59,7 @@ pub(super) fn granitemoe(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
     let ab = c.bool_or("attention_bias", false)?;
     c.warn_dropout(&["attention_dropout"])?;
     let rope = rope(c, c.f64_or("rope_theta", 10000.0)?, d.head_dim, true)?;
-    let (e, k) = (
-        c.usize_or("num_local_experts", 8)?,
-        c.usize_or("num_experts_per_tok", 2)?,
-    );
-    c.reject(
-        k == 0 || k > e,
-        format!("num_experts_per_tok = {k} with {e} experts"),
-    )?;
-    let moe = MoeSpec {
-        experts: e,
-        top_k: k,
-        expert_hidden: d.intermediate,
-        act,
-        routing: Routing::Renormalize,
-        aux_from_probs: false,
-        fused_experts: true,
-        shared_expert: None,
-    };
+    let moe = top_k_moe(c, &d, act, true)?;
     let mut s = spec(
         "granitemoe",
         &d,
@@ -157,24 +140,8 @@ pub(super) fn mixtral(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
         "router_jitter_noise != 0",
     )?;
     let rope = rope(c, c.f64_or("rope_theta", 1e6)?, d.head_dim, false)?;
-    let (e, k) = (
-        c.usize_or("num_local_experts", 8)?,
-        c.usize_or("num_experts_per_tok", 2)?,
-    );
-    c.reject(
-        k == 0 || k > e,
-        format!("num_experts_per_tok = {k} with {e} experts"),
-    )?;
-    let moe = MoeSpec {
-        experts: e,
-        top_k: k,
-        expert_hidden: d.intermediate,
-        act,
-        routing: Routing::Renormalize,
-        aux_from_probs: false,
-        fused_experts: false,
-        shared_expert: None,
-    };
+    let moe = top_k_moe(c, &d, act, false)?;
+    let experts = moe.experts;
     let mut s = spec(
         "mixtral",
         &d,
@@ -202,11 +169,34 @@ pub(super) fn mixtral(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
                 false,
                 MlpNames::Moe {
                     router: LinearNames::new(&format!("{p}.gate"), false),
-                    experts: experts_names(&p, e, "w1", "w3", "w2"),
+                    experts: experts_names(&p, experts, "w1", "w3", "w2"),
                     shared: None,
                 },
             )
         })
         .collect();
     Ok((s, llama_names(layers, false)))
+}
+
+/// Mixtral's and Granite MoE's experts: `num_local_experts` (8) of width `intermediate_size`,
+/// the top `num_experts_per_tok` (2) renormalised; `stacked`: stored as stacks, not per expert.
+fn top_k_moe(c: &Cfg, d: &Dims, act: Act, stacked: bool) -> Result<MoeSpec> {
+    let (e, k) = (
+        c.usize_or("num_local_experts", 8)?,
+        c.usize_or("num_experts_per_tok", 2)?,
+    );
+    c.reject(
+        k == 0 || k > e,
+        format!("num_experts_per_tok = {k} with {e} experts"),
+    )?;
+    Ok(MoeSpec {
+        experts: e,
+        top_k: k,
+        expert_hidden: d.intermediate,
+        act,
+        routing: Routing::Renormalize,
+        aux_from_probs: false,
+        fused_experts: stacked,
+        shared_expert: None,
+    })
 }
