@@ -451,7 +451,7 @@ fn generate_names_the_position_limit_and_output_dir_must_be_a_directory() {
     ]);
     assert!(ok, "{stderr}");
     assert!(
-        stderr.contains("generation stopped at the model's max_position_embeddings"),
+        stderr.contains("stopped at the model's max_position_embeddings"),
         "{stderr}"
     );
     // An output_dir that is a file.
