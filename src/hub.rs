@@ -284,7 +284,8 @@ fn fetch(
 /// The snapshot of the model repo `id`, downloaded into the cache: the top-level configs,
 /// tokenizer files and chat templates, then the weights: the shards the index names, or
 /// `model.safetensors`, or a PEFT adapter's `adapter_model.safetensors` (never a second copy
-/// such as `consolidated.safetensors`, nor `original/` or ONNX exports).
+/// such as `consolidated.safetensors`, nor `original/` or ONNX exports; none in a tokenizer's
+/// repo).
 fn download_model(cache: &Path, id: &RepoId) -> Result<PathBuf> {
     let (repo, info) = open_repo(cache, id, Kind::Model)?;
     let names: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
@@ -311,13 +312,16 @@ fn download_model(cache: &Path, id: &RepoId) -> Result<PathBuf> {
     } else if has("adapter_model.safetensors") {
         vec!["adapter_model.safetensors".to_string()]
     } else {
-        return Err(Error::Config(format!(
+        // A tokenizer's repo (`model.tokenizer`) has none; a model path without them fails
+        // where the weights are read, naming the snapshot.
+        tracing::warn!(
             "{}@{}: no safetensors weights on the Hub (model.safetensors, its sharded index, or \
              a PEFT adapter's adapter_model.safetensors); the repo has: {}",
             id.repo,
             id.revision,
             names.join(", ")
-        )));
+        );
+        Vec::new()
     };
     fetch(&repo, cache, id, &weights)?;
     Ok(snap)
