@@ -222,6 +222,19 @@ fn open_repo(
     kind: Kind,
 ) -> Result<(hf_hub::api::sync::ApiRepo, hf_hub::api::RepoInfo)> {
     use hf_hub::api::sync::ApiBuilder;
+    let endpoint = std::env::var("HF_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty())
+        .unwrap_or_else(|| "https://huggingface.co".to_string());
+    check_reachable(&endpoint, std::time::Duration::from_secs(10)).map_err(|why| {
+        Error::Config(format!(
+            "{}@{}: the Hub at {endpoint} {why}; set HF_HUB_OFFLINE=1 to use only the local \
+             cache ({})",
+            id.repo,
+            id.revision,
+            cache.display()
+        ))
+    })?;
     let mut builder = ApiBuilder::from_env()
         .with_cache_dir(cache.to_path_buf())
         .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()));
@@ -244,6 +257,37 @@ fn open_repo(
         .info()
         .map_err(|e| hub_err(cache, id, "listing the files", e))?;
     Ok((repo, info))
+}
+
+/// Whether a TCP connection to the endpoint's host opens within `timeout`. The Hub client has
+/// no timeout of its own, so behind a firewall that drops packets a request would wait for the
+/// system's (minutes); `huggingface_hub` gives up on its first request after 10 s.
+fn check_reachable(
+    endpoint: &str,
+    timeout: std::time::Duration,
+) -> std::result::Result<(), String> {
+    use std::net::ToSocketAddrs;
+    let (scheme, rest) = endpoint.split_once("://").unwrap_or(("https", endpoint));
+    let host = rest.split('/').next().unwrap_or(rest);
+    let with_port = if host
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        host.to_string()
+    } else {
+        format!("{host}:{}", if scheme == "http" { 80 } else { 443 })
+    };
+    let addrs: Vec<_> = (with_port.to_socket_addrs())
+        .map_err(|e| format!("could not be resolved ({e})"))?
+        .collect();
+    let mut last = String::from("has no address");
+    for a in addrs {
+        match std::net::TcpStream::connect_timeout(&a, timeout) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = format!("could not be reached within {} s ({e})", timeout.as_secs()),
+        }
+    }
+    Err(last)
 }
 
 /// An error of the Hub client, naming the repo, what was being done, and the likely cause.
