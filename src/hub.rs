@@ -599,6 +599,27 @@ fn split_missing(names: &[String], select: DataSplit<'_>) -> Error {
 mod tests {
     use super::*;
 
+    /// The probe before the Hub client: a listening host passes, a closed port and an
+    /// unresolvable name are errors that say which.
+    #[test]
+    fn the_hub_is_probed_with_a_timeout() {
+        let t = std::time::Duration::from_secs(2);
+        let open = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = open.local_addr().unwrap().port();
+        assert_eq!(
+            check_reachable(&format!("http://127.0.0.1:{port}"), t),
+            Ok(())
+        );
+        drop(open);
+        let closed = check_reachable(&format!("http://127.0.0.1:{port}/x"), t).unwrap_err();
+        assert!(
+            closed.contains("could not be reached within 2 s"),
+            "{closed}"
+        );
+        let unknown = check_reachable("https://no-such-host.invalid", t).unwrap_err();
+        assert!(unknown.contains("could not be resolved"), "{unknown}");
+    }
+
     #[test]
     fn repo_ids_and_paths_are_told_apart() {
         let id = RepoId::parse("Qwen/Qwen2.5-0.5B").unwrap();
