@@ -32,7 +32,7 @@ pub(super) fn llama_like(c: &Cfg, family: &str) -> Result<(ArchSpec, ModelNames)
         c.bool_or("tie_word_embeddings", false)?,
     );
     s.padding_idx = c.padding_idx(None)?;
-    if family == "granite" {
+    if family.starts_with("granite") {
         granite_multipliers(c, &mut s)?;
     }
     Ok((s, llama_gated(d.layers, ab, ab, mb)))
@@ -54,49 +54,30 @@ fn granite_multipliers(c: &Cfg, s: &mut ArchSpec) -> Result<()> {
 /// experts are two stacks (`input_linear` (E, 2F, H), gate rows first; `output_linear`
 /// (E, H, F)); the auxiliary loss is Mixtral's.
 pub(super) fn granitemoe(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
-    let d = dims(c, None, false, 2048)?;
-    let act = act(c, &c.str_or("hidden_act", "silu")?, "hidden_act")?;
-    let ab = c.bool_or("attention_bias", false)?;
-    c.warn_dropout(&["attention_dropout"])?;
-    let rope = rope(c, c.f64_or("rope_theta", 10000.0)?, d.head_dim, true)?;
-    let moe = top_k_moe(c, &d, act, true)?;
-    let mut s = spec(
-        "granitemoe",
-        &d,
-        NormSpec {
-            kind: NormKind::Rms,
-            eps: c.f64_or("rms_norm_eps", 1e-6)?,
-        },
-        Block::Sequential,
-        QkvLayout::Separate,
-        ab,
-        ab,
-        vec![MlpSpec::Moe(moe); d.layers],
-        rope,
-        c.bool_or("tie_word_embeddings", false)?,
-    );
-    granite_multipliers(c, &mut s)?;
-    s.padding_idx = c.padding_idx(None)?;
+    // Granite's layer, multipliers and defaults, every MLP then a mixture of experts.
+    let (mut s, mut names) = llama_like(c, "granitemoe")?;
+    let Some(&MlpSpec::Gated {
+        hidden, act, bias, ..
+    }) = s.mlp.first()
+    else {
+        return Err(c.err("vocab_size, hidden size and layer count must be positive"));
+    };
+    c.reject(bias, "mlp_bias = true (Granite MoE's experts have no bias)")?;
+    let moe = top_k_moe(c, hidden, act, true)?;
+    s.mlp = vec![MlpSpec::Moe(moe); s.layers];
     s.router_aux_loss_coef = aux_coef(c, "router_aux_loss_coef", 0.001)?;
-    let layers = (0..d.layers)
-        .map(|l| {
-            let p = format!("model.layers.{l}.block_sparse_moe");
-            llama_layer(
-                l,
-                ab,
-                ab,
-                MlpNames::Moe {
-                    router: LinearNames::new(&format!("{p}.router.layer"), false),
-                    experts: ExpertNames::Stacked {
-                        gate_up: format!("{p}.input_linear.weight"),
-                        down: format!("{p}.output_linear.weight"),
-                    },
-                    shared: None,
-                },
-            )
-        })
-        .collect();
-    Ok((s, llama_names(layers, false)))
+    for (l, layer) in names.layers.iter_mut().enumerate() {
+        let p = format!("model.layers.{l}.block_sparse_moe");
+        layer.mlp = MlpNames::Moe {
+            router: LinearNames::new(&format!("{p}.router.layer"), false),
+            experts: ExpertNames::Stacked {
+                gate_up: format!("{p}.input_linear.weight"),
+                down: format!("{p}.output_linear.weight"),
+            },
+            shared: None,
+        };
+    }
+    Ok((s, names))
 }
 
 pub(super) fn mistral(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
@@ -140,7 +121,7 @@ pub(super) fn mixtral(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
         "router_jitter_noise != 0",
     )?;
     let rope = rope(c, c.f64_or("rope_theta", 1e6)?, d.head_dim, false)?;
-    let moe = top_k_moe(c, &d, act, false)?;
+    let moe = top_k_moe(c, d.intermediate, act, false)?;
     let experts = moe.experts;
     let mut s = spec(
         "mixtral",
@@ -178,9 +159,10 @@ pub(super) fn mixtral(c: &Cfg) -> Result<(ArchSpec, ModelNames)> {
     Ok((s, llama_names(layers, false)))
 }
 
-/// Mixtral's and Granite MoE's experts: `num_local_experts` (8) of width `intermediate_size`,
-/// the top `num_experts_per_tok` (2) renormalised; `stacked`: stored as stacks, not per expert.
-fn top_k_moe(c: &Cfg, d: &Dims, act: Act, stacked: bool) -> Result<MoeSpec> {
+/// Mixtral's and Granite MoE's experts: `num_local_experts` (8) of width `hidden`
+/// (`intermediate_size`), the top `num_experts_per_tok` (2) renormalised; `stacked`: stored as
+/// stacks, not per expert.
+fn top_k_moe(c: &Cfg, hidden: usize, act: Act, stacked: bool) -> Result<MoeSpec> {
     let (e, k) = (
         c.usize_or("num_local_experts", 8)?,
         c.usize_or("num_experts_per_tok", 2)?,
@@ -192,7 +174,7 @@ fn top_k_moe(c: &Cfg, d: &Dims, act: Act, stacked: bool) -> Result<MoeSpec> {
     Ok(MoeSpec {
         experts: e,
         top_k: k,
-        expert_hidden: d.intermediate,
+        expert_hidden: hidden,
         act,
         routing: Routing::Renormalize,
         aux_from_probs: false,
