@@ -5,10 +5,7 @@
 # Prints one JSON line per run, tagged with the build. Usage (on the GPU machine):
 #   ROUNDS=2 DATAS="flan orca" bash .device/before_after.sh
 set -uo pipefail
-# Builds with `nccl` link libnccl.so.2: PyTorch's copy on the GPU machine.
-NCCL_LIB=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null \
-  || dirname "$(find / -name libnccl.so.2 -not -path '/proc/*' 2>/dev/null | head -1)")
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${NCCL_LIB}:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/gpu_env.sh"
 cd "$(dirname "$0")"
 for b in packsft packsft-before; do [ -x $b ] || xz -d -k $b.xz; done
 [ -f flan.jsonl ] || python3 make_bench_data.py flan 200 32000 flan.jsonl

@@ -6,9 +6,7 @@
 # SHAPE=1b: the quickstart recipe at TinyLlama-1.1B's shape (hidden 2048, 22 layers).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-NCCL_LIB=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null \
-  || dirname "$(find / -name libnccl.so.2 -not -path '/proc/*' 2>/dev/null | head -1)")
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${NCCL_LIB}:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/gpu_env.sh"
 D=$(cd "$(dirname "$0")" && pwd)
 [ -x $D/packsft ] || (cd $D && xz -d -k packsft.xz)
 STEPS=${STEPS:-60}

@@ -8,9 +8,7 @@
 # Assemble .device/ with `bash benches/gpu/pack.sh`, then from the repository root:
 #   SHAPE=qwen3-8b bash .device/family_bench.sh     (DATAS="flan orca" by default, STEPS=15)
 set -u
-NCCL_LIB=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null \
-  || dirname "$(find / -name libnccl.so.2 -not -path '/proc/*' 2>/dev/null | head -1)")
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${NCCL_LIB}:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/gpu_env.sh"
 cd "$(dirname "$0")"
 [ -x packsft ] || xz -d -k packsft.xz
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -7,9 +7,7 @@
 #   bash .device/family_check.sh            (FAMILIES="qwen3 qwen3_moe olmo2 granitemoe gemma2 gemma3_text", STEPS=60)
 # DEVICES="cpu" runs the CPU half alone (a smoke test of the overrides on a machine without a GPU).
 set -u
-NCCL_LIB=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null \
-  || dirname "$(find / -name libnccl.so.2 -not -path '/proc/*' 2>/dev/null | head -1)")
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${NCCL_LIB}:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/gpu_env.sh"
 D=$(cd "$(dirname "$0")" && pwd)
 BIN=${PACKSFT:-$D/packsft}
 [ -x "$BIN" ] || (cd $D && xz -d -k packsft.xz)

@@ -5,10 +5,7 @@
 # peak_gib: packsft reports the CUDA allocator's high-water mark, the peer torch's
 # max_memory_allocated.
 set -u
-# Builds with `nccl` link libnccl.so.2: PyTorch's copy on the GPU machine.
-NCCL_LIB=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null \
-  || dirname "$(find / -name libnccl.so.2 -not -path '/proc/*' 2>/dev/null | head -1)")
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${NCCL_LIB}:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/gpu_env.sh"
 cd "$(dirname "$0")"
 [ -x packsft ] || xz -d -k packsft.xz
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

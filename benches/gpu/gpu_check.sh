@@ -7,10 +7,7 @@
 # LORA=1: the same with LoRA r16 all-linear adapters on the (seeded, frozen) initial model: bf16
 # frozen base on the GPU, float32 on the CPU.
 set -u
-# Builds with `nccl` link libnccl.so.2: PyTorch's copy on the GPU machine.
-NCCL_LIB=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null \
-  || dirname "$(find / -name libnccl.so.2 -not -path '/proc/*' 2>/dev/null | head -1)")
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${NCCL_LIB}:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/gpu_env.sh"
 D=$(cd "$(dirname "$0")" && pwd)
 [ -x $D/packsft ] || (cd $D && xz -d -k packsft.xz)
 STEPS=${STEPS:-200}

@@ -5,10 +5,7 @@
 # ./logs; keep them in benches/gpu/logs/ beside the numbers they back), then packsft's attention
 # throughput next to PyTorch's flash SDPA. Exits non-zero if any GPU test fails.
 set -uo pipefail
-# Builds with `nccl` link libnccl.so.2: PyTorch's copy on the GPU machine.
-NCCL_LIB=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null \
-  || dirname "$(find / -name libnccl.so.2 -not -path '/proc/*' 2>/dev/null | head -1)")
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${NCCL_LIB}:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/gpu_env.sh"
 cd "$(dirname "$0")"
 for b in packsft flash_attn gpu_optim gpu_ops; do [ -x $b ] || xz -d -k $b.xz; done
 LOGS=${LOGS:-logs}

@@ -6,10 +6,7 @@
 # Writes $OUT/ncu_<data>_<mode>.csv when OUT is set, else to the current folder. SHAPE picks the
 # shape (llama-1.1b), EXTRA adds bench flags (e.g. EXTRA="--lora 16 --bs 4").
 set -u
-# Builds with `nccl` link libnccl.so.2: PyTorch's copy on the GPU machine.
-NCCL_LIB=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null \
-  || dirname "$(find / -name libnccl.so.2 -not -path '/proc/*' 2>/dev/null | head -1)")
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${NCCL_LIB}:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/gpu_env.sh"
 cd "$(dirname "$0")"
 [ -x packsft ] || xz -d -k packsft.xz
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)

@@ -10,9 +10,7 @@
 #                                           # checkpointing, ~32k-token packed rows with it
 set -uo pipefail
 # The nccl build links libnccl.so.2: PyTorch's copy on the GPU machine.
-NCCL_LIB=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null \
-  || dirname "$(find / -name libnccl.so.2 -not -path '/proc/*' 2>/dev/null | head -1)")
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${NCCL_LIB}:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/gpu_env.sh"
 cd "$(dirname "$0")"
 OUT=${OUT:-/tmp/lora_bench}
 mkdir -p "$OUT"
