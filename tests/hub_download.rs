@@ -18,6 +18,15 @@ use sha2::{Digest, Sha256};
 
 const COMMIT: &str = "c0ffee0000000000000000000000000000000001";
 
+/// The quickstart recipe reading the stand-in Hub's dataset by its split.
+const INSPECT_ROWS: [&str; 5] = [
+    "inspect",
+    "recipes/quickstart.yaml",
+    "data.train=hf://datasets/org/rows",
+    "--n",
+    "1",
+];
+
 /// A stand-in Hub: `repos` maps `models/acme/tiny` or `datasets/org/rows` to its files. Returns
 /// the endpoint URL and the count of requests served.
 fn stand_in_hub(repos: BTreeMap<String, BTreeMap<String, Vec<u8>>>) -> (String, Arc<AtomicUsize>) {
@@ -206,16 +215,7 @@ fn a_model_and_a_dataset_split_download_into_the_cache_once() {
     }
 
     // A dataset split, by a recipe.
-    let (ok, stdout, stderr) = packsft(
-        &env,
-        &[
-            "inspect",
-            "recipes/quickstart.yaml",
-            "data.train=hf://datasets/org/rows",
-            "--n",
-            "1",
-        ],
-    );
+    let (ok, stdout, stderr) = packsft(&env, &INSPECT_ROWS);
     assert!(ok && stdout.contains("4000 rows"), "{stdout}{stderr}");
     let rows_snap = cache.join("datasets--org--rows/snapshots").join(COMMIT);
     assert!(rows_snap.join("data/train-00000-of-00001.jsonl").exists());
@@ -245,13 +245,7 @@ fn a_model_and_a_dataset_split_download_into_the_cache_once() {
     assert!(stderr.contains("using the cached snapshot"), "{stderr}");
     let (ok, stdout, stderr) = packsft(
         &[("HF_HUB_CACHE", cache_s.as_str()), ("HF_HUB_OFFLINE", "1")],
-        &[
-            "inspect",
-            "recipes/quickstart.yaml",
-            "data.train=hf://datasets/org/rows",
-            "--n",
-            "1",
-        ],
+        &INSPECT_ROWS,
     );
     assert!(ok && stdout.contains("4000 rows"), "{stdout}{stderr}");
     assert_eq!(served.load(Ordering::SeqCst), before);
