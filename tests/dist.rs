@@ -180,6 +180,8 @@ fn bf16_reduction_tracks_the_float32_steps() {
         let worst = (ranks[0].1.iter().zip(&one.1))
             .map(|(a, b)| max_abs_diff(a, b))
             .fold(0.0, f64::max);
+        // The distance README quotes (`-- --nocapture` shows it).
+        eprintln!("{zero:?}: largest parameter difference from one process {worst:.1e}");
         // Rounded sums: not float32's bits. Four AdamW steps at lr 1e-2 move a parameter by at
         // most about 4e-2; bf16's relative rounding (2^-9) of the gradients moves the update
         // direction by far less than that.
