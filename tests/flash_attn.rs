@@ -37,6 +37,8 @@ struct Case {
     kv_heads: usize,
     head_dim: usize,
     window: Option<usize>,
+    /// Scores soft-capped at this value (Gemma 2's attn_logit_softcapping).
+    softcap: Option<f64>,
     padded: bool,
     /// A planted leak: this key (of the first sequence) let into the first query row of the
     /// second sequence, in the eager reference (packed layouts only).
@@ -74,6 +76,11 @@ fn worst_row(got: &Tensor, want: &Tensor) -> f64 {
 /// Flash (bf16) against eager (float32 on the same bf16-rounded inputs): for the output and dq,
 /// dk, dv, the whole-tensor relative error and the worst row's (`worst_row`).
 fn compare(c: &Case) -> [(f64, f64); 4] {
+    compare_with(c, c.softcap)
+}
+
+/// [`compare`] with the eager reference soft-capped at `reference_softcap` instead of the case's.
+fn compare_with(c: &Case, reference_softcap: Option<f64>) -> [(f64, f64); 4] {
     let dev = cuda();
     let (layout, row_len, n) = if c.padded {
         let row = *c.lens.iter().max().unwrap();
@@ -127,7 +134,8 @@ fn compare(c: &Case) -> [(f64, f64); 4] {
             Var::from_tensor(&k.to_dtype(dt).unwrap()).unwrap(),
             Var::from_tensor(&v.to_dtype(dt).unwrap()).unwrap(),
         );
-        let plan = AttnPlan::new(&layout, row_len, c.window, None, &dev, flash).unwrap();
+        let cap = if flash { c.softcap } else { reference_softcap };
+        let plan = AttnPlan::new(&layout, row_len, c.window, cap, &dev, flash).unwrap();
         let out = if flash {
             plan.attend(&qv, &kv, &vv, scale).unwrap()
         } else {
@@ -221,6 +229,7 @@ fn a_planted_one_key_leak_fails_the_check() {
         kv_heads: 2,
         head_dim: 64,
         window: None,
+        softcap: None,
         padded: false,
         leak: Some(63),
     });
@@ -240,12 +249,13 @@ fn check(c: Case) {
         .map(|(name, (e, r))| format!("{name} {e:.2e} (worst row {r:.2e})"))
         .collect();
     eprintln!(
-        "lens {:?} heads {}/{} d {} window {:?} padded {}: {}",
+        "lens {:?} heads {}/{} d {} window {:?} softcap {:?} padded {}: {}",
         c.lens,
         c.heads,
         c.kv_heads,
         c.head_dim,
         c.window,
+        c.softcap,
         c.padded,
         shown.join(", ")
     );
@@ -275,6 +285,7 @@ fn d64_gqa_mixed_lengths() {
         kv_heads: 2,
         head_dim: 64,
         window: None,
+        softcap: None,
         padded: false,
         leak: None,
     });
@@ -290,6 +301,7 @@ fn batch_larger_than_one_launch_wave() {
         kv_heads: 2,
         head_dim: 64,
         window: None,
+        softcap: None,
         padded: false,
         leak: None,
     });
@@ -303,6 +315,7 @@ fn d80_mha() {
         kv_heads: 4,
         head_dim: 80,
         window: None,
+        softcap: None,
         padded: false,
         leak: None,
     });
@@ -316,6 +329,7 @@ fn d96_mqa() {
         kv_heads: 1,
         head_dim: 96,
         window: None,
+        softcap: None,
         padded: false,
         leak: None,
     });
@@ -329,6 +343,7 @@ fn d128_sliding_window() {
         kv_heads: 2,
         head_dim: 128,
         window: Some(50),
+        softcap: None,
         padded: false,
         leak: None,
     });
@@ -342,6 +357,7 @@ fn d256_window_and_single_tokens() {
         kv_heads: 1,
         head_dim: 256,
         window: Some(16),
+        softcap: None,
         padded: false,
         leak: None,
     });
@@ -355,6 +371,7 @@ fn window_of_two_keys() {
         kv_heads: 2,
         head_dim: 64,
         window: Some(2),
+        softcap: None,
         padded: false,
         leak: None,
     });
@@ -368,6 +385,7 @@ fn padded_batches() {
         kv_heads: 2,
         head_dim: 64,
         window: None,
+        softcap: None,
         padded: true,
         leak: None,
     });
@@ -377,6 +395,7 @@ fn padded_batches() {
         kv_heads: 1,
         head_dim: 128,
         window: Some(33),
+        softcap: None,
         padded: true,
         leak: None,
     });
@@ -393,6 +412,7 @@ fn wholly_visible_tiles_with_and_without_a_window() {
         kv_heads: 2,
         head_dim: 64,
         window: Some(200),
+        softcap: None,
         padded: false,
         leak: None,
     });
@@ -402,6 +422,7 @@ fn wholly_visible_tiles_with_and_without_a_window() {
         kv_heads: 1,
         head_dim: 128,
         window: None,
+        softcap: None,
         padded: false,
         leak: None,
     });
@@ -411,9 +432,75 @@ fn wholly_visible_tiles_with_and_without_a_window() {
         kv_heads: 1,
         head_dim: 256,
         window: None,
+        softcap: None,
         padded: true,
         leak: None,
     });
+}
+
+/// Caps of 1 and 2 on scores of about unit spread (random q and k, scale 1/sqrt(d)): tanh is far
+/// from linear there, so a kernel that skipped the cap, or its derivative 1 - tanh^2 in either
+/// backward pass, would miss by far more than the limits (see the next test).
+#[test]
+fn soft_capped_scores() {
+    check(Case {
+        lens: &[200, 65, 1],
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        window: None,
+        softcap: Some(1.0),
+        padded: false,
+        leak: None,
+    });
+    check(Case {
+        lens: &[129, 64, 300],
+        heads: 4,
+        kv_heads: 4,
+        head_dim: 128,
+        window: Some(64),
+        softcap: Some(1.0),
+        padded: false,
+        leak: None,
+    });
+    // Gemma 2's shape: head_dim 256, local layers with a window, padded and packed.
+    for padded in [true, false] {
+        check(Case {
+            lens: &[300, 65],
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 256,
+            window: Some(16),
+            softcap: Some(2.0),
+            padded,
+            leak: None,
+        });
+    }
+}
+
+/// The soft-cap check can fail: the capped kernels against an uncapped reference miss the
+/// output's and dq's worst-row limits.
+#[test]
+fn an_uncapped_reference_fails_the_soft_cap_check() {
+    let c = Case {
+        lens: &[200, 65, 1],
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        window: None,
+        softcap: Some(1.0),
+        padded: false,
+        leak: None,
+    };
+    let errs = compare_with(&c, None);
+    eprintln!("capped kernels, uncapped reference: {errs:?}");
+    for (i, name) in [(0, "out"), (1, "dq")] {
+        assert!(
+            errs[i].1 > WORST_ROW_LIMIT[i],
+            "{name}: worst row {:.3e} within the limit without the cap",
+            errs[i].1
+        );
+    }
 }
 
 #[test]
@@ -427,6 +514,7 @@ fn windows_ending_on_tile_edges() {
         kv_heads: 2,
         head_dim: 64,
         window: Some(64),
+        softcap: None,
         padded: false,
         leak: None,
     });
@@ -436,6 +524,7 @@ fn windows_ending_on_tile_edges() {
         kv_heads: 1,
         head_dim: 128,
         window: Some(128),
+        softcap: None,
         padded: false,
         leak: None,
     });
@@ -445,6 +534,7 @@ fn windows_ending_on_tile_edges() {
         kv_heads: 2,
         head_dim: 96,
         window: Some(65),
+        softcap: None,
         padded: true,
         leak: None,
     });
@@ -457,6 +547,23 @@ fn gpu_model(attention: AttentionImpl) -> DecoderModel {
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": 1024,
     });
+    model_of(cfg, attention)
+}
+
+/// Gemma 2 at head_dim 64: soft-capped scores (a cap of 5 on scores of a few units, so tanh
+/// bends) and logits, a local first layer with a 40-key window that the longer examples exceed.
+fn gemma2_model(attention: AttentionImpl) -> DecoderModel {
+    let cfg = serde_json::json!({
+        "model_type": "gemma2", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 40,
+        "attn_logit_softcapping": 5.0, "final_logit_softcapping": 30.0,
+        "max_position_embeddings": 1024,
+    });
+    model_of(cfg, attention)
+}
+
+fn model_of(cfg: serde_json::Value, attention: AttentionImpl) -> DecoderModel {
     let mut m = DecoderModel::new_random(cfg, 7, &cuda()).unwrap();
     m.compute = ComputeOptions {
         dtype: DType::BF16,
@@ -481,8 +588,18 @@ fn loss_and_grads(m: &DecoderModel, padding_free: bool) -> (f64, Vec<Tensor>) {
 
 #[test]
 fn model_flash_matches_eager_and_padded_matches_packed() {
-    let (le, ge) = loss_and_grads(&gpu_model(AttentionImpl::Eager), true);
-    let flash = gpu_model(AttentionImpl::Flash);
+    flash_matches_eager(gpu_model);
+}
+
+/// Gemma 2's soft-capped, partly local attention through the flash kernels at the model level.
+#[test]
+fn gemma2_flash_matches_eager_and_padded_matches_packed() {
+    flash_matches_eager(gemma2_model);
+}
+
+fn flash_matches_eager(model: fn(AttentionImpl) -> DecoderModel) {
+    let (le, ge) = loss_and_grads(&model(AttentionImpl::Eager), true);
+    let flash = model(AttentionImpl::Flash);
     let (lf, gf) = loss_and_grads(&flash, true);
     let (lp, gp) = loss_and_grads(&flash, false);
     eprintln!("loss eager {le} flash {lf} flash padded {lp}");
@@ -527,19 +644,19 @@ fn hand_written_layer_backward_matches_autograd() {
 #[test]
 fn flash_refuses_what_it_cannot_run() {
     let err = AttentionImpl::Flash
-        .use_flash(&Device::Cpu, DType::BF16, 64, None)
+        .use_flash(&Device::Cpu, DType::BF16, 64)
         .unwrap_err()
         .to_string();
     assert!(err.contains("cpu"), "{err}");
     let err = AttentionImpl::Flash
-        .use_flash(&cuda(), DType::BF16, 48, None)
+        .use_flash(&cuda(), DType::BF16, 48)
         .unwrap_err()
         .to_string();
     assert!(err.contains("head_dim 48"), "{err}");
     assert!(!AttentionImpl::Auto
-        .use_flash(&cuda(), DType::F32, 64, None)
+        .use_flash(&cuda(), DType::F32, 64)
         .unwrap());
     assert!(AttentionImpl::Auto
-        .use_flash(&cuda(), DType::BF16, 64, None)
+        .use_flash(&cuda(), DType::BF16, 64)
         .unwrap());
 }

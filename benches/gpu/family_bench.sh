@@ -2,9 +2,8 @@
 # The newer families' bench shapes on the GPU machine (issue 24): `packsft bench --shape` beside
 # family_peer.py (hf_peer.py's loop at the same config), same data, same card, same call.
 # qwen3-8b: LoRA r16 all-linear at 4 examples a step on both sides (full fine-tuning of 8B does not
-# fit one 80 GiB card); gemma2-2b: full fine-tuning at 4 a step. Gemma 2 soft-caps its scores, so
-# packsft runs eager attention there (the flash kernels have no soft-capping; logged) and the peer
-# runs eager and flex_attention (sdpa drops the soft-capping).
+# fit one 80 GiB card); gemma2-2b: full fine-tuning at 4 a step. Gemma 2 soft-caps its scores: packsft's
+# flash kernels compute that; the peer runs eager and flex_attention (sdpa drops the soft-capping).
 # Assemble .device/ with `bash benches/gpu/pack.sh`, then from the repository root:
 #   SHAPE=qwen3-8b bash .device/family_bench.sh     (DATAS="flan orca" by default, STEPS=15)
 set -u

@@ -378,12 +378,10 @@ pub fn run(args: &BenchArgs) -> Result<BenchResult> {
     let head_dim = cfg["head_dim"].as_u64().unwrap_or(
         cfg["hidden_size"].as_u64().unwrap_or(0) / cfg["num_attention_heads"].as_u64().unwrap_or(1),
     ) as usize;
-    let flash = args.compute.attention.use_flash(
-        &args.device,
-        args.compute.dtype,
-        head_dim,
-        cfg.get("attn_logit_softcapping").and_then(|v| v.as_f64()),
-    )?;
+    let flash = args
+        .compute
+        .attention
+        .use_flash(&args.device, args.compute.dtype, head_dim)?;
     let mut trainer = bench_trainer(args, cfg)?;
     let (trainable, n_params) = trainer.model.param_counts();
     // Model FLOPs per token: 6N for full fine-tuning; 4N with a frozen base (forward and input
@@ -534,7 +532,7 @@ pub fn attn_bench(args: &AttnBenchArgs) -> Result<AttnBenchResult> {
     } else {
         DType::F32
     };
-    let flash = args.attention.use_flash(dev, dtype, args.head_dim, None)?;
+    let flash = args.attention.use_flash(dev, dtype, args.head_dim)?;
     let (nh, nkv, d) = (args.heads, args.kv_heads, args.head_dim);
     let scale = 1.0 / (d as f64).sqrt();
     let mut setups = Vec::new();

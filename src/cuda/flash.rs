@@ -121,7 +121,8 @@ pub fn supported(device: &Device, dtype: DType, head_dim: usize) -> bool {
 }
 
 /// q (N, heads, D), k and v (N, kv_heads, D), bf16 on CUDA → (N, heads, D). `window`: keys a
-/// query sees including itself (None: all earlier keys of its sequence).
+/// query sees including itself (None: all earlier keys of its sequence); `softcap`: scores
+/// become `c * tanh(score / c)` before the softmax (Gemma 2).
 pub fn flash_attention(
     q: &Tensor,
     k: &Tensor,
@@ -129,8 +130,9 @@ pub fn flash_attention(
     plan: &Arc<FlashPlan>,
     scale: f64,
     window: Option<usize>,
+    softcap: Option<f64>,
 ) -> Result<Tensor> {
-    let op = FlashAttn::new(q, k, plan, scale, window)?;
+    let op = FlashAttn::new(q, k, plan, scale, window, softcap)?;
     Ok(q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
@@ -143,10 +145,12 @@ pub fn flash_attention_vjp(
     plan: &Arc<FlashPlan>,
     scale: f64,
     window: Option<usize>,
+    softcap: Option<f64>,
 ) -> Result<(Tensor, Pullback<QkvGrads>)> {
     // The forward leaves the log-sum-exp in the op for its backward: keep a handle on it.
-    let op: Arc<Box<dyn CustomOp3 + Send + Sync>> =
-        Arc::new(Box::new(FlashAttn::new(q, k, plan, scale, window)?));
+    let op: Arc<Box<dyn CustomOp3 + Send + Sync>> = Arc::new(Box::new(FlashAttn::new(
+        q, k, plan, scale, window, softcap,
+    )?));
     let q = q.contiguous()?.detach();
     let k = k.contiguous()?.detach();
     let v = v.contiguous()?.detach();
@@ -168,6 +172,8 @@ struct FlashAttn {
     plan: Arc<FlashPlan>,
     scale: f32,
     window: i32,
+    /// The soft-cap of the scores, 0 for none (then the plain kernels run).
+    softcap: f32,
     /// Log-sum-exp of every (head, query), log2 domain, saved by the forward for the backward.
     lse: Mutex<Option<Arc<CudaSlice<f32>>>>,
 }
@@ -229,6 +235,7 @@ impl FlashAttn {
         plan: &Arc<FlashPlan>,
         scale: f64,
         window: Option<usize>,
+        softcap: Option<f64>,
     ) -> Result<Self> {
         let (n, nh, d) = q.dims3()?;
         let nkv = k.dim(1)?;
@@ -239,12 +246,25 @@ impl FlashAttn {
                 plan.tokens
             )));
         }
+        if let Some(c) = softcap.filter(|c| !(*c > 0.0 && c.is_finite())) {
+            return Err(Error::Config(format!(
+                "flash attention: soft-cap {c} (must be a positive number)"
+            )));
+        }
         Ok(Self {
             plan: plan.clone(),
             scale: scale as f32,
             window: window.map_or(0, |w| w.min(i32::MAX as usize) as i32),
+            softcap: softcap.unwrap_or(0.0) as f32,
             lse: Mutex::new(None),
         })
+    }
+
+    /// The compiled kernel `kind` (fwd, bwd, bwd_dq) for head_dim `d`: the soft-capped variant
+    /// when the scores are capped.
+    fn kernel_name(&self, kind: &str, d: usize) -> String {
+        let cap = if self.softcap > 0.0 { "cap_" } else { "" };
+        format!("flash_{kind}_{cap}d{d}")
     }
 }
 
@@ -290,7 +310,7 @@ impl CustomOp3 for FlashAttn {
         let lse = p.alloc::<f32>(&dev, nh * n)?;
         if p.n_fwd > 0 {
             let smem = fwd_smem(d);
-            let func = load(&dev, &format!("flash_fwd_d{d}"), smem)?;
+            let func = load(&dev, &self.kernel_name("fwd", d), smem)?;
             with_storages(&[&p.fwd_tiles, &p.seq_start, &p.seq_len], |s| {
                 let u = |i: usize| cview::<u32>(s[i].0, s[i].1);
                 let (tiles, starts, lens) = (u(0)?, u(1)?, u(2)?);
@@ -303,7 +323,8 @@ impl CustomOp3 for FlashAttn {
                     .arg(&heads)
                     .arg(&kvh)
                     .arg(&self.scale)
-                    .arg(&self.window);
+                    .arg(&self.window)
+                    .arg(&self.softcap);
                 let cfg = tiles_cfg(p.n_fwd, nh, smem);
                 unsafe { b.launch(cfg) }.w()?;
                 Ok(())
@@ -360,7 +381,7 @@ impl CustomOp3 for FlashAttn {
             let dv = unsafe { dev.alloc::<half::bf16>((n * nkv * d).max(1))? };
             if p.n_bwd > 0 {
                 let smem = bwd_smem(d);
-                let f = load(&dev, &format!("flash_bwd_d{d}"), smem)?;
+                let f = load(&dev, &self.kernel_name("bwd", d), smem)?;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&qv)
                     .arg(&kv)
@@ -374,11 +395,12 @@ impl CustomOp3 for FlashAttn {
                     .arg(&heads)
                     .arg(&kvh)
                     .arg(&self.scale)
-                    .arg(&self.window);
+                    .arg(&self.window)
+                    .arg(&self.softcap);
                 let cfg = tiles_cfg(p.n_bwd, nh, smem);
                 unsafe { b.launch(cfg) }.w()?;
                 let smem = bwd_dq_smem(d);
-                let f = load(&dev, &format!("flash_bwd_dq_d{d}"), smem)?;
+                let f = load(&dev, &self.kernel_name("bwd_dq", d), smem)?;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&qv)
                     .arg(&kv)
@@ -392,7 +414,8 @@ impl CustomOp3 for FlashAttn {
                     .arg(&heads)
                     .arg(&kvh)
                     .arg(&self.scale)
-                    .arg(&self.window);
+                    .arg(&self.window)
+                    .arg(&self.softcap);
                 let cfg = tiles_cfg(p.n_fwd, nh, smem);
                 unsafe { b.launch(cfg) }.w()?;
             }

@@ -49,16 +49,10 @@ impl std::str::FromStr for AttentionImpl {
 }
 
 impl AttentionImpl {
-    /// Whether to use the flash kernels for this device, compute dtype and head dimension, for
-    /// a model with (`softcap`) or without attention soft-capping, which the kernels lack:
-    /// `Auto` then takes the eager attention (logged once), `Flash` is an error naming it.
-    pub fn use_flash(
-        self,
-        device: &Device,
-        dtype: DType,
-        head_dim: usize,
-        softcap: Option<f64>,
-    ) -> Result<bool> {
+    /// Whether to use the flash kernels for this device, compute dtype and head dimension. The
+    /// kernels compute soft-capped scores (Gemma 2's `attn_logit_softcapping`) and sliding
+    /// windows themselves, so neither decides here.
+    pub fn use_flash(self, device: &Device, dtype: DType, head_dim: usize) -> Result<bool> {
         #[cfg(feature = "flash-attn")]
         let ok = crate::cuda::flash::supported(device, dtype, head_dim);
         #[cfg(not(feature = "flash-attn"))]
@@ -66,27 +60,6 @@ impl AttentionImpl {
             let _ = (device, dtype, head_dim);
             false
         };
-        if let Some(c) = softcap {
-            return match self {
-                Self::Flash => Err(Error::Config(format!(
-                    "attention: flash cannot run this model: its attention scores are \
-                     soft-capped (attn_logit_softcapping = {c}), which the flash kernels do not \
-                     compute; use attention: auto or eager"
-                ))),
-                Self::Auto if ok => {
-                    static SAID: std::sync::Once = std::sync::Once::new();
-                    SAID.call_once(|| {
-                        tracing::warn!(
-                            "attention: eager, not flash: the model soft-caps its attention \
-                             scores (attn_logit_softcapping = {c}), which the flash kernels do \
-                             not compute"
-                        )
-                    });
-                    Ok(false)
-                }
-                Self::Auto | Self::Eager => Ok(false),
-            };
-        }
         match self {
             Self::Eager => Ok(false),
             Self::Auto => Ok(ok),
@@ -107,7 +80,7 @@ pub struct AttnPlan {
     blocks: Vec<Block>,
     #[cfg_attr(not(feature = "flash-attn"), allow(dead_code))]
     window: Option<usize>,
-    /// Scores become `c * tanh(s / c)` before the mask (Gemma 2); eager attention only.
+    /// Scores become `c * tanh(s / c)` before the mask (Gemma 2), in both attentions.
     softcap: Option<f64>,
     #[cfg(feature = "flash-attn")]
     flash: Option<Arc<crate::cuda::flash::FlashPlan>>,
@@ -151,8 +124,8 @@ fn causal_mask(
 }
 
 impl AttnPlan {
-    /// Eager attention (`flash`: false) or the flash kernels, which have no soft-capping
-    /// (`softcap` with `flash` is an error: [`AttentionImpl::use_flash`] says no first).
+    /// Eager attention (`flash`: false) or the flash kernels, each with the sliding `window`
+    /// and the score `softcap` where given.
     pub fn new(
         layout: &SeqLayout,
         row_len: usize,
@@ -161,11 +134,6 @@ impl AttnPlan {
         device: &Device,
         flash: bool,
     ) -> Result<Self> {
-        if flash && softcap.is_some() {
-            return Err(Error::Config(
-                "the flash attention kernels have no score soft-capping".into(),
-            ));
-        }
         if flash {
             #[cfg(feature = "flash-attn")]
             {
@@ -241,7 +209,7 @@ impl AttnPlan {
         if let Some(fp) = &self.flash {
             let (n, nh, hd) = q.dims3()?;
             return Ok(
-                crate::cuda::flash::flash_attention(q, k, v, fp, scale, self.window)?
+                crate::cuda::flash::flash_attention(q, k, v, fp, scale, self.window, self.softcap)?
                     .reshape((n, nh * hd))?,
             );
         }
@@ -263,7 +231,7 @@ impl AttnPlan {
         if let Some(fp) = &self.flash {
             let (n, nh, hd) = q.dims3()?;
             let (out, back) =
-                crate::cuda::flash::flash_attention_vjp(q, k, v, fp, scale, self.window)?;
+                crate::cuda::flash::flash_attention_vjp(q, k, v, fp, scale, self.window, self.softcap)?;
             let back = move |dy: &Tensor| back(&dy.reshape((n, nh, hd))?);
             return Ok((out.reshape((n, nh * hd))?, Box::new(back)));
         }
@@ -338,31 +306,4 @@ pub fn eager_attention(
     } else {
         Tensor::cat(&outs, 0)?
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A soft-capped model never reaches the flash kernels: `flash` names the reason, `auto`
-    /// takes the eager attention, and a plan asked for both is refused.
-    #[test]
-    fn soft_capping_keeps_flash_off_and_says_why() {
-        let err = AttentionImpl::Flash
-            .use_flash(&Device::Cpu, DType::BF16, 64, Some(50.0))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("attn_logit_softcapping = 50"), "{err}");
-        for a in [AttentionImpl::Auto, AttentionImpl::Eager] {
-            assert!(!a
-                .use_flash(&Device::Cpu, DType::BF16, 64, Some(50.0))
-                .unwrap());
-        }
-        let layout = SeqLayout::Packed {
-            cu_seqlens: vec![0, 4],
-            max_seqlen: 4,
-        };
-        let refused = AttnPlan::new(&layout, 4, None, Some(50.0), &Device::Cpu, true);
-        assert!(refused.is_err());
-    }
 }

@@ -10,6 +10,11 @@
 // Query t of a sequence sees key s of the same sequence iff s <= t and, with a sliding window W,
 // t - s < W (W keys including itself, transformers' semantics; window <= 0 means none).
 //
+// Soft-capping (Gemma 2's attn_logit_softcapping, the `_cap` kernels): a score x = scale * q.k
+// becomes cap * tanh(x / cap) before the mask and the softmax; the backward multiplies dS by the
+// derivative 1 - tanh^2 before it meets Q or K. The plain kernels are the same template without
+// it (CAP = false), so models without soft-capping pay nothing for it.
+//
 // Tensor cores: mma.sync m16n8k16 (bf16 in, f32 accumulate). The accumulator layout of one MMA
 // is the A-operand layout of the next, so P = softmax(S) feeds P·V from registers.
 // Fragment layout per lane (g = lane / 4, t = lane % 4):
@@ -152,6 +157,19 @@ __device__ __forceinline__ void load_tile_async(bf16* s, const bf16* g, long gst
     }
 }
 
+// A score in the log2 domain: x * sl2, or with soft-capping (CAP) tanh(x * inv_cap) * cap_l2
+// (inv_cap = scale / cap, cap_l2 = cap * log2 e), its tanh left in `th` for the backward's
+// derivative 1 - th^2.
+template <bool CAP>
+__device__ __forceinline__ float score_l2(float x, float sl2, float inv_cap, float cap_l2, float& th) {
+    if (CAP) {
+        th = tanhf(x * inv_cap);
+        return th * cap_l2;
+    }
+    th = 0.f;
+    return x * sl2;
+}
+
 __device__ __forceinline__ bool visible(int qi, int kj, int len, int window) {
     return kj <= qi && qi < len && (window <= 0 || qi - kj < window);
 }
@@ -174,11 +192,11 @@ __device__ __forceinline__ void load_kv_tile_async(bf16* dst, const bf16* __rest
 
 // Forward: one block per (query tile of BM rows of one sequence, head).
 // lse: (heads, tokens) float, log2 domain.
-template <int D, int BN>
+template <int D, int BN, bool CAP>
 __device__ void fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                            bf16* __restrict__ o, float* __restrict__ lse, const int* __restrict__ tiles,
                            const int* __restrict__ seq_start, const int* __restrict__ seq_len, int tokens,
-                           int heads, int kv_heads, float scale, int window) {
+                           int heads, int kv_heads, float scale, int window, float softcap) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     constexpr int S = D + 8;
     bf16* Qs = reinterpret_cast<bf16*>(smem_raw);
@@ -188,7 +206,7 @@ __device__ void fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
     const int h = blockIdx.y, hk = h / (heads / kv_heads);
     const int base = seq_start[seq], len = seq_len[seq];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const float sl2 = scale * LOG2E;
+    const float sl2 = scale * LOG2E, inv_cap = CAP ? scale / softcap : 0.f, cap_l2 = softcap * LOG2E;
 
     // The Q tile streams in with the first K/V tile (one wait for both).
     load_tile_async<D>(Qs, q + ((long)(base + q0) * heads + h) * D, (long)heads * D, BM, len - q0);
@@ -227,7 +245,7 @@ __device__ void fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
             for (int j = 0; j < BN / 8; j++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    float x = s[j][e] * sl2;
+                    float th, x = score_l2<CAP>(s[j][e], sl2, inv_cap, cap_l2, th);
                     s[j][e] = x;
                     mx[e >> 1] = fmaxf(mx[e >> 1], x);
                 }
@@ -237,7 +255,8 @@ __device__ void fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     int qi = qrow + g + (e >> 1) * 8, kj = k0 + j * 8 + 2 * t + (e & 1);
-                    float x = visible(qi, kj, len, window) ? s[j][e] * sl2 : -INFINITY;
+                    float th, x = visible(qi, kj, len, window) ? score_l2<CAP>(s[j][e], sl2, inv_cap, cap_l2, th)
+                                                               : -INFINITY;
                     s[j][e] = x;
                     mx[e >> 1] = fmaxf(mx[e >> 1], x);
                 }
@@ -292,13 +311,13 @@ __device__ void fwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
 // head); warp w owns keys 16w..16w+15 and loops over the query tiles that see them, recomputing
 // P from the saved lse. dk, dv (tokens, heads, D) float per query head (dk unscaled), summed over
 // a GQA group by flash_bwd_finalize. delta (heads, tokens) = rowsum(dO * O).
-template <int D>
+template <int D, bool CAP>
 __device__ void bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                            const bf16* __restrict__ dout, const float* __restrict__ lse,
                            const float* __restrict__ delta, float* __restrict__ dk, float* __restrict__ dv,
                            const int* __restrict__ tiles, const int* __restrict__ seq_start,
                            const int* __restrict__ seq_len, int tokens, int heads, int kv_heads, float scale,
-                           int window) {
+                           int window, float softcap) {
     constexpr int BN = 64;
     constexpr int S = D + 8;
     // Two (Q, dO) buffers where shared memory allows (one for head_dim 256, within Ampere's).
@@ -313,7 +332,7 @@ __device__ void bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
     const int h = blockIdx.y, hk = h / (heads / kv_heads);
     const int base = seq_start[seq], len = seq_len[seq];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const float sl2 = scale * LOG2E;
+    const float sl2 = scale * LOG2E, inv_cap = CAP ? scale / softcap : 0.f, cap_l2 = softcap * LOG2E;
 
     // K and V stream in with the first (Q, dO) tile (one wait for all).
     load_tile_async<D>(Ks, k + ((long)(base + k0) * kv_heads + hk) * D, (long)kv_heads * D, BN, len - k0);
@@ -365,6 +384,8 @@ __device__ void bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
         if (active) {
             // S^T = K Q^T for this warp's 16 keys and the tile's BM queries, then P^T.
             float p[BM / 8][4];
+            // The soft-cap's tanh per element (CAP only: one float array otherwise unused).
+            float th[CAP ? BM / 8 : 1][4];
             mma_rows_abt<D, BM>(p, Ks, warp * 16, Qs, lane);
             // Wholly visible (every query of the tile after the warp's 16 keys, inside the
             // sequence and the window): no per-element mask.
@@ -373,15 +394,22 @@ __device__ void bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
 #pragma unroll
                 for (int j = 0; j < BM / 8; j++)
 #pragma unroll
-                    for (int e = 0; e < 4; e++) p[j][e] = exp2f(p[j][e] * sl2 - lse_s[j * 8 + 2 * t + (e & 1)]);
+                    for (int e = 0; e < 4; e++) {
+                        float tj;
+                        p[j][e] = exp2f(score_l2<CAP>(p[j][e], sl2, inv_cap, cap_l2, tj) -
+                                        lse_s[j * 8 + 2 * t + (e & 1)]);
+                        if (CAP) th[CAP ? j : 0][e] = tj;
+                    }
             } else {
 #pragma unroll
                 for (int j = 0; j < BM / 8; j++)
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
                         int kj = krow + g + (e >> 1) * 8, ql = j * 8 + 2 * t + (e & 1);
-                        p[j][e] = visible(q0 + ql, kj, len, window) && kj < len ? exp2f(p[j][e] * sl2 - lse_s[ql])
-                                                                                 : 0.f;
+                        float tj;
+                        float x = score_l2<CAP>(p[j][e], sl2, inv_cap, cap_l2, tj);
+                        p[j][e] = visible(q0 + ql, kj, len, window) && kj < len ? exp2f(x - lse_s[ql]) : 0.f;
+                        if (CAP) th[CAP ? j : 0][e] = tj;
                     }
             }
             // dV += P^T dO
@@ -395,6 +423,7 @@ __device__ void bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
                 for (int e = 0; e < 4; e++) {
                     int ql = j * 8 + 2 * t + (e & 1);
                     ds[j][e] = p[j][e] * (ds[j][e] - dlt_s[ql]);
+                    if (CAP) ds[j][e] *= 1.f - th[CAP ? j : 0][e] * th[CAP ? j : 0][e];
                 }
             // dK += dS^T Q
             mma_regs_b<D, BM>(dka, ds, Qs, lane);
@@ -417,12 +446,12 @@ __device__ void bwd_kernel(const bf16* __restrict__ q, const bf16* __restrict__ 
 // Backward, pass 2 (dQ): one block per (query tile, head), as the forward: recomputes S and P
 // from the saved lse, dP = dO V^T, dS = P * (dP - delta), and accumulates dQ = dS K * scale in
 // registers, so no block writes another's rows (no atomics).
-template <int D, int BN>
+template <int D, int BN, bool CAP>
 __device__ void bwd_dq_kernel(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                               const bf16* __restrict__ dout, const float* __restrict__ lse,
                               const float* __restrict__ delta, bf16* __restrict__ dq, const int* __restrict__ tiles,
                               const int* __restrict__ seq_start, const int* __restrict__ seq_len, int tokens,
-                              int heads, int kv_heads, float scale, int window) {
+                              int heads, int kv_heads, float scale, int window, float softcap) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     constexpr int S = D + 8;
     bf16* Qs = reinterpret_cast<bf16*>(smem_raw);
@@ -433,7 +462,7 @@ __device__ void bwd_dq_kernel(const bf16* __restrict__ q, const bf16* __restrict
     const int h = blockIdx.y, hk = h / (heads / kv_heads);
     const int base = seq_start[seq], len = seq_len[seq];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const float sl2 = scale * LOG2E;
+    const float sl2 = scale * LOG2E, inv_cap = CAP ? scale / softcap : 0.f, cap_l2 = softcap * LOG2E;
 
     // Q and dO stream in with the first K/V tile (one wait for all).
     load_tile_async<D>(Qs, q + ((long)(base + q0) * heads + h) * D, (long)heads * D, BM, len - q0);
@@ -495,7 +524,10 @@ __device__ void bwd_dq_kernel(const bf16* __restrict__ q, const bf16* __restrict
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int r = e >> 1;
-                    dp[j][e] = exp2f(p[j][e] * sl2 - lse_r[r]) * (dp[j][e] - dlt_r[r]);
+                    float tj;
+                    dp[j][e] = exp2f(score_l2<CAP>(p[j][e], sl2, inv_cap, cap_l2, tj) - lse_r[r]) *
+                               (dp[j][e] - dlt_r[r]);
+                    if (CAP) dp[j][e] *= 1.f - tj * tj;
                 }
         } else {
 #pragma unroll
@@ -503,8 +535,11 @@ __device__ void bwd_dq_kernel(const bf16* __restrict__ q, const bf16* __restrict
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     int r = e >> 1, qi = qrow + g + r * 8, kj = k0 + j * 8 + 2 * t + (e & 1);
-                    float pv = visible(qi, kj, len, window) ? exp2f(p[j][e] * sl2 - lse_r[r]) : 0.f;
+                    float tj;
+                    float x = score_l2<CAP>(p[j][e], sl2, inv_cap, cap_l2, tj);
+                    float pv = visible(qi, kj, len, window) ? exp2f(x - lse_r[r]) : 0.f;
                     dp[j][e] = pv * (dp[j][e] - dlt_r[r]);
+                    if (CAP) dp[j][e] *= 1.f - tj * tj;
                 }
         }
         mma_regs_b<D, BN>(acc, dp, Ks, lane);
@@ -521,46 +556,47 @@ __device__ void bwd_dq_kernel(const bf16* __restrict__ q, const bf16* __restrict
     }
 }
 
-#define FWD(D, BN)                                                                                              \
-    extern "C" __global__ void __launch_bounds__(THREADS) flash_fwd_d##D(                                      \
+// Each kernel twice: flash_*_d<D> (CAP = false) and flash_*_cap_d<D> (soft-capped scores), with
+// one signature (`softcap` unused by the first) so that the launcher only changes the name.
+#define FWD(D, BN, NAME, CAP)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                                \
         const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const int* tiles, const int* seq_start, \
-        const int* seq_len, int tokens, int heads, int kv_heads, float scale, int window) {                   \
-        fwd_kernel<D, BN>(q, k, v, o, lse, tiles, seq_start, seq_len, tokens, heads, kv_heads, scale, window);  \
+        const int* seq_len, int tokens, int heads, int kv_heads, float scale, int window, float softcap) {    \
+        fwd_kernel<D, BN, CAP>(q, k, v, o, lse, tiles, seq_start, seq_len, tokens, heads, kv_heads, scale,     \
+                               window, softcap);                                                              \
     }
 
-#define BWD(D)                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_d##D(                                       \
+#define BWD(D, NAME, CAP)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                                 \
         const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,    \
         float* dk, float* dv, const int* tiles, const int* seq_start, const int* seq_len, int tokens, int heads, \
-        int kv_heads, float scale, int window) {                                                               \
-        bwd_kernel<D>(q, k, v, dout, lse, delta, dk, dv, tiles, seq_start, seq_len, tokens, heads, kv_heads,    \
-                      scale, window);                                                                           \
+        int kv_heads, float scale, int window, float softcap) {                                                \
+        bwd_kernel<D, CAP>(q, k, v, dout, lse, delta, dk, dv, tiles, seq_start, seq_len, tokens, heads,         \
+                           kv_heads, scale, window, softcap);                                                   \
     }
 
-#define BWD_DQ(D, BN)                                                                                            \
-    extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_dq_d##D(                                    \
+#define BWD_DQ(D, BN, NAME, CAP)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                                 \
         const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,    \
         bf16* dq, const int* tiles, const int* seq_start, const int* seq_len, int tokens, int heads,           \
-        int kv_heads, float scale, int window) {                                                               \
-        bwd_dq_kernel<D, BN>(q, k, v, dout, lse, delta, dq, tiles, seq_start, seq_len, tokens, heads, kv_heads, \
-                             scale, window);                                                                    \
+        int kv_heads, float scale, int window, float softcap) {                                                \
+        bwd_dq_kernel<D, BN, CAP>(q, k, v, dout, lse, delta, dq, tiles, seq_start, seq_len, tokens, heads,      \
+                                  kv_heads, scale, window, softcap);                                            \
     }
 
-FWD(64, 64)
-FWD(80, 64)
-FWD(96, 64)
-FWD(128, 64)
-FWD(256, 32)
-BWD(64)
-BWD(80)
-BWD(96)
-BWD(128)
-BWD(256)
-BWD_DQ(64, 64)
-BWD_DQ(80, 64)
-BWD_DQ(96, 64)
-BWD_DQ(128, 64)
-BWD_DQ(256, 32)
+#define ALL(D, BN)                                 \
+    FWD(D, BN, flash_fwd_d##D, false)              \
+    FWD(D, BN, flash_fwd_cap_d##D, true)           \
+    BWD(D, flash_bwd_d##D, false)                  \
+    BWD(D, flash_bwd_cap_d##D, true)               \
+    BWD_DQ(D, BN, flash_bwd_dq_d##D, false)        \
+    BWD_DQ(D, BN, flash_bwd_dq_cap_d##D, true)
+
+ALL(64, 64)
+ALL(80, 64)
+ALL(96, 64)
+ALL(128, 64)
+ALL(256, 32)
 
 // delta[h * tokens + n] = sum_d dO[n, h, d] * O[n, h, d] (the backward's row correction); a
 // warp per (token, head), grid-stride.

@@ -393,12 +393,8 @@ impl DecoderModel {
             SeqLayout::Packed { .. } => None,
         };
         let s = &self.spec;
-        let flash = (self.compute.attention).use_flash(
-            &self.device,
-            self.compute.dtype,
-            s.head_dim,
-            s.attn_softcap,
-        )?;
+        let flash =
+            (self.compute.attention).use_flash(&self.device, self.compute.dtype, s.head_dim)?;
         let plan = |window| -> Result<AttnPlan> {
             let (layout, row_len) = (batch.layout(), batch.row_len());
             AttnPlan::new(layout, row_len, window, s.attn_softcap, &self.device, flash)
