@@ -52,7 +52,7 @@ pub use model::generate::{
 };
 pub use model::lora::{merge as merge_lora, LoraConfig, LoraInit, MergeReport, Targets};
 pub use model::{
-    ArchSpec, ComputeOptions, DecoderModel, EvalSums, KvCache, LoraSetup, LossScale, LossSum,
+    ArchSpec, BatchKvCache, ComputeOptions, DecoderModel, EvalSums, KvCache, LoraSetup, LossScale, LossSum,
     Model, Param,
 };
 pub use nn::attention::AttentionImpl;

@@ -12,7 +12,7 @@ use crate::data::template::{special_tokens, tokenizer_chat_template, Template};
 use crate::data::tokenizer::TextTokenizer;
 use crate::data::Example;
 use crate::error::{Error, Result};
-use crate::model::{DecoderModel, KvCache};
+use crate::model::{BatchKvCache, DecoderModel};
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -271,10 +271,26 @@ pub fn generate_batch_ids(
     let mut rngs: Vec<_> = (0..ids.len())
         .map(|_| rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed))
         .collect();
-    let mut caches: Vec<KvCache> = (0..ids.len()).map(|_| model.kv_cache()).collect();
+    // The prompts still decoding, in the order of the batch cache's rows.
     let mut active: Vec<usize> = (0..ids.len()).collect();
+    let mut cache: Option<BatchKvCache> = None;
+    // Drops the rows whose prompts `done` says are finished, from `active` and from the cache.
+    fn leave(
+        active: &mut Vec<usize>,
+        cache: &mut Option<BatchKvCache>,
+        done: &dyn Fn(usize) -> bool,
+    ) -> Result<()> {
+        let keep: Vec<usize> = (0..active.len()).filter(|&r| !done(active[r])).collect();
+        if keep.len() < active.len() {
+            *active = keep.iter().map(|&r| active[r]).collect();
+            if let Some(c) = cache.as_mut() {
+                c.retain(&keep)?;
+            }
+        }
+        Ok(())
+    }
     for _ in 0..max_new_tokens {
-        active.retain(|&i| {
+        leave(&mut active, &mut cache, &|i| {
             let full = ids[i].len() >= limit;
             if full {
                 tracing::warn!(
@@ -284,22 +300,24 @@ pub fn generate_batch_ids(
                     ids[i].len() - lens[i]
                 );
             }
-            !full
-        });
+            full
+        })?;
         if active.is_empty() {
             break;
         }
-        let mut batch: Vec<KvCache> = active
-            .iter()
-            .map(|&i| std::mem::replace(&mut caches[i], model.kv_cache()))
-            .collect();
-        let new: Vec<&[u32]> = (active.iter().zip(&batch))
-            .map(|(&i, c)| &ids[i][c.len()..])
-            .collect();
-        let logits = model.decode_batch(&new, &mut batch)?;
-        for (&i, c) in active.iter().zip(batch) {
-            caches[i] = c;
-        }
+        // The prompts once, then each row's newest token.
+        let logits = match cache.as_mut() {
+            None => {
+                let rows: Vec<&[u32]> = active.iter().map(|&i| ids[i].as_slice()).collect();
+                let (logits, c) = model.prefill(&rows, max_new_tokens)?;
+                cache = Some(c);
+                logits
+            }
+            Some(c) => {
+                let next: Vec<u32> = active.iter().map(|&i| ids[i][ids[i].len() - 1]).collect();
+                model.decode_step(&next, c)?
+            }
+        };
         let next: Vec<u32> = if sampling.temperature <= 0.0 {
             // The device's arg-max: the first of equal maxima, one id per prompt read back.
             logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?
@@ -320,7 +338,7 @@ pub fn generate_batch_ids(
                 finished.push(i);
             }
         }
-        active.retain(|i| !finished.contains(i));
+        leave(&mut active, &mut cache, &|i| finished.contains(&i))?;
     }
     Ok((ids.into_iter().zip(lens))
         .map(|(mut v, n)| v.split_off(n))

@@ -16,7 +16,7 @@ use crate::collate::TrainBatch;
 use crate::error::{Error, Result};
 
 pub use crate::nn::param::Param;
-pub use decoder::{ComputeOptions, DecoderModel, KvCache, LoraSetup};
+pub use decoder::{BatchKvCache, ComputeOptions, DecoderModel, KvCache, LoraSetup};
 pub use spec::ArchSpec;
 
 /// The summed loss of a batch and the number of target tokens it sums over. Summing (not

@@ -32,7 +32,7 @@ mod stacked;
 pub use adapters::LoraSetup;
 use adapters::{lora_build, lora_finish, stack_frozen_qkv, DropoutKey, LoraState};
 use backward::{embed_lookup, hand_written_run, layers_node, lm_head_nll_node, lm_head_node};
-pub use cache::KvCache;
+pub use cache::{BatchKvCache, KvCache};
 use forward::router_aux;
 use init::{check_all_read, Builder, Init, Source};
 use parts::{CopyVars, FwdCtx, Layer, Lin, LocalCtx, Norm};
