@@ -52,8 +52,8 @@ pub use model::generate::{
 };
 pub use model::lora::{merge as merge_lora, LoraConfig, LoraInit, MergeReport, Targets};
 pub use model::{
-    ArchSpec, BatchKvCache, ComputeOptions, DecoderModel, EvalSums, KvCache, LoraSetup, LossScale, LossSum,
-    Model, Param,
+    ArchSpec, BatchKvCache, ComputeOptions, DecoderModel, EvalSums, KvCache, LoraSetup, LossScale,
+    LossSum, Model, Param,
 };
 pub use nn::attention::AttentionImpl;
 pub use recipe::{MixSource, Recipe, TrainData};

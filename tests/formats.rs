@@ -724,3 +724,45 @@ fn the_tokenization_cache_serves_unchanged_data_and_only_that() {
         changed.examples
     );
 }
+
+/// `chat_template_kwargs` reach every render as `apply_chat_template(**kwargs)` passes them: a
+/// template that prints a variable renders the value given (and nothing without it), a kwarg
+/// takes the place of the special token of the same name, and a name the render sets itself
+/// (`add_generation_prompt`) is refused, naming it.
+#[test]
+fn chat_template_kwargs_reach_every_render() {
+    let d = tempfile::tempdir().unwrap();
+    let template = write(
+        d.path(),
+        "greet.jinja",
+        "{% for m in messages %}{% if m.role == 'user' %}{{ greeting }}{% endif %}\
+         {{ m.content }}{{ eos_token }}{% endfor %}",
+    );
+    let row = r#"{"messages": [{"role": "user", "content": "a b"}, {"role": "assistant", "content": "c d"}]}"#;
+    let spec = |kwargs: serde_json::Value| DataSpec {
+        template: Some(template.display().to_string()),
+        chat_template_kwargs: serde_json::from_value(kwargs).unwrap(),
+        ..Default::default()
+    };
+    let t = tok();
+    let text = |kwargs| full(&t, &load(&format!("{row}\n"), spec(kwargs)).examples[0]);
+    assert_eq!(text(serde_json::json!({})), "a b</s>c d</s>");
+    assert_eq!(
+        text(serde_json::json!({"greeting": "x y "})),
+        "x y a b</s>c d</s>"
+    );
+    // eos_token given as a kwarg replaces the tokenizer's in the render.
+    assert_eq!(
+        text(serde_json::json!({"eos_token": " k"})),
+        "a b kc d k</s>"
+    );
+    let err = Pipeline::new(
+        Some(&t),
+        spec(serde_json::json!({"add_generation_prompt": true})),
+        opts(1024, Truncation::Error),
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(err.contains("`add_generation_prompt`"), "{err}");
+}

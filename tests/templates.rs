@@ -65,7 +65,15 @@ fn chat_templates_render_as_transformers() {
                 .iter()
                 .map(to_value)
                 .collect();
-            let got = t.render_chat(&msgs, agp);
+            // Cases rendered with apply_chat_template(**kwargs) (Qwen3's enable_thinking).
+            let got = match case.get("kwargs") {
+                Some(k) => {
+                    let kwargs = serde_json::from_value(k.clone()).unwrap();
+                    let with = Template::from_source(file, src, globals(&fx)).unwrap();
+                    with.with_kwargs(&kwargs).unwrap().render_chat(&msgs, agp)
+                }
+                None => t.render_chat(&msgs, agp),
+            };
             match (&case["expected"], &case["error"]) {
                 (serde_json::Value::String(want), _) => {
                     let got = got.unwrap_or_else(|e| panic!("{family}/{name}/{agp}: {e}"));

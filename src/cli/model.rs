@@ -1,5 +1,6 @@
 //! `packsft arch` and `packsft generate`: look at a checkpoint.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
@@ -121,6 +122,10 @@ pub(crate) struct GenerateCmd {
     /// Treat each --prompt as a user message and apply the tokenizer's chat template
     #[arg(long)]
     chat: bool,
+    /// A JSON object of extra chat-template variables, as apply_chat_template(**kwargs) takes
+    /// them, e.g. '{"enable_thinking": false}' (Qwen3)
+    #[arg(long, value_parser = parse_kwargs, default_value = "{}")]
+    chat_template_kwargs: BTreeMap<String, serde_json::Value>,
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
     /// 0: greedy; otherwise sample at this temperature
@@ -144,6 +149,11 @@ pub(crate) struct GenerateCmd {
     /// `cpu`, `cuda` or `cuda:N` (float32 either way)
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+/// `--chat-template-kwargs`: a JSON object.
+fn parse_kwargs(s: &str) -> std::result::Result<BTreeMap<String, serde_json::Value>, String> {
+    serde_json::from_str(s).map_err(|e| format!("a JSON object of template variables: {e}"))
 }
 
 pub(crate) fn arch(c: ArchCmd) -> Result<()> {
@@ -238,7 +248,11 @@ pub(crate) fn generate(c: GenerateCmd) -> Result<()> {
                 row.get("messages"),
             ) {
                 (Some(p), _) => prompt_ids(&tok, p)?,
-                (None, Some(m)) => chat_ids(&tok, m.as_array().expect("checked"))?,
+                (None, Some(m)) => chat_ids(
+                    &tok,
+                    m.as_array().expect("checked"),
+                    &c.chat_template_kwargs,
+                )?,
                 (None, None) => unreachable!("rows are checked"),
             },
         );

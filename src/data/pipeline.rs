@@ -91,6 +91,16 @@ pub(super) fn cfg_err(msg: impl Into<String>) -> Error {
     Error::Config(msg.into())
 }
 
+/// The template `name` with the spec's `chat_template_kwargs` passed to every render.
+fn load_template(
+    name: &str,
+    tok: Option<&TextTokenizer>,
+    spec: &DataSpec,
+) -> Result<Arc<Template>> {
+    let t = Template::load(name, tok)?.with_kwargs(&spec.chat_template_kwargs)?;
+    Ok(Arc::new(t))
+}
+
 impl<'a> Pipeline<'a> {
     /// A pipeline for `spec`: loads its template and encodes its response and instruction
     /// templates. `tok` is needed for all but pre-tokenized rows and templates given as ids.
@@ -99,7 +109,7 @@ impl<'a> Pipeline<'a> {
     pub fn new(tok: Option<&'a TextTokenizer>, spec: DataSpec, opts: LoadOptions) -> Result<Self> {
         spec.check_roles().map_err(cfg_err)?;
         let template = match &spec.template {
-            Some(t) => Some(Arc::new(Template::load(t, tok)?)),
+            Some(t) => Some(load_template(t, tok, &spec)?),
             None => None,
         };
         let ids = |t: &Option<TokenTemplate>, key: &str| -> Result<Option<Vec<u32>>> {
@@ -329,7 +339,7 @@ impl<'a> Pipeline<'a> {
                         name(&self.template)
                     )))
                 }
-                None if format == Format::Alpaca => Some(Arc::new(Template::load("alpaca", self.tok)?)),
+                None if format == Format::Alpaca => Some(load_template("alpaca", self.tok, &self.spec)?),
                 None => {
                     return Err(cfg_err(
                         "data.format: columns needs a prompt template in data.template",
@@ -350,7 +360,7 @@ impl<'a> Pipeline<'a> {
                         crate::data::template::tokenizer_chat_template(t).is_ok()
                     });
                     match from_tok {
-                        Some(_) => Some(Arc::new(Template::load("tokenizer", self.tok)?)),
+                        Some(_) => Some(load_template("tokenizer", self.tok, &self.spec)?),
                         None => {
                             return Err(cfg_err(format!(
                                 "{} rows need a chat template: the tokenizer has none, so set data.template to a shipped one ({}), a .jinja file, or `tokenizer`",

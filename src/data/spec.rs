@@ -112,6 +112,9 @@ pub struct DataSpec {
     pub instruction_template: Option<TokenTemplate>,
     /// Strings that end an assistant turn, besides EOS and the usual ones (`<|eot_id|>`, ...).
     pub end_of_turn: Vec<String>,
+    /// Extra variables of every template render (`apply_chat_template(**kwargs)`), e.g.
+    /// Qwen3's `enable_thinking`.
+    pub chat_template_kwargs: BTreeMap<String, serde_json::Value>,
 }
 
 /// The roles a message may have after `data.roles` renamed it.

@@ -14,6 +14,7 @@
 //! `tools` and `documents` defined as none, and the tokenizer's special tokens as strings.
 //! `{% generation %}` / `{% endgeneration %}` (a transformers-only tag) are accepted and ignored.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use minijinja::value::Value;
@@ -451,6 +452,26 @@ impl Template {
             }),
             Err(e) => Err(self.err(e)),
         }
+    }
+
+    /// Extra variables for every render, as `apply_chat_template(**kwargs)` passes them (Qwen3's
+    /// `enable_thinking`): they take the place of special tokens of the same name; the names
+    /// transformers sets itself (`messages`, `add_generation_prompt`, `tools`, `documents`) are
+    /// refused.
+    pub fn with_kwargs(mut self, kwargs: &BTreeMap<String, serde_json::Value>) -> Result<Self> {
+        const SET_BY_RENDER: [&str; 4] =
+            ["messages", "add_generation_prompt", "tools", "documents"];
+        for (key, value) in kwargs {
+            if SET_BY_RENDER.contains(&key.as_str()) {
+                return Err(Error::Config(format!(
+                    "chat_template_kwargs: `{key}` is set by the render itself (as transformers' \
+                     apply_chat_template sets it), not a template variable to pass"
+                )));
+            }
+            self.base.retain(|(k, _)| k != key);
+            self.base.push((key.clone(), Value::from_serialize(value)));
+        }
+        Ok(self)
     }
 
     /// A chat template applied to `messages`, as `apply_chat_template(tokenize=False)`.

@@ -94,10 +94,15 @@ pub fn prompt_ids(tok: &TextTokenizer, prompt: &str) -> Result<Vec<u32>> {
 
 /// The token ids of a chat: `messages` (`{role, content}` objects) rendered by the tokenizer's
 /// chat template with the generation prompt, as `apply_chat_template(add_generation_prompt=True)`
-/// (the template writes BOS itself).
-pub fn chat_ids(tok: &TextTokenizer, messages: &[serde_json::Value]) -> Result<Vec<u32>> {
+/// (the template writes BOS itself), with `kwargs` as its `**kwargs` (Qwen3's `enable_thinking`).
+pub fn chat_ids(
+    tok: &TextTokenizer,
+    messages: &[serde_json::Value],
+    kwargs: &std::collections::BTreeMap<String, serde_json::Value>,
+) -> Result<Vec<u32>> {
     let source = tokenizer_chat_template(tok)?;
-    let t = Template::from_source("tokenizer chat_template", &source, special_tokens(tok))?;
+    let t = Template::from_source("tokenizer chat_template", &source, special_tokens(tok))?
+        .with_kwargs(kwargs)?;
     let msgs: Vec<minijinja::Value> = messages
         .iter()
         .map(minijinja::Value::from_serialize)

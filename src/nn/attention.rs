@@ -208,10 +208,16 @@ impl AttnPlan {
         #[cfg(feature = "flash-attn")]
         if let Some(fp) = &self.flash {
             let (n, nh, hd) = q.dims3()?;
-            return Ok(
-                crate::cuda::flash::flash_attention(q, k, v, fp, scale, self.window, self.softcap)?
-                    .reshape((n, nh * hd))?,
-            );
+            return Ok(crate::cuda::flash::flash_attention(
+                q,
+                k,
+                v,
+                fp,
+                scale,
+                self.window,
+                self.softcap,
+            )?
+            .reshape((n, nh * hd))?);
         }
         eager_attention(q, k, v, self, scale)
     }
@@ -230,8 +236,15 @@ impl AttnPlan {
         #[cfg(feature = "flash-attn")]
         if let Some(fp) = &self.flash {
             let (n, nh, hd) = q.dims3()?;
-            let (out, back) =
-                crate::cuda::flash::flash_attention_vjp(q, k, v, fp, scale, self.window, self.softcap)?;
+            let (out, back) = crate::cuda::flash::flash_attention_vjp(
+                q,
+                k,
+                v,
+                fp,
+                scale,
+                self.window,
+                self.softcap,
+            )?;
             let back = move |dy: &Tensor| back(&dy.reshape((n, nh, hd))?);
             return Ok((out.reshape((n, nh * hd))?, Box::new(back)));
         }

@@ -128,6 +128,10 @@ pub struct DataSection {
     /// A shipped template name, a `.jinja` file, or `tokenizer` (the model's chat_template).
     #[serde(default)]
     pub template: Option<String>,
+    /// Extra variables of every template render, as `apply_chat_template(**kwargs)` passes
+    /// them (TRL's `chat_template_kwargs`), e.g. `{enable_thinking: false}` for Qwen3.
+    #[serde(default)]
+    pub chat_template_kwargs: BTreeMap<String, serde_json::Value>,
     /// Canonical field → the column that holds it, e.g. `{prompt: question, completion: answer}`.
     #[serde(default)]
     pub fields: BTreeMap<String, String>,
@@ -736,6 +740,7 @@ impl Recipe {
             response_template: self.collator.response_template.clone(),
             instruction_template: self.collator.instruction_template.clone(),
             end_of_turn: d.end_of_turn.clone(),
+            chat_template_kwargs: d.chat_template_kwargs.clone(),
         }
     }
 

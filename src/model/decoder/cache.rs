@@ -131,7 +131,11 @@ impl BatchKvCache {
         for b in 0..self.rows() {
             mask[b * t..b * t + first(b)].fill(f32::NEG_INFINITY);
         }
-        Ok(Some(Tensor::from_vec(mask, (self.rows(), 1, 1, t), device)?))
+        Ok(Some(Tensor::from_vec(
+            mask,
+            (self.rows(), 1, 1, t),
+            device,
+        )?))
     }
 }
 
@@ -297,9 +301,7 @@ impl Layer {
         };
         let (keys, values) = (seen(&kv.0)?, seen(&kv.1)?);
         // Query head h reads key/value head h / group: (rows, kv_heads, group, d).
-        let q = q
-            .to_dtype(DType::F32)?
-            .reshape((rows, nkv, nh / nkv, d))?;
+        let q = q.to_dtype(DType::F32)?.reshape((rows, nkv, nh / nkv, d))?;
         let scores = (q.matmul(&keys.t()?)? * s.attn_scale)?;
         let scores = match s.attn_softcap {
             Some(c) => ((scores / c)?.tanh()? * c)?,
@@ -441,7 +443,10 @@ impl DecoderModel {
             if !masks.iter().any(|(w, _)| *w == window) {
                 masks.push((window, cache.step_mask(window, &self.device)?));
             }
-            let mask = masks.iter().find(|(w, _)| *w == window).and_then(|m| m.1.as_ref());
+            let mask = masks
+                .iter()
+                .find(|(w, _)| *w == window)
+                .and_then(|m| m.1.as_ref());
             let kv = &cache.layers[l];
             let (y, _) = layer.forward_with(&self.spec, &x, |h| {
                 layer.attention_step(&self.spec, h, &ctx, kv, cache.cols, mask)
