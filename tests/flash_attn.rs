@@ -621,14 +621,26 @@ fn flash_matches_eager(model: fn(AttentionImpl) -> DecoderModel) {
 /// candle's autograd through the same layers, on the GPU.
 #[test]
 fn hand_written_layer_backward_matches_autograd() {
-    let flash = gpu_model(AttentionImpl::Flash);
     let before = packsft::internals::graph::hand_written_backwards();
-    let (lh, gh) = loss_and_grads(&flash, true);
+    hand_written_matches_autograd(gpu_model);
     assert_eq!(
         packsft::internals::graph::hand_written_backwards() - before,
         2
     );
-    let mut auto = gpu_model(AttentionImpl::Flash);
+}
+
+/// The same for Gemma 2: soft-capped flash attention, a local layer, sandwich norms, and the
+/// head's node with the final soft-cap inside (`logit_transform_vjp`) against autograd through
+/// `DecoderModel::logits`.
+#[test]
+fn gemma2_hand_written_backward_matches_autograd() {
+    hand_written_matches_autograd(gemma2_model);
+}
+
+fn hand_written_matches_autograd(model: fn(AttentionImpl) -> DecoderModel) {
+    let flash = model(AttentionImpl::Flash);
+    let (lh, gh) = loss_and_grads(&flash, true);
+    let mut auto = model(AttentionImpl::Flash);
     auto.compute.autograd_layers = true;
     let (la, ga) = loss_and_grads(&auto, true);
     let worst = gh

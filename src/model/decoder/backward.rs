@@ -374,9 +374,11 @@ fn hand_written_head(h: &Tensor, autograd_layers: bool) -> bool {
 }
 
 /// The vocabulary projection and the per-row loss (negative log-likelihood of `targets`) as
-/// one graph node, on the same terms as [`lm_head_node`] and for unscaled logits:
-/// autograd then holds only per-row and hidden-sized gradients. As two nodes, it added the
-/// logits' gradient (rows x vocab) into a zero-filled tensor of that size every step.
+/// one graph node, on the same terms as [`lm_head_node`], with Granite's logits scaling and
+/// Gemma 2's final soft-cap inside ([`logit_transform_vjp`]): autograd then holds only per-row
+/// and hidden-sized gradients. As two nodes, it added the logits' gradient (rows x vocab) into
+/// a zero-filled tensor of that size every step; through autograd, a soft-cap kept four
+/// rows x vocab tensors and their gradients (Gemma 2's vocabulary is 256k).
 pub(super) fn lm_head_nll_node(
     lin: &Lin,
     h: &Tensor,
@@ -384,20 +386,42 @@ pub(super) fn lm_head_nll_node(
     spec: &ArchSpec,
     autograd_layers: bool,
 ) -> Result<Option<Tensor>> {
-    // Scaled or soft-capped logits take `DecoderModel::logits` and the cross-entropy kernel.
-    if !hand_written_head(h, autograd_layers)
-        || spec.logits_scaling != 1.0
-        || spec.final_softcap.is_some()
-    {
+    if !hand_written_head(h, autograd_layers) {
         return Ok(None);
     }
     let (logits, lin_back) = lin_vjp(lin, &h.detach())?;
+    let (logits, transform_back) =
+        logit_transform_vjp(&logits, spec.logits_scaling, spec.final_softcap)?;
     // ce_back keeps the logits for the backward, as the cross-entropy node did.
     let Some((nll, ce_back)) = kernels::nll_vjp(&logits, targets)? else {
         return Ok(None);
     };
-    let back = move |g: &Tensor| -> Result<Tensor> { lin_back(&ce_back(g)?) };
+    let back = move |g: &Tensor| -> Result<Tensor> { lin_back(&transform_back(&ce_back(g)?)?) };
     Ok(Some(h.apply_op2(&nll, Attach::new(Box::new(back)))?))
+}
+
+/// `DecoderModel::logits`' transform of a head's raw logits x, with its pullback:
+/// y = x / scaling (Granite's `logits_scaling`), then y = cap * tanh(y / cap) (Gemma 2's
+/// `final_logit_softcapping`). The pullback keeps only y (tanh' = 1 - (y / cap)^2), in the
+/// logits' dtype as candle's own tanh backward computes it; the identity costs nothing.
+pub(super) fn logit_transform_vjp(
+    logits: &Tensor,
+    scaling: f64,
+    cap: Option<f64>,
+) -> Result<(Tensor, Pullback<Tensor>)> {
+    let z = scale(logits, 1.0 / scaling)?;
+    let Some(c) = cap else {
+        let back = move |g: &Tensor| scale(g, 1.0 / scaling);
+        return Ok((z, Box::new(back)));
+    };
+    let y = ((z / c)?.tanh()? * c)?;
+    let kept = y.clone();
+    let back = move |g: &Tensor| -> Result<Tensor> {
+        let t = (&kept / c)?;
+        let slope = (t.sqr()?.neg()? + 1.0)?;
+        scale(&(g * slope)?, 1.0 / scaling)
+    };
+    Ok((y, Box::new(back)))
 }
 
 fn scale(t: &Tensor, s: f64) -> Result<Tensor> {
@@ -604,6 +628,43 @@ mod tests {
                 .find(|(q, _)| q.id() == p.id())
                 .expect("every adapter tensor gets its gradient");
             assert!(max_diff(gs, g) < 1e-5, "{:?}", p.dims());
+        }
+    }
+
+    /// Logits scaling and the final soft-cap pull back as candle's autograd through
+    /// `DecoderModel::logits`' ops does, in every combination (the identity included).
+    #[test]
+    fn logit_transform_pulls_back_as_autograd() {
+        let x = candle_core::Var::from_tensor(&(values(&[5, 7], 0.37) * 20.0).unwrap()).unwrap();
+        let w = values(&[5, 7], 0.91);
+        for (s, cap) in [(1.0, None), (4.0, None), (1.0, Some(3.0)), (2.5, Some(1.5))] {
+            let (y, back) = logit_transform_vjp(x.as_tensor(), s, cap).unwrap();
+            let z = (x.as_tensor() / s).unwrap();
+            let want = match cap {
+                Some(c) => ((z / c).unwrap().tanh().unwrap() * c).unwrap(),
+                None => z,
+            };
+            let dx = (want.clone() * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let dx = dx.get(x.as_tensor()).unwrap();
+            let got = back(&w).unwrap();
+            let close = |a: &Tensor, b: &Tensor| {
+                let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+                d.max(0).unwrap().to_scalar::<f32>().unwrap()
+            };
+            assert!(close(&y, &want) < 1e-6, "scaling {s} cap {cap:?}: values");
+            assert!(close(&got, dx) < 1e-6, "scaling {s} cap {cap:?}: gradient");
+            // The soft-cap bends these logits (|x| up to 20 against caps of 1.5 and 3).
+            if cap.is_some() {
+                assert!(
+                    close(&got, &(&w / s).unwrap()) > 0.1,
+                    "cap {cap:?} left the slope"
+                );
+            }
         }
     }
 }
