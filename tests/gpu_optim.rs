@@ -303,7 +303,7 @@ fn flattened_buckets_match_casts_and_a_concatenation() {
     use packsft::internals::fused::flatten_f32;
     let dev = Device::new_cuda(0).expect("a CUDA device");
     let t = |v: Vec<f32>| Tensor::from_vec(v.clone(), v.len(), &dev).unwrap();
-    let parts = vec![
+    let parts = [
         t(pattern(40_003, 1)).to_dtype(DType::BF16).unwrap(),
         t(pattern(17, 2))
             .to_dtype(DType::BF16)
