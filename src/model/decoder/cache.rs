@@ -420,6 +420,9 @@ impl DecoderModel {
     /// One token `next[b]` for every row `b` of `cache`, at the position after the row's last:
     /// returns the logits (rows, vocab) of those tokens.
     pub fn decode_step(&self, next: &[u32], cache: &mut BatchKvCache) -> Result<Tensor> {
+        if cache.rows() == 0 {
+            return Err(Error::Config("decode_step: the batch has no rows left".into()));
+        }
         if next.len() != cache.rows() {
             return Err(Error::Config(format!(
                 "decode_step: {} tokens for a batch of {} rows",
