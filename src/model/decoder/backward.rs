@@ -409,17 +409,24 @@ pub(super) fn logit_transform_vjp(
     scaling: f64,
     cap: Option<f64>,
 ) -> Result<(Tensor, Pullback<Tensor>)> {
-    let z = scale(logits, 1.0 / scaling)?;
+    // Divided, not multiplied by the inverse: the same roundings as `DecoderModel::logits`.
+    let unscale = move |t: &Tensor| -> Result<Tensor> {
+        Ok(if scaling != 1.0 {
+            (t / scaling)?
+        } else {
+            t.clone()
+        })
+    };
+    let z = unscale(logits)?;
     let Some(c) = cap else {
-        let back = move |g: &Tensor| scale(g, 1.0 / scaling);
-        return Ok((z, Box::new(back)));
+        return Ok((z, Box::new(move |g: &Tensor| unscale(g))));
     };
     let y = ((z / c)?.tanh()? * c)?;
     let kept = y.clone();
     let back = move |g: &Tensor| -> Result<Tensor> {
         let t = (&kept / c)?;
         let slope = (t.sqr()?.neg()? + 1.0)?;
-        scale(&(g * slope)?, 1.0 / scaling)
+        unscale(&(g * slope)?)
     };
     Ok((y, Box::new(back)))
 }
