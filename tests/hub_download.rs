@@ -275,6 +275,28 @@ fn a_model_and_a_dataset_split_download_into_the_cache_once() {
         !ok && stderr.contains("acme/other@main") && stderr.contains("no such repo"),
         "{stderr}"
     );
+    // A recipe naming one id as its model and as its tokenizer asks the Hub about it once:
+    // as many requests as naming it as the tokenizer alone.
+    let requests = |extra: &[&str]| {
+        let before = served.load(Ordering::SeqCst);
+        let mut args = vec![
+            "inspect",
+            "recipes/quickstart.yaml",
+            "model.tokenizer=acme/tiny",
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--n", "1"]);
+        let (ok, stdout, stderr) = packsft(&env, &args);
+        assert!(ok, "{stdout}{stderr}");
+        served.load(Ordering::SeqCst) - before
+    };
+    let alone = requests(&[]);
+    assert!(alone >= 1, "the tokenizer's id was looked up");
+    let both = requests(&["model.path=acme/tiny", "model.config=null"]);
+    assert_eq!(
+        both, alone,
+        "model.path and model.tokenizer: one id, one lookup"
+    );
     // tests/fixtures/check_hub_download.py reads a kept copy with huggingface_hub itself.
     if let Some(keep) = std::env::var_os("PACKSFT_KEEP_HUB_CACHE") {
         let status = std::process::Command::new("cp")

@@ -503,10 +503,15 @@ impl Recipe {
         if let Some(p) = r.data.eval.as_mut() {
             *p = crate::hub::resolve_data(p, eval).map_err(|e| recipe_err("data.eval", e))?;
         }
+        // The tokenizer named by the model's own Hub id is the model's snapshot: asked once.
+        let same_id = r.model.tokenizer.is_some() && r.model.tokenizer == r.model.path;
         for (key, p) in [
             ("model.path", &mut r.model.path),
             ("model.tokenizer", &mut r.model.tokenizer),
         ] {
+            if key == "model.tokenizer" && same_id {
+                continue;
+            }
             if let Some(v) = p.as_mut() {
                 *v = crate::hub::resolve(v).map_err(|e| Error::Recipe {
                     path: path.to_path_buf(),
@@ -515,6 +520,9 @@ impl Recipe {
                     msg: format!("{key}: {e}"),
                 })?;
             }
+        }
+        if same_id {
+            r.model.tokenizer = r.model.path.clone();
         }
         Ok(r)
     }

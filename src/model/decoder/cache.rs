@@ -421,7 +421,9 @@ impl DecoderModel {
     /// returns the logits (rows, vocab) of those tokens.
     pub fn decode_step(&self, next: &[u32], cache: &mut BatchKvCache) -> Result<Tensor> {
         if cache.rows() == 0 {
-            return Err(Error::Config("decode_step: the batch has no rows left".into()));
+            return Err(Error::Config(
+                "decode_step: the batch has no rows left".into(),
+            ));
         }
         if next.len() != cache.rows() {
             return Err(Error::Config(format!(
