@@ -241,11 +241,12 @@ pub fn generate_ids(
     Ok(out.pop().expect("one prompt, one continuation"))
 }
 
-/// [`generate_ids`] for several prompts decoded together: each step runs the next token of
-/// every unfinished prompt as one batch through the model (`DecoderModel::decode_batch`), and a
-/// prompt leaves the batch at any of the `eos` ids (not returned), its stop or its budget. `stop` is given the prompt's index and
-/// its new ids so far. Each prompt draws from its own stream seeded by `sampling.seed`, so its
-/// continuation is the same alone or in any batch.
+/// [`generate_ids`] for several prompts decoded together: the prompts run once
+/// (`DecoderModel::prefill`), then each step runs the next token of every unfinished prompt as
+/// one batch through the model (`decode_step`, one `BatchKvCache`), and a prompt leaves the
+/// batch at any of the `eos` ids (not returned), its stop or its budget. `stop` is given the
+/// prompt's index and its new ids so far. Each prompt draws from its own stream seeded by
+/// `sampling.seed`, so its continuation is the same alone or in any batch.
 pub fn generate_batch_ids(
     model: &DecoderModel,
     prompts: Vec<Vec<u32>>,
