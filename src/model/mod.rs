@@ -134,6 +134,24 @@ pub trait Model {
         Ok(None)
     }
 
+    /// [`Model::greedy_continuation`] of several prompts (a model that decodes a batch
+    /// together overrides it); `None` where the model cannot generate.
+    fn greedy_continuations(
+        &self,
+        prompts: &[&[u32]],
+        max_new_tokens: usize,
+        eos: Option<u32>,
+    ) -> Result<Option<Vec<Vec<u32>>>> {
+        let mut out = Vec::with_capacity(prompts.len());
+        for p in prompts {
+            match self.greedy_continuation(p, max_new_tokens, eos)? {
+                Some(c) => out.push(c),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(out))
+    }
+
     /// Replaces every parameter with the tensor of the same name in `dir` (a directory this
     /// model's `save` wrote), checking names and shapes first so a mismatch changes nothing.
     fn load_params(&self, dir: &Path) -> Result<()> {

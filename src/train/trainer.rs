@@ -683,19 +683,21 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
         let Some(s) = self.sampler.as_ref().filter(|_| self.rank() == 0) else {
             return Ok(Vec::new());
         };
+        // An example whose first token is already a target has no prompt to continue.
+        let chosen: Vec<(&Example, usize)> = (eval.iter().take(s.prompts))
+            .filter_map(|ex| {
+                let first = ex.loss_mask.iter().position(|&t| t).filter(|&f| f > 0)?;
+                Some((ex, first))
+            })
+            .collect();
+        let prompts: Vec<&[u32]> = chosen.iter().map(|(ex, f)| &ex.input_ids[..*f]).collect();
+        // All prompts in one batch where the model decodes batches.
+        let Some(news) = (self.model).greedy_continuations(&prompts, s.max_new_tokens, s.eos)?
+        else {
+            return Ok(Vec::new());
+        };
         let mut out = Vec::new();
-        for ex in eval.iter().take(s.prompts) {
-            // An example whose first token is already a target has no prompt to continue.
-            let Some(first) = ex.loss_mask.iter().position(|&t| t).filter(|&f| f > 0) else {
-                continue;
-            };
-            let prompt = &ex.input_ids[..first];
-            let Some(new) = self
-                .model
-                .greedy_continuation(prompt, s.max_new_tokens, s.eos)?
-            else {
-                return Ok(Vec::new());
-            };
+        for (((ex, _), prompt), new) in chosen.iter().zip(&prompts).zip(news) {
             let reference: Vec<u32> = (ex.input_ids.iter().zip(&ex.loss_mask))
                 .filter(|(_, &t)| t)
                 .map(|(&id, _)| id)

@@ -641,6 +641,21 @@ impl Model for DecoderModel {
         super::generate::greedy(self, ids, n, eos).map(Some)
     }
 
+    /// The prompts decoded together through one batch cache: each gets the continuation it
+    /// gets alone (`tests/generate.rs`).
+    fn greedy_continuations(
+        &self,
+        prompts: &[&[u32]],
+        n: usize,
+        eos: Option<u32>,
+    ) -> Result<Option<Vec<Vec<u32>>>> {
+        let prompts = prompts.iter().map(|p| p.to_vec()).collect();
+        let eos: Vec<u32> = eos.into_iter().collect();
+        let sampling = super::generate::Sampling::default();
+        super::generate::generate_batch_ids(self, prompts, n, &sampling, &eos, |_, _| Ok(false))
+            .map(Some)
+    }
+
     fn loss(&self, batch: &Batch) -> Result<LossSum> {
         if batch.n_targets() == 0 {
             return Ok(LossSum {
