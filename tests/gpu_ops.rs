@@ -471,3 +471,68 @@ fn scaled_products_match_matmul_scale_and_add() {
         bits(&g2.to_dtype(DType::F32).unwrap())
     );
 }
+
+/// Batched decoding on the GPU: one `BatchKvCache` (prompts right-aligned, one column a step,
+/// the keys read through strided views by cuBLAS) gives the logits of one cache a sequence, in
+/// float32 and in bf16, with a row leaving the batch; and the float32 GPU logits track the CPU's.
+#[test]
+fn batch_cache_on_the_gpu_matches_one_cache_a_sequence() {
+    let prompts: [&[u32]; 3] = [&[5, 9, 3, 17, 22, 8, 30], &[11], &[40, 2, 7, 7]];
+    let run = |dev: &Device, dtype: DType| -> Vec<Tensor> {
+        let mut m = DecoderModel::new_random(tiny_config(64), 5, dev).unwrap();
+        m.compute = ComputeOptions {
+            dtype,
+            ..Default::default()
+        };
+        let to_f32 = |t: Tensor| {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap()
+        };
+        let (first, mut batch) = m.prefill(&prompts, 2).unwrap();
+        let mut own: Vec<_> = prompts.iter().map(|_| m.kv_cache()).collect();
+        let mut all = vec![to_f32(first.clone())];
+        let limit = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let d = rel_diff(&to_f32(a.clone()), &to_f32(b.clone()));
+            assert!(d < limit, "{dtype:?} {what}: {d:.3e}");
+        };
+        for (r, p) in prompts.iter().enumerate() {
+            let want = m.decode(p, &mut own[r]).unwrap();
+            close(
+                &first.narrow(0, r, 1).unwrap(),
+                &want,
+                &format!("prompt {r}"),
+            );
+        }
+        let mut rows: Vec<usize> = vec![0, 1, 2];
+        for step in 0..5u32 {
+            if step == 2 {
+                batch.retain(&[1, 2]).unwrap();
+                rows = vec![1, 2];
+            }
+            let next: Vec<u32> = (rows.iter())
+                .map(|&r| (step * 7 + r as u32 * 3 + 1) % 64)
+                .collect();
+            let got = m.decode_step(&next, &mut batch).unwrap();
+            for (i, &r) in rows.iter().enumerate() {
+                let want = m.decode(&next[i..i + 1], &mut own[r]).unwrap();
+                close(
+                    &got.narrow(0, i, 1).unwrap(),
+                    &want,
+                    &format!("step {step} row {r}"),
+                );
+            }
+            all.push(to_f32(got));
+        }
+        all
+    };
+    let cpu = run(&Device::Cpu, DType::F32);
+    let gpu = run(&cuda(), DType::F32);
+    for (i, (c, g)) in cpu.iter().zip(&gpu).enumerate() {
+        let d = rel_diff(g, c);
+        assert!(d < 1e-4, "call {i}: GPU float32 vs CPU {d:.3e}");
+    }
+    run(&cuda(), DType::BF16);
+}
