@@ -542,6 +542,35 @@ fn generate_samples_stops_and_reads_and_writes_files() {
         !ok && stderr.contains("in.jsonl:2") && stderr.contains("`prompt`"),
         "{stderr}"
     );
+    // Chat-template variables: a JSON object; a name the render sets itself is refused.
+    std::fs::write(
+        &input,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+    )
+    .unwrap();
+    let kwargs = |value: &str| {
+        let input = input.display().to_string();
+        packsft(&[
+            "generate",
+            &dir,
+            "--input",
+            &input,
+            "--chat-template-kwargs",
+            value,
+        ])
+    };
+    let (ok, _, stderr) = kwargs("[1]");
+    assert!(
+        !ok && stderr.contains("a JSON object of template variables"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = kwargs("{\"add_generation_prompt\": false}");
+    assert!(
+        !ok && stderr.contains("`add_generation_prompt`"),
+        "{stderr}"
+    );
+    let (ok, stdout, stderr) = kwargs("{\"enable_thinking\": false}");
+    assert!(ok, "{stdout}{stderr}");
 }
 
 /// Two sources mixed by weight: a seeded draw in their proportions until the first runs out,
