@@ -9,8 +9,7 @@ use clap::Args;
 use crate::data::tokenizer::TextTokenizer;
 use crate::error::{Error, Result};
 use crate::model::generate::{
-    chat_ids, generate_batch as decode_batch, generation_config_eos, prompt_ids, GenerateOptions,
-    Sampling,
+    chat_ids, generate_batch, generation_config_eos, prompt_ids, GenerateOptions, Sampling,
 };
 use crate::model::DecoderModel;
 
@@ -272,7 +271,7 @@ pub(crate) fn generate(c: GenerateCmd) -> Result<()> {
     }
     let mut completions = Vec::with_capacity(rows.len());
     for chunk in ids.chunks(c.batch_size) {
-        completions.extend(decode_batch(&model, &tok, chunk.to_vec(), &opts)?);
+        completions.extend(generate_batch(&model, &tok, chunk.to_vec(), &opts)?);
     }
     let out: Vec<serde_json::Value> = (rows.into_iter().zip(completions))
         .map(|(mut row, completion)| {

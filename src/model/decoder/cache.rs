@@ -182,58 +182,33 @@ fn attend_cached(
     Ok(p.matmul(&v)?.transpose(0, 1)?.reshape((n, nh * d))?)
 }
 
-/// Where one sequence's new tokens sit in a decoding batch: the first row among the batch's
-/// flattened tokens, how many, and the position of the first (the length its cache holds).
+/// Where one prompt's tokens sit among a prefill's flattened tokens: the first row, and how many.
 #[derive(Clone, Copy)]
 struct Segment {
     row: usize,
     n: usize,
-    start: usize,
 }
 
 impl Layer {
-    /// [`Layer::attention`] for the new positions of every sequence of a decoding batch: the
-    /// projections of all of them in one product each, then each sequence's keys and values
-    /// appended to its cache (`caches[i].layers[l]`) and its queries attending to that cache.
+    /// [`Layer::attention`] for the new positions of one sequence: their keys and values
+    /// appended to its cache (`cache.layers[l]`) and its queries attending to that cache.
     fn attention_cached(
         &self,
         s: &ArchSpec,
         h: &Tensor,
         ctx: &FwdCtx,
-        segments: &[Segment],
-        caches: &mut [KvCache],
+        cache: &mut KvCache,
         l: usize,
     ) -> Result<Tensor> {
         let (q, k, v) = self.qkv(s, h, ctx)?;
-        let window = s.window_of(l);
-        let single = segments.len() == 1;
-        let mut outs = Vec::with_capacity(segments.len());
-        for (seg, cache) in segments.iter().zip(caches.iter_mut()) {
-            // A sequence's own rows, copied out of a batch's so its cache does not keep the
-            // whole batch's keys alive.
-            let own = |t: &Tensor| -> Result<Tensor> {
-                Ok(if single {
-                    t.clone()
-                } else {
-                    t.narrow(0, seg.row, seg.n)?.copy()?
-                })
-            };
-            let (kn, vn) = (own(&k)?, own(&v)?);
-            let slot = &mut cache.layers[l];
-            let (kc, vc) = match slot.take() {
-                None => (kn, vn),
-                Some((pk, pv)) => (Tensor::cat(&[&pk, &kn], 0)?, Tensor::cat(&[&pv, &vn], 0)?),
-            };
-            let qn = q.narrow(0, seg.row, seg.n)?;
-            let (scale, cap) = (s.attn_scale, s.attn_softcap);
-            outs.push(attend_cached(&qn, &kc, &vc, seg.start, window, scale, cap)?);
-            *slot = Some((kc, vc));
-        }
-        let a = if single {
-            outs.pop().expect("one")
-        } else {
-            Tensor::cat(&outs, 0)?
+        let slot = &mut cache.layers[l];
+        let (kc, vc) = match slot.take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 0)?, Tensor::cat(&[&pv, &v], 0)?),
         };
+        let (scale, cap) = (s.attn_scale, s.attn_softcap);
+        let a = attend_cached(&q, &kc, &vc, cache.len, s.window_of(l), scale, cap)?;
+        *slot = Some((kc, vc));
         self.o.fwd(&a.to_dtype(h.dtype())?)
     }
 }
@@ -330,48 +305,23 @@ impl DecoderModel {
     /// Runs the tokens `ids` at the positions after those `cache` holds, appending their keys and
     /// values, and returns the logits (1, vocab) of the last of them. Refused for LongRoPE
     /// (whose table depends on the whole sequence's length, which a cache cannot know ahead).
+    /// Several sequences decode together through [`DecoderModel::prefill`] and
+    /// [`DecoderModel::decode_step`].
     pub fn decode(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        self.decode_batch(&[ids], std::slice::from_mut(cache))
-    }
-
-    /// [`DecoderModel::decode`] for several sequences at once, each with its own cache: their
-    /// new tokens go through every projection and MLP as one batch of rows (the products a
-    /// single decoding step leaves one row wide), and each attends to its own cache. Returns
-    /// the logits (sequences, vocab) of each sequence's last new token.
-    pub fn decode_batch(&self, new: &[&[u32]], caches: &mut [KvCache]) -> Result<Tensor> {
         self.check_cacheable()?;
-        if new.len() != caches.len() || new.is_empty() {
-            return Err(Error::Config(format!(
-                "decode: {} sequences of new tokens for {} caches",
-                new.len(),
-                caches.len()
-            )));
-        }
-        let (mut ids, mut positions, mut segments) = (Vec::new(), Vec::new(), Vec::new());
-        for (seq, cache) in new.iter().zip(caches.iter()) {
-            let (start, n) = (cache.len, seq.len());
-            self.check_new(seq, start)?;
-            segments.push(Segment {
-                row: ids.len(),
-                n,
-                start,
-            });
-            ids.extend_from_slice(seq);
-            positions.extend((start..start + n).map(|p| p as u32));
-        }
-        let ctx = self.decode_ctx(&ids, &positions)?;
+        let start = cache.len;
+        self.check_new(ids, start)?;
+        let positions: Vec<u32> = (start..start + ids.len()).map(|p| p as u32).collect();
+        let ctx = self.decode_ctx(ids, &positions)?;
         let mut x = self.embed_fwd(&ctx)?.detach();
         for (l, layer) in self.layers.iter().enumerate() {
             let (y, _) = layer.forward_with(&self.spec, &x, |h| {
-                layer.attention_cached(&self.spec, h, &ctx, &segments, caches, l)
+                layer.attention_cached(&self.spec, h, &ctx, cache, l)
             })?;
             x = y.detach();
         }
-        for (seg, cache) in segments.iter().zip(caches.iter_mut()) {
-            cache.len += seg.n;
-        }
-        let last: Vec<u32> = segments.iter().map(|s| (s.row + s.n - 1) as u32).collect();
-        self.last_logits(&x, &last)
+        cache.len += ids.len();
+        self.last_logits(&x, &[ids.len() as u32 - 1])
     }
 
     /// Runs every prompt of a batch from position 0 into a new [`BatchKvCache`] with room for
@@ -388,7 +338,6 @@ impl DecoderModel {
             segments.push(Segment {
                 row: ids.len(),
                 n: seq.len(),
-                start: 0,
             });
             ids.extend_from_slice(seq);
             positions.extend((0..seq.len()).map(|p| p as u32));
