@@ -148,28 +148,42 @@ fn model_complete(snap: &Path) -> bool {
     let config = snap.join("config.json").is_file() || snap.join("adapter_config.json").is_file();
     let index = snap.join("model.safetensors.index.json");
     let weights = if index.is_file() {
-        shards_of(&index).is_ok_and(|s| s.iter().all(|f| snap.join(f).is_file()))
+        index_shards(&index).is_ok_and(|s| s.iter().all(|f| snap.join(f).is_file()))
     } else {
         snap.join("model.safetensors").is_file() || snap.join("adapter_model.safetensors").is_file()
     };
     config && weights
 }
 
-/// The shard files a `model.safetensors.index.json` names, each once, sorted.
-fn shards_of(index: &Path) -> Result<Vec<String>> {
+/// The shard files that a sharded checkpoint's index (`model.safetensors.index.json`) lists in
+/// its `weight_map`, each once, sorted. A name that is not a plain file name inside the model
+/// directory is refused, not read or downloaded. The checkpoint loader (`model::weights`) and
+/// the Hub download both read an index through this.
+pub(crate) fn index_shards(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
     let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Config(format!("{}: invalid JSON: {e}", index.display())))?;
-    let map = v["weight_map"]
-        .as_object()
-        .ok_or_else(|| Error::Config(format!("{}: no `weight_map` object", index.display())))?;
+        .map_err(|e| Error::model(index, format!("invalid JSON at line {}: {e}", e.line())))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::model(index, "missing object `weight_map`"))?;
     let mut shards: Vec<String> = map
         .values()
-        .filter_map(|f| f.as_str())
-        .map(String::from)
+        .filter_map(|f| f.as_str().map(str::to_owned))
         .collect();
     shards.sort();
     shards.dedup();
+    if let Some(bad) = shards.iter().find(|s| {
+        let p = Path::new(s.as_str());
+        p.is_absolute()
+            || p.components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    }) {
+        return Err(Error::model(
+            index,
+            format!("lists shard {bad:?}, which is not a file name inside the model directory"),
+        ));
+    }
     Ok(shards)
 }
 
@@ -350,7 +364,7 @@ fn download_model(cache: &Path, id: &RepoId) -> Result<PathBuf> {
     fetch(&repo, cache, id, &meta)?;
     let snap = cache.join(id.folder()).join("snapshots").join(&info.sha);
     let weights = if has("model.safetensors.index.json") {
-        shards_of(&snap.join("model.safetensors.index.json"))?
+        index_shards(&snap.join("model.safetensors.index.json"))?
     } else if has("model.safetensors") {
         vec!["model.safetensors".to_string()]
     } else if has("adapter_model.safetensors") {

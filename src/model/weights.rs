@@ -32,34 +32,8 @@ impl CheckpointWeights {
         let files: Vec<PathBuf> = if single.exists() {
             vec![single]
         } else if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-                Error::model(&index, format!("invalid JSON at line {}: {e}", e.line()))
-            })?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::model(&index, "missing object `weight_map`"))?;
-            let mut shards: Vec<String> = map
-                .values()
-                .filter_map(|f| f.as_str().map(str::to_owned))
-                .collect();
-            shards.sort();
-            shards.dedup();
             // Shards live in the model directory: a path that leaves it is refused, not read.
-            if let Some(bad) = shards.iter().find(|s| {
-                let p = Path::new(s.as_str());
-                p.is_absolute()
-                    || p.components()
-                        .any(|c| !matches!(c, std::path::Component::Normal(_)))
-            }) {
-                return Err(Error::model(
-                    &index,
-                    format!(
-                        "lists shard {bad:?}, which is not a file name inside the model directory"
-                    ),
-                ));
-            }
+            let shards = crate::hub::index_shards(&index)?;
             let files: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
             if let Some(missing) = files.iter().find(|f| !f.exists()) {
                 return Err(Error::model(
