@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 pub mod env;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod retire;
 pub mod tcp;
 pub mod threads;
 pub mod watchdog;

@@ -1,6 +1,9 @@
-//! NCCL through cudarc (candle's `nccl` feature): the collectives of GPU runs, on candle's own
-//! stream, so they queue behind the backward that made the gradients without the host
-//! waiting. Host numbers (step sizes, flags) and NCCL's unique id go over the run's TCP
+//! NCCL through cudarc (candle's `nccl` feature): the collectives of GPU runs, on a stream of
+//! their own beside candle's, so a gradient bucket's reduction overlaps the backward that goes on
+//! making the next ones. The order between the two streams is cudarc's: every buffer carries
+//! the events of its last read and write, a stream waits for them before it touches the buffer,
+//! and a buffer is freed only after every stream that used it has passed (which is why a bucket
+//! this rank gives up is held in [`Retired`] until its reduction completes). Host numbers (step sizes, flags) and NCCL's unique id go over the run's TCP
 //! channel ([`TcpComm`]), which also did the rendezvous and its hash check. A [`Watchdog`]
 //! follows the initialisation and every collective: one that has not completed within
 //! `dist.timeout_s` (a rank died or hangs) ends this process with an error naming it, and the
@@ -13,8 +16,10 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, DType, Device, InplaceOp1, Layout, Shape, Tensor,
 };
 
+use super::retire::Retired;
 use super::tcp::TcpComm;
 use super::watchdog::Watchdog;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use super::{comm_err, Collective};
@@ -28,12 +33,17 @@ unsafe impl Send for OwnedComm {}
 // SAFETY: as above; shared references are only used by that thread.
 unsafe impl Sync for OwnedComm {}
 
+/// Bytes of given-up buckets held while their reduction runs (see [`Retired`]): four of
+/// ZeRO 2's 64 MiB buckets, enough for the reductions in flight behind one layer's backward.
+const RETIRED_BYTES_MAX: usize = 256 << 20;
+
 /// The GPU transport of a rank: NCCL for device tensors, TCP for host numbers.
 pub struct NcclComm {
     comm: OwnedComm,
     host: TcpComm,
-    device: candle_core::CudaDevice,
     watchdog: Watchdog,
+    /// Buckets reduced to another rank, held until the reduction has read them.
+    retired: Mutex<Retired<Tensor>>,
 }
 
 /// Joins the NCCL communicator of the ranks `host` connects, on `device` (this rank's GPU):
@@ -76,19 +86,17 @@ pub fn connect(host: TcpComm, device: &Device, timeout: Duration) -> Result<Nccl
     for (d, s) in internal.iter_mut().zip(&raw) {
         *d = *s as std::ffi::c_char;
     }
-    let comm = Comm::from_rank(
-        dev.cuda_stream(),
-        host.rank(),
-        host.world_size(),
-        Id::uninit(internal),
-    )
-    .map_err(|e| comm_err(host.rank(), format!("NCCL init: {e:?}")))?;
+    // The collectives' own stream, after everything candle's stream has queued so far.
+    let stream = (dev.cuda_stream().fork())
+        .map_err(|e| comm_err(rank, format!("CUDA stream for NCCL: {e:?}")))?;
+    let comm = Comm::from_rank(stream, host.rank(), host.world_size(), Id::uninit(internal))
+        .map_err(|e| comm_err(host.rank(), format!("NCCL init: {e:?}")))?;
     initialised.store(true, std::sync::atomic::Ordering::SeqCst);
     Ok(NcclComm {
         comm: OwnedComm(comm),
         host,
-        device: dev.clone(),
         watchdog,
+        retired: Mutex::new(Retired::new(RETIRED_BYTES_MAX)),
     })
 }
 
@@ -209,25 +217,58 @@ impl InplaceOp1 for InPlace<'_> {
 }
 
 impl NcclComm {
-    /// Follows the collective just enqueued (`what`, of `n` elements) until the stream
-    /// passes it.
-    fn watch(&self, what: &str, n: usize) -> Result<()> {
+    /// A query of whether the collectives' stream has passed everything enqueued on it so far.
+    fn passed(&self) -> Result<Box<dyn Fn() -> bool + Send>> {
         use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
-        let stream = self.device.cuda_stream();
+        let stream = self.comm.0.stream();
         let event = stream
             .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
             .map_err(|e| comm_err(self.rank(), format!("CUDA event: {e:?}")))?;
         let ctx = stream.context().clone();
+        Ok(Box::new(move || {
+            ctx.bind_to_thread().is_ok() && event.is_complete()
+        }))
+    }
+
+    /// Follows the collective just enqueued (`what`, of `n` elements) until its stream
+    /// passes it.
+    fn watch(&self, what: &str, n: usize) -> Result<()> {
         self.watchdog.watch(
             format!("rank {}: NCCL {what} of {n} elements", self.rank()),
-            Box::new(move || ctx.bind_to_thread().is_ok() && event.is_complete()),
+            self.passed()?,
         );
+        Ok(())
+    }
+
+    /// Lets go of `t`, a buffer the collective just enqueued still uses: held until the
+    /// collective completes (see [`Retired`]); the buffers let go of now are dropped here.
+    fn retire(&self, t: Tensor) -> Result<()> {
+        if !t.device().is_cuda() {
+            return Ok(());
+        }
+        let bytes = t.elem_count() * t.dtype().size_in_bytes();
+        let done = self.passed()?;
+        let released = (self.retired.lock())
+            .map_err(|_| comm_err(self.rank(), "retired buffers: poisoned lock"))?
+            .hold(t, bytes, done);
+        drop(released);
+        Ok(())
+    }
+
+    /// Drops the held buffers whose collective has completed (at every collective, so a step's
+    /// last buckets do not stay held through the next step's forward).
+    fn release_done(&self) -> Result<()> {
+        let released = (self.retired.lock())
+            .map_err(|_| comm_err(self.rank(), "retired buffers: poisoned lock"))?
+            .release_done();
+        drop(released);
         Ok(())
     }
 
     /// `kind` in `t`'s own buffer (see [`InPlace`]); through [`Self::collective`] where `t`
     /// is not a contiguous CUDA tensor.
     fn in_place(&self, t: Tensor, kind: InPlaceKind) -> Result<Tensor> {
+        self.release_done()?;
         if !t.device().is_cuda() || !t.is_contiguous() {
             return self.collective(
                 &t,
@@ -251,6 +292,7 @@ impl NcclComm {
     }
 
     fn collective(&self, t: &Tensor, root: Option<usize>) -> Result<Tensor> {
+        self.release_done()?;
         if !t.device().is_cuda() {
             return match root {
                 None => self.host.all_reduce_sum(t),
@@ -299,7 +341,11 @@ impl Collective for NcclComm {
 
     fn reduce_sum_owned(&self, t: Tensor, root: usize) -> Result<Option<Tensor>> {
         let t = self.in_place(t, InPlaceKind::ReduceTo(root))?;
-        Ok((self.rank() == root).then_some(t))
+        if self.rank() == root {
+            return Ok(Some(t));
+        }
+        self.retire(t)?;
+        Ok(None)
     }
 
     fn broadcast_owned(&self, t: Tensor, root: usize) -> Result<Tensor> {
