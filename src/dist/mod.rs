@@ -38,6 +38,14 @@ pub trait Collective: Send {
         let s = self.all_reduce_sum(&t)?;
         Ok((self.rank() == root).then_some(s))
     }
+    /// Makes what the device computes next wait for every collective enqueued so far. The sum
+    /// [`Collective::reduce_sum_owned`] hands its root is final only after this (a transport
+    /// may run it beside the compute, to overlap the backward); the other collectives' results
+    /// are final when they return. A transport whose collectives are done in order with the
+    /// compute has nothing to do.
+    fn settle(&self) -> Result<()> {
+        Ok(())
+    }
     /// [`Collective::broadcast`] of a tensor this rank made and nothing else reads (the other
     /// ranks' is the buffer to receive into): a transport may broadcast in its buffer.
     fn broadcast_owned(&self, t: Tensor, root: usize) -> Result<Tensor> {

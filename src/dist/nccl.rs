@@ -1,16 +1,20 @@
 //! NCCL through cudarc (candle's `nccl` feature): the collectives of GPU runs, on a stream of
 //! their own beside candle's, so a gradient bucket's reduction overlaps the backward that goes on
-//! making the next ones. The order between the two streams is cudarc's: every buffer carries
-//! the events of its last read and write, a stream waits for them before it touches the buffer,
-//! and a buffer is freed only after every stream that used it has passed (which is why a bucket
-//! this rank gives up is held in [`Retired`] until its reduction completes). Host numbers (step sizes, flags) and NCCL's unique id go over the run's TCP
+//! making the next ones. packsft turns cudarc's per-buffer events off (`device::open`), so the
+//! order between the two streams is explicit here: the collectives' stream waits for candle's
+//! before every collective (its buffer is final); candle's waits for the collectives' after
+//! every collective whose result is used at once (all-reduce, broadcast) and, for a sum
+//! reduced to this rank, at [`Collective::settle`]; a buffer given up to another rank's sum
+//! is held in [`Retired`] until its reduction completes (freed at once, its memory could be
+//! reused by candle's stream while NCCL still sends it). Host numbers (step sizes, flags) and
+//! NCCL's unique id go over the run's TCP
 //! channel ([`TcpComm`]), which also did the rendezvous and its hash check. A [`Watchdog`]
 //! follows the initialisation and every collective: one that has not completed within
 //! `dist.timeout_s` (a rank died or hangs) ends this process with an error naming it, and the
 //! launcher then stops the others.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, DType, Device, InplaceOp1, Layout, Shape, Tensor,
@@ -19,7 +23,7 @@ use candle_core::{
 use super::retire::Retired;
 use super::tcp::TcpComm;
 use super::watchdog::Watchdog;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{comm_err, Collective};
@@ -41,9 +45,11 @@ const RETIRED_BYTES_MAX: usize = 256 << 20;
 pub struct NcclComm {
     comm: OwnedComm,
     host: TcpComm,
+    /// candle's stream, where gradients are made and sums used.
+    compute: Arc<CudaStream>,
     watchdog: Watchdog,
-    /// Buckets reduced to another rank, held until the reduction has read them.
-    retired: Mutex<Retired<Tensor>>,
+    /// Buckets reduced to another rank, held until the reduction (the event) has read them.
+    retired: Mutex<Retired<(Tensor, Arc<CudaEvent>)>>,
 }
 
 /// Joins the NCCL communicator of the ranks `host` connects, on `device` (this rank's GPU):
@@ -95,6 +101,7 @@ pub fn connect(host: TcpComm, device: &Device, timeout: Duration) -> Result<Nccl
     Ok(NcclComm {
         comm: OwnedComm(comm),
         host,
+        compute: dev.cuda_stream(),
         watchdog,
         retired: Mutex::new(Retired::new(RETIRED_BYTES_MAX)),
     })
@@ -122,6 +129,7 @@ impl Op<'_> {
         let dev = s.device().clone();
         // SAFETY: every element is written by the collective before anything reads it.
         let mut dst = unsafe { dev.alloc::<T>(n)? };
+        after_compute(self.comm, s)?;
         let r = match self.root {
             None => self.comm.all_reduce(src, &mut dst, &ReduceOp::Sum),
             Some(root) => self.comm.broadcast(Some(src), &mut dst, root as i32),
@@ -155,6 +163,14 @@ impl CustomOp1 for Op<'_> {
     }
 }
 
+/// Makes the collectives' stream wait for what candle's stream (the one `s` lives on) has
+/// queued so far: the buffers the collective reads are then final, and those it writes
+/// allocated.
+fn after_compute(comm: &Comm, s: &CudaStorage) -> candle_core::Result<()> {
+    (comm.stream().join(&s.device().cuda_stream()))
+        .map_err(|e| candle_core::Error::Cuda(format!("NCCL stream order: {e:?}").into()))
+}
+
 /// A collective in a tensor's own buffer (one this rank made and nothing else reads): a sum to
 /// every rank or to one, or a broadcast, without a second buffer or copy.
 struct InPlace<'a> {
@@ -177,6 +193,7 @@ impl InPlace<'_> {
             + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
     {
         let (at, n) = (l.start_offset(), l.shape().elem_count());
+        after_compute(self.comm, s)?;
         let slice = s.as_cuda_slice_mut::<T>()?;
         let mut view = slice.slice_mut(at..at + n);
         let r = match self.kind {
@@ -217,42 +234,51 @@ impl InplaceOp1 for InPlace<'_> {
 }
 
 impl NcclComm {
-    /// A query of whether the collectives' stream has passed everything enqueued on it so far.
-    fn passed(&self) -> Result<Box<dyn Fn() -> bool + Send>> {
+    fn cuda_err(&self, what: &str, e: impl std::fmt::Debug) -> crate::error::Error {
+        comm_err(self.rank(), format!("{what}: {e:?}"))
+    }
+
+    /// An event after everything enqueued on the collectives' stream so far.
+    fn comm_event(&self) -> Result<Arc<CudaEvent>> {
         use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
-        let stream = self.comm.0.stream();
-        let event = stream
+        let event = (self.comm.0.stream())
             .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
-            .map_err(|e| comm_err(self.rank(), format!("CUDA event: {e:?}")))?;
-        let ctx = stream.context().clone();
-        Ok(Box::new(move || {
-            ctx.bind_to_thread().is_ok() && event.is_complete()
-        }))
+            .map_err(|e| self.cuda_err("CUDA event", e))?;
+        Ok(Arc::new(event))
+    }
+
+    /// A host query of whether `event` has completed.
+    fn query(event: &Arc<CudaEvent>) -> Box<dyn Fn() -> bool + Send> {
+        let event = event.clone();
+        let ctx = event.context().clone();
+        Box::new(move || ctx.bind_to_thread().is_ok() && event.is_complete())
     }
 
     /// Follows the collective just enqueued (`what`, of `n` elements) until its stream
-    /// passes it.
-    fn watch(&self, what: &str, n: usize) -> Result<()> {
+    /// passes it; returns the event that marks it.
+    fn watch(&self, what: &str, n: usize) -> Result<Arc<CudaEvent>> {
+        let event = self.comm_event()?;
         self.watchdog.watch(
             format!("rank {}: NCCL {what} of {n} elements", self.rank()),
-            self.passed()?,
+            Self::query(&event),
         );
-        Ok(())
+        Ok(event)
     }
 
-    /// Lets go of `t`, a buffer the collective just enqueued still uses: held until the
-    /// collective completes (see [`Retired`]); the buffers let go of now are dropped here.
-    fn retire(&self, t: Tensor) -> Result<()> {
-        if !t.device().is_cuda() {
-            return Ok(());
-        }
+    /// Makes candle's stream wait for `event` (a collective's end) before what it runs next.
+    fn compute_waits(&self, event: &CudaEvent) -> Result<()> {
+        (self.compute.wait(event)).map_err(|e| self.cuda_err("NCCL stream order", e))
+    }
+
+    /// Lets go of `t`, a buffer the collective marked by `event` still reads: held until the
+    /// collective completes (see [`Retired`]), then freed after candle's stream waited for it.
+    fn retire(&self, t: Tensor, event: Arc<CudaEvent>) -> Result<()> {
         let bytes = t.elem_count() * t.dtype().size_in_bytes();
-        let done = self.passed()?;
+        let done = Self::query(&event);
         let released = (self.retired.lock())
             .map_err(|_| comm_err(self.rank(), "retired buffers: poisoned lock"))?
-            .hold(t, bytes, done);
-        drop(released);
-        Ok(())
+            .hold((t, event), bytes, done);
+        self.free(released)
     }
 
     /// Drops the held buffers whose collective has completed (at every collective, so a step's
@@ -261,22 +287,30 @@ impl NcclComm {
         let released = (self.retired.lock())
             .map_err(|_| comm_err(self.rank(), "retired buffers: poisoned lock"))?
             .release_done();
-        drop(released);
+        self.free(released)
+    }
+
+    /// Frees held buffers on candle's stream, behind their collective (a wait that costs
+    /// nothing for one already complete; the buffer's memory is then reused only after it).
+    fn free(&self, released: Vec<(Tensor, Arc<CudaEvent>)>) -> Result<()> {
+        for (t, event) in released {
+            self.compute_waits(&event)?;
+            drop(t);
+        }
         Ok(())
     }
 
     /// `kind` in `t`'s own buffer (see [`InPlace`]); through [`Self::collective`] where `t`
-    /// is not a contiguous CUDA tensor.
-    fn in_place(&self, t: Tensor, kind: InPlaceKind) -> Result<Tensor> {
+    /// is not a contiguous CUDA tensor. A reduction to a rank leaves candle's stream free to
+    /// go on (see [`Collective::settle`]); an all-reduce or broadcast is final on return.
+    fn in_place(&self, t: Tensor, kind: InPlaceKind) -> Result<(Tensor, Option<Arc<CudaEvent>>)> {
         self.release_done()?;
         if !t.device().is_cuda() || !t.is_contiguous() {
-            return self.collective(
-                &t,
-                match kind {
-                    InPlaceKind::AllReduce | InPlaceKind::ReduceTo(_) => None,
-                    InPlaceKind::BroadcastFrom(r) => Some(r),
-                },
-            );
+            let root = match kind {
+                InPlaceKind::AllReduce | InPlaceKind::ReduceTo(_) => None,
+                InPlaceKind::BroadcastFrom(r) => Some(r),
+            };
+            return Ok((self.collective(&t, root)?, None));
         }
         t.inplace_op1(&InPlace {
             comm: &self.comm.0,
@@ -287,8 +321,11 @@ impl NcclComm {
             InPlaceKind::ReduceTo(r) => format!("reduce to rank {r}"),
             InPlaceKind::BroadcastFrom(r) => format!("broadcast from rank {r}"),
         };
-        self.watch(&what, t.elem_count())?;
-        Ok(t)
+        let event = self.watch(&what, t.elem_count())?;
+        if !matches!(kind, InPlaceKind::ReduceTo(_)) {
+            self.compute_waits(&event)?;
+        }
+        Ok((t, Some(event)))
     }
 
     fn collective(&self, t: &Tensor, root: Option<usize>) -> Result<Tensor> {
@@ -309,7 +346,9 @@ impl NcclComm {
             None => "all-reduce".to_string(),
             Some(r) => format!("broadcast from rank {r}"),
         };
-        self.watch(&what, t.elem_count())?;
+        let event = self.watch(&what, t.elem_count())?;
+        // The result is used at once, and `t` is freed on candle's stream when it goes.
+        self.compute_waits(&event)?;
         Ok(out)
     }
 }
@@ -336,19 +375,26 @@ impl Collective for NcclComm {
     }
 
     fn all_reduce_sum_owned(&self, t: Tensor) -> Result<Tensor> {
-        self.in_place(t, InPlaceKind::AllReduce)
+        Ok(self.in_place(t, InPlaceKind::AllReduce)?.0)
     }
 
     fn reduce_sum_owned(&self, t: Tensor, root: usize) -> Result<Option<Tensor>> {
-        let t = self.in_place(t, InPlaceKind::ReduceTo(root))?;
+        let (t, event) = self.in_place(t, InPlaceKind::ReduceTo(root))?;
         if self.rank() == root {
             return Ok(Some(t));
         }
-        self.retire(t)?;
+        if let Some(event) = event {
+            self.retire(t, event)?;
+        }
         Ok(None)
     }
 
     fn broadcast_owned(&self, t: Tensor, root: usize) -> Result<Tensor> {
-        self.in_place(t, InPlaceKind::BroadcastFrom(root))
+        Ok(self.in_place(t, InPlaceKind::BroadcastFrom(root))?.0)
+    }
+
+    fn settle(&self) -> Result<()> {
+        (self.compute.join(&self.comm.0.stream()))
+            .map_err(|e| self.cuda_err("NCCL stream order", e))
     }
 }

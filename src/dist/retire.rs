@@ -1,12 +1,12 @@
 //! Buffers a device collective still reads or writes after this rank let go of them.
 //!
 //! NCCL runs on a stream of its own, so a bucket's reduction overlaps the backward that goes on
-//! making the next buckets. cudarc frees a buffer on the stream that made it only after every
-//! stream that used it has passed (its read and write events): a bucket reduced to another rank
-//! and dropped at once would make the compute stream wait for the reduction, and the overlap
-//! would be lost. So such buffers are held here until their collective has completed, or until
-//! more than a byte limit waits (then the oldest goes, and the compute stream waits for it:
-//! memory stays bounded when the link is slower than the backward).
+//! making the next buckets. A buffer is freed on the stream that made it (candle's): a bucket
+//! reduced to another rank and freed at once could have its memory reused by candle's stream
+//! while NCCL still sends it, and making candle's stream wait for the reduction first would
+//! lose the overlap. So such buffers are held here until their collective has completed, or
+//! until more than a byte limit waits (then the oldest goes, after candle's stream waited for
+//! it: memory stays bounded when the link is slower than the backward).
 
 use std::collections::VecDeque;
 

@@ -1,10 +1,12 @@
 //! An in-process group of ranks (one thread each) for tests: what NCCL or TCP would exchange
-//! goes through shared memory, summed in rank order.
+//! goes through shared memory, summed in rank order. A sum reduced to its root arrives as
+//! NCCL's on its own stream does: the buffer handed back holds NaN until
+//! [`Collective::settle`], so a caller that reads it too early sees it in the tests.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use candle_core::{Device, Tensor};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
 
 use super::{comm_err, Collective};
 use crate::error::Result;
@@ -22,6 +24,8 @@ struct Shared {
 pub struct ThreadComm {
     rank: usize,
     s: Arc<Shared>,
+    /// Sums reduced to this rank and not yet settled: (the buffer handed back, its value).
+    unsettled: Mutex<Vec<(Tensor, Tensor)>>,
 }
 
 /// `n` ranks sharing one exchange; a rank that waits `timeout` for the others gets an error.
@@ -34,7 +38,11 @@ pub fn group(n: usize, timeout: Duration) -> Vec<ThreadComm> {
         timeout,
     });
     (0..n)
-        .map(|rank| ThreadComm { rank, s: s.clone() })
+        .map(|rank| ThreadComm {
+            rank,
+            s: s.clone(),
+            unsettled: Mutex::new(Vec::new()),
+        })
         .collect()
 }
 
@@ -104,6 +112,68 @@ impl Collective for ThreadComm {
             .expect("the root deposited");
         self.wait()?;
         Ok(v.to_device(t.device())?)
+    }
+
+    fn reduce_sum_owned(&self, t: Tensor, root: usize) -> Result<Option<Tensor>> {
+        let sum = self.all_reduce_sum(&t)?;
+        if self.rank != root {
+            return Ok(None);
+        }
+        if !t.device().is_cpu() || !t.is_contiguous() {
+            return Ok(Some(sum));
+        }
+        t.inplace_op1(&Overwrite(None))?;
+        self.unsettled.lock().unwrap().push((t.clone(), sum));
+        Ok(Some(t))
+    }
+
+    fn settle(&self) -> Result<()> {
+        for (buffer, sum) in self.unsettled.lock().unwrap().drain(..) {
+            buffer.inplace_op1(&Overwrite(Some(sum)))?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes a tensor's values (`None`: NaN) into a contiguous CPU buffer of the same size.
+struct Overwrite(Option<Tensor>);
+
+impl InplaceOp1 for Overwrite {
+    fn name(&self) -> &'static str {
+        "packsft-threads-overwrite"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let (at, n) = (l.start_offset(), l.shape().elem_count());
+        let values = match &self.0 {
+            Some(t) => t.flatten_all()?,
+            None => Tensor::full(f32::NAN, n, &Device::Cpu)?,
+        };
+        if values.elem_count() != n {
+            candle_core::bail!("overwrite of {n} elements with {}", values.elem_count());
+        }
+        let dtype = match s {
+            CpuStorage::F32(_) => DType::F32,
+            CpuStorage::F64(_) => DType::F64,
+            CpuStorage::BF16(_) => DType::BF16,
+            _ => candle_core::bail!("overwrite of a buffer that is not F32, F64 or BF16"),
+        };
+        let values = values.to_dtype(dtype)?.contiguous()?;
+        let (src, src_layout) = values.storage_and_layout();
+        let from = src_layout.start_offset();
+        match (s, &*src) {
+            (CpuStorage::F32(d), candle_core::Storage::Cpu(CpuStorage::F32(v))) => {
+                d[at..at + n].copy_from_slice(&v[from..from + n])
+            }
+            (CpuStorage::F64(d), candle_core::Storage::Cpu(CpuStorage::F64(v))) => {
+                d[at..at + n].copy_from_slice(&v[from..from + n])
+            }
+            (CpuStorage::BF16(d), candle_core::Storage::Cpu(CpuStorage::BF16(v))) => {
+                d[at..at + n].copy_from_slice(&v[from..from + n])
+            }
+            _ => candle_core::bail!("overwrite: the values did not convert to the buffer's dtype"),
+        }
+        Ok(())
     }
 }
 

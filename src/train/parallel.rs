@@ -165,6 +165,8 @@ impl DataParallel {
         for (i, g) in self.reduce_buckets(items)? {
             out.insert(params[i].var.as_tensor(), g);
         }
+        // The optimizer reads the sums next.
+        self.comm.settle()?;
         Ok(Some(out))
     }
 
@@ -225,6 +227,10 @@ impl DataParallel {
         let Some(summed) = summed else {
             return Ok(Vec::new());
         };
+        if summed.dtype() != DType::F32 {
+            // The widening reads the sum: wait for it (a float32 sum is only viewed here).
+            self.comm.settle()?;
+        }
         let summed = summed.to_dtype(DType::F32)?;
         let mut at = 0;
         let mut out = Vec::with_capacity(items.len());
@@ -434,7 +440,13 @@ impl Zero2Step<'_> {
             })
             .collect::<Result<Vec<_>>>()?;
         let owner = self.dp.owners[members[0]];
-        for (i, g) in self.dp.reduce_bucket(items, Some(owner))? {
+        let sums = self.dp.reduce_bucket(items, Some(owner))?;
+        if sums.iter().any(|(i, _)| self.owned[*i].is_some()) {
+            // Accumulating reads the sum: wait for it (the first micro-batch's sums are only
+            // kept, and the backward goes on beside their reduction).
+            self.dp.comm.settle()?;
+        }
+        for (i, g) in sums {
             add_into(&mut self.owned[i], g)?;
         }
         self.flushed += 1;
@@ -463,6 +475,8 @@ impl Zero2Step<'_> {
     /// gradient for, and `None` when no rank has any.
     pub(crate) fn finish(mut self) -> Result<Option<GradStore>> {
         let dp = self.dp;
+        // The sums kept so far are read (or freed) from here on.
+        dp.comm.settle()?;
         let mut flags = self.present.clone();
         flags.extend(self.late.iter().map(|g| g.is_some() as u8 as f64));
         let counts = dp.sum_host(&flags)?;
@@ -478,7 +492,10 @@ impl Zero2Step<'_> {
                 None => Ok((i, zeros_of(&self.params[i])?)),
             })
             .collect::<Result<Vec<_>>>()?;
-        for (k, g) in dp.reduce_buckets(items.into_iter().map(Ok))? {
+        let sums = dp.reduce_buckets(items.into_iter().map(Ok))?;
+        // Every bucket's sum is read from here on (late additions, then the optimizer).
+        dp.comm.settle()?;
+        for (k, g) in sums {
             add_into(&mut self.owned[k], g)?;
         }
         let mut out = empty_store()?;
