@@ -631,10 +631,40 @@ fn hand_written_layer_backward_matches_autograd() {
 
 /// The same for Gemma 2: soft-capped flash attention, a local layer, sandwich norms, and the
 /// head's node with the final soft-cap inside (`logit_transform_vjp`) against autograd through
-/// `DecoderModel::logits`.
+/// `DecoderModel::logits`. Two bf16 runs differ here by about 1e-2 (1.06e-2 on an H100,
+/// 2026-12-08): Gemma's extra norms and soft-caps add rounding steps. So each is also measured
+/// against a float32 eager autograd run of the same weights, and the hand-written gradients
+/// must be no further from it than autograd's bf16 ones (with a margin for rounding), and
+/// within the flash-vs-eager bound of them.
 #[test]
 fn gemma2_hand_written_backward_matches_autograd() {
-    hand_written_matches_autograd(gemma2_model);
+    let flash = gemma2_model(AttentionImpl::Flash);
+    let (lh, gh) = loss_and_grads(&flash, true);
+    let mut auto = gemma2_model(AttentionImpl::Flash);
+    auto.compute.autograd_layers = true;
+    let (la, ga) = loss_and_grads(&auto, true);
+    let mut exact = gemma2_model(AttentionImpl::Eager);
+    exact.compute.dtype = DType::F32;
+    exact.compute.autograd_layers = true;
+    let (lx, gx) = loss_and_grads(&exact, true);
+    let worst = |a: &[Tensor], b: &[Tensor]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| rel_diff(x, y))
+            .fold(0f64, f64::max)
+    };
+    let (hand_vs_auto, hand_err, auto_err) = (worst(&gh, &ga), worst(&gh, &gx), worst(&ga, &gx));
+    eprintln!(
+        "loss by hand {lh} autograd {la} float32 {lx}; worst gradient rel diff: by hand vs \
+         autograd {hand_vs_auto:.2e}, against float32: by hand {hand_err:.2e}, autograd {auto_err:.2e}"
+    );
+    assert!((lh - la).abs() / la < 1e-6, "{lh} vs {la}");
+    assert!((lh - lx).abs() / lx < 2e-3, "{lh} vs float32 {lx}");
+    assert!(hand_vs_auto < 3e-2, "{hand_vs_auto}");
+    assert!(
+        hand_err <= 1.5 * auto_err + 1e-3,
+        "{hand_err} vs autograd's {auto_err}"
+    );
 }
 
 fn hand_written_matches_autograd(model: fn(AttentionImpl) -> DecoderModel) {

@@ -40,6 +40,19 @@ def config(**kw):
 
 hf_peer.LlamaConfig = config
 
+# hf_peer builds the model on the CPU, then moves it: an 8B model's random initialisation there took
+# longer than the 250-320 s the device calls gave the peer (sessions 16 and 17). Built under the
+# device's context, its weights are made and initialised on the GPU; the training loop is unchanged.
+_from_config = hf_peer.AutoModelForCausalLM.from_config
+
+
+def from_config_on_device(cfg, **kw):
+    with torch.device(os.environ.get("PEER_DEVICE", "cuda")):
+        return _from_config(cfg, **kw)
+
+
+hf_peer.AutoModelForCausalLM.from_config = staticmethod(from_config_on_device)
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("data"); ap.add_argument("--shape", required=True, choices=sorted(FAMILY_SHAPES))
