@@ -353,6 +353,20 @@ impl NcclComm {
     }
 }
 
+impl Drop for NcclComm {
+    /// The buffers still held are freed behind their collectives, as [`NcclComm::free`] does.
+    fn drop(&mut self) {
+        let held = match self.retired.get_mut() {
+            Ok(r) => r.release_all(),
+            Err(poisoned) => poisoned.into_inner().release_all(),
+        };
+        for (t, event) in held {
+            let _ = self.compute.wait(&event);
+            drop(t);
+        }
+    }
+}
+
 impl Collective for NcclComm {
     fn rank(&self) -> usize {
         self.host.rank()

@@ -74,6 +74,12 @@ impl<T> Retired<T> {
         out
     }
 
+    /// Every item held, oldest first, done or not (the caller orders their freeing).
+    pub fn release_all(&mut self) -> Vec<T> {
+        self.held_bytes = 0;
+        self.queue.drain(..).map(|(item, _, _)| item).collect()
+    }
+
     fn pop_front(&mut self) -> Option<T> {
         let (item, bytes, _) = self.queue.pop_front()?;
         self.held_bytes -= bytes;
@@ -135,5 +141,13 @@ mod tests {
         let (_d, done) = flag();
         assert_eq!(r.hold("big", 1000, done), vec!["b", "c"]);
         assert_eq!((r.len(), r.held_bytes()), (1, 1000));
+        let (_d, done) = flag();
+        r.hold("last", 10, done);
+        assert_eq!(
+            r.release_all(),
+            vec!["last"],
+            "past the limit, the big one went first"
+        );
+        assert!(r.is_empty() && r.held_bytes() == 0);
     }
 }
