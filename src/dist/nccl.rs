@@ -6,12 +6,13 @@
 //! every collective whose result is used at once (all-reduce, broadcast) and, for a sum
 //! reduced to this rank, at [`Collective::settle`]; a buffer given up to another rank's sum
 //! is held in [`Retired`] until its reduction completes (freed at once, its memory could be
-//! reused by candle's stream while NCCL still sends it). Host numbers (step sizes, flags) and
-//! NCCL's unique id go over the run's TCP
-//! channel ([`TcpComm`]), which also did the rendezvous and its hash check. A [`Watchdog`]
-//! follows the initialisation and every collective: one that has not completed within
-//! `dist.timeout_s` (a rank died or hangs) ends this process with an error naming it, and the
-//! launcher then stops the others.
+//! reused by candle's stream while NCCL still sends it).
+//!
+//! Host numbers (step sizes, flags) and NCCL's unique id go over the run's TCP channel
+//! ([`TcpComm`]), which also did the rendezvous and its hash check. A [`Watchdog`] follows the
+//! initialisation and every collective: one that has not completed within `dist.timeout_s` (a
+//! rank died or hangs) ends this process with an error naming it, and the launcher then stops
+//! the others.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaSlice, CudaStream};

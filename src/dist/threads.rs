@@ -115,7 +115,8 @@ impl Collective for ThreadComm {
     }
 
     fn reduce_sum_owned(&self, t: Tensor, root: usize) -> Result<Option<Tensor>> {
-        let sum = self.all_reduce_sum(&t)?;
+        // A buffer of its own: with one rank the sum would share `t`'s, which is poisoned below.
+        let sum = self.all_reduce_sum(&t)?.copy()?;
         if self.rank != root {
             return Ok(None);
         }
