@@ -3,7 +3,10 @@
 # NCCL communicator, ZeRO 0, 1 and 2) against plain `packsft train` on the same recipe: the same
 # losses, and tokens/s. Run from the repository root: `bash .device/dist_check.sh`.
 # SHAPE=small: the quickstart model at hidden 256 (a step of a few ms: every host cost shows);
-# SHAPE=1b: the quickstart recipe at TinyLlama-1.1B's shape (hidden 2048, 22 layers).
+# SHAPE=1b: the quickstart recipe at TinyLlama-1.1B's shape (hidden 2048, 22 layers): short rows, about
+#   320 tokens a step, so a step is mostly passes over the parameters (docs/BENCHMARKS.md, 2026-12-08);
+# SHAPE=1b-flan: the same model on the one-GPU benchmark's FLAN-like rows (make_bench_data.py, 8 a step):
+#   the tokens a step of `packsft bench`'s llama-1.1b row.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 source "$(dirname "$0")/gpu_env.sh"
@@ -15,6 +18,13 @@ case $SHAPE in
   small) MODEL="model.config.hidden_size=256 model.config.intermediate_size=704" ;;
   1b) MODEL="model.config.hidden_size=2048 model.config.intermediate_size=5632 model.config.num_hidden_layers=22
         model.config.num_attention_heads=32 model.config.num_key_value_heads=4 train.batch_size=16" ;;
+  1b-flan)
+    [ -f /tmp/flan-dist.jsonl ] || python3 $D/make_bench_data.py flan 400 32000 /tmp/flan-dist.jsonl
+    MODEL="model.config.hidden_size=2048 model.config.intermediate_size=5632 model.config.num_hidden_layers=22
+        model.config.num_attention_heads=32 model.config.num_key_value_heads=4 model.config.vocab_size=32000
+        model.config.max_position_embeddings=4096 data.train=/tmp/flan-dist.jsonl data.max_length=4096
+        train.batch_size=8" ;;
+  *) echo "dist_check.sh: SHAPE is small, 1b or 1b-flan" >&2; exit 2 ;;
 esac
 ARGS="recipes/quickstart.yaml train.device=cuda train.dtype=bf16 train.max_steps=$STEPS train.eval_steps=0 data.eval=null
   train.logging_steps=10 train.save_steps=0 $MODEL"
