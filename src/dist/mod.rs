@@ -1,6 +1,6 @@
 #![doc = include_str!("README.md")]
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
 
@@ -57,11 +57,50 @@ pub trait Collective: Send {
         let t = Tensor::from_slice(v, v.len(), &candle_core::Device::Cpu)?;
         Ok(self.all_reduce_sum(&t)?.to_vec1::<f64>()?)
     }
+    /// Sets every rank's `vars` to `root`'s, in place (the same shapes and dtypes on every
+    /// rank): the sharded optimizer's gathering of the weights each owner updated. By default
+    /// one [`Collective::broadcast_owned`] of the vars laid end to end in float32
+    /// ([`broadcast_vars_flat`]); a transport may send each var from and into its own buffer.
+    fn broadcast_vars(&self, vars: &[&Var], root: usize) -> Result<()> {
+        broadcast_vars_flat(self, vars, root)
+    }
     /// Waits until every rank has called it.
     fn barrier(&self) -> Result<()> {
         let one = Tensor::zeros(1, DType::F32, &candle_core::Device::Cpu)?;
         self.all_reduce_sum(&one).map(|_| ())
     }
+}
+
+/// [`Collective::broadcast_vars`] through one buffer: `root` lays its vars end to end in
+/// float32, the others receive into zeros of that size and set each var from its part.
+pub fn broadcast_vars_flat<C: Collective + ?Sized>(
+    comm: &C,
+    vars: &[&Var],
+    root: usize,
+) -> Result<()> {
+    let Some(first) = vars.first() else {
+        return Ok(());
+    };
+    let total: usize = vars.iter().map(|v| v.elem_count()).sum();
+    let flat = if comm.rank() == root {
+        let parts = (vars.iter())
+            .map(|v| v.as_tensor().flatten_all()?.to_dtype(DType::F32))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)?
+    } else {
+        Tensor::zeros(total, DType::F32, first.device())?
+    };
+    let flat = comm.broadcast_owned(flat, root)?;
+    if comm.rank() == root {
+        return Ok(());
+    }
+    let mut at = 0;
+    for v in vars {
+        let n = v.elem_count();
+        v.set(&(flat.narrow(0, at, n)?.reshape(v.shape())?).to_dtype(v.dtype())?)?;
+        at += n;
+    }
+    Ok(())
 }
 
 /// Splits items of the given costs among `ranks` so that the largest load is small: the

@@ -278,39 +278,19 @@ impl DataParallel {
     }
 
     /// Under ZeRO 1 and 2, every parameter from its owner after the owners' updates: each
-    /// owner's parameters in one flat broadcast (together an all-gather).
+    /// owner's parameters in one [`Collective::broadcast_vars`] (together an all-gather).
     pub(crate) fn sync_params(&self, params: &[Param]) -> Result<()> {
         if !self.sharded() {
             return Ok(());
         }
         for owner in 0..self.world_size() {
-            let mine: Vec<&Param> = params
+            let mine: Vec<&candle_core::Var> = params
                 .iter()
                 .zip(&self.owners)
                 .filter(|(_, &o)| o == owner)
-                .map(|(p, _)| p)
+                .map(|(p, _)| &p.var)
                 .collect();
-            let Some(first) = mine.first() else {
-                continue;
-            };
-            let total: usize = mine.iter().map(|p| p.var.elem_count()).sum();
-            let flat = if owner == self.rank() {
-                let ts: Vec<&Tensor> = mine.iter().map(|p| p.var.as_tensor()).collect();
-                flatten_f32(&ts)?
-            } else {
-                Tensor::zeros(total, DType::F32, first.var.device())?
-            };
-            let flat = self.comm.broadcast_owned(flat, owner)?;
-            if owner == self.rank() {
-                continue;
-            }
-            let mut at = 0;
-            for p in mine {
-                let n = p.var.elem_count();
-                let t = flat.narrow(0, at, n)?.reshape(p.var.shape())?;
-                p.var.set(&t.to_dtype(p.var.dtype())?)?;
-                at += n;
-            }
+            self.comm.broadcast_vars(&mine, owner)?;
         }
         Ok(())
     }
