@@ -267,13 +267,16 @@ impl DataParallel {
         }
     }
 
+    /// Whether this rank updates parameter `i` (of the model's, in order).
+    pub(crate) fn owns(&self, i: usize) -> bool {
+        !self.sharded() || self.owners[i] == self.rank()
+    }
+
     /// The parameters this rank updates: all of them, or under ZeRO 1 and 2 its own.
     pub(crate) fn owned(&self, params: &[Param]) -> Vec<Param> {
-        params
-            .iter()
-            .zip(&self.owners)
-            .filter(|(_, &o)| !self.sharded() || o == self.rank())
-            .map(|(p, _)| p.clone())
+        (params.iter().enumerate())
+            .filter(|(i, _)| self.owns(*i))
+            .map(|(_, p)| p.clone())
             .collect()
     }
 

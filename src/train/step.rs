@@ -18,6 +18,7 @@ use crate::dist::ZeroStage;
 use crate::error::{Error, Result};
 use crate::model::{LossScale, Model};
 use crate::nn::graph::with_grad_sink;
+use crate::nn::kernels;
 use crate::nn::param::accumulate;
 
 /// Sizes of one optimizer step's micro-batches, summed.
@@ -180,6 +181,62 @@ fn collate_step<C: Collator>(
     Ok((batches, sizes))
 }
 
+/// A sharded optimizer's update: each rank holds the summed gradients of the parameters it
+/// owns and updates those, clipped by the norm over every rank's (one scalar sum), writing their
+/// compute copies in the same pass as one process does (`keep_copies`); then it takes every
+/// other parameter from its owner and casts that one's copy, so the next forward recasts
+/// nothing.
+fn sharded_update<M: Model>(
+    optimizer: &mut AdamW,
+    model: &M,
+    d: &DataParallel,
+    grads: &mut GradStore,
+    guard: &Tensor,
+    (max_grad_norm, lr): (f64, f64),
+    keep_copies: bool,
+) -> Result<PendingUpdate> {
+    let params = model.params();
+    let copies = if keep_copies {
+        model.compute_copies()?
+    } else {
+        Vec::new()
+    };
+    let (mine, theirs): (Vec<_>, Vec<_>) = copies.into_iter().partition(|(i, _)| d.owns(*i));
+    // The sharded optimizer's slots are the owned parameters only: its copies are indexed
+    // among those.
+    let slot_of: std::collections::HashMap<usize, usize> = (0..params.len())
+        .filter(|&i| d.owns(i))
+        .enumerate()
+        .map(|(slot, i)| (i, slot))
+        .collect();
+    let mine_by_slot: Vec<(usize, Tensor)> = (mine.iter())
+        .map(|(i, c)| (slot_of[i], c.clone()))
+        .collect();
+    let sum = |sumsq: &Tensor| d.sum(sumsq);
+    let update = optimizer.enqueue_clip_and_step(
+        grads,
+        &d.owned(params),
+        max_grad_norm,
+        lr,
+        Some(guard),
+        &mine_by_slot,
+        Some(&sum),
+    )?;
+    d.sync_params(params)?;
+    // Fresh only if every copy is: the owned ones written by the update (the fused path), the
+    // others cast here from the weights their owners sent.
+    let fresh =
+        !(mine.is_empty() && theirs.is_empty()) && (mine.is_empty() || update.wrote_copies());
+    if fresh && !theirs.is_empty() {
+        let pairs: Vec<(&Tensor, &Tensor)> = (theirs.iter())
+            .map(|(i, c)| (params[*i].var.as_tensor(), c))
+            .collect();
+        kernels::cast_bf16_into(&pairs)?;
+    }
+    model.set_compute_copies_fresh(fresh);
+    Ok(update)
+}
+
 /// The error of a step that must have targets (a direct gradient computation).
 pub(crate) fn no_targets() -> Error {
     Error::Training("an optimizer step has no target token in any of its examples".into())
@@ -263,22 +320,15 @@ impl Stepper {
             // Each rank holds the summed gradients of the parameters it owns: it updates those,
             // clipped by the norm over every rank's (one scalar sum), then takes every other
             // parameter from its owner.
-            Some(d) => {
-                let params = model.params();
-                let sum = |sumsq: &Tensor| d.sum(sumsq);
-                let update = self.optimizer.enqueue_clip_and_step(
-                    &mut g.grads,
-                    &d.owned(params),
-                    max_grad_norm,
-                    lr,
-                    Some(&g.loss_sum),
-                    &[],
-                    Some(&sum),
-                )?;
-                d.sync_params(params)?;
-                model.set_compute_copies_fresh(false);
-                update
-            }
+            Some(d) => sharded_update(
+                &mut self.optimizer,
+                model,
+                d,
+                &mut g.grads,
+                &g.loss_sum,
+                (max_grad_norm, lr),
+                keep_copies,
+            )?,
             None => {
                 let copies = if keep_copies {
                     model.compute_copies()?
