@@ -1,19 +1,19 @@
 //! Data parallelism on the CPU: ranks as threads (`internals::dist::threads`) must compute the
 //! optimizer steps one process computes with the same global batch, under ZeRO 0, 1 and 2,
-//! for 2, 3 and 4 ranks, padded and padding-free; a sharded run's checkpoint resumes on another
-//! number of ranks.
+//! for 2, 3 and 4 ranks, padded and padding-free, and with LoRA adapters on a frozen base; a
+//! sharded run's checkpoint resumes on another number of ranks.
 
 mod common;
 
 use std::path::Path;
 use std::time::Duration;
 
-use candle_core::{Device, Tensor};
-use common::{examples, max_abs_diff, tiny_model};
+use candle_core::{DType, Device, Tensor};
+use common::{examples, max_abs_diff, tiny_config, tiny_model};
 use packsft::internals::dist::threads::group;
 use packsft::{
-    AdamWConfig, Collective, CompletionOnlyCollator, DataParallel, Model, ReduceDtype, Schedule,
-    Trainer, TrainerConfig, ZeroStage,
+    AdamWConfig, Collective, CompletionOnlyCollator, DataParallel, DecoderModel, LoraConfig,
+    LoraSetup, Model, ReduceDtype, Schedule, Targets, Trainer, TrainerConfig, ZeroStage,
 };
 
 const BATCH: usize = 12;
@@ -60,15 +60,31 @@ fn collator(padding_free: bool) -> CompletionOnlyCollator {
     }
 }
 
+/// The tiny model with new LoRA adapters (r 4, every linear layer) on its frozen base; the
+/// adapters' B starts non-zero (`gaussian`-like seeding is not PEFT's default, but a zero B
+/// would leave A without a gradient in the first step).
+fn lora_model() -> DecoderModel {
+    let setup = LoraSetup {
+        config: LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            targets: Targets::AllLinear,
+            seed: 5,
+            ..Default::default()
+        },
+        frozen_dtype: DType::F32,
+    };
+    DecoderModel::new_random_with_lora(tiny_config(64), 3, &Device::Cpu, &setup).unwrap()
+}
+
 /// (per-step losses, final parameters) of one process with the global batch.
 fn single(padding_free: bool) -> (Vec<f64>, Vec<Tensor>) {
-    let mut t = Trainer::new(
-        tiny_model(3),
-        collator(padding_free),
-        cfg(BATCH, None),
-        Device::Cpu,
-    )
-    .unwrap();
+    single_of(tiny_model(3), padding_free)
+}
+
+/// [`single`] for `model`.
+fn single_of(model: DecoderModel, padding_free: bool) -> (Vec<f64>, Vec<Tensor>) {
+    let mut t = Trainer::new(model, collator(padding_free), cfg(BATCH, None), Device::Cpu).unwrap();
     let s = t.train(&data(), None).unwrap();
     let params = t
         .model
@@ -91,12 +107,23 @@ fn parallel_with(
     padding_free: bool,
     reduce: ReduceDtype,
 ) -> Vec<(Vec<f64>, Vec<Tensor>)> {
+    parallel_of(|| tiny_model(3), n, zero, padding_free, reduce)
+}
+
+/// [`parallel_with`] for the models `make` builds (one a rank, all the same).
+fn parallel_of(
+    make: fn() -> DecoderModel,
+    n: usize,
+    zero: ZeroStage,
+    padding_free: bool,
+    reduce: ReduceDtype,
+) -> Vec<(Vec<f64>, Vec<Tensor>)> {
     let comms = group(n, Duration::from_secs(60));
     let handles: Vec<_> = comms
         .into_iter()
         .map(|c| {
             std::thread::spawn(move || {
-                let model = tiny_model(3);
+                let model = make();
                 // Buckets of about one weight matrix: several reduced during each backward.
                 let dp = DataParallel::new(Box::new(c), zero, model.params())
                     .with_bucket_elements(model.params(), 4096)
@@ -167,6 +194,37 @@ fn n_ranks_compute_the_steps_of_one_process() {
             }
         }
     }
+}
+
+/// LoRA composes with data parallelism: only the adapters are parameters (the frozen base is
+/// neither reduced nor sharded), and N ranks train them as one process does, under every stage.
+#[test]
+fn lora_adapters_train_data_parallel_as_one_process() {
+    let one = single_of(lora_model(), true);
+    let model = lora_model();
+    let names: Vec<&str> = model.params().iter().map(|p| p.name.as_str()).collect();
+    assert!(
+        !model.frozen_tensors().is_empty() && names.iter().all(|n| n.contains("lora_")),
+        "adapters only: {names:?}"
+    );
+    for zero in [ZeroStage::Zero0, ZeroStage::Zero1, ZeroStage::Zero2] {
+        for n in [2, 3] {
+            let ranks = parallel_of(lora_model, n, zero, true, ReduceDtype::F32);
+            for (r, got) in ranks.iter().enumerate() {
+                assert_close(&format!("LoRA {zero:?} n={n} rank {r}"), got, &one);
+            }
+        }
+    }
+    // The adapters moved: the comparison above is not between untrained copies.
+    let start = lora_model()
+        .params()
+        .iter()
+        .map(|p| p.var.as_tensor().copy().unwrap())
+        .collect::<Vec<_>>();
+    let moved = (one.1.iter().zip(&start))
+        .map(|(a, b)| max_abs_diff(a, b))
+        .fold(0.0, f64::max);
+    assert!(moved > 1e-4, "adapters moved by {moved:e}");
 }
 
 /// `dist.reduce_dtype: bf16`: gradient buckets summed in bf16 (half the bytes) give one
