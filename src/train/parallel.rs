@@ -43,6 +43,9 @@ pub struct DataParallel {
     zero: ZeroStage,
     /// The owning rank of each parameter (index into `Model::params`).
     owners: Vec<usize>,
+    /// Each parameter's place among those this rank updates ([`DataParallel::owned`], the
+    /// sharded optimizer's slots); `None` for another rank's.
+    slots: Vec<Option<usize>>,
     /// ZeRO 2's buckets: runs of parameter indices with one owner, in the order the backward
     /// produces them (the last parameters first).
     buckets: Vec<Vec<usize>>,
@@ -56,10 +59,22 @@ impl DataParallel {
         let sizes: Vec<usize> = params.iter().map(|p| p.var.elem_count()).collect();
         let owners = owners(&sizes, comm.world_size());
         let buckets = zero2_buckets(&sizes, &owners, ZERO2_BUCKET_ELEMENTS);
+        let (rank, sharded) = (comm.rank(), zero != ZeroStage::Zero0);
+        let mut slots = Vec::with_capacity(owners.len());
+        let mut held = 0;
+        for &o in &owners {
+            if !sharded || o == rank {
+                slots.push(Some(held));
+                held += 1;
+            } else {
+                slots.push(None);
+            }
+        }
         Self {
             comm,
             zero,
             owners,
+            slots,
             buckets,
             reduce_dtype: ReduceDtype::F32,
         }
@@ -267,15 +282,16 @@ impl DataParallel {
         }
     }
 
-    /// Whether this rank updates parameter `i` (of the model's, in order).
-    pub(crate) fn owns(&self, i: usize) -> bool {
-        !self.sharded() || self.owners[i] == self.rank()
+    /// Where parameter `i` (of the model's, in order) stands among those this rank updates;
+    /// `None` if another rank updates it.
+    pub(crate) fn slot_of(&self, i: usize) -> Option<usize> {
+        self.slots[i]
     }
 
     /// The parameters this rank updates: all of them, or under ZeRO 1 and 2 its own.
     pub(crate) fn owned(&self, params: &[Param]) -> Vec<Param> {
         (params.iter().enumerate())
-            .filter(|(i, _)| self.owns(*i))
+            .filter(|(i, _)| self.slots[*i].is_some())
             .map(|(_, p)| p.clone())
             .collect()
     }

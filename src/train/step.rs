@@ -201,17 +201,15 @@ fn sharded_update<M: Model>(
     } else {
         Vec::new()
     };
-    let (mine, theirs): (Vec<_>, Vec<_>) = copies.into_iter().partition(|(i, _)| d.owns(*i));
-    // The sharded optimizer's slots are the owned parameters only: its copies are indexed
-    // among those.
-    let slot_of: std::collections::HashMap<usize, usize> = (0..params.len())
-        .filter(|&i| d.owns(i))
-        .enumerate()
-        .map(|(slot, i)| (i, slot))
-        .collect();
-    let mine_by_slot: Vec<(usize, Tensor)> = (mine.iter())
-        .map(|(i, c)| (slot_of[i], c.clone()))
-        .collect();
+    // The copies of what this rank updates, indexed as the sharded optimizer's slots (the
+    // owned parameters only); the others', by parameter.
+    let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+    for (i, c) in copies {
+        match d.slot_of(i) {
+            Some(slot) => mine.push((slot, c)),
+            None => theirs.push((i, c)),
+        }
+    }
     let sum = |sumsq: &Tensor| d.sum(sumsq);
     let update = optimizer.enqueue_clip_and_step(
         grads,
@@ -219,7 +217,7 @@ fn sharded_update<M: Model>(
         max_grad_norm,
         lr,
         Some(guard),
-        &mine_by_slot,
+        &mine,
         Some(&sum),
     )?;
     d.sync_params(params)?;
