@@ -178,6 +178,9 @@ fn after_compute(comm: &Comm, s: &CudaStorage) -> candle_core::Result<()> {
 struct InPlace<'a> {
     comm: &'a Comm,
     kind: InPlaceKind,
+    /// Whether the collectives' stream must first wait for candle's (false inside a group whose
+    /// caller ordered the streams once for all of its collectives).
+    order: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -195,7 +198,9 @@ impl InPlace<'_> {
             + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
     {
         let (at, n) = (l.start_offset(), l.shape().elem_count());
-        after_compute(self.comm, s)?;
+        if self.order {
+            after_compute(self.comm, s)?;
+        }
         let slice = s.as_cuda_slice_mut::<T>()?;
         let mut view = slice.slice_mut(at..at + n);
         let r = match self.kind {
@@ -317,6 +322,7 @@ impl NcclComm {
         t.inplace_op1(&InPlace {
             comm: &self.comm.0,
             kind,
+            order: true,
         })?;
         let what = match kind {
             InPlaceKind::AllReduce => "all-reduce".to_string(),
@@ -420,12 +426,16 @@ impl Collective for NcclComm {
             return broadcast_vars_flat(self, vars, root);
         }
         self.release_done()?;
+        // One wait for candle's stream covers every var of the group.
+        (self.comm.0.stream().join(&self.compute))
+            .map_err(|e| self.cuda_err("NCCL stream order", e))?;
         let nccl_err = |e| self.cuda_err("NCCL group", e);
         group_start().map_err(nccl_err)?;
         let sent = (vars.iter()).try_for_each(|v| {
             v.as_tensor().inplace_op1(&InPlace {
                 comm: &self.comm.0,
                 kind: InPlaceKind::BroadcastFrom(root),
+                order: false,
             })
         });
         // The group is closed whatever happened inside it, or NCCL stays in group mode.
