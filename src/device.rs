@@ -1,4 +1,6 @@
-//! Device names in recipes and on the command line.
+//! Device names in recipes and on the command line, and the device's clock.
+
+use std::time::Instant;
 
 use candle_core::Device;
 
@@ -61,6 +63,54 @@ fn keep_freed_memory(cd: &candle_core::CudaDevice) {
                 sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
                 &mut threshold as *mut u64 as *mut std::ffi::c_void,
             );
+        }
+    }
+}
+
+/// A point in the work a device was given, where a span of device time starts or ends. On the
+/// CPU, whose work is done when each call returns, the moment itself; on a GPU, an event on
+/// candle's stream, so the host never waits for the device to take it (the span is read after
+/// the step, when the device has long passed it).
+pub struct Mark(MarkAt);
+
+enum MarkAt {
+    Host(Instant),
+    #[cfg(feature = "cuda")]
+    Cuda(candle_core::cuda_backend::cudarc::driver::CudaEvent),
+}
+
+impl Mark {
+    /// Where the device's work stands now: after everything enqueued on it so far.
+    pub fn now(device: &Device) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(cd) = device {
+            use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+            use candle_core::cuda_backend::WrapErr;
+            // A timing event (the default flags): the others cannot be measured between.
+            let e = (cd.cuda_stream())
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .w()?;
+            return Ok(Self(MarkAt::Cuda(e)));
+        }
+        let _ = device;
+        Ok(Self(MarkAt::Host(Instant::now())))
+    }
+
+    /// Seconds of device time from this mark to `end`, a later mark of the same device; waits
+    /// until the device has reached `end`.
+    pub fn seconds_to(&self, end: &Mark) -> Result<f64> {
+        match (&self.0, &end.0) {
+            (MarkAt::Host(a), MarkAt::Host(b)) => Ok(b.saturating_duration_since(*a).as_secs_f64()),
+            #[cfg(feature = "cuda")]
+            (MarkAt::Cuda(a), MarkAt::Cuda(b)) => {
+                use candle_core::cuda_backend::WrapErr;
+                b.synchronize().w()?;
+                Ok(f64::from(a.elapsed_ms(b).w()?) / 1e3)
+            }
+            #[cfg(feature = "cuda")]
+            _ => Err(Error::Training(
+                "a span of device time must start and end on the same device".into(),
+            )),
         }
     }
 }

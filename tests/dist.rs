@@ -298,6 +298,41 @@ fn sharded_checkpoint_resumes(zero: ZeroStage) {
             p.name
         );
     }
+    // On 3 ranks of the same stage: each reads only the moments it owns.
+    let comms = group(3, Duration::from_secs(60));
+    let handles: Vec<_> = comms
+        .into_iter()
+        .map(|c| {
+            let ckpt = ckpt.clone();
+            std::thread::spawn(move || {
+                let model = tiny_model(3);
+                let dp = DataParallel::new(Box::new(c), zero, model.params());
+                let mut t =
+                    Trainer::new(model, collator(true), cfg(BATCH / 3, None), Device::Cpu).unwrap();
+                t.set_data_parallel(dp).unwrap();
+                t.resume_from(&ckpt).unwrap();
+                let rest = t.train(&data(), None).unwrap();
+                let params: Vec<Tensor> = (t.model.params().iter())
+                    .map(|p| p.var.as_tensor().copy().unwrap())
+                    .collect();
+                (
+                    rest.steps.iter().map(|m| m.loss).collect::<Vec<f64>>(),
+                    params,
+                )
+            })
+        })
+        .collect();
+    for (r, h) in handles.into_iter().enumerate() {
+        let (rest, params) = h.join().unwrap();
+        let losses = (parts[0].steps.iter().map(|m| m.loss))
+            .chain(rest)
+            .collect();
+        assert_close(
+            &format!("{zero:?} resumed on 3 ranks, rank {r}"),
+            &(losses, params),
+            &(one_losses.clone(), one_params.clone()),
+        );
+    }
     let mut t = Trainer::new(model, collator(true), cfg(BATCH, Some(&out)), Device::Cpu).unwrap();
     t.resume_from(&ckpt).unwrap();
     let rest = t.train(&data(), None).unwrap();
@@ -318,6 +353,63 @@ fn sharded_checkpoint_resumes(zero: ZeroStage) {
         &(losses, params),
         &(one_losses, one_params),
     );
+}
+
+/// Every rank's step reports each rank's compute time and their spread, the same on every rank;
+/// a rank with no example in a step computed nothing, so the busy rank is the slower one. One
+/// process reports neither.
+#[test]
+fn ranks_report_each_ones_compute_time_and_the_spread() {
+    // One example a step: rank 0 trains on it, rank 1 has none and only joins the sums.
+    let one = examples(&[40], 64, 9);
+    let config = || TrainerConfig {
+        grad_accum: 1,
+        max_steps: 6,
+        epochs: 6,
+        ..cfg(1, None)
+    };
+    let comms = group(2, Duration::from_secs(60));
+    let handles: Vec<_> = comms
+        .into_iter()
+        .map(|c| {
+            let one = one.clone();
+            std::thread::spawn(move || {
+                let model = tiny_model(3);
+                let dp = DataParallel::new(Box::new(c), ZeroStage::Zero0, model.params());
+                let mut t = Trainer::new(model, collator(true), config(), Device::Cpu).unwrap();
+                t.set_data_parallel(dp).unwrap();
+                t.train(&one, None).unwrap()
+            })
+        })
+        .collect();
+    let runs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(runs[0].steps.len(), 6);
+    let (mut busy, mut idle) = (0.0, 0.0);
+    for (a, b) in runs[0].steps.iter().zip(&runs[1].steps) {
+        let times = a
+            .rank_compute_s
+            .clone()
+            .expect("rank 0 reports the ranks' times");
+        assert_eq!(Some(&times), b.rank_compute_s.as_ref(), "step {}", a.step);
+        assert_eq!(times.len(), 2);
+        // Every rank measured a span, the idle one too (its loop over no batch).
+        assert!(times.iter().all(|t| t.is_finite() && *t > 0.0), "{times:?}");
+        let spread = a.rank_spread.expect("and their spread");
+        let want = (times[0].max(times[1]) - times[0].min(times[1])) / times[0].max(times[1]);
+        assert!((spread - want).abs() < 1e-12, "{spread} vs {want}");
+        (busy, idle) = (busy + times[0], idle + times[1]);
+    }
+    // Summed over the steps, so one preempted moment of the idle rank cannot turn it round.
+    assert!(
+        idle < busy / 2.0,
+        "the rank without examples took {idle} s, the busy one {busy} s"
+    );
+    let mut t = Trainer::new(tiny_model(3), collator(true), config(), Device::Cpu).unwrap();
+    let s = t.train(&one, None).unwrap();
+    assert!(s
+        .steps
+        .iter()
+        .all(|m| m.rank_compute_s.is_none() && m.rank_spread.is_none()));
 }
 
 fn final_loss(stdout: &str) -> f64 {

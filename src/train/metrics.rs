@@ -41,6 +41,15 @@ pub struct StepMetrics {
     /// (loss and gradient norm are 0). Written only when true.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub skipped: bool,
+    /// Data parallel: each rank's device time for its forward and backward passes in this
+    /// step, by rank (the gradient sums and the update left out; on the CPU with ranks as
+    /// threads, ZeRO 2's bucket sums during the backward are inside it). The same on every rank.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rank_compute_s: Option<Vec<f64>>,
+    /// Data parallel: (slowest - fastest) / slowest of `rank_compute_s`, the share of the
+    /// slowest rank's compute time the fastest one waits for it at the gradient sums.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rank_spread: Option<f64>,
 }
 
 /// One evaluation's line of metrics.jsonl.

@@ -123,60 +123,59 @@ impl AdamW {
     /// Restores what `state_tensors` wrote and the optimizer step count; every moment must be
     /// present with its parameter's shape, or nothing changes. A checkpoint without per-parameter
     /// update counts (an earlier packsft) counts `step` updates for every parameter.
+    ///
+    /// The file is mapped, checked whole from its header, then read one moment at a time straight
+    /// onto its parameter's device: a rank of a sharded run reads only the moments it owns, and
+    /// no device ever holds the whole state a second time (an 8B model's is 64 GB in float32).
     pub fn load_state(&mut self, path: &std::path::Path, step: usize) -> Result<()> {
-        let t = candle_core::safetensors::load(
-            path,
-            self.slots
-                .first()
-                .map(|s| s.var.device())
-                .unwrap_or(&candle_core::Device::Cpu),
-        )
-        .map_err(|e| {
-            crate::error::Error::model(path, format!("cannot read optimizer state: {e}"))
-        })?;
-        let mut new = Vec::with_capacity(self.slots.len());
+        use crate::error::Error;
+        // SAFETY: mapped read-only; a checkpoint modified while it is read is outside what any
+        // loader can guard against.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+            .map_err(|e| Error::model(path, format!("cannot read optimizer state: {e}")))?;
+        let shapes: std::collections::HashMap<String, Vec<usize>> = (st.tensors().into_iter())
+            .map(|(name, view)| (name, view.shape().to_vec()))
+            .collect();
+        let mut counts = Vec::with_capacity(self.slots.len());
         for s in &self.slots {
-            let get = |k: String| -> Result<Tensor> {
-                let x = t
-                    .get(&k)
-                    .ok_or_else(|| crate::error::Error::model(path, format!("missing `{k}`")))?;
-                if x.dims() != s.var.dims() {
-                    return Err(crate::error::Error::model(
-                        path,
-                        format!(
-                            "`{k}` has shape {:?}, the parameter {:?}",
-                            x.dims(),
-                            s.var.dims()
-                        ),
-                    ));
+            for k in [
+                format!("exp_avg.{}", s.name),
+                format!("exp_avg_sq.{}", s.name),
+            ] {
+                match shapes.get(&k) {
+                    None => return Err(Error::model(path, format!("missing `{k}`"))),
+                    Some(dims) if dims.as_slice() != s.var.dims() => {
+                        return Err(Error::model(
+                            path,
+                            format!("`{k}` has shape {dims:?}, the parameter {:?}", s.var.dims()),
+                        ))
+                    }
+                    Some(_) => {}
                 }
-                Ok(x.to_dtype(DType::F32)?)
-            };
+            }
             let key = format!("step.{}", s.name);
-            let count = match t.get(&key) {
-                Some(x) => {
-                    let v = x.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-                    match v.as_slice() {
-                        [c] if *c >= 0.0 && c.fract() == 0.0 => *c as u64,
-                        _ => {
-                            return Err(crate::error::Error::model(
-                                path,
-                                format!("`{key}` is {v:?}, not one update count"),
-                            ))
-                        }
+            counts.push(if shapes.contains_key(&key) {
+                let x = st.load(&key, &candle_core::Device::Cpu)?;
+                let v = x.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                match v.as_slice() {
+                    [c] if *c >= 0.0 && c.fract() == 0.0 => *c as u64,
+                    _ => {
+                        return Err(Error::model(
+                            path,
+                            format!("`{key}` is {v:?}, not one update count"),
+                        ))
                     }
                 }
-                None => step as u64,
-            };
-            new.push((
-                get(format!("exp_avg.{}", s.name))?,
-                get(format!("exp_avg_sq.{}", s.name))?,
-                count,
-            ));
+            } else {
+                step as u64
+            });
         }
-        for (s, (m, v, count)) in self.slots.iter_mut().zip(new) {
-            s.m.set(&m)?;
-            s.v.set(&v)?;
+        for (s, count) in self.slots.iter_mut().zip(counts) {
+            let device = s.var.device().clone();
+            let read =
+                |k: String| -> Result<Tensor> { Ok(st.load(&k, &device)?.to_dtype(DType::F32)?) };
+            s.m.set(&read(format!("exp_avg.{}", s.name))?)?;
+            s.v.set(&read(format!("exp_avg_sq.{}", s.name))?)?;
             s.t = count;
         }
         self.step = step;

@@ -315,8 +315,9 @@ impl DataParallel {
     }
 
     /// The whole optimizer state on rank 0 (the other ranks get an empty map): under ZeRO 1
-    /// and 2 each parameter's moments and count come from its owner, so a checkpoint holds
-    /// what one process would have written and resumes on any number of ranks.
+    /// and 2 each parameter's moments and count come from its owner, one tensor at a time, and
+    /// rank 0 keeps them on the host, so a checkpoint holds what one process would have written
+    /// and resumes on any number of ranks.
     pub(crate) fn gather_state(
         &self,
         mine: BTreeMap<String, Tensor>,
@@ -351,7 +352,9 @@ impl DataParallel {
                 };
                 let t = self.comm.broadcast(&t, o)?;
                 if self.rank() == 0 {
-                    all.insert(key, t);
+                    // To the host at once: rank 0's device holds one gathered tensor at a
+                    // time, not the whole state (64 GB for an 8B model's moments).
+                    all.insert(key, t.to_device(&candle_core::Device::Cpu)?);
                 }
             }
         }

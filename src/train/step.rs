@@ -14,6 +14,7 @@ use super::parallel::DataParallel;
 use super::readback::Readback;
 use crate::collate::{Collator, TrainBatch};
 use crate::data::Example;
+use crate::device::Mark;
 use crate::dist::ZeroStage;
 use crate::error::{Error, Result};
 use crate::model::{LossScale, Model};
@@ -37,6 +38,9 @@ pub(crate) struct PendingGrads {
     /// Float64 scalars.
     pub loss_sum: Tensor,
     pub aux_loss: Option<Tensor>,
+    /// Data parallel: where this rank's forward and backward passes began and ended on its
+    /// device (the gradient sums and the update left out), for the step-time spread.
+    pub compute: Option<(Mark, Mark)>,
 }
 
 /// Collates `micro_batches` and runs each forward/backward with the loss scaled by the step's
@@ -72,6 +76,7 @@ where
     let mut zero2 = dp
         .filter(|d| d.zero() == ZeroStage::Zero2)
         .map(|d| d.zero2_step(model.params()));
+    let started = dp.map(|_| Mark::now(device)).transpose()?;
     for b in &batches {
         let Some(b) = b.as_ref().filter(|b| b.n_targets() > 0) else {
             if let Some(z) = &mut zero2 {
@@ -106,6 +111,10 @@ where
             aux_loss = f64_sum(aux_loss, (a * share)?)?;
         }
     }
+    let compute = match started {
+        Some(start) => Some((start, Mark::now(device)?)),
+        None => None,
+    };
     if let Some(d) = dp {
         // Every rank joins every sum, with zeros where it had nothing to add.
         acc = match zero2 {
@@ -128,6 +137,7 @@ where
             grads,
             loss_sum,
             aux_loss,
+            compute,
         }),
         _ => None,
     };
@@ -257,6 +267,7 @@ struct EnqueuedUpdate {
     losses: Readback,
     has_aux: bool,
     update: PendingUpdate,
+    compute: Option<(Mark, Mark)>,
 }
 
 /// The optimizer and the step clock.
@@ -362,6 +373,7 @@ impl Stepper {
                 losses,
                 has_aux,
                 update,
+                compute: g.compute,
             }),
             lr,
             sizes,
@@ -370,19 +382,25 @@ impl Stepper {
     }
 
     /// Waits for an enqueued step and reports it; a non-finite loss or gradient norm is an
-    /// error (the device left the weights as they were).
-    pub fn finish(&mut self, p: PendingStep) -> Result<StepMetrics> {
+    /// error (the device left the weights as they were). With `dp`, every rank's compute time
+    /// is exchanged (on the host) for the step-time spread.
+    pub fn finish(&mut self, p: PendingStep, dp: Option<&DataParallel>) -> Result<StepMetrics> {
         let skipped = p.update.is_none();
-        let (loss, grad_norm, aux_loss) = match p.update {
-            None => (0.0, 0.0, None),
+        let (loss, grad_norm, aux_loss, compute) = match p.update {
+            None => (0.0, 0.0, None, None),
             Some(u) => {
                 let losses = u.losses.read();
                 let grad_norm = self.optimizer.settle(u.update)?;
                 let losses = losses?;
+                let compute = match (dp, &u.compute) {
+                    (Some(d), Some((start, end))) => Some(rank_times(d, start.seconds_to(end)?)?),
+                    _ => None,
+                };
                 (
                     losses[0] / p.sizes.loss_units,
                     grad_norm,
                     u.has_aux.then(|| losses[1]),
+                    compute,
                 )
             }
         };
@@ -416,6 +434,27 @@ impl Stepper {
             tokens_per_s: p.sizes.tokens as f64 / dt.max(1e-9),
             elapsed_s: 0.0,
             skipped,
+            rank_spread: compute.as_deref().map(spread),
+            rank_compute_s: compute,
         })
+    }
+}
+
+/// Every rank's seconds, by rank, from each rank's own (a host sum of one-hot rows).
+fn rank_times(d: &DataParallel, mine: f64) -> Result<Vec<f64>> {
+    let mut row = vec![0.0; d.world_size()];
+    row[d.rank()] = mine;
+    d.sum_host(&row)
+}
+
+/// (slowest - fastest) / slowest: the share of the slowest rank's compute time the fastest
+/// rank spends waiting for it at the step's gradient sums; 0 when no rank computed anything.
+pub(crate) fn spread(times: &[f64]) -> f64 {
+    let max = times.iter().copied().fold(0.0, f64::max);
+    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    if max > 0.0 {
+        (max - min) / max
+    } else {
+        0.0
     }
 }

@@ -288,7 +288,7 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
     /// Waits for an enqueued step and reports it; a non-finite loss or gradient norm is an
     /// error (the device left the weights as they were).
     pub fn finish_step(&mut self, p: PendingStep) -> Result<StepMetrics> {
-        self.stepper.finish(p)
+        self.stepper.finish(p, self.dp.as_ref())
     }
 
     /// Mean loss per target token (and token accuracy, where the model reports it) over
