@@ -702,3 +702,83 @@ fn flash_refuses_what_it_cannot_run() {
         .use_flash(&cuda(), DType::BF16, 64)
         .unwrap());
 }
+
+/// A LoRA model on a bf16 frozen base with a 262,144-token vocabulary: the frozen head makes the
+/// loss and the hidden rows' gradient in the forward, 256 rows a chunk (two chunks here), with
+/// and without gradient checkpointing (`frozen_head_nll`). The adapters' gradients must be as
+/// close to a float32 eager autograd run of the same weights as bf16 autograd through the whole
+/// logits is (with a margin for rounding), and within the dense check's bound of it.
+#[test]
+fn lora_frozen_head_in_chunks_tracks_autograd() {
+    let lora = |dtype: DType, attention, checkpointing, autograd_layers| {
+        let cfg = serde_json::json!({
+            "model_type": "llama", "vocab_size": 262144, "hidden_size": 256,
+            "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 1024,
+        });
+        let setup = packsft::LoraSetup {
+            config: packsft::LoraConfig {
+                r: 8,
+                alpha: 16.0,
+                targets: packsft::Targets::AllLinear,
+                seed: 3,
+                ..Default::default()
+            },
+            frozen_dtype: dtype,
+        };
+        let mut m = DecoderModel::new_random_with_lora(cfg, 7, &cuda(), &setup).unwrap();
+        m.compute = ComputeOptions {
+            dtype,
+            gradient_checkpointing: checkpointing,
+            attention,
+            autograd_layers,
+        };
+        // B starts at zero, which would leave every A without a gradient.
+        for (i, p) in packsft::Model::params(&m).iter().enumerate() {
+            if p.name.contains("lora_B") {
+                let b = (randn(
+                    (1, p.var.dim(0).unwrap(), p.var.dim(1).unwrap()),
+                    i as u64,
+                    &cuda(),
+                )
+                .squeeze(0)
+                .unwrap()
+                    * 0.05)
+                    .unwrap();
+                p.var.set(&b).unwrap();
+            }
+        }
+        m
+    };
+    let heads = packsft::internals::graph::frozen_heads();
+    let (lh, gh) = loss_and_grads(&lora(DType::BF16, AttentionImpl::Flash, false, false), true);
+    let (lc, gc) = loss_and_grads(&lora(DType::BF16, AttentionImpl::Flash, true, false), true);
+    assert_eq!(packsft::internals::graph::frozen_heads() - heads, 2);
+    let (la, ga) = loss_and_grads(&lora(DType::BF16, AttentionImpl::Flash, false, true), true);
+    let (lx, gx) = loss_and_grads(&lora(DType::F32, AttentionImpl::Eager, false, true), true);
+    let worst = |a: &[Tensor], b: &[Tensor]| {
+        (a.iter().zip(b))
+            .map(|(x, y)| rel_diff(x, y))
+            .fold(0f64, f64::max)
+    };
+    let (hand_err, ckpt_err, auto_err) = (worst(&gh, &gx), worst(&gc, &gx), worst(&ga, &gx));
+    eprintln!(
+        "loss: chunked head {lh}, checkpointed {lc}, autograd {la}, float32 {lx}; worst adapter \
+         gradient rel diff against float32: chunked {hand_err:.2e}, checkpointed {ckpt_err:.2e}, \
+         autograd {auto_err:.2e}; chunked vs autograd {:.2e}",
+        worst(&gh, &ga)
+    );
+    for (what, l) in [("chunked", lh), ("checkpointed", lc), ("autograd", la)] {
+        assert!(
+            (l - lx).abs() / lx < 2e-3,
+            "{what} loss {l} vs float32 {lx}"
+        );
+    }
+    assert!(worst(&gh, &ga) < 3e-2, "chunked vs autograd");
+    for (what, err) in [("chunked", hand_err), ("checkpointed", ckpt_err)] {
+        assert!(
+            err <= 1.5 * auto_err + 1e-3,
+            "{what} {err} vs autograd's {auto_err}"
+        );
+    }
+}

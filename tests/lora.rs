@@ -222,12 +222,23 @@ fn hand_written_backward_gives_pefts_adapter_gradients() {
             model.compute.gradient_checkpointing = ckpt;
             let batch = collate(&r.examples, padding_free);
             let before = packsft::internals::graph::hand_written_backwards();
+            let heads_before = packsft::internals::graph::frozen_heads();
             let scale = LossScale {
                 per_unit: 1.0 / batch.n_targets() as f64,
                 aux: 0.0,
             };
             let (l, grads) = model.forward_backward(&batch, scale).unwrap();
             let by_hand = packsft::internals::graph::hand_written_backwards() - before;
+            // A frozen head makes its gradient in the forward, in chunks; mistral's lm_head is
+            // trained (modules_to_save) and takes the plain node.
+            let head_trains = (r.json["modules_to_save_paths"].as_array().unwrap().iter())
+                .any(|p| p.as_str() == Some("lm_head"));
+            let frozen_heads = packsft::internals::graph::frozen_heads() - heads_before;
+            if frozen_heads != usize::from(!head_trains) {
+                failures.push(format!(
+                    "{fam} ckpt={ckpt}: {frozen_heads} frozen head passes, head trains: {head_trains}"
+                ));
+            }
             let want_by_hand = if ckpt { 0 } else { model.spec.layers };
             if !moe && by_hand != want_by_hand {
                 failures.push(format!(

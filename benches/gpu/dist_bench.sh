@@ -65,7 +65,8 @@ sampled() {
   [ $rc = 0 ] || { echo "FAILED (rc $rc): $*"; grep -iE "error|panicked" "$log.err" | head -3; }
 }
 
-# packsft's run in $1: tokens/s over the steps after the first two, and the first 10 losses.
+# packsft's run in $1: tokens/s over the steps after the first two, the ranks' mean compute-time
+# spread over those steps, and the first 10 losses.
 summary() {
   python3 - "$1" <<'PY'
 import json, sys
@@ -73,7 +74,10 @@ rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl") if '"loss"' 
 late = rows[2:] or rows
 tokens = sum(r["tokens"] for r in late)
 seconds = late[-1]["elapsed_s"] - (rows[1]["elapsed_s"] if len(rows) > 2 else 0.0)
+# rank_spread: (slowest - fastest) / slowest of the ranks' forward + backward device times.
+spreads = [r["rank_spread"] for r in late if "rank_spread" in r]
 print(json.dumps(dict(dir=sys.argv[1], steps=len(rows), tokens_per_s=tokens / seconds,
+                      mean_rank_spread=sum(spreads) / len(spreads) if spreads else None,
                       first_losses=[r["loss"] for r in rows[:10]])))
 PY
 }

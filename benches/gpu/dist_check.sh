@@ -46,4 +46,14 @@ for k in ("z0", "z1", "z2"):
     print(f"{shape} {k}: steps {len(runs[k])}, worst loss rel diff vs plain {worst:.2e}, "
           f"losses identical to z0: {same_as_z0}, "
           f"tokens/s {tps(runs[k]):.0f} vs plain {tps(runs['plain']):.0f} ({tps(runs[k]) / tps(runs['plain']):.3f}x)")
+    # Where a step's time goes: the forward and backward (the rank's device time, CUDA events) and
+    # the rest (gradient sums, the update, the weights' gathering), against plain train's step.
+    rs, ps = runs[k][2:], runs["plain"][2:]
+    step_ms = 1e3 * sum(r["tokens"] / r["tokens_per_s"] for r in rs) / len(rs)
+    plain_ms = 1e3 * sum(r["tokens"] / r["tokens_per_s"] for r in ps) / len(ps)
+    compute = [r["rank_compute_s"][0] for r in rs if "rank_compute_s" in r]
+    if compute:
+        compute_ms = 1e3 * sum(compute) / len(compute)
+        print(f"{shape} {k}: step {step_ms:.2f} ms (plain {plain_ms:.2f}), forward + backward "
+              f"{compute_ms:.2f} ms, the rest {step_ms - compute_ms:.2f} ms")
 PY

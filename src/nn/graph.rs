@@ -70,6 +70,22 @@ pub fn count_hand_backward() {
     HAND_BACKWARDS.with(|c| c.set(c.get() + 1));
 }
 
+thread_local! {
+    static FROZEN_HEADS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many frozen vocabulary heads this thread ran with their gradient made in the forward,
+/// a chunk of rows at a time (for tests that must know that path ran).
+#[doc(hidden)]
+pub fn frozen_heads() -> usize {
+    FROZEN_HEADS.with(|c| c.get())
+}
+
+/// Counts one frozen head (see [`frozen_heads`]).
+pub fn count_frozen_head() {
+    FROZEN_HEADS.with(|c| c.set(c.get() + 1));
+}
+
 /// Whether a [`scope`] is running on this thread.
 pub fn in_scope() -> bool {
     SIDE_GRADS.with(|s| s.borrow().is_some())

@@ -7,10 +7,10 @@
 //! (`through_autograd`), so every layer but the mixture-of-experts ones takes this path (why:
 //! `nn::graph`).
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use super::super::spec::{ArchSpec, Block};
-use super::parts::{stacked_qkv, FwdCtx, Layer, Lin, Mlp, Qkv};
+use super::parts::{stacked_qkv, FwdCtx, Layer, Mlp, Qkv};
 use super::pullbacks::{
     act_like, act_vjp, gated_vjp, head_norm_vjp, lin_vjp, norm_vjp, rope_vjp, stacked_lin_vjp,
     sum_backs, Back,
@@ -353,90 +353,13 @@ pub(super) fn layers_node(
     Ok(x.apply_op2(&y, Attach::new(back))?)
 }
 
-/// The vocabulary projection as one graph node whose backward hands the weight gradient
-/// straight to the master weight (autograd would make a gradient of the weight copy, then
-/// cast and add it); `None` outside [`scope`], with autograd layers, and
-/// off the GPU's bf16 path, where there is no cast to save and the node's copy of the
-/// float32 logits would cost time and memory.
-pub(super) fn lm_head_node(lin: &Lin, h: &Tensor, autograd_layers: bool) -> Result<Option<Tensor>> {
-    if !hand_written_head(h, autograd_layers) {
-        return Ok(None);
-    }
-    let (y, back) = lin_vjp(lin, &h.detach())?;
-    let y = y.contiguous()?;
-    Ok(Some(h.apply_op2(&y, Attach::new(back))?))
-}
-
-/// Whether the vocabulary projection of `h` joins the graph as a node of its own: inside
-/// [`scope`], with hand-written layers, on the GPU's bf16 path.
-fn hand_written_head(h: &Tensor, autograd_layers: bool) -> bool {
-    in_scope() && !autograd_layers && h.device().is_cuda() && h.dtype() == DType::BF16
-}
-
-/// The vocabulary projection and the per-row loss (negative log-likelihood of `targets`) as
-/// one graph node, on the same terms as [`lm_head_node`], with Granite's logits scaling and
-/// Gemma 2's final soft-cap inside ([`logit_transform_vjp`]): autograd then holds only per-row
-/// and hidden-sized gradients. As two nodes, it added the logits' gradient (rows x vocab) into
-/// a zero-filled tensor of that size every step; through autograd, a soft-cap kept four
-/// rows x vocab tensors and their gradients (Gemma 2's vocabulary is 256k).
-pub(super) fn lm_head_nll_node(
-    lin: &Lin,
-    h: &Tensor,
-    targets: &Tensor,
-    spec: &ArchSpec,
-    autograd_layers: bool,
-) -> Result<Option<Tensor>> {
-    if !hand_written_head(h, autograd_layers) {
-        return Ok(None);
-    }
-    let (logits, lin_back) = lin_vjp(lin, &h.detach())?;
-    let (logits, transform_back) =
-        logit_transform_vjp(&logits, spec.logits_scaling, spec.final_softcap)?;
-    // ce_back keeps the logits for the backward, as the cross-entropy node did.
-    let Some((nll, ce_back)) = kernels::nll_vjp(&logits, targets)? else {
-        return Ok(None);
-    };
-    let back = move |g: &Tensor| -> Result<Tensor> { lin_back(&transform_back(&ce_back(g)?)?) };
-    Ok(Some(h.apply_op2(&nll, Attach::new(Box::new(back)))?))
-}
-
-/// `DecoderModel::logits`' transform of a head's raw logits x, with its pullback:
-/// y = x / scaling (Granite's `logits_scaling`), then y = cap * tanh(y / cap) (Gemma 2's
-/// `final_logit_softcapping`). The pullback keeps only y (tanh' = 1 - (y / cap)^2), in the
-/// logits' dtype as candle's own tanh backward computes it; the identity costs nothing.
-pub(super) fn logit_transform_vjp(
-    logits: &Tensor,
-    scaling: f64,
-    cap: Option<f64>,
-) -> Result<(Tensor, Pullback<Tensor>)> {
-    // Divided, not multiplied by the inverse: the same roundings as `DecoderModel::logits`.
-    let unscale = move |t: &Tensor| -> Result<Tensor> {
-        Ok(if scaling != 1.0 {
-            (t / scaling)?
-        } else {
-            t.clone()
-        })
-    };
-    let z = unscale(logits)?;
-    let Some(c) = cap else {
-        return Ok((z, Box::new(move |g: &Tensor| unscale(g))));
-    };
-    let y = ((z / c)?.tanh()? * c)?;
-    let kept = y.clone();
-    let back = move |g: &Tensor| -> Result<Tensor> {
-        let t = (&kept / c)?;
-        let slope = (t.sqr()?.neg()? + 1.0)?;
-        unscale(&(g * slope)?)
-    };
-    Ok((y, Box::new(back)))
-}
-
 fn scale(t: &Tensor, s: f64) -> Result<Tensor> {
     Ok(if s != 1.0 { (t * s)? } else { t.clone() })
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::parts::Lin;
     use super::*;
     use crate::model::LossSum;
     use crate::nn::graph::scope;
@@ -635,43 +558,6 @@ mod tests {
                 .find(|(q, _)| q.id() == p.id())
                 .expect("every adapter tensor gets its gradient");
             assert!(max_diff(gs, g) < 1e-5, "{:?}", p.dims());
-        }
-    }
-
-    /// Logits scaling and the final soft-cap pull back as candle's autograd through
-    /// `DecoderModel::logits`' ops does, in every combination (the identity included).
-    #[test]
-    fn logit_transform_pulls_back_as_autograd() {
-        let x = candle_core::Var::from_tensor(&(values(&[5, 7], 0.37) * 20.0).unwrap()).unwrap();
-        let w = values(&[5, 7], 0.91);
-        for (s, cap) in [(1.0, None), (4.0, None), (1.0, Some(3.0)), (2.5, Some(1.5))] {
-            let (y, back) = logit_transform_vjp(x.as_tensor(), s, cap).unwrap();
-            let z = (x.as_tensor() / s).unwrap();
-            let want = match cap {
-                Some(c) => ((z / c).unwrap().tanh().unwrap() * c).unwrap(),
-                None => z,
-            };
-            let dx = (want.clone() * &w)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let dx = dx.get(x.as_tensor()).unwrap();
-            let got = back(&w).unwrap();
-            let close = |a: &Tensor, b: &Tensor| {
-                let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
-                d.max(0).unwrap().to_scalar::<f32>().unwrap()
-            };
-            assert!(close(&y, &want) < 1e-6, "scaling {s} cap {cap:?}: values");
-            assert!(close(&got, dx) < 1e-6, "scaling {s} cap {cap:?}: gradient");
-            // The soft-cap bends these logits (|x| up to 20 against caps of 1.5 and 3).
-            if cap.is_some() {
-                assert!(
-                    close(&got, &(&w / s).unwrap()) > 0.1,
-                    "cap {cap:?} left the slope"
-                );
-            }
         }
     }
 }

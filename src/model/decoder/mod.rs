@@ -24,6 +24,7 @@ mod backward;
 mod cache;
 mod copies;
 mod forward;
+mod head;
 mod init;
 mod parts;
 mod pullbacks;
@@ -31,9 +32,10 @@ mod stacked;
 
 pub use adapters::LoraSetup;
 use adapters::{lora_build, lora_finish, stack_frozen_qkv, DropoutKey, LoraState};
-use backward::{embed_lookup, hand_written_run, layers_node, lm_head_nll_node, lm_head_node};
+use backward::{embed_lookup, hand_written_run, layers_node};
 pub use cache::{BatchKvCache, KvCache};
 use forward::router_aux;
+use head::{frozen_head_nll, lm_head_nll_node, lm_head_node};
 use init::{check_all_read, Builder, Init, Source};
 use parts::{CopyVars, FwdCtx, Layer, Lin, LocalCtx, Norm};
 
@@ -543,8 +545,16 @@ impl DecoderModel {
             routers.push(r.map(|r| Var::from_tensor(&r.detach())).transpose()?);
         }
         let top = Var::from_tensor(xs.last().unwrap())?;
-        let logits = self.head(top.as_tensor(), Some(batch.target_rows()))?;
-        let sum = nll_sum(&logits, batch.target_ids(), batch.target_weights())?;
+        let h = self.head_rows(top.as_tensor(), Some(batch.target_rows()))?;
+        // A frozen head (LoRA) never holds the logits: 16 GB for a 32k-token row of Llama 3.
+        let sum = match frozen_head_nll(&self.lm_head, &h, batch.target_ids(), &self.spec)? {
+            Some(per_token) => weighted_sum(&per_token, batch.target_weights())?,
+            None => nll_sum(
+                &self.logits(&h)?,
+                batch.target_ids(),
+                batch.target_weights(),
+            )?,
+        };
         let mut objective = (&sum * scale.per_unit)?;
         let aux = match self.spec.router_aux_loss_coef {
             Some(coef) => {
