@@ -15,6 +15,8 @@
 # Data: FLAN-like and OrcaMath-like rows from make_bench_data.py (DATAS="flan orca").
 #
 # DEVICE=cpu SHAPE=tiny NS="1 2" checks the script on a machine without GPUs (TCP ranks, gloo peer).
+# Each run is cut at RUN_TIMEOUT seconds (240). A device call lasts at most 600 s: at llama-1.1b one data set
+# with NS="1 2 4 8" is about 24 runs, so give each call one data set (DATAS=flan, then DATAS=orca) or fewer Ns.
 # NVLink multicast stays off for both sides.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -55,7 +57,8 @@ sampled() {
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$log.mem" &
     local smi=$!
   fi
-  "$@" > "$log" 2> "$log.err"
+  # A run that hangs (an NCCL initialisation that never completes) costs RUN_TIMEOUT, not the call.
+  timeout --kill-after=10 "${RUN_TIMEOUT:-240}" "$@" > "$log" 2> "$log.err"
   local rc=$?
   [ "$DEVICE" = cuda ] && kill $smi 2>/dev/null
   tail -1 "$log"
