@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use common::{examples, max_abs_diff, tiny_config, tiny_model};
-use packsft::internals::dist::threads::group;
+use packsft::internals::dist::threads::{group, ThreadComm};
 use packsft::{
     AdamWConfig, Collective, CompletionOnlyCollator, DataParallel, DecoderModel, LoraConfig,
     LoraSetup, Model, ReduceDtype, Schedule, Targets, Trainer, TrainerConfig, ZeroStage,
@@ -86,13 +86,10 @@ fn single(padding_free: bool) -> (Vec<f64>, Vec<Tensor>) {
 fn single_of(model: DecoderModel, padding_free: bool) -> (Vec<f64>, Vec<Tensor>) {
     let mut t = Trainer::new(model, collator(padding_free), cfg(BATCH, None), Device::Cpu).unwrap();
     let s = t.train(&data(), None).unwrap();
-    let params = t
-        .model
-        .params()
-        .iter()
-        .map(|p| p.var.as_tensor().copy().unwrap())
-        .collect();
-    (s.steps.iter().map(|m| m.loss).collect(), params)
+    (
+        s.steps.iter().map(|m| m.loss).collect(),
+        params_of(&t.model),
+    )
 }
 
 /// The same with `n` ranks as threads, each with `BATCH / n` examples a micro-batch.
@@ -118,42 +115,51 @@ fn parallel_of(
     padding_free: bool,
     reduce: ReduceDtype,
 ) -> Vec<(Vec<f64>, Vec<Tensor>)> {
-    let comms = group(n, Duration::from_secs(60));
-    let handles: Vec<_> = comms
+    on_ranks(n, move |c| {
+        let model = make();
+        // Buckets of about one weight matrix: several reduced during each backward.
+        let dp = DataParallel::new(Box::new(c), zero, model.params())
+            .with_bucket_elements(model.params(), 4096)
+            .with_reduce_dtype(reduce);
+        let config = cfg(BATCH / n, None);
+        let mut t = Trainer::new(model, collator(padding_free), config, Device::Cpu).unwrap();
+        t.set_data_parallel(dp).unwrap();
+        let before = packsft::internals::parallel::zero2_buckets_reduced_in_backward();
+        let s = t.train(&data(), None).unwrap();
+        let during = packsft::internals::parallel::zero2_buckets_reduced_in_backward();
+        // ZeRO 2 reduces buckets while the backward runs; the others after it.
+        assert_eq!(
+            during > before,
+            zero == ZeroStage::Zero2,
+            "{zero:?}: {} buckets reduced during backward passes",
+            during - before
+        );
+        (
+            s.steps.iter().map(|m| m.loss).collect(),
+            params_of(&t.model),
+        )
+    })
+}
+
+/// Copies of `model`'s parameters, in order.
+fn params_of(model: &DecoderModel) -> Vec<Tensor> {
+    (model.params().iter())
+        .map(|p| p.var.as_tensor().copy().unwrap())
+        .collect()
+}
+
+/// `f` run on `n` ranks, each a thread with its end of one in-process group; the results in
+/// rank order.
+fn on_ranks<T: Send + 'static>(
+    n: usize,
+    f: impl Fn(ThreadComm) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let f = std::sync::Arc::new(f);
+    let handles: Vec<_> = group(n, Duration::from_secs(60))
         .into_iter()
         .map(|c| {
-            std::thread::spawn(move || {
-                let model = make();
-                // Buckets of about one weight matrix: several reduced during each backward.
-                let dp = DataParallel::new(Box::new(c), zero, model.params())
-                    .with_bucket_elements(model.params(), 4096)
-                    .with_reduce_dtype(reduce);
-                let mut t = Trainer::new(
-                    model,
-                    collator(padding_free),
-                    cfg(BATCH / n, None),
-                    Device::Cpu,
-                )
-                .unwrap();
-                t.set_data_parallel(dp).unwrap();
-                let before = packsft::internals::parallel::zero2_buckets_reduced_in_backward();
-                let s = t.train(&data(), None).unwrap();
-                let during = packsft::internals::parallel::zero2_buckets_reduced_in_backward();
-                // ZeRO 2 reduces buckets while the backward runs; the others after it.
-                assert_eq!(
-                    during > before,
-                    zero == ZeroStage::Zero2,
-                    "{zero:?}: {} buckets reduced during backward passes",
-                    during - before
-                );
-                let params: Vec<Tensor> = t
-                    .model
-                    .params()
-                    .iter()
-                    .map(|p| p.var.as_tensor().copy().unwrap())
-                    .collect();
-                (s.steps.iter().map(|m| m.loss).collect::<Vec<f64>>(), params)
-            })
+            let f = f.clone();
+            std::thread::spawn(move || f(c))
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -216,11 +222,7 @@ fn lora_adapters_train_data_parallel_as_one_process() {
         }
     }
     // The adapters moved: the comparison above is not between untrained copies.
-    let start = lora_model()
-        .params()
-        .iter()
-        .map(|p| p.var.as_tensor().copy().unwrap())
-        .collect::<Vec<_>>();
+    let start = params_of(&lora_model());
     let moved = (one.1.iter().zip(&start))
         .map(|(a, b)| max_abs_diff(a, b))
         .fold(0.0, f64::max);
@@ -267,25 +269,18 @@ fn sharded_checkpoint_resumes(zero: ZeroStage) {
     let (one_losses, one_params) = single(true);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().to_path_buf();
-    let comms = group(2, Duration::from_secs(60));
-    let handles: Vec<_> = comms
-        .into_iter()
-        .map(|c| {
-            let out = out.clone();
-            std::thread::spawn(move || {
-                let model = tiny_model(3);
-                let rank0 = c.rank() == 0;
-                let dp = DataParallel::new(Box::new(c), zero, model.params());
-                let mut config = cfg(BATCH / 2, rank0.then_some(out.as_path()));
-                config.max_steps = 4;
-                let mut t = Trainer::new(model, collator(true), config, Device::Cpu).unwrap();
-                t.set_data_parallel(dp).unwrap();
-                t.add_callback(Box::new(common::StopAt(2)));
-                t.train(&data(), None).unwrap()
-            })
-        })
-        .collect();
-    let parts: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let to = out.clone();
+    let parts = on_ranks(2, move |c| {
+        let model = tiny_model(3);
+        let rank0 = c.rank() == 0;
+        let dp = DataParallel::new(Box::new(c), zero, model.params());
+        let mut config = cfg(BATCH / 2, rank0.then_some(to.as_path()));
+        config.max_steps = 4;
+        let mut t = Trainer::new(model, collator(true), config, Device::Cpu).unwrap();
+        t.set_data_parallel(dp).unwrap();
+        t.add_callback(Box::new(common::StopAt(2)));
+        t.train(&data(), None).unwrap()
+    });
     assert!(parts.iter().all(|p| p.steps.len() == 2 && p.stopped));
     let ckpt = out.join("checkpoint-2");
     let state =
@@ -299,31 +294,20 @@ fn sharded_checkpoint_resumes(zero: ZeroStage) {
         );
     }
     // On 3 ranks of the same stage: each reads only the moments it owns.
-    let comms = group(3, Duration::from_secs(60));
-    let handles: Vec<_> = comms
-        .into_iter()
-        .map(|c| {
-            let ckpt = ckpt.clone();
-            std::thread::spawn(move || {
-                let model = tiny_model(3);
-                let dp = DataParallel::new(Box::new(c), zero, model.params());
-                let mut t =
-                    Trainer::new(model, collator(true), cfg(BATCH / 3, None), Device::Cpu).unwrap();
-                t.set_data_parallel(dp).unwrap();
-                t.resume_from(&ckpt).unwrap();
-                let rest = t.train(&data(), None).unwrap();
-                let params: Vec<Tensor> = (t.model.params().iter())
-                    .map(|p| p.var.as_tensor().copy().unwrap())
-                    .collect();
-                (
-                    rest.steps.iter().map(|m| m.loss).collect::<Vec<f64>>(),
-                    params,
-                )
-            })
-        })
-        .collect();
-    for (r, h) in handles.into_iter().enumerate() {
-        let (rest, params) = h.join().unwrap();
+    let from = ckpt.clone();
+    let resumed = on_ranks(3, move |c| {
+        let model = tiny_model(3);
+        let dp = DataParallel::new(Box::new(c), zero, model.params());
+        let mut t = Trainer::new(model, collator(true), cfg(BATCH / 3, None), Device::Cpu).unwrap();
+        t.set_data_parallel(dp).unwrap();
+        t.resume_from(&from).unwrap();
+        let rest = t.train(&data(), None).unwrap();
+        (
+            rest.steps.iter().map(|m| m.loss).collect::<Vec<f64>>(),
+            params_of(&t.model),
+        )
+    });
+    for (r, (rest, params)) in resumed.into_iter().enumerate() {
         let losses = (parts[0].steps.iter().map(|m| m.loss))
             .chain(rest)
             .collect();
@@ -342,15 +326,9 @@ fn sharded_checkpoint_resumes(zero: ZeroStage) {
         .chain(&rest.steps)
         .map(|m| m.loss)
         .collect();
-    let params: Vec<Tensor> = t
-        .model
-        .params()
-        .iter()
-        .map(|p| p.var.as_tensor().copy().unwrap())
-        .collect();
     assert_close(
         "resumed on one rank",
-        &(losses, params),
+        &(losses, params_of(&t.model)),
         &(one_losses, one_params),
     );
 }
@@ -368,21 +346,14 @@ fn ranks_report_each_ones_compute_time_and_the_spread() {
         epochs: 6,
         ..cfg(1, None)
     };
-    let comms = group(2, Duration::from_secs(60));
-    let handles: Vec<_> = comms
-        .into_iter()
-        .map(|c| {
-            let one = one.clone();
-            std::thread::spawn(move || {
-                let model = tiny_model(3);
-                let dp = DataParallel::new(Box::new(c), ZeroStage::Zero0, model.params());
-                let mut t = Trainer::new(model, collator(true), config(), Device::Cpu).unwrap();
-                t.set_data_parallel(dp).unwrap();
-                t.train(&one, None).unwrap()
-            })
-        })
-        .collect();
-    let runs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let data = one.clone();
+    let runs = on_ranks(2, move |c| {
+        let model = tiny_model(3);
+        let dp = DataParallel::new(Box::new(c), ZeroStage::Zero0, model.params());
+        let mut t = Trainer::new(model, collator(true), config(), Device::Cpu).unwrap();
+        t.set_data_parallel(dp).unwrap();
+        t.train(&data, None).unwrap()
+    });
     assert_eq!(runs[0].steps.len(), 6);
     let (mut busy, mut idle) = (0.0, 0.0);
     for (a, b) in runs[0].steps.iter().zip(&runs[1].steps) {

@@ -360,16 +360,11 @@ fn scale(t: &Tensor, s: f64) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::super::parts::Lin;
+    use super::super::testing::{max_diff, values};
     use super::*;
     use crate::model::LossSum;
     use crate::nn::graph::scope;
     use candle_core::Device;
-
-    fn values(shape: &[usize], seed: f32) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|i| ((i as f32 + 1.0) * seed).sin()).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     /// [`values`] as a trainable parameter (a variable: frozen tensors take no gradient).
     fn param(shape: &[usize], seed: f32) -> Tensor {
@@ -383,20 +378,6 @@ mod tests {
     fn with_side_grads(f: impl FnOnce() -> Result<Tensor>) -> (Tensor, Vec<(Tensor, Tensor)>) {
         let (r, side) = crate::nn::graph::with_side_grads(f);
         (r.unwrap(), side)
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     /// Inside a scope the embedding lookup gives index_select's rows, and the table gets the

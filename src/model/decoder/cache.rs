@@ -497,16 +497,8 @@ impl DecoderModel {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::max_diff;
     use super::*;
-    use candle_core::D;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        ((a - b).unwrap().abs().unwrap().flatten_all().unwrap())
-            .max(D::Minus1)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// The cached attention of the new positions equals their rows of the full causal attention
     /// (the training path's eager attention), with and without a window and soft-capping.

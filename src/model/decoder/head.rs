@@ -201,14 +201,9 @@ fn nll_and_unit_grad(z: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{max_diff, values};
     use super::*;
     use candle_core::Device;
-
-    fn values(shape: &[usize], seed: f32) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|i| ((i as f32 + 1.0) * seed).sin()).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     /// Logits scaling and the final soft-cap pull back as candle's autograd through
     /// `DecoderModel::logits`' ops does, in every combination (the identity included).
@@ -295,11 +290,5 @@ mod tests {
             // The frozen weight took none.
             assert!(!lin.w.is_variable());
         }
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
-        d.max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 }

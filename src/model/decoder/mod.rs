@@ -29,6 +29,8 @@ mod init;
 mod parts;
 mod pullbacks;
 mod stacked;
+#[cfg(test)]
+mod testing;
 
 pub use adapters::LoraSetup;
 use adapters::{lora_build, lora_finish, stack_frozen_qkv, DropoutKey, LoraState};
