@@ -1,6 +1,6 @@
 #![doc = include_str!("README.md")]
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 
@@ -57,12 +57,13 @@ pub trait Collective: Send {
         let t = Tensor::from_slice(v, v.len(), &candle_core::Device::Cpu)?;
         Ok(self.all_reduce_sum(&t)?.to_vec1::<f64>()?)
     }
-    /// Sets every rank's `vars` to `root`'s, in place (the same shapes and dtypes on every
-    /// rank): the sharded optimizer's gathering of the weights each owner updated. By default
-    /// one [`Collective::broadcast_owned`] of the vars laid end to end in float32
-    /// ([`broadcast_vars_flat`]); a transport may send each var from and into its own buffer.
-    fn broadcast_vars(&self, vars: &[&Var], root: usize) -> Result<()> {
-        broadcast_vars_flat(self, vars, root)
+    /// Sets every rank's `tensors` to `root`'s, in place (the same shapes and dtypes on every
+    /// rank; each a variable's tensor or a contiguous view of one, such as a weight's rows of a
+    /// stacked bf16 copy): the sharded optimizer's gathering of what each owner updated. By
+    /// default one [`Collective::broadcast_owned`] of the tensors laid end to end in float32
+    /// ([`broadcast_in_place_flat`]); a transport may send each from and into its own buffer.
+    fn broadcast_in_place(&self, tensors: &[&Tensor], root: usize) -> Result<()> {
+        broadcast_in_place_flat(self, tensors, root)
     }
     /// Waits until every rank has called it.
     fn barrier(&self) -> Result<()> {
@@ -71,20 +72,21 @@ pub trait Collective: Send {
     }
 }
 
-/// [`Collective::broadcast_vars`] through one buffer: `root` lays its vars end to end in
-/// float32, the others receive into zeros of that size and set each var from its part.
-pub fn broadcast_vars_flat<C: Collective + ?Sized>(
+/// [`Collective::broadcast_in_place`] through one buffer: `root` lays its tensors end to end in
+/// float32 (exact for bf16 and float32 values), the others receive into zeros of that size and
+/// write each part back into its tensor's storage.
+pub fn broadcast_in_place_flat<C: Collective + ?Sized>(
     comm: &C,
-    vars: &[&Var],
+    tensors: &[&Tensor],
     root: usize,
 ) -> Result<()> {
-    let Some(first) = vars.first() else {
+    let Some(first) = tensors.first() else {
         return Ok(());
     };
-    let total: usize = vars.iter().map(|v| v.elem_count()).sum();
+    let total: usize = tensors.iter().map(|t| t.elem_count()).sum();
     let flat = if comm.rank() == root {
-        let parts = (vars.iter())
-            .map(|v| v.as_tensor().flatten_all()?.to_dtype(DType::F32))
+        let parts = (tensors.iter())
+            .map(|t| t.flatten_all()?.to_dtype(DType::F32))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Tensor::cat(&parts, 0)?
     } else {
@@ -95,9 +97,11 @@ pub fn broadcast_vars_flat<C: Collective + ?Sized>(
         return Ok(());
     }
     let mut at = 0;
-    for v in vars {
-        let n = v.elem_count();
-        v.set(&(flat.narrow(0, at, n)?.reshape(v.shape())?).to_dtype(v.dtype())?)?;
+    for t in tensors {
+        let n = t.elem_count();
+        let part = flat.narrow(0, at, n)?.reshape(t.shape())?.to_dtype(t.dtype())?;
+        // Into the tensor's own storage (a view's rows of its variable), as NCCL writes it.
+        t.slice_set(&part, 0, 0)?;
         at += n;
     }
     Ok(())

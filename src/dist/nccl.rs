@@ -28,7 +28,7 @@ use super::watchdog::Watchdog;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{broadcast_vars_flat, comm_err, Collective};
+use super::{broadcast_in_place_flat, comm_err, Collective};
 use crate::error::Result;
 
 /// A cudarc communicator that one thread at a time uses (the trainer's).
@@ -415,15 +415,15 @@ impl Collective for NcclComm {
         Ok(self.in_place(t, InPlaceKind::BroadcastFrom(root))?.0)
     }
 
-    /// One broadcast a var, from and into the var's own buffer, in one NCCL group (one launch):
-    /// no buffer the size of the owner's share (an 8B model's half under ZeRO 1 on 2 GPUs is 16 GB
-    /// in float32), and no copies in or out of one.
-    fn broadcast_vars(&self, vars: &[&Var], root: usize) -> Result<()> {
-        if vars.is_empty() {
+    /// One broadcast a tensor, from and into the tensor's own buffer (a view's rows of its
+    /// variable), in one NCCL group (one launch): no buffer the size of the owner's share (an 8B
+    /// model's half under ZeRO 1 on 2 GPUs is 16 GB in float32), and no copies in or out of one.
+    fn broadcast_in_place(&self, tensors: &[&Tensor], root: usize) -> Result<()> {
+        if tensors.is_empty() {
             return Ok(());
         }
-        if (vars.iter()).any(|v| !v.device().is_cuda() || !v.is_contiguous()) {
-            return broadcast_vars_flat(self, vars, root);
+        if (tensors.iter()).any(|t| !t.device().is_cuda() || !t.is_contiguous()) {
+            return broadcast_in_place_flat(self, tensors, root);
         }
         self.release_done()?;
         // One wait for candle's stream covers every var of the group.
@@ -431,8 +431,8 @@ impl Collective for NcclComm {
             .map_err(|e| self.cuda_err("NCCL stream order", e))?;
         let nccl_err = |e| self.cuda_err("NCCL group", e);
         group_start().map_err(nccl_err)?;
-        let sent = (vars.iter()).try_for_each(|v| {
-            v.as_tensor().inplace_op1(&InPlace {
+        let sent = (tensors.iter()).try_for_each(|t| {
+            t.inplace_op1(&InPlace {
                 comm: &self.comm.0,
                 kind: InPlaceKind::BroadcastFrom(root),
                 order: false,
@@ -442,8 +442,8 @@ impl Collective for NcclComm {
         let ended = group_end().map_err(nccl_err);
         sent?;
         ended?;
-        let n = vars.iter().map(|v| v.elem_count()).sum();
-        let what = format!("broadcast of {} tensors from rank {root}", vars.len());
+        let n = tensors.iter().map(|t| t.elem_count()).sum();
+        let what = format!("broadcast of {} tensors from rank {root}", tensors.len());
         let event = self.watch(&what, n)?;
         self.compute_waits(&event)
     }

@@ -297,19 +297,19 @@ impl DataParallel {
     }
 
     /// Under ZeRO 1 and 2, every parameter from its owner after the owners' updates: each
-    /// owner's parameters in one [`Collective::broadcast_vars`] (together an all-gather).
+    /// owner's parameters in one [`Collective::broadcast_in_place`] (together an all-gather).
     pub(crate) fn sync_params(&self, params: &[Param]) -> Result<()> {
         if !self.sharded() {
             return Ok(());
         }
         for owner in 0..self.world_size() {
-            let mine: Vec<&candle_core::Var> = params
+            let mine: Vec<&Tensor> = params
                 .iter()
                 .zip(&self.owners)
                 .filter(|(_, &o)| o == owner)
-                .map(|(p, _)| &p.var)
+                .map(|(p, _)| p.var.as_tensor())
                 .collect();
-            self.comm.broadcast_vars(&mine, owner)?;
+            self.comm.broadcast_in_place(&mine, owner)?;
         }
         Ok(())
     }
