@@ -99,7 +99,10 @@ pub fn broadcast_in_place_flat<C: Collective + ?Sized>(
     let mut at = 0;
     for t in tensors {
         let n = t.elem_count();
-        let part = flat.narrow(0, at, n)?.reshape(t.shape())?.to_dtype(t.dtype())?;
+        let part = flat
+            .narrow(0, at, n)?
+            .reshape(t.shape())?
+            .to_dtype(t.dtype())?;
         // Into the tensor's own storage (a view's rows of its variable), as NCCL writes it.
         t.slice_set(&part, 0, 0)?;
         at += n;

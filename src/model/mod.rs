@@ -95,9 +95,19 @@ pub trait Model {
 
     /// Low-precision copies of parameters that the forward/backward computes with, as
     /// (index into `params()`, copy), for an optimizer that can write them in the pass that
-    /// updates the weights (the fused CUDA AdamW); empty where the model keeps none.
+    /// updates the weights (the fused CUDA AdamW); empty where the model keeps none. A sharded
+    /// data-parallel optimizer sends these copies from each parameter's owner instead of the
+    /// float32 weights: the forward must read a copied parameter only through its copy, except
+    /// those [`Model::masters_read`] names.
     fn compute_copies(&self) -> Result<Vec<(usize, Tensor)>> {
         Ok(Vec::new())
+    }
+
+    /// Parameters with a compute copy whose float32 weight the forward reads as well (an
+    /// embedding table looked up in float32 so that its gradient stays float32), as indices
+    /// into `params()`: a sharded optimizer sends these whole too.
+    fn masters_read(&self) -> Vec<usize> {
+        Vec::new()
     }
 
     /// Tells the model whether its `compute_copies` hold the current weights (the optimizer

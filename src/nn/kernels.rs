@@ -240,17 +240,17 @@ pub fn rope_join_stacked(
     }
 }
 
-/// Writes each `src` (float32) into its `dst` (bf16) copy: one launch for all pairs on CUDA.
+/// Writes each `src` (float32) into its `dst` (bf16) copy, in `dst`'s storage (a view's rows of
+/// its variable): one launch for all pairs on CUDA, a cast and a copy each elsewhere.
 pub fn cast_bf16_into(pairs: &[(&Tensor, &Tensor)]) -> Result<()> {
     #[cfg(feature = "cuda")]
-    return crate::cuda::cast_bf16_into(pairs);
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = pairs;
-        Err(crate::error::Error::Training(
-            "bf16 weight copies are kept on CUDA only".into(),
-        ))
+    if pairs.first().is_some_and(|(src, _)| src.device().is_cuda()) {
+        return crate::cuda::cast_bf16_into(pairs);
     }
+    for (src, dst) in pairs {
+        dst.slice_set(&src.to_dtype(DType::BF16)?, 0, 0)?;
+    }
+    Ok(())
 }
 
 /// The tensors widened to float32 and laid end to end in one flat tensor (a data-parallel

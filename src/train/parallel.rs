@@ -17,6 +17,7 @@
 //! buffer.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{backprop::GradStore, DType, Tensor, TensorId};
 
@@ -51,6 +52,9 @@ pub struct DataParallel {
     buckets: Vec<Vec<usize>>,
     /// What gradient buckets travel in (`dist.reduce_dtype`).
     reduce_dtype: ReduceDtype,
+    /// The float32 masters of other ranks' weight matrices are behind their owners' (only their
+    /// bf16 copies were gathered, [`DataParallel::sync_copies`]); the same on every rank.
+    masters_stale: AtomicBool,
 }
 
 impl DataParallel {
@@ -77,6 +81,7 @@ impl DataParallel {
             slots,
             buckets,
             reduce_dtype: ReduceDtype::F32,
+            masters_stale: AtomicBool::new(false),
         }
     }
 
@@ -314,6 +319,62 @@ impl DataParallel {
         Ok(())
     }
 
+    /// Under ZeRO 1 and 2 with bf16 compute copies kept between steps (`copies`: parameter index
+    /// and copy, the same on every rank), what the next forward reads, from each owner: the bf16
+    /// copies of its weight matrices, half the bytes of their float32 masters, and its other
+    /// parameters (norms, biases) whole. The masters of other ranks' matrices are then stale
+    /// until [`DataParallel::sync_masters`].
+    /// `masters_read`: parameters whose float32 weight the forward reads beside the copy
+    /// ([`crate::model::Model::masters_read`]), sent whole as well.
+    pub(crate) fn sync_copies(
+        &self,
+        params: &[Param],
+        copies: &[(usize, Tensor)],
+        masters_read: &[usize],
+    ) -> Result<()> {
+        if !self.sharded() {
+            return Ok(());
+        }
+        let mut copy_of: Vec<Option<&Tensor>> = vec![None; params.len()];
+        for (i, c) in copies {
+            copy_of[*i] = Some(c);
+        }
+        for owner in 0..self.world_size() {
+            let mut mine: Vec<&Tensor> = Vec::new();
+            for i in (0..params.len()).filter(|&i| self.owners[i] == owner) {
+                let master = params[i].var.as_tensor();
+                match copy_of[i] {
+                    Some(c) if masters_read.contains(&i) => mine.extend([c, master]),
+                    Some(c) => mine.push(c),
+                    None => mine.push(master),
+                }
+            }
+            self.comm.broadcast_in_place(&mine, owner)?;
+        }
+        // Alike on every rank (with several ranks, each has matrices another rank updates), so
+        // every rank joins `sync_masters`' broadcasts or none does.
+        if self.world_size() > 1 && !copies.is_empty() {
+            self.masters_stale.store(true, Ordering::SeqCst);
+        }
+        COPIES_GATHERED.with(|c| c.set(c.get() + 1));
+        Ok(())
+    }
+
+    /// Every parameter's float32 master from its owner, where [`DataParallel::sync_copies`] left
+    /// them stale: before anything reads them (a checkpoint, an evaluation, the end of `train`, a
+    /// step that casts its copies anew). Every rank calls it at the same points of the loop.
+    pub(crate) fn sync_masters(&self, params: &[Param]) -> Result<()> {
+        if !self.masters_stale.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.sync_params(params)
+    }
+
+    /// Every rank's masters were just set alike (a resume read them all from a checkpoint).
+    pub(crate) fn masters_loaded(&self) {
+        self.masters_stale.store(false, Ordering::SeqCst);
+    }
+
     /// The whole optimizer state on rank 0 (the other ranks get an empty map): under ZeRO 1
     /// and 2 each parameter's moments and count come from its owner, one tensor at a time, and
     /// rank 0 keeps them on the host, so a checkpoint holds what one process would have written
@@ -513,6 +574,18 @@ impl Zero2Step<'_> {
 thread_local! {
     /// ZeRO 2 buckets this thread reduced while a backward was still running.
     static BUCKETS_IN_BACKWARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+thread_local! {
+    /// Steps whose weights this thread gathered as bf16 copies.
+    static COPIES_GATHERED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many steps' weights this thread gathered as bf16 copies, not float32 masters (for tests
+/// that must know that path ran).
+#[doc(hidden)]
+pub fn copies_gathered() -> usize {
+    COPIES_GATHERED.with(|c| c.get())
 }
 
 /// How many ZeRO 2 buckets this thread reduced while a backward was still running (for tests

@@ -192,10 +192,12 @@ fn collate_step<C: Collator>(
 }
 
 /// A sharded optimizer's update: each rank holds the summed gradients of the parameters it
-/// owns and updates those, clipped by the norm over every rank's (one scalar sum), writing their
-/// compute copies in the same pass as one process does (`keep_copies`); then it takes every
-/// other parameter from its owner and casts that one's copy, so the next forward recasts
-/// nothing.
+/// owns and updates those, clipped by the norm over every rank's (one scalar sum). With compute
+/// copies kept (`keep_copies`, bf16), the owner's copies are written in the update's pass as one
+/// process writes them (or cast here where the update does not), and every rank takes the bf16
+/// copies of other ranks' matrices from their owners (`DataParallel::sync_copies`), so the next
+/// forward recasts nothing; their float32 masters catch up at `DataParallel::sync_masters`.
+/// Without kept copies every parameter's float32 master comes from its owner.
 fn sharded_update<M: Model>(
     optimizer: &mut AdamW,
     model: &M,
@@ -212,14 +214,10 @@ fn sharded_update<M: Model>(
         Vec::new()
     };
     // The copies of what this rank updates, indexed as the sharded optimizer's slots (the
-    // owned parameters only); the others', by parameter.
-    let (mut mine, mut theirs) = (Vec::new(), Vec::new());
-    for (i, c) in copies {
-        match d.slot_of(i) {
-            Some(slot) => mine.push((slot, c)),
-            None => theirs.push((i, c)),
-        }
-    }
+    // owned parameters only).
+    let mine: Vec<(usize, Tensor)> = (copies.iter())
+        .filter_map(|(i, c)| d.slot_of(*i).map(|slot| (slot, c.clone())))
+        .collect();
     let sum = |sumsq: &Tensor| d.sum(sumsq);
     let update = optimizer.enqueue_clip_and_step(
         grads,
@@ -230,18 +228,20 @@ fn sharded_update<M: Model>(
         &mine,
         Some(&sum),
     )?;
-    d.sync_params(params)?;
-    // Fresh only if every copy is: the owned ones written by the update (the fused path), the
-    // others cast here from the weights their owners sent.
-    let fresh =
-        !(mine.is_empty() && theirs.is_empty()) && (mine.is_empty() || update.wrote_copies());
-    if fresh && !theirs.is_empty() {
-        let pairs: Vec<(&Tensor, &Tensor)> = (theirs.iter())
+    if copies.is_empty() {
+        d.sync_params(params)?;
+        model.set_compute_copies_fresh(false);
+        return Ok(update);
+    }
+    if !mine.is_empty() && !update.wrote_copies() {
+        let pairs: Vec<(&Tensor, &Tensor)> = (copies.iter())
+            .filter(|(i, _)| d.slot_of(*i).is_some())
             .map(|(i, c)| (params[*i].var.as_tensor(), c))
             .collect();
         kernels::cast_bf16_into(&pairs)?;
     }
-    model.set_compute_copies_fresh(fresh);
+    d.sync_copies(params, &copies, &model.masters_read())?;
+    model.set_compute_copies_fresh(true);
     Ok(update)
 }
 
@@ -308,6 +308,10 @@ impl Stepper {
     {
         let t0 = Instant::now();
         if !keep_copies {
+            // This step casts its copies from the masters: they must be current.
+            if let Some(d) = dp {
+                d.sync_masters(model.params())?;
+            }
             model.set_compute_copies_fresh(false);
         }
         let (sizes, grads) = step_grads(model, collator, device, micro_batches, dp)?;

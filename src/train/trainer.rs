@@ -332,6 +332,9 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             ));
         }
         self.model.load_params(dir)?;
+        if let Some(dp) = &self.dp {
+            dp.masters_loaded();
+        }
         self.stepper
             .optimizer
             .load_state(&dir.join(checkpoint::OPTIMIZER_FILE), state.global_step)?;
@@ -348,9 +351,11 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
     }
 
     fn save_checkpoint(&mut self, state: &TrainerState) -> Result<Option<PathBuf>> {
-        // Every rank joins the gathering of the sharded optimizer state; rank 0 writes.
+        // Every rank joins the gathering of the weights and of the sharded optimizer state;
+        // rank 0 writes.
         let opt_state = match &self.dp {
             Some(dp) => {
+                dp.sync_masters(self.model.params())?;
                 dp.gather_state(self.stepper.optimizer.state_tensors()?, self.model.params())?
             }
             None => self.stepper.optimizer.state_tensors()?,
@@ -500,6 +505,10 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
             }
         }
         run.progress.finish();
+        if let Some(dp) = &self.dp {
+            // Whatever reads the model next (saving it, the caller) reads current weights.
+            dp.sync_masters(self.model.params())?;
+        }
         if let Some(dir) = &self.config.output_dir {
             let rows = |key| run.metrics.rows_of(key);
             // The run's name: its output directory's.
@@ -660,6 +669,10 @@ impl<M: Model, C: Collator<Batch = M::Batch>> Trainer<M, C> {
 
     /// Evaluates on `eval` after the step `state` describes, and keeps the best loss.
     fn evaluate_at(&mut self, state: &mut TrainerState, eval: &[Example]) -> Result<EvalMetrics> {
+        if let Some(dp) = &self.dp {
+            // Evaluation reads the float32 weights.
+            dp.sync_masters(self.model.params())?;
+        }
         let r = self.evaluate(eval)?;
         state.best_eval_loss = Some(state.best_eval_loss.map_or(r.loss, |b| b.min(r.loss)));
         Ok(EvalMetrics {

@@ -1,6 +1,6 @@
 //! The compute-dtype copies of the weight matrices (bf16 on the GPU): made once per
-//! forward/backward as variables of their own, or kept between steps on CUDA and written by the
-//! optimizer's update pass; their gradients are folded back into the float32 masters.
+//! forward/backward as variables of their own, or (bf16) kept between steps, written by the
+//! optimizer's update pass on CUDA; their gradients are folded back into the float32 masters.
 
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
 
@@ -115,13 +115,12 @@ impl DecoderModel {
         layout
     }
 
-    /// The bf16 copies kept on CUDA (allocated on first use); `None` where the model casts per
-    /// step instead (CPU, other dtypes).
+    /// The bf16 copies kept between steps (allocated on first use), on any device; `None` where
+    /// the model casts per step instead (other dtypes, gradient checkpointing). On CUDA the
+    /// optimizer's fused update writes them; elsewhere they are cast anew when stale, as the
+    /// per-step copies were, and a sharded optimizer gathers them from their owners.
     pub(super) fn kept_copies(&self) -> Result<Option<CopyVars>> {
-        if !(kernels::on_cuda(&self.device)
-            && self.compute.dtype == DType::BF16
-            && !self.compute.gradient_checkpointing)
-        {
+        if self.compute.dtype != DType::BF16 || self.compute.gradient_checkpointing {
             return Ok(None);
         }
         let mut kept = self.weight_copies.lock().unwrap();

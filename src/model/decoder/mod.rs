@@ -723,6 +723,16 @@ impl Model for DecoderModel {
         }
     }
 
+    /// The embedding table: `embed_fwd` looks its rows up in float32 (and hands the table a
+    /// float32 gradient) and casts the rows, whatever copy a tied head computes with.
+    fn masters_read(&self) -> Vec<usize> {
+        let embed = self.embed.id();
+        (self.params.iter().enumerate())
+            .filter(|(_, p)| p.var.id() == embed)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
     fn set_compute_copies_fresh(&self, fresh: bool) {
         self.copies_fresh
             .store(fresh, std::sync::atomic::Ordering::SeqCst);
