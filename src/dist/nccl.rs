@@ -19,7 +19,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaSlice, CudaStream
 use candle_core::cuda_backend::cudarc::nccl::result::{group_end, group_start};
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, DType, Device, InplaceOp1, Layout, Shape, Tensor, Var,
+    CpuStorage, CudaStorage, CustomOp1, DType, Device, InplaceOp1, Layout, Shape, Tensor,
 };
 
 use super::retire::Retired;
