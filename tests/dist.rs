@@ -125,8 +125,13 @@ fn parallel_of(
         let mut t = Trainer::new(model, collator(padding_free), config, Device::Cpu).unwrap();
         t.set_data_parallel(dp).unwrap();
         let before = packsft::internals::parallel::zero2_buckets_reduced_in_backward();
+        let gathered = packsft::internals::parallel::copies_gathered();
         let s = t.train(&data(), None).unwrap();
         let during = packsft::internals::parallel::zero2_buckets_reduced_in_backward();
+        // Sharded bf16 runs gather the owners' bf16 copies at every step; the others none.
+        let gathered = packsft::internals::parallel::copies_gathered() - gathered;
+        let bf16_sharded = t.model.compute.dtype == DType::BF16 && zero != ZeroStage::Zero0;
+        assert_eq!(gathered, if bf16_sharded { s.steps.len() } else { 0 });
         // ZeRO 2 reduces buckets while the backward runs; the others after it.
         assert_eq!(
             during > before,
@@ -329,6 +334,19 @@ fn bf16_copies_gathered_from_their_owners_track_one_process() {
             }
         }
     }
+    // LoRA adapters in bf16: their copies are gathered the same way.
+    fn lora_bf16() -> DecoderModel {
+        let mut m = lora_model();
+        m.compute.dtype = DType::BF16;
+        m
+    }
+    let one = single_of(lora_bf16(), true);
+    let ranks = parallel_of(lora_bf16, 2, ZeroStage::Zero1, true, ReduceDtype::F32);
+    let worst = (ranks[0].1.iter().zip(&one.1))
+        .map(|(a, b)| common::rel_diff(a, b))
+        .fold(0.0, f64::max);
+    eprintln!("LoRA bf16 n=2: largest relative adapter difference from one process {worst:.1e}");
+    assert!(worst < 6e-3, "LoRA: {worst:e}");
     // Without checkpoints, an evaluation (every 2 steps), and else the end of `train`, brings the
     // masters up to date: every rank evaluates, and ends with, the same weights.
     for with_eval in [true, false] {
