@@ -234,12 +234,18 @@ impl DataParallel {
             .iter()
             .map(|(_, g)| g.contiguous())
             .collect::<candle_core::Result<_>>()?;
-        let flat = flatten_f32(&grads.iter().collect::<Vec<_>>())?;
-        drop(grads);
         let flat = match self.reduce_dtype {
-            ReduceDtype::F32 => flat,
-            ReduceDtype::Bf16 => flat.to_dtype(DType::BF16)?,
+            ReduceDtype::F32 => flatten_f32(&grads.iter().collect::<Vec<_>>())?,
+            // Laid end to end in bf16 at once (the weight matrices' gradients are bf16 already
+            // on the GPU): one pass, not a float32 bucket and its cast.
+            ReduceDtype::Bf16 => {
+                let parts = (grads.iter())
+                    .map(|g| g.to_dtype(DType::BF16)?.flatten_all())
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 0)?
+            }
         };
+        drop(grads);
         let summed = match owner {
             None => Some(self.comm.all_reduce_sum_owned(flat)?),
             Some(o) => self.comm.reduce_sum_owned(flat, o)?,
