@@ -11,7 +11,7 @@
 //! `backward` returns. Outside a scope (evaluation, a caller's own `loss().backward()`,
 //! gradient checkpointing's recomputation) pieces stay plain autograd graphs.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::Mutex;
 
 use candle_core::{backprop::GradStore, CpuStorage, CudaStorage, CustomOp2, Layout, Shape, Tensor};
@@ -55,35 +55,39 @@ pub fn with_side_grads<T>(f: impl FnOnce() -> Result<T>) -> (Result<T>, Vec<(Ten
 
 thread_local! {
     /// Layer backward passes this thread ran by hand.
-    static HAND_BACKWARDS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static HAND_BACKWARDS: Cell<usize> = const { Cell::new(0) };
+    /// Frozen vocabulary heads this thread ran with their gradient made in the forward.
+    static FROZEN_HEADS: Cell<usize> = const { Cell::new(0) };
+}
+
+type Counter = std::thread::LocalKey<Cell<usize>>;
+
+fn count(c: &'static Counter) {
+    c.with(|c| c.set(c.get() + 1));
 }
 
 /// How many layer backward passes this thread ran by hand so far (for tests that must know the
 /// hand-written path ran, not the autograd fallback).
 #[doc(hidden)]
 pub fn hand_written_backwards() -> usize {
-    HAND_BACKWARDS.with(|c| c.get())
+    HAND_BACKWARDS.with(Cell::get)
 }
 
 /// Counts one hand-written layer backward (see [`hand_written_backwards`]).
 pub fn count_hand_backward() {
-    HAND_BACKWARDS.with(|c| c.set(c.get() + 1));
-}
-
-thread_local! {
-    static FROZEN_HEADS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    count(&HAND_BACKWARDS);
 }
 
 /// How many frozen vocabulary heads this thread ran with their gradient made in the forward,
 /// a chunk of rows at a time (for tests that must know that path ran).
 #[doc(hidden)]
 pub fn frozen_heads() -> usize {
-    FROZEN_HEADS.with(|c| c.get())
+    FROZEN_HEADS.with(Cell::get)
 }
 
 /// Counts one frozen head (see [`frozen_heads`]).
 pub fn count_frozen_head() {
-    FROZEN_HEADS.with(|c| c.set(c.get() + 1));
+    count(&FROZEN_HEADS);
 }
 
 /// Whether a [`scope`] is running on this thread.
