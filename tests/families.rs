@@ -5,12 +5,12 @@
 
 mod common;
 
+use common::{fixture_name as name, reference, Reference};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use common::{max_abs_diff, rel_diff, sq_norm, within};
-use packsft::LossScale;
 use packsft::{AdamWConfig, Schedule};
 use packsft::{Collator, CompletionOnlyCollator, DecoderModel, Example, Model};
 use packsft::{Trainer, TrainerConfig};
@@ -36,30 +36,6 @@ fn fixtures() -> Vec<PathBuf> {
     );
     assert_eq!(v.len(), 23, "family fixtures: {v:?}");
     v
-}
-
-struct Reference {
-    json: serde_json::Value,
-    examples: Vec<Example>,
-    tensors: HashMap<String, Tensor>,
-}
-
-fn reference(dir: &Path) -> Reference {
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
-    let examples = common::examples_from_json(&json["examples"]);
-    let tensors =
-        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
-    Reference {
-        json,
-        examples,
-        tensors,
-    }
-}
-
-fn name(dir: &Path) -> String {
-    dir.file_name().unwrap().to_string_lossy().into_owned()
 }
 
 /// Every parameter's gradient against transformers' (relative difference ≤ 1e-4).
@@ -199,7 +175,7 @@ fn logits_loss_and_gradients_match_transformers() {
 }
 
 /// The training path (`forward_backward`) differentiates each dense layer by hand
-/// (src/model/decoder/manual.rs); gradient checkpointing recomputes layers with autograd. Both
+/// (src/model/decoder/backward.rs); gradient checkpointing recomputes layers with autograd. Both
 /// must give transformers' gradients, like `Model::loss` + backward above.
 #[test]
 fn hand_written_layer_backward_matches_transformers() {
@@ -208,8 +184,6 @@ fn hand_written_layer_backward_matches_transformers() {
         let fam = name(&dir);
         let r = reference(&dir);
         let mut model = DecoderModel::from_pretrained(&dir, &Device::Cpu).unwrap();
-        // Mixture-of-experts layers take autograd (see the decoder's README).
-        let moe = model.spec.moe_layers() > 0;
         // Padding-free and padded; then with gradient checkpointing (layers recomputed).
         for (padding_free, ckpt) in [(true, false), (false, false), (true, true)] {
             model.compute.gradient_checkpointing = ckpt;
@@ -220,28 +194,9 @@ fn hand_written_layer_backward_matches_transformers() {
             })
             .collate(&r.examples, &Device::Cpu)
             .unwrap();
-            let before = packsft::internals::graph::hand_written_backwards();
-            let scale = LossScale {
-                per_unit: 1.0 / batch.n_targets() as f64,
-                aux: 0.0,
-            };
-            let (l, grads) = model.forward_backward(&batch, scale).unwrap();
-            let by_hand = packsft::internals::graph::hand_written_backwards() - before;
-            // Every dense layer by hand; gradient checkpointing recomputes through autograd.
-            let want_by_hand = if ckpt { 0 } else { model.spec.layers };
-            if !moe && by_hand != want_by_hand {
-                failures.push(format!(
-                    "{fam} ckpt={ckpt}: {by_hand} layers differentiated by hand, want {want_by_hand}"
-                ));
-            }
-            let loss = l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_targets as f64;
-            let want = r.json["loss"].as_f64().unwrap();
-            if !within((loss - want).abs() / want, 1e-5) {
-                failures.push(format!(
-                    "{fam} pf={padding_free} ckpt={ckpt}: loss {loss} vs {want}"
-                ));
-            }
             let label = format!("{fam} pf={padding_free} ckpt={ckpt}");
+            let want = r.json["loss"].as_f64().unwrap();
+            let grads = common::step_by_hand(&model, &batch, want, &label, &mut failures);
             compare_grads(&model, &grads, &r, &label, &mut failures);
         }
     }

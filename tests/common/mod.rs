@@ -4,6 +4,70 @@
 use candle_core::{Device, Tensor};
 use packsft::{Batch, DecoderModel, Example, Model};
 
+/// One training-path forward/backward of `model` on `batch` with the loss per target token, checked
+/// against a reference loss `want` (relative 1e-5) and for the layers that took the hand-written
+/// backward (every one; none under gradient checkpointing, which recomputes through autograd;
+/// mixture-of-experts models keep autograd and are not counted). Mismatches go to `failures`
+/// under `label`; returns the gradients.
+pub fn step_by_hand(
+    model: &DecoderModel,
+    batch: &Batch,
+    want: f64,
+    label: &str,
+    failures: &mut Vec<String>,
+) -> candle_core::backprop::GradStore {
+    let before = packsft::internals::graph::hand_written_backwards();
+    let scale = packsft::LossScale {
+        per_unit: 1.0 / batch.n_targets() as f64,
+        aux: 0.0,
+    };
+    let (l, grads) = model.forward_backward(batch, scale).unwrap();
+    let by_hand = packsft::internals::graph::hand_written_backwards() - before;
+    let want_by_hand = if model.compute.gradient_checkpointing {
+        0
+    } else {
+        model.spec.layers
+    };
+    if model.spec.moe_layers() == 0 && by_hand != want_by_hand {
+        failures.push(format!(
+            "{label}: {by_hand} layers differentiated by hand, want {want_by_hand}"
+        ));
+    }
+    let loss = l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_targets as f64;
+    if !within((loss - want).abs() / want, 1e-5) {
+        failures.push(format!("{label}: loss {loss} vs {want}"));
+    }
+    grads
+}
+
+/// A fixture directory's reference from its script: `reference.json` (loss, model type,
+/// examples, ...) and `reference.safetensors` (logits, gradients).
+pub struct Reference {
+    pub json: serde_json::Value,
+    pub examples: Vec<Example>,
+    pub tensors: std::collections::HashMap<String, Tensor>,
+}
+
+/// The reference a fixture directory holds.
+pub fn reference(dir: &std::path::Path) -> Reference {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let examples = examples_from_json(&json["examples"]);
+    let tensors =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    Reference {
+        json,
+        examples,
+        tensors,
+    }
+}
+
+/// A fixture directory's name: the family (and variant) it holds.
+pub fn fixture_name(dir: &std::path::Path) -> String {
+    dir.file_name().unwrap().to_string_lossy().into_owned()
+}
+
 /// ||a - b|| / ||b|| over all elements (float32).
 pub fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
