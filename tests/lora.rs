@@ -140,33 +140,8 @@ fn logits_loss_and_adapter_gradients_match_peft() {
         let model = load(&dir);
         for padding_free in [true, false] {
             let batch = collate(&r.examples, padding_free);
-            let logits = model.all_logits(&batch).unwrap();
-            let mut start = 0;
-            for (i, ex) in r.examples.iter().enumerate() {
-                let at = if padding_free {
-                    start
-                } else {
-                    i * batch.row_len()
-                };
-                let d = max_abs_diff(
-                    &logits.narrow(0, at, ex.len()).unwrap(),
-                    &r.tensors[&format!("logits.{i}")],
-                );
-                if !within(d, 1e-4) {
-                    failures.push(format!(
-                        "{fam} pf={padding_free} example {i}: logits max |diff| {d:e}"
-                    ));
-                }
-                start += ex.len();
-            }
-            // Autograd through `loss`.
-            let l = model.loss(&batch).unwrap();
-            let loss = l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_targets as f64;
-            let want = r.json["loss"].as_f64().unwrap();
-            if !within((loss - want).abs() / want, 1e-5) {
-                failures.push(format!("{fam} pf={padding_free}: loss {loss} vs {want}"));
-            }
-            let grads = (l.sum / l.n_targets as f64).unwrap().backward().unwrap();
+            let label = format!("{fam} pf={padding_free}");
+            let grads = common::check_logits_and_loss(&model, &batch, &r, &label, &mut failures);
             compare_grads(
                 &model,
                 &grads,

@@ -63,6 +63,42 @@ pub fn reference(dir: &std::path::Path) -> Reference {
     }
 }
 
+/// `model`'s logits of each example of `batch` (made of `r.examples`) against the reference's
+/// `logits.{i}` (max abs 1e-4), and its loss through `Model::loss` against the reference's
+/// (relative 1e-5); mismatches go to `failures` under `label`. Returns autograd's gradients of
+/// the mean loss.
+pub fn check_logits_and_loss(
+    model: &DecoderModel,
+    batch: &Batch,
+    r: &Reference,
+    label: &str,
+    failures: &mut Vec<String>,
+) -> candle_core::backprop::GradStore {
+    let logits = model.all_logits(batch).unwrap();
+    let mut start = 0;
+    for (i, ex) in r.examples.iter().enumerate() {
+        let at = match batch.layout() {
+            packsft::SeqLayout::Packed { .. } => start,
+            _ => i * batch.row_len(),
+        };
+        let d = max_abs_diff(
+            &logits.narrow(0, at, ex.len()).unwrap(),
+            &r.tensors[&format!("logits.{i}")],
+        );
+        if !within(d, 1e-4) {
+            failures.push(format!("{label} example {i}: logits max |diff| {d:e}"));
+        }
+        start += ex.len();
+    }
+    let l = model.loss(batch).unwrap();
+    let loss = l.sum.to_scalar::<f32>().unwrap() as f64 / l.n_targets as f64;
+    let want = r.json["loss"].as_f64().unwrap();
+    if !within((loss - want).abs() / want, 1e-5) {
+        failures.push(format!("{label}: loss {loss} vs {want}"));
+    }
+    (l.sum / l.n_targets as f64).unwrap().backward().unwrap()
+}
+
 /// A fixture directory's name: the family (and variant) it holds.
 pub fn fixture_name(dir: &std::path::Path) -> String {
     dir.file_name().unwrap().to_string_lossy().into_owned()
