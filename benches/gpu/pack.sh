@@ -11,6 +11,16 @@ cd "$(dirname "$0")/../.."
 source ../shared/gpu/setup-cuda.sh >/dev/null || true
 command -v nvcc >/dev/null || { echo "pack.sh: ../shared/gpu/setup-cuda.sh did not provide nvcc" >&2; exit 1; }
 ln -sf libcudart.so.13 "$CUDA_HOME/lib/libcudart.so"
+# The nccl feature links libnccl.so, which this machine lacks: the nvidia-nccl-cu13 wheel's library
+# goes beside the kit's stubs (the GPU machine loads PyTorch's copy at run time).
+stubs=${PACKSFT_CUDA_DIR:-$HOME/.cache/packsft-cuda13}/stubs
+if [ ! -e "$stubs/libnccl.so" ]; then
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps -d "$tmp" nvidia-nccl-cu13 2>&1 | grep -v WARNING || true
+  (cd "$tmp" && python3 -m zipfile -e nvidia_nccl_cu13-*.whl x)
+  cp "$tmp"/x/nvidia/nccl/lib/libnccl.so.2 "$stubs/" && ln -sf libnccl.so.2 "$stubs/libnccl.so"
+  rm -rf "$tmp"
+fi
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target-cuda}
 cargo build --release --features flash-attn,nccl
 tests=(flash_attn gpu_optim gpu_ops)
