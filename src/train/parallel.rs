@@ -313,13 +313,17 @@ impl DataParallel {
         if !self.sharded() {
             return Ok(());
         }
+        self.broadcast_from_owners(|i, out| out.push(params[i].var.as_tensor()))
+    }
+
+    /// For each owner in turn, the tensors `pick` names for each of its parameters (by index),
+    /// broadcast in place from it in one [`Collective::broadcast_in_place`].
+    fn broadcast_from_owners<'a>(&self, pick: impl Fn(usize, &mut Vec<&'a Tensor>)) -> Result<()> {
         for owner in 0..self.world_size() {
-            let mine: Vec<&Tensor> = params
-                .iter()
-                .zip(&self.owners)
-                .filter(|(_, &o)| o == owner)
-                .map(|(p, _)| p.var.as_tensor())
-                .collect();
+            let mut mine: Vec<&Tensor> = Vec::new();
+            for i in (0..self.owners.len()).filter(|&i| self.owners[i] == owner) {
+                pick(i, &mut mine);
+            }
             self.comm.broadcast_in_place(&mine, owner)?;
         }
         Ok(())
@@ -345,18 +349,14 @@ impl DataParallel {
         for (i, c) in copies {
             copy_of[*i] = Some(c);
         }
-        for owner in 0..self.world_size() {
-            let mut mine: Vec<&Tensor> = Vec::new();
-            for i in (0..params.len()).filter(|&i| self.owners[i] == owner) {
-                let master = params[i].var.as_tensor();
-                match copy_of[i] {
-                    Some(c) if masters_read.contains(&i) => mine.extend([c, master]),
-                    Some(c) => mine.push(c),
-                    None => mine.push(master),
-                }
+        self.broadcast_from_owners(|i, out| {
+            let master = params[i].var.as_tensor();
+            match copy_of[i] {
+                Some(c) if masters_read.contains(&i) => out.extend([c, master]),
+                Some(c) => out.push(c),
+                None => out.push(master),
             }
-            self.comm.broadcast_in_place(&mine, owner)?;
-        }
+        })?;
         // Alike on every rank (with several ranks, each has matrices another rank updates), so
         // every rank joins `sync_masters`' broadcasts or none does.
         if self.world_size() > 1 && !copies.is_empty() {

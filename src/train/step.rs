@@ -213,11 +213,15 @@ fn sharded_update<M: Model>(
     } else {
         Vec::new()
     };
-    // The copies of what this rank updates, indexed as the sharded optimizer's slots (the
-    // owned parameters only).
-    let mine: Vec<(usize, Tensor)> = (copies.iter())
-        .filter_map(|(i, c)| d.slot_of(*i).map(|slot| (slot, c.clone())))
-        .collect();
+    // The copies of what this rank updates: indexed as the sharded optimizer's slots (the
+    // owned parameters only), and beside their masters for a cast where the update writes none.
+    let (mut mine, mut cast) = (Vec::new(), Vec::new());
+    for (i, c) in &copies {
+        if let Some(slot) = d.slot_of(*i) {
+            mine.push((slot, c.clone()));
+            cast.push((params[*i].var.as_tensor(), c));
+        }
+    }
     let sum = |sumsq: &Tensor| d.sum(sumsq);
     let update = optimizer.enqueue_clip_and_step(
         grads,
@@ -233,12 +237,8 @@ fn sharded_update<M: Model>(
         model.set_compute_copies_fresh(false);
         return Ok(update);
     }
-    if !mine.is_empty() && !update.wrote_copies() {
-        let pairs: Vec<(&Tensor, &Tensor)> = (copies.iter())
-            .filter(|(i, _)| d.slot_of(*i).is_some())
-            .map(|(i, c)| (params[*i].var.as_tensor(), c))
-            .collect();
-        kernels::cast_bf16_into(&pairs)?;
+    if !cast.is_empty() && !update.wrote_copies() {
+        kernels::cast_bf16_into(&cast)?;
     }
     d.sync_copies(params, &copies, &model.masters_read())?;
     model.set_compute_copies_fresh(true);
